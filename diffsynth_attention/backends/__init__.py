@@ -1,0 +1,81 @@
+"""The backend registry: every backend by name, in the documented preference order.
+
+The order breaks near-ties in the tuner (two candidates within 2%): exact, dependency-free
+PyTorch kernels first, then the kernel packages, then the quantized kernel, then the
+reference math kernel. Fresh processes therefore choose the same backend for the same timings.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .base import Backend, DeviceInfo, device_info, package_version
+from .flash_attention import FlashAttention2, FlashAttention3, FlashAttention4
+from .sage import SageAttention
+from .torch_sdpa import TorchCuDNN, TorchEfficient, TorchFlash, TorchMath, TorchSDPA
+from .xformers import XFormers
+
+_CLASSES = (
+    TorchSDPA,
+    TorchCuDNN,
+    TorchFlash,
+    TorchEfficient,
+    FlashAttention4,
+    FlashAttention3,
+    FlashAttention2,
+    XFormers,
+    SageAttention,
+    TorchMath,
+)
+
+REGISTRY: dict = {cls.name: cls() for cls in _CLASSES}
+PREFERENCE: tuple = tuple(REGISTRY)
+TORCH_NAMES = ("torch", "torch_cudnn", "torch_flash", "torch_efficient", "torch_math")
+PACKAGE_NAMES = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "sage_attention", "xformers")
+# What DiffSynth-Studio picks, first installed wins (its attention.py, 2.1.12).
+DIFFSYNTH_PRIORITY = ("flash_attention_4", "flash_attention_3", "flash_attention_2", "sage_attention", "xformers", "torch")
+
+
+def names() -> tuple:
+    return PREFERENCE
+
+
+def get(name: str) -> Backend:
+    return REGISTRY[name]
+
+
+def normalize(name, source: str) -> str:
+    """A backend name or 'auto', case-insensitive; a ValueError naming ``source`` otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"{source} must be a backend name string, got {type(name).__name__}")
+    value = name.strip().lower()
+    if value == "auto" or value in REGISTRY:
+        return value
+    raise ValueError(f"{source}={name!r} is not a backend; valid names: auto, {', '.join(PREFERENCE)}")
+
+
+def available_backends() -> dict:
+    """Every registered backend: None where it can run on this machine, else the reason."""
+    return {name: backend.unavailable_reason() for name, backend in REGISTRY.items()}
+
+
+def candidates(problem, dev: Optional[DeviceInfo]) -> tuple:
+    """(usable backends for ``problem`` in preference order, {name: reasons} for the others)."""
+    usable, reasons = [], {}
+    for name, backend in REGISTRY.items():
+        why = backend.unavailable_reason()
+        if why is not None:
+            reasons[name] = [why]
+            continue
+        why_not = backend.not_supported_reasons(problem, dev)
+        if why_not:
+            reasons[name] = why_not
+        else:
+            usable.append(backend)
+    return usable, reasons
+
+
+__all__ = [
+    "Backend", "DeviceInfo", "REGISTRY", "PREFERENCE", "TORCH_NAMES", "PACKAGE_NAMES", "DIFFSYNTH_PRIORITY",
+    "available_backends", "candidates", "device_info", "get", "names", "normalize", "package_version",
+]

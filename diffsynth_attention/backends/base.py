@@ -1,0 +1,203 @@
+"""The backend base class: capabilities declared as attributes, one list of checks that both
+selects backends and explains why one cannot serve a problem (the way PyTorch's sdp_utils does).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from ..problem import Problem
+
+logger = logging.getLogger("diffsynth_attention")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """A device's identity for selection and for the key: its model, never its index."""
+
+    type: str
+    name: str
+    capability: Optional[tuple] = None  # (major, minor) on CUDA
+    sm_count: Optional[int] = None
+
+    def as_dict(self) -> dict:
+        out = {"type": self.type, "name": self.name}
+        if self.capability is not None:
+            out["capability"] = f"{self.capability[0]}.{self.capability[1]}"
+            out["sm_count"] = self.sm_count
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_info(index: int) -> DeviceInfo:
+    props = torch.cuda.get_device_properties(index)
+    return DeviceInfo("cuda", props.name, (props.major, props.minor), props.multi_processor_count)
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_info(index)
+    if device.type == "cpu":
+        return DeviceInfo("cpu", f"{_cpu_name()} ({torch.get_num_threads()} threads)")
+    return DeviceInfo(device.type, device.type)
+
+
+def package_version(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class Backend:
+    """One attention kernel. Subclasses declare capabilities; ``forward`` takes ``b n s d`` views.
+
+    ``forward(q, k, v, mask, scale, causal, window, need_grad)`` returns the output as a
+    ``b n s d`` tensor (a view of the kernel's own layout). It must not modify q, k or v.
+    """
+
+    name: ClassVar[str]
+    package: ClassVar[Optional[str]] = None  # the distribution to pip-install, if any
+    extra: ClassVar[Optional[str]] = None  # this project's optional extra that installs it
+    devices: ClassVar[frozenset] = frozenset({"cuda"})
+    dtypes: ClassVar[frozenset] = frozenset({torch.float16, torch.bfloat16})
+    head_dims: ClassVar[Optional[frozenset]] = None  # an explicit set, or None for a range
+    min_head_dim: ClassVar[int] = 1
+    max_head_dim: ClassVar[int] = 256
+    head_dim_multiple: ClassVar[int] = 1
+    same_head_dim_v: ClassVar[bool] = True  # head dim of v must equal that of q and k
+    masks: ClassVar[frozenset] = frozenset()  # of "bool", "additive"
+    causal: ClassVar[bool] = True
+    causal_any_lengths: ClassVar[bool] = True  # False: causal only when seq_q == seq_kv
+    gqa: ClassVar[bool] = False
+    window: ClassVar[bool] = False
+    window_any_lengths: ClassVar[bool] = True
+    backward: ClassVar[bool] = True
+    min_capability: ClassVar[Optional[tuple]] = None
+    capabilities: ClassVar[Optional[frozenset]] = None  # allowed major versions, if restricted
+    exact: ClassVar[bool] = True  # False for quantized kernels (documented, not used to select)
+
+    def __init__(self) -> None:
+        self._loaded = False
+        self._unavailable: Optional[str] = None
+        self._version: Optional[str] = None
+
+    # -- availability -------------------------------------------------------------------
+    def _load(self) -> None:
+        """Import the kernel package; raise anything on failure. Set attributes for forward."""
+
+    def _machine_reason(self) -> Optional[str]:
+        if "cuda" in self.devices and self.devices == frozenset({"cuda"}) and not torch.cuda.is_available():
+            return "needs a CUDA GPU, and torch.cuda.is_available() is False"
+        return None
+
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        try:
+            self._load()
+        except Exception as exc:  # any failure of an installed package, not only ImportError
+            text = str(exc).strip().splitlines()
+            detail = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+            if isinstance(exc, ModuleNotFoundError) and self.package:
+                hint = f"pip install {self.package}" if not self.extra else f"pip install 'diffsynth-attention[{self.extra}]'"
+                self._unavailable = f"package {self.package} is not installed ({hint}); import said {detail}"
+            else:
+                self._unavailable = f"installed but unusable: import failed with {detail}"
+            logger.debug("backend %s unavailable: %s", self.name, self._unavailable)
+
+    def unavailable_reason(self) -> Optional[str]:
+        """None if this backend can run on this machine, else why not (package, import, GPU)."""
+        self._ensure_loaded()
+        if self._unavailable is not None:
+            return self._unavailable
+        return self._machine_reason()
+
+    def version(self) -> Optional[str]:
+        self._ensure_loaded()
+        return self._version
+
+    # -- capabilities -------------------------------------------------------------------
+    def not_supported_reasons(self, p: Problem, dev: Optional[DeviceInfo] = None) -> list:
+        """Every reason this backend cannot serve problem ``p`` on device ``dev``; [] if it can."""
+        reasons = []
+        if p.device_type not in self.devices:
+            reasons.append(f"runs on {'/'.join(sorted(self.devices))}, not {p.device_type}")
+        if p.dtype not in self.dtypes:
+            names = ", ".join(sorted(str(t).replace("torch.", "") for t in self.dtypes))
+            reasons.append(f"dtype {p.dtype_name} not supported (supports {names})")
+        dims = {p.head_dim, p.head_dim_v}
+        if self.head_dims is not None:
+            bad = sorted(d for d in dims if d not in self.head_dims)
+            if bad:
+                reasons.append(f"head dim {bad[0]} not supported (supports {', '.join(map(str, sorted(self.head_dims)))})")
+        else:
+            for d in sorted(dims):
+                if not (self.min_head_dim <= d <= self.max_head_dim) or d % self.head_dim_multiple:
+                    rule = f"{self.min_head_dim}..{self.max_head_dim}"
+                    if self.head_dim_multiple > 1:
+                        rule += f", a multiple of {self.head_dim_multiple}"
+                    reasons.append(f"head dim {d} not supported (needs {rule})")
+                    break
+        if self.same_head_dim_v and p.head_dim_v != p.head_dim:
+            reasons.append(f"head dim of v ({p.head_dim_v}) must equal that of q and k ({p.head_dim})")
+        if p.mask != "none" and p.mask not in self.masks:
+            takes = " or ".join(sorted(self.masks)) + " masks" if self.masks else "no attn_mask"
+            reasons.append(f"{p.mask} attn_mask not supported (takes {takes})")
+        if p.causal and not self.causal:
+            reasons.append("is_causal not supported")
+        elif p.causal and not self.causal_any_lengths and p.seq_q != p.seq_kv:
+            reasons.append(
+                f"is_causal with seq_q ({p.seq_q}) != seq_kv ({p.seq_kv}) not supported: its causal mask is aligned "
+                "differently from PyTorch's top-left alignment"
+            )
+        if p.heads_q != p.heads_kv and not self.gqa:
+            reasons.append(f"grouped-query attention ({p.heads_q} query heads, {p.heads_kv} key/value heads) not supported")
+        if p.window is not None and not self.window:
+            reasons.append("window_size not supported")
+        elif p.window is not None and not self.window_any_lengths and p.seq_q != p.seq_kv:
+            reasons.append(f"window_size with seq_q ({p.seq_q}) != seq_kv ({p.seq_kv}) not supported")
+        if p.requires_grad and not self.backward:
+            reasons.append("no backward: cannot serve calls that need gradients")
+        if dev is not None and dev.type == "cuda" and dev.capability is not None:
+            if self.min_capability is not None and dev.capability < self.min_capability:
+                need = ".".join(map(str, self.min_capability))
+                reasons.append(f"GPU {dev.name} (compute capability {dev.capability[0]}.{dev.capability[1]}) is too old; needs {need} or newer")
+            elif self.capabilities is not None and dev.capability[0] not in self.capabilities:
+                allowed = ", ".join(f"{m}.x" for m in sorted(self.capabilities))
+                reasons.append(f"GPU {dev.name} (compute capability {dev.capability[0]}.{dev.capability[1]}) not supported (supports {allowed})")
+        reasons.extend(self.extra_reasons(p, dev))
+        return reasons
+
+    def extra_reasons(self, p: Problem, dev: Optional[DeviceInfo]) -> list:
+        """Backend-specific limits that the declared attributes cannot express."""
+        return []
+
+    def forward(self, q, k, v, mask, scale, causal, window, need_grad):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"

@@ -1,0 +1,51 @@
+"""SageAttention (``sageattention.sageattn``): 8-bit QK kernels.
+
+- 1.x (1.0.6) is Triton-only, takes head dims 64/96/128, and subtracts the key's mean from
+  ``k`` in place (``smooth_k``): the adapter hands it a copy of k, and that copy is part of the
+  timed call.
+- 2.x picks CUDA kernels by compute capability (8.0, 8.6, 8.9, 9.0, 12.0) and silently ignores
+  an ``attn_mask``: masks are declared unsupported, so a masked call never reaches it.
+
+Its error against fp32 is several times that of exact bf16 kernels (1.3e-2 against 2.2e-3 on
+an H200, and 0.29 with 77 keys): the tuner's numeric gate decides where it may be used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from ..problem import Problem
+from .base import Backend, DeviceInfo, package_version
+from .flash_attention import _version_tuple
+
+
+class SageAttention(Backend):
+    name = "sage_attention"
+    package = "sageattention"
+    extra = "sageattention"
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    head_dims = frozenset({64, 96, 128})
+    causal_any_lengths = False
+    gqa = True
+    backward = False
+    min_capability = (8, 0)
+    exact = False
+
+    def _load(self) -> None:
+        module = importlib.import_module("sageattention")
+        self._func = getattr(module, "sageattn")
+        self._version = package_version("sageattention") or getattr(module, "__version__", "unknown")
+        self._major = (_version_tuple(self._version) or (1,))[0]
+        if self._major >= 2:
+            # 2.x: CUDA kernels per architecture, 16-bit inputs, head dims up to 128.
+            self.dtypes = frozenset({torch.float16, torch.bfloat16})
+            self.head_dims = frozenset(range(8, 129, 8))
+            self.capabilities = frozenset({8, 9, 12})
+
+    def forward(self, q, k, v, mask, scale, causal, window, need_grad):
+        if self._major < 2:
+            k = k.clone()  # 1.x subtracts the key mean in place: never touch the caller's k
+        return self._func(q, k, v, tensor_layout="HND", is_causal=causal, sm_scale=scale)

@@ -1,0 +1,201 @@
+"""PyTorch's scaled-dot-product attention and its sub-backends.
+
+``torch`` is SDPA with its own choice of kernel. The sub-backends call the underlying ATen
+operators directly rather than wrapping each call in ``torch.nn.attention.sdpa_kernel``, which
+costs about 20 us of host time per call (measured on an H200: 17 -> 37 us on a small problem).
+The ATen operators are differentiable, so these backends support backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..problem import Problem, additive_mask
+from .base import Backend, DeviceInfo
+
+# Bound at import: patch_sdpa() may later replace torch.nn.functional's attribute with a
+# function that routes through this library, which must not route back to itself.
+_SDPA = F.scaled_dot_product_attention
+_ALL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_aten = torch.ops.aten
+
+
+def _has_arg(op, name: str) -> bool:
+    try:
+        return any(a.name == name for a in op.default._schema.arguments)
+    except Exception:
+        return False
+
+
+_SDPA_GQA = _has_arg(_aten.scaled_dot_product_attention, "enable_gqa")
+_MATH_GQA = _has_arg(_aten._scaled_dot_product_attention_math, "enable_gqa")
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def repeat_kv(k: torch.Tensor, v: torch.Tensor, groups: int):
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+def sliding_window(q, k, v, window: int, scale, attend) -> torch.Tensor:
+    """|i - j| <= window attention, computed in query chunks with a local boolean mask.
+
+    ``attend(q, k, v, mask, scale)`` computes one chunk. Same meaning as DiffSynth-Studio's
+    ``torch_sdpa_sliding_window``, without materialising an s_q x s_kv mask.
+    """
+    s_q, s_kv = q.shape[2], k.shape[2]
+    chunk = max(window, 512)
+    outs = []
+    for start in range(0, s_q, chunk):
+        end = min(start + chunk, s_q)
+        lo, hi = max(0, start - window), min(s_kv, end + window)
+        if lo >= hi:  # no key within the window of any query in this chunk
+            outs.append(q.new_zeros(q.shape[0], q.shape[1], end - start, v.shape[3]))
+            continue
+        qi = torch.arange(start, end, device=q.device).unsqueeze(1)
+        kj = torch.arange(lo, hi, device=q.device).unsqueeze(0)
+        mask = (qi - kj).abs() <= window
+        outs.append(attend(q[:, :, start:end], k[:, :, lo:hi], v[:, :, lo:hi], mask, scale))
+    return torch.cat(outs, dim=2)
+
+
+class TorchSDPA(Backend):
+    """``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's own kernel choice."""
+
+    name = "torch"
+    devices = frozenset({"cpu", "cuda", "mps", "xpu", "hpu", "npu", "meta"})
+    dtypes = _ALL_FLOATS
+    max_head_dim = 1 << 20
+    same_head_dim_v = False
+    masks = frozenset({"bool", "additive"})
+    gqa = True
+    window = True
+
+    def _load(self) -> None:
+        self._version = torch.__version__
+
+    def _machine_reason(self) -> Optional[str]:
+        return None
+
+    def forward(self, q, k, v, mask, scale, causal, window, need_grad):
+        if window is not None:
+            return sliding_window(q, k, v, window, scale, self._sdpa_masked)
+        if q.shape[1] != k.shape[1]:
+            if _SDPA_GQA:
+                return _SDPA(q, k, v, mask, is_causal=causal, scale=scale, enable_gqa=True)
+            k, v = repeat_kv(k, v, q.shape[1] // k.shape[1])
+        return _SDPA(q, k, v, mask, is_causal=causal, scale=scale)
+
+    def _sdpa_masked(self, q, k, v, mask, scale):
+        return self.forward(q, k, v, mask, scale, False, None, False)
+
+
+class TorchMath(Backend):
+    """SDPA's reference math kernel (``aten._scaled_dot_product_attention_math``)."""
+
+    name = "torch_math"
+    devices = frozenset({"cpu", "cuda"})
+    dtypes = _ALL_FLOATS
+    max_head_dim = 1 << 20
+    same_head_dim_v = False
+    masks = frozenset({"bool", "additive"})
+    gqa = True
+
+    def _load(self) -> None:
+        self._version = torch.__version__
+
+    def _machine_reason(self) -> Optional[str]:
+        return None
+
+    def forward(self, q, k, v, mask, scale, causal, window, need_grad):
+        if mask is not None:
+            mask = additive_mask(mask, q.dtype)
+        if q.shape[1] != k.shape[1]:
+            if _MATH_GQA:
+                return _aten._scaled_dot_product_attention_math(q, k, v, mask, 0.0, causal, None, scale=scale, enable_gqa=True)[0]
+            k, v = repeat_kv(k, v, q.shape[1] // k.shape[1])
+        return _aten._scaled_dot_product_attention_math(q, k, v, mask, 0.0, causal, None, scale=scale)[0]
+
+
+class TorchFlash(Backend):
+    """SDPA's FlashAttention kernel: ``aten._scaled_dot_product_flash_attention`` on CUDA and
+    ``aten._scaled_dot_product_flash_attention_for_cpu`` on the CPU."""
+
+    name = "torch_flash"
+    devices = frozenset({"cpu", "cuda"})
+    dtypes = _ALL_FLOATS  # narrowed to 16-bit on CUDA in extra_reasons
+    max_head_dim = 256
+    masks = frozenset({"bool", "additive"})  # CPU only; see extra_reasons
+    causal_any_lengths = False
+
+    def _load(self) -> None:
+        self._version = torch.__version__
+
+    def _machine_reason(self) -> Optional[str]:
+        return None
+
+    def extra_reasons(self, p: Problem, dev: Optional[DeviceInfo]) -> list:
+        reasons = []
+        if p.device_type == "cuda":
+            if p.dtype not in (torch.float16, torch.bfloat16):
+                reasons.append(f"dtype {p.dtype_name} not supported on CUDA (supports bfloat16, float16)")
+            if p.mask != "none":
+                reasons.append("attn_mask not supported on CUDA (SDPA's flash kernel takes no mask)")
+            if p.head_dim % 8:
+                reasons.append(f"head dim {p.head_dim} not supported on CUDA (needs a multiple of 8)")
+            if dev is not None and dev.capability is not None and dev.capability < (8, 0):
+                reasons.append(f"GPU {dev.name} is too old; SDPA's flash kernel needs compute capability 8.0 or newer")
+        return reasons
+
+    def forward(self, q, k, v, mask, scale, causal, window, need_grad):
+        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        if q.device.type == "cuda":
+            return _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[0]
+        if mask is not None:
+            mask = additive_mask(mask, q.dtype)
+        return _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)[0]
+
+
+class TorchEfficient(Backend):
+    """SDPA's memory-efficient kernel (``aten._scaled_dot_product_efficient_attention``)."""
+
+    name = "torch_efficient"
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    max_head_dim = 512
+    head_dim_multiple = 8
+    min_capability = (5, 0)
+
+    def _load(self) -> None:
+        self._version = torch.__version__
+
+    def forward(self, q, k, v, mask, scale, causal, window, need_grad):
+        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        return _aten._scaled_dot_product_efficient_attention(q, k, v, None, need_grad, 0.0, causal, scale=scale)[0]
+
+
+class TorchCuDNN(Backend):
+    """SDPA's cuDNN kernel (``aten._scaled_dot_product_cudnn_attention``)."""
+
+    name = "torch_cudnn"
+    max_head_dim = 256
+    head_dim_multiple = 8
+    causal_any_lengths = False
+    min_capability = (8, 0)
+
+    def _load(self) -> None:
+        self._version = torch.__version__
+
+    def _machine_reason(self) -> Optional[str]:
+        reason = super()._machine_reason()
+        if reason is None and not torch.backends.cudnn.is_available():
+            return f"this torch ({torch.__version__}) was built without cuDNN"
+        return reason
+
+    def forward(self, q, k, v, mask, scale, causal, window, need_grad):
+        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        return _aten._scaled_dot_product_cudnn_attention(q, k, v, None, need_grad, 0.0, causal, False, scale=scale)[0]

@@ -1,0 +1,73 @@
+"""Decisions and the per-candidate results behind them (the cache file stores these)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+# A candidate's status: how it ended in tuning.
+CHOSEN = "chosen"
+ACCEPTED = "accepted"  # passed the gate, was timed, lost
+SLOWER = "slower"  # passed the gate, dropped early: more than 2x the best so far
+REJECTED = "rejected"  # error above tolerance, NaN/Inf, an exception, or modified its inputs
+UNSUPPORTED = "unsupported"  # unavailable here, or its declared capabilities exclude the problem
+STATUSES = (CHOSEN, ACCEPTED, SLOWER, REJECTED, UNSUPPORTED)
+
+
+@dataclass
+class Candidate:
+    """One backend's result for one key (a small value object, as in Triton's autotuner)."""
+
+    status: str
+    time_ms: Optional[float] = None  # median of the timed calls; None if never timed
+    error: Optional[float] = None  # relative L1 error against the fp32 reference
+    reason: Optional[str] = None  # why it was rejected, unsupported or dropped; None otherwise
+    first_call_ms: Optional[float] = None  # the untimed first call: compilation plus one run
+    reps: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Candidate":
+        return cls(**{k: data.get(k) for k in ("status", "time_ms", "error", "reason", "first_call_ms")}, reps=data.get("reps") or 0)
+
+
+@dataclass
+class Decision:
+    key_id: str
+    key: dict
+    backend: str
+    candidates: dict = field(default_factory=dict)  # name -> Candidate
+    tolerance: float = 0.005
+    created: str = ""
+    tuning_seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "key": self.key,
+            "backend": self.backend,
+            "candidates": {n: c.to_dict() for n, c in self.candidates.items()},
+            "tolerance": self.tolerance,
+            "created": self.created,
+            "tuning_seconds": self.tuning_seconds,
+            "compile_seconds": self.compile_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, key_id: str, data: dict) -> "Decision":
+        return cls(
+            key_id=key_id,
+            key=data["key"],
+            backend=data["backend"],
+            candidates={n: Candidate.from_dict(c) for n, c in data["candidates"].items()},
+            tolerance=data["tolerance"],
+            created=data["created"],
+            tuning_seconds=data["tuning_seconds"],
+            compile_seconds=data.get("compile_seconds", 0.0),
+        )
+
+    def runner_up(self) -> Optional[str]:
+        timed = [(c.time_ms, n) for n, c in self.candidates.items() if n != self.backend and c.status in (ACCEPTED, SLOWER) and c.time_ms is not None]
+        return min(timed)[1] if timed else None

@@ -1,0 +1,90 @@
+"""The problem key: what a decision is valid for.
+
+A key holds the problem, the device's identity (model, compute capability, SM count; never its
+index, so two GPUs of one model share decisions), and the versions of torch, CUDA (runtime and
+driver), cuDNN, this library and every kernel package that was a candidate, so an upgrade of
+any of them never reuses an old decision.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+
+from .backends import DeviceInfo
+from .problem import Problem
+
+
+@dataclass(frozen=True)
+class Key:
+    fields: dict
+    id: str
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+@functools.lru_cache(maxsize=None)
+def _runtime_versions() -> tuple:
+    from . import __version__
+
+    cudnn = None
+    driver = None
+    if torch.cuda.is_available():
+        try:
+            cudnn = torch.backends.cudnn.version()
+        except Exception:
+            cudnn = None
+        get_driver = getattr(torch._C, "_cuda_getDriverVersion", None)
+        if get_driver is not None:
+            try:
+                driver = get_driver()
+            except Exception:
+                driver = None
+    return (
+        ("diffsynth_attention", __version__),
+        ("torch", torch.__version__),
+        ("cuda", torch.version.cuda),
+        ("cuda_driver", None if driver is None else str(driver)),
+        ("cudnn", None if cudnn is None else str(cudnn)),
+    )
+
+
+def problem_fields(p: Problem) -> dict:
+    return {
+        "batch": p.batch,
+        "heads_q": p.heads_q,
+        "heads_kv": p.heads_kv,
+        "seq_q": p.seq_q,
+        "seq_kv": p.seq_kv,
+        "head_dim": p.head_dim,
+        "head_dim_v": p.head_dim_v,
+        "dtype": p.dtype_name,
+        "layout": p.layout,
+        "mask": p.mask,
+        "mask_shape": None if p.mask_shape is None else list(p.mask_shape),
+        "causal": p.causal,
+        "window": p.window,
+        "requires_grad": p.requires_grad,
+    }
+
+
+def make_key(problem: Problem, dev: DeviceInfo, candidates) -> Key:
+    versions = {name: value for name, value in _runtime_versions() if value is not None}
+    if dev.type != "cuda":
+        for name in ("cuda", "cuda_driver", "cudnn"):
+            versions.pop(name, None)
+    for backend in candidates:
+        if backend.package:
+            versions[backend.package] = backend.version() or "unknown"
+    fields = {"problem": problem_fields(problem), "device": dev.as_dict(), "versions": versions}
+    return Key(fields, key_id(fields))
+
+
+def key_id(fields: dict) -> str:
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -1,0 +1,208 @@
+"""One-line integration: route DiffSynth-Studio's and PyTorch's attention through this library.
+
+- :func:`patch_diffsynth` replaces ``diffsynth.core.attention.attention_forward`` (and every
+  imported DiffSynth module's reference to it) and the Wan DiT's own ``flash_attention``
+  helper.
+- :func:`patch_sdpa` routes ``torch.nn.functional.scaled_dot_product_attention`` calls. As a
+  context manager it routes only in its own thread / async task (a contextvar), so one
+  model's switch never leaks into another's; called plainly it is a process-wide switch.
+
+Both return a handle whose ``undo()`` restores what was there.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+import logging
+import sys
+import threading
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("diffsynth_attention")
+
+
+# --------------------------------------------------------------------------------------------
+# SDPA
+# --------------------------------------------------------------------------------------------
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
+_route_scope: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention_sdpa", default=False)
+_state = {"global": 0, "installed": 0}
+_state_lock = threading.Lock()
+
+
+def _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
+    if dropout_p != 0.0:
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
+        return False
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        return False  # SDPA itself raises for this; let it
+    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or (attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype)):
+        return False
+    if attn_mask is not None and is_causal:
+        return False  # SDPA rejects this combination; keep its error
+    if not isinstance(is_causal, bool) or (scale is not None and not isinstance(scale, (int, float))):
+        return False
+    return True
+
+
+@functools.wraps(_ORIGINAL_SDPA)
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``torch.nn.functional.scaled_dot_product_attention`` with the same signature and meaning;
+    routed through ``attention_forward`` where patched, else PyTorch's own."""
+    if (_state["global"] or _route_scope.get()) and _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        from .dispatch import attention_forward
+
+        return attention_forward(query, key, value, attn_mask=attn_mask, scale=scale, is_causal=is_causal)
+    return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def _install() -> None:
+    with _state_lock:
+        _state["installed"] += 1
+        F.scaled_dot_product_attention = scaled_dot_product_attention
+
+
+def _uninstall() -> None:
+    with _state_lock:
+        _state["installed"] = max(0, _state["installed"] - 1)
+        if _state["installed"] == 0 and F.scaled_dot_product_attention is scaled_dot_product_attention:
+            F.scaled_dot_product_attention = _ORIGINAL_SDPA
+
+
+class SDPAPatch:
+    """Returned by :func:`patch_sdpa`: already active process-wide, or scoped with ``with``."""
+
+    def __init__(self) -> None:
+        self._global = False
+        self._tokens: list = []
+
+    def _enable_global(self) -> "SDPAPatch":
+        _install()
+        with _state_lock:
+            _state["global"] += 1
+        self._global = True
+        return self
+
+    def undo(self) -> None:
+        if self._global:
+            self._global = False
+            with _state_lock:
+                _state["global"] -= 1
+            _uninstall()
+
+    def __enter__(self) -> "SDPAPatch":
+        # A `with patch_sdpa():` block is scoped: drop the process-wide switch just taken.
+        self.undo()
+        _install()
+        self._tokens.append(_route_scope.set(True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _route_scope.reset(self._tokens.pop())
+        _uninstall()
+
+    @property
+    def active(self) -> bool:
+        return self._global or bool(self._tokens)
+
+
+def patch_sdpa() -> SDPAPatch:
+    """Route ``torch.nn.functional.scaled_dot_product_attention`` through the dispatcher.
+
+    ``handle = patch_sdpa()`` switches it on for the process until ``handle.undo()``;
+    ``with patch_sdpa():`` switches it on for the block, in this thread / task only. Calls
+    with dropout, or arguments the dispatcher does not handle, go to PyTorch unchanged.
+    """
+    return SDPAPatch()._enable_global()
+
+
+# --------------------------------------------------------------------------------------------
+# DiffSynth-Studio
+# --------------------------------------------------------------------------------------------
+def _make_diffsynth_attention_forward(original):
+    from .dispatch import attention_forward
+
+    @functools.wraps(original)
+    def diffsynth_attention_forward(q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_pattern="b n s d", out_pattern="b n s d",
+                                    dims=None, attn_mask=None, scale=None, is_causal=False, compatibility_mode=False,
+                                    window_size=None, use_flex=False, score_mod=None):
+        if use_flex or score_mod is not None:  # flex attention stays DiffSynth's own
+            return original(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask=attn_mask, scale=scale,
+                            is_causal=is_causal, compatibility_mode=compatibility_mode, window_size=window_size,
+                            use_flex=use_flex, score_mod=score_mod)
+        return attention_forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
+                                 is_causal, compatibility_mode, window_size)
+
+    diffsynth_attention_forward.__diffsynth_attention_original__ = original
+    return diffsynth_attention_forward
+
+
+def _make_wan_flash_attention(original):
+    from .dispatch import attention_forward
+
+    @functools.wraps(original)
+    def flash_attention(q, k, v, num_heads: int, compatibility_mode=False):
+        pattern = "b s (n d)"
+        return attention_forward(q, k, v, pattern, pattern, pattern, pattern, dims={"n": num_heads},
+                                 compatibility_mode=compatibility_mode)
+
+    flash_attention.__diffsynth_attention_original__ = original
+    return flash_attention
+
+
+class DiffSynthPatch:
+    """Returned by :func:`patch_diffsynth`; ``undo()`` restores every replaced attribute."""
+
+    def __init__(self) -> None:
+        self.replaced: list = []  # (module, attribute, original)
+
+    def _swap_everywhere(self, original, replacement, prefix: str = "diffsynth") -> None:
+        for name, module in list(sys.modules.items()):
+            if module is None or not (name == prefix or name.startswith(prefix + ".")):
+                continue
+            for attr, value in list(vars(module).items()):
+                if value is original:
+                    setattr(module, attr, replacement)
+                    self.replaced.append((module, attr, original))
+
+    def undo(self) -> None:
+        for module, attr, original in reversed(self.replaced):
+            setattr(module, attr, original)
+        self.replaced.clear()
+
+    def __enter__(self) -> "DiffSynthPatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+def patch_diffsynth(wan: bool = True) -> DiffSynthPatch:
+    """Route DiffSynth-Studio's ``attention_forward`` (and, with ``wan``, the Wan DiT's
+    ``flash_attention`` helper) through this library's dispatcher. Needs DiffSynth-Studio."""
+    try:
+        module = importlib.import_module("diffsynth.core.attention.attention")
+    except Exception as exc:
+        raise ImportError(f"patch_diffsynth needs DiffSynth-Studio (pip install diffsynth): importing it failed with {type(exc).__name__}: {exc}") from exc
+    patch = DiffSynthPatch()
+    original = getattr(module.attention_forward, "__diffsynth_attention_original__", None)
+    if original is None:
+        original = module.attention_forward
+        patch._swap_everywhere(original, _make_diffsynth_attention_forward(original))
+    if wan:
+        wan_module: Optional[object] = sys.modules.get("diffsynth.models.wan_video_dit")
+        if wan_module is None:
+            try:
+                wan_module = importlib.import_module("diffsynth.models.wan_video_dit")
+            except Exception as exc:
+                logger.info("patch_diffsynth: Wan DiT not patched (import failed: %s)", exc)
+        helper = getattr(wan_module, "flash_attention", None) if wan_module is not None else None
+        if helper is not None and not hasattr(helper, "__diffsynth_attention_original__"):
+            patch._swap_everywhere(helper, _make_wan_flash_attention(helper))
+    return patch

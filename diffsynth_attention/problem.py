@@ -1,0 +1,276 @@
+"""Validating a call and describing it as a :class:`Problem`.
+
+Everything that can be wrong with a call is checked here, before any kernel runs, and raised
+as a ``TypeError`` or ``ValueError`` that names the argument. The result, a :class:`Call`,
+holds the problem (what backends and the key look at) and the layout conversions between the
+caller's einops patterns and the canonical ``"b n s d"`` layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from einops import EinopsError, rearrange
+from einops.parsing import ParsedExpression
+
+CANONICAL = "b n s d"
+_AXES = ("b", "n", "s", "d")
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a backend needs to know to say whether it can serve a call, and what the key holds."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    seq_kv: int
+    head_dim: int
+    head_dim_v: int
+    dtype: torch.dtype
+    device_type: str
+    layout: str = CANONICAL
+    mask: str = "none"  # "none", "bool" or "additive"
+    mask_shape: Optional[tuple] = None  # the mask's shape, left-padded to 4 dims
+    causal: bool = False
+    window: Optional[int] = None
+    requires_grad: bool = False
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def describe(self) -> str:
+        parts = [
+            f"b={self.batch}",
+            f"n={self.heads_q}" + (f"/{self.heads_kv}" if self.heads_kv != self.heads_q else ""),
+            f"s={self.seq_q}" + (f"x{self.seq_kv}" if self.seq_kv != self.seq_q else ""),
+            f"d={self.head_dim}" + (f"/{self.head_dim_v}" if self.head_dim_v != self.head_dim else ""),
+            self.dtype_name,
+        ]
+        if self.causal:
+            parts.append("causal")
+        if self.window is not None:
+            parts.append(f"window={self.window}")
+        if self.mask != "none":
+            parts.append(f"{self.mask} mask {list(self.mask_shape)}")
+        if self.requires_grad:
+            parts.append("grad")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Conversions from the caller's patterns to ``b n s d`` and back, compiled once per patterns."""
+
+    q_pattern: str
+    k_pattern: str
+    v_pattern: str
+    out_pattern: str
+    dims: tuple  # sorted (axis, length) pairs
+    to_canonical: tuple  # three callables: q, k, v -> b n s d view
+    from_canonical: Callable  # b n s d output -> out_pattern
+    identity: bool  # all four patterns are "b n s d": nothing to rearrange
+
+    @property
+    def text(self) -> str:
+        text = f"{self.q_pattern}, {self.k_pattern}, {self.v_pattern} -> {self.out_pattern}"
+        if self.dims:
+            text += " " + ",".join(f"{a}={n}" for a, n in self.dims)
+        return text
+
+
+@dataclass(frozen=True)
+class Call:
+    problem: Problem
+    layout: Layout
+    scale: Optional[float]
+
+
+def _parse_pattern(arg: str, pattern) -> list:
+    if not isinstance(pattern, str):
+        raise TypeError(f"{arg} must be an einops pattern string such as 'b n s d', got {type(pattern).__name__}")
+    try:
+        parsed = ParsedExpression(pattern)
+    except EinopsError as exc:
+        raise ValueError(f"{arg}={pattern!r} is not a valid einops pattern: {exc}") from None
+    if parsed.has_ellipsis:
+        raise ValueError(f"{arg}={pattern!r}: '...' is not supported; name the axes b, n, s and d")
+    names = [a for group in parsed.composition for a in group]
+    missing = [a for a in _AXES if a not in names]
+    extra = sorted(set(names) - set(_AXES))
+    if missing or extra:
+        problems = []
+        if missing:
+            problems.append("lacks " + ", ".join(repr(a) for a in missing))
+        if extra:
+            problems.append("has unknown axes " + ", ".join(repr(a) for a in extra))
+        raise ValueError(
+            f"{arg}={pattern!r} {' and '.join(problems)}: a pattern uses exactly the axes "
+            "b (batch), n (heads), s (sequence) and d (head dim), e.g. 'b s n d' or 'b s (n d)'"
+        )
+    return parsed.composition
+
+
+def _converter(arg: str, pattern: str, dims: dict, to_canonical: bool) -> Callable:
+    composition = _parse_pattern(arg, pattern)
+    if pattern.split() == list(_AXES) and not any(len(g) != 1 for g in composition):
+        return lambda x: x
+    if all(len(group) == 1 for group in composition):
+        order = [group[0] for group in composition]
+        if to_canonical:
+            perm = tuple(order.index(a) for a in _AXES)
+        else:
+            perm = tuple(_AXES.index(a) for a in order)
+        return lambda x: x.permute(perm)
+    for group in composition:
+        if len(group) > 1:
+            unknown = [a for a in group if a not in dims]
+            if to_canonical and len(unknown) > 1:
+                raise ValueError(
+                    f"{arg}={pattern!r} packs ({' '.join(group)}) but dims gives the length of none of "
+                    f"{', '.join(repr(a) for a in unknown)}; pass e.g. dims={{{unknown[0]!r}: ...}}"
+                )
+    used = {a: n for a, n in dims.items() if a in _AXES and any(a in g for g in composition)}
+    expr = f"{pattern} -> {CANONICAL}" if to_canonical else f"{CANONICAL} -> {pattern}"
+    return lambda x: rearrange(x, expr, **used)
+
+
+@functools.lru_cache(maxsize=256)
+def compile_layout(q_pattern: str, k_pattern: str, v_pattern: str, out_pattern: str, dims: tuple) -> Layout:
+    dims_d = dict(dims)
+    to = tuple(
+        _converter(arg, pattern, dims_d, True)
+        for arg, pattern in (("q_pattern", q_pattern), ("k_pattern", k_pattern), ("v_pattern", v_pattern))
+    )
+    back = _converter("out_pattern", out_pattern, dims_d, False)
+    identity = all(p == CANONICAL for p in (q_pattern, k_pattern, v_pattern, out_pattern))
+    return Layout(q_pattern, k_pattern, v_pattern, out_pattern, dims, to, back, identity)
+
+
+def _dims_tuple(dims) -> tuple:
+    if dims is None:
+        return ()
+    if not isinstance(dims, dict):
+        raise TypeError(f"dims must be a dict of axis lengths such as {{'n': 24}}, got {type(dims).__name__}")
+    for axis, length in dims.items():
+        if not isinstance(axis, str):
+            raise TypeError(f"dims keys must be axis names, got {axis!r}")
+        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+            raise ValueError(f"dims[{axis!r}]={length!r} must be a positive int")
+    return tuple(sorted(dims.items()))
+
+
+def _check_tensor(arg: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATING:
+        raise TypeError(f"{arg} has dtype {t.dtype}; attention needs a floating tensor (float16, bfloat16, float32 or float64)")
+
+
+def _to_canonical(arg: str, pattern: str, convert: Callable, t: torch.Tensor) -> torch.Tensor:
+    groups = len(_parse_pattern(f"{arg[0]}_pattern", pattern))
+    if t.dim() != groups:
+        raise ValueError(f"{arg[0]}_pattern={pattern!r} has {groups} axes but {arg} has {t.dim()} dims (shape {tuple(t.shape)})")
+    try:
+        return convert(t)
+    except (EinopsError, RuntimeError) as exc:
+        message = str(exc).strip().splitlines()
+        raise ValueError(
+            f"{arg[0]}_pattern={pattern!r} does not fit {arg} of shape {tuple(t.shape)}: {message[-1] if message else exc}"
+        ) from None
+
+
+def _broadcasts(shape: tuple, target: tuple) -> bool:
+    if len(shape) > len(target):
+        return False
+    for have, want in zip(reversed(shape), reversed(target)):
+        if have != 1 and have != want:
+            return False
+    return True
+
+
+def prepare(
+    q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size, requires_grad
+) -> tuple[Call, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate a call; return its :class:`Call` and q, k, v as ``b n s d`` views."""
+    _check_tensor("q", q)
+    _check_tensor("k", k)
+    _check_tensor("v", v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device; got q on {q.device}, k on {k.device}, v on {v.device}")
+    layout = compile_layout(q_pattern, k_pattern, v_pattern, out_pattern, _dims_tuple(dims))
+    qc = _to_canonical("q", q_pattern, layout.to_canonical[0], q)
+    kc = _to_canonical("k", k_pattern, layout.to_canonical[1], k)
+    vc = _to_canonical("v", v_pattern, layout.to_canonical[2], v)
+    b, hq, sq, d = qc.shape
+    bk, hk, skv, dk = kc.shape
+    bv, hv, sv, dv = vc.shape
+    if 0 in (b, hq, sq, d, hk, skv, dv):
+        raise ValueError(f"q, k and v must not be empty; got b n s d shapes q {tuple(qc.shape)}, k {tuple(kc.shape)}, v {tuple(vc.shape)}")
+    if bk != b or bv != b:
+        raise ValueError(f"batch sizes differ: q has {b}, k has {bk}, v has {bv}")
+    if d != dk:
+        raise ValueError(f"q and k must have the same head dim; q has {d}, k has {dk}")
+    if hk != hv:
+        raise ValueError(f"k and v must have the same number of heads; k has {hk}, v has {hv}")
+    if skv != sv:
+        raise ValueError(f"k and v must have the same sequence length; k has {skv}, v has {sv}")
+    if hq % hk != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk}) for grouped-query attention")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    if not isinstance(is_causal, (bool, int)) or isinstance(is_causal, int) and is_causal not in (0, 1):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    if window_size is not None:
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
+            raise ValueError(f"window_size={window_size!r} must be a non-negative int (a query attends to keys with |i - j| <= window_size)")
+        if is_causal:
+            raise ValueError("window_size cannot be combined with is_causal=True")
+        if attn_mask is not None:
+            raise ValueError("window_size cannot be combined with attn_mask")
+    mask_kind, mask_shape = "none", None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype == torch.bool:
+            mask_kind = "bool"
+        elif attn_mask.dtype == q.dtype:
+            mask_kind = "additive"
+        else:
+            raise TypeError(f"attn_mask must be bool or of the query's dtype ({q.dtype}); got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+        target = (b, hq, sq, skv)
+        if not _broadcasts(tuple(attn_mask.shape), target):
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (b, n, s_q, s_kv) = {target}")
+        mask_shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    layout_text = layout.text
+    problem = Problem(
+        batch=b, heads_q=hq, heads_kv=hk, seq_q=sq, seq_kv=skv, head_dim=d, head_dim_v=dv,
+        dtype=q.dtype, device_type=q.device.type, layout=layout_text, mask=mask_kind, mask_shape=mask_shape,
+        causal=bool(is_causal), window=window_size, requires_grad=bool(requires_grad),
+    )
+    return Call(problem, layout, None if scale is None else float(scale)), qc, kc, vc
+
+
+def mask_4d(attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A mask viewed with 4 dims (broadcast dims of size 1 in front)."""
+    if attn_mask is None or attn_mask.dim() == 4:
+        return attn_mask
+    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+
+
+def additive_mask(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as an additive bias, the way SDPA converts it."""
+    if attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill_(~attn_mask, float("-inf"))

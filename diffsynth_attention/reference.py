@@ -1,0 +1,66 @@
+"""The fp32 reference the numeric gate compares against, and the error metric.
+
+The reference covers a slice of the problem (batch 0 and at most two heads) and is computed in
+query chunks, so a 75,000-token problem needs a few hundred MB, never a full fp32 copy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+_SCORES_PER_CHUNK = 1 << 25  # 32 M fp32 scores, 128 MB
+
+
+def gate_heads(heads_q: int) -> list:
+    """The query heads the gate checks: the first and the last (at most two)."""
+    return [0] if heads_q == 1 else [0, heads_q - 1]
+
+
+def reference_slice(q, k, v, mask, scale: Optional[float], causal: bool, window: Optional[int], heads: Sequence[int]) -> torch.Tensor:
+    """fp32 attention for batch 0 and ``heads`` of ``b n s d`` inputs: shape (len(heads), s_q, d_v).
+
+    Semantics: PyTorch's top-left causal mask; ``window`` keeps keys with |i - j| <= window; a
+    boolean mask keeps True; an additive mask is added to the scores; rows with no key left
+    give 0, as SDPA does.
+    """
+    s_q, s_kv, d = q.shape[2], k.shape[2], q.shape[3]
+    groups = q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    chunk = max(1, min(s_q, _SCORES_PER_CHUNK // max(s_kv, 1)))
+    out = torch.empty(len(heads), s_q, v.shape[3], dtype=torch.float32, device=q.device)
+    kj = torch.arange(s_kv, device=q.device)
+    for hi, h in enumerate(heads):
+        kh = k[0, h // groups].float()
+        vh = v[0, h // groups].float()
+        for start in range(0, s_q, chunk):
+            end = min(start + chunk, s_q)
+            scores = (q[0, h, start:end].float() @ kh.transpose(0, 1)) * scale
+            if mask is not None:
+                m = mask[0, h if mask.shape[1] > 1 else 0]
+                m = m[start:end] if m.shape[0] > 1 else m
+                if m.dtype == torch.bool:
+                    scores = scores.masked_fill(~m, float("-inf"))
+                else:
+                    scores = scores + m.float()
+            if causal or window is not None:
+                qi = torch.arange(start, end, device=q.device).unsqueeze(1)
+                drop = (kj.unsqueeze(0) > qi) if causal else ((qi - kj.unsqueeze(0)).abs() > window)
+                scores = scores.masked_fill(drop, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).nan_to_num_(nan=0.0)
+            out[hi, start:end] = probs @ vh
+    return out
+
+
+def relative_l1(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """sum |out - ref| / sum |ref|; inf if ``out`` has a NaN or an Inf."""
+    out = out.float()
+    if not bool(torch.isfinite(out).all()):
+        return float("inf")
+    denom = float(ref.abs().sum())
+    num = float((out - ref).abs().sum())
+    if denom == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / denom

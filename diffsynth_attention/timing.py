@@ -1,0 +1,45 @@
+"""Timing what the caller pays, the same way in the tuner and in the benchmarks.
+
+A *sample* is one untimed call (so caches and allocator state look as they do in a pipeline,
+whatever ran before) followed by ``calls`` back-to-back calls between two CUDA events (or
+``time.perf_counter`` readings on a CPU, after which the device is synchronised); its value is
+the time per call. Back-to-back calls measure throughput, as a pipeline sees it: host overhead
+counts where it exceeds the kernel's time, and is hidden where the GPU is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def sample(self, fn: Callable, calls: int) -> float:
+        """ms per call over ``calls`` back-to-back calls, after one untimed call."""
+        fn()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / calls
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / calls
+
+    @staticmethod
+    def calls_for(one_call_ms: float, target_ms: float, most: int = 200) -> int:
+        """How many back-to-back calls make a sample of about ``target_ms``."""
+        return max(1, min(most, int(target_ms / max(one_call_ms, 1e-4))))

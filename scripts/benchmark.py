@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""Benchmark the tuned dispatcher against every backend, SDPA's default and DiffSynth's fixed rule.
+
+For each problem of the shape suite (or ``--shapes FILE``), on one device, in one run:
+
+- tuning: the first ``attention_forward`` call in ``auto`` on a fresh cache; its wall time,
+  the compile part (first calls) and the decision with every candidate's time and error;
+- every usable backend called directly (layout conversions included), ``torch`` being SDPA's
+  default; the fastest is the per-problem best;
+- ``diffsynth_fixed``: DiffSynth-Studio's rule, the first *installed* of FlashAttention-4 > 3 >
+  2 > SageAttention > xFormers > PyTorch (taken generously: the first that can serve the call);
+- ``auto``: ``attention_forward`` after warming, a cache hit, dispatcher overhead included.
+
+All methods use the same inputs; repeats are interleaved (method A, B, C, A, B, C, ...) and
+each sample is one untimed call then enough back-to-back calls to last ~2 ms, timed with
+CUDA events (perf_counter on a CPU), the same ``diffsynth_attention.timing.Timer`` the tuner
+uses; the reported time is the median sample. Then the dispatch overhead on
+a cache hit: median host time per call of ``attention_forward`` minus calling the chosen
+backend directly, on a small problem, over at least 10,000 calls each.
+
+Writes benchmarks/results/<device>-<date>.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(methods: dict, device, samples: int, target_ms: float = 2.0) -> dict:
+    """Median ms per call of each method; samples interleaved, the order rotated every round."""
+    from diffsynth_attention.timing import Timer
+
+    timer = Timer(device)
+    calls = {name: Timer.calls_for(timer.sample(fn, 1), target_ms) for name, fn in methods.items()}
+    names = list(methods)
+    times = {name: [] for name in names}
+    for i in range(samples):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(timer.sample(methods[name], calls[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def geomean(xs):
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def environment(device) -> dict:
+    import diffsynth_attention as da
+    from diffsynth_attention.backends import REGISTRY
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "diffsynth_attention": da.__version__,
+        "packages": {b.package: b.version() for b in REGISTRY.values() if b.package},
+        "backends": da.available_backends(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["capability"] = f"{props.major}.{props.minor}"
+        env["sm_count"] = props.multi_processor_count
+    return env
+
+
+def dispatch_overhead(device, calls: int = 20000, blocks: int = 40) -> dict:
+    """Host time per call: attention_forward (cache hit) minus the chosen backend called directly."""
+    from diffsynth_attention import attention_forward, explain
+    from diffsynth_attention.backends import REGISTRY
+    from diffsynth_attention.timing import Timer
+
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.randn(1, 2, 16, 64, device=device, dtype=dt)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    info = explain(q, k, v)
+    backend = REGISTRY[info.backend]
+
+    def direct():
+        backend.forward(q, k, v, None, None, False, None, False)
+
+    def dispatched():
+        attention_forward(q, k, v)
+
+    per = max(1, calls // blocks)
+    _sync = Timer(device).sync
+    host = {"direct": [], "dispatched": []}
+    with torch.no_grad():
+        for fn in (direct, dispatched):
+            for _ in range(200):
+                fn()
+        _sync()
+        for _ in range(blocks):
+            for name, fn in (("direct", direct), ("dispatched", dispatched)):
+                t0 = time.perf_counter()
+                for _ in range(per):
+                    fn()
+                host[name].append((time.perf_counter() - t0) * 1e6 / per)
+                _sync()
+    d, a = statistics.median(host["direct"]), statistics.median(host["dispatched"])
+    return {"device": device.type, "backend": info.backend, "calls_each": per * blocks,
+            "direct_us": d, "dispatched_us": a, "overhead_us": a - d}
+
+
+def fixed_priority(problem, dev):
+    from diffsynth_attention.backends import DIFFSYNTH_PRIORITY, REGISTRY
+
+    for name in DIFFSYNTH_PRIORITY:
+        b = REGISTRY[name]
+        if b.unavailable_reason() is None and not b.not_supported_reasons(problem, dev):
+            return name
+    return "torch"
+
+
+def run(args) -> dict:
+    import diffsynth_attention as da
+    from diffsynth_attention import attention_forward, explain
+    from diffsynth_attention.backends import device_info
+    from diffsynth_attention.dispatch import _make_runner
+    from diffsynth_attention.problem import prepare
+    from diffsynth_attention.timing import Timer
+    from diffsynth_attention.warm import load_shapes_file, make_inputs, select_presets
+
+    device = torch.device(args.device)
+    shapes = load_shapes_file(args.shapes) if args.shapes else select_presets(args.preset or ["all"])
+    if args.only:
+        shapes = [s for s in shapes if s["name"] in args.only.split(",")]
+    env = environment(device)
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    for shape in shapes:
+        q, k, v, kw = make_inputs(shape, device, None, args.layout, g)
+        with torch.no_grad():
+            Timer(device).sync()
+            t0 = time.perf_counter()
+            info = explain(q, k, v, **kw)  # first call: tunes
+            Timer(device).sync()
+            first_call_s = time.perf_counter() - t0
+            from diffsynth_attention.dispatch import store
+            from diffsynth_attention.key import key_id
+
+            decision = store.get(key_id(info.key))
+            call, *_ = prepare(q, k, v, kw.get("q_pattern", "b n s d"), kw.get("k_pattern", "b n s d"), kw.get("v_pattern", "b n s d"),
+                               kw.get("out_pattern", "b n s d"), kw.get("dims"), None, None, kw.get("is_causal", False), kw.get("window_size"), False)
+            dev = device_info(device)
+            usable = [n for n, c in info.candidates.items() if c["status"] in ("chosen", "accepted", "slower")]
+            methods = {}
+            from diffsynth_attention.backends import REGISTRY
+
+            for name in usable:
+                runner = _make_runner(REGISTRY[name], call, False)
+                methods[name] = (lambda r=runner: r(q, k, v, None, None, kw.get("is_causal", False), kw.get("window_size")))
+            fixed = fixed_priority(call.problem, dev)
+            if fixed not in methods:  # e.g. sage: installed, supported, but rejected by the gate
+                runner = _make_runner(REGISTRY[fixed], call, False)
+                methods[fixed] = (lambda r=runner: r(q, k, v, None, None, kw.get("is_causal", False), kw.get("window_size")))
+            methods["auto"] = lambda: attention_forward(q, k, v, **kw)
+            times = interleaved(methods, device, args.samples)
+        backend_times = {n: t for n, t in times.items() if n != "auto" and n in usable}
+        best_name = min(backend_times, key=backend_times.get)
+        winner_ms = times[info.backend] if info.backend in times else times["auto"]
+        row = {
+            "name": shape["name"], "problem": info.problem, "decision": info.backend, "source": info.source,
+            "times_ms": times, "best": best_name, "best_ms": backend_times[best_name],
+            "sdpa_default_ms": times.get("torch"), "diffsynth_fixed": fixed, "diffsynth_fixed_ms": times.get(fixed),
+            "auto_ms": times["auto"],
+            "auto_vs_best": times["auto"] / backend_times[best_name],
+            "speedup_vs_sdpa": times["torch"] / times["auto"] if times.get("torch") else None,
+            "speedup_vs_fixed": times[fixed] / times["auto"] if times.get(fixed) else None,
+            "tuning": {
+                "first_call_s": first_call_s,
+                "tuning_seconds": decision.tuning_seconds if decision else None,
+                "compile_seconds": decision.compile_seconds if decision else None,
+                "excl_compile_s": (decision.tuning_seconds - decision.compile_seconds) if decision else None,
+                "limit_s": max(1.5, 15 * winner_ms / 1e3),
+            },
+            "candidates": info.candidates,
+        }
+        rows.append(row)
+        print(f"{shape['name']:22s} auto={row['auto_ms']:.4f}ms best={best_name}:{row['best_ms']:.4f} "
+              f"sdpa={row['sdpa_default_ms']:.4f} fixed={fixed}:{row['diffsynth_fixed_ms']:.4f} -> {info.backend}", flush=True)
+        del q, k, v
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    overhead = [dispatch_overhead(torch.device("cpu"))]
+    if device.type == "cuda":
+        overhead.append(dispatch_overhead(device))
+    return {"environment": env, "layout": args.layout, "samples": args.samples, "problems": rows,
+            "dispatch_overhead": overhead, "summary": summarize(rows, overhead)}
+
+
+def summarize(rows, overhead) -> dict:
+    by = {r["name"]: r for r in rows}
+    auto_vs_best = [r["auto_vs_best"] for r in rows]
+    gm_best = geomean(auto_vs_best)
+    gm_fixed = geomean([r["speedup_vs_fixed"] for r in rows])
+    gm_sdpa = geomean([r["speedup_vs_sdpa"] for r in rows])
+    wan = by.get("wan13b_480p_self")
+    tuning_ok = [r["tuning"]["excl_compile_s"] is not None and r["tuning"]["excl_compile_s"] <= r["tuning"]["limit_s"] for r in rows]
+    targets = {
+        "auto within 3% of best on every problem": (max(auto_vs_best) <= 1.03, f"worst {max(auto_vs_best):.3f}x ({max(rows, key=lambda r: r['auto_vs_best'])['name']})"),
+        "auto geomean <= 1.01x best": (gm_best <= 1.01, f"{gm_best:.4f}x"),
+        ">= 1.15x faster than SDPA default on wan13b_480p_self": (bool(wan and wan["speedup_vs_sdpa"] >= 1.15), f"{wan['speedup_vs_sdpa']:.3f}x" if wan else "not run"),
+        ">= 1.4x faster than DiffSynth fixed priority (geomean)": (bool(gm_fixed and gm_fixed >= 1.4), f"{gm_fixed:.3f}x" if gm_fixed else "n/a"),
+        "dispatch overhead <= 3 us per call": (all(o["overhead_us"] <= 3.0 for o in overhead), ", ".join(f"{o['device']} {o['overhead_us']:.2f} us" for o in overhead)),
+        "tuning cost <= max(1.5 s, 15x winner) excl. compile": (all(tuning_ok), f"{sum(tuning_ok)}/{len(rows)} within"),
+    }
+    return {"geomean_auto_vs_best": gm_best, "geomean_speedup_vs_sdpa": gm_sdpa, "geomean_speedup_vs_fixed": gm_fixed,
+            "targets": {k: {"met": bool(v[0]), "value": v[1]} for k, v in targets.items()}}
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    env = result["environment"]
+    lines = [f"# Attention benchmark: {env['device']}", "",
+             f"{env['date']}; torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}, "
+             f"diffsynth-attention {env['diffsynth_attention']}; packages: "
+             + ", ".join(f"{k} {v or 'not installed'}" for k, v in env["packages"].items()), "",
+             f"Layout `{result['layout']}`; median of {result['samples']} interleaved samples; times in ms.", "",
+             "| problem | auto (decision) | best backend | SDPA default | DiffSynth fixed | auto/best | vs SDPA | vs fixed | tuning s (compile s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["problems"]:
+        t = r["tuning"]
+        lines.append(
+            f"| {r['name']} | {r['auto_ms']:.4f} ({r['decision']}) | {r['best_ms']:.4f} ({r['best']}) | {r['sdpa_default_ms']:.4f} | "
+            f"{r['diffsynth_fixed_ms']:.4f} ({r['diffsynth_fixed']}) | {r['auto_vs_best']:.3f} | {r['speedup_vs_sdpa']:.2f}x | "
+            f"{r['speedup_vs_fixed']:.2f}x | {t['tuning_seconds']:.2f} ({t['compile_seconds']:.2f}) |")
+    s = result["summary"]
+    lines += ["", f"Geometric means: auto/best {s['geomean_auto_vs_best']:.4f}, speedup vs SDPA default "
+              f"{s['geomean_speedup_vs_sdpa']:.3f}x, vs DiffSynth fixed priority {s['geomean_speedup_vs_fixed']:.3f}x.", "",
+              "Dispatch overhead on a cache hit (median host time per call):", ""]
+    for o in result["dispatch_overhead"]:
+        lines.append(f"- {o['device']}: attention_forward {o['dispatched_us']:.2f} us vs {o['backend']} directly {o['direct_us']:.2f} us: "
+                     f"**{o['overhead_us']:.2f} us** over {o['calls_each']} calls each")
+    lines += ["", "## Targets", "", "| target | met | value |", "|---|---|---|"]
+    for name, t in s["targets"].items():
+        lines.append(f"| {name} | {'yes' if t['met'] else '**no**'} | {t['value']} |")
+    lines += ["", "## Candidates per problem (time ms / rel-L1 error vs fp32 / status)", ""]
+    for r in result["problems"]:
+        parts = []
+        for n, c in r["candidates"].items():
+            if c["status"] == "unsupported":
+                continue
+            tm = "-" if c["time_ms"] is None else f"{c['time_ms']:.4f}"
+            err = "-" if c["error"] is None else f"{c['error']:.2e}"
+            parts.append(f"{n} {tm}/{err}/{c['status']}" + (f" ({c['reason']})" if c["reason"] and c["status"] == "rejected" else ""))
+        lines.append(f"- {r['name']}: " + "; ".join(parts))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["problems"]
+    names = [r["name"] for r in rows]
+    methods = [("auto", lambda r: r["auto_ms"]), ("best backend", lambda r: r["best_ms"]),
+               ("SDPA default", lambda r: r["sdpa_default_ms"]), ("DiffSynth fixed", lambda r: r["diffsynth_fixed_ms"])]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 9))
+    width = 0.2
+    for i, (label, get) in enumerate(methods):
+        ax1.bar([x + i * width for x in range(len(rows))], [get(r) for r in rows], width, label=label)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("ms per call (log)")
+    ax1.set_xticks([x + 1.5 * width for x in range(len(rows))], names, rotation=30, ha="right")
+    ax1.legend()
+    ax1.set_title(f"{result['environment']['device']}: time per problem")
+    ax2.bar(range(len(rows)), [r["speedup_vs_sdpa"] for r in rows], color="tab:green")
+    ax2.axhline(1.0, color="black", lw=0.8)
+    ax2.set_ylabel("auto speedup over SDPA default")
+    ax2.set_xticks(range(len(rows)), names, rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", help="a JSON file of problems (shape-suite format)")
+    parser.add_argument("--preset", action="append", help="presets as in `diffsynth-attention warm` (default all)")
+    parser.add_argument("--only", help="comma-separated problem names")
+    parser.add_argument("--layout", default="b n s d")
+    parser.add_argument("--samples", type=int, default=15)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--tag", default=None, help="file name stem (default <device>-<date>)")
+    parser.add_argument("--keep-cache", action="store_true", help="use the user's cache instead of a fresh one")
+    args = parser.parse_args(argv)
+    if not args.keep_cache:
+        os.environ["DIFFSYNTH_ATTENTION_CACHE_DIR"] = tempfile.mkdtemp(prefix="da-bench-")
+    result = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device_name = result["environment"]["device"].replace("NVIDIA ", "").replace(" ", "-")
+    stem = args.tag or f"{device_name}-{datetime.date.today().isoformat()}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    write_markdown(result, out / f"{stem}.md")
+    write_chart(result, out / f"{stem}.png")
+    print((out / f"{stem}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
