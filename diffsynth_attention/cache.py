@@ -56,17 +56,29 @@ def cache_dir() -> Path:
     return Path(override).expanduser() if override else Path(platformdirs.user_cache_dir("diffsynth_attention"))
 
 
-_validator = None
+_validators: dict = {}
+_valid_entries: set = set()  # canonical texts of entries already validated (saves re-validating)
 
 
-def _schema_validator():
-    global _validator
-    if _validator is None:
+def _schema_validator(part: str = "document"):
+    """The schema's validator for the whole document, or for one entry (``part="entry"``)."""
+    if part not in _validators:
         import jsonschema
 
         schema = json.loads(_SCHEMA_FILE.read_text())
-        _validator = jsonschema.Draft202012Validator(schema)
-    return _validator
+        if part == "entry":
+            schema = {"$schema": schema["$schema"], "$defs": schema["$defs"], "$ref": "#/$defs/entry"}
+        _validators[part] = jsonschema.Draft202012Validator(schema)
+    return _validators[part]
+
+
+def _first_error(validator, instance, prefix: str = ""):
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return None
+    err = errors[0]
+    where = "/".join([prefix] * bool(prefix) + [str(p) for p in err.absolute_path]) or "(top)"
+    return f"does not match the schema at {where}: {err.message}"
 
 
 def parse_document(text: str, path="<data>") -> dict:
@@ -80,11 +92,19 @@ def parse_document(text: str, path="<data>") -> dict:
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION:
         raise CacheFileError(path, f"schema_version {version!r}, this library reads {SCHEMA_VERSION}")
-    errors = sorted(_schema_validator().iter_errors(doc), key=lambda e: list(e.absolute_path))
-    if errors:
-        err = errors[0]
-        where = "/".join(str(p) for p in err.absolute_path) or "(top)"
-        raise CacheFileError(path, f"does not match the schema at {where}: {err.message}")
+    entries = doc.get("entries")
+    problem = _first_error(_schema_validator(), {**doc, "entries": {}} if isinstance(entries, dict) else doc)
+    if problem is None:
+        for key_id, entry in entries.items():
+            canonical = key_id + json.dumps(entry, sort_keys=True)
+            if canonical in _valid_entries:
+                continue
+            problem = _first_error(_schema_validator("entry"), entry, f"entries/{key_id}")
+            if problem is not None:
+                break
+            _valid_entries.add(canonical)
+    if problem is not None:
+        raise CacheFileError(path, problem)
     return {key_id: Decision.from_dict(key_id, entry) for key_id, entry in doc["entries"].items()}
 
 
@@ -110,11 +130,35 @@ def _untrusted_reason(path: Path, is_dir: bool) -> Optional[str]:
     return None
 
 
+def _make_lock(path: str, timeout: float) -> filelock.FileLock:
+    """A lock whose file is never deleted on release: deleting it lets a process that opened
+    the old file and a process that creates a new one both "hold" the lock (filelock 4 deletes
+    by default; 3.x never did)."""
+    try:
+        return filelock.FileLock(path, timeout=timeout, mode=0o600, preserve_lock_file=True)
+    except TypeError:  # filelock < 4
+        return filelock.FileLock(path, timeout=timeout, mode=0o600)
+
+
 _DISK_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 class DecisionCache:
     """Decisions in memory, backed by one JSON file. Thread-safe; one per process by default."""
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Save decisions still pending (after a lock timeout), waiting up to ``timeout``; run at exit."""
+        if not self._pending or not self._persistent:
+            return not self._pending
+        old = os.environ.get(config.LOCK_TIMEOUT)
+        os.environ[config.LOCK_TIMEOUT] = str(max(timeout, config.lock_timeout()))
+        try:
+            return self.save()
+        finally:
+            if old is None:
+                os.environ.pop(config.LOCK_TIMEOUT, None)
+            else:
+                os.environ[config.LOCK_TIMEOUT] = old
 
     def __init__(self, directory: Optional[os.PathLike] = None):
         self._directory = Path(directory) if directory is not None else None
@@ -122,6 +166,7 @@ class DecisionCache:
         self._pending: dict = {}  # decisions not yet on disk (lock timeout, read-only disk)
         self._loaded = False
         self._loaded_from: Optional[Path] = None
+        self._read_memo: tuple = (None, {})  # ((inode, mtime_ns, size), entries) of the last parse
         self._persistent = True
         self._warned: set = set()
         self._mutex = threading.RLock()
@@ -193,6 +238,10 @@ class DecisionCache:
         (``locked``: the caller already holds the file lock)."""
         path = self.path
         try:
+            st = os.stat(path)
+            memo = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if memo == self._read_memo[0]:
+                return dict(self._read_memo[1])  # unchanged since we last parsed or wrote it
             text = path.read_text()
         except FileNotFoundError:
             return {}
@@ -200,11 +249,13 @@ class DecisionCache:
             self._warn_once("read", "diffsynth_attention cache: cannot read %s (%s); treating it as empty", path, exc)
             return {}
         try:
-            return parse_document(text, path)
+            parsed = parse_document(text, path)
         except CacheFileError as exc:
             if set_aside:
                 self._set_aside(exc, locked)
             return {}
+        self._read_memo = (memo, dict(parsed))
+        return parsed
 
     def _set_aside(self, exc: CacheFileError, locked: bool) -> None:
         aside = Path(f"{exc.path}.bad-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
@@ -224,7 +275,7 @@ class DecisionCache:
 
     @contextlib.contextmanager
     def _file_lock(self):
-        lock = filelock.FileLock(str(self.lock_path), timeout=config.lock_timeout(), mode=0o600)
+        lock = _make_lock(str(self.lock_path), config.lock_timeout())
         with lock:
             yield
 
@@ -314,6 +365,8 @@ class DecisionCache:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
+            st = os.stat(self.path)
+            self._read_memo = ((st.st_ino, st.st_mtime_ns, st.st_size), dict(entries))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -363,6 +416,7 @@ class DecisionCache:
             self._loaded = False
             self._persistent = True
             self._warned.clear()
+            self._read_memo = (None, {})
         self._changed()
 
     def _changed(self) -> None:
@@ -381,7 +435,7 @@ class DecisionCache:
         lock_dir = self.directory / "locks"
         try:
             lock_dir.mkdir(mode=0o700, exist_ok=True)
-            lock = filelock.FileLock(str(lock_dir / f"{key_id}.lock"), timeout=config.tune_wait(), mode=0o600)
+            lock = _make_lock(str(lock_dir / f"{key_id}.lock"), config.tune_wait())
             lock.acquire()
         except filelock.Timeout:
             self._warn_once("tune-wait", "diffsynth_attention: waited %ss for another process tuning the same problem; tuning here", config.tune_wait())

@@ -9,6 +9,7 @@ backend's own call: no validation, no key, no file I/O.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import logging
@@ -98,6 +99,7 @@ def _invalidate_plans() -> None:
 
 
 store.listeners.append(_invalidate_plans)
+atexit.register(store.flush)  # decisions kept in memory after a lock timeout still reach the disk
 
 
 def _make_runner(backend, call: Call, need_grad: bool) -> Callable:
@@ -222,8 +224,11 @@ def _plan(impl_raw, args: tuple, grad: bool) -> Plan:
         return plan
     plan = _build_plan(impl_raw, args, grad)
     if sig is not None:
+        stored = plan
+        if plan.source == "tuned":  # later calls are served by a known decision: hits
+            stored = Plan(plan.run, plan.backend, "cache", plan.key, plan.decision, counts_hit=True, problem=plan.problem, call=plan.call)
         with _plans_lock:
-            _plans[sig] = plan
+            _plans[sig] = stored
     return plan
 
 

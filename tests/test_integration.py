@@ -1,0 +1,135 @@
+"""Issue 8 (CPU part): torch.compile without graph breaks, patch_sdpa with diffusers, patch_diffsynth."""
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffsynth_attention as da
+
+from helpers import qkv, rel
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return da.attention_forward(h, h, h, "b s (n d)", "b s (n d)", "b s (n d)", "b s (n d)", dims={"n": 4})
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    model = Block()
+    x = torch.randn(2, 16, 64)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    out = compiled(x)
+    assert torch.allclose(out, eager, atol=1e-5)
+
+
+def test_compiled_gradients_match_eager():
+    model = Block()
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    eager = model(x)
+    (g_eager,) = torch.autograd.grad(eager.sum(), x)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    (g_comp,) = torch.autograd.grad(compiled(x).sum(), x)
+    assert rel(g_comp, g_eager) < 1e-4
+
+
+def test_patch_sdpa_scoped_and_global():
+    q, k, v = qkv()
+    before = da.stats()["tunings"]
+    with da.patch_sdpa():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        dropped = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+    assert da.stats()["tunings"] == before + 1  # routed through the dispatcher
+    assert torch.nn.functional.scaled_dot_product_attention is not None
+    ref = torch.ops.aten.scaled_dot_product_attention(q, k, v)
+    assert rel(out, ref) < 1e-5 and rel(dropped, ref) < 1e-5
+    handle = da.patch_sdpa()
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        assert da.stats()["hits"] >= 1
+    finally:
+        handle.undo()
+    assert torch.nn.functional.scaled_dot_product_attention.__module__ != "diffsynth_attention.patching" or not handle.active
+    hits = da.stats()["hits"]
+    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert da.stats()["hits"] == hits  # undone: not routed any more
+
+
+def test_diffusers_transformer_same_output_with_patch_sdpa():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, rope_max_seq_len=64,
+    ).eval()
+    x = torch.randn(1, 4, 2, 8, 8)
+    t = torch.tensor([10])
+    text = torch.randn(1, 7, 32)
+    with torch.no_grad():
+        plain = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        before = da.stats()["tunings"]
+        with da.patch_sdpa():
+            patched = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert da.stats()["tunings"] > before  # its attention went through the dispatcher
+    assert rel(patched, plain) < 1e-5
+
+
+def _load_diffsynth_attention():
+    loaded = sys.modules.get("diffsynth.core.attention.attention")
+    if loaded is not None and hasattr(loaded, "torch_sdpa"):
+        return loaded
+    spec = importlib.util.find_spec("diffsynth")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("DiffSynth-Studio is not installed (pip install --no-deps diffsynth==2.1.12)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "core" / "attention" / "attention.py"
+    for name in ("diffsynth", "diffsynth.core", "diffsynth.core.attention"):
+        mod = types.ModuleType(name)
+        mod.__path__ = []
+        sys.modules.setdefault(name, mod)
+    spec = importlib.util.spec_from_file_location("diffsynth.core.attention.attention", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["diffsynth.core.attention.attention"] = module
+    spec.loader.exec_module(module)
+    sys.modules["diffsynth.core.attention"].attention_forward = module.attention_forward
+    return module
+
+
+PATTERNS = [("b n s d", "b n s d", None), ("b s n d", "b s n d", None), ("b s (n d)", "b s (n d)", {"n": 4}), ("b s (n d)", "b n s d", {"n": 4})]
+
+
+@pytest.mark.parametrize("in_p,out_p,dims", PATTERNS)
+def test_same_results_as_diffsynth_attention_module(in_p, out_p, dims):
+    ds = _load_diffsynth_attention()
+    from einops import rearrange
+
+    q, k, v = qkv(sq=24, skv=24)
+    qs, ks, vs = (rearrange(t, f"b n s d -> {in_p}").contiguous() for t in (q, k, v))
+    for kwargs in ({}, {"is_causal": True}, {"scale": 0.2}, {"window_size": 3}):
+        theirs = ds.torch_sdpa(qs, ks, vs, in_p, in_p, in_p, out_p, dims, **{k_: v_ for k_, v_ in kwargs.items() if k_ != "window_size"}) \
+            if "window_size" not in kwargs else ds.torch_sdpa_sliding_window(qs, ks, vs, kwargs["window_size"], in_p, in_p, in_p, out_p, dims)
+        ours = da.attention_forward(qs, ks, vs, in_p, in_p, in_p, out_p, dims, **kwargs)
+        assert rel(ours, theirs) < 1e-5, kwargs
+
+
+def test_patch_diffsynth_routes_and_undoes():
+    ds = _load_diffsynth_attention()
+    original = ds.attention_forward
+    handle = da.patch_diffsynth(wan=False)
+    try:
+        assert sys.modules["diffsynth.core.attention"].attention_forward is not original
+        q, k, v = qkv()
+        before = da.stats()["tunings"]
+        out = sys.modules["diffsynth.core.attention"].attention_forward(q, k, v)
+        assert da.stats()["tunings"] == before + 1
+        assert rel(out, ds.torch_sdpa(q, k, v)) < 1e-5
+    finally:
+        handle.undo()
+    assert sys.modules["diffsynth.core.attention"].attention_forward is original
