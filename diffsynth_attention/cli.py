@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s pid %(process)d %(levelname)s %(name)s: %(message)s" if args.verbose else "%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args) or 0
     except Failure as exc:

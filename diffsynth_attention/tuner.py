@@ -7,9 +7,10 @@ For each candidate, in preference order:
 2. its output is compared with the fp32 reference on a slice (batch 0, at most two heads):
    relative L1 error above the tolerance, a NaN or an Inf rejects it; so does an exception or
    an out-of-memory error (the others go on) and a change to its input tensors;
-3. it is timed: CUDA events on a GPU, ``time.perf_counter`` on a CPU, the median of repeated
-   calls within its share of the budget. A candidate whose first timing is more than 2x the
-   best so far is dropped early.
+3. it is timed with :class:`~diffsynth_attention.timing.Timer` (CUDA events on a GPU,
+   ``time.perf_counter`` on a CPU): samples of back-to-back calls, the median within its share
+   of the budget. A candidate whose probe sample is more than 2x the best so far is dropped
+   early.
 
 The two fastest are then re-timed interleaved. Within 2% of each other, the preference order
 of :mod:`diffsynth_attention.backends` decides, so fresh processes choose alike.
@@ -167,12 +168,15 @@ def tune(
             if grad:
                 call()  # a backward pass compiles too; keep it out of the timings
             probe = clock.sample(call, 1)
+            n = Timer.calls_for(probe, SAMPLE_MS)
+            if n > 1:  # a short call: one call's time is mostly launch latency; probe with a real sample
+                probe = min(probe, clock.sample(call, n))
             if probe > DROP_FACTOR * best:
                 cand.status, cand.time_ms, cand.reps = SLOWER, probe, 1
                 cand.reason = f"dropped early: {probe:.4g} ms is more than {DROP_FACTOR:g}x the best so far ({best:.4g} ms)"
                 continue
             n = Timer.calls_for(probe, SAMPLE_MS)
-            samples, spent = [], 2 * probe / 1e3
+            samples, spent = [], (n + 2) * probe / 1e3
             while len(samples) < MAX_SAMPLES and (len(samples) < MIN_SAMPLES or spent < share):
                 samples.append(clock.sample(call, n))
                 spent += samples[-1] * (n + 1) / 1e3

@@ -14,10 +14,14 @@ import time
 import torch
 
 
-def timed(cmd, env):
+LOGS = []
+
+
+def timed(cmd, env, label):
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    LOGS.append(f"== {label}: {wall:.1f} s, rc {proc.returncode}\n{proc.stderr}")
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-3000:])
     return wall, proc.returncode
@@ -25,14 +29,14 @@ def timed(cmd, env):
 
 def main():
     n = torch.cuda.device_count()
-    warm = ["-m", "diffsynth_attention", "warm", "--preset", "all", "--no-progress", "--json"]
+    warm = ["-m", "diffsynth_attention", "-v", "warm", "--preset", "all", "--no-progress", "--json"]
     result = {"device": torch.cuda.get_device_name(0), "gpus": n, "torch": torch.__version__}
     env = dict(os.environ, DIFFSYNTH_ATTENTION_CACHE_DIR=tempfile.mkdtemp(), CUDA_VISIBLE_DEVICES="0")
-    result["gpus_1_wall_s"], result["gpus_1_rc"] = timed([sys.executable] + warm, env)
+    result["gpus_1_wall_s"], result["gpus_1_rc"] = timed([sys.executable] + warm, env, "1 GPU")
     if n >= 2:
         env = dict(os.environ, DIFFSYNTH_ATTENTION_CACHE_DIR=tempfile.mkdtemp())
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] + warm
-        result[f"gpus_{n}_wall_s"], result[f"gpus_{n}_rc"] = timed(cmd, env)
+        result[f"gpus_{n}_wall_s"], result[f"gpus_{n}_rc"] = timed(cmd, env, f"{n} GPUs")
         entries = json.loads(open(os.path.join(env["DIFFSYNTH_ATTENTION_CACHE_DIR"], "decisions.json")).read())["entries"]
         result[f"gpus_{n}_decisions_in_cache"] = len(entries)
         result["speedup"] = result["gpus_1_wall_s"] / result[f"gpus_{n}_wall_s"]
@@ -40,6 +44,7 @@ def main():
     print(text)
     if len(sys.argv) > 1:
         open(sys.argv[1], "w").write(text + "\n")
+        open(sys.argv[1].replace(".json", ".log"), "w").write("\n".join(LOGS))
 
 
 if __name__ == "__main__":

@@ -270,3 +270,9 @@ def test_clear_cache_takes_the_lock_and_removes(isolated):
     assert parse_document(_file(isolated).read_text()) == {}
     q, k, v = qkv(sq=16)
     assert da.explain(q, k, v).source == "tuned"
+
+
+def test_package_schema_is_the_documented_schema():
+    root = os.path.dirname(os.path.dirname(__file__))
+    with open(os.path.join(root, "cache_schema", "decisions.schema.json")) as a, open(cache_mod._SCHEMA_FILE) as b:
+        assert a.read() == b.read()
