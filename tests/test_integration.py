@@ -133,3 +133,33 @@ def test_patch_diffsynth_routes_and_undoes():
     finally:
         handle.undo()
     assert sys.modules["diffsynth.core.attention"].attention_forward is original
+
+
+def test_patch_diffsynth_routes_the_wan_dit_helper_everywhere(monkeypatch):
+    _load_diffsynth_attention()
+    calls = []
+
+    def flash_attention(q, k, v, num_heads, compatibility_mode=False):  # the Wan DiT helper's signature
+        calls.append(num_heads)
+        raise AssertionError("the original helper should not be called once patched")
+
+    wan = types.ModuleType("diffsynth.models.wan_video_dit")
+    wan.flash_attention = flash_attention
+    user = types.ModuleType("diffsynth.models.wan_video_mot")
+    user.flash_attention = flash_attention  # `from .wan_video_dit import flash_attention`
+    monkeypatch.setitem(sys.modules, "diffsynth.models.wan_video_dit", wan)
+    monkeypatch.setitem(sys.modules, "diffsynth.models.wan_video_mot", user)
+    handle = da.patch_diffsynth()
+    try:
+        assert wan.flash_attention is not flash_attention and user.flash_attention is wan.flash_attention
+        q, k, v = qkv(hq=4, d=16)
+        from einops import rearrange
+
+        packed = [rearrange(t, "b n s d -> b s (n d)") for t in (q, k, v)]
+        out = user.flash_attention(*packed, num_heads=4)
+        ref = rearrange(torch.nn.functional.scaled_dot_product_attention(q, k, v), "b n s d -> b s (n d)")
+        assert out.shape == ref.shape and rel(out, ref) < 1e-5
+        assert calls == []
+    finally:
+        handle.undo()
+    assert wan.flash_attention is flash_attention and user.flash_attention is flash_attention
