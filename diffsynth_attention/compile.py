@@ -47,7 +47,7 @@ def _(q, k, v, attn_mask, scale, is_causal, window_size, compatibility_mode):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, scale, is_causal, window_size, compatibility_mode = inputs
-    ctx.save_for_backward(q, k, v, attn_mask if attn_mask is not None else None)
+    ctx.save_for_backward(q, k, v, attn_mask)
     ctx.has_mask = attn_mask is not None
     ctx.scale, ctx.is_causal, ctx.window_size = scale, is_causal, window_size
 

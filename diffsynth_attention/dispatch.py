@@ -262,7 +262,7 @@ def attention_forward(
 
         return compiled_attention(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, compatibility_mode, window_size)
     impl_raw = _env_get(_IMPL_KEY)
-    try:  # the hot path: one signature tuple and one dict lookup (see _signature)
+    try:  # the hot path: one signature tuple (_signature's, inlined: keep the two in step) and one lookup
         grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         plan = _plans.get((
             _scope.get(), impl_raw, compatibility_mode, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
@@ -368,11 +368,6 @@ def stats() -> dict:
 
 def reset_stats() -> None:
     _stats.update(hits=0, tunings=0, tuning_seconds=0.0)
-
-
-def decide(q, k, v, **kwargs) -> str:
-    """The backend name ``attention_forward`` would use for this call (tunes if needed)."""
-    return explain(q, k, v, **kwargs).backend
 
 
 def current_implementation() -> str:

@@ -27,3 +27,14 @@ def full_reference(q, k, v, mask=None, scale=None, causal=False, window=None):
 
 def rel(a, b):
     return relative_l1(a, b)
+
+
+def broken_package(tmp_path, monkeypatch, name, statement):
+    """An installed package whose import runs ``statement`` (e.g. raises), first on sys.path."""
+    import sys
+
+    pkg = tmp_path / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(statement + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)

@@ -12,7 +12,7 @@ import diffsynth_attention as da
 from diffsynth_attention.backends import REGISTRY
 from diffsynth_attention.backends.flash_attention import FlashAttention2
 
-from helpers import full_reference, qkv, rel
+from helpers import broken_package, full_reference, qkv, rel
 
 
 @pytest.fixture(autouse=True)
@@ -248,11 +248,7 @@ def test_installed_but_broken_package_is_unavailable_with_reason(monkeypatch):
 
 
 def test_import_error_of_any_kind_never_breaks_the_package(monkeypatch, tmp_path):
-    pkg = tmp_path / "sageattention"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("raise RuntimeError('CUDA driver version is insufficient')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "sageattention", raising=False)
+    broken_package(tmp_path, monkeypatch, "sageattention", "raise RuntimeError('CUDA driver version is insufficient')")
     from diffsynth_attention.backends.sage import SageAttention
 
     reason = SageAttention().unavailable_reason()

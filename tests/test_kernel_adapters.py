@@ -13,7 +13,7 @@ from diffsynth_attention.backends.xformers import XFormers
 from diffsynth_attention.problem import prepare
 
 import fake_kernels as fk
-from helpers import full_reference, qkv, rel
+from helpers import broken_package, full_reference, qkv, rel
 
 H100 = DeviceInfo("cuda", "NVIDIA H100", (9, 0), 132)
 B200 = DeviceInfo("cuda", "NVIDIA B200", (10, 0), 148)
@@ -84,11 +84,7 @@ def test_fa2_before_2_3_has_no_window(monkeypatch):
 
 
 def test_fa2_undefined_symbol_after_torch_upgrade_is_a_reason(monkeypatch, tmp_path):
-    pkg = tmp_path / "flash_attn"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    broken_package(tmp_path, monkeypatch, "flash_attn", "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')")
     monkeypatch.setattr(flash_attention, "package_version", lambda dist: "2.7.4")
     reason = FlashAttention2().unavailable_reason()
     assert reason.startswith("installed but unusable") and "undefined symbol" in reason
