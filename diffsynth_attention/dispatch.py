@@ -163,12 +163,9 @@ def _build_plan(impl_raw, args: tuple, grad: bool) -> Plan:
             raise BackendNotSupportedError(
                 f"{source_name} asks for {requested!r}, which cannot serve {problem.describe()}: " + "; ".join(reasons)
             )
-        for reason in reasons:
-            hint = ""
-            if why and backend.package:
-                hint = f" (install {backend.package})"
-            _warn_once(("fallback", requested, reason), "%s=%r cannot serve this call: %s%s; using torch instead",
-                       source_name, requested, reason, hint)
+        for reason in reasons:  # an unavailable package's reason already names what to install
+            _warn_once(("fallback", requested, reason), "%s=%r cannot serve this call: %s; using torch instead",
+                       source_name, requested, reason)
         return Plan(_make_runner(torch_backend, call, grad), "torch", "fallback", key, reasons=reasons,
                     requested=requested, problem=problem, call=call)
 
