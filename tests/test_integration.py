@@ -48,7 +48,9 @@ def test_patch_sdpa_scoped_and_global():
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         dropped = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
     assert da.stats()["tunings"] == before + 1  # routed through the dispatcher
-    assert torch.nn.functional.scaled_dot_product_attention is not None
+    from diffsynth_attention import patching
+
+    assert torch.nn.functional.scaled_dot_product_attention is patching._ORIGINAL_SDPA  # the block restored it
     ref = torch.ops.aten.scaled_dot_product_attention(q, k, v)
     assert rel(out, ref) < 1e-5 and rel(dropped, ref) < 1e-5
     handle = da.patch_sdpa()
@@ -57,7 +59,7 @@ def test_patch_sdpa_scoped_and_global():
         assert da.stats()["hits"] >= 1
     finally:
         handle.undo()
-    assert torch.nn.functional.scaled_dot_product_attention.__module__ != "diffsynth_attention.patching" or not handle.active
+    assert torch.nn.functional.scaled_dot_product_attention is patching._ORIGINAL_SDPA and not handle.active
     hits = da.stats()["hits"]
     torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert da.stats()["hits"] == hits  # undone: not routed any more
