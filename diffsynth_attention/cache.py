@@ -150,15 +150,7 @@ class DecisionCache:
         """Save decisions still pending (after a lock timeout), waiting up to ``timeout``; run at exit."""
         if not self._pending or not self._persistent:
             return not self._pending
-        old = os.environ.get(config.LOCK_TIMEOUT)
-        os.environ[config.LOCK_TIMEOUT] = str(max(timeout, config.lock_timeout()))
-        try:
-            return self.save()
-        finally:
-            if old is None:
-                os.environ.pop(config.LOCK_TIMEOUT, None)
-            else:
-                os.environ[config.LOCK_TIMEOUT] = old
+        return self.save(timeout=max(timeout, config.lock_timeout()))
 
     def __init__(self, directory: Optional[os.PathLike] = None):
         self._directory = Path(directory) if directory is not None else None
@@ -274,8 +266,8 @@ class DecisionCache:
             self._warn_once("bad", "diffsynth_attention cache: ignored a bad cache file (%s); could not set it aside (%s)", exc, err)
 
     @contextlib.contextmanager
-    def _file_lock(self):
-        lock = _make_lock(str(self.lock_path), config.lock_timeout())
+    def _file_lock(self, timeout: Optional[float] = None):
+        lock = _make_lock(str(self.lock_path), config.lock_timeout() if timeout is None else timeout)
         with lock:
             yield
 
@@ -325,22 +317,23 @@ class DecisionCache:
         self.save()
         return count
 
-    def save(self) -> bool:
+    def save(self, timeout: Optional[float] = None) -> bool:
         """Write pending decisions to disk (merged with the file). False if they stay in memory."""
         self._ensure_loaded()
         if not self._persistent or not self._pending:
             return not self._pending
         with self._mutex:
             pending = dict(self._pending)
+        timeout = config.lock_timeout() if timeout is None else timeout
         try:
-            with self._file_lock():
+            with self._file_lock(timeout):
                 on_disk = self._read_file(set_aside=True, locked=True)
                 merged = dict(on_disk)
                 merged.update(pending)
                 self._write(merged)
         except filelock.Timeout:
             self._warn_once("lock", "diffsynth_attention cache: timed out after %ss waiting for %s; "
-                            "decisions stay in memory until a later save", config.lock_timeout(), self.lock_path)
+                            "decisions stay in memory until a later save", timeout, self.lock_path)
             return False
         except OSError as exc:
             if exc.errno in _DISK_ERRNOS or isinstance(exc, PermissionError):

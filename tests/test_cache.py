@@ -257,7 +257,8 @@ def test_lock_timeout_keeps_decision_in_memory_then_saves_later(isolated, monkey
     assert result["info"].source == "tuned"
     assert any("timed out" in r.message for r in caplog.records)
     assert len(parse_document(_file(isolated).read_text())) == 1
-    assert store.save()  # the next save writes the pending decision
+    assert store.flush(timeout=5)  # what runs at exit: writes the pending decision
+    assert os.environ["DIFFSYNTH_ATTENTION_LOCK_TIMEOUT"] == "0.1"  # and leaves the environment alone
     assert len(parse_document(_file(isolated).read_text())) == 2
 
 
