@@ -232,8 +232,11 @@ class DecisionCache:
         try:
             st = os.stat(path)
             memo = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if memo == self._read_memo[0]:
-                return dict(self._read_memo[1])  # unchanged since we last parsed or wrote it
+            # Outside the lock (a miss's refresh), a file unchanged since our last parse or write
+            # is not parsed again. Under the lock (a save's merge) it is always read: inode numbers
+            # are reused and mtime is coarse, and a stale merge would drop another writer's entries.
+            if not locked and memo == self._read_memo[0]:
+                return dict(self._read_memo[1])
             text = path.read_text()
         except FileNotFoundError:
             return {}
