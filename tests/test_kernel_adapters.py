@@ -26,6 +26,15 @@ def on_cpu(cls):
     return type(cls.__name__, (cls,), {"devices": frozenset({"cpu", "cuda"}), "dtypes": cls.dtypes | {torch.float32}})()
 
 
+def install(monkeypatch, cls, name, modules):
+    """Put fake ``modules`` ({import name: module}) in sys.modules; register ``cls`` on CPU as ``name``."""
+    for module_name, module in modules.items():
+        monkeypatch.setitem(sys.modules, module_name, module)
+    backend = on_cpu(cls)
+    monkeypatch.setitem(REGISTRY, name, backend)
+    return backend
+
+
 def problem(q, k, v, **kw):
     call, *_ = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, kw.get("attn_mask"), None,
                        kw.get("is_causal", False), kw.get("window_size"), False)
@@ -39,11 +48,8 @@ def clean_calls():
 
 @pytest.fixture
 def fa2(monkeypatch):
-    monkeypatch.setitem(sys.modules, "flash_attn", fk.make_fa2())
     monkeypatch.setattr(flash_attention, "package_version", lambda dist: "2.6.3" if dist == "flash-attn" else None)
-    backend = on_cpu(FlashAttention2)
-    monkeypatch.setitem(REGISTRY, "flash_attention_2", backend)
-    return backend
+    return install(monkeypatch, FlashAttention2, "flash_attention_2", {"flash_attn": fk.make_fa2()})
 
 
 def test_fa2_gets_the_callers_bsnd_tensors_without_a_copy(fa2):
@@ -100,9 +106,7 @@ def test_fa2_is_not_mistaken_for_fa4s_namespace(monkeypatch):
 
 @pytest.mark.parametrize("returns_tuple", [True, False])
 def test_fa3_tuple_or_tensor(monkeypatch, returns_tuple):
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", fk.make_fa3(returns_tuple))
-    backend = on_cpu(FlashAttention3)
-    monkeypatch.setitem(REGISTRY, "flash_attention_3", backend)
+    backend = install(monkeypatch, FlashAttention3, "flash_attention_3", {"flash_attn_interface": fk.make_fa3(returns_tuple)})
     q, k, v = qkv(d=16)
     with da.use_backend("flash_attention_3"):
         out = da.attention_forward(q, k, v, scale=0.3)
@@ -114,10 +118,7 @@ def test_fa3_tuple_or_tensor(monkeypatch, returns_tuple):
 
 def test_fa4_returns_tuple_and_head_dim_rules_follow_the_architecture(monkeypatch):
     pkg, cute = fk.make_fa4()
-    monkeypatch.setitem(sys.modules, "flash_attn", pkg)
-    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
-    backend = on_cpu(FlashAttention4)
-    monkeypatch.setitem(REGISTRY, "flash_attention_4", backend)
+    backend = install(monkeypatch, FlashAttention4, "flash_attention_4", {"flash_attn": pkg, "flash_attn.cute": cute})
     q, k, v = qkv(d=16)
     with da.use_backend("flash_attention_4"):
         out = da.attention_forward(q, k, v, window_size=2)
@@ -133,10 +134,8 @@ def test_fa4_returns_tuple_and_head_dim_rules_follow_the_architecture(monkeypatc
 
 
 def test_sage_1x_never_modifies_the_callers_key_and_declares_its_limits(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sageattention", fk.make_sage(smooth_in_place=True))
     monkeypatch.setattr(sage, "package_version", lambda dist: "1.0.6")
-    backend = on_cpu(SageAttention)
-    monkeypatch.setitem(REGISTRY, "sage_attention", backend)
+    backend = install(monkeypatch, SageAttention, "sage_attention", {"sageattention": fk.make_sage(smooth_in_place=True)})
     q, k, v = qkv(d=64)
     k = k + 2.0
     before = k.clone()
@@ -164,10 +163,7 @@ def test_sage_2x_limits(monkeypatch):
 
 def test_xformers_bias_padding_causal_and_masks(monkeypatch):
     pkg, ops = fk.make_xformers()
-    monkeypatch.setitem(sys.modules, "xformers", pkg)
-    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
-    backend = on_cpu(XFormers)
-    monkeypatch.setitem(REGISTRY, "xformers", backend)
+    backend = install(monkeypatch, XFormers, "xformers", {"xformers": pkg, "xformers.ops": ops})
     q, k, v = qkv(sq=20, skv=13, d=16)
     mask = torch.rand(20, 13, generator=torch.Generator().manual_seed(3)) > 0.4
     with da.use_backend("xformers"):
