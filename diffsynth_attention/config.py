@@ -51,11 +51,6 @@ def _positive_float(name: str, default: float, allow_zero: bool = False) -> floa
     return value
 
 
-def implementation_raw() -> str | None:
-    """The raw value of DIFFSYNTH_ATTENTION_IMPLEMENTATION (validated by the registry)."""
-    return os.environ.get(IMPLEMENTATION)
-
-
 def strict() -> bool:
     return _flag(STRICT, False)
 

@@ -91,6 +91,7 @@ class Call:
     problem: Problem
     layout: Layout
     scale: Optional[float]
+    mask_ndim: int = 0  # the caller's attn_mask.dim() (0: no mask)
 
 
 def _parse_pattern(arg: str, pattern) -> list:
@@ -259,7 +260,7 @@ def prepare(
         dtype=q.dtype, device_type=q.device.type, layout=layout_text, mask=mask_kind, mask_shape=mask_shape,
         causal=bool(is_causal), window=window_size, requires_grad=bool(requires_grad),
     )
-    return Call(problem, layout, None if scale is None else float(scale)), qc, kc, vc
+    return Call(problem, layout, None if scale is None else float(scale), 0 if attn_mask is None else attn_mask.dim()), qc, kc, vc
 
 
 def mask_4d(attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -48,7 +48,7 @@ def _sync(device):
 
 def interleaved(methods: dict, device, samples: int, target_ms: float = 2.0) -> dict:
     """Median ms per call of each method; samples interleaved, the order rotated every round."""
-    from diffsynth_attention.timing import Timer
+    from diffsynth_attention.tuning.timing import Timer
 
     timer = Timer(device)
     calls = {name: Timer.calls_for(timer.sample(fn, 1), target_ms) for name, fn in methods.items()}
@@ -91,7 +91,7 @@ def dispatch_overhead(device, calls: int = 20000, blocks: int = 40) -> dict:
     """Host time per call: attention_forward (cache hit) minus the chosen backend called directly."""
     from diffsynth_attention import attention_forward, explain
     from diffsynth_attention.backends import REGISTRY
-    from diffsynth_attention.timing import Timer
+    from diffsynth_attention.tuning.timing import Timer
 
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     q = torch.randn(1, 2, 16, 64, device=device, dtype=dt)
@@ -136,13 +136,12 @@ def fixed_priority(problem, dev):
 
 
 def run(args) -> dict:
-    import diffsynth_attention as da
     from diffsynth_attention import attention_forward, explain
     from diffsynth_attention.backends import device_info
-    from diffsynth_attention.dispatch import _make_runner
+    from diffsynth_attention.dispatch.runners import make_runner
     from diffsynth_attention.problem import prepare
-    from diffsynth_attention.timing import Timer
-    from diffsynth_attention.warm import load_shapes_file, make_inputs, select_presets
+    from diffsynth_attention.tuning.timing import Timer
+    from diffsynth_attention.tools.warm import load_shapes_file, make_inputs, select_presets
 
     device = torch.device(args.device)
     shapes = load_shapes_file(args.shapes) if args.shapes else select_presets(args.preset or ["all"])
@@ -159,10 +158,7 @@ def run(args) -> dict:
             info = explain(q, k, v, **kw)  # first call: tunes
             Timer(device).sync()
             first_call_s = time.perf_counter() - t0
-            from diffsynth_attention.dispatch import store
-            from diffsynth_attention.key import key_id
-
-            decision = store.get(key_id(info.key))
+            decision = info.decision
             call, *_ = prepare(q, k, v, kw.get("q_pattern", "b n s d"), kw.get("k_pattern", "b n s d"), kw.get("v_pattern", "b n s d"),
                                kw.get("out_pattern", "b n s d"), kw.get("dims"), None, None, kw.get("is_causal", False), kw.get("window_size"), False)
             dev = device_info(device)
@@ -171,12 +167,12 @@ def run(args) -> dict:
             from diffsynth_attention.backends import REGISTRY
 
             for name in usable:
-                runner = _make_runner(REGISTRY[name], call, False)
-                methods[name] = (lambda r=runner: r(q, k, v, None, None, kw.get("is_causal", False), kw.get("window_size")))
+                runner = make_runner(REGISTRY[name], call, False)
+                methods[name] = (lambda r=runner: r(q, k, v, None, None))
             fixed = fixed_priority(call.problem, dev)
             if fixed not in methods:  # e.g. sage: installed, supported, but rejected by the gate
-                runner = _make_runner(REGISTRY[fixed], call, False)
-                methods[fixed] = (lambda r=runner: r(q, k, v, None, None, kw.get("is_causal", False), kw.get("window_size")))
+                runner = make_runner(REGISTRY[fixed], call, False)
+                methods[fixed] = (lambda r=runner: r(q, k, v, None, None))
             methods["auto"] = lambda: attention_forward(q, k, v, **kw)
             times = interleaved(methods, device, args.samples)
         backend_times = {n: t for n, t in times.items() if n != "auto" and n in usable}

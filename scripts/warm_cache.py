@@ -8,6 +8,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from diffsynth_attention.cli import main  # noqa: E402
+from diffsynth_attention.tools.cli import main  # noqa: E402
 
 sys.exit(main(["warm", *sys.argv[1:]]))

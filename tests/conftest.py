@@ -3,28 +3,37 @@ import os
 
 import pytest
 
-import diffsynth_attention.dispatch as dispatch
+from diffsynth_attention.dispatch import Dispatcher, default_dispatcher
+from diffsynth_attention.store.cache import DecisionCache
 
 ENV = ("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "DIFFSYNTH_ATTENTION_STRICT", "DIFFSYNTH_ATTENTION_TUNING",
-       "DIFFSYNTH_ATTENTION_TOLERANCE", "DIFFSYNTH_ATTENTION_LOCK_TIMEOUT", "DIFFSYNTH_ATTENTION_TUNE_WAIT")
+       "DIFFSYNTH_ATTENTION_TOLERANCE", "DIFFSYNTH_ATTENTION_LOCK_TIMEOUT", "DIFFSYNTH_ATTENTION_TUNE_WAIT",
+       "DIFFSYNTH_ATTENTION_NEW_SHAPES")
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """Every test gets its own cache folder, a clean environment and fresh process state."""
+    """Every test gets its own cache folder and a clean environment. The default dispatcher
+    (behind the public functions) follows DIFFSYNTH_ATTENTION_CACHE_DIR to the new folder and is
+    reset through its public ``reset()``; tests of the dispatcher itself use ``disp``."""
     for name in ENV:
         monkeypatch.delenv(name, raising=False)
     cache = tmp_path / "cache"
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_CACHE_DIR", str(cache))
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_TUNING_BUDGET", "0.05")
-    dispatch.store.forget_memory()
-    dispatch.reset_stats()
-    dispatch._warned.clear()
-    dispatch._invalidate_plans()
+    default = default_dispatcher()
+    default.store.forget_memory()
+    default.reset()
     logging.getLogger("diffsynth_attention").setLevel(logging.INFO)
     yield cache
-    dispatch.store.forget_memory()
-    dispatch._invalidate_plans()
+    default.store.forget_memory()
+    default.reset()
+
+
+@pytest.fixture
+def disp(tmp_path):
+    """A dispatcher of the test's own, over a cache folder of its own."""
+    return Dispatcher(DecisionCache(tmp_path / "own-cache"))
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ the CPU, and recording what they were given. They follow the documented semantic
 causal/window alignment for FlashAttention, (out, lse) tuples where the real ones return them,
 sageattention 1.x's in-place smooth_k, xFormers' BMHK layout and LowerTriangularMask."""
 import math
-import sys
 import types
 
 import torch

@@ -1,6 +1,6 @@
 import torch
 
-from diffsynth_attention.reference import reference_slice, relative_l1
+from diffsynth_attention.tuning.reference import reference_slice, relative_l1
 
 
 def qkv(b=2, hq=4, hk=None, sq=32, skv=None, d=16, dv=None, dtype=torch.float32, seed=0):

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import diffsynth_attention as da
-from diffsynth_attention import cache as cache_mod
-from diffsynth_attention.cache import DecisionCache, parse_document
-from diffsynth_attention.dispatch import store
+from diffsynth_attention.store import cache as cache_mod
+from diffsynth_attention.store.cache import parse_document
+from diffsynth_attention.dispatch import default_dispatcher
+
+store = default_dispatcher().store
 
 from helpers import qkv
 
@@ -111,8 +113,8 @@ def test_sixteen_concurrent_tuners_lose_nothing(subprocess_env, isolated):
 
 WRITER = r"""
 import sys
-from diffsynth_attention.cache import DecisionCache
-from diffsynth_attention.decision import Candidate, Decision
+from diffsynth_attention.store.cache import DecisionCache
+from diffsynth_attention.store.decision import Candidate, Decision
 c = DecisionCache()
 i = int(sys.argv[1])
 while True:
@@ -182,7 +184,7 @@ def test_bad_files_warn_once_are_set_aside_and_replaced(case, isolated, caplog):
 def test_entries_for_other_versions_are_not_matched(isolated, monkeypatch):
     q, k, v = qkv()
     da.explain(q, k, v)
-    from diffsynth_attention import key as key_mod
+    from diffsynth_attention.store import key as key_mod
 
     monkeypatch.setattr(key_mod, "_runtime_versions", lambda: (("diffsynth_attention", "0.1.0"), ("torch", "9.9.9")))
     store.forget_memory()

@@ -1,6 +1,5 @@
 """Issue 9 (CPU part): 4 gloo processes; one tuning per key per node; sync_decisions."""
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -8,7 +7,9 @@ import sys
 WORKER = r"""
 import json, os, sys, torch, torch.distributed as dist
 import diffsynth_attention as da
-from diffsynth_attention.dispatch import store
+from diffsynth_attention.dispatch import default_dispatcher
+
+store = default_dispatcher().store
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 q = torch.randn(1, 2, 33, 8)
@@ -48,7 +49,7 @@ def test_four_ranks_tune_once_and_sync(subprocess_env, isolated):
     assert sum(r["stats"]["tunings"] for r in results) == 1 + 4
     decisions = [r["decisions"] for r in results]
     assert all(d == decisions[0] for d in decisions) and len(decisions[0]) == 5
-    from diffsynth_attention.cache import parse_document
+    from diffsynth_attention.store.cache import parse_document
 
     on_disk = parse_document((isolated / "decisions.json").read_text())
     assert {k: v.backend for k, v in on_disk.items()} == decisions[0]

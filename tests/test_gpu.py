@@ -12,7 +12,7 @@ import torch
 import diffsynth_attention as da
 from diffsynth_attention.backends import REGISTRY, device_info
 from diffsynth_attention.problem import prepare
-from diffsynth_attention.reference import reference_slice, relative_l1
+from diffsynth_attention.tuning.reference import reference_slice, relative_l1
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

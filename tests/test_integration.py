@@ -42,17 +42,22 @@ def test_compiled_gradients_match_eager():
 
 
 def test_patch_sdpa_scoped_and_global():
+    from diffsynth_attention.integrations import patching
+
     q, k, v = qkv()
     before = da.stats()["tunings"]
     with da.patch_sdpa():
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        dropped = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+        routed = da.stats()
+        torch.manual_seed(0)
+        dropped = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+        assert da.stats() == routed  # dropout is PyTorch's own: not routed, not counted
+        torch.manual_seed(0)
+        assert torch.equal(dropped, patching._ORIGINAL_SDPA(q, k, v, dropout_p=0.5))
     assert da.stats()["tunings"] == before + 1  # routed through the dispatcher
-    from diffsynth_attention import patching
-
     assert torch.nn.functional.scaled_dot_product_attention is patching._ORIGINAL_SDPA  # the block restored it
     ref = torch.ops.aten.scaled_dot_product_attention(q, k, v)
-    assert rel(out, ref) < 1e-5 and rel(dropped, ref) < 1e-5
+    assert rel(out, ref) < 1e-5
     handle = da.patch_sdpa()
     try:
         torch.nn.functional.scaled_dot_product_attention(q, k, v)

@@ -6,7 +6,7 @@ import torch
 from einops import rearrange
 
 import diffsynth_attention as da
-from diffsynth_attention.backends import REGISTRY, DeviceInfo, flash_attention, sage, xformers as xf_mod
+from diffsynth_attention.backends import REGISTRY, DeviceInfo, flash_attention, sage
 from diffsynth_attention.backends.flash_attention import FlashAttention2, FlashAttention3, FlashAttention4
 from diffsynth_attention.backends.sage import SageAttention
 from diffsynth_attention.backends.xformers import XFormers

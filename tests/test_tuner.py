@@ -122,7 +122,7 @@ def test_slow_candidate_is_dropped_early_and_fast_one_wins(monkeypatch):
 
 
 def test_near_tie_goes_to_the_preferred_backend(monkeypatch):
-    from diffsynth_attention import tuner
+    from diffsynth_attention.tuning import tuner
 
     monkeypatch.setattr(tuner, "TIE", 10.0)  # everything is a tie: the preference order must decide
     q, k, v = qkv()
@@ -152,16 +152,16 @@ def test_the_call_that_tunes_returns_a_correct_result(monkeypatch):
 
 def test_runtime_failure_in_auto_drops_backend_for_that_key(monkeypatch, caplog):
     fakes = install(monkeypatch, flash_attention_4="fast")
-    from diffsynth_attention import tuner
+    from diffsynth_attention.tuning import tuner
 
     monkeypatch.setattr(tuner, "TIE", 0.0)
     q, k, v = qkv()
-    with da.use_backend("flash_attention_4"):
-        pass
     # force the decision to the fake, then make it fail at run time
     info = da.explain(q, k, v)
-    from diffsynth_attention.dispatch import store
-    from diffsynth_attention.key import key_id
+    from diffsynth_attention.dispatch import default_dispatcher
+
+    store = default_dispatcher().store
+    from diffsynth_attention.store.key import key_id
 
     decision = store.get(key_id(info.key))
     decision.backend = "flash_attention_4"
@@ -212,7 +212,7 @@ def test_no_backward_backend_is_not_a_candidate_when_gradients_are_needed(monkey
 
 
 def test_reference_handles_long_sequences_in_chunks(monkeypatch):
-    from diffsynth_attention import reference
+    from diffsynth_attention.tuning import reference
 
     monkeypatch.setattr(reference, "_SCORES_PER_CHUNK", 64)
     q, k, v = qkv(sq=50, skv=30)

@@ -30,18 +30,8 @@ _CLASSES = (
 
 REGISTRY: dict = {cls.name: cls() for cls in _CLASSES}
 PREFERENCE: tuple = tuple(REGISTRY)
-TORCH_NAMES = ("torch", "torch_cudnn", "torch_flash", "torch_efficient", "torch_math")
-PACKAGE_NAMES = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "sage_attention", "xformers")
 # What DiffSynth-Studio picks, first installed wins (its attention.py, 2.1.12).
 DIFFSYNTH_PRIORITY = ("flash_attention_4", "flash_attention_3", "flash_attention_2", "sage_attention", "xformers", "torch")
-
-
-def names() -> tuple:
-    return PREFERENCE
-
-
-def get(name: str) -> Backend:
-    return REGISTRY[name]
 
 
 def normalize(name, source: str) -> str:
@@ -76,6 +66,6 @@ def candidates(problem, dev: Optional[DeviceInfo]) -> tuple:
 
 
 __all__ = [
-    "Backend", "DeviceInfo", "REGISTRY", "PREFERENCE", "TORCH_NAMES", "PACKAGE_NAMES", "DIFFSYNTH_PRIORITY",
-    "available_backends", "candidates", "device_info", "get", "names", "normalize", "package_version",
+    "Backend", "DeviceInfo", "REGISTRY", "PREFERENCE", "DIFFSYNTH_PRIORITY",
+    "available_backends", "candidates", "device_info", "normalize", "package_version",
 ]

@@ -199,5 +199,15 @@ class Backend:
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def bind(self, p: Problem, need_grad: bool):
+        """``run(q, k, v, mask, scale)`` on ``b n s d`` tensors for calls of problem ``p``: what a
+        plan calls on every hit. Backends override it to decide at plan time what ``forward``
+        decides per call."""
+        forward, causal, window = self.forward, p.causal, p.window
+
+        def run(q, k, v, mask, scale):
+            return forward(q, k, v, mask, scale, causal, window, need_grad)
+        return run
+
     def __repr__(self) -> str:
         return f"<backend {self.name}>"

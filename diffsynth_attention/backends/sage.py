@@ -13,12 +13,10 @@ an H200, and 0.29 with 77 keys): the tuner's numeric gate decides where it may b
 from __future__ import annotations
 
 import importlib
-from typing import Optional
 
 import torch
 
-from ..problem import Problem
-from .base import Backend, DeviceInfo, package_version
+from .base import Backend, package_version
 from .flash_attention import _version_tuple
 
 

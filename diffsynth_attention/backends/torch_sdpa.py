@@ -94,6 +94,19 @@ class TorchSDPA(Backend):
     def _sdpa_masked(self, q, k, v, mask, scale):
         return self.forward(q, k, v, mask, scale, False, None, False)
 
+    def bind(self, p: Problem, need_grad: bool):
+        if type(self).forward is not TorchSDPA.forward or p.window is not None or (p.heads_q != p.heads_kv and not _SDPA_GQA):
+            return super().bind(p, need_grad)  # a subclass's own forward, windows, GQA by repeating k/v
+        sdpa, causal = _SDPA, p.causal
+        if p.heads_q != p.heads_kv:
+            def run_gqa(q, k, v, mask, scale):
+                return sdpa(q, k, v, mask, is_causal=causal, scale=scale, enable_gqa=True)
+            return run_gqa
+
+        def run(q, k, v, mask, scale):
+            return sdpa(q, k, v, mask, is_causal=causal, scale=scale)
+        return run
+
 
 class TorchMath(Backend):
     """SDPA's reference math kernel (``aten._scaled_dot_product_attention_math``)."""

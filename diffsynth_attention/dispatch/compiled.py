@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from einops import rearrange
 
-from .problem import CANONICAL
+from ..problem import CANONICAL
 
 _AXES = ("b", "n", "s", "d")
 
@@ -32,10 +32,10 @@ def attention_op(
     window_size: Optional[int],
     compatibility_mode: bool,
 ) -> torch.Tensor:
-    from .dispatch import attention_forward
+    from . import default_dispatcher
 
     with torch.no_grad():
-        out = attention_forward(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal,
+        out = default_dispatcher().forward(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal,
                                 compatibility_mode=compatibility_mode, window_size=window_size)
     return out.contiguous()
 
@@ -53,7 +53,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    from .backends import REGISTRY
+    from ..backends import REGISTRY
 
     q, k, v, mask = ctx.saved_tensors
     mask = mask if ctx.has_mask else None
@@ -75,7 +75,7 @@ def _dims_for(pattern: str, dims: Optional[dict]) -> dict:
     return {a: n for a, n in dims.items() if a in names and a in _AXES}
 
 
-def compiled_attention(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, compatibility_mode, window_size):
+def traced_attention(dispatcher, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, compatibility_mode, window_size):
     """The traced path of ``attention_forward``: einops in, the custom operator, einops out."""
     if q_pattern != CANONICAL:
         q = rearrange(q, f"{q_pattern} -> {CANONICAL}", **_dims_for(q_pattern, dims))

@@ -18,7 +18,7 @@ from einops import rearrange
 
 logger = logging.getLogger("diffsynth_attention")
 
-SHAPES_FILE = Path(__file__).with_name("data") / "diffsynth_shapes.json"
+SHAPES_FILE = Path(__file__).resolve().parent.parent / "data" / "diffsynth_shapes.json"
 REQUIRED = ("name", "batch", "heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
           "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "half": torch.float16}
@@ -137,7 +137,7 @@ def resolve_device(device: Optional[str]) -> torch.device:
 
 def warm(shapes: list, device: torch.device, dtype=None, layout: str = "b n s d", on_done: Optional[Callable] = None) -> list:
     """Tune every problem on ``device``; return [(shape, Explanation)]. Decisions go to the cache."""
-    from .dispatch import explain
+    from ..api import explain
 
     results = []
     g = torch.Generator(device=device).manual_seed(0)
@@ -165,7 +165,7 @@ def warm_distributed(shapes: list, device_arg: Optional[str], dtype=None, layout
     save, then ``sync_decisions`` so every rank (and cache) holds rank 0's decisions."""
     import torch.distributed as dist
 
-    from .distributed import sync_decisions
+    from ..integrations.distributed import sync_decisions
 
     rank, world, local_rank = distributed_context()
     if device_arg is None and torch.cuda.is_available():

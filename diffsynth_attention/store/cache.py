@@ -31,14 +31,14 @@ from typing import Callable, Iterable, Optional
 import filelock
 import platformdirs
 
-from . import config
+from .. import config
 from .decision import Decision
 
 logger = logging.getLogger("diffsynth_attention")
 
 SCHEMA_VERSION = 1
 FILE_NAME = "decisions.json"
-_SCHEMA_FILE = Path(__file__).with_name("data") / "decisions.schema.json"
+_SCHEMA_FILE = Path(__file__).resolve().parent.parent / "data" / "decisions.schema.json"
 
 
 class CacheFileError(ValueError):
@@ -162,7 +162,7 @@ class DecisionCache:
         self._persistent = True
         self._warned: set = set()
         self._mutex = threading.RLock()
-        self.listeners: list = []  # called with no argument when decisions change
+        self.listeners: list = []  # called with a key id (None: any key) when decisions change
 
     # -- places --------------------------------------------------------------------------
     @property
@@ -301,22 +301,23 @@ class DecisionCache:
         with self._mutex:
             self._entries[decision.key_id] = decision
             self._pending[decision.key_id] = decision
-        self._changed()
+        self._changed([decision.key_id])
         if save:
             self.save()
 
     def put_many(self, decisions: Iterable[Decision], replace: bool = True) -> int:
         """Merge many decisions (import, sync); with ``replace=False`` known keys are kept."""
         self._ensure_loaded()
-        count = 0
+        changed = []
         with self._mutex:
             for d in decisions:
                 if not replace and d.key_id in self._entries:
                     continue
                 self._entries[d.key_id] = d
                 self._pending[d.key_id] = d
-                count += 1
-        self._changed()
+                changed.append(d.key_id)
+        count = len(changed)
+        self._changed(changed)
         self.save()
         return count
 
@@ -415,9 +416,13 @@ class DecisionCache:
             self._read_memo = (None, {})
         self._changed()
 
-    def _changed(self) -> None:
+    def _changed(self, key_ids=None) -> None:
         for fn in list(self.listeners):
-            fn()
+            if key_ids is None:
+                fn(None)
+            else:
+                for key_id in key_ids:
+                    fn(key_id)
 
     # -- per-key tuning lock (one process tunes a key; the others wait, then read) --------
     @contextlib.contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from .decision import Decision
+from ..store.decision import Decision
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -33,7 +33,9 @@ def sync_decisions(group: Optional[object] = None) -> int:
     """
     import torch.distributed as dist
 
-    from .dispatch import store
+    from ..dispatch import default_dispatcher
+
+    store = default_dispatcher().store
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("sync_decisions needs an initialised torch.distributed process group (call init_process_group first)")

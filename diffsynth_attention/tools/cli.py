@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
+from .._version import __version__
 
 EXPECTED = (ValueError, TypeError, OSError, RuntimeError, TimeoutError, KeyError)
 
@@ -32,7 +32,7 @@ def _console(stream=None) -> Console:
 
 # -- backends ---------------------------------------------------------------------------------
 def cmd_backends(args) -> int:
-    from .backends import REGISTRY
+    from ..backends import REGISTRY
 
     rows = []
     for name, backend in REGISTRY.items():
@@ -53,9 +53,9 @@ def cmd_backends(args) -> int:
 
 # -- cache ------------------------------------------------------------------------------------
 def _store():
-    from .dispatch import store
+    from ..dispatch import default_dispatcher
 
-    return store
+    return default_dispatcher().store
 
 
 def cmd_cache_path(args) -> int:
@@ -127,8 +127,8 @@ def cmd_cache_show(args) -> int:
 
 
 def cmd_cache_clear(args) -> int:
-    from . import clear_cache
-    from .backends import REGISTRY
+    from ..api import clear_cache
+    from ..backends import REGISTRY
 
     if args.backend is not None and args.backend not in REGISTRY:
         raise Failure(f"--backend {args.backend!r} is not a backend; valid names: {', '.join(REGISTRY)}")
@@ -151,7 +151,7 @@ def cmd_cache_clear(args) -> int:
 
 
 def cmd_cache_export(args) -> int:
-    from .cache import render_document
+    from ..store.cache import render_document
 
     store = _store()
     entries = store.entries()
@@ -161,7 +161,7 @@ def cmd_cache_export(args) -> int:
 
 
 def cmd_cache_import(args) -> int:
-    from .cache import CacheFileError, parse_document
+    from ..store.cache import CacheFileError, parse_document
 
     try:
         text = Path(args.file).read_text()
@@ -243,14 +243,14 @@ def _cuda() -> bool:
 
 
 def _key_id(info) -> str:
-    from .key import key_id
+    from ..store.key import key_id
 
     return key_id(info.key)
 
 
 # -- explain ----------------------------------------------------------------------------------
 def cmd_explain(args) -> int:
-    from .dispatch import explain
+    from ..api import explain
     from .warm import make_inputs, parse_shapes, resolve_device
 
     shape = parse_shapes([{

@@ -11,7 +11,6 @@ ACCEPTED = "accepted"  # passed the gate, was timed, lost
 SLOWER = "slower"  # passed the gate, dropped early: more than 2x the best so far
 REJECTED = "rejected"  # error above tolerance, NaN/Inf, an exception, or modified its inputs
 UNSUPPORTED = "unsupported"  # unavailable here, or its declared capabilities exclude the problem
-STATUSES = (CHOSEN, ACCEPTED, SLOWER, REJECTED, UNSUPPORTED)
 
 
 @dataclass

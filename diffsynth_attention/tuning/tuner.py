@@ -31,9 +31,9 @@ from typing import Callable, Optional
 import torch
 from einops import rearrange
 
-from . import config
-from .backends import PREFERENCE
-from .decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, UNSUPPORTED, Candidate, Decision
+from .. import config
+from ..backends import PREFERENCE
+from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, UNSUPPORTED, Candidate, Decision
 from .reference import gate_heads, reference_slice, relative_l1
 from .timing import Timer
 

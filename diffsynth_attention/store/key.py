@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import DeviceInfo
-from .problem import Problem
+from .._version import __version__
+from ..backends import DeviceInfo
+from ..problem import Problem
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,6 @@ class Key:
 
 @functools.lru_cache(maxsize=None)
 def _runtime_versions() -> tuple:
-    from . import __version__
-
     cudnn = None
     driver = None
     if torch.cuda.is_available():

@@ -56,7 +56,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """``torch.nn.functional.scaled_dot_product_attention`` with the same signature and meaning;
     routed through ``attention_forward`` where patched, else PyTorch's own."""
     if (_state["global"] or _route_scope.get()) and _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-        from .dispatch import attention_forward
+        from ..dispatch import default_dispatcher
+        attention_forward = default_dispatcher().forward
 
         return attention_forward(query, key, value, attn_mask=attn_mask, scale=scale, is_causal=is_causal)
     return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -126,7 +127,8 @@ def patch_sdpa() -> SDPAPatch:
 # DiffSynth-Studio
 # --------------------------------------------------------------------------------------------
 def _make_diffsynth_attention_forward(original):
-    from .dispatch import attention_forward
+    from ..dispatch import default_dispatcher
+    attention_forward = default_dispatcher().forward
 
     @functools.wraps(original)
     def diffsynth_attention_forward(q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_pattern="b n s d", out_pattern="b n s d",
@@ -144,7 +146,8 @@ def _make_diffsynth_attention_forward(original):
 
 
 def _make_wan_flash_attention(original):
-    from .dispatch import attention_forward
+    from ..dispatch import default_dispatcher
+    attention_forward = default_dispatcher().forward
 
     @functools.wraps(original)
     def flash_attention(q, k, v, num_heads: int, compatibility_mode=False):

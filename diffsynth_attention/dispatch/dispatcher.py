@@ -1,0 +1,434 @@
+"""The :class:`Dispatcher`: plans, the decision store, counters and warnings of one dispatcher.
+
+A call is looked up by its *signature* (:mod:`diffsynth_attention.request`) in a table of
+*plans*. A plan is built once per signature: that is where the call is validated, the backend
+chosen (override, cached decision, or tuning) and bound to the call (:mod:`.runners`). A hit
+costs the signature tuple, one dict lookup and the runner: no validation, no key, no file I/O.
+
+Plans are invalidated per key: when the store learns a new decision for a key, only the
+signatures planned for that key are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .. import config, overrides
+from ..backends import REGISTRY, candidates, device_info
+from ..problem import mask_4d, prepare
+from ..request import Request
+from ..store.cache import DecisionCache
+from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision
+from ..store.key import make_key
+from ..tuning.tuner import TuneInputs, tune
+from .runners import make_runner
+
+logger = logging.getLogger("diffsynth_attention")
+
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
+class BackendNotSupportedError(ValueError):
+    """A forced backend cannot serve a call (strict mode); lists every reason."""
+
+
+@dataclass
+class Explanation:
+    """Why a call goes where it goes (``diffsynth_attention.explain``)."""
+
+    backend: str
+    source: str  # "override", "cache", "tuned" or "fallback"
+    key: dict
+    candidates: dict = field(default_factory=dict)  # name -> {"time_ms", "error", "reason", "status"}
+    problem: str = ""
+    key_id: str = ""
+    decision: Optional[Decision] = None  # the decision behind a "cache"/"tuned" source
+    dropped: dict = field(default_factory=dict)  # backend -> why this process stopped using it
+
+    def as_dict(self) -> dict:
+        return {"backend": self.backend, "source": self.source, "key": self.key, "key_id": self.key_id,
+                "candidates": self.candidates, "problem": self.problem, "dropped": dict(self.dropped),
+                "decision": None if self.decision is None else self.decision.to_dict()}
+
+    def __getitem__(self, item):
+        return self.as_dict()[item]
+
+
+class Plan:
+    __slots__ = ("run", "backend", "source", "key", "decision", "counts_hit", "reasons", "requested", "call", "grad")
+
+    def __init__(self, run, backend, source, key, call, grad, decision=None, counts_hit=False, reasons=None, requested=None):
+        self.run = run
+        self.backend = backend
+        self.source = source
+        self.key = key
+        self.call = call
+        self.grad = grad
+        self.decision = decision
+        self.counts_hit = counts_hit
+        self.reasons = reasons or []
+        self.requested = requested
+
+    @property
+    def problem(self):
+        return self.call.problem
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class Dispatcher:
+    """One plan table over one :class:`DecisionCache`. ``Dispatcher(DecisionCache(path))`` is a
+    dispatcher of its own (tests build one each); the public functions use a default instance."""
+
+    def __init__(self, store: Optional[DecisionCache] = None):
+        self.store = store if store is not None else DecisionCache()
+        self.plans: dict = {}  # signature -> Plan; never rebound (the hot path holds its .get)
+        self._provisional: dict = {}  # signature -> Plan used while tuning is impossible
+        self._sigs_by_key: dict = {}  # key id -> {signature}
+        self._lock = threading.RLock()
+        self.counters = {"hits": 0, "tunings": 0, "tuning_seconds": 0.0}
+        self.warned: set = set()
+        self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
+        self.store.listeners.append(self.invalidate)
+        self.forward = _make_forward(self)
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def invalidate(self, key_id: Optional[str] = None) -> None:
+        """Drop the plans of ``key_id`` (all plans if None): the next call plans again."""
+        with self._lock:
+            if key_id is None:
+                self.plans.clear()
+                self._provisional.clear()
+                self._sigs_by_key.clear()
+                return
+            for sig in self._sigs_by_key.pop(key_id, ()):
+                self.plans.pop(sig, None)
+                self._provisional.pop(sig, None)
+
+    def reset(self) -> None:
+        """Forget plans, counters, warnings and dropped backends (the store is left as it is)."""
+        self.invalidate()
+        self.counters.update(hits=0, tunings=0, tuning_seconds=0.0)
+        self.warned.clear()
+        self.dropped.clear()
+
+    def stats(self) -> dict:
+        """This dispatcher's counters: ``hits`` (calls served by a known decision), ``tunings``,
+        ``tuning_seconds``."""
+        return dict(self.counters)
+
+    def warn_once(self, tag, message, *args) -> None:
+        if tag not in self.warned:
+            self.warned.add(tag)
+            logger.warning(message, *args)
+
+    def clear_cache(self, backend: Optional[str] = None, gpu: Optional[str] = None) -> int:
+        """Remove decisions (all, or those choosing ``backend`` / tuned on a GPU whose name
+        contains ``gpu``). Returns how many were removed."""
+        if backend is not None and backend not in REGISTRY:
+            raise ValueError(f"backend={backend!r} is not a backend; valid names: {', '.join(REGISTRY)}")
+
+        def match(decision):
+            if backend is not None and decision.backend != backend:
+                return False
+            if gpu is not None and gpu.lower() not in decision.key.get("device", {}).get("name", "").lower():
+                return False
+            return True
+
+        return self.store.clear(None if backend is None and gpu is None else match)
+
+    # -- planning --------------------------------------------------------------------------
+    def _store_plan(self, sig, plan: Plan) -> None:
+        with self._lock:
+            self.plans[sig] = plan
+            self._sigs_by_key.setdefault(plan.key.id, set()).add(sig)
+
+    def _override_plan(self, requested, source_name, call, grad, key, dev) -> Plan:
+        backend = REGISTRY[requested]
+        why = backend.unavailable_reason()
+        problem = call.problem
+        reasons = [why] if why else backend.not_supported_reasons(problem, dev)
+        if not reasons:
+            return Plan(make_runner(backend, call, grad), requested, "override", key, call, grad)
+        if config.strict():
+            raise BackendNotSupportedError(
+                f"{source_name} asks for {requested!r}, which cannot serve {problem.describe()}: " + "; ".join(reasons)
+            )
+        for reason in reasons:  # an unavailable package's reason already names what to install
+            self.warn_once(("fallback", requested, reason), "%s=%r cannot serve this call: %s; using torch instead",
+                           source_name, requested, reason)
+        torch_run = make_runner(REGISTRY["torch"], call, grad)
+        message = f"{source_name} asks for {requested!r}, which cannot serve {problem.describe()}: " + "; ".join(reasons)
+
+        def run(q, k, v, mask, scale):  # strict mode may be switched on later: checked per call here only
+            if config.strict():
+                raise BackendNotSupportedError(message)
+            return torch_run(q, k, v, mask, scale)
+        return Plan(run, "torch", "fallback", key, call, grad, reasons=reasons, requested=requested)
+
+    def build_plan(self, req: Request, impl_raw, grad: bool) -> Plan:
+        """Validate ``req`` and choose its backend (tuning if the key is new)."""
+        q = req.q
+        call, qc, kc, vc = prepare(q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
+                                   req.attn_mask, req.scale, req.is_causal, req.window_size, grad)
+        requested, source_name = overrides.requested(impl_raw, req.compatibility_mode)
+        problem = call.problem
+        dev = device_info(q.device)
+        usable, unsupported = candidates(problem, dev)
+        key = make_key(problem, dev, usable)
+        dropped = self.dropped.get(key.id, {})
+        usable = [b for b in usable if b.name not in dropped]
+        usable_names = {b.name for b in usable}
+        if requested != "auto":
+            return self._override_plan(requested, source_name, call, grad, key, dev)
+
+        decision = self.store.get(key.id)
+        if decision is not None and decision.backend in usable_names:
+            return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, "cache", key, call, grad,
+                        decision, counts_hit=True)
+        if decision is not None and decision.backend in dropped:  # failed here at run time: the next best
+            return self._demoted_plan(decision, key, call, grad, dropped)
+        if not config.tuning_enabled() or _capturing(q.device) or _is_compiling():
+            return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", "fallback", key, call, grad)
+
+        with self.store.tuning_lock(key.id):
+            decision = self.store.refresh(key.id)
+            source = "cache"
+            if decision is None or decision.backend not in usable_names:
+                inputs = TuneInputs(
+                    q=q, k=req.k, v=req.v, mask=req.attn_mask, mask4=mask_4d(req.attn_mask), canonical=(qc, kc, vc),
+                    scale=call.scale, causal=problem.causal, window=problem.window, out_pattern=req.out_pattern,
+                    heads_q=problem.heads_q, head_dim_v=problem.head_dim_v, requires_grad=grad,
+                )
+
+                def make(backend):
+                    run = make_runner(backend, call, grad)
+                    scale = call.scale
+                    return lambda q_, k_, v_, m_: run(q_, k_, v_, m_, scale)
+
+                decision = tune(inputs, usable, unsupported, key, make)
+                self.counters["tunings"] += 1
+                self.counters["tuning_seconds"] += decision.tuning_seconds
+                logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
+                self.store.put(decision)
+                source = "tuned"
+        return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, source, key, call, grad,
+                    decision, counts_hit=source == "cache")
+
+    def _demoted_plan(self, decision: Decision, key, call, grad, dropped: dict) -> Plan:
+        order = sorted(
+            (c.time_ms, n) for n, c in decision.candidates.items()
+            if c.status in (ACCEPTED, SLOWER, CHOSEN) and c.time_ms is not None and n not in dropped
+            and REGISTRY[n].unavailable_reason() is None
+        )
+        name = order[0][1] if order else "torch"
+        return Plan(make_runner(REGISTRY[name], call, grad), name, "fallback", key, call, grad, decision)
+
+    def plan_for(self, req: Request, impl_raw, grad: bool) -> Plan:
+        """The plan for a call: from the table, else built (and stored, unless provisional)."""
+        try:
+            sig = req.signature(overrides.scope_get(), impl_raw, grad)
+            plan = self.plans.get(sig)
+            if plan is None:
+                plan = self._provisional.get(sig)
+                if plan is not None and self._can_tune(req.q):
+                    plan = None
+        except (AttributeError, TypeError):  # not tensors, unhashable dims...: validation explains
+            sig, plan = None, None
+        if plan is not None:
+            return plan
+        plan = self.build_plan(req, impl_raw, grad)
+        if sig is not None:
+            if plan.source == "fallback" and plan.requested is None and plan.decision is None:
+                with self._lock:  # no decision yet (tuning off, capture, tracing): plan again when tuning can run
+                    self._provisional[sig] = plan
+                    self._sigs_by_key.setdefault(plan.key.id, set()).add(sig)
+            elif plan.source == "tuned":  # later calls are served by a known decision: hits
+                self._store_plan(sig, Plan(plan.run, plan.backend, "cache", plan.key, plan.call, plan.grad, plan.decision, counts_hit=True))
+            else:
+                self._store_plan(sig, plan)
+        return plan
+
+    @staticmethod
+    def _can_tune(q) -> bool:
+        return config.tuning_enabled() and not _capturing(q.device) and not _is_compiling()
+
+    # -- the slow path ----------------------------------------------------------------------
+    def call(self, req: Request, impl_raw, grad: bool):
+        """A call whose signature has no plan yet (or whose plan is provisional)."""
+        plan = self.plan_for(req, impl_raw, grad)
+        if plan.counts_hit:
+            self.counters["hits"] += 1
+        return self.run(plan, req, impl_raw, grad)
+
+    def run(self, plan: Plan, req: Request, impl_raw, grad: bool):
+        try:
+            return plan.run(req.q, req.k, req.v, req.attn_mask, req.scale)
+        except Exception as exc:
+            return self.failed(plan, exc, req, impl_raw, grad)
+
+    def failed(self, plan: Plan, exc: Exception, req: Request, impl_raw, grad: bool):
+        if isinstance(exc, (torch.cuda.OutOfMemoryError, BackendNotSupportedError)):
+            raise exc
+        return self.after_failure(plan, exc, req, impl_raw, grad)
+
+    def after_failure(self, plan: Plan, exc: Exception, req: Request, impl_raw, grad: bool):
+        """A backend raised at run time. It is dropped for this key in this process, and the
+        call is served by the next best backend. The on-disk decision changes only when the
+        failure is deterministic: the same call fails again on a retry."""
+        if plan.backend == "torch":
+            raise exc
+        if plan.source == "override":
+            if config.strict():
+                raise exc
+            reason = f"failed at run time: {_first_line(exc)}"
+            self.warn_once(("runtime", plan.backend, reason), "%s %s; using torch instead", plan.backend, reason)
+            fallback = Plan(make_runner(REGISTRY["torch"], plan.call, grad), "torch", "fallback", plan.key, plan.call, grad,
+                            reasons=[reason], requested=plan.backend)
+            with self._lock:
+                for sig, p in list(self.plans.items()):
+                    if p is plan:
+                        self.plans[sig] = fallback
+            return fallback.run(req.q, req.k, req.v, req.attn_mask, req.scale)
+
+        try:  # a retry tells a transient failure from a deterministic one
+            with torch.no_grad():
+                plan.run(req.q, req.k, req.v, req.attn_mask, req.scale)
+            deterministic = False
+        except torch.cuda.OutOfMemoryError:
+            deterministic = False
+        except Exception:
+            deterministic = True
+        reason = (f"failed at run time ({'again on a retry' if deterministic else 'once; a retry passed'}): "
+                  f"{_first_line(exc)}")
+        key_id = plan.key.id
+        with self._lock:
+            self.dropped.setdefault(key_id, {})[plan.backend] = reason
+        decision = plan.decision
+        if decision is not None and deterministic:
+            cand = decision.candidates.get(plan.backend)
+            if cand is not None:
+                cand.status, cand.reason = REJECTED, reason
+            demoted = self._demoted_plan(decision, plan.key, plan.call, grad, self.dropped[key_id])
+            decision.backend = demoted.backend
+            if decision.backend in decision.candidates:
+                decision.candidates[decision.backend].status = CHOSEN
+                decision.candidates[decision.backend].reason = None
+            logger.warning("backend %s %s; using %s for %s from now on", plan.backend, reason, decision.backend,
+                           plan.problem.describe())
+            self.store.put(decision)  # invalidates this key's plans
+        else:
+            logger.warning("backend %s %s; using another backend for %s in this process", plan.backend, reason,
+                           plan.problem.describe())
+            self.invalidate(key_id)
+        new_plan = self.plan_for(req, impl_raw, grad)
+        return new_plan.run(req.q, req.k, req.v, req.attn_mask, req.scale)
+
+    # -- explain ----------------------------------------------------------------------------
+    def explain(self, q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_pattern="b n s d", out_pattern="b n s d",
+                dims=None, attn_mask=None, scale=None, is_causal=False, compatibility_mode=False,
+                window_size=None) -> Explanation:
+        """The decision ``attention_forward`` takes for this call; tunes if the key is new, as the call would."""
+        req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
+                      compatibility_mode, window_size)
+        impl_raw = overrides.implementation_raw()
+        grad = req.needs_grad(torch.is_grad_enabled())
+        before = self.counters["tunings"]
+        plan = self.plan_for(req, impl_raw, grad)
+        source = plan.source
+        if source == "tuned" and self.counters["tunings"] == before:
+            source = "cache"  # tuned earlier in this process: now a known decision
+        dropped = dict(self.dropped.get(plan.key.id, {}))
+        if plan.decision is not None:
+            cands = {n: {"time_ms": c.time_ms, "error": c.error, "reason": c.reason, "status": c.status}
+                     for n, c in plan.decision.candidates.items()}
+            for name, why in dropped.items():
+                if name in cands:
+                    cands[name] = {**cands[name], "reason": f"dropped in this process: {why}"}
+        elif plan.source == "fallback" and plan.requested:
+            cands = {plan.requested: {"time_ms": None, "error": None, "reason": "; ".join(plan.reasons), "status": "unsupported"}}
+        else:
+            cands = {}
+        return Explanation(plan.backend, source, plan.key.fields, cands, plan.problem.describe(), plan.key.id,
+                           plan.decision, dropped)
+
+
+def _make_forward(d: Dispatcher) -> Callable:
+    """The hot path of dispatcher ``d``, as a function of DiffSynth-Studio's signature.
+
+    A closure over the dispatcher's plan table: the signature tuple is
+    :meth:`Request.signature`'s, inlined (a test proves that they agree on every argument).
+    """
+    plans_get = d.plans.get
+    counters = d.counters
+    slow = d.call
+    failed = d.failed
+    env_get, impl_key, scope_get = overrides._env_get, overrides._IMPL_KEY, overrides.scope_get
+
+    def attention_forward(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_pattern: str = "b n s d",
+        k_pattern: str = "b n s d",
+        v_pattern: str = "b n s d",
+        out_pattern: str = "b n s d",
+        dims: Optional[dict] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        scale: Optional[float] = None,
+        is_causal: bool = False,
+        compatibility_mode: bool = False,
+        window_size: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Attention with DiffSynth-Studio's signature and semantics, on the best backend.
+
+        ``q``, ``k``, ``v`` are laid out as their einops patterns say (packed axes such as
+        ``"b s (n d)"`` need ``dims``); the output is laid out as ``out_pattern``. ``attn_mask`` is
+        boolean (True attends) or additive, broadcastable to (b, n, s_q, s_kv); ``is_causal`` uses
+        PyTorch's top-left alignment; ``window_size=w`` lets a query attend to keys with
+        |i - j| <= w; ``compatibility_mode=True`` forces ``torch``. The backend comes from
+        ``use_backend``, else ``DIFFSYNTH_ATTENTION_IMPLEMENTATION``, else (``auto``) the tuned
+        decision for this problem on this GPU.
+        """
+        if _is_compiling():
+            from .compiled import traced_attention
+
+            return traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
+                                    is_causal, compatibility_mode, window_size)
+        impl_raw = env_get(impl_key)
+        try:
+            grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            plan = plans_get((
+                scope_get(), impl_raw, compatibility_mode, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
+                q.device, k.get_device(), v.get_device(), q_pattern, k_pattern, v_pattern, out_pattern,
+                None if dims is None else tuple(dims.items()),
+                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.get_device()),
+                is_causal, window_size, type(scale), grad,
+            ))
+        except (AttributeError, TypeError):  # not tensors, unhashable dims...: validation explains
+            grad, plan = False, None
+        if plan is None:
+            return slow(Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
+                                compatibility_mode, window_size), impl_raw, grad)
+        if plan.counts_hit:
+            counters["hits"] += 1
+        try:
+            return plan.run(q, k, v, attn_mask, scale)
+        except Exception as exc:
+            return failed(plan, exc, Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
+                                          is_causal, compatibility_mode, window_size), impl_raw, grad)
+
+    return attention_forward

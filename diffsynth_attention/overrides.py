@@ -1,0 +1,83 @@
+"""What the caller asks for: ``use_backend`` scopes and ``DIFFSYNTH_ATTENTION_IMPLEMENTATION``.
+
+The scope is a contextvar (per thread and per async task, nestable). The environment variable
+is read on every call through ``os.environ``'s backing dict: ``os.environ.get`` costs ~2 us
+(it encodes the name and decodes the value), a plain dict lookup ~30 ns. The raw value (bytes
+on POSIX) is decoded only when a plan is built, and is part of the call's signature, so a
+change of the variable between calls takes effect at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Optional
+
+from . import config
+from .backends import normalize
+
+IMPLEMENTATION = config.IMPLEMENTATION
+
+scope: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention_backend", default=None)
+scope_get = scope.get
+
+_env_data = getattr(os.environ, "_data", None)
+if isinstance(_env_data, dict) and hasattr(os.environ, "encodekey"):
+    _IMPL_KEY = os.environ.encodekey(IMPLEMENTATION)
+    _env_get = _env_data.get
+    _decode = os.environ.decodevalue
+else:  # pragma: no cover - other Python implementations
+    _IMPL_KEY = IMPLEMENTATION
+    _env_get = os.environ.get
+    _decode = str
+
+
+def implementation_raw():
+    """The variable's raw value (bytes on POSIX), or None: cheap enough for every call."""
+    return _env_get(_IMPL_KEY)
+
+
+def decode_implementation(raw) -> str:
+    """The requested backend for a raw environment value: ``auto`` when unset or empty."""
+    if raw is None:
+        return "auto"
+    text = _decode(raw)
+    if text.strip() == "":
+        return "auto"
+    return normalize(text, IMPLEMENTATION)
+
+
+def requested(impl_raw, compatibility_mode) -> tuple:
+    """(backend name or 'auto', what asked for it: None, 'compatibility_mode', 'use_backend' or the variable)."""
+    if compatibility_mode:
+        return "torch", "compatibility_mode"
+    scoped = scope_get()
+    if scoped is not None:
+        return scoped, "use_backend"
+    value = decode_implementation(impl_raw)
+    return value, (None if value == "auto" and (impl_raw is None or _decode(impl_raw).strip() in ("", "auto")) else IMPLEMENTATION)
+
+
+def current_implementation() -> str:
+    """What is requested now: the scope's backend, else the environment's, else ``auto``."""
+    scoped = scope_get()
+    if scoped is not None:
+        return scoped
+    return decode_implementation(implementation_raw())
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend (or ``"auto"``) within a scope: per thread and per async task, nestable,
+    restored on exit even after an exception. The scope wins over the environment variable."""
+    value = normalize(name, "use_backend(name)")
+    token = scope.set(value)
+    try:
+        yield value
+    finally:
+        scope.reset(token)
+
+
+def scoped() -> Optional[str]:
+    return scope_get()

@@ -1,0 +1,2 @@
+"""Command-line tools: problem lists (:mod:`.shapes`), warming the cache (:mod:`.warm`) and the
+``diffsynth-attention`` command (:mod:`.cli`)."""
