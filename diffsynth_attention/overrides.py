@@ -22,6 +22,20 @@ IMPLEMENTATION = config.IMPLEMENTATION
 scope: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention_backend", default=None)
 scope_get = scope.get
 
+
+class TraceState:
+    """What ``torch.compile`` guards on (Dynamo guards the attributes a traced function reads;
+    it cannot read contextvars). ``scope``: the innermost ``use_backend`` of the process, a
+    mirror of the contextvar; ``epoch``: bumped whenever a dispatcher learns a decision, read
+    only by graphs traced before their key had one."""
+
+    def __init__(self) -> None:
+        self.scope = None
+        self.epoch = 0
+
+
+TRACE = TraceState()
+
 _env_data = getattr(os.environ, "_data", None)
 if isinstance(_env_data, dict) and hasattr(os.environ, "encodekey"):
     _IMPL_KEY = os.environ.encodekey(IMPLEMENTATION)
@@ -73,10 +87,12 @@ def use_backend(name: str):
     restored on exit even after an exception. The scope wins over the environment variable."""
     value = normalize(name, "use_backend(name)")
     token = scope.set(value)
+    outer, TRACE.scope = TRACE.scope, value
     try:
         yield value
     finally:
         scope.reset(token)
+        TRACE.scope = outer
 
 
 def scoped() -> Optional[str]:

@@ -97,6 +97,7 @@ class Backend:
     backward: ClassVar[bool] = True
     min_capability: ClassVar[Optional[tuple]] = None
     capabilities: ClassVar[Optional[frozenset]] = None  # allowed major versions, if restricted
+    output_layout: ClassVar[str] = "b n s d"  # the layout of the tensor behind forward's b n s d result
     exact: ClassVar[bool] = True  # False for quantized kernels (documented, not used to select)
 
     def __init__(self) -> None:

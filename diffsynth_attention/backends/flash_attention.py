@@ -28,6 +28,7 @@ def _version_tuple(text: Optional[str]) -> tuple:
 
 
 class _FlashBase(Backend):
+    output_layout = "b s n d"  # the kernel's own output layout (forward returns a b n s d view of it)
     causal_any_lengths = False
     gqa = True
     window = True

@@ -26,6 +26,7 @@ class XFormers(Backend):
     max_head_dim = 256
     masks = frozenset({"bool", "additive"})
     min_capability = (5, 0)
+    output_layout = "b s n d"  # BMHK: forward returns a b n s d view of it
 
     def _load(self) -> None:
         xformers = importlib.import_module("xformers")

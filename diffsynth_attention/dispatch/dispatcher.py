@@ -26,6 +26,7 @@ from ..store.cache import DecisionCache
 from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision
 from ..store.key import make_key
 from ..tuning.tuner import TuneInputs, tune
+from . import compiled
 from .runners import make_runner
 
 logger = logging.getLogger("diffsynth_attention")
@@ -103,11 +104,13 @@ class Dispatcher:
         self.warned: set = set()
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
         self.store.listeners.append(self.invalidate)
+        self.trace_token = compiled.register(self)
         self.forward = _make_forward(self)
 
     # -- bookkeeping -----------------------------------------------------------------------
     def invalidate(self, key_id: Optional[str] = None) -> None:
         """Drop the plans of ``key_id`` (all plans if None): the next call plans again."""
+        overrides.TRACE.epoch += 1  # compiled graphs traced without a decision recompile once
         with self._lock:
             if key_id is None:
                 self.plans.clear()
@@ -265,6 +268,31 @@ class Dispatcher:
     @staticmethod
     def _can_tune(q) -> bool:
         return config.tuning_enabled() and not _capturing(q.device) and not _is_compiling()
+
+    # -- under torch.compile -----------------------------------------------------------------
+    def trace_decision(self, meta, mask, patterns, dims, scale, is_causal, window, compat, grad, device):
+        """The backend a graph traced for this call should call directly, as
+        ``(backend, causal, window, need_grad)``; None when the graph must dispatch at run time
+        (no decision yet). ``meta``: q, k, v as meta tensors of the call's shapes and strides."""
+        q, k, v = meta
+        call, *_ = prepare(q, k, v, *patterns, dims, mask, scale, is_causal, window, grad)
+        call = compiled.trace_problem(call, device)
+        problem = call.problem
+        requested, source_name = overrides.requested(overrides.implementation_raw(), compat)
+        dev = device_info(device)
+        usable, unsupported = candidates(problem, dev)
+        key = make_key(problem, dev, usable)
+        if requested != "auto":
+            plan = self._override_plan(requested, source_name, call, grad, key, dev)
+            return plan.backend, problem.causal, problem.window, grad
+        dropped = self.dropped.get(key.id, {})
+        usable_names = {b.name for b in usable if b.name not in dropped}
+        decision = self.store.get(key.id)
+        if decision is None:
+            decision = self.store.refresh(key.id)
+        if decision is None or decision.backend not in usable_names:
+            return None
+        return decision.backend, problem.causal, problem.window, grad
 
     # -- the slow path ----------------------------------------------------------------------
     def call(self, req: Request, impl_raw, grad: bool):

@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..dispatch import default_dispatcher
+
 logger = logging.getLogger("diffsynth_attention")
 
 
@@ -33,6 +35,7 @@ _ORIGINAL_SDPA = F.scaled_dot_product_attention
 _route_scope: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention_sdpa", default=False)
 _state = {"global": 0, "installed": 0}
 _state_lock = threading.Lock()
+_is_compiling = torch.compiler.is_compiling
 
 
 def _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
@@ -55,11 +58,13 @@ def _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """``torch.nn.functional.scaled_dot_product_attention`` with the same signature and meaning;
     routed through ``attention_forward`` where patched, else PyTorch's own."""
-    if (_state["global"] or _route_scope.get()) and _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-        from ..dispatch import default_dispatcher
-        attention_forward = default_dispatcher().forward
-
-        return attention_forward(query, key, value, attn_mask=attn_mask, scale=scale, is_causal=is_causal)
+    # Under torch.compile the contextvar cannot be read (Dynamo does not trace ContextVar.get):
+    # there, routing follows the process-wide state. This function is installed only while
+    # some routing is on, and Dynamo guards on torch.nn.functional's attribute, so a graph
+    # traced inside a `with patch_sdpa():` block is not used outside it.
+    routed = True if _is_compiling() else (_state["global"] or _route_scope.get())
+    if routed and _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        return default_dispatcher().forward(query, key, value, attn_mask=attn_mask, scale=scale, is_causal=is_causal)
     return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
@@ -127,7 +132,6 @@ def patch_sdpa() -> SDPAPatch:
 # DiffSynth-Studio
 # --------------------------------------------------------------------------------------------
 def _make_diffsynth_attention_forward(original):
-    from ..dispatch import default_dispatcher
     attention_forward = default_dispatcher().forward
 
     @functools.wraps(original)
@@ -146,7 +150,6 @@ def _make_diffsynth_attention_forward(original):
 
 
 def _make_wan_flash_attention(original):
-    from ..dispatch import default_dispatcher
     attention_forward = default_dispatcher().forward
 
     @functools.wraps(original)

@@ -1,0 +1,167 @@
+"""Issue 13 (CPU part): under torch.compile the decision is baked into the graph at trace time.
+
+Every compile here uses fullgraph=True, so a graph break fails the test. A CompileCounter
+backend records the graphs, so the tests can check which operator each graph calls."""
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import diffsynth_attention as da
+from diffsynth_attention.integrations import patching
+
+from helpers import full_reference, qkv, rel
+
+BSND = ("b s n d",) * 4
+
+
+def targets(counter) -> list:
+    return [str(n.target) for n in counter.graphs[-1].graph.nodes if n.op == "call_function"]
+
+
+def bsnd(b=2, hq=4, s=32, d=16, seed=0):
+    q, k, v = qkv(b=b, hq=hq, sq=s, d=d, seed=seed)
+    return tuple(t.transpose(1, 2).contiguous() for t in (q, k, v)), (q, k, v)
+
+
+class Attn(torch.nn.Module):
+    def forward(self, q, k, v):
+        return da.attention_forward(q, k, v, *BSND)
+
+
+class SDPAModule(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_new_key_runs_the_runtime_operator_then_recompiles_once_with_the_decision():
+    (q, k, v), canon = bsnd()
+    counter = CompileCounterWithBackend("eager")
+    model = torch.compile(Attn(), fullgraph=True, backend=counter)
+    with torch.no_grad():
+        out1 = model(q, k, v)
+        assert "diffsynth_attention.attention.default" in targets(counter)  # no decision at trace time
+        assert da.stats()["tunings"] == 1  # the operator tuned on the first real call
+        out2 = model(q, k, v)
+        assert counter.frame_count == 2  # one recompile, guarded on the new decision
+        baked = targets(counter)
+        assert not any("diffsynth_attention" in t for t in baked)  # the backend itself, no dispatcher
+        out3 = model(q, k, v)
+        assert counter.frame_count == 2  # and no more
+    ref = full_reference(*canon).transpose(1, 2)
+    for out in (out1, out2, out3):
+        assert rel(out, ref) < 1e-5
+
+
+def test_known_key_is_baked_at_first_trace_with_no_layout_round_trip():
+    (q, k, v), canon = bsnd()
+    with torch.no_grad():
+        da.attention_forward(q, k, v, *BSND)  # decision known before compiling
+        hits = da.stats()["hits"]
+        counter = CompileCounterWithBackend("eager")
+        model = torch.compile(Attn(), fullgraph=True, backend=counter)
+        out = model(q, k, v)
+        out = model(q, k, v)
+    assert counter.frame_count == 1
+    names = targets(counter)
+    assert not any("diffsynth_attention" in t for t in names)
+    assert not any("contiguous" in t or "clone" in t for t in names)  # no defensive copy
+    assert da.stats()["hits"] == hits  # the eager dispatcher never ran
+    assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
+
+
+def test_use_backend_selects_another_compiled_version():
+    (q, k, v), canon = bsnd()
+    counter = CompileCounterWithBackend("eager")
+    model = torch.compile(Attn(), fullgraph=True, backend=counter)
+    with torch.no_grad():
+        with da.use_backend("torch_math"):
+            out = model(q, k, v)
+            assert any("_scaled_dot_product_attention_math" in t for t in targets(counter))
+        assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
+        model(q, k, v)  # leaving the scope: traced again for "auto"
+        assert counter.frame_count == 2
+        assert not any("_math" in t for t in targets(counter))
+        with da.use_backend("torch_math"):
+            model(q, k, v)
+        assert counter.frame_count <= 3  # re-entering reuses the torch_math version (or the auto one recompiled)
+
+
+def test_implementation_variable_is_read_at_trace_time(monkeypatch):
+    (q, k, v), _ = bsnd()
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "torch_math")
+    counter = CompileCounterWithBackend("eager")
+    with torch.no_grad():
+        torch.compile(Attn(), fullgraph=True, backend=counter)(q, k, v)
+    assert any("_scaled_dot_product_attention_math" in t for t in targets(counter))
+
+
+@pytest.mark.parametrize("mode", ["global", "scoped"])
+def test_patch_sdpa_under_fullgraph_routes_to_the_tuned_backend(mode, monkeypatch):
+    q, k, v = qkv()
+    counter = CompileCounterWithBackend("eager")
+    model = torch.compile(SDPAModule(), fullgraph=True, backend=counter)
+    with torch.no_grad():
+        with da.use_backend("torch_math"):  # a visible choice: the math kernel
+            if mode == "global":
+                handle = da.patch_sdpa()
+                try:
+                    out = model(q, k, v)
+                finally:
+                    handle.undo()
+            else:
+                with da.patch_sdpa():
+                    out = model(q, k, v)
+            assert any("_scaled_dot_product_attention_math" in t for t in targets(counter))
+            plain = model(q, k, v)  # routing off again: a guard recompiles to PyTorch's own SDPA
+            assert not any("_math" in t for t in targets(counter))
+    assert torch.nn.functional.scaled_dot_product_attention is patching._ORIGINAL_SDPA
+    ref = full_reference(q, k, v)
+    assert rel(out, ref) < 1e-5 and rel(plain, ref) < 1e-5
+
+
+def test_dynamic_shapes_keep_the_runtime_operator():
+    counter = CompileCounterWithBackend("eager")
+    model = torch.compile(Attn(), fullgraph=True, backend=counter, dynamic=True)
+    with torch.no_grad():
+        for s in (16, 24):
+            (q, k, v), canon = bsnd(s=s)
+            out = model(q, k, v)
+            assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
+    assert "diffsynth_attention.attention.default" in targets(counter)
+
+
+def test_bad_input_raises_at_trace_time_naming_the_argument():
+    (q, k, v), _ = bsnd()
+    model = torch.compile(lambda q, k, v: da.attention_forward(q, k, v, "b s n d", "b s n d", "b s n d", "b s n d",
+                                                               window_size=-3), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="window_size"):
+        model(q, k, v)
+
+
+def test_compiled_gradients_use_the_backends_own_backward():
+    (q, k, v), canon = bsnd()
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    eager = da.attention_forward(q, k, v, *BSND)
+    g_eager = torch.autograd.grad(eager.sum(), (q, k, v))
+    counter = CompileCounterWithBackend("eager")
+    model = torch.compile(Attn(), fullgraph=True, backend=counter)
+    out = model(q, k, v)
+    g_comp = torch.autograd.grad(out.sum(), (q, k, v))
+    assert not any("diffsynth_attention" in t for t in targets(counter))  # ATen ops, with their own derivatives
+    for a, b in zip(g_comp, g_eager):
+        assert rel(a, b) < 1e-5
+
+
+def test_inductor_compiles_the_baked_graph():
+    (q, k, v), canon = bsnd()
+    with torch.no_grad():
+        da.attention_forward(q, k, v, *BSND)
+        out = torch.compile(Attn(), fullgraph=True)(q, k, v)
+    assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
