@@ -200,10 +200,11 @@ class Backend:
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def bind(self, p: Problem, need_grad: bool):
+    def bind(self, p: Problem, need_grad: bool, scale_is_none: bool = False):
         """``run(q, k, v, mask, scale)`` on ``b n s d`` tensors for calls of problem ``p``: what a
         plan calls on every hit. Backends override it to decide at plan time what ``forward``
-        decides per call."""
+        decides per call (``scale_is_none``: every call of the plan passes scale=None, which the
+        signature guarantees)."""
         forward, causal, window = self.forward, p.causal, p.window
 
         def run(q, k, v, mask, scale):

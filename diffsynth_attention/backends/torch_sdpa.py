@@ -94,17 +94,21 @@ class TorchSDPA(Backend):
     def _sdpa_masked(self, q, k, v, mask, scale):
         return self.forward(q, k, v, mask, scale, False, None, False)
 
-    def bind(self, p: Problem, need_grad: bool):
+    def bind(self, p: Problem, need_grad: bool, scale_is_none: bool = False):
         if type(self).forward is not TorchSDPA.forward or p.window is not None or (p.heads_q != p.heads_kv and not _SDPA_GQA):
             return super().bind(p, need_grad)  # a subclass's own forward, windows, GQA by repeating k/v
         sdpa, causal = _SDPA, p.causal
         if p.heads_q != p.heads_kv:
             def run_gqa(q, k, v, mask, scale):
-                return sdpa(q, k, v, mask, is_causal=causal, scale=scale, enable_gqa=True)
+                return sdpa(q, k, v, mask, 0.0, causal, scale=scale, enable_gqa=True)
             return run_gqa
+        if scale_is_none:  # keyword arguments cost ~100 ns per call on a builtin: none here
+            def run_default_scale(q, k, v, mask, scale):
+                return sdpa(q, k, v, mask, 0.0, causal)
+            return run_default_scale
 
         def run(q, k, v, mask, scale):
-            return sdpa(q, k, v, mask, is_causal=causal, scale=scale)
+            return sdpa(q, k, v, mask, 0.0, causal, scale=scale)
         return run
 
 

@@ -14,7 +14,7 @@ from ..problem import Call, mask_4d
 
 
 def make_runner(backend, call: Call, need_grad: bool) -> Callable:
-    native = backend.bind(call.problem, need_grad)  # canonical b n s d in and out
+    native = backend.bind(call.problem, need_grad, call.scale is None)  # canonical b n s d in and out
     layout = call.layout
     reshape_mask = call.mask_ndim not in (0, 4)
     if layout.identity and not reshape_mask:

@@ -1,0 +1,356 @@
+#!/usr/bin/env python3
+"""Compiled and CUDA-graph columns of the benchmark, and the hit path's overhead.
+
+For every problem of the shape suite, in the caller layouts ``b n s d`` and ``b s n d``, each a
+module whose forward is one attention call, ``torch.compile(fullgraph=True)``'d:
+
+- ``auto``: ``attention_forward`` (its decision taken at trace time, a cache hit);
+- ``sdpa``: ``F.scaled_dot_product_attention`` (with the transposes a ``b s n d`` caller needs);
+- ``best``: the fastest backend of the eager run called directly (the ATen operator, or the
+  kernel package's function);
+
+the same three under ``mode="reduce-overhead"`` (CUDA graphs), and ``attention_forward`` eager
+inside a manual ``torch.cuda.CUDAGraph`` (what reduce-overhead should approach).
+
+The hit path's overhead: host time per call of ``attention_forward`` on a cache hit minus the
+cheapest way to call the same kernel by hand (``F.scaled_dot_product_attention`` for ``torch``,
+the ATen operator for the ``torch_*`` backends, the package function for kernel packages),
+interleaved blocks, at least 20,000 calls each.
+
+Run by ``scripts/benchmark.py --compiled`` (or directly); writes
+benchmarks/results/<device>-<date>-compiled.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+_aten = torch.ops.aten
+
+
+def cheapest_call(name: str, q, k, v):
+    """The cheapest hand-written call of backend ``name`` on ``b n s d`` tensors (no mask, not causal)."""
+    from diffsynth_attention.backends import REGISTRY
+    from diffsynth_attention.backends.torch_sdpa import _SDPA
+
+    if name == "torch":
+        return lambda: _SDPA(q, k, v)
+    if name == "torch_math":
+        return lambda: _aten._scaled_dot_product_attention_math(q, k, v)
+    if name == "torch_flash":
+        if q.device.type == "cpu":
+            return lambda: _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        return lambda: _aten._scaled_dot_product_flash_attention(q, k, v)
+    if name == "torch_efficient":
+        return lambda: _aten._scaled_dot_product_efficient_attention(q, k, v, None, False)
+    if name == "torch_cudnn":
+        return lambda: _aten._scaled_dot_product_cudnn_attention(q, k, v, None, False)
+    backend = REGISTRY[name]
+    backend.unavailable_reason()
+    func = backend._func
+    qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
+    if name == "sage_attention":
+        return lambda: func(q, k.clone(), v, tensor_layout="HND")
+    if name == "xformers":
+        return lambda: func(qs, ks, vs)
+    return lambda: func(qs, ks, vs)
+
+
+def hit_overhead(device, backend: str | None = None, calls: int = 20000, blocks: int = 40) -> dict:
+    """Host time per call: ``attention_forward`` (a cache hit) minus the cheapest hand-written call."""
+    import diffsynth_attention as da
+
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.randn(1, 2, 16, 64, device=device, dtype=dt)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    with torch.no_grad():
+        if backend is None:
+            backend = da.explain(q, k, v).backend
+            scope = da.use_backend("auto")
+        else:
+            scope = da.use_backend(backend)
+        direct = cheapest_call(backend, q, k, v)
+        per = max(1, calls // blocks)
+        host = {"direct": [], "dispatched": []}
+        with scope:
+            def dispatched():
+                da.attention_forward(q, k, v)
+
+            for fn in (direct, dispatched):
+                for _ in range(500):
+                    fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            for i in range(blocks):
+                order = (("direct", direct), ("dispatched", dispatched)) if i % 2 == 0 else (("dispatched", dispatched), ("direct", direct))
+                for name, fn in order:
+                    t0 = time.perf_counter()
+                    for _ in range(per):
+                        fn()
+                    host[name].append((time.perf_counter() - t0) / per * 1e6)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()  # keep the launch queue from filling: host time only
+    d, a = statistics.median(host["direct"]), statistics.median(host["dispatched"])
+    return {"device": str(device), "backend": backend, "calls_each": per * blocks, "direct_us": d, "dispatched_us": a,
+            "overhead_us": a - d}
+
+
+class AttnModule(torch.nn.Module):
+    def __init__(self, kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, q, k, v):
+        import diffsynth_attention as da
+
+        return da.attention_forward(q, k, v, **self.kw)
+
+
+class SDPAModule(torch.nn.Module):
+    def __init__(self, layout: str, causal: bool, gqa: bool = False):
+        super().__init__()
+        self.bsnd = layout == "b s n d"
+        self.causal = causal
+        self.gqa = gqa
+
+    def forward(self, q, k, v):
+        if self.bsnd:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.gqa:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=True)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return out.transpose(1, 2) if self.bsnd else out
+
+
+class BackendModule(torch.nn.Module):
+    """One backend called directly, as a user who hand-picked it would (its ``forward``)."""
+
+    def __init__(self, name: str, layout: str, causal: bool, window):
+        super().__init__()
+        self.name, self.bsnd, self.causal, self.window = name, layout == "b s n d", causal, window
+
+    def forward(self, q, k, v):
+        from diffsynth_attention.backends import REGISTRY
+
+        if self.bsnd:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = REGISTRY[self.name].forward(q, k, v, None, None, self.causal, self.window, False)
+        return out.transpose(1, 2) if self.bsnd else out
+
+
+def manual_graph(fn, q, k, v):
+    """``fn`` captured once in a torch.cuda.CUDAGraph; returns the replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(q, k, v)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(q, k, v)
+    return g.replay
+
+
+def compiled_rows(shapes: list, device, layouts, samples: int, modes=("default", "reduce-overhead")) -> list:
+    import diffsynth_attention as da
+    from benchmark import interleaved
+    from diffsynth_attention.tools.warm import make_inputs
+
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    for shape in shapes:
+        for layout in layouts:
+            q, k, v, kw = make_inputs(shape, device, None, layout, g)
+            causal, window = kw.get("is_causal", False), kw.get("window_size")
+            row = {"name": shape["name"], "layout": layout, "times_ms": {}, "errors": {}}
+            torch._dynamo.reset()  # one set of graphs per row: no recompile limit across problems
+            with torch.no_grad():
+                info = da.explain(q, k, v, **kw)  # tunes if new; the compiled graphs then bake the decision
+                row["decision"] = info.backend
+                eager_methods = {"auto_eager": lambda: da.attention_forward(q, k, v, **kw)}
+                cand = {n: c["time_ms"] for n, c in info.candidates.items() if c["status"] in ("chosen", "accepted") and c["time_ms"]}
+                best = min(cand, key=cand.get) if cand else info.backend
+                row["best_backend"] = best
+                gqa = shape["heads_q"] != shape["heads_kv"]
+                sdpa_mod = SDPAModule(layout, causal, gqa)
+                eager_methods["sdpa_eager"] = lambda: sdpa_mod(q, k, v)
+                methods = dict(eager_methods)
+                for mode in modes:
+                    suffix = "" if mode == "default" else "_ro"
+                    for label, module, full in (("auto", AttnModule(kw), True), ("sdpa", SDPAModule(layout, causal, gqa), True),
+                                                ("best", BackendModule(best, layout, causal, window), False)):
+                        name = f"{label}_compiled{suffix}"
+                        try:
+                            fn = torch.compile(module, fullgraph=full, mode=None if mode == "default" else mode)
+                            for _ in range(3):
+                                fn(q, k, v)
+                            methods[name] = (lambda f=fn: f(q, k, v))
+                        except Exception as exc:  # a backend that Dynamo cannot trace: say so
+                            row["errors"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                if device.type == "cuda":
+                    try:
+                        replay = manual_graph(lambda a, b, c: da.attention_forward(a, b, c, **kw), q, k, v)
+                        methods["auto_manual_cudagraph"] = replay
+                    except Exception as exc:
+                        row["errors"]["auto_manual_cudagraph"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                row["times_ms"] = interleaved(methods, device, samples)
+            t = row["times_ms"]
+            for a, b, key in (("auto_compiled", "sdpa_compiled", "auto_vs_sdpa_compiled"), ("auto_compiled", "best_compiled", "auto_vs_best_compiled"),
+                              ("auto_compiled_ro", "sdpa_compiled_ro", "auto_vs_sdpa_ro"), ("auto_compiled_ro", "best_compiled_ro", "auto_vs_best_ro"),
+                              ("auto_compiled_ro", "auto_manual_cudagraph", "ro_vs_manual_graph"), ("auto_eager", "sdpa_eager", "auto_vs_sdpa_eager")):
+                if t.get(a) and t.get(b):
+                    row[key] = t[a] / t[b]
+            rows.append(row)
+            print(f"{shape['name']} [{layout}] {row['decision']}: " + ", ".join(f"{n}={x:.4f}" for n, x in t.items()), flush=True)
+            del q, k, v
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def cpu_small_module(samples: int = 15) -> dict:
+    """The CPU target: a small compiled module through attention_forward vs the same through SDPA."""
+    from benchmark import interleaved
+
+    import diffsynth_attention as da
+
+    device = torch.device("cpu")
+    torch._dynamo.reset()
+    q = torch.randn(1, 64, 4, 32)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    kw = dict(q_pattern="b s n d", k_pattern="b s n d", v_pattern="b s n d", out_pattern="b s n d")
+    with torch.no_grad():
+        decision = da.explain(q, k, v, **kw).backend
+        a = torch.compile(AttnModule(kw), fullgraph=True)
+        s = torch.compile(SDPAModule("b s n d", False), fullgraph=True)
+        for _ in range(3):
+            a(q, k, v), s(q, k, v)
+        t = interleaved({"auto_compiled": lambda: a(q, k, v), "sdpa_compiled": lambda: s(q, k, v)}, device, samples)
+    return {"problem": "1x4 s=64 d=32 float32 [b s n d]", "decision": decision, "times_ms": t,
+            "ratio": t["auto_compiled"] / t["sdpa_compiled"]}
+
+
+def summarize(rows: list, overhead: list, cpu: dict | None) -> dict:
+    def worst(key):
+        vals = [(r[key], f"{r['name']} [{r['layout']}]") for r in rows if key in r]
+        return max(vals) if vals else (None, "-")
+
+    targets = {}
+    w, where = worst("auto_vs_best_compiled")
+    targets["compiled auto within 2% of compiled best on every problem"] = (w is not None and w <= 1.02, f"worst {w:.3f}x ({where})" if w else "n/a")
+    w, where = worst("auto_vs_sdpa_compiled")
+    targets["compiled auto never more than 2% slower than compiled SDPA"] = (w is not None and w <= 1.02, f"worst {w:.3f}x ({where})" if w else "n/a")
+    wan = [r for r in rows if r["name"] == "wan13b_480p_self" and "auto_vs_sdpa_compiled" in r]
+    if wan:
+        sp = min(1 / r["auto_vs_sdpa_compiled"] for r in wan)
+        targets["wan13b_480p_self: compiled auto >= 1.15x faster than compiled SDPA"] = (sp >= 1.15, f"{sp:.3f}x (worst layout)")
+    w, where = worst("ro_vs_manual_graph")
+    if w is not None:
+        small = [r["ro_vs_manual_graph"] for r in rows if r["times_ms"].get("sdpa_eager", 1) < 0.1 and "ro_vs_manual_graph" in r]
+        wm = max(small) if small else w
+        targets["reduce-overhead within 5% of a manual CUDA graph (small problems)"] = (wm <= 1.05, f"worst {wm:.3f}x on problems under 0.1 ms")
+    for o in overhead:
+        targets[f"hit path <= 1.5 us over the cheapest call ({o['device']}, {o['backend']})"] = (o["overhead_us"] <= 1.5, f"{o['overhead_us']:.2f} us")
+    if cpu:
+        targets["CPU: small compiled module within 5% of SDPA"] = (cpu["ratio"] <= 1.05, f"{cpu['ratio']:.3f}x")
+    return {k: {"met": bool(v[0]), "value": v[1]} for k, v in targets.items()}
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    env = result["environment"]
+    lines = [f"# Compiled, CUDA-graph and hit-path benchmark: {env['device']}", "",
+             f"{env['date']}; torch {env['torch']}, CUDA {env['cuda']}; median of {result['samples']} interleaved samples; ms per call.", "",
+             "`auto` = attention_forward, `sdpa` = F.scaled_dot_product_attention, `best` = the eager run's fastest backend "
+             "called directly; `_ro` = mode=\"reduce-overhead\"; `manual graph` = eager attention_forward captured in a torch.cuda.CUDAGraph.", "",
+             "| problem | layout | decision | auto eager | SDPA eager | auto comp. | SDPA comp. | best comp. | auto ro | SDPA ro | best ro | manual graph |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    for r in result["rows"]:
+        t = r["times_ms"]
+        lines.append(f"| {r['name']} | {r['layout']} | {r['decision']} | {f(t.get('auto_eager'))} | {f(t.get('sdpa_eager'))} | "
+                     f"{f(t.get('auto_compiled'))} | {f(t.get('sdpa_compiled'))} | {f(t.get('best_compiled'))} ({r['best_backend']}) | "
+                     f"{f(t.get('auto_compiled_ro'))} | {f(t.get('sdpa_compiled_ro'))} | {f(t.get('best_compiled_ro'))} | {f(t.get('auto_manual_cudagraph'))} |")
+    errs = [(r["name"], r["layout"], n, e) for r in result["rows"] for n, e in r["errors"].items()]
+    if errs:
+        lines += ["", "Errors (a column left out):", ""] + [f"- {a} [{b}] {n}: {e}" for a, b, n, e in errs]
+    lines += ["", "Hit path (cache hit) over the cheapest hand-written call of the same kernel, host time per call:", ""]
+    for o in result["hit_overhead"]:
+        lines.append(f"- {o['device']} ({o['backend']}): {o['dispatched_us']:.2f} us vs {o['direct_us']:.2f} us: **{o['overhead_us']:.2f} us** "
+                     f"over {o['calls_each']} calls each")
+    if result.get("cpu_small_module"):
+        c = result["cpu_small_module"]
+        lines += ["", f"CPU, small compiled module ({c['problem']}, decision {c['decision']}): attention_forward "
+                  f"{c['times_ms']['auto_compiled']:.4f} ms vs SDPA {c['times_ms']['sdpa_compiled']:.4f} ms: {c['ratio']:.3f}x"]
+    lines += ["", "## Targets", "", "| target | met | value |", "|---|---|---|"]
+    for name, t in result["summary"].items():
+        lines.append(f"| {name} | {'yes' if t['met'] else '**no**'} | {t['value']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run(args) -> dict:
+    from benchmark import environment
+
+    from diffsynth_attention.tools.warm import load_shapes_file, select_presets
+
+    device = torch.device(args.device)
+    shapes = load_shapes_file(args.shapes) if args.shapes else select_presets(args.preset or ["all"])
+    if args.only:
+        shapes = [s for s in shapes if s["name"] in args.only.split(",")]
+    modes = ("default", "reduce-overhead") if device.type == "cuda" else ("default",)
+    rows = compiled_rows(shapes, device, args.layouts.split(","), args.samples, modes) if not args.overhead_only else []
+    overhead = [hit_overhead(torch.device("cpu")), hit_overhead(torch.device("cpu"), "torch")]
+    if device.type == "cuda":
+        overhead += [hit_overhead(device), hit_overhead(device, "torch")]
+    cpu = cpu_small_module() if args.cpu_module else None
+    return {"environment": environment(device), "samples": args.samples, "rows": rows, "hit_overhead": overhead,
+            "cpu_small_module": cpu, "summary": summarize(rows, overhead, cpu)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes")
+    parser.add_argument("--preset", action="append")
+    parser.add_argument("--only", help="comma-separated problem names")
+    parser.add_argument("--layouts", default="b n s d,b s n d")
+    parser.add_argument("--samples", type=int, default=9)
+    parser.add_argument("--overhead-only", action="store_true", help="only the hit path's overhead")
+    parser.add_argument("--cpu-module", action="store_true", help="also the CPU small-module target")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--tag")
+    parser.add_argument("--keep-cache", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.keep_cache:
+        os.environ.setdefault("DIFFSYNTH_ATTENTION_CACHE_DIR", tempfile.mkdtemp(prefix="da-bench-compiled-"))
+    result = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device_name = result["environment"]["device"].replace("NVIDIA ", "").replace(" ", "-")
+    stem = args.tag or f"{device_name}-{datetime.date.today().isoformat()}-compiled"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    write_markdown(result, out / f"{stem}.md")
+    print((out / f"{stem}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
