@@ -165,3 +165,36 @@ def test_inductor_compiles_the_baked_graph():
         da.attention_forward(q, k, v, *BSND)
         out = torch.compile(Attn(), fullgraph=True)(q, k, v)
     assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
+
+
+def test_kernel_package_is_one_thin_operator_on_the_callers_bsnd_tensors(monkeypatch):
+    """A FlashAttention decision compiles to diffsynth_attention::kernel, which hands FA the
+    caller's own b s n d tensors (no copy), and whose backward is FA's own (recomputed)."""
+    import sys
+
+    import fake_kernels as fk
+    from diffsynth_attention.backends import REGISTRY
+    from diffsynth_attention.backends.flash_attention import FlashAttention4
+
+    pkg, cute = fk.make_fa4()
+    monkeypatch.setitem(sys.modules, "flash_attn", pkg)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    fa4 = type("FA4", (FlashAttention4,), {"devices": frozenset({"cpu"}), "dtypes": frozenset({torch.float32})})()
+    monkeypatch.setitem(REGISTRY, "flash_attention_4", fa4)
+    fk.Recorder.calls.clear()
+    (q, k, v), canon = bsnd()
+    counter = CompileCounterWithBackend("eager")
+    model = torch.compile(Attn(), fullgraph=True, backend=counter)
+    with da.use_backend("flash_attention_4"):
+        with torch.no_grad():
+            out = model(q, k, v)
+        assert "diffsynth_attention.kernel.default" in targets(counter)
+        name, qa, ka, va, _ = fk.Recorder.calls[-1]
+        assert name == "fa4" and qa.data_ptr() == q.data_ptr() and qa.stride() == q.stride()
+        assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        grads = torch.autograd.grad(model(qg, kg, vg).sum(), (qg, kg, vg))
+    ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref_out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref)).transpose(1, 2)
+    for g, r in zip(grads, torch.autograd.grad(ref_out.sum(), ref)):
+        assert rel(g, r) < 1e-4
