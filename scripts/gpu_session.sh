@@ -12,8 +12,8 @@ for phase in $phases; do
   case $phase in
     tests) python3 -m pytest tests/test_gpu.py -v -rs 2>&1 | tee "$out/gpu_tests.log" | tail -60 ;;
     bench) python3 scripts/benchmark.py --out "$out" 2>&1 | tee "$out/bench.log" | tail -80 ;;
-    e2e) PYTHONPATH="$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v gpu-site | paste -sd:)" DA_LATE_PATH=/tmp/gpu-site:/tmp/gpu-site/nvidia_cutlass_dsl/dsl_packages \
-           python3 scripts/bench_transformer.py --out "$out/transformer_e2e.json" 2>&1 | tail -40 ;;
+    e2e) PYTHONPATH="/tmp/diff-site:$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v gpu-site | paste -sd:)" DA_LATE_PATH=/tmp/gpu-site:/tmp/gpu-site/nvidia_cutlass_dsl/dsl_packages \
+           python3 scripts/bench_e2e.py --device cuda --out "$out" ${E2E_ARGS:-} 2>&1 | tee "$out/e2e.log" | tail -60 ;;
     parallel) python3 scripts/parallel_warm.py "$out/parallel_warm.json" 2>&1 | tail -30 ;;
   esac
 done
