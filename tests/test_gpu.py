@@ -147,3 +147,46 @@ def test_sage_never_modifies_the_callers_key():
         da.attention_forward(q, k, v)
     torch.cuda.synchronize()
     assert torch.equal(k, before)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("name", ["torch", "torch_cudnn", "torch_flash", "torch_efficient", "flash_attention_4",
+                                  "flash_attention_3", "xformers"])
+def test_compiled_backend_matches_fp32_forward_and_backward(name, mode, monkeypatch, tmp_path):
+    """Issue 13 on the GPU: each backend baked into a compiled graph (b s n d caller), forward
+    against fp32, and gradients where the backend declares backward."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_CACHE_DIR", str(tmp_path))
+    backend = REGISTRY[name]
+    if backend.unavailable_reason():
+        pytest.skip(f"{name} unavailable: {backend.unavailable_reason()}")
+    spec = PROBLEMS["self_d128"]
+    q, k, v = (t.transpose(1, 2).contiguous() for t in _inputs(spec))
+    pat = ("b s n d",) * 4
+    call, qc, kc, vc = prepare(q, k, v, *pat, None, None, None, False, None, False)
+    reasons = backend.not_supported_reasons(call.problem, device_info(q.device))
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    torch._dynamo.reset()
+
+    def fn(a, b, c):
+        return da.attention_forward(a, b, c, *pat)
+
+    compiled = torch.compile(fn, fullgraph=True, mode=None if mode == "default" else mode)
+    with da.use_backend(name), torch.no_grad():
+        for _ in range(3):
+            out = compiled(q, k, v).clone()
+    ref = reference_slice(qc, kc, vc, None, None, False, None, [0, spec["hq"] - 1])
+    assert relative_l1(out.transpose(1, 2)[0, [0, spec["hq"] - 1]], ref) <= 0.005
+    if mode != "default":
+        return
+    call_g, *_ = prepare(q, k, v, *pat, None, None, None, False, None, True)
+    if backend.not_supported_reasons(call_g.problem, device_info(q.device)):
+        return
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    g = torch.randn_like(q)
+    with da.use_backend(name):
+        grads = torch.autograd.grad(compiled(qg, kg, vg), (qg, kg, vg), g)
+    qf, kf, vf = (t.detach().float().transpose(1, 2).requires_grad_(True) for t in (q, k, v))
+    ref_out = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf).transpose(1, 2)
+    for got, want, which in zip(grads, torch.autograd.grad(ref_out, (qf, kf, vf), g.float()), "qkv"):
+        assert relative_l1(got, want.transpose(1, 2)) < 0.02, f"{name} compiled d{which}"
