@@ -15,8 +15,9 @@ All methods use the same inputs; repeats are interleaved (method A, B, C, A, B, 
 each sample is one untimed call then enough back-to-back calls to last ~2 ms, timed with
 CUDA events (perf_counter on a CPU), the same ``diffsynth_attention.timing.Timer`` the tuner
 uses; the reported time is the median sample. Then the dispatch overhead on
-a cache hit: median host time per call of ``attention_forward`` minus calling the chosen
-backend directly, on a small problem, over at least 10,000 calls each.
+a cache hit: median host time per call of ``attention_forward`` minus the cheapest hand-written
+call of the chosen kernel (``scripts/bench_compiled.py``'s ``hit_overhead``), on a small problem,
+over at least 20,000 calls each.
 
 Writes benchmarks/results/<device>-<date>.json, .md and .png.
 """
@@ -39,6 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def _sync(device):
@@ -85,44 +87,6 @@ def environment(device) -> dict:
         env["capability"] = f"{props.major}.{props.minor}"
         env["sm_count"] = props.multi_processor_count
     return env
-
-
-def dispatch_overhead(device, calls: int = 20000, blocks: int = 40) -> dict:
-    """Host time per call: attention_forward (cache hit) minus the chosen backend called directly."""
-    from diffsynth_attention import attention_forward, explain
-    from diffsynth_attention.backends import REGISTRY
-    from diffsynth_attention.tuning.timing import Timer
-
-    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q = torch.randn(1, 2, 16, 64, device=device, dtype=dt)
-    k, v = torch.randn_like(q), torch.randn_like(q)
-    info = explain(q, k, v)
-    backend = REGISTRY[info.backend]
-
-    def direct():
-        backend.forward(q, k, v, None, None, False, None, False)
-
-    def dispatched():
-        attention_forward(q, k, v)
-
-    per = max(1, calls // blocks)
-    _sync = Timer(device).sync
-    host = {"direct": [], "dispatched": []}
-    with torch.no_grad():
-        for fn in (direct, dispatched):
-            for _ in range(200):
-                fn()
-        _sync()
-        for _ in range(blocks):
-            for name, fn in (("direct", direct), ("dispatched", dispatched)):
-                t0 = time.perf_counter()
-                for _ in range(per):
-                    fn()
-                host[name].append((time.perf_counter() - t0) * 1e6 / per)
-                _sync()
-    d, a = statistics.median(host["direct"]), statistics.median(host["dispatched"])
-    return {"device": device.type, "backend": info.backend, "calls_each": per * blocks,
-            "direct_us": d, "dispatched_us": a, "overhead_us": a - d}
 
 
 def fixed_priority(problem, dev):
@@ -201,9 +165,11 @@ def run(args) -> dict:
         del q, k, v
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    overhead = [dispatch_overhead(torch.device("cpu"))]
+    from bench_compiled import hit_overhead  # the cheapest hand-written call of the same kernel as the baseline
+
+    overhead = [hit_overhead(torch.device("cpu"))]
     if device.type == "cuda":
-        overhead.append(dispatch_overhead(device))
+        overhead.append(hit_overhead(device))
     return {"environment": env, "layout": args.layout, "samples": args.samples, "problems": rows,
             "dispatch_overhead": overhead, "summary": summarize(rows, overhead)}
 
