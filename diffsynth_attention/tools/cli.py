@@ -61,8 +61,13 @@ def cmd_backends(args) -> int:
     rows = []
     for name, backend in REGISTRY.items():
         reason = backend.unavailable_reason()
-        rows.append({"backend": name, "package": backend.package or "torch", "version": backend.version(),
-                     "status": "usable" if reason is None else reason})
+        row = {"backend": name, "package": backend.package or "torch", "version": backend.version(),
+               "status": "usable" if reason is None else reason}
+        summary = getattr(backend, "build_summary", None)
+        if callable(summary) and summary():
+            row["build"] = summary()
+            row["status"] += f" [build: {row['build']}]"
+        rows.append(row)
     settings = [{"variable": n, "value": v, "source": s} for n, v, s in config.describe()]
     if args.json:
         print(json.dumps({"backends": rows, "configuration": settings}, indent=1))
