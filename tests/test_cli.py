@@ -199,3 +199,12 @@ def test_cache_show_fits_80_columns_and_shows_ties():
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "Xeon Platinum 8480+" in text.splitlines()[0] and "torch (tie)" in text
+
+
+def test_warm_on_cpu_tunes_each_problem_once_and_keeps_cross_attention(subprocess_env):
+    r = cli(subprocess_env, "warm", "--preset", "flux_1024,flux_2048,wan13b_480p_cross", "--no-progress", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [x["problem"].split(":")[0] for x in rows] == ["flux_1024@cpu = flux_2048@cpu", "wan13b_480p_cross@cpu"]
+    assert "s=512x128" in rows[1]["problem"] and len({x["key_id"] for x in rows}) == 2
+    assert "2 problem(s) warmed: 2 distinct decision(s) stored" in r.stderr
