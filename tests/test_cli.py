@@ -208,3 +208,18 @@ def test_warm_on_cpu_tunes_each_problem_once_and_keeps_cross_attention(subproces
     assert [x["problem"].split(":")[0] for x in rows] == ["flux_1024@cpu = flux_2048@cpu", "wan13b_480p_cross@cpu"]
     assert "s=512x128" in rows[1]["problem"] and len({x["key_id"] for x in rows}) == 2
     assert "2 problem(s) warmed: 2 distinct decision(s) stored" in r.stderr
+
+
+def test_one_description_of_a_problem():
+    """explain, Problem.describe and the CLI's tables describe a key's problem the same way."""
+    import torch
+
+    import diffsynth_attention as da
+    from diffsynth_attention.describe import describe_problem
+    from diffsynth_attention.tools.cli import decision_row
+
+    q = torch.randn(1, 4, 16, 8)
+    k = v = torch.randn(1, 2, 8, 8)
+    info = da.explain(q, k, v, is_causal=True)
+    assert info.problem == describe_problem(info.key["problem"]) == "b=1 n=4/2 s=16x8 d=8 float32 causal"
+    assert decision_row(info.key_id, info.decision)["problem"] == info.problem
