@@ -223,3 +223,16 @@ def test_one_description_of_a_problem():
     info = da.explain(q, k, v, is_causal=True)
     assert info.problem == describe_problem(info.key["problem"]) == "b=1 n=4/2 s=16x8 d=8 float32 causal"
     assert decision_row(info.key_id, info.decision)["problem"] == info.problem
+
+
+def test_explain_stays_readable_at_80_columns(monkeypatch, capsys):
+    from diffsynth_attention.tools.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["explain", "--heads", "2", "--seq-q", "16", "--seq-kv", "8", "--head-dim", "8", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("b=1 n=2 s=16x8 d=8 float32 on ") and max(len(line) for line in lines) <= 80
+    table = lines[:lines.index("unsupported here:")]
+    assert any("chosen" in line for line in table) and not any("unsupported" in line for line in table)
+    assert any(line.startswith("  torch_cudnn: needs a CUDA GPU") for line in lines)

@@ -77,7 +77,7 @@ def cmd_backends(args) -> int:
         table.add_row(*(_escape(x) for x in (r["backend"], r["package"], r["version"] or "-", r["status"])))
     console = _console()
     console.print(table)
-    table = _table("configuration in force (environment variables)", ("variable", "value", "from"))
+    table = _table("configuration in force", ("variable", "value", "from"))
     for s in settings:
         table.add_row(_escape(s["variable"].replace("DIFFSYNTH_ATTENTION_", "…_")),
                       _escape("-" if s["value"] is None else s["value"]), s["source"])
@@ -388,11 +388,19 @@ def cmd_explain(args) -> int:
     console.print(_escape(f"{info.problem} on {short_device(info.key['device']['name'])}: {info.backend} ({info.source})"))
     chosen_reason = tie_note(info.decision) if info.decision is not None else None
     table = _table(None, ("backend", "status", "ms", "error", "reason"))
+    unsupported = []
     for name, c in info.candidates.items():
+        if c.get("status") == "unsupported":  # long reasons: listed below the table, not folded into it
+            unsupported.append((name, c["reason"] or ""))
+            continue
         reason = c["reason"] or (chosen_reason if name == info.backend and c.get("status") == "chosen" else None) or ""
         table.add_row(*(_escape(x) for x in (name, c.get("status") or "-", "-" if c["time_ms"] is None else f"{c['time_ms']:.4g}",
                                               "-" if c["error"] is None else f"{c['error']:.2e}", reason)))
     console.print(table)
+    if unsupported:
+        console.print("unsupported here:")
+        for name, reason in unsupported:
+            console.print(_escape(f"  {name}: {reason}"))
     return 0
 
 
