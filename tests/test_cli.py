@@ -236,3 +236,13 @@ def test_explain_stays_readable_at_80_columns(monkeypatch, capsys):
     table = lines[:lines.index("unsupported here:")]
     assert any("chosen" in line for line in table) and not any("unsupported" in line for line in table)
     assert any(line.startswith("  torch_cudnn: needs a CUDA GPU") for line in lines)
+
+
+def test_warm_under_torchrun_splits_and_syncs(subprocess_env, isolated):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733",
+                        "-m", "diffsynth_attention", "warm", "--preset", "seed_example,sdxl_1024_cross,flux_1024,flux_2048",
+                        "--no-progress", "--json"], env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)
+    assert len(rows) == 3 and "3 distinct decision(s) stored" in r.stderr and "2 ranks" in r.stderr
+    assert len(json.loads(cli(subprocess_env, "cache", "show", "--json").stdout)) == 3

@@ -87,3 +87,13 @@ def test_the_package_face_is_lazy_and_complete(subprocess_env):
             "assert set(da.__all__) <= set(dir(da))\n")
     r = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_patching_checks_the_environment_first(monkeypatch):
+    import diffsynth_attention as da
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_TOLERANCE", "abc")
+    with pytest.raises(ValueError, match="DIFFSYNTH_ATTENTION_TOLERANCE='abc'"):
+        da.patch_sdpa()
+    with pytest.raises(ValueError, match="DIFFSYNTH_ATTENTION_TOLERANCE='abc'"):
+        da.patch_diffsynth()

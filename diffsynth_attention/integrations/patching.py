@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import config
+
 logger = logging.getLogger("diffsynth_attention")
 
 
@@ -120,6 +122,7 @@ def patch_sdpa() -> SDPAPatch:
     ``with patch_sdpa():`` switches it on for the block, in this thread / task only. Calls
     with dropout, or arguments the dispatcher does not handle, go to PyTorch unchanged.
     """
+    config.validate_all()
     return SDPAPatch()._enable_global()
 
 
@@ -206,6 +209,7 @@ def _import_failure(exc: BaseException) -> str:
 def patch_diffsynth(wan: bool = True) -> DiffSynthPatch:
     """Route DiffSynth-Studio's ``attention_forward`` (and, with ``wan``, the Wan DiT's
     ``flash_attention`` helper) through this library's dispatcher. Needs DiffSynth-Studio."""
+    config.validate_all()  # a bad environment variable stops the pipeline here, not at its first call
     try:
         module = importlib.import_module("diffsynth.core.attention.attention")
     except Exception as exc:

@@ -337,7 +337,8 @@ def cmd_warm(args) -> int:
         row["source"] = info.source
         rows.append(row)
     summary = (f"{len(results)} problem(s) warmed: {len(stored)} distinct decision(s) stored in {store.path} "
-               f"({tuned} tuned now, {len(results) - tuned} already known)")
+               + (f"(split across {dist_ctx[1]} ranks, then synced)" if dist_ctx else
+                  f"({tuned} tuned now, {len(results) - tuned} already known)"))
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
