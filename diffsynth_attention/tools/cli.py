@@ -382,12 +382,16 @@ def cmd_explain(args) -> int:
     q, k, v, kwargs = make_inputs(shape, device, None, args.layout)
     with torch.no_grad():
         info = explain(q, k, v, **kwargs)
+    chosen_reason = tie_note(info.decision) if info.decision is not None else None
     if args.json:
-        print(json.dumps(info.as_dict(), indent=1))
+        doc = info.as_dict()
+        chosen = doc["candidates"].get(info.backend)
+        if chosen is not None and chosen.get("status") == "chosen" and not chosen.get("reason"):
+            chosen["reason"] = chosen_reason
+        print(json.dumps(doc, indent=1))
         return 0
     console = _console()
     console.print(_escape(f"{info.problem} on {short_device(info.key['device']['name'])}: {info.backend} ({info.source})"))
-    chosen_reason = tie_note(info.decision) if info.decision is not None else None
     table = _table(None, ("backend", "status", "ms", "error", "reason"))
     unsupported = []
     for name, c in info.candidates.items():
