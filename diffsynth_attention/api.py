@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from . import config
 from .backends import available_backends
 from .dispatch import default_dispatcher
 from .overrides import current_implementation, use_backend
+
+config.validate_all()  # a bad environment variable stops the program here, before its first call
 
 _dispatcher = default_dispatcher()
 

@@ -1,12 +1,24 @@
-"""Environment variables: one reader per variable, each with a clear error for a bad value.
+"""Environment variables: one strict reader per variable, and :func:`validate_all`.
 
 Every reader looks at ``os.environ`` when it is called, so changing a variable between calls
-takes effect (the dispatcher reads ``DIFFSYNTH_ATTENTION_IMPLEMENTATION`` on every call).
+takes effect (the dispatcher reads ``DIFFSYNTH_ATTENTION_IMPLEMENTATION`` on every call). A bad
+value is a ``ValueError`` that names the variable, the value and what is allowed.
+:func:`validate_all` checks every variable at once; the package calls it when its public
+functions are first imported and the command line calls it before any work, so a bad value
+stops a pipeline before its first call instead of partway through.
+
+An empty value means the default for every variable. This module imports nothing heavy (no
+torch): the command line reads it on its fast paths.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
+from typing import Optional
+
+from .backend_names import BACKEND_NAMES
 
 IMPLEMENTATION = "DIFFSYNTH_ATTENTION_IMPLEMENTATION"
 STRICT = "DIFFSYNTH_ATTENTION_STRICT"
@@ -22,12 +34,26 @@ DEFAULT_TUNING_BUDGET = 1.5
 DEFAULT_LOCK_TIMEOUT = 10.0
 DEFAULT_TUNE_WAIT = 300.0
 
+# (low, high, low allowed): the sane range of each numeric variable.
+TOLERANCE_RANGE = (1e-6, 1.0, True)  # below ~1e-6 even an exact fp32 kernel fails the gate
+TUNING_BUDGET_RANGE = (0.0, 3600.0, False)  # seconds per key
+LOCK_TIMEOUT_RANGE = (0.0, 3600.0, True)
+TUNE_WAIT_RANGE = (0.0, 86400.0, True)
+
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _raw(name: str) -> Optional[str]:
+    """The variable's value, or None when unset or empty (an empty value means the default)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    return raw
 
 
 def _flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
+    raw = _raw(name)
     if raw is None:
         return default
     value = raw.strip().lower()
@@ -35,19 +61,22 @@ def _flag(name: str, default: bool) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"{name}={raw!r} is not a boolean; use one of 1/0, true/false, yes/no, on/off")
+    raise ValueError(f"{name}={raw!r} is not a boolean; allowed: 1/0, true/false, yes/no, on/off (empty: the default, "
+                     f"{'on' if default else 'off'})")
 
 
-def _positive_float(name: str, default: float, allow_zero: bool = False) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
+def _number(name: str, default: float, bounds: tuple) -> float:
+    raw = _raw(name)
+    if raw is None:
         return default
+    low, high, low_ok = bounds
+    allowed = f"a number {'>=' if low_ok else '>'} {low:g} and <= {high:g} (default {default:g})"
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value != value or value in (float("inf"),) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}={raw!r} must be a finite number {'>=' if allow_zero else '>'} 0")
+        raise ValueError(f"{name}={raw!r} is not a number; allowed: {allowed}") from None
+    if not math.isfinite(value) or value < low or (value == low and not low_ok) or value > high:
+        raise ValueError(f"{name}={raw!r} is out of range; allowed: {allowed}")
     return value
 
 
@@ -60,24 +89,73 @@ def tuning_enabled() -> bool:
 
 
 def tolerance() -> float:
-    return _positive_float(TOLERANCE, DEFAULT_TOLERANCE)
+    return _number(TOLERANCE, DEFAULT_TOLERANCE, TOLERANCE_RANGE)
 
 
 def tuning_budget() -> float:
     """The floor of the timing budget per key, in seconds (the budget is max(this, 15x winner))."""
-    return _positive_float(TUNING_BUDGET, DEFAULT_TUNING_BUDGET)
+    return _number(TUNING_BUDGET, DEFAULT_TUNING_BUDGET, TUNING_BUDGET_RANGE)
 
 
 def lock_timeout() -> float:
     """How long a save waits for the cache file's lock before keeping decisions in memory."""
-    return _positive_float(LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT, allow_zero=True)
+    return _number(LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_RANGE)
 
 
 def tune_wait() -> float:
     """How long a process waits for another process that is tuning the same key."""
-    return _positive_float(TUNE_WAIT, DEFAULT_TUNE_WAIT, allow_zero=True)
+    return _number(TUNE_WAIT, DEFAULT_TUNE_WAIT, TUNE_WAIT_RANGE)
 
 
-def cache_dir_override() -> str | None:
-    raw = os.environ.get(CACHE_DIR)
-    return raw if raw else None
+_absolute: dict = {}  # raw relative value -> the absolute path it meant when first read
+
+
+def cache_dir_override() -> Optional[str]:
+    """DIFFSYNTH_ATTENTION_CACHE_DIR as an absolute path, or None. A relative value is taken
+    relative to the working directory when this process first reads it, and stays there."""
+    raw = _raw(CACHE_DIR)
+    if raw is None:
+        return None
+    if "\x00" in raw:
+        raise ValueError(f"{CACHE_DIR}={raw!r} is not a path (it has a NUL byte)")
+    path = Path(raw).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if raw not in _absolute:
+        _absolute[raw] = str(Path.cwd() / path)
+    return _absolute[raw]
+
+
+def implementation() -> str:
+    """DIFFSYNTH_ATTENTION_IMPLEMENTATION: ``auto`` (also when unset or empty) or a backend name."""
+    raw = _raw(IMPLEMENTATION)
+    if raw is None:
+        return "auto"
+    value = raw.strip().lower()
+    if value == "auto" or value in BACKEND_NAMES:
+        return value
+    raise ValueError(f"{IMPLEMENTATION}={raw!r} is not a backend; allowed: auto (or empty), {', '.join(BACKEND_NAMES)}")
+
+
+READERS = {
+    IMPLEMENTATION: implementation,
+    STRICT: strict,
+    TOLERANCE: tolerance,
+    TUNING: tuning_enabled,
+    TUNING_BUDGET: tuning_budget,
+    CACHE_DIR: cache_dir_override,
+    LOCK_TIMEOUT: lock_timeout,
+    TUNE_WAIT: tune_wait,
+}
+
+
+def validate_all() -> dict:
+    """Read every variable; return {variable: value in force}. Raises the first bad value's
+    ``ValueError`` (variable, value, what is allowed). Cheap: a few dict lookups."""
+    return {name: reader() for name, reader in READERS.items()}
+
+
+def describe() -> list:
+    """[(variable, value in force, 'set' or 'default')] for ``diffsynth-attention backends``."""
+    values = validate_all()
+    return [(name, values[name], "set" if _raw(name) is not None else "default") for name in READERS]

@@ -17,6 +17,8 @@ import torch
 from einops import EinopsError, rearrange
 from einops.parsing import ParsedExpression
 
+from .describe import describe_problem
+
 CANONICAL = "b n s d"
 _AXES = ("b", "n", "s", "d")
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -46,23 +48,17 @@ class Problem:
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
 
+    def fields(self) -> dict:
+        """The problem as the key stores it (JSON types)."""
+        return {
+            "batch": self.batch, "heads_q": self.heads_q, "heads_kv": self.heads_kv, "seq_q": self.seq_q,
+            "seq_kv": self.seq_kv, "head_dim": self.head_dim, "head_dim_v": self.head_dim_v, "dtype": self.dtype_name,
+            "layout": self.layout, "mask": self.mask, "mask_shape": None if self.mask_shape is None else list(self.mask_shape),
+            "causal": self.causal, "window": self.window, "requires_grad": self.requires_grad,
+        }
+
     def describe(self) -> str:
-        parts = [
-            f"b={self.batch}",
-            f"n={self.heads_q}" + (f"/{self.heads_kv}" if self.heads_kv != self.heads_q else ""),
-            f"s={self.seq_q}" + (f"x{self.seq_kv}" if self.seq_kv != self.seq_q else ""),
-            f"d={self.head_dim}" + (f"/{self.head_dim_v}" if self.head_dim_v != self.head_dim else ""),
-            self.dtype_name,
-        ]
-        if self.causal:
-            parts.append("causal")
-        if self.window is not None:
-            parts.append(f"window={self.window}")
-        if self.mask != "none":
-            parts.append(f"{self.mask} mask {list(self.mask_shape)}")
-        if self.requires_grad:
-            parts.append("grad")
-        return " ".join(parts)
+        return describe_problem(self.fields())
 
 
 @dataclass(frozen=True)

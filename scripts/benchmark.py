@@ -105,7 +105,8 @@ def run(args) -> dict:
     from diffsynth_attention.dispatch.runners import make_runner
     from diffsynth_attention.problem import prepare
     from diffsynth_attention.tuning.timing import Timer
-    from diffsynth_attention.tools.warm import load_shapes_file, make_inputs, select_presets
+    from diffsynth_attention.tools.inputs import make_inputs
+    from diffsynth_attention.tools.shapes import load_shapes_file, select_presets
 
     device = torch.device(args.device)
     shapes = load_shapes_file(args.shapes) if args.shapes else select_presets(args.preset or ["all"])

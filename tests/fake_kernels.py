@@ -126,3 +126,22 @@ def make_xformers(cpp_ok=True):
     ops.LowerTriangularMask = LowerTriangularMask
     pkg.ops = ops
     return pkg, ops
+
+
+# flash_attn_config.py of the tokenspeed-fa3 3.0.0.post20260810 wheel (copied from the wheel).
+TOKENSPEED_FA3_FLAGS = {
+    'FLASHATTENTION_DISABLE_BACKWARD': True, 'FLASHATTENTION_DISABLE_SPLIT': False, 'FLASHATTENTION_DISABLE_PAGEDKV': False,
+    'FLASHATTENTION_DISABLE_APPENDKV': False, 'FLASHATTENTION_DISABLE_LOCAL': False, 'FLASHATTENTION_DISABLE_SOFTCAP': True,
+    'FLASHATTENTION_DISABLE_PACKGQA': False, 'FLASHATTENTION_DISABLE_FP16': False, 'FLASHATTENTION_DISABLE_FP8': False,
+    'FLASHATTENTION_DISABLE_VARLEN': False, 'FLASHATTENTION_DISABLE_CLUSTER': False, 'FLASHATTENTION_DISABLE_HDIM64': False,
+    'FLASHATTENTION_DISABLE_HDIM96': True, 'FLASHATTENTION_DISABLE_HDIM128': False, 'FLASHATTENTION_DISABLE_HDIM192': False,
+    'FLASHATTENTION_DISABLE_HDIM256': False, 'FLASHATTENTION_DISABLE_SM8x': True, 'FLASHATTENTION_ENABLE_VCOLMAJOR': False,
+    'FLASH_ATTENTION_DISABLE_HDIMDIFF64': True, 'FLASH_ATTENTION_DISABLE_HDIMDIFF192': True,
+}
+
+
+def make_fa3_config(**changes):
+    """A ``flash_attn_config`` module as FlashAttention-3's setup.py writes it (tokenspeed-fa3's flags by default)."""
+    mod = types.ModuleType("flash_attn_config")
+    mod.CONFIG = {"build_flags": {**TOKENSPEED_FA3_FLAGS, **changes}}
+    return mod

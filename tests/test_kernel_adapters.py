@@ -195,3 +195,56 @@ def test_auto_tunes_over_the_fake_kernels_too(fa2, monkeypatch):
     assert info.candidates["flash_attention_2"]["status"] in ("chosen", "accepted", "slower")
     assert info.candidates["flash_attention_2"]["error"] < 1e-5
     assert "flash-attn" in info.key["versions"]
+
+
+# -- issue 16: FlashAttention-3 builds declare what they were built with ----------------------
+def test_fa3_declares_what_its_build_supports(monkeypatch):
+    backend = install(monkeypatch, FlashAttention3, "flash_attention_3",
+                      {"flash_attn_interface": fk.make_fa3(), "flash_attn_config": fk.make_fa3_config()})
+    assert backend.unavailable_reason() is None and backend.backward is False
+    bf16 = dict(dtype=torch.bfloat16)
+    assert backend.not_supported_reasons(problem(*qkv(d=128, **bf16)), H100) == []
+    assert backend.not_supported_reasons(problem(*qkv(d=16, dtype=torch.float16)), H100) == []
+    for d in (72, 96):  # both run on the head-dim-96 kernel, which tokenspeed-fa3 leaves out
+        assert any("HDIM96" in r for r in backend.not_supported_reasons(problem(*qkv(d=d, **bf16)), H100)), d
+    assert any("9.x" in r for r in backend.not_supported_reasons(problem(*qkv(d=64, **bf16)), A100))
+    q, k, v = qkv(d=64, **bf16)
+    call, *_ = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, True)
+    assert any("no backward" in r for r in backend.not_supported_reasons(call.problem, H100))
+    assert "forward only" in backend.build_summary() and "96" not in backend.build_summary()
+
+    full = FlashAttention3()
+    full.declare_build({**fk.TOKENSPEED_FA3_FLAGS, "FLASHATTENTION_DISABLE_BACKWARD": False,
+                        "FLASHATTENTION_DISABLE_HDIM96": False, "FLASHATTENTION_DISABLE_SM8x": False,
+                        "FLASHATTENTION_DISABLE_FP16": True})
+    assert full.backward and full.head_dim_kernels == (64, 96, 128, 192, 256) and full.capabilities == {8, 9}
+    assert any("dtype float16" in r for r in full.not_supported_reasons(problem(*qkv(d=64, dtype=torch.float16)), H100))
+
+
+def test_a_key_that_needs_gradients_never_chooses_a_forward_only_fa3(monkeypatch):
+    install(monkeypatch, FlashAttention3, "flash_attention_3",
+            {"flash_attn_interface": fk.make_fa3(), "flash_attn_config": fk.make_fa3_config()})
+    q, k, v = qkv(d=16)
+    info = da.explain(q.requires_grad_(), k, v)
+    assert info.key["problem"]["requires_grad"] is True and info.backend != "flash_attention_3"
+    cand = info.candidates["flash_attention_3"]
+    assert cand["status"] == "unsupported" and "no backward" in cand["reason"]
+    with torch.no_grad():
+        info = da.explain(q, k, v)  # the same problem without gradients may use it
+    assert info.candidates["flash_attention_3"]["status"] != "unsupported"
+
+
+def test_kernel_extras_name_installable_distributions():
+    """Each backend's extra exists and installs its package; pre-releases are pinned exactly
+    (pip takes a pre-release only when pinned), and flash-attn-3 goes through tokenspeed-fa3."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["flash-attn-4"] == ["flash-attn-4==4.0.0b36"]
+    assert extras["flash-attn-3"][0].startswith("tokenspeed-fa3")
+    for backend in REGISTRY.values():
+        if backend.extra is not None:
+            names = [re.split(r"[<>=!~ \[]", r)[0] for r in extras[backend.extra]]
+            assert backend.package in names, backend.name

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Optional
 
+import torch
+
 from ..problem import Problem
 from .base import Backend, DeviceInfo, package_version
 
@@ -77,20 +79,91 @@ class FlashAttention2(_FlashBase):
         return self._func(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, window_size=w)
 
 
+# The head-dim kernels a FlashAttention-3 build may hold; a head dim d runs on the smallest one
+# >= d (flash_attn_interface.round_up_headdim, hopper/flash_api.cpp).
+FA3_HEAD_DIMS = (64, 96, 128, 192, 256)
+
+
+def fa3_build_flags() -> Optional[dict]:
+    """The installed FlashAttention-3 build's flags (``flash_attn_config.CONFIG["build_flags"]``,
+    written by its setup.py; the ``tokenspeed-fa3`` wheel ships it), or None if there is none."""
+    try:
+        module = importlib.import_module("flash_attn_config")
+    except ModuleNotFoundError:
+        return None
+    flags = getattr(module, "CONFIG", {}).get("build_flags")
+    if not isinstance(flags, dict):
+        raise ValueError("flash_attn_config.CONFIG has no 'build_flags' dict")
+    return {str(k): bool(v) for k, v in flags.items()}
+
+
 class FlashAttention3(_FlashBase):
-    """``flash_attn_interface.flash_attn_func`` from FlashAttention-3 (Hopper only)."""
+    """``flash_attn_interface.flash_attn_func`` from FlashAttention-3 (Hopper; SM8x if built for it).
+
+    What a build supports is read from its ``flash_attn_config.py`` (build flags such as
+    ``FLASHATTENTION_DISABLE_BACKWARD`` or ``..._HDIM96``) and declared per instance: backward,
+    the head-dim kernels, fp16, the local (window) kernels, SM8x. ``tokenspeed-fa3``
+    3.0.0.post20260810, the build that installs from the registry, is forward only, without
+    the head-dim-96 kernel (so no head dim 65..96), for Hopper only. With no config file, a
+    full build is assumed.
+    """
 
     name = "flash_attention_3"
-    package = "flash-attn-3"
+    package = "tokenspeed-fa3"
     extra = "flash-attn-3"
     capabilities = frozenset({9})
     max_head_dim = 256
     head_dim_multiple = 8
+    head_dim_kernels: tuple = FA3_HEAD_DIMS
+    fp8 = True  # fp8 inputs (not used by this library: its inputs are fp16/bf16)
+    build: Optional[dict] = None
 
     def _load(self) -> None:
         module = importlib.import_module("flash_attn_interface")
         self._func = getattr(module, "flash_attn_func")
-        self._version = package_version("flash_attn_3") or package_version("flash-attn-3") or getattr(module, "__version__", "unknown")
+        self._version = (package_version("tokenspeed-fa3") or package_version("flash_attn_3") or package_version("flash-attn-3")
+                         or getattr(module, "__version__", "unknown"))
+        flags = fa3_build_flags()
+        if flags is not None:
+            self.declare_build(flags)
+
+    def declare_build(self, flags: dict) -> None:
+        """Declare what a build with ``flags`` supports (instance attributes over the class's)."""
+        def off(name: str) -> bool:
+            return bool(flags.get(name, False))
+
+        self.build = dict(flags)
+        self.backward = not off("FLASHATTENTION_DISABLE_BACKWARD")
+        self.dtypes = type(self).dtypes - ({torch.float16} if off("FLASHATTENTION_DISABLE_FP16") else set())
+        self.fp8 = not off("FLASHATTENTION_DISABLE_FP8")
+        self.window = not off("FLASHATTENTION_DISABLE_LOCAL")
+        self.capabilities = frozenset({9} if off("FLASHATTENTION_DISABLE_SM8x") else {8, 9})
+        self.head_dim_kernels = tuple(d for d in FA3_HEAD_DIMS if not off(f"FLASHATTENTION_DISABLE_HDIM{d}"))
+
+    def build_summary(self) -> Optional[str]:
+        """E.g. ``forward only; head-dim kernels 64, 128, 192, 256; bf16, fp16, fp8; window; SM 9.x``
+        (None without a config file)."""
+        if self.build is None:
+            return None
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+        dtypes = [names[t] for t in (torch.bfloat16, torch.float16) if t in self.dtypes]
+        return "; ".join([
+            "forward and backward" if self.backward else "forward only",
+            "head-dim kernels " + ", ".join(map(str, self.head_dim_kernels)),
+            ", ".join(dtypes + (["fp8"] if self.fp8 else [])),
+            "window" if self.window else "no window",
+            "SM " + ", ".join(f"{m}.x" for m in sorted(self.capabilities)),
+        ])
+
+    def extra_reasons(self, p: Problem, dev: Optional[DeviceInfo]) -> list:
+        if self.head_dim_kernels == FA3_HEAD_DIMS:
+            return []
+        for d in sorted({p.head_dim, p.head_dim_v}):
+            kernel = next((k for k in FA3_HEAD_DIMS if d <= k), None)
+            if kernel is not None and kernel not in self.head_dim_kernels:
+                return [f"head dim {d} runs on the head-dim-{kernel} kernel, which this build leaves out "
+                        f"(FLASHATTENTION_DISABLE_HDIM{kernel}; it has {', '.join(map(str, self.head_dim_kernels))})"]
+        return []
 
     def _call(self, q, k, v, scale, causal, window):
         w = (window, window) if window is not None else (-1, -1)

@@ -184,6 +184,7 @@ class Dispatcher:
 
     def build_plan(self, req: Request, impl_raw, grad: bool) -> Plan:
         """Validate ``req`` and choose its backend (tuning if the key is new)."""
+        config.validate_all()  # a bad environment variable raises at the first call, naming it
         q = req.q
         call, qc, kc, vc = prepare(q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
                                    req.attn_mask, req.scale, req.is_causal, req.window_size, grad)
@@ -420,6 +421,8 @@ def _make_forward(d: Dispatcher) -> Callable:
         is_causal: bool = False,
         compatibility_mode: bool = False,
         window_size: Optional[int] = None,
+        use_flex: bool = False,
+        score_mod: Optional[Callable] = None,
     ) -> torch.Tensor:
         """Attention with DiffSynth-Studio's signature and semantics, on the best backend.
 
@@ -429,8 +432,14 @@ def _make_forward(d: Dispatcher) -> Callable:
         PyTorch's top-left alignment; ``window_size=w`` lets a query attend to keys with
         |i - j| <= w; ``compatibility_mode=True`` forces ``torch``. The backend comes from
         ``use_backend``, else ``DIFFSYNTH_ATTENTION_IMPLEMENTATION``, else (``auto``) the tuned
-        decision for this problem on this GPU.
+        decision for this problem on this GPU. ``use_flex=True`` or a ``score_mod`` goes to
+        PyTorch's flex attention, as DiffSynth-Studio does (:mod:`diffsynth_attention.flex`).
         """
+        if use_flex or score_mod is not None:
+            from ..flex import flex_attention_forward
+
+            return flex_attention_forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
+                                          is_causal, window_size, score_mod)
         if _is_compiling():
             from .compiled import traced_attention
 

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import config
 from ..dispatch import default_dispatcher
 
 logger = logging.getLogger("diffsynth_attention")
@@ -125,6 +126,7 @@ def patch_sdpa() -> SDPAPatch:
     ``with patch_sdpa():`` switches it on for the block, in this thread / task only. Calls
     with dropout, or arguments the dispatcher does not handle, go to PyTorch unchanged.
     """
+    config.validate_all()
     return SDPAPatch()._enable_global()
 
 
@@ -138,10 +140,12 @@ def _make_diffsynth_attention_forward(original):
     def diffsynth_attention_forward(q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_pattern="b n s d", out_pattern="b n s d",
                                     dims=None, attn_mask=None, scale=None, is_causal=False, compatibility_mode=False,
                                     window_size=None, use_flex=False, score_mod=None):
-        if use_flex or score_mod is not None:  # flex attention stays DiffSynth's own
-            return original(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask=attn_mask, scale=scale,
-                            is_causal=is_causal, compatibility_mode=compatibility_mode, window_size=window_size,
-                            use_flex=use_flex, score_mod=score_mod)
+        if use_flex or score_mod is not None:  # DiffSynth's meaning: PyTorch's flex attention
+            from .. import flex
+
+            return flex.flex_attention_forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims,
+                                               attn_mask=attn_mask, scale=scale, is_causal=is_causal,
+                                               window_size=window_size, score_mod=score_mod)
         return attention_forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                  is_causal, compatibility_mode, window_size)
 
@@ -189,13 +193,29 @@ class DiffSynthPatch:
         self.undo()
 
 
+def _import_failure(exc: BaseException) -> str:
+    """What went wrong importing DiffSynth-Studio, in the user's terms: DiffSynth itself missing,
+    or one of its own dependencies (e.g. torchvision after a ``--no-deps`` install)."""
+    import importlib.util
+
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if missing is not None and missing.split(".")[0] == "diffsynth" and importlib.util.find_spec("diffsynth") is None:
+        return "patch_diffsynth needs DiffSynth-Studio, which is not installed (pip install diffsynth)"
+    if missing is not None and missing.split(".")[0] != "diffsynth":
+        return (f"DiffSynth-Studio is installed, but importing it failed: its dependency {missing.split('.')[0]!r} "
+                f"is missing ({type(exc).__name__}: {first}); install it, e.g. pip install {missing.split('.')[0]}")
+    return f"DiffSynth-Studio is installed, but importing it failed with {type(exc).__name__}: {first}"
+
+
 def patch_diffsynth(wan: bool = True) -> DiffSynthPatch:
     """Route DiffSynth-Studio's ``attention_forward`` (and, with ``wan``, the Wan DiT's
     ``flash_attention`` helper) through this library's dispatcher. Needs DiffSynth-Studio."""
+    config.validate_all()  # a bad environment variable stops the pipeline here, not at its first call
     try:
         module = importlib.import_module("diffsynth.core.attention.attention")
     except Exception as exc:
-        raise ImportError(f"patch_diffsynth needs DiffSynth-Studio (pip install diffsynth): importing it failed with {type(exc).__name__}: {exc}") from exc
+        raise ImportError(_import_failure(exc)) from exc
     patch = DiffSynthPatch()
     original = getattr(module.attention_forward, "__diffsynth_attention_original__", None)
     if original is None:

@@ -1,7 +1,12 @@
 """``python -m diffsynth_attention`` / ``diffsynth-attention``: backends, cache, warm, explain.
 
-Exit codes: 0 success, 2 usage error (argparse), 1 failure with a one-line reason on stderr.
-An expected error never prints a traceback.
+Exit codes: 0 success; 2 usage error (a bad argument or environment variable), one line on
+stderr, checked before any work starts; 1 failure with a one-line reason on stderr. An
+expected error never prints a traceback.
+
+``--help``, ``cache path``, ``cache show`` and ``cache clear`` import no torch (they answer in
+a fraction of a second); ``backends``, ``warm``, ``explain``, ``cache export`` and ``cache
+import`` import what they need inside their command.
 """
 
 from __future__ import annotations
@@ -13,49 +18,78 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from .._version import __version__
 
 EXPECTED = (ValueError, TypeError, OSError, RuntimeError, TimeoutError, KeyError)
+PROG = "diffsynth-attention"
 
 
 class Failure(Exception):
     """A failure with a one-line reason (exit code 1)."""
 
 
-def _console(stream=None) -> Console:
-    return Console(file=stream or sys.stdout, soft_wrap=True, highlight=False)
+class Usage(Exception):
+    """A usage error with a one-line message (exit code 2)."""
+
+
+def _console(stream=None):
+    from rich.console import Console
+
+    return Console(file=stream or sys.stdout, soft_wrap=False, highlight=False)
+
+
+def _table(title: Optional[str] = None, columns=()):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", expand=False)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
+def _escape(text) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
 
 
 # -- backends ---------------------------------------------------------------------------------
 def cmd_backends(args) -> int:
+    from .. import config
     from ..backends import REGISTRY
 
     rows = []
     for name, backend in REGISTRY.items():
         reason = backend.unavailable_reason()
-        rows.append({"backend": name, "package": backend.package or "torch", "version": backend.version(),
-                     "status": "usable" if reason is None else reason})
+        row = {"backend": name, "package": backend.package or "torch", "version": backend.version(),
+               "status": "usable" if reason is None else reason}
+        summary = getattr(backend, "build_summary", None)
+        if callable(summary) and summary():
+            row["build"] = summary()
+            row["status"] += f" [build: {row['build']}]"
+        rows.append(row)
+    settings = [{"variable": n, "value": v, "source": s} for n, v, s in config.describe()]
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"backends": rows, "configuration": settings}, indent=1))
         return 0
-    table = Table(title=f"diffsynth-attention {__version__}: backends on this machine")
-    for col in ("backend", "package", "version", "status"):
-        table.add_column(col, overflow="fold")
+    table = _table(f"{PROG} {__version__}: backends on this machine", ("backend", "package", "version", "status"))
     for r in rows:
-        table.add_row(*(escape(x) for x in (r["backend"], r["package"], r["version"] or "-", r["status"])))
-    _console().print(table)
+        table.add_row(*(_escape(x) for x in (r["backend"], r["package"], r["version"] or "-", r["status"])))
+    console = _console()
+    console.print(table)
+    table = _table("configuration in force", ("variable", "value", "from"))
+    for s in settings:
+        table.add_row(_escape(s["variable"].replace("DIFFSYNTH_ATTENTION_", "…_")),
+                      _escape("-" if s["value"] is None else s["value"]), s["source"])
+    console.print(table)
     return 0
 
 
 # -- cache ------------------------------------------------------------------------------------
 def _store():
-    from ..dispatch import default_dispatcher
+    from ..store.cache import DecisionCache
 
-    return default_dispatcher().store
+    return DecisionCache()
 
 
 def cmd_cache_path(args) -> int:
@@ -65,25 +99,26 @@ def cmd_cache_path(args) -> int:
     return 0
 
 
-def _problem_text(problem: dict) -> str:
-    p = problem
-    text = f"{p['batch']}x{p['heads_q']}" + (f"/{p['heads_kv']}" if p["heads_kv"] != p["heads_q"] else "")
-    text += f" s={p['seq_q']}" + (f"x{p['seq_kv']}" if p["seq_kv"] != p["seq_q"] else "")
-    text += f" d={p['head_dim']} {p['dtype']}"
-    if p["causal"]:
-        text += " causal"
-    if p["window"] is not None:
-        text += f" window={p['window']}"
-    if p["mask"] != "none":
-        text += f" {p['mask']}-mask"
-    if p["requires_grad"]:
-        text += " grad"
-    if p["layout"] != "b n s d, b n s d, b n s d -> b n s d":
-        text += f" [{p['layout']}]"
-    return text
+def tie_note(d) -> Optional[str]:
+    """The chosen candidate's reason: the tuner's, else (for decisions saved before the tuner
+    recorded it) the tie rule, when the chosen one is not the fastest of those timed."""
+    chosen = d.candidates.get(d.backend)
+    if chosen is None:
+        return None
+    if chosen.reason:
+        return chosen.reason
+    faster = [(c.time_ms, n) for n, c in d.candidates.items()
+              if n != d.backend and c.status in ("accepted", "slower") and c.time_ms is not None
+              and chosen.time_ms is not None and c.time_ms < chosen.time_ms]
+    if not faster:
+        return None
+    time_ms, name = min(faster)
+    return (f"tie: within 2% of {name} ({time_ms:.4g} ms); a tie goes to the backend earlier in the preference order")
 
 
 def decision_row(key_id: str, d) -> dict:
+    from ..describe import describe_problem
+
     chosen = d.candidates.get(d.backend)
     torch_c = d.candidates.get("torch")
     time_ms = chosen.time_ms if chosen else None
@@ -92,27 +127,46 @@ def decision_row(key_id: str, d) -> dict:
         speedup = torch_c.time_ms / time_ms
     return {
         "key_id": key_id,
-        "problem": _problem_text(d.key["problem"]),
+        "problem": describe_problem(d.key["problem"], layout=True),
         "device": d.key["device"]["name"],
         "backend": d.backend,
         "time_ms": time_ms,
         "speedup_vs_torch": speedup,
         "runner_up": d.runner_up(),
+        "reason": tie_note(d),
         "created": d.created,
     }
 
 
-def decisions_table(rows: list, title: str) -> Table:
-    table = Table(title=title)
-    for col in ("problem", "device", "backend", "time ms", "vs torch", "runner-up"):
-        table.add_column(col, overflow="fold")
+def short_device(name: str) -> str:
+    """A device name without vendor marks and clock text, for narrow tables."""
+    import re
+
+    text = re.sub(r"\((R|TM|tm|r)\)", "", name)
+    text = re.sub(r"\s+(CPU\s+)?@\s*[\d.]+\s*GHz", "", text)
+    text = re.sub(r"\b(NVIDIA|Intel|AMD|Processor|CPU)\s+", "", text)
+    text = re.sub(r"\s+(\d+-Core|Processor)\b", "", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def decisions_table(rows: list, title: str):
+    """One row per decision. One device for every row goes into the title, not a column, so
+    the table stays readable at 80 columns."""
+    devices = sorted({r["device"] for r in rows})
+    one_device = len(devices) <= 1
+    if one_device and devices:
+        title += f" on {short_device(devices[0])}"
+    columns = ["problem"] + ([] if one_device else ["device"]) + ["backend", "ms", "vs torch", "runner-up"]
+    table = _table(title, columns)
     for r in rows:
-        table.add_row(*(escape(x) for x in (
-            r["problem"], r["device"], r["backend"],
+        backend = r["backend"] + (" (tie)" if r.get("reason", "") and str(r.get("reason")).startswith("tie") else "")
+        cells = [r["problem"]] + ([] if one_device else [short_device(r["device"])]) + [
+            backend,
             "-" if r["time_ms"] is None else f"{r['time_ms']:.4g}",
             "-" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x",
             r["runner_up"] or "-",
-        )))
+        ]
+        table.add_row(*(_escape(x) for x in cells))
     return table
 
 
@@ -126,18 +180,23 @@ def cmd_cache_show(args) -> int:
     return 0
 
 
-def cmd_cache_clear(args) -> int:
-    from ..api import clear_cache
-    from ..backends import REGISTRY
-
-    if args.backend is not None and args.backend not in REGISTRY:
-        raise Failure(f"--backend {args.backend!r} is not a backend; valid names: {', '.join(REGISTRY)}")
-    store = _store()
+def _clear_predicate(backend: Optional[str], gpu: Optional[str]):
+    if backend is None and gpu is None:
+        return None
 
     def match(d):
-        return (args.backend is None or d.backend == args.backend) and (args.gpu is None or args.gpu.lower() in d.key["device"]["name"].lower())
+        if backend is not None and d.backend != backend:
+            return False
+        if gpu is not None and gpu.lower() not in d.key.get("device", {}).get("name", "").lower():
+            return False
+        return True
+    return match
 
-    count = sum(1 for d in store.entries().values() if match(d))
+
+def cmd_cache_clear(args) -> int:
+    store = _store()
+    match = _clear_predicate(args.backend, args.gpu)
+    count = sum(1 for d in store.entries().values() if match is None or match(d))
     if not args.yes:
         if not sys.stdin.isatty():
             raise Failure(f"would clear {count} decision(s) from {store.path}; pass --yes to confirm (no terminal to ask)")
@@ -145,7 +204,9 @@ def cmd_cache_clear(args) -> int:
         if answer not in ("y", "yes"):
             print("nothing cleared")
             return 0
-    removed = clear_cache(backend=args.backend, gpu=args.gpu)
+    removed = store.clear(match)
+    if not store.persistent:
+        raise Failure(f"removed {removed} decision(s) in memory only: the cache at {store.directory} cannot be written")
     print(f"cleared {removed} decision(s) from {store.path}")
     return 0
 
@@ -155,7 +216,10 @@ def cmd_cache_export(args) -> int:
 
     store = _store()
     entries = store.entries()
-    Path(args.file).write_text(render_document(entries))
+    try:
+        Path(args.file).write_text(render_document(entries))
+    except OSError as exc:
+        raise Failure(f"cannot write {args.file}: {exc.strerror or exc}") from None
     print(f"exported {len(entries)} decision(s) to {args.file}")
     return 0
 
@@ -167,12 +231,15 @@ def cmd_cache_import(args) -> int:
         text = Path(args.file).read_text()
     except OSError as exc:
         raise Failure(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise Failure(f"refused {args.file}: not UTF-8 text") from None
     try:
         entries = parse_document(text, args.file)
     except CacheFileError as exc:
         raise Failure(f"refused {args.file}: {exc.reason}") from None
     store = _store()
     count = store.put_many(entries.values(), replace=not args.keep_existing)
+    store.flush()
     if not store.persistent:
         raise Failure(f"imported {count} decision(s) in memory only: the cache at {store.directory} cannot be written")
     print(f"imported {count} of {len(entries)} decision(s) into {store.path}")
@@ -180,35 +247,67 @@ def cmd_cache_import(args) -> int:
 
 
 # -- warm -------------------------------------------------------------------------------------
-def _dtype(name: Optional[str]):
-    from .warm import DTYPES
+def check_warm(args) -> list:
+    """Every usage check of ``warm``, before any work; returns the problem list."""
+    from .devices import check_device
+    from .shapes import check_layout, dtype_name, load_shapes_file, select_presets
 
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise Failure(f"--dtype {name!r} is not one of {', '.join(sorted(DTYPES))}")
-    return DTYPES[name]
-
-
-def cmd_warm(args) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .warm import distributed_context, load_shapes_file, resolve_device, scale_for_cpu, select_presets, warm, warm_distributed
-
+    check_layout(args.layout)
+    check_device(args.device)
+    if args.dtype is not None:
+        dtype_name(args.dtype, "--dtype")
     shapes = []
     if args.shapes:
         shapes += load_shapes_file(args.shapes)
     if args.preset or not args.shapes:
         shapes += select_presets(args.preset or ["all"])
-    dtype = _dtype(args.dtype)
+    return shapes
+
+
+def _warm_preflight(store) -> Optional[str]:
+    """Why ``warm`` would store nothing (exit 1), else None; and a note on the override."""
+    from .. import config
+
+    if not config.tuning_enabled():
+        raise Failure(f"{config.TUNING}={config._raw(config.TUNING)!r} turns tuning off, and warm's only job is to tune; "
+                      f"unset it (or set it to on) to warm the cache")
+    if not store.persistent:
+        raise Failure(f"the cache at {store.directory} cannot be written (see the warning above); nothing would be stored")
+    impl = config.implementation()
+    if impl != "auto":
+        return (f"note: {config.IMPLEMENTATION}={impl} is set; warm tunes regardless (auto), and calls made with it set "
+                f"still use {impl}")
+    return None
+
+
+def cmd_warm(args) -> int:
+    shapes = check_warm(args)  # usage errors first (exit 2), before anything is imported or run
+    from .torchrun import distributed_context
+
+    store = _store()
+    note = _warm_preflight(store)
+    console = _console(sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..store.key import key_id as hash_key
+    from .devices import on_cpu, resolve_device
+    from .inputs import torch_dtype
+    from .shapes import distinct, scale_for_cpu, DTYPE_NAMES
+    from .torchrun import warm_distributed
+    from .warm import warm
+
+    dtype = torch_dtype(args.dtype) if args.dtype else None
     dist_ctx = distributed_context()
     device = None if dist_ctx else resolve_device(args.device)
-    if not args.full_size and (device is not None and device.type == "cpu" or dist_ctx and not _cuda()):
-        shapes = [s if s["name"].endswith("@cpu") else scale_for_cpu(s) for s in shapes]
-    console = _console(sys.stderr)
+    if not args.full_size and on_cpu(args.device if dist_ctx else str(device)):
+        shapes = [scale_for_cpu(s) for s in shapes]
+    shapes = distinct(shapes, DTYPE_NAMES[args.dtype] if args.dtype else None)
+    mine = shapes if not dist_ctx else shapes[dist_ctx[0]::dist_ctx[1]]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, disable=args.no_progress) as progress:
-        task = progress.add_task("tuning", total=len(shapes) if not dist_ctx else len(shapes[dist_ctx[0]::dist_ctx[1]]))
+        task = progress.add_task("tuning", total=len(mine))
 
         def done(shape, info):
             progress.update(task, advance=1, description=f"{shape['name']}: {info.backend}")
@@ -219,97 +318,154 @@ def cmd_warm(args) -> int:
             results = warm(shapes, device, dtype, args.layout, done)
     if dist_ctx and dist_ctx[0] != 0:
         return 0
-    store = _store()
-    rows = []
+    from ..dispatch import default_dispatcher
+
+    default_dispatcher().store.flush()  # what is still pending after a lock timeout
+    on_disk = _store().entries()  # read back: only what reached the file counts as stored
+    rows, stored, tuned = [], set(), 0
     for shape, info in results:
-        d = store.get(_key_id(info))
-        row = decision_row(_key_id(info), d) if d is not None else {
-            "problem": info.problem, "device": info.key["device"]["name"], "backend": info.backend,
-            "time_ms": None, "speedup_vs_torch": None, "runner_up": None}
-        row["problem"] = f"{shape['name']}: {row['problem']}"
+        kid = info.key_id or hash_key(info.key)
+        d = on_disk.get(kid)
+        if d is not None:
+            stored.add(kid)
+        tuned += info.source == "tuned"
+        row = decision_row(kid, d) if d is not None else {
+            "key_id": kid, "problem": info.problem, "device": info.key["device"]["name"], "backend": info.backend,
+            "time_ms": None, "speedup_vs_torch": None, "runner_up": None, "reason": None}
+        names = [shape["name"]] + shape.get("also", [])
+        row["problem"] = f"{' = '.join(names)}: {row['problem']}"
         row["source"] = info.source
         rows.append(row)
+    summary = (f"{len(results)} problem(s) warmed: {len(stored)} distinct decision(s) stored in {store.path} "
+               + (f"(split across {dist_ctx[1]} ranks, then synced)" if dist_ctx else
+                  f"({tuned} tuned now, {len(results) - tuned} already known)"))
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        _console().print(decisions_table(rows, f"{len(rows)} problems warmed into {store.path}"))
+        _console().print(decisions_table(rows, f"{len(rows)} problems warmed"))
+    print(summary, file=sys.stderr if args.json else sys.stdout)
+    wanted = {r["key_id"] for r in rows}
+    if len(stored) < len(wanted):
+        raise Failure(f"only {len(stored)} of {len(wanted)} decision(s) reached {store.path}; see the warnings above")
     return 0
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _key_id(info) -> str:
-    from ..store.key import key_id
-
-    return key_id(info.key)
-
-
 # -- explain ----------------------------------------------------------------------------------
-def cmd_explain(args) -> int:
-    from ..api import explain
-    from .warm import make_inputs, parse_shapes, resolve_device
+def check_explain(args) -> dict:
+    from .devices import check_device
+    from .shapes import check_layout, dtype_name, parse_shapes
 
-    shape = parse_shapes([{
-        "name": "explain", "batch": args.batch, "heads_q": args.heads, "heads_kv": args.heads_kv or args.heads,
+    check_layout(args.layout)
+    check_device(args.device)
+    dtype_name(args.dtype, "--dtype")
+    heads_kv = args.heads_kv or args.heads
+    if args.heads % heads_kv:
+        raise Usage(f"--heads {args.heads} must be a multiple of --heads-kv {heads_kv}")
+    if args.causal and args.window is not None:
+        raise Usage("--causal and --window cannot be combined")
+    return parse_shapes([{
+        "name": "explain", "batch": args.batch, "heads_q": args.heads, "heads_kv": heads_kv,
         "seq_q": args.seq_q, "seq_kv": args.seq_kv or args.seq_q, "head_dim": args.head_dim, "dtype": args.dtype,
         "causal": args.causal, **({"window": args.window} if args.window is not None else {}),
     }], "command line")[0]
-    device = resolve_device(args.device)
-    q, k, v, kwargs = make_inputs(shape, device, None, args.layout)
+
+
+def cmd_explain(args) -> int:
+    shape = check_explain(args)
     import torch
 
+    from ..api import explain
+    from .devices import resolve_device
+    from .inputs import make_inputs
+
+    device = resolve_device(args.device)
+    q, k, v, kwargs = make_inputs(shape, device, None, args.layout)
     with torch.no_grad():
         info = explain(q, k, v, **kwargs)
+    chosen_reason = tie_note(info.decision) if info.decision is not None else None
     if args.json:
-        print(json.dumps(info.as_dict(), indent=1))
+        doc = info.as_dict()
+        chosen = doc["candidates"].get(info.backend)
+        if chosen is not None and chosen.get("status") == "chosen" and not chosen.get("reason"):
+            chosen["reason"] = chosen_reason
+        print(json.dumps(doc, indent=1))
         return 0
     console = _console()
-    console.print(escape(f"{info.problem} on {info.key['device']['name']}: {info.backend} ({info.source})"))
-    table = Table()
-    for col in ("backend", "status", "time ms", "error", "reason"):
-        table.add_column(col, overflow="fold")
+    console.print(_escape(f"{info.problem} on {short_device(info.key['device']['name'])}: {info.backend} ({info.source})"))
+    table = _table(None, ("backend", "status", "ms", "error", "reason"))
+    unsupported = []
     for name, c in info.candidates.items():
-        table.add_row(*(escape(x) for x in (name, c.get("status") or "-", "-" if c["time_ms"] is None else f"{c['time_ms']:.4g}",
-                                             "-" if c["error"] is None else f"{c['error']:.2e}", c["reason"] or "")))
+        if c.get("status") == "unsupported":  # long reasons: listed below the table, not folded into it
+            unsupported.append((name, c["reason"] or ""))
+            continue
+        reason = c["reason"] or (chosen_reason if name == info.backend and c.get("status") == "chosen" else None) or ""
+        table.add_row(*(_escape(x) for x in (name, c.get("status") or "-", "-" if c["time_ms"] is None else f"{c['time_ms']:.4g}",
+                                              "-" if c["error"] is None else f"{c['error']:.2e}", reason)))
     console.print(table)
+    if unsupported:
+        console.print("unsupported here:")
+        for name, reason in unsupported:
+            console.print(_escape(f"  {name}: {reason}"))
     return 0
 
 
 # -- parser -----------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (exit 2)."""
+
+    def error(self, message):  # noqa: D401 - argparse's hook
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number > 0")
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 0")
+    return value
+
+
+def _backend_name(text: str) -> str:
+    from ..backend_names import check_backend
+
+    try:
+        return check_backend(text, "--backend")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--backend=", "")) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffsynth-attention", description="Autotuned attention for diffusion pipelines: backends, decision cache, warm-up.")
+    parser = Parser(prog=PROG, description="Autotuned attention for diffusion pipelines: backends, decision cache, warm-up.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("backends", help="every backend: version, and usable or why not")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("backends", help="every backend (version, usable or why not) and the configuration in force")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_backends)
 
     cache = sub.add_parser("cache", help="inspect and manage the decision cache")
-    csub = cache.add_subparsers(dest="cache_command", required=True)
+    csub = cache.add_subparsers(dest="cache_command", required=True, parser_class=Parser)
     p = csub.add_parser("path", help="the cache directory and file")
     p.set_defaults(func=cmd_cache_path)
     p = csub.add_parser("show", help="one row per decision")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_cache_show)
     p = csub.add_parser("clear", help="remove decisions (all, or by --gpu / --backend)")
-    p.add_argument("--gpu", help="only decisions for GPUs whose name contains this text")
-    p.add_argument("--backend", help="only decisions that chose this backend")
+    p.add_argument("--gpu", help="only decisions for devices whose name contains this text (case-insensitive)")
+    p.add_argument("--backend", type=_backend_name, help="only decisions that chose this backend")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_cache_clear)
     p = csub.add_parser("export", help="write every decision to FILE")
@@ -321,39 +477,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache_import)
 
     p = sub.add_parser("warm", help="tune a list of problems ahead of time")
-    p.add_argument("--preset", action="append", help="'all', 'cpu', or a problem name of the shape suite (repeatable, comma-separated)")
+    p.add_argument("--preset", action="append",
+                   help="'all' (the suite at full size; cut to CPU size on a CPU), 'cpu' (the suite cut to CPU size), "
+                        "or a problem name of the suite; repeatable, comma-separated")
     p.add_argument("--shapes", help="a JSON file of problems in the shape suite's format")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", help="override the problems' dtypes")
+    p.add_argument("--dtype", help="override the problems' dtypes (float16, bfloat16, float32, float64, fp16, bf16, ...)")
     p.add_argument("--layout", default="b n s d", help="the layout pipelines call with, e.g. 'b s n d' (default 'b n s d')")
-    p.add_argument("--full-size", action="store_true", help="on a CPU, do not scale problems down to CPU size")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--full-size", action="store_true", help="on a CPU, do not cut problems down to CPU size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(func=cmd_warm)
 
     p = sub.add_parser("explain", help="the decision, times and errors for one problem")
-    p.add_argument("--batch", type=_positive, default=1)
-    p.add_argument("--heads", type=_positive, required=True)
-    p.add_argument("--heads-kv", type=_positive)
-    p.add_argument("--seq-q", type=_positive, required=True)
-    p.add_argument("--seq-kv", type=_positive)
-    p.add_argument("--head-dim", type=_positive, required=True)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--causal", action="store_true")
-    p.add_argument("--window", type=int)
-    p.add_argument("--device")
-    p.add_argument("--layout", default="b n s d")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
+    p.add_argument("--heads", type=_positive, required=True, help="query heads")
+    p.add_argument("--heads-kv", type=_positive, help="key/value heads (default: --heads)")
+    p.add_argument("--seq-q", type=_positive, required=True, help="query length")
+    p.add_argument("--seq-kv", type=_positive, help="key/value length (default: --seq-q)")
+    p.add_argument("--head-dim", type=_positive, required=True, help="head dim")
+    p.add_argument("--dtype", default="bfloat16", help="default bfloat16")
+    p.add_argument("--causal", action="store_true", help="causal (top-left aligned, as PyTorch)")
+    p.add_argument("--window", type=_non_negative, help="sliding window: query i attends to keys with |i - j| <= W")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--layout", default="b n s d", help="the layout of q, k, v and the output (default 'b n s d')")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_explain)
     return parser
 
 
 def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s pid %(process)d %(levelname)s %(name)s: %(message)s" if args.verbose else "%(levelname)s %(name)s: %(message)s")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s pid %(process)d %(levelname)s %(name)s: %(message)s" if args.verbose
+                        else "%(levelname)s %(name)s: %(message)s")
+    from .. import config
+    from .devices import DeviceError
+    from .shapes import ShapeFileError
+
+    try:
+        config.validate_all()  # a bad environment variable is a usage error, found before any work
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         return args.func(args) or 0
+    except (Usage, ShapeFileError, DeviceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Failure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

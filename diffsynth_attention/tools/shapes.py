@@ -1,0 +1,176 @@
+"""Problem lists for ``warm`` and the benchmarks: the shape-file format, the presets, and the
+cut-down versions for a CPU. No torch here: the command line checks its arguments with it
+before any work starts.
+
+A problem is a dict with the fields of ``data/diffsynth_shapes.json`` (a copy of the shape
+suite of attention problems that DiffSynth-Studio pipelines issue): ``name``, ``batch``,
+``heads_q``, ``heads_kv``, ``seq_q``, ``seq_kv``, ``head_dim``, and optionally ``causal``
+(default false), ``dtype`` (default bfloat16), ``window`` and ``model``.
+
+Presets: ``all`` is the whole suite at its real size; ``cpu`` is the suite cut down to CPU
+size (:func:`scale_for_cpu`), without repeats; any other preset is one problem of the suite
+by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+SHAPES_FILE = Path(__file__).resolve().parent.parent / "data" / "diffsynth_shapes.json"
+REQUIRED = ("name", "batch", "heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim")
+# accepted spelling -> torch dtype name
+DTYPE_NAMES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64",
+               "fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "half": "float16"}
+CPU_MAX_SEQ = 512
+CPU_MAX_HEADS = 8
+AXES = ("b", "n", "s", "d")
+
+
+class ShapeFileError(ValueError):
+    pass
+
+
+def dtype_name(text: str, what: str = "dtype") -> str:
+    """The torch dtype name for an accepted spelling; a ValueError naming ``what`` otherwise."""
+    if text not in DTYPE_NAMES:
+        raise ShapeFileError(f"{what} {text!r} is not one of {', '.join(sorted(DTYPE_NAMES))}")
+    return DTYPE_NAMES[text]
+
+
+def check_layout(layout: str, what: str = "--layout") -> str:
+    """``layout`` if it is an einops pattern over the axes b, n, s, d (each once; ``(n d)`` may
+    be packed), else a ValueError in the user's terms."""
+    from einops import EinopsError
+    from einops.parsing import ParsedExpression
+
+    rule = (f"{what} {layout!r} is not a layout: name the axes b (batch), n (heads), s (sequence) and d (head dim) "
+            "once each, e.g. 'b s n d' or 'b s (n d)'")
+    try:
+        parsed = ParsedExpression(layout)
+    except EinopsError:
+        raise ShapeFileError(rule) from None
+    names = [a for group in parsed.composition for a in group] if not parsed.has_ellipsis else []
+    if sorted(names) != sorted(AXES):
+        raise ShapeFileError(rule)
+    for group in parsed.composition:
+        if len(group) > 1 and sorted(group) != ["d", "n"]:
+            raise ShapeFileError(f"{what} {layout!r}: only the heads and head dim can be packed, as '(n d)'")
+    return layout
+
+
+def parse_shapes(doc, source: str) -> list:
+    """Validate a shapes document ({"shapes": [...]} or a list); return the problem dicts."""
+    shapes = doc.get("shapes") if isinstance(doc, dict) else doc
+    if not isinstance(shapes, list) or not shapes:
+        raise ShapeFileError(f"{source}: expected a non-empty list of problems under 'shapes'")
+    out = []
+    for i, s in enumerate(shapes):
+        named = isinstance(s, dict) and isinstance(s.get("name"), str) and s.get("name")
+        where = f"{source}: problem {s['name']!r}" if named else f"{source}: the problem at position {i + 1}"
+        if not isinstance(s, dict):
+            raise ShapeFileError(f"{where}: not an object")
+        missing = [f for f in REQUIRED if f not in s]
+        if missing:
+            raise ShapeFileError(f"{where}: missing {', '.join(missing)}")
+        for f in REQUIRED[1:]:
+            if isinstance(s[f], bool) or not isinstance(s[f], int) or s[f] <= 0:
+                raise ShapeFileError(f"{where}: {f}={s[f]!r} must be a positive whole number")
+        if s["heads_q"] % s["heads_kv"]:
+            raise ShapeFileError(f"{where}: heads_q ({s['heads_q']}) must be a multiple of heads_kv ({s['heads_kv']})")
+        window = s.get("window")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+            raise ShapeFileError(f"{where}: window={window!r} must be a whole number >= 0")
+        causal = s.get("causal", False)
+        if not isinstance(causal, bool):
+            raise ShapeFileError(f"{where}: causal={causal!r} must be true or false")
+        if causal and window is not None:
+            raise ShapeFileError(f"{where}: causal and window cannot be combined")
+        dtype = s.get("dtype", "bfloat16")
+        if not isinstance(dtype, str):
+            raise ShapeFileError(f"{where}: dtype {dtype!r} is not one of {', '.join(sorted(DTYPE_NAMES))}")
+        dtype_name(dtype, f"{where}: dtype")
+        out.append({**s, "dtype": dtype, "causal": causal})
+    return out
+
+
+def load_shapes_file(path) -> list:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ShapeFileError(f"cannot read shapes file {path}: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ShapeFileError(f"{path}: not valid JSON ({exc})") from None
+    return parse_shapes(doc, str(path))
+
+
+def builtin_shapes() -> list:
+    return load_shapes_file(SHAPES_FILE)
+
+
+def preset_names() -> list:
+    return ["all", "cpu"] + [s["name"] for s in builtin_shapes()]
+
+
+def scale_for_cpu(shape: dict) -> dict:
+    """A problem cut down to CPU size: batch 1, at most 8 heads and 512 tokens per side.
+
+    Cross-attention stays cross: when both sides would be cut to the same length, the shorter
+    side of the original gets a quarter of the longer one's."""
+    if shape["name"].endswith("@cpu"):
+        return shape
+    heads_q = min(shape["heads_q"], CPU_MAX_HEADS)
+    groups = shape["heads_q"] // shape["heads_kv"]
+    heads_kv = max(1, heads_q // groups) if heads_q % groups == 0 else heads_q
+    seq_q, seq_kv = min(shape["seq_q"], CPU_MAX_SEQ), min(shape["seq_kv"], CPU_MAX_SEQ)
+    if shape["seq_q"] != shape["seq_kv"] and seq_q == seq_kv:
+        if shape["seq_kv"] < shape["seq_q"]:
+            seq_kv = max(1, seq_q // 4)
+        else:
+            seq_q = max(1, seq_kv // 4)
+    return {**shape, "name": shape["name"] + "@cpu", "batch": 1, "heads_q": heads_q, "heads_kv": heads_kv,
+            "seq_q": seq_q, "seq_kv": seq_kv}
+
+
+def identity(shape: dict, dtype=None) -> tuple:
+    """What makes two problems the same problem (everything but the name and description)."""
+    return (shape["batch"], shape["heads_q"], shape["heads_kv"], shape["seq_q"], shape["seq_kv"], shape["head_dim"],
+            bool(shape.get("causal", False)), shape.get("window"), dtype or DTYPE_NAMES[shape["dtype"]])
+
+
+def distinct(shapes: list, dtype=None) -> list:
+    """``shapes`` without repeats of one problem; a kept problem lists the names it stands for
+    under ``also`` (e.g. five suite problems that are one problem at CPU size)."""
+    out, seen = [], {}
+    for s in shapes:
+        ident = identity(s, dtype)
+        if ident in seen:
+            kept = seen[ident]
+            if s["name"] != kept["name"] and s["name"] not in kept.setdefault("also", []):
+                kept["also"].append(s["name"])
+            continue
+        s = dict(s)
+        seen[ident] = s
+        out.append(s)
+    return out
+
+
+def select_presets(names: Iterable[str]) -> list:
+    """The problems of presets ``names`` (each may be comma-separated), in order."""
+    shapes = builtin_shapes()
+    by_name = {s["name"]: s for s in shapes}
+    out = []
+    for name in names:
+        for part in [p.strip() for p in name.split(",") if p.strip()]:
+            if part == "all":
+                out += shapes
+            elif part == "cpu":
+                out += [scale_for_cpu(s) for s in shapes]
+            elif part in by_name:
+                out.append(by_name[part])
+            else:
+                raise ShapeFileError(f"unknown preset {part!r}; presets: {', '.join(preset_names())}")
+    return out
