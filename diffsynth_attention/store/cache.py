@@ -855,7 +855,7 @@ class DecisionCache:
                 try:
                     ldfd = _open_subdir(vfd, LOCKS, create=True)
                 except (OSError, _Refused) as exc:
-                    self._warn_once("tune-lock", "diffsynth_attention: cannot use the tuning locks in %s (%s); tuning without a lock",
+                    self._warn_once("tune-locks", "diffsynth_attention: cannot use the tuning locks in %s (%s); tuning without a lock",
                                     self.lock_path, getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
                     return None
             try:
