@@ -455,6 +455,7 @@ def test_folder_swapped_after_load_is_not_obeyed(isolated, tmp_path, caplog):
 
 def test_a_stopped_or_dead_tuner_is_detected_within_seconds(store_env, isolated, monkeypatch, caplog):
     monkeypatch.setattr(cache_mod, "STALE_S", 1.0)
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_TUNE_WAIT", "40")  # a broken detector fails in 40 s, not 300
     kid = make_decision(7).key_id
     holder = PREAMBLE + r"""
 import signal
