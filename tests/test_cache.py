@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import stat
 import subprocess
@@ -205,6 +206,32 @@ def test_killed_writers_never_leave_a_torn_entry(store_env, isolated):
             cache_mod.parse_entry(path.read_bytes(), path.stem, path)
 
 
+KILLED_MID_WRITE = PREAMBLE + r"""
+import signal
+c = DecisionCache(sys.argv[1])
+c.put(make_decision(0))
+real_write, calls = os.write, []
+def dying_write(fd, data):  # the n-th write writes a part of its data, then the process is killed
+    calls.append(fd)
+    if len(calls) < int(sys.argv[2]):
+        return real_write(fd, data)
+    real_write(fd, bytes(data[: len(data) // 3]))
+    os.kill(os.getpid(), signal.SIGKILL)
+os.write = dying_write
+c.put(make_decision(0, backend="torch_math"))
+"""
+
+
+@pytest.mark.parametrize("nth", [1, 2, 3])
+def test_a_writer_killed_mid_write_leaves_the_old_or_the_new_entry(store_env, isolated, nth):
+    r = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(isolated), str(nth)], env=store_env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode in (0, -signal.SIGKILL), r.stderr[-2000:]
+    kid = make_decision(0).key_id
+    backend = cache_mod.parse_entry((isolated / "v2" / f"{kid}.json").read_bytes(), kid).backend
+    assert backend == ("torch" if r.returncode else "torch_math")
+
+
 def _bad_text(case, good: str, kid: str):
     doc = json.loads(good)
     if case == "unparsable":
@@ -213,8 +240,8 @@ def _bad_text(case, good: str, kid: str):
         return good[: len(good) // 2].encode()
     if case == "non_utf8":
         return good.encode().replace(b'"torch"', b'"t\xff\xferch"', 1)
-    if case == "nan":
-        return good.replace('"tolerance": 0.005', '"tolerance": NaN').encode()
+    if case == "nan":  # NaN where the schema's "minimum" would let it through
+        return re.sub(r'"error": [0-9.e+-]+', '"error": NaN', good, count=1).encode()
     if case == "wrong_version":
         doc["schema_version"] = 1
     elif case == "wrong_type":
@@ -318,7 +345,7 @@ def test_a_directory_or_symlink_in_place_of_locks_still_tunes(isolated, tmp_path
     assert len(_warnings(caplog, "tuning lock")) == 2
 
 
-@pytest.mark.parametrize("why", ["group_writable", "symlink", "other_owner", "under_a_file", "v2_symlink"])
+@pytest.mark.parametrize("why", ["group_writable", "symlink", "other_owner", "under_a_file", "v2_symlink", "v2_group_writable"])
 def test_untrusted_or_unusable_places_keep_decisions_in_memory(why, isolated, tmp_path, monkeypatch, caplog):
     target = isolated
     if why == "group_writable":
@@ -337,10 +364,13 @@ def test_untrusted_or_unusable_places_keep_decisions_in_memory(why, isolated, tm
         (tmp_path / "afile").write_text("x")
         target = tmp_path / "afile" / "sub"
         monkeypatch.setenv("DIFFSYNTH_ATTENTION_CACHE_DIR", str(target))
-    else:
+    elif why == "v2_symlink":
         isolated.mkdir(mode=0o700)
         (tmp_path / "real-v2").mkdir(mode=0o700)
         os.symlink(tmp_path / "real-v2", isolated / "v2")
+    else:
+        (isolated / "v2").mkdir(mode=0o700, parents=True)
+        os.chmod(isolated / "v2", 0o775)
     q, k, v = qkv()
     da.explain(q, k, v)
     da.attention_forward(q, k, v)

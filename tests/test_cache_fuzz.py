@@ -4,6 +4,7 @@ import json
 import signal
 from contextlib import contextmanager
 
+import jsonschema
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +12,7 @@ import diffsynth_attention as da
 from diffsynth_attention.dispatch import default_dispatcher
 from diffsynth_attention.store import cache as cache_mod
 from diffsynth_attention.store.cache import DecisionCache
+from diffsynth_attention.store.decision import key_id
 
 from helpers import qkv
 from store_helpers import make_decision
@@ -38,8 +40,16 @@ def no_hang(seconds=20):
         signal.signal(signal.SIGALRM, old)
 
 
+_SCHEMA = json.loads(cache_mod._SCHEMA_FILE.read_text())
+_ENTRY = jsonschema.Draft202012Validator({"$schema": _SCHEMA["$schema"], "$defs": _SCHEMA["$defs"], "$ref": "#/$defs/entry"})
+
+
 def _valid_entry(d):
-    json.loads(cache_mod.render_entry(d))  # validates against the schema, id = hash of its key, no NaN
+    """Checked here independently of the store's own validation: schema, id = hash of the key, no NaN."""
+    entry = d.to_dict()
+    json.dumps(entry, allow_nan=False)
+    _ENTRY.validate(entry)
+    assert key_id(entry["key"]) == d.key_id
 
 
 def _check_read(folder, kid, data: bytes):
