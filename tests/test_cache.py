@@ -647,3 +647,24 @@ def test_documents_refuse_bad_ids_nan_and_oversize():
 def test_package_schema_is_the_documented_schema():
     with open(ROOT / "cache_schema" / "decisions.schema.json") as a, open(cache_mod._SCHEMA_FILE) as b:
         assert a.read() == b.read()
+
+
+def test_cache_import_refuses_oversize_and_forged_entries(subprocess_env, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "diffsynth_attention", *args], env=subprocess_env, capture_output=True,
+                              text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+    big = tmp_path / "big.json"
+    with open(big, "wb") as fh:
+        fh.truncate(cache_mod.MAX_DOCUMENT_BYTES + 1)
+    d = make_decision(2)
+    doc = json.loads(render_document({d.key_id: d}))
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps({"schema_version": 2, "entries": {"../../etc/passwd": doc["entries"][d.key_id]}}))
+    for path, why in ((big, "cap"), (forged, "not a key id")):
+        r = cli("cache", "import", str(path))
+        assert r.returncode == 1 and r.stderr.startswith("error: refused") and why in r.stderr, r.stderr
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(doc))
+    r = cli("cache", "import", str(good))
+    assert r.returncode == 0 and "imported 1 of 1" in r.stdout, r.stderr
