@@ -106,7 +106,7 @@ def test_json_structure(tmp_path_factory, where, value):
     _check_read(tmp_path_factory.mktemp("c"), GOOD.key_id, json.dumps(doc).encode())
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(where=st.sampled_from(PATHS), value=json_values)
 def test_calls_never_raise_on_a_fuzzed_entry(isolated, where, value):
     q, k, v = qkv(sq=12, d=8, hq=2, b=1)
