@@ -294,9 +294,10 @@ def _open_temp(name: str, dfd: int) -> int:
     return os.open(name, _TEMP_FLAGS, 0o600, dir_fd=dfd)
 
 
-def _write_new(dfd: int, name: str, data: bytes, replace: bool = True) -> bool:
-    """Write ``data`` as ``name`` in folder ``dfd``: temporary file, fsync, then ``os.replace``
-    (or, with ``replace=False``, a link that never overwrites: False if ``name`` exists)."""
+def _write_new(dfd: int, name: str, data: bytes, replace: bool = True, durable: bool = True) -> bool:
+    """Write ``data`` as ``name`` in folder ``dfd``: temporary file, fsync (unless ``durable=False``:
+    the caller syncs), then ``os.replace`` (or, with ``replace=False``, a link that never
+    overwrites: False if ``name`` exists)."""
     tmp = f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
     fd = _open_temp(tmp, dfd)
     try:
@@ -304,7 +305,8 @@ def _write_new(dfd: int, name: str, data: bytes, replace: bool = True) -> bool:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         if replace:
@@ -516,13 +518,15 @@ class DecisionCache:
             for kid, entry in doc["entries"].items():
                 try:
                     decision = _check_entry(kid, _finite(entry), where)
-                    if _write_new(vfd, f"{kid}.json", render_entry(decision).encode(), replace=False):
+                    if _write_new(vfd, f"{kid}.json", render_entry(decision).encode(), replace=False, durable=False):
                         moved += 1
                 except CacheFileError:
                     skipped += 1
                 except OSError as exc:  # try again next time: nothing is renamed
                     self._warn_once("v1", "diffsynth_attention cache: migrating %s failed (%s); it stays in place", where, exc.strerror or exc)
                     return
+            if moved:
+                os.sync()  # once for every migrated entry, before the old file is renamed
             _fsync_dir(vfd)
             with contextlib.suppress(FileNotFoundError):
                 os.rename(LEGACY_FILE, LEGACY_FILE + MIGRATED_SUFFIX, src_dir_fd=bfd, dst_dir_fd=bfd)
