@@ -9,6 +9,7 @@ caller's einops patterns and the canonical ``"b n s d"`` layout.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -159,6 +160,8 @@ def _dims_tuple(dims) -> tuple:
     for axis, length in dims.items():
         if not isinstance(axis, str):
             raise TypeError(f"dims keys must be axis names, got {axis!r}")
+        if axis not in _AXES:
+            raise ValueError(f"dims has an unknown axis {axis!r}; dims gives lengths of the axes b, n, s and d")
         if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
             raise ValueError(f"dims[{axis!r}]={length!r} must be a positive int")
     return tuple(sorted(dims.items()))
@@ -169,6 +172,13 @@ def _check_tensor(arg: str, t) -> None:
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATING:
         raise TypeError(f"{arg} has dtype {t.dtype}; attention needs a floating tensor (float16, bfloat16, float32 or float64)")
+
+
+def _check_dense(arg: str, t: torch.Tensor, allow_meta: bool = False) -> None:
+    if t.is_meta and not allow_meta:
+        raise TypeError(f"{arg} is a meta tensor (it has no data); attention needs a tensor on a real device")
+    if t.layout != torch.strided:
+        raise TypeError(f"{arg} has layout {t.layout}; attention needs a dense (strided) tensor, e.g. {arg}.to_dense()")
 
 
 def _to_canonical(arg: str, pattern: str, convert: Callable, t: torch.Tensor) -> torch.Tensor:
@@ -194,9 +204,13 @@ def _broadcasts(shape: tuple, target: tuple) -> bool:
 
 
 def prepare(
-    q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size, requires_grad
+    q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size, requires_grad,
+    compatibility_mode=False, allow_meta: bool = False,
 ) -> tuple[Call, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate a call; return its :class:`Call` and q, k, v as ``b n s d`` views."""
+    """Validate a call; return its :class:`Call` and q, k, v as ``b n s d`` views.
+    (``allow_meta``: the trace-time check under torch.compile validates meta stand-ins.)"""
+    if not isinstance(compatibility_mode, (bool, int)) or isinstance(compatibility_mode, int) and compatibility_mode not in (0, 1):
+        raise TypeError(f"compatibility_mode must be a bool, got {compatibility_mode!r}")
     _check_tensor("q", q)
     _check_tensor("k", k)
     _check_tensor("v", v)
@@ -204,6 +218,8 @@ def prepare(
         raise TypeError(f"q, k and v must share a dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device; got q on {q.device}, k on {k.device}, v on {v.device}")
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        _check_dense(arg, t, allow_meta)
     layout = compile_layout(q_pattern, k_pattern, v_pattern, out_pattern, _dims_tuple(dims))
     qc = _to_canonical("q", q_pattern, layout.to_canonical[0], q)
     kc = _to_canonical("k", k_pattern, layout.to_canonical[1], k)
@@ -225,6 +241,18 @@ def prepare(
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk}) for grouped-query attention")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    if scale is not None:
+        try:
+            finite = math.isfinite(float(scale))
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise ValueError(f"scale={scale!r} must be a finite number")
+    for axis, length in _dims_tuple(dims):
+        have = {"b": (b,), "n": (hq, hk), "s": (sq, skv), "d": (d, dv)}[axis]
+        if length not in have:
+            raise ValueError(f"dims[{axis!r}]={length} contradicts the tensors, whose {axis} is "
+                             + " or ".join(str(x) for x in sorted(set(have))))
     if not isinstance(is_causal, (bool, int)) or isinstance(is_causal, int) and is_causal not in (0, 1):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     if window_size is not None:
@@ -234,10 +262,13 @@ def prepare(
             raise ValueError("window_size cannot be combined with is_causal=True")
         if attn_mask is not None:
             raise ValueError("window_size cannot be combined with attn_mask")
+        if window_size >= max(sq, skv) - 1:  # every |i - j| is within it: no window (and no overflow downstream)
+            window_size = None
     mask_kind, mask_shape = "none", None
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        _check_dense("attn_mask", attn_mask, allow_meta)
         if attn_mask.dtype == torch.bool:
             mask_kind = "bool"
         elif attn_mask.dtype == q.dtype:

@@ -37,7 +37,7 @@ def main():
         env = dict(os.environ, DIFFSYNTH_ATTENTION_CACHE_DIR=tempfile.mkdtemp())
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] + warm
         result[f"gpus_{n}_wall_s"], result[f"gpus_{n}_rc"] = timed(cmd, env, f"{n} GPUs")
-        entries = json.loads(open(os.path.join(env["DIFFSYNTH_ATTENTION_CACHE_DIR"], "decisions.json")).read())["entries"]
+        entries = [f for f in os.listdir(os.path.join(env["DIFFSYNTH_ATTENTION_CACHE_DIR"], "v2")) if f.endswith(".json")]
         result[f"gpus_{n}_decisions_in_cache"] = len(entries)
         result["speedup"] = result["gpus_1_wall_s"] / result[f"gpus_{n}_wall_s"]
     text = json.dumps(result, indent=1)

@@ -198,3 +198,11 @@ def test_kernel_package_is_one_thin_operator_on_the_callers_bsnd_tensors(monkeyp
     ref_out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref)).transpose(1, 2)
     for g, r in zip(grads, torch.autograd.grad(ref_out.sum(), ref)):
         assert rel(g, r) < 1e-4
+
+
+def test_non_finite_scale_raises_at_trace_time():
+    (q, k, v), _ = bsnd()
+    model = torch.compile(lambda q, k, v: da.attention_forward(q, k, v, *BSND, scale=float("nan")), fullgraph=True,
+                          backend="eager")
+    with pytest.raises(Exception, match="scale"):
+        model(q, k, v)

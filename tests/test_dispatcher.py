@@ -84,7 +84,7 @@ def test_own_dispatcher_has_own_cache_and_stats(tmp_path):
     assert a.stats()["tunings"] == 1 and a.stats()["hits"] == 1
     assert b.stats() == {"hits": 0, "tunings": 0, "tuning_seconds": 0.0}
     assert len(a.store.entries()) == 1 and b.store.entries() == {}
-    assert (tmp_path / "a" / "decisions.json").exists() and not (tmp_path / "b" / "decisions.json").exists()
+    assert len(list((tmp_path / "a" / "v2").glob("*.json"))) == 1 and not list((tmp_path / "b").glob("v2/*.json"))
 
 
 def test_plans_are_invalidated_per_key(disp):

@@ -192,7 +192,7 @@ def _trace_choice(token, q_pattern, k_pattern, v_pattern, out_pattern, dims_text
         size, stride = shapes[3]
         mask = torch.empty_strided(size, stride, dtype=mask_dtype, device="meta")
     dims = _parse_dims(dims_text)
-    scale = {"none": None, "float": 1.0}[scale_kind]
+    scale = scale_kind  # None or the call's (constant) scale
     return _dispatcher(token).trace_decision(meta, mask, (q_pattern, k_pattern, v_pattern, out_pattern), dims, scale,
                                              is_causal, window_size, compatibility_mode, grad, device)
 
@@ -242,7 +242,7 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
             flat += [t.dim(), *t.shape, *t.stride()]
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         choice = _trace_choice(token, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, q.dtype, q.device,
-                               None if attn_mask is None else attn_mask.dtype, "none" if scale is None else "float",
+                               None if attn_mask is None else attn_mask.dtype, None if scale is None else float(scale),
                                bool(is_causal), window_size, bool(compatibility_mode), grad, *flat)
     scale_f = None if scale is None else float(scale)
     if choice is None:

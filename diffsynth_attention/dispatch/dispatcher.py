@@ -22,7 +22,7 @@ from .. import config, overrides
 from ..backends import REGISTRY, candidates, device_info
 from ..problem import mask_4d, prepare
 from ..request import Request
-from ..store.cache import DecisionCache
+from ..store.cache import DecisionCache, all_rejected
 from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision
 from ..store.key import make_key
 from ..tuning.tuner import TuneInputs, tune
@@ -187,7 +187,8 @@ class Dispatcher:
         config.validate_all()  # a bad environment variable raises at the first call, naming it
         q = req.q
         call, qc, kc, vc = prepare(q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
-                                   req.attn_mask, req.scale, req.is_causal, req.window_size, grad)
+                                   req.attn_mask, req.scale, req.is_causal, req.window_size, grad,
+                                   compatibility_mode=req.compatibility_mode)
         requested, source_name = overrides.requested(impl_raw, req.compatibility_mode)
         problem = call.problem
         dev = device_info(q.device)
@@ -200,6 +201,8 @@ class Dispatcher:
             return self._override_plan(requested, source_name, call, grad, key, dev)
 
         decision = self.store.get(key.id)
+        if decision is not None and all_rejected(decision):  # never trusted: tune again
+            decision = None
         if decision is not None and decision.backend in usable_names:
             return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, "cache", key, call, grad,
                         decision, counts_hit=True)
@@ -211,11 +214,12 @@ class Dispatcher:
         with self.store.tuning_lock(key.id):
             decision = self.store.refresh(key.id)
             source = "cache"
-            if decision is None or decision.backend not in usable_names:
+            if decision is None or decision.backend not in usable_names or all_rejected(decision):
                 inputs = TuneInputs(
                     q=q, k=req.k, v=req.v, mask=req.attn_mask, mask4=mask_4d(req.attn_mask), canonical=(qc, kc, vc),
                     scale=call.scale, causal=problem.causal, window=problem.window, out_pattern=req.out_pattern,
                     heads_q=problem.heads_q, head_dim_v=problem.head_dim_v, requires_grad=grad,
+                    to_canonical=call.layout.to_canonical,
                 )
 
                 def make(backend):
@@ -227,6 +231,9 @@ class Dispatcher:
                 self.counters["tunings"] += 1
                 self.counters["tuning_seconds"] += decision.tuning_seconds
                 logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
+                if all_rejected(decision):  # never persisted: used for this call only, the next one tunes again
+                    return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, "fallback", key, call,
+                                grad, decision)
                 self.store.put(decision)
                 source = "tuned"
         return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, source, key, call, grad,
@@ -256,7 +263,7 @@ class Dispatcher:
             return plan
         plan = self.build_plan(req, impl_raw, grad)
         if sig is not None:
-            if plan.source == "fallback" and plan.requested is None and plan.decision is None:
+            if plan.source == "fallback" and plan.requested is None and (plan.decision is None or all_rejected(plan.decision)):
                 with self._lock:  # no decision yet (tuning off, capture, tracing): plan again when tuning can run
                     self._provisional[sig] = plan
                     self._sigs_by_key.setdefault(plan.key.id, set()).add(sig)
@@ -276,7 +283,7 @@ class Dispatcher:
         ``(backend, causal, window, need_grad)``; None when the graph must dispatch at run time
         (no decision yet). ``meta``: q, k, v as meta tensors of the call's shapes and strides."""
         q, k, v = meta
-        call, *_ = prepare(q, k, v, *patterns, dims, mask, scale, is_causal, window, grad)
+        call, *_ = prepare(q, k, v, *patterns, dims, mask, scale, is_causal, window, grad, compat, allow_meta=True)
         call = compiled.trace_problem(call, device)
         problem = call.problem
         requested, source_name = overrides.requested(overrides.implementation_raw(), compat)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -11,6 +13,13 @@ ACCEPTED = "accepted"  # passed the gate, was timed, lost
 SLOWER = "slower"  # passed the gate, dropped early: more than 2x the best so far
 REJECTED = "rejected"  # error above tolerance, NaN/Inf, an exception, or modified its inputs
 UNSUPPORTED = "unsupported"  # unavailable here, or its declared capabilities exclude the problem
+
+
+def key_id(fields: dict) -> str:
+    """The id of a key: sha256 of its canonical JSON, 24 hex digits (here, not in :mod:`.key`,
+    so the store can check ids without importing torch)."""
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 @dataclass

@@ -9,8 +9,6 @@ any of them never reuses an old decision.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +16,7 @@ import torch
 from .._version import __version__
 from ..backends import DeviceInfo
 from ..problem import Problem
+from .decision import key_id  # noqa: F401 - the hash lives with decisions (the store checks ids without torch)
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,3 @@ def make_key(problem: Problem, dev: DeviceInfo, candidates) -> Key:
     fields = {"problem": problem_fields(problem), "device": dev.as_dict(), "versions": versions}
     return Key(fields, key_id(fields))
 
-
-def key_id(fields: dict) -> str:
-    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]

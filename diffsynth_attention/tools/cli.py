@@ -95,7 +95,7 @@ def _store():
 def cmd_cache_path(args) -> int:
     store = _store()
     print(f"directory: {store.directory}")
-    print(f"file: {store.path}")
+    print(f"entries: {store.path}")
     return 0
 
 
@@ -225,10 +225,11 @@ def cmd_cache_export(args) -> int:
 
 
 def cmd_cache_import(args) -> int:
-    from ..store.cache import CacheFileError, parse_document
+    from ..store.cache import MAX_DOCUMENT_BYTES, CacheFileError, parse_document
 
     try:
-        text = Path(args.file).read_text()
+        with open(args.file, "rb") as fh:
+            text = fh.read(MAX_DOCUMENT_BYTES + 1)  # over the cap: refused below, never read whole
     except OSError as exc:
         raise Failure(f"cannot read {args.file}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

@@ -21,6 +21,7 @@ tensors are never modified, and only one candidate output is alive at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import statistics
@@ -63,11 +64,43 @@ class TuneInputs:
     heads_q: int
     head_dim_v: int
     requires_grad: bool
+    to_canonical: Optional[tuple] = None  # three callables: caller layout -> b n s d (to gate on random inputs)
 
 
 def _copy(t: torch.Tensor, grad: bool) -> torch.Tensor:
     c = t.detach().clone()  # preserve_format: a dense tensor keeps the caller's strides
     return c.requires_grad_(grad and t.requires_grad)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal`` with NaN equal to NaN (a candidate that leaves a NaN input alone did not modify it)."""
+    if torch.equal(a, b):
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or not (a.is_floating_point() or a.is_complex()):
+        return False
+    na, nb = torch.isnan(a), torch.isnan(b)
+    return torch.equal(na, nb) and torch.equal(a[~na], b[~nb])
+
+
+def _random_like(t: torch.Tensor) -> torch.Tensor:
+    """Random values of ``t``'s shape, dtype, device and strides."""
+    try:
+        r = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        r.normal_()
+    except RuntimeError:  # overlapping strides (an expanded tensor): a dense one
+        r = torch.randn(t.shape, dtype=t.dtype, device=t.device)
+    return r.requires_grad_(t.requires_grad)
+
+
+def _finite_inputs(inputs: TuneInputs) -> TuneInputs:
+    """The inputs to gate on: the caller's if finite; else random ones of the same shape, dtype
+    and layout (a NaN or Inf in the caller's data would reject every candidate)."""
+    if inputs.to_canonical is None or all(bool(torch.isfinite(t.detach()).all()) for t in (inputs.q, inputs.k, inputs.v)):
+        return inputs
+    logger.info("the tuning call's q/k/v are not finite: gating the candidates on random inputs of the same layout")
+    q, k, v = (_random_like(t) for t in (inputs.q, inputs.k, inputs.v))
+    canonical = tuple(f(t) for f, t in zip(inputs.to_canonical, (q, k, v)))
+    return dataclasses.replace(inputs, q=q, k=k, v=v, canonical=canonical)
 
 
 def _describe_exception(exc: BaseException) -> str:
@@ -90,6 +123,7 @@ def tune(
     """Tune one key. ``make_runner(backend)`` gives ``fn(q, k, v, mask) -> output`` in the
     caller's out_pattern, conversions included: what the caller pays."""
     started = time.perf_counter()
+    inputs = _finite_inputs(inputs)
     tolerance = config.tolerance()
     budget = config.tuning_budget()
     device = inputs.q.device
@@ -151,7 +185,7 @@ def tune(
             _recover(device)
             _restore(copies, inputs)
             continue
-        changed = [n for n, c, t in zip("qkv", copies, (inputs.q, inputs.k, inputs.v)) if not torch.equal(c.detach(), t.detach())]
+        changed = [n for n, c, t in zip("qkv", copies, (inputs.q, inputs.k, inputs.v)) if not _same(c.detach(), t.detach())]
         if changed:
             cand.reason = f"modified its input tensor(s) {', '.join(changed)} in place"
             _restore(copies, inputs)
@@ -237,7 +271,7 @@ def _interleaved(a: str, b: str, timed: dict, results: dict, clock: Timer, budge
 def _restore(copies: list, inputs: TuneInputs) -> None:
     with torch.no_grad():
         for c, t in zip(copies, (inputs.q, inputs.k, inputs.v)):
-            if not torch.equal(c, t):
+            if not _same(c, t):
                 c.copy_(t)
 
 
