@@ -81,3 +81,17 @@ def tune_wait() -> float:
 def cache_dir_override() -> str | None:
     raw = os.environ.get(CACHE_DIR)
     return raw if raw else None
+
+
+NEW_SHAPES = "DIFFSYNTH_ATTENTION_NEW_SHAPES"
+
+
+def new_shapes() -> str:
+    """``tune`` (default): a new problem is tuned. ``nearest``: a problem that differs from a known
+    decision only in sequence lengths within the same bucket (about four per octave) is served by
+    that decision at once."""
+    raw = os.environ.get(NEW_SHAPES)
+    value = (raw or "tune").strip().lower() or "tune"
+    if value not in ("tune", "nearest"):
+        raise ValueError(f"{NEW_SHAPES}={raw!r} must be 'tune' or 'nearest'")
+    return value
