@@ -158,6 +158,9 @@ def test_a_broken_install_is_found_at_first_use_with_the_reason_and_the_call_fal
     c = info.candidates["flash_attention_3"]
     assert c["status"] == "unsupported" and c["reason"].startswith("installed but unusable") and "undefined symbol" in c["reason"]
     assert info.key["versions"]["flash-attn-3"] == "3.0.0b1"
+    call, *_ = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, False)
+    dev = device_info(q.device)
+    assert make_key(call.problem, dev, candidates(call.problem, dev)[0]).id == info.key_id  # same key as other processes
     # a decision for it, made where it worked, falls back here with the reason
     store = da.Dispatcher().store
     decision = store.get(info.key_id)

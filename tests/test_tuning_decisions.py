@@ -97,7 +97,8 @@ def test_noisy_timings_never_prefer_a_candidate_3pct_slower_than_another(base, r
         decision = disp.explain(q, k, v).decision
     chosen = decision.candidates[decision.backend]
     compared = [cand for cand in decision.candidates.values() if cand.status == "accepted"]
-    assert compared, decision.candidates
+    if noise <= 0.1:  # first passes within 1.5x of each other: all of them in the rounds (not a vacuous check)
+        assert len(compared) == 2, decision.candidates
     for other in compared:  # accepted = re-timed in the same rounds as the chosen one
         assert chosen.time_ms <= 1.03 * other.time_ms + 1e-12, (decision.backend, chosen, other)
 

@@ -221,9 +221,8 @@ class Backend:
 
     def declared_reason(self) -> Optional[str]:
         """None if this backend is installed (by its metadata) and this machine can run it, else
-        why not; imports nothing. A broken install is found later, by :meth:`unavailable_reason`."""
-        if self._loaded and self._unavailable is not None:
-            return self._unavailable
+        why not; imports nothing. A broken install is found later, by :meth:`unavailable_reason`
+        (and does not change this answer: keys stay the same in every process of a machine)."""
         return self._declare()[0]
 
     def declared_version(self) -> Optional[str]:

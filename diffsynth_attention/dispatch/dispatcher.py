@@ -358,6 +358,8 @@ class Dispatcher:
         with self._lock:
             self.dropped.setdefault(key_id, {})[plan.backend] = reason
         decision = plan.decision
+        if decision is not None and decision.key_id != key_id:  # a neighbour's decision: not this key's to change
+            decision = None
         if decision is not None and deterministic:
             cand = decision.candidates.get(plan.backend)
             if cand is not None:
