@@ -193,3 +193,15 @@ def test_the_budget_floor_reads_the_environment(monkeypatch):
     from diffsynth_attention import config
 
     assert config.tuning_budget() == 0.7
+
+
+def test_long_calls_use_the_untimed_call_as_their_first_pass(monkeypatch):
+    info, made = tune_with(monkeypatch, budget=0.1, torch={"cost": 50.0, "predicted_ms": 50.0},
+                           torch_flash={"cost": 60.0, "predicted_ms": 60.0}, torch_math={"cost": 120.0, "predicted_ms": 130.0})
+    c = info.decision.candidates
+    assert made["torch_math"].calls == 1 and c["torch_math"].status == "slower"
+    assert "prediction 130 ms is more than 2.5x" in c["torch_math"].reason
+    rounds = c["torch_flash"].reps - 1
+    assert rounds >= 1 and made["torch_flash"].calls == 1 + rounds  # the gate call, then only the rounds
+    assert made["torch"].calls == 2 + rounds and c["torch"].reps == made["torch"].calls  # the first one is probed
+    assert info.backend == "torch"

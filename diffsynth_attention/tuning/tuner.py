@@ -11,7 +11,10 @@ time the survivors in interleaved rounds, pick one.
    happens here; its time is ``first_call_ms``, counted as compile time); its output is compared
    with the fp32 reference on a slice (batch 0, at most two heads): relative L1 error above the
    tolerance, a NaN or an Inf rejects it; so does an exception, an out-of-memory error and a
-   change to its input tensors. Then one probe sample of back-to-back calls.
+   change to its input tensors. Then one probe sample of back-to-back calls. For a long call
+   (one call is a sample), the untimed call is an upper bound of its time: within 1.5x of the
+   best it needs no probe; more than 1.5x the best, with a prediction more than 2.5x the best
+   prediction, it is not probed either (``slower``).
 2. **Interleaved rounds.** Every candidate within ``RETIME`` (1.5x) of the best first-pass time
    is re-timed in the same rounds (each round samples each of them once, the order rotating).
    The decision compares only the medians of those rounds. The others keep their first-pass
@@ -60,6 +63,7 @@ TIE = 0.02  # the floor of the tie threshold: candidates within 2% are a tie, br
 TIE_CAP = 0.03  # the most the measured noise may widen it: never prefer one more than 3% slower
 RETIME = 1.5  # candidates within 1.5x of the best first-pass time are re-timed in the interleaved rounds
 SKIP_FACTOR = 4.0  # a prediction more than 4x the best prediction is skipped without running
+OUT_OF_ROUNDS = 2.5  # a long call predicted 2.5x the best and measured (first call) 1.5x the best is not probed
 EARLY_SKIP = True  # False: run every candidate (the measurement scripts compare skips with this)
 BUDGET_WINNER_FACTOR = 15.0  # the budget is max(DIFFSYNTH_ATTENTION_TUNING_BUDGET, 15x the winner)
 MIN_ROUNDS = 3  # rounds a noise estimate needs (with fewer, the tie threshold is its 2% floor)
@@ -287,26 +291,45 @@ def tune(
                 cand.reason = (f"not timed: the budget ({tuning_limit(floor_s, best):.3g} s) has no room for it "
                                f"(its first call took {cand.first_call_ms:.4g} ms)")
                 return
-            probe = clock.sample(call, 1, warm=False)
-            n = Timer.calls_for(probe, SAMPLE_MS)
-            if n > 1:  # a short call: one call's time is mostly launch latency; probe with a real sample
-                probe = min(probe, clock.sample(call, n))
-            elif best is not None and probe > RETIME * best and spent() + probe / 1e3 <= tuning_limit(floor_s, best):
-                probe = min(probe, clock.sample(call, 1, warm=False))  # one outlier must not keep it out of the rounds
+            gate_ms = cand.first_call_ms
+            long_call = not grad and Timer.calls_for(gate_ms, SAMPLE_MS) == 1  # the gate call is one call of it
+            pred, pred_best = predictions.get(name), best_prediction()
+            if long_call and best is not None and gate_ms <= RETIME * best:
+                probe, n, probed = gate_ms, 1, 0  # an upper bound, within 1.5x: it goes to the rounds; no probe
+            elif (long_call and best is not None and pred is not None and pred_best is not None
+                  and pred > OUT_OF_ROUNDS * pred_best):
+                cand.status, cand.time_ms, cand.reps = SLOWER, gate_ms, 1  # an upper bound; not worth a probe
+                cand.reason = (f"first call {gate_ms:.4g} ms is more than {RETIME:g}x the best ({best:.4g} ms) and its "
+                               f"prediction {pred:.4g} ms is more than {OUT_OF_ROUNDS:g}x the best prediction: not re-timed")
+                return
+            else:
+                probe = clock.sample(call, 1, warm=False)
+                n = Timer.calls_for(probe, SAMPLE_MS)
+                probed = 1 + (n if n > 1 else 0)
+                if n > 1:  # a short call: one call's time is mostly launch latency; probe with a real sample
+                    probe = min(probe, clock.sample(call, n))
+                elif not grad:
+                    probe = min(probe, gate_ms)  # two calls of it: one outlier does not keep it out of the rounds
         except Exception as exc:
             cand.status, cand.reason = REJECTED, _describe_exception(exc)
             _recover(device)
             return
-        cand.status, cand.time_ms, cand.reps = ACCEPTED, probe, 1 + n
+        cand.status, cand.time_ms, cand.reps = ACCEPTED, probe, 1 + probed
         first[name] = (call, n, probe)
+
+    def alive_predictions() -> list:
+        return [n for n in predictions if n not in memory_skips and results.get(n, Candidate(ACCEPTED)).status
+                not in (REJECTED, UNSUPPORTED)]
+
+    def best_prediction() -> Optional[float]:
+        return min((predictions[n] for n in alive_predictions()), default=None)
 
     def time_skips() -> dict:
         """Candidates predicted more than SKIP_FACTOR x the best prediction among the candidates
         still in the running (not rejected); recomputed as the first pass goes."""
         if not EARLY_SKIP:
             return {}
-        alive = [n for n in predictions if n not in memory_skips and results.get(n, Candidate(ACCEPTED)).status
-                 not in (REJECTED, UNSUPPORTED)]
+        alive = alive_predictions()
         if not alive:
             return {}
         best_name = min(alive, key=lambda n: predictions[n])
