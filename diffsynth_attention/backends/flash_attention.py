@@ -14,7 +14,7 @@ import os
 from typing import Optional
 
 from ..problem import Problem
-from .base import Backend, DeviceInfo, package_version
+from .base import Backend, DeviceInfo, module_present, package_version
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -113,8 +113,10 @@ class FlashAttention2(_FlashBase):
         return package_version("flash-attn")
 
     def _install_hint(self) -> str:
-        return (f"pip install 'diffsynth-attention[{self.extra}]'; a 'flash_attn' module from flash-attn-4 "
-                "is not FlashAttention-2")
+        hint = f"pip install 'diffsynth-attention[{self.extra}]'"
+        if module_present("flash_attn"):
+            hint += "; the 'flash_attn' module here (flash-attn-4's) is not FlashAttention-2"
+        return hint
 
     def _configure(self, version: Optional[str]) -> None:
         self._has_window = _version_tuple(version) >= (2, 3) if version else True
