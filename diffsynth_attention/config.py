@@ -137,6 +137,20 @@ def implementation() -> str:
     raise ValueError(f"{IMPLEMENTATION}={raw!r} is not a backend; allowed: auto (or empty), {', '.join(BACKEND_NAMES)}")
 
 
+NEW_SHAPES = "DIFFSYNTH_ATTENTION_NEW_SHAPES"
+
+
+def new_shapes() -> str:
+    """``tune`` (default): a new problem is tuned. ``nearest``: a problem that differs from a known
+    decision only in sequence lengths within the same bucket (about four per octave) is served by
+    that decision at once."""
+    raw = _raw(NEW_SHAPES)
+    value = (raw or "tune").strip().lower() or "tune"
+    if value not in ("tune", "nearest"):
+        raise ValueError(f"{NEW_SHAPES}={raw!r} is not allowed; allowed: tune (default, also when empty), nearest")
+    return value
+
+
 READERS = {
     IMPLEMENTATION: implementation,
     STRICT: strict,
@@ -146,6 +160,7 @@ READERS = {
     CACHE_DIR: cache_dir_override,
     LOCK_TIMEOUT: lock_timeout,
     TUNE_WAIT: tune_wait,
+    NEW_SHAPES: new_shapes,
 }
 
 

@@ -170,7 +170,7 @@ def manual_graph(fn, q, k, v):
 def compiled_rows(shapes: list, device, layouts, samples: int, modes=("default", "reduce-overhead")) -> list:
     import diffsynth_attention as da
     from benchmark import interleaved
-    from diffsynth_attention.tools.warm import make_inputs
+    from diffsynth_attention.tools.inputs import make_inputs
 
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
@@ -309,7 +309,7 @@ def write_markdown(result: dict, path: Path) -> None:
 def run(args) -> dict:
     from benchmark import environment
 
-    from diffsynth_attention.tools.warm import load_shapes_file, select_presets
+    from diffsynth_attention.tools.shapes import load_shapes_file, select_presets
 
     device = torch.device(args.device)
     shapes = load_shapes_file(args.shapes) if args.shapes else select_presets(args.preset or ["all"])

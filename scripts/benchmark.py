@@ -276,7 +276,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--tag", default=None, help="file name stem (default <device>-<date>)")
     parser.add_argument("--keep-cache", action="store_true", help="use the user's cache instead of a fresh one")
+    parser.add_argument("--repeat-tuning", type=int, default=0, metavar="N",
+                        help="tune every problem in N fresh processes and report how often decisions agree "
+                             "(scripts/tuning_report.py; writes <device>-<date>-tuning-repeat.{json,md})")
     args = parser.parse_args(argv)
+    if args.repeat_tuning:
+        import tuning_report
+
+        tuning_report.repeat_from_benchmark(args)
+        return 0
     if not args.keep_cache:
         os.environ["DIFFSYNTH_ATTENTION_CACHE_DIR"] = tempfile.mkdtemp(prefix="da-bench-")
     result = run(args)

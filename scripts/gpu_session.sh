@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything this project measures on the GPU machine, in one command (see ../shared/gpu/README.md).
-# Usage there, after staging the kernel wheels:  bash scripts/gpu_session.sh [tests] [bench] [e2e] [parallel]
+# Usage there, after staging the kernel wheels:  bash scripts/gpu_session.sh [tests] [bench] [e2e] [parallel] [tuning]
 # Writes logs and results under $OUT (or ./gpu-out).
 set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
@@ -15,5 +15,7 @@ for phase in $phases; do
     e2e) PYTHONPATH="/tmp/diff-site:$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v gpu-site | paste -sd:)" DA_LATE_PATH=/tmp/gpu-site:/tmp/gpu-site/nvidia_cutlass_dsl/dsl_packages \
            python3 scripts/bench_e2e.py --device cuda --out "$out" ${E2E_ARGS:-} 2>&1 | tee "$out/e2e.log" | tail -60 ;;
     parallel) python3 scripts/parallel_warm.py "$out/parallel_warm.json" 2>&1 | tail -30 ;;
+    tuning) for kind in "cost --extra" first-call neighbours "repeat --n 5"; do
+              python3 scripts/tuning_report.py $kind --out "$out" 2>&1 | tee -a "$out/tuning.log" | tail -40; done ;;
   esac
 done

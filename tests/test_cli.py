@@ -239,7 +239,12 @@ def test_explain_stays_readable_at_80_columns(monkeypatch, capsys):
 
 
 def test_warm_under_torchrun_splits_and_syncs(subprocess_env, isolated):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733",
+    import socket
+
+    with socket.socket() as sock:  # a free port: a fixed one collides with other runs on a shared machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                         "-m", "diffsynth_attention", "warm", "--preset", "seed_example,sdxl_1024_cross,flux_1024,flux_2048",
                         "--no-progress", "--json"], env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,5 +1,18 @@
 """The backend base class: capabilities declared as attributes, one list of checks that both
 selects backends and explains why one cannot serve a problem (the way PyTorch's sdp_utils does).
+
+Availability has two levels, so that a process imports only the kernel packages it uses:
+
+- *declared*: the package is installed (its distribution metadata, or a module that can be
+  found without importing it) and the machine can run it. This is what selects candidates and
+  builds the key (:meth:`Backend.declared_reason`, :meth:`Backend.declared_version`): no import.
+- *loaded*: the package imported. That happens on first use (a plan that will call the
+  backend, a tuning that will time it, ``available_backends()``): a broken install is found
+  then, and the backend becomes unavailable with the reason (:meth:`Backend.unavailable_reason`).
+
+Each backend also declares a rough cost model (:meth:`Backend.predicted_bytes`,
+:meth:`Backend.predicted_ms`) that lets the tuner skip candidates that cannot fit or cannot win
+without running them.
 """
 
 from __future__ import annotations
@@ -7,7 +20,10 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -71,6 +87,66 @@ def package_version(distribution: str) -> Optional[str]:
         return None
 
 
+def module_present(name: str) -> bool:
+    """Whether module ``name`` could be imported, found without importing it (nor its parents).
+
+    A module already in ``sys.modules`` counts; a submodule is looked for in its top-level
+    package's folders (finding its spec would import the parent package)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    top, _, rest = name.partition(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    if not rest:
+        return True
+    locations = list(spec.submodule_search_locations or [])
+    first = rest.split(".")[0]
+    return any(os.path.isdir(os.path.join(loc, first)) or os.path.isfile(os.path.join(loc, first + ".py")) for loc in locations)
+
+
+# -- cost models ------------------------------------------------------------------------------
+# Dense 16-bit tensor-core FLOP/s per SM and ms, by compute capability major (H100/H200 SXM:
+# 989 TFLOP/s over 132 SMs; A100: 312 over 108; B200: 2250 over 148; Ada/consumer parts lower).
+_FLOPS_PER_SM_MS = {7: 0.95e9, 8: 2.9e9, 9: 7.5e9, 10: 15.2e9, 11: 15.2e9, 12: 1.2e9}
+_AMPERE_CONSUMER = 1.3e9  # 8.6 / 8.9 (RTX 30/40, L40S)
+
+
+def peak_flops_per_ms(dev: Optional[DeviceInfo], dtype: torch.dtype) -> Optional[float]:
+    """The device's dense peak in FLOP per ms for ``dtype`` (None where no model is known)."""
+    if dev is None or dev.type != "cuda" or dev.capability is None or not dev.sm_count:
+        return None
+    major, minor = dev.capability
+    per_sm = _AMPERE_CONSUMER if (major == 8 and minor > 0) else _FLOPS_PER_SM_MS.get(major)
+    if per_sm is None:
+        return None
+    peak = per_sm * dev.sm_count
+    if dtype == torch.float32:
+        peak /= 16  # no TF32 in SDPA's kernels: CUDA-core FP32 is ~1/16 of 16-bit tensor cores
+    elif dtype == torch.float64:
+        peak /= 32
+    return peak
+
+
+def attention_flops(p: Problem) -> float:
+    """Forward FLOPs of attention: 2 matmuls of 2*b*n*s_q*s_kv*d (halved when causal)."""
+    flops = 2.0 * p.batch * p.heads_q * p.seq_q * p.seq_kv * (p.head_dim + p.head_dim_v)
+    if p.causal:
+        flops /= 2
+    if p.window is not None:
+        flops *= min(1.0, (2 * p.window + 1) / max(p.seq_kv, 1))
+    if p.requires_grad:
+        flops *= 3.5  # forward + backward (recomputation included)
+    return flops
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class Backend:
     """One attention kernel. Subclasses declare capabilities; ``forward`` takes ``b n s d`` views.
 
@@ -99,15 +175,60 @@ class Backend:
     capabilities: ClassVar[Optional[frozenset]] = None  # allowed major versions, if restricted
     output_layout: ClassVar[str] = "b n s d"  # the layout of the tensor behind forward's b n s d result
     exact: ClassVar[bool] = True  # False for quantized kernels (documented, not used to select)
+    # The module that ``_load`` imports (found without importing it to tell "installed"); None:
+    # nothing to import (PyTorch's own kernels).
+    module: ClassVar[Optional[str]] = None
+    # Cost model. ``efficiency``: the fraction of the device's 16-bit peak the kernel reaches on
+    # long sequences; ``launch_ms``: host and launch cost of one call, the floor on short ones.
+    # Calibrated on an H200 (shared/gpu/README.md) and kept generous: a candidate is skipped by
+    # time only when its prediction is several times the best one (the tuner's SKIP_FACTOR).
+    efficiency: ClassVar[float] = 0.3
+    launch_ms: ClassVar[float] = 0.02
 
     def __init__(self) -> None:
         self._loaded = False
         self._unavailable: Optional[str] = None
         self._version: Optional[str] = None
+        self._declared: Optional[tuple] = None  # (reason or None, version or None), no import
 
     # -- availability -------------------------------------------------------------------
     def _load(self) -> None:
         """Import the kernel package; raise anything on failure. Set attributes for forward."""
+
+    def _metadata_version(self) -> Optional[str]:
+        """The installed distribution's version from its metadata (no import); None if absent."""
+        return package_version(self.package) if self.package else None
+
+    def _configure(self, version: Optional[str]) -> None:
+        """Set version-dependent capabilities from the installed version (no import)."""
+
+    def _install_hint(self) -> str:
+        return f"pip install {self.package}" if not self.extra else f"pip install 'diffsynth-attention[{self.extra}]'"
+
+    def _declare(self) -> tuple:
+        if self._declared is None:
+            reason, version = None, None
+            if self.package is not None:
+                version = self._metadata_version()
+                if version is None and self.module is not None and module_present(self.module):
+                    version = "unknown"
+                if version is None:
+                    reason = f"package {self.package} is not installed ({self._install_hint()})"
+            if reason is None:
+                self._configure(version)
+                reason = self._machine_reason()
+            self._declared = (reason, version)
+        return self._declared
+
+    def declared_reason(self) -> Optional[str]:
+        """None if this backend is installed (by its metadata) and this machine can run it, else
+        why not; imports nothing. A broken install is found later, by :meth:`unavailable_reason`
+        (and does not change this answer: keys stay the same in every process of a machine)."""
+        return self._declare()[0]
+
+    def declared_version(self) -> Optional[str]:
+        """The installed version from package metadata, without importing the package."""
+        return self._declare()[1]
 
     def _machine_reason(self) -> Optional[str]:
         if "cuda" in self.devices and self.devices == frozenset({"cuda"}) and not torch.cuda.is_available():
@@ -124,26 +245,48 @@ class Backend:
             text = str(exc).strip().splitlines()
             detail = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
             if isinstance(exc, ModuleNotFoundError) and self.package:
-                hint = f"pip install {self.package}" if not self.extra else f"pip install 'diffsynth-attention[{self.extra}]'"
-                self._unavailable = f"package {self.package} is not installed ({hint}); import said {detail}"
+                self._unavailable = f"package {self.package} is not installed ({self._install_hint()}); import said {detail}"
             else:
                 self._unavailable = f"installed but unusable: import failed with {detail}"
             logger.debug("backend %s unavailable: %s", self.name, self._unavailable)
 
     def unavailable_reason(self) -> Optional[str]:
-        """None if this backend can run on this machine, else why not (package, import, GPU)."""
+        """None if this backend can run on this machine, else why not (package, import, GPU).
+        Imports the kernel package (once) when it is installed: a broken install is found here."""
+        if self._declare()[1] is None and self.package is not None:  # not installed: nothing to import
+            return self._declared[0]
         self._ensure_loaded()
         if self._unavailable is not None:
             return self._unavailable
         return self._machine_reason()
 
+    def is_loaded(self) -> bool:
+        """Whether the kernel package was imported (successfully or not) in this process."""
+        return self._loaded
+
     def version(self) -> Optional[str]:
         self._ensure_loaded()
-        return self._version
+        return self._version or self.declared_version()
+
+    # -- cost model ---------------------------------------------------------------------
+    def predicted_bytes(self, p: Problem) -> int:
+        """Device memory one call allocates beyond its inputs: the output (and its row
+        statistics) for kernels that never materialise the scores."""
+        out = p.batch * p.heads_q * p.seq_q * p.head_dim_v * element_size(p.dtype)
+        return out + p.batch * p.heads_q * p.seq_q * 4
+
+    def predicted_ms(self, p: Problem, dev: Optional[DeviceInfo]) -> Optional[float]:
+        """A rough time per call: the launch floor plus FLOPs at this backend's efficiency of
+        the device's peak. None where no model is known (CPU, unknown GPUs)."""
+        peak = peak_flops_per_ms(dev, p.dtype)
+        if peak is None:
+            return None
+        return self.launch_ms + attention_flops(p) / (self.efficiency * peak)
 
     # -- capabilities -------------------------------------------------------------------
     def not_supported_reasons(self, p: Problem, dev: Optional[DeviceInfo] = None) -> list:
         """Every reason this backend cannot serve problem ``p`` on device ``dev``; [] if it can."""
+        self._declare()  # version-dependent capabilities, from the installed version's metadata
         reasons = []
         if p.device_type not in self.devices:
             reasons.append(f"runs on {'/'.join(sorted(self.devices))}, not {p.device_type}")

@@ -31,12 +31,22 @@ class SageAttention(Backend):
     backward = False
     min_capability = (8, 0)
     exact = False
+    module = "sageattention"
+    efficiency = 0.9  # 8-bit QK: can pass the 16-bit peak on its native parts (0.43 measured on an H200)
+    launch_ms = 0.05  # 0.19-0.31 ms per call on small problems (H200)
+
+    def _metadata_version(self):
+        return package_version("sageattention")
 
     def _load(self) -> None:
         module = importlib.import_module("sageattention")
         self._func = getattr(module, "sageattn")
         self._version = package_version("sageattention") or getattr(module, "__version__", "unknown")
-        self._major = (_version_tuple(self._version) or (1,))[0]
+        if self.declared_version() in (None, "unknown"):
+            self._configure(self._version)
+
+    def _configure(self, version) -> None:
+        self._major = (_version_tuple(version) or (1,))[0]
         if self._major >= 2:
             # 2.x: CUDA kernels per architecture, 16-bit inputs, head dims up to 128.
             self.dtypes = frozenset({torch.float16, torch.bfloat16})

@@ -24,7 +24,7 @@ from ..problem import mask_4d, prepare
 from ..request import Request
 from ..store.cache import DecisionCache, all_rejected
 from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision
-from ..store.key import make_key
+from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.tuner import TuneInputs, tune
 from . import compiled
 from .runners import make_runner
@@ -44,18 +44,20 @@ class Explanation:
     """Why a call goes where it goes (``diffsynth_attention.explain``)."""
 
     backend: str
-    source: str  # "override", "cache", "tuned" or "fallback"
+    source: str  # "override", "cache", "tuned", "neighbour" or "fallback"
     key: dict
     candidates: dict = field(default_factory=dict)  # name -> {"time_ms", "error", "reason", "status"}
     problem: str = ""
     key_id: str = ""
     decision: Optional[Decision] = None  # the decision behind a "cache"/"tuned" source
     dropped: dict = field(default_factory=dict)  # backend -> why this process stopped using it
+    neighbour_of: Optional[str] = None  # source "neighbour": the key id whose decision serves this call
 
     def as_dict(self) -> dict:
         return {"backend": self.backend, "source": self.source, "key": self.key, "key_id": self.key_id,
                 "candidates": self.candidates, "problem": self.problem, "dropped": dict(self.dropped),
-                "decision": None if self.decision is None else self.decision.to_dict()}
+                "decision": None if self.decision is None else self.decision.to_dict(),
+                "neighbour_of": self.neighbour_of}
 
     def __getitem__(self, item):
         return self.as_dict()[item]
@@ -158,6 +160,37 @@ class Dispatcher:
         with self._lock:
             self.plans[sig] = plan
             self._sigs_by_key.setdefault(plan.key.id, set()).add(sig)
+            if plan.decision is not None and plan.decision.key_id != plan.key.id:  # a neighbour's decision
+                self._sigs_by_key.setdefault(plan.decision.key_id, set()).add(sig)
+
+    def _neighbour(self, key, usable_names: set) -> Optional[Decision]:
+        """The known decision nearest to ``key`` that differs from it only in sequence lengths
+        falling in the same buckets (store/key.py), and whose backend can serve this call."""
+        group = neighbour_group(key.fields)
+        found = []
+        for key_id, decision in self.store.entries().items():
+            if key_id == key.id or decision.backend not in usable_names:
+                continue
+            try:
+                if neighbour_group(decision.key) != group:
+                    continue
+                distance = neighbour_distance(key.fields, decision.key)
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a foreign entry: not a neighbour
+                continue
+            if distance is not None:
+                found.append((distance, key_id, decision))
+        return min(found, key=lambda f: (f[0], f[1]))[2] if found else None
+
+    def _loaded_or_dropped(self, name: str, key) -> bool:
+        """Import a decided backend's kernel package (first use); a broken install drops it for this
+        key in this process, with the reason, as a run-time failure would."""
+        why = REGISTRY[name].unavailable_reason()
+        if why is None:
+            return True
+        with self._lock:
+            self.dropped.setdefault(key.id, {})[name] = why
+        self.warn_once(("unavailable", name, why), "backend %s is unavailable (%s); using another backend", name, why)
+        return False
 
     def _override_plan(self, requested, source_name, call, grad, key, dev) -> Plan:
         backend = REGISTRY[requested]
@@ -204,10 +237,19 @@ class Dispatcher:
         if decision is not None and all_rejected(decision):  # never trusted: tune again
             decision = None
         if decision is not None and decision.backend in usable_names:
-            return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, "cache", key, call, grad,
-                        decision, counts_hit=True)
+            if self._loaded_or_dropped(decision.backend, key):
+                return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, "cache", key, call,
+                            grad, decision, counts_hit=True)
+            dropped = self.dropped[key.id]
         if decision is not None and decision.backend in dropped:  # failed here at run time: the next best
             return self._demoted_plan(decision, key, call, grad, dropped)
+        if decision is None and config.new_shapes() == "nearest":
+            near = self._neighbour(key, usable_names)
+            if near is not None and self._loaded_or_dropped(near.backend, key):
+                logger.info("serving %s with the decision of neighbour key %s: %s", problem.describe(), near.key_id,
+                            near.backend)
+                return Plan(make_runner(REGISTRY[near.backend], call, grad), near.backend, "neighbour", key, call, grad,
+                            near, counts_hit=True)
         if not config.tuning_enabled() or _capturing(q.device) or _is_compiling():
             return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", "fallback", key, call, grad)
 
@@ -222,12 +264,10 @@ class Dispatcher:
                     to_canonical=call.layout.to_canonical,
                 )
 
-                def make(backend):
-                    run = make_runner(backend, call, grad)
-                    scale = call.scale
-                    return lambda q_, k_, v_, m_: run(q_, k_, v_, m_, scale)
+                def make(backend):  # the runner a plan binds: timed as the hit path calls it
+                    return make_runner(backend, call, grad)
 
-                decision = tune(inputs, usable, unsupported, key, make)
+                decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev)
                 self.counters["tunings"] += 1
                 self.counters["tuning_seconds"] += decision.tuning_seconds
                 logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
@@ -298,9 +338,20 @@ class Dispatcher:
         decision = self.store.get(key.id)
         if decision is None:
             decision = self.store.refresh(key.id)
-        if decision is None or decision.backend not in usable_names:
-            return None
-        return decision.backend, problem.causal, problem.window, grad
+        if decision is not None and all_rejected(decision):
+            decision = None
+        chosen = None
+        if decision is not None and decision.backend in usable_names and self._loaded_or_dropped(decision.backend, key):
+            chosen = decision.backend
+        elif decision is not None and decision.backend in self.dropped.get(key.id, {}):
+            chosen = self._demoted_plan(decision, key, call, grad, self.dropped[key.id]).backend
+        elif decision is None and config.new_shapes() == "nearest":
+            near = self._neighbour(key, usable_names)
+            if near is not None and self._loaded_or_dropped(near.backend, key):
+                chosen = near.backend
+        if chosen is None:
+            return None  # no decision yet: the graph dispatches (and tunes) at run time
+        return chosen, problem.causal, problem.window, grad
 
     # -- the slow path ----------------------------------------------------------------------
     def call(self, req: Request, impl_raw, grad: bool):
@@ -354,6 +405,8 @@ class Dispatcher:
         with self._lock:
             self.dropped.setdefault(key_id, {})[plan.backend] = reason
         decision = plan.decision
+        if decision is not None and decision.key_id != key_id:  # a neighbour's decision: not this key's to change
+            decision = None
         if decision is not None and deterministic:
             cand = decision.candidates.get(plan.backend)
             if cand is not None:
@@ -398,8 +451,9 @@ class Dispatcher:
             cands = {plan.requested: {"time_ms": None, "error": None, "reason": "; ".join(plan.reasons), "status": "unsupported"}}
         else:
             cands = {}
+        neighbour_of = plan.decision.key_id if source == "neighbour" and plan.decision is not None else None
         return Explanation(plan.backend, source, plan.key.fields, cands, plan.problem.describe(), plan.key.id,
-                           plan.decision, dropped)
+                           plan.decision, dropped, neighbour_of)
 
 
 def _make_forward(d: Dispatcher) -> Callable:

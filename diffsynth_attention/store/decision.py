@@ -10,7 +10,8 @@ from typing import Optional
 # A candidate's status: how it ended in tuning.
 CHOSEN = "chosen"
 ACCEPTED = "accepted"  # passed the gate, was timed, lost
-SLOWER = "slower"  # passed the gate, dropped early: more than 2x the best so far
+SLOWER = "slower"  # passed the gate; its first pass was more than 1.5x the best: not re-timed
+SKIPPED = "skipped"  # not run: its cost model predicts it cannot fit in memory or cannot win
 REJECTED = "rejected"  # error above tolerance, NaN/Inf, an exception, or modified its inputs
 UNSUPPORTED = "unsupported"  # unavailable here, or its declared capabilities exclude the problem
 
@@ -32,13 +33,18 @@ class Candidate:
     reason: Optional[str] = None  # why it was rejected, unsupported or dropped; None otherwise
     first_call_ms: Optional[float] = None  # the untimed first call: compilation plus one run
     reps: int = 0
+    predicted_ms: Optional[float] = None  # its cost model's time per call, where it has one
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["predicted_ms"] is None:
+            del out["predicted_ms"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Candidate":
-        return cls(**{k: data.get(k) for k in ("status", "time_ms", "error", "reason", "first_call_ms")}, reps=data.get("reps") or 0)
+        return cls(**{k: data.get(k) for k in ("status", "time_ms", "error", "reason", "first_call_ms", "predicted_ms")},
+                   reps=data.get("reps") or 0)
 
 
 @dataclass

@@ -3,13 +3,19 @@
 A key holds the problem, the device's identity (model, compute capability, SM count; never its
 index, so two GPUs of one model share decisions), and the versions of torch, CUDA (runtime and
 driver), cuDNN, this library and every kernel package that was a candidate, so an upgrade of
-any of them never reuses an old decision.
+any of them never reuses an old decision. Versions come from package metadata: building a key
+imports no kernel package.
+
+Neighbours: :func:`neighbour_group` and :func:`seq_bucket` say which keys differ only in
+sequence lengths that fall in the same bucket (about four per octave), so that
+``DIFFSYNTH_ATTENTION_NEW_SHAPES=nearest`` can serve a new length from a known decision.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -76,9 +82,47 @@ def make_key(problem: Problem, dev: DeviceInfo, candidates) -> Key:
     if dev.type != "cuda":
         for name in ("cuda", "cuda_driver", "cudnn"):
             versions.pop(name, None)
-    for backend in candidates:
+    for backend in candidates:  # from package metadata: building a key imports no kernel package
         if backend.package:
-            versions[backend.package] = backend.version() or "unknown"
+            versions[backend.package] = backend.declared_version() or "unknown"
     fields = {"problem": problem_fields(problem), "device": dev.as_dict(), "versions": versions}
     return Key(fields, key_id(fields))
 
+
+
+BUCKETS_PER_OCTAVE = 4  # neighbours: sequence lengths within a factor of 2**(1/4) (~19%) share a bucket
+
+
+def seq_bucket(length: int, per_octave: int = BUCKETS_PER_OCTAVE) -> int:
+    """The bucket of a sequence length: ``round(per_octave * log2(length))``."""
+    import math
+
+    return int(round(per_octave * math.log2(max(int(length), 1))))
+
+
+def neighbour_group(fields: dict) -> str:
+    """A key's fields with the sequence lengths taken out (and the mask shape's sequence axes
+    abstracted): two keys with the same group differ at most in seq_q and seq_kv."""
+    problem = dict(fields["problem"])
+    sq, skv = problem.pop("seq_q"), problem.pop("seq_kv")
+    shape = problem.get("mask_shape")
+    if shape is not None:
+        shape = list(shape)
+        shape[2] = "s_q" if shape[2] == sq and sq != 1 else shape[2]
+        shape[3] = "s_kv" if shape[3] == skv and skv != 1 else shape[3]
+        problem["mask_shape"] = shape
+    problem["seq_q_is_seq_kv"] = sq == skv  # causal/window alignment depends on it
+    return key_id({**fields, "problem": problem})
+
+
+def neighbour_distance(a: dict, b: dict, per_octave: int = BUCKETS_PER_OCTAVE) -> Optional[float]:
+    """For two keys' fields of one :func:`neighbour_group`: None unless both sequence lengths fall
+    in the same bucket, else how far apart they are (sum of |log2| ratios)."""
+    import math
+
+    pa, pb = a["problem"], b["problem"]
+    if seq_bucket(pa["seq_q"], per_octave) != seq_bucket(pb["seq_q"], per_octave):
+        return None
+    if seq_bucket(pa["seq_kv"], per_octave) != seq_bucket(pb["seq_kv"], per_octave):
+        return None
+    return abs(math.log2(pa["seq_q"] / pb["seq_q"])) + abs(math.log2(pa["seq_kv"] / pb["seq_kv"]))

@@ -23,9 +23,12 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def sample(self, fn: Callable, calls: int) -> float:
-        """ms per call over ``calls`` back-to-back calls, after one untimed call."""
-        fn()
+    def sample(self, fn: Callable, calls: int, warm: bool = True) -> float:
+        """ms per call over ``calls`` back-to-back calls, after one untimed call (``warm``)."""
+        if warm:
+            fn()
+        elif self.cuda:
+            torch.cuda.synchronize()
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

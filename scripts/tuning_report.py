@@ -1,0 +1,602 @@
+#!/usr/bin/env python3
+"""Measurements of tuning itself: repeatability, cost, first calls and neighbours.
+
+Sub-commands (each writes ``benchmarks/results/<device>-<date>-tuning-<kind>.{json,md}``):
+
+- ``repeat --n N`` (issue 14): tunes every problem in N fresh processes, each with an empty cache
+  folder of its own, then times every backend any of them decided (and every other timed
+  candidate) directly, interleaved, in one process. Per problem: how often the decisions agree
+  (a decision whose backend is within ``TIE_CAP`` (3%) of the most frequent one's counts as
+  agreeing: a tie), and how far the worst decision is from the best backend (target <= 1.03).
+  ``scripts/benchmark.py --repeat-tuning N`` runs the same.
+- ``cost`` (issue 15, items 1-2): per problem, the tuning cost (total, compile, the rest against
+  the budget ``max(DIFFSYNTH_ATTENTION_TUNING_BUDGET, 15x the fastest time)``), every candidate's
+  prediction, and the skipped ones; then the same problem tuned again with skipping off, to
+  check every skip against measured times (a skip is wrong if, unskipped, it would have won).
+- ``first-call`` (issue 15, items 3-4): in fresh processes: start-up; every problem's first call
+  with an empty cache (tuning), with decisions cached but FlashAttention-4's compile cache cold,
+  and with both warm; the time from ``import torch`` done to the first result in a process whose
+  decisions are all cached (a problem not decided for FlashAttention-4) and which kernel
+  packages that process imported; and ``diffsynth-attention warm`` run again with both caches warm.
+- ``neighbours`` (issue 15, item 5): sequence lengths swept around each problem (default -40%,
+  -15%, -5%, +5%, +15%, +40%): the backend tuning picks against the one ``nearest`` would serve
+  (the decision of the problem itself), whether the length falls in its bucket, and, where they
+  differ, the slowdown of the neighbour's backend measured directly.
+
+On a machine without a GPU, ``--device cpu`` runs the same code on problems cut to CPU size
+(``--max-seq`` cuts them further for a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+OFFSETS = (-0.40, -0.15, -0.05, 0.05, 0.15, 0.40)
+# Problems the issue measured beyond the suite (``--extra``).
+EXTRA = [{"name": "wan14b_720p_self", "model": "Wan2.1 14B, 1280x720, 81 frames", "batch": 1, "heads_q": 40, "heads_kv": 40,
+          "seq_q": 75600, "seq_kv": 75600, "head_dim": 128, "causal": False, "dtype": "bfloat16"}]
+
+
+# -- shared helpers ------------------------------------------------------------------------------------
+def _torch():
+    import torch
+
+    return torch
+
+
+def device_label(device) -> str:
+    torch = _torch()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace("NVIDIA ", "").replace(" ", "-")
+    return device.type
+
+
+def problems(args) -> list:
+    from diffsynth_attention.tools.shapes import load_shapes_file, select_presets
+
+    if args.shapes:
+        shapes = load_shapes_file(args.shapes)
+    else:
+        shapes = select_presets(args.preset or (["cpu"] if args.device == "cpu" else ["all"]))
+    if getattr(args, "extra", False):
+        shapes = shapes + EXTRA
+    if args.only:
+        wanted = set(args.only.split(","))
+        shapes = [s for s in shapes if s["name"] in wanted or s["name"].split("@")[0] in wanted]
+    if args.max_seq:
+        shapes = [{**s, "seq_q": min(s["seq_q"], args.max_seq), "seq_kv": min(s["seq_kv"], args.max_seq)} for s in shapes]
+    if args.max_heads:
+        shapes = [{**s, "heads_q": min(s["heads_q"], args.max_heads),
+                   "heads_kv": min(s["heads_kv"], args.max_heads) if s["heads_q"] == s["heads_kv"] else 1} for s in shapes]
+    return shapes
+
+
+def fmt(x, spec: str = ".4g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        _torch().cuda.synchronize(device)
+
+
+def fresh_dispatcher():
+    from diffsynth_attention.dispatch import Dispatcher
+    from diffsynth_attention.store.cache import DecisionCache
+
+    return Dispatcher(DecisionCache(tempfile.mkdtemp(prefix="da-tuning-report-")))
+
+
+def inputs(shape, device, seed=0):
+    from diffsynth_attention.tools.inputs import make_inputs
+
+    g = _torch().Generator(device=device).manual_seed(seed)
+    return make_inputs(shape, device, None, "b n s d", g)
+
+
+def runner(name, q, k, v, kw):
+    """The backend ``name`` called as a plan would call it (conversions included), bound to q, k, v."""
+    from diffsynth_attention.backends import REGISTRY
+    from diffsynth_attention.dispatch.runners import make_runner
+    from diffsynth_attention.problem import prepare
+
+    call, *_ = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, kw.get("is_causal", False),
+                       kw.get("window_size"), False)
+    backend = REGISTRY[name]
+    if backend.unavailable_reason() is not None:
+        return None
+    run = make_runner(backend, call, False)
+    return lambda: run(q, k, v, None, None)
+
+
+def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0) -> dict:
+    """Median ms per call of each method; samples interleaved, the order rotated every round."""
+    from diffsynth_attention.tuning.timing import Timer
+
+    torch = _torch()
+    timer = Timer(device)
+    with torch.no_grad():
+        calls = {name: Timer.calls_for(timer.sample(fn, 1), target_ms) for name, fn in methods.items()}
+        names = list(methods)
+        times = {name: [] for name in names}
+        for i in range(samples):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                times[name].append(timer.sample(methods[name], calls[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def decision_summary(info) -> dict:
+    d = info.decision
+    out = {"backend": info.backend, "source": info.source, "key_id": info.key_id}
+    if d is not None:
+        out.update(tuning_seconds=d.tuning_seconds, compile_seconds=d.compile_seconds,
+                   candidates={n: {"status": c.status, "time_ms": c.time_ms, "predicted_ms": c.predicted_ms,
+                                   "first_call_ms": c.first_call_ms, "error": c.error, "reason": c.reason}
+                               for n, c in d.candidates.items() if c.status != "unsupported"})
+    return out
+
+
+def write(result: dict, lines: list, out_dir: Path, stem: str) -> tuple:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    jpath.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    mpath.write_text("\n".join(lines) + "\n")
+    print(mpath.read_text())
+    return jpath, mpath
+
+
+def environment(device) -> dict:
+    torch = _torch()
+    import diffsynth_attention as da
+    from diffsynth_attention.backends import REGISTRY
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_label(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "diffsynth_attention": da.__version__,
+            "packages": {b.package: b.declared_version() for b in REGISTRY.values() if b.package}}
+
+
+def child_env(cache_dir: str) -> dict:
+    env = dict(os.environ)
+    env["DIFFSYNTH_ATTENTION_CACHE_DIR"] = cache_dir
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_child(args_list: list, cache_dir: str, timeout: float = 3600) -> dict:
+    """Run this script's hidden sub-command in a fresh process; return its JSON result and wall time."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as fh:
+        out = fh.name
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args_list, "--result", out],
+                          env=child_env(cache_dir), capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args_list[0]} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    data = json.loads(Path(out).read_text())
+    os.unlink(out)
+    data["wall_s"] = wall
+    return data
+
+
+def shapes_file(shapes: list) -> str:
+    fd, path = tempfile.mkstemp(prefix="da-shapes-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"shapes": shapes}, fh)
+    return path
+
+
+# -- hidden children ---------------------------------------------------------------------------------------
+def child_tune(args) -> dict:
+    """Tune every problem (the cache folder is empty): its decision."""
+    import diffsynth_attention as da
+    from diffsynth_attention.tools.shapes import load_shapes_file
+
+    torch = _torch()
+    device = torch.device(args.device)
+    rows = []
+    for shape in load_shapes_file(args.shapes):
+        q, k, v, kw = inputs(shape, device)
+        with torch.no_grad():
+            info = da.explain(q, k, v, **kw)
+        rows.append({"name": shape["name"], **decision_summary(info)})
+        del q, k, v
+    return {"problems": rows}
+
+
+def child_first_calls(args) -> dict:
+    """The first call of every problem in this process: wall time, backend and source."""
+    torch = _torch()
+    device = torch.device(args.device)
+    torch.zeros(1, device=device)  # the device context, outside the timings
+    sync(device)
+    import diffsynth_attention as da
+    from diffsynth_attention.tools.shapes import load_shapes_file
+
+    rows = []
+    for shape in load_shapes_file(args.shapes):
+        q, k, v, kw = inputs(shape, device)
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            da.attention_forward(q, k, v, **kw)
+        sync(device)
+        first = time.perf_counter() - t0
+        with torch.no_grad():
+            info = da.explain(q, k, v, **kw)
+        rows.append({"name": shape["name"], "first_call_s": first, **decision_summary(info)})
+        del q, k, v
+    return {"problems": rows, "stats": da.stats()}
+
+
+def child_first_result(args) -> dict:
+    """Seconds from ``import torch`` done to the first attention result, decisions all cached."""
+    torch = _torch()
+    t_torch = time.perf_counter()
+    device = torch.device(args.device)
+    import diffsynth_attention as da
+    from diffsynth_attention.tools.shapes import load_shapes_file
+
+    shape = load_shapes_file(args.shapes)[0]
+    q, k, v, kw = inputs(shape, device)
+    with torch.no_grad():
+        da.attention_forward(q, k, v, **kw)
+    sync(device)
+    elapsed = time.perf_counter() - t_torch
+    info = da.explain(q, k, v, **kw)
+    kernel_modules = sorted(m for m in ("flash_attn", "flash_attn.cute", "flash_attn_interface", "sageattention", "xformers")
+                            if m in sys.modules)
+    return {"name": shape["name"], "seconds_after_import_torch": elapsed, "backend": info.backend, "source": info.source,
+            "kernel_modules_imported": kernel_modules, "stats": da.stats()}
+
+
+# -- repeat (issue 14, item 2) -------------------------------------------------------------------------------
+def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15, stem=None) -> dict:
+    from diffsynth_attention.tuning import tuner
+
+    torch = _torch()
+    path = shapes_file(shapes)
+    runs = []
+    for i in range(n):
+        cache = tempfile.mkdtemp(prefix=f"da-repeat-{i}-")
+        runs.append(run_child(["_tune", "--device", str(device), "--shapes", path], cache))
+        shutil.rmtree(cache, ignore_errors=True)
+        print(f"run {i + 1}/{n}: " + ", ".join(f"{r['name']}={r['backend']}" for r in runs[-1]["problems"]), flush=True)
+    rows = []
+    for j, shape in enumerate(shapes):
+        decided = [r["problems"][j]["backend"] for r in runs]
+        timed = set(decided)
+        for r in runs:
+            timed |= {name for name, c in r["problems"][j].get("candidates", {}).items()
+                      if c["status"] in ("chosen", "accepted", "slower")}
+        q, k, v, kw = inputs(shape, device)
+        methods = {name: fn for name in sorted(timed) if (fn := runner(name, q, k, v, kw)) is not None}
+        times = interleaved(methods, device, samples)
+        del q, k, v, methods
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        best = min(times, key=times.get)
+        mode = max(set(decided), key=lambda b: (decided.count(b), -times.get(b, float("inf"))))
+        agree = sum(1 for d in decided if d == mode or times.get(d, float("inf")) <= times[mode] * (1 + tuner.TIE_CAP))
+        worst = max(times.get(d, float("inf")) for d in decided)
+        rows.append({"name": shape["name"], "decisions": decided, "counts": {b: decided.count(b) for b in sorted(set(decided))},
+                     "mode": mode, "agree": agree, "runs": n, "times_ms": times, "best": best, "best_ms": times[best],
+                     "worst_vs_best": worst / times[best],
+                     "tuning_seconds": [r["problems"][j].get("tuning_seconds") for r in runs],
+                     "compile_seconds": [r["problems"][j].get("compile_seconds") for r in runs]})
+    result = {"environment": environment(device), "kind": "repeat-tuning", "runs": n, "samples": samples, "problems": rows,
+              "target": "worst of the fresh decisions within 3% of the best backend, on every problem",
+              "met": all(r["worst_vs_best"] <= 1.03 for r in rows)}
+    lines = [f"# Repeatability of tuning: {result['environment']['device']}", "",
+             f"{result['environment']['date']}; {n} fresh processes, each with an empty cache; every backend timed "
+             f"directly afterwards, interleaved, median of {samples} samples (ms). A decision within 3% of the most "
+             "frequent one counts as agreeing (a tie).", "",
+             "| problem | decisions (count) | agree | best backend (ms) | worst decision / best |", "|---|---|---|---|---|"]
+    for r in rows:
+        counts = ", ".join(f"{b} x{c} ({r['times_ms'].get(b, float('nan')):.4f})" for b, c in r["counts"].items())
+        lines.append(f"| {r['name']} | {counts} | {r['agree']}/{r['runs']} | {r['best']} ({r['best_ms']:.4f}) | "
+                     f"{'**' if r['worst_vs_best'] > 1.03 else ''}{r['worst_vs_best']:.3f}{'**' if r['worst_vs_best'] > 1.03 else ''} |")
+    lines += ["", f"Target (worst of {n} within 3% of the best on every problem): {'met' if result['met'] else '**not met**'}."]
+    write(result, lines, out_dir, stem or f"{device_label(device)}-{datetime.date.today().isoformat()}-tuning-repeat")
+    return result
+
+
+def repeat_from_benchmark(args) -> dict:
+    """``scripts/benchmark.py --repeat-tuning N``: its problem selection (--shapes, --preset, --only,
+    --device, --out, --tag), tuned in N fresh processes."""
+    torch = _torch()
+    ns = argparse.Namespace(shapes=args.shapes, preset=args.preset, only=args.only, device=args.device, extra=False,
+                            max_seq=None, max_heads=None)
+    device = torch.device(args.device)
+    stem = f"{args.tag}-tuning-repeat" if args.tag else None
+    return repeat_tuning(problems(ns), device, args.repeat_tuning, Path(args.out), max(args.samples, 5), stem)
+
+
+# -- cost (issue 15, items 1-2) ---------------------------------------------------------------------------------
+def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=None) -> dict:
+    from diffsynth_attention import config
+    from diffsynth_attention.tuning import tuner
+
+    torch = _torch()
+    floor = config.tuning_budget()
+    rows = []
+    for shape in shapes:
+        q, k, v, kw = inputs(shape, device)
+        with torch.no_grad():
+            info = fresh_dispatcher().explain(q, k, v, **kw)
+        d = decision_summary(info)
+        timed = [c["time_ms"] for c in d["candidates"].values() if c["time_ms"] is not None]
+        limit = tuner.tuning_limit(floor, min(timed) if timed else None)
+        excl = d["tuning_seconds"] - d["compile_seconds"]
+        row = {"name": shape["name"], "problem": info.problem, "decision": d, "limit_s": limit, "excl_compile_s": excl,
+               "within_budget": excl <= limit,
+               "skipped": {n: c for n, c in d["candidates"].items() if c["status"] == "skipped"}}
+        if compare:
+            tuner.EARLY_SKIP = False
+            try:
+                with torch.no_grad():
+                    info2 = fresh_dispatcher().explain(q, k, v, **kw)
+            finally:
+                tuner.EARLY_SKIP = True
+            d2 = decision_summary(info2)
+            row["no_skip"] = d2
+            winner_ms = d2["candidates"].get(d2["backend"], {}).get("time_ms")
+            checks = {}
+            for name in row["skipped"]:
+                c2 = d2["candidates"].get(name, {})
+                t = c2.get("time_ms")
+                checks[name] = {"no_skip_status": c2.get("status"), "no_skip_ms": t,
+                                "vs_winner": (t / winner_ms) if t and winner_ms else None,
+                                "would_have_won": d2["backend"] == name}
+            row["skip_checks"] = checks
+        rows.append(row)
+        print(f"{shape['name']}: {d['backend']} tuning {d['tuning_seconds']:.3f}s (compile {d['compile_seconds']:.3f}s, "
+              f"rest {excl:.3f}s / limit {limit:.3f}s), skipped {sorted(row['skipped'])}", flush=True)
+        del q, k, v
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    wrong = [(r["name"], n) for r in rows for n, c in r.get("skip_checks", {}).items() if c["would_have_won"]]
+    result = {"environment": environment(device), "kind": "tuning-cost", "budget_floor_s": floor, "problems": rows,
+              "all_within_budget": all(r["within_budget"] for r in rows), "wrong_skips": wrong}
+    lines = [f"# Tuning cost: {result['environment']['device']}", "",
+             f"{result['environment']['date']}. Budget: max({floor:g} s, 15x the fastest time), compilation (first "
+             "calls) excluded. Times in s; predictions and times in ms.", "",
+             "| problem | decision | tuning s | compile s | rest s / limit s | skipped (predicted ms; unskipped ms) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["decision"]
+        skipped = "; ".join(
+            f"{n} ({c['predicted_ms'] if c['predicted_ms'] is None else round(c['predicted_ms'], 4)}; "
+            f"{r.get('skip_checks', {}).get(n, {}).get('no_skip_ms') or '-'})" for n, c in r["skipped"].items()) or "-"
+        flag = "" if r["within_budget"] else " **over**"
+        lines.append(f"| {r['name']} | {d['backend']} | {d['tuning_seconds']:.3f} | {d['compile_seconds']:.3f} | "
+                     f"{r['excl_compile_s']:.3f} / {r['limit_s']:.3f}{flag} | {skipped} |")
+    lines += ["", f"Within the budget on every problem: {'yes' if result['all_within_budget'] else '**no**'}. "
+              f"Skips that would have won: {wrong or 'none'}.", "", "## Candidates (predicted ms / measured ms / status)", ""]
+    for r in rows:
+        lines.append(f"- {r['name']}: " + "; ".join(
+            f"{n} {fmt(c['predicted_ms'])}/{fmt(c['time_ms'])}/{c['status']}"
+            for n, c in r["decision"]["candidates"].items()))
+    write(result, lines, out_dir, stem or f"{device_label(device)}-{datetime.date.today().isoformat()}-tuning-cost")
+    return result
+
+
+# -- first calls (issue 15, items 3-4) ---------------------------------------------------------------------------
+def first_calls(shapes: list, device, out_dir: Path, warm_cli: bool = True, stem=None) -> dict:
+    from diffsynth_attention.backends.flash_attention import FA4_CACHE_DIR, FA4_CACHE_ENABLED
+
+    for name in (FA4_CACHE_ENABLED, FA4_CACHE_DIR):
+        os.environ.pop(name, None)  # the library's own setting is what is measured
+    path = shapes_file(shapes)
+    cache = tempfile.mkdtemp(prefix="da-first-call-")
+    dev = ["--device", str(device)]
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], env=child_env(cache), check=True)
+    startup_torch = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, diffsynth_attention"], env=child_env(cache), check=True)
+    startup_lib = time.perf_counter() - t0
+    cold = run_child(["_first_calls", *dev, "--shapes", path], cache)
+    compile_dir = Path(cache) / "fa4-compile"
+    compiled_files = sum(len(f) for _, _, f in os.walk(compile_dir)) if compile_dir.is_dir() else 0
+    saved = Path(tempfile.mkdtemp(prefix="da-fa4-saved-")) / "fa4-compile"
+    if compile_dir.is_dir():
+        shutil.copytree(compile_dir, saved)
+        shutil.rmtree(compile_dir)
+    decisions_only = run_child(["_first_calls", *dev, "--shapes", path], cache)
+    if saved.is_dir():
+        shutil.rmtree(compile_dir, ignore_errors=True)
+        shutil.copytree(saved, compile_dir)
+    warm = run_child(["_first_calls", *dev, "--shapes", path], cache)
+    not_fa4 = [s for s, r in zip(shapes, warm["problems"]) if r["backend"] != "flash_attention_4"]
+    first_result = None
+    if not_fa4:
+        first_result = run_child(["_first_result", *dev, "--shapes", shapes_file(not_fa4[:1])], cache)
+    warm_again = None
+    if warm_cli:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "diffsynth_attention", "warm", "--shapes", path, "--device", str(device)],
+                              env=child_env(cache), capture_output=True, text=True)
+        warm_again = {"seconds": time.perf_counter() - t0, "returncode": proc.returncode, "stderr_tail": proc.stderr[-500:]}
+    rows = []
+    for c, d, w in zip(cold["problems"], decisions_only["problems"], warm["problems"]):
+        rows.append({"name": c["name"], "backend": w["backend"], "cold_s": c["first_call_s"], "tuning_s": c.get("tuning_seconds"),
+                     "compile_s": c.get("compile_seconds"), "decisions_cached_compile_cold_s": d["first_call_s"],
+                     "both_warm_s": w["first_call_s"], "source_warm": w["source"]})
+    fa4 = [r for r in rows if r["backend"] == "flash_attention_4"]
+    result = {"environment": environment(device), "kind": "first-call", "startup_import_torch_s": startup_torch,
+              "startup_import_torch_and_library_s": startup_lib, "fa4_compiled_files": compiled_files, "problems": rows,
+              "first_result": first_result, "warm_again": warm_again,
+              "targets": {
+                  "first call of a FlashAttention-4 problem, compile cache warm, <= 0.5 s":
+                      {"met": all(r["both_warm_s"] <= 0.5 for r in fa4) if fa4 else None,
+                       "value": max((r["both_warm_s"] for r in fa4), default=None)},
+                  "first result <= 0.5 s after import torch (decisions cached, not FlashAttention-4)":
+                      {"met": None if first_result is None else first_result["seconds_after_import_torch"] <= 0.5,
+                       "value": None if first_result is None else first_result["seconds_after_import_torch"]},
+                  "second warm <= start-up + 2 s":
+                      {"met": None if warm_again is None else warm_again["seconds"] <= startup_lib + 2.0,
+                       "value": None if warm_again is None else warm_again["seconds"]}}}
+    lines = [f"# First calls: {result['environment']['device']}", "",
+             f"{result['environment']['date']}. Fresh processes over one cache folder; seconds. Start-up: `import torch` "
+             f"{startup_torch:.2f} s, `import torch, diffsynth_attention` {startup_lib:.2f} s. FlashAttention-4 compile "
+             f"cache after the first process: {compiled_files} files.", "",
+             "| problem | decision | empty cache (tuning s, compile s) | decisions cached, compile cache cold | both warm |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['backend']} | {r['cold_s']:.3f} ({r['tuning_s'] or 0:.3f}, {r['compile_s'] or 0:.3f}) | "
+                     f"{r['decisions_cached_compile_cold_s']:.3f} | {r['both_warm_s']:.3f} |")
+    if first_result:
+        lines += ["", f"Time to the first result after `import torch`, decisions cached ({first_result['name']}, "
+                  f"{first_result['backend']}, source {first_result['source']}): **{first_result['seconds_after_import_torch']:.3f} s**; "
+                  f"kernel packages imported: {first_result['kernel_modules_imported'] or 'none'}."]
+    if warm_again:
+        lines += ["", f"`diffsynth-attention warm` again with both caches warm: **{warm_again['seconds']:.2f} s** "
+                  f"(start-up {startup_lib:.2f} s; exit {warm_again['returncode']})."]
+    lines += ["", "| target | met | value |", "|---|---|---|"]
+    for name, t in result["targets"].items():
+        lines.append(f"| {name} | {t['met']} | {t['value']} |")
+    write(result, lines, out_dir, stem or f"{device_label(device)}-{datetime.date.today().isoformat()}-tuning-first-call")
+    shutil.rmtree(cache, ignore_errors=True)
+    return result
+
+
+# -- neighbours (issue 15, item 5) ---------------------------------------------------------------------------------
+def neighbours(shapes: list, device, out_dir: Path, offsets=OFFSETS, samples: int = 11, stem=None) -> dict:
+    from diffsynth_attention.store.key import BUCKETS_PER_OCTAVE, neighbour_distance
+
+    torch = _torch()
+    disp = fresh_dispatcher()
+    rows = []
+    for shape in shapes:
+        q, k, v, kw = inputs(shape, device)
+        with torch.no_grad():
+            base = disp.explain(q, k, v, **kw)
+        del q, k, v
+        self_attention = shape["seq_q"] == shape["seq_kv"]
+        for off in offsets:
+            sq = max(1, round(shape["seq_q"] * (1 + off)))
+            skv = sq if self_attention else shape["seq_kv"]
+            variant = {**shape, "name": f"{shape['name']}{off:+.0%}", "seq_q": sq, "seq_kv": skv}
+            q, k, v, kw = inputs(variant, device, seed=1)
+            with torch.no_grad():
+                tuned = disp.explain(q, k, v, **kw)
+            in_bucket = neighbour_distance(tuned.key, base.key) is not None
+            row = {"problem": shape["name"], "offset": off, "seq_q": sq, "seq_kv": skv, "in_bucket": in_bucket,
+                   "tuned": tuned.backend, "neighbour": base.backend, "agree": tuned.backend == base.backend}
+            if not row["agree"]:
+                methods = {n: fn for n in (tuned.backend, base.backend) if (fn := runner(n, q, k, v, kw)) is not None}
+                if len(methods) == 2:
+                    times = interleaved(methods, device, samples)
+                    row["times_ms"] = times
+                    row["slowdown"] = times[base.backend] / times[tuned.backend]
+            rows.append(row)
+            print(f"{variant['name']}: tuned {tuned.backend}, neighbour {base.backend}, bucket {in_bucket}"
+                  + (f", slowdown {row['slowdown']:.3f}" if "slowdown" in row else ""), flush=True)
+            del q, k, v
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    summary = {}
+    for off in offsets:
+        sel = [r for r in rows if r["offset"] == off]
+        slow = [r.get("slowdown", 1.0) for r in sel]
+        summary[f"{off:+.0%}"] = {"n": len(sel), "agree": sum(r["agree"] for r in sel), "in_bucket": sum(r["in_bucket"] for r in sel),
+                                  "max_slowdown": max(slow) if slow else None,
+                                  "mean_slowdown": statistics.mean(slow) if slow else None}
+    in_bucket = [r for r in rows if r["in_bucket"]]
+    result = {"environment": environment(device), "kind": "neighbours", "buckets_per_octave": BUCKETS_PER_OCTAVE,
+              "rows": rows, "summary": summary,
+              "in_bucket": {"n": len(in_bucket), "agree": sum(r["agree"] for r in in_bucket),
+                            "max_slowdown": max((r.get("slowdown", 1.0) for r in in_bucket), default=None)}}
+    lines = [f"# Neighbours: {result['environment']['device']}", "",
+             f"{result['environment']['date']}. Sequence lengths swept around each problem (s_q, and s_kv for self-attention); "
+             f"`nearest` serves the problem's own decision when the new length falls in its bucket "
+             f"({BUCKETS_PER_OCTAVE} per octave). Slowdown: the neighbour's backend over the tuned one, measured directly.", "",
+             "| offset | problems | same backend as tuning | in the bucket | worst slowdown | mean slowdown |", "|---|---|---|---|---|---|"]
+    for off, s in summary.items():
+        lines.append(f"| {off} | {s['n']} | {s['agree']} | {s['in_bucket']} | "
+                     f"{fmt(s['max_slowdown'], '.3f')} | {fmt(s['mean_slowdown'], '.3f')} |")
+    ib = result["in_bucket"]
+    lines += ["", f"Within the bucket (what `nearest` serves): {ib['agree']}/{ib['n']} agree with tuning; worst slowdown "
+              f"{ib['max_slowdown'] if ib['max_slowdown'] is None else round(ib['max_slowdown'], 3)}.", "",
+              "| problem | offset | s_q x s_kv | in bucket | tuned | neighbour | slowdown |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['problem']} | {r['offset']:+.0%} | {r['seq_q']}x{r['seq_kv']} | {r['in_bucket']} | {r['tuned']} | "
+                     f"{r['neighbour']} | {r.get('slowdown', 1.0):.3f} |")
+    write(result, lines, out_dir, stem or f"{device_label(device)}-{datetime.date.today().isoformat()}-tuning-neighbours")
+    return result
+
+
+# -- command line ----------------------------------------------------------------------------------------------------
+def add_problem_args(p) -> None:
+    p.add_argument("--device", default=None, help="cuda (default where available) or cpu")
+    p.add_argument("--shapes", help="a JSON file of problems (shape-suite format)")
+    p.add_argument("--preset", action="append", help="presets as in `diffsynth-attention warm` (default all; cpu on --device cpu)")
+    p.add_argument("--only", help="comma-separated problem names")
+    p.add_argument("--max-seq", type=int, default=None, help="cut sequence lengths to this (CPU smoke tests)")
+    p.add_argument("--max-heads", type=int, default=None, help="cut head counts to this (CPU smoke tests)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--tag", default=None, help="file name stem (default <device>-<date>-tuning-<kind>)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("repeat", help="tune every problem in N fresh processes; agreement and worst/best")
+    add_problem_args(p)
+    p.add_argument("--n", type=int, default=5)
+    p.add_argument("--samples", type=int, default=15)
+    p = sub.add_parser("cost", help="tuning cost per problem, skipped candidates and their predictions")
+    add_problem_args(p)
+    p.add_argument("--no-compare", action="store_true", help="skip the second tuning with skipping off")
+    p.add_argument("--extra", action="store_true", help="add the issue's wan14b_720p_self (75,600 tokens, 40 heads)")
+    p = sub.add_parser("first-call", help="first calls with the FlashAttention-4 compile cache cold and warm")
+    add_problem_args(p)
+    p.add_argument("--no-warm-cli", action="store_true", help="skip timing `diffsynth-attention warm` again")
+    p = sub.add_parser("neighbours", help="the neighbour agreement table over swept sequence lengths")
+    add_problem_args(p)
+    p.add_argument("--offsets", default=",".join(f"{o:g}" for o in OFFSETS))
+    for hidden in ("_tune", "_first_calls", "_first_result"):
+        p = sub.add_parser(hidden)
+        p.add_argument("--device", required=True)
+        p.add_argument("--shapes", required=True)
+        p.add_argument("--result", required=True)
+    args = parser.parse_args(argv)
+    if args.cmd.startswith("_"):
+        child = {"_tune": child_tune, "_first_calls": child_first_calls, "_first_result": child_first_result}[args.cmd]
+        Path(args.result).write_text(json.dumps(child(args), default=str))
+        return 0
+    torch = _torch()
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    os.environ.setdefault("DIFFSYNTH_ATTENTION_CACHE_DIR", tempfile.mkdtemp(prefix="da-tuning-report-"))  # never the user's
+    shapes = problems(args)
+    out = Path(args.out)
+    if args.cmd == "repeat":
+        repeat_tuning(shapes, device, args.n, out, args.samples, args.tag)
+    elif args.cmd == "cost":
+        tuning_cost(shapes, device, out, not args.no_compare, args.tag)
+    elif args.cmd == "first-call":
+        first_calls(shapes, device, out, not args.no_warm_cli, args.tag)
+    elif args.cmd == "neighbours":
+        neighbours(shapes, device, out, tuple(float(o) for o in args.offsets.split(",")), stem=args.tag)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
