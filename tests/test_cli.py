@@ -251,3 +251,15 @@ def test_warm_under_torchrun_splits_and_syncs(subprocess_env, isolated):
     rows = json.loads(r.stdout)
     assert len(rows) == 3 and "3 distinct decision(s) stored" in r.stderr and "2 ranks" in r.stderr
     assert len(json.loads(cli(subprocess_env, "cache", "show", "--json").stdout)) == 3
+
+
+def test_cache_clear_leaves_the_fa4_compile_cache_unless_asked(subprocess_env, isolated):
+    compiled = isolated / "fa4-compile"
+    compiled.mkdir(parents=True)
+    (compiled / "kernel.o").write_bytes(b"x")
+    r = cli(subprocess_env, "cache", "clear", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert (compiled / "kernel.o").exists()
+    r = cli(subprocess_env, "cache", "clear", "--yes", "--compiled")
+    assert r.returncode == 0, r.stderr
+    assert not compiled.exists() and "1 compiled kernel file(s)" in r.stdout

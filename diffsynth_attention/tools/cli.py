@@ -208,6 +208,10 @@ def cmd_cache_clear(args) -> int:
     if not store.persistent:
         raise Failure(f"removed {removed} decision(s) in memory only: the cache at {store.directory} cannot be written")
     print(f"cleared {removed} decision(s) from {store.path}")
+    if args.compiled:  # FlashAttention-4's compile cache: only when asked (it takes seconds to minutes to refill)
+        from ..backends.flash_attention import clear_compiled, fa4_compile_dir
+
+        print(f"cleared {clear_compiled()} compiled kernel file(s) from {fa4_compile_dir()}")
     return 0
 
 
@@ -468,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", help="only decisions for devices whose name contains this text (case-insensitive)")
     p.add_argument("--backend", type=_backend_name, help="only decisions that chose this backend")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--compiled", action="store_true",
+                   help="also remove FlashAttention-4's compile cache kept under the cache folder (left alone otherwise)")
     p.set_defaults(func=cmd_cache_clear)
     p = csub.add_parser("export", help="write every decision to FILE")
     p.add_argument("file")
