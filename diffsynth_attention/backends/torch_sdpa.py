@@ -38,6 +38,28 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _bind_aten(backend, cls, op, fixed: tuple, p: Problem, need_grad: bool, scale_is_none: bool):
+    """A runner for an ATen SDPA kernel on unmasked calls: the overload resolved once
+    (``.default``), positional arguments decided at plan time, only the last-dim contiguity
+    check left per call. Masked, GQA and windowed calls keep the generic runner."""
+    if type(backend).forward is not cls.forward or p.mask != "none" \
+            or p.heads_q != p.heads_kv or p.window is not None:
+        return None
+    default = op.default
+
+    def contiguous(x):
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    if scale_is_none:
+        def run(q, k, v, mask, scale):
+            return default(contiguous(q), contiguous(k), contiguous(v), *fixed)[0]
+        return run
+
+    def run_scaled(q, k, v, mask, scale):
+        return default(contiguous(q), contiguous(k), contiguous(v), *fixed, scale=scale)[0]
+    return run_scaled
+
+
 def repeat_kv(k: torch.Tensor, v: torch.Tensor, groups: int):
     return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
@@ -194,6 +216,12 @@ class TorchFlash(Backend):
             mask = additive_mask(mask, q.dtype)
         return _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)[0]
 
+    def bind(self, p: Problem, need_grad: bool, scale_is_none: bool = False):
+        op = _aten._scaled_dot_product_flash_attention if p.device_type == "cuda" else _aten._scaled_dot_product_flash_attention_for_cpu
+        fixed = (0.0, p.causal, False) if p.device_type == "cuda" else (0.0, p.causal)
+        run = _bind_aten(self, TorchFlash, op, fixed, p, need_grad, scale_is_none)
+        return run or super().bind(p, need_grad, scale_is_none)
+
 
 class TorchEfficient(Backend):
     """SDPA's memory-efficient kernel (``aten._scaled_dot_product_efficient_attention``)."""
@@ -212,6 +240,11 @@ class TorchEfficient(Backend):
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
         return _aten._scaled_dot_product_efficient_attention(q, k, v, None, need_grad, 0.0, causal, scale=scale)[0]
+
+    def bind(self, p: Problem, need_grad: bool, scale_is_none: bool = False):
+        run = _bind_aten(self, TorchEfficient, _aten._scaled_dot_product_efficient_attention, (None, need_grad, 0.0, p.causal), p, need_grad,
+                         scale_is_none)
+        return run or super().bind(p, need_grad, scale_is_none)
 
 
 class TorchCuDNN(Backend):
@@ -237,3 +270,8 @@ class TorchCuDNN(Backend):
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
         return _aten._scaled_dot_product_cudnn_attention(q, k, v, None, need_grad, 0.0, causal, False, scale=scale)[0]
+
+    def bind(self, p: Problem, need_grad: bool, scale_is_none: bool = False):
+        run = _bind_aten(self, TorchCuDNN, _aten._scaled_dot_product_cudnn_attention, (None, need_grad, 0.0, p.causal, False), p,
+                         need_grad, scale_is_none)
+        return run or super().bind(p, need_grad, scale_is_none)
