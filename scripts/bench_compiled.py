@@ -197,7 +197,7 @@ def compiled_rows(shapes: list, device, layouts, samples: int, modes=("default",
                                                 ("best", BackendModule(best, layout, causal, window), False)):
                         name = f"{label}_compiled{suffix}"
                         try:
-                            fn = torch.compile(module, fullgraph=full, mode=None if mode == "default" else mode)
+                            fn = torch.compile(module, fullgraph=full, dynamic=False, mode=None if mode == "default" else mode)
                             for _ in range(3):
                                 fn(q, k, v)
                             methods[name] = (lambda f=fn: f(q, k, v))
@@ -237,8 +237,8 @@ def cpu_small_module(samples: int = 15) -> dict:
     kw = dict(q_pattern="b s n d", k_pattern="b s n d", v_pattern="b s n d", out_pattern="b s n d")
     with torch.no_grad():
         decision = da.explain(q, k, v, **kw).backend
-        a = torch.compile(AttnModule(kw), fullgraph=True)
-        s = torch.compile(SDPAModule("b s n d", False), fullgraph=True)
+        a = torch.compile(AttnModule(kw), fullgraph=True, dynamic=False)
+        s = torch.compile(SDPAModule("b s n d", False), fullgraph=True, dynamic=False)
         for _ in range(3):
             a(q, k, v), s(q, k, v)
         t = interleaved({"auto_compiled": lambda: a(q, k, v), "sdpa_compiled": lambda: s(q, k, v)}, device, samples)
@@ -277,7 +277,7 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# Compiled, CUDA-graph and hit-path benchmark: {env['device']}", "",
              f"{env['date']}; torch {env['torch']}, CUDA {env['cuda']}; median of {result['samples']} interleaved samples; ms per call.", "",
              "`auto` = attention_forward, `sdpa` = F.scaled_dot_product_attention, `best` = the eager run's fastest backend "
-             "called directly; `_ro` = mode=\"reduce-overhead\"; `manual graph` = eager attention_forward captured in a torch.cuda.CUDAGraph.", "",
+             "called directly, all compiled with `fullgraph=True, dynamic=False`; `_ro` = mode=\"reduce-overhead\"; `manual graph` = eager attention_forward captured in a torch.cuda.CUDAGraph.", "",
              "| problem | layout | decision | auto eager | SDPA eager | auto comp. | SDPA comp. | best comp. | auto ro | SDPA ro | best ro | manual graph |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 

@@ -197,9 +197,26 @@ def _trace_choice(token, q_pattern, k_pattern, v_pattern, out_pattern, dims_text
                                              is_causal, window_size, compatibility_mode, grad, device)
 
 
+def _version() -> tuple:
+    try:
+        return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    except ValueError:  # pragma: no cover - an unusual version string
+        return (0, 0)
+
+
+# Under Dynamo, ``isinstance(s, torch.SymInt)`` is False and ``type(s)`` is int even for a
+# symbolic size. From torch 2.13 ``s.__class__`` tells them apart; on torch 2.11 it does not (it
+# is never int there, measured on the H200), and nothing traceable does. There, the static path
+# is taken only when the graph is compiled with ``dynamic=False`` (no automatic dynamic shapes);
+# otherwise the run-time operator serves the call.
+_CLASS_CHECK = _version() >= (2, 13)
+
+
 def _static(*tensors) -> bool:
-    """Whether every size and stride is a plain int. (Under Dynamo, ``isinstance(s, torch.SymInt)``
-    is False and ``type(s)`` is int even for a symbolic size; ``s.__class__`` tells them apart.)"""
+    """Whether every size and stride is a plain int (see ``_CLASS_CHECK``)."""
+    if not _CLASS_CHECK:
+        config = torch._dynamo.config
+        return not config.automatic_dynamic_shapes and config.assume_static_by_default
     for t in tensors:
         if t is None:
             continue
