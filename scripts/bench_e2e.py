@@ -683,7 +683,7 @@ def main(argv=None) -> int:
     diffusers, da = import_everything()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device if device.index is not None else torch.device("cuda", 0))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
