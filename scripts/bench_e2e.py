@@ -350,17 +350,9 @@ def problem_inputs(p, device):
 
 
 def interleaved(methods: dict, device, samples: int, target_ms: float = 2.0) -> dict:
-    """Median ms per call of each method: samples of back-to-back calls, interleaved, order rotated."""
-    from diffsynth_attention.tuning.timing import Timer
+    from diffsynth_attention.tuning.timing import interleaved as run
 
-    timer = Timer(device)
-    calls = {name: Timer.calls_for(timer.sample(fn, 1), target_ms) for name, fn in methods.items()}
-    names = list(methods)
-    times = {name: [] for name in names}
-    for i in range(samples):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            times[name].append(timer.sample(methods[name], calls[name]))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return run(methods, device, samples, target_ms)
 
 
 class Patch:

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -48,18 +47,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def interleaved(methods: dict, device, samples: int, target_ms: float = 2.0) -> dict:
-    """Median ms per call of each method; samples interleaved, the order rotated every round."""
-    from diffsynth_attention.tuning.timing import Timer
-
-    timer = Timer(device)
-    calls = {name: Timer.calls_for(timer.sample(fn, 1), target_ms) for name, fn in methods.items()}
-    names = list(methods)
-    times = {name: [] for name in names}
-    for i in range(samples):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            times[name].append(timer.sample(methods[name], calls[name]))
-    return {name: statistics.median(t) for name, t in times.items()}
+from diffsynth_attention.tuning.timing import interleaved  # noqa: E402
 
 
 def geomean(xs):

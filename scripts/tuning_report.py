@@ -124,19 +124,11 @@ def runner(name, q, k, v, kw):
 
 
 def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0) -> dict:
-    """Median ms per call of each method; samples interleaved, the order rotated every round."""
-    from diffsynth_attention.tuning.timing import Timer
+    """The benchmarks' interleaved timing, without autograd."""
+    from diffsynth_attention.tuning.timing import interleaved as run
 
-    torch = _torch()
-    timer = Timer(device)
-    with torch.no_grad():
-        calls = {name: Timer.calls_for(timer.sample(fn, 1), target_ms) for name, fn in methods.items()}
-        names = list(methods)
-        times = {name: [] for name in names}
-        for i in range(samples):
-            for name in names[i % len(names):] + names[:i % len(names)]:
-                times[name].append(timer.sample(methods[name], calls[name]))
-    return {name: statistics.median(t) for name, t in times.items()}
+    with _torch().no_grad():
+        return run(methods, device, samples, target_ms)
 
 
 def decision_summary(info) -> dict:

@@ -9,6 +9,7 @@ counts where it exceeds the kernel's time, and is hidden where the GPU is the bo
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -46,3 +47,16 @@ class Timer:
     def calls_for(one_call_ms: float, target_ms: float, most: int = 200) -> int:
         """How many back-to-back calls make a sample of about ``target_ms``."""
         return max(1, min(most, int(target_ms / max(one_call_ms, 1e-4))))
+
+
+def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0) -> dict:
+    """Median ms per call of each of ``methods`` ({name: fn}): samples of back-to-back calls
+    (about ``target_ms`` each), interleaved, the order rotated every round. The benchmarks' timer."""
+    timer = Timer(device)
+    calls = {name: Timer.calls_for(timer.sample(fn, 1), target_ms) for name, fn in methods.items()}
+    names = list(methods)
+    times: dict = {name: [] for name in names}
+    for i in range(samples):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(timer.sample(methods[name], calls[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
