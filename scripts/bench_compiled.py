@@ -24,8 +24,6 @@ benchmarks/results/<device>-<date>-compiled.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -341,14 +339,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.keep_cache:
         os.environ.setdefault("DIFFSYNTH_ATTENTION_CACHE_DIR", tempfile.mkdtemp(prefix="da-bench-compiled-"))
+    from benchmark import save_result
+
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device_name = result["environment"]["device"].replace("NVIDIA ", "").replace(" ", "-")
-    stem = args.tag or f"{device_name}-{datetime.date.today().isoformat()}-compiled"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    write_markdown(result, out / f"{stem}.md")
-    print((out / f"{stem}.md").read_text())
+    path = save_result(result, args.out, args.tag, "-compiled", write_markdown)
+    print(Path(f"{path}.md").read_text())
     return 0
 
 

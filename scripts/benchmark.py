@@ -253,6 +253,18 @@ def write_chart(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def save_result(result: dict, out_dir, tag, suffix: str, write_md) -> Path:
+    """Write ``<device>-<date><suffix>.json`` and ``.md`` (or ``<tag>.*``) under ``out_dir``;
+    returns the path without its extension."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device_name = result["environment"]["device"].replace("NVIDIA ", "").replace(" ", "-")
+    stem = out / (tag or f"{device_name}-{datetime.date.today().isoformat()}{suffix}")
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    write_md(result, Path(f"{stem}.md"))
+    return stem
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -276,14 +288,9 @@ def main(argv=None) -> int:
     if not args.keep_cache:
         os.environ["DIFFSYNTH_ATTENTION_CACHE_DIR"] = tempfile.mkdtemp(prefix="da-bench-")
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device_name = result["environment"]["device"].replace("NVIDIA ", "").replace(" ", "-")
-    stem = args.tag or f"{device_name}-{datetime.date.today().isoformat()}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    write_markdown(result, out / f"{stem}.md")
-    write_chart(result, out / f"{stem}.png")
-    print((out / f"{stem}.md").read_text())
+    path = save_result(result, args.out, args.tag, "", write_markdown)
+    write_chart(result, Path(f"{path}.png"))
+    print(Path(f"{path}.md").read_text())
     return 0
 
 

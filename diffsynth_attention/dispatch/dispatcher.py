@@ -23,7 +23,7 @@ from ..backends import REGISTRY, candidates, device_info
 from ..problem import mask_4d, prepare
 from ..request import Request
 from ..store.cache import DecisionCache, all_rejected
-from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision
+from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision, decision_filter
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.tuner import TuneInputs, tune
 from . import compiled
@@ -145,15 +145,7 @@ class Dispatcher:
         contains ``gpu``). Returns how many were removed."""
         if backend is not None and backend not in REGISTRY:
             raise ValueError(f"backend={backend!r} is not a backend; valid names: {', '.join(REGISTRY)}")
-
-        def match(decision):
-            if backend is not None and decision.backend != backend:
-                return False
-            if gpu is not None and gpu.lower() not in decision.key.get("device", {}).get("name", "").lower():
-                return False
-            return True
-
-        return self.store.clear(None if backend is None and gpu is None else match)
+        return self.store.clear(decision_filter(backend, gpu))
 
     # -- planning --------------------------------------------------------------------------
     def _store_plan(self, sig, plan: Plan) -> None:

@@ -85,3 +85,18 @@ class Decision:
     def runner_up(self) -> Optional[str]:
         timed = [(c.time_ms, n) for n, c in self.candidates.items() if n != self.backend and c.status in (ACCEPTED, SLOWER) and c.time_ms is not None]
         return min(timed)[1] if timed else None
+
+
+def decision_filter(backend: Optional[str] = None, gpu: Optional[str] = None):
+    """``match(decision)`` for decisions that chose ``backend`` and were tuned on a device whose
+    name contains ``gpu`` (case-insensitive); None when neither is given (every decision)."""
+    if backend is None and gpu is None:
+        return None
+
+    def match(decision) -> bool:
+        if backend is not None and decision.backend != backend:
+            return False
+        if gpu is not None and gpu.lower() not in decision.key.get("device", {}).get("name", "").lower():
+            return False
+        return True
+    return match

@@ -180,22 +180,11 @@ def cmd_cache_show(args) -> int:
     return 0
 
 
-def _clear_predicate(backend: Optional[str], gpu: Optional[str]):
-    if backend is None and gpu is None:
-        return None
-
-    def match(d):
-        if backend is not None and d.backend != backend:
-            return False
-        if gpu is not None and gpu.lower() not in d.key.get("device", {}).get("name", "").lower():
-            return False
-        return True
-    return match
-
-
 def cmd_cache_clear(args) -> int:
     store = _store()
-    match = _clear_predicate(args.backend, args.gpu)
+    from ..store.decision import decision_filter
+
+    match = decision_filter(args.backend, args.gpu)
     count = sum(1 for d in store.entries().values() if match is None or match(d))
     if not args.yes:
         if not sys.stdin.isatty():
