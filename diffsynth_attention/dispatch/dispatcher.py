@@ -21,12 +21,12 @@ import torch
 from .. import config, overrides
 from ..backends import REGISTRY, candidates, device_info
 from ..problem import mask_4d, prepare
-from ..request import Request
+from ..request import FLOAT_MAX, Request
 from ..store.cache import DecisionCache, all_rejected
 from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision, decision_filter
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.tuner import TuneInputs, tune
-from . import compiled
+from . import compiled, faults
 from .runners import make_runner
 
 logger = logging.getLogger("diffsynth_attention")
@@ -289,7 +289,7 @@ class Dispatcher:
                 plan = self._provisional.get(sig)
                 if plan is not None and self._can_tune(req.q):
                     plan = None
-        except (AttributeError, TypeError):  # not tensors, unhashable dims...: validation explains
+        except Exception:  # not tensors, unhashable dims, an incomparable scale...: validation explains
             sig, plan = None, None
         if plan is not None:
             return plan
@@ -362,12 +362,22 @@ class Dispatcher:
     def failed(self, plan: Plan, exc: Exception, req: Request, impl_raw, grad: bool):
         if isinstance(exc, (torch.cuda.OutOfMemoryError, BackendNotSupportedError)):
             raise exc
+        try:  # an input error is the caller's, never the backend's: raise it, change nothing
+            prepare(req.q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
+                    req.attn_mask, req.scale, req.is_causal, req.window_size, grad,
+                    compatibility_mode=req.compatibility_mode)
+        except (TypeError, ValueError) as bad:
+            raise bad from None
+        if faults.poisons_context(exc):  # not the backend's fault, and nothing can run after it
+            faults.report_poisoned(plan.backend, exc)
+            raise exc
         return self.after_failure(plan, exc, req, impl_raw, grad)
 
     def after_failure(self, plan: Plan, exc: Exception, req: Request, impl_raw, grad: bool):
         """A backend raised at run time. It is dropped for this key in this process, and the
         call is served by the next best backend. The on-disk decision changes only when the
-        failure is deterministic: the same call fails again on a retry."""
+        failure is the backend's: the call fails again on a retry with the same inputs, and on
+        ``faults.FRESH_TRIALS`` calls with fresh inputs of the same shapes."""
         if plan.backend == "torch":
             raise exc
         if plan.source == "override":
@@ -389,10 +399,18 @@ class Dispatcher:
             deterministic = False
         except torch.cuda.OutOfMemoryError:
             deterministic = False
-        except Exception:
+        except Exception as again:
+            if faults.poisons_context(again):  # the retry poisoned the context: stop here
+                faults.report_poisoned(plan.backend, again)
+                raise again
             deterministic = True
-        reason = (f"failed at run time ({'again on a retry' if deterministic else 'once; a retry passed'}): "
-                  f"{_first_line(exc)}")
+        if not deterministic:
+            how = "once; a retry passed"
+        elif faults.fails_on_fresh_inputs(plan.run, req.q, req.k, req.v, req.attn_mask, req.scale):
+            how = f"again on a retry and on {faults.FRESH_TRIALS} calls with fresh inputs"
+        else:
+            how, deterministic = "again on a retry, but not on fresh inputs of the same shapes", False
+        reason = f"failed at run time ({how}): {_first_line(exc)}"
         key_id = plan.key.id
         with self._lock:
             self.dropped.setdefault(key_id, {})[plan.backend] = reason
@@ -502,13 +520,15 @@ def _make_forward(d: Dispatcher) -> Callable:
         try:
             grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
             plan = plans_get((
-                scope_get(), impl_raw, compatibility_mode, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
-                q.device, k.get_device(), v.get_device(), q_pattern, k_pattern, v_pattern, out_pattern,
-                None if dims is None else tuple(dims.items()),
-                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.get_device()),
-                is_causal, window_size, type(scale), grad,
+                scope_get(), impl_raw, compatibility_mode, type(compatibility_mode), q.shape, k.shape, v.shape,
+                q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.layout, k.layout, v.layout,
+                q_pattern, k_pattern, v_pattern, out_pattern,
+                None if dims is None else tuple((a, n, type(n)) for a, n in dims.items()),
+                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.layout),
+                is_causal, type(is_causal), window_size, type(window_size),
+                type(scale), scale is None or -FLOAT_MAX <= scale <= FLOAT_MAX, grad,
             ))
-        except (AttributeError, TypeError):  # not tensors, unhashable dims...: validation explains
+        except Exception:  # not tensors, unhashable dims, an incomparable scale...: validation explains
             grad, plan = False, None
         if plan is None:
             return slow(Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
