@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..problem import Problem, additive_mask
+from ..problem import ADDITIVE_FLOAT32, Problem, additive_mask
 from .base import Backend, DeviceInfo, element_size
 
 # Bound at import: patch_sdpa() may later replace torch.nn.functional's attribute with a
@@ -94,7 +94,7 @@ class TorchSDPA(Backend):
     dtypes = _ALL_FLOATS
     max_head_dim = 1 << 20
     same_head_dim_v = False
-    masks = frozenset({"bool", "additive"})
+    masks = frozenset({"bool", "additive", ADDITIVE_FLOAT32})
     gqa = True
     window = True
     efficiency = 0.5  # picks cuDNN on an H200 (0.57 of peak)
@@ -144,7 +144,7 @@ class TorchMath(Backend):
     dtypes = _ALL_FLOATS
     max_head_dim = 1 << 20
     same_head_dim_v = False
-    masks = frozenset({"bool", "additive"})
+    masks = frozenset({"bool", "additive", ADDITIVE_FLOAT32})
     gqa = True
     efficiency = 0.05  # two matmuls in float32 and the scores through memory
     launch_ms = 0.03
@@ -184,7 +184,7 @@ class TorchFlash(Backend):
     devices = frozenset({"cpu", "cuda"})
     dtypes = _ALL_FLOATS  # narrowed to 16-bit on CUDA in extra_reasons
     max_head_dim = 256
-    masks = frozenset({"bool", "additive"})  # CPU only; see extra_reasons
+    masks = frozenset({"bool", "additive", ADDITIVE_FLOAT32})  # CPU only; see extra_reasons
     causal_any_lengths = False
     efficiency = 0.32  # 317-345 TFLOP/s on an H200
     launch_ms = 0.018

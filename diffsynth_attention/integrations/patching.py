@@ -46,7 +46,7 @@ def _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         return False
     if query.shape[1] != key.shape[1] and not enable_gqa:
         return False  # SDPA itself raises for this; let it
-    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or (attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype)):
+    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype not in (torch.bool, query.dtype, torch.float32)):
         return False
     if attn_mask is not None and is_causal:
         return False  # SDPA rejects this combination; keep its error
