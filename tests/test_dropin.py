@@ -59,3 +59,21 @@ def test_patch_sdpa_routes_a_float32_mask_with_a_bf16_query():
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert da.stats()["tunings"] == before + 1  # through the dispatcher, not around it
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+def test_current_implementation_reports_the_backend_actually_serving(monkeypatch):
+    q, k, v = qkv(b=1, hq=2, sq=8, d=16)
+    assert REGISTRY["flash_attention_4"].unavailable_reason() is not None  # no GPU / package here
+    with da.use_backend("flash_attention_4"):
+        da.attention_forward(q, k, v)
+        assert da.current_implementation() == "torch"  # the calls run on torch
+        assert da.explain(q, k, v).backend == "torch"
+        monkeypatch.setenv("DIFFSYNTH_ATTENTION_STRICT", "1")  # strict: calls raise, nothing falls back
+        assert da.current_implementation() == "flash_attention_4"
+    monkeypatch.delenv("DIFFSYNTH_ATTENTION_STRICT")
+    with da.use_backend("torch_math"):
+        assert da.current_implementation() == "torch_math"
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "flash_attention_4")
+    assert da.current_implementation() == "torch"
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "auto")
+    assert da.current_implementation() == "auto"
