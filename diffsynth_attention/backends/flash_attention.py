@@ -116,7 +116,8 @@ class FlashAttention2(_FlashBase):
         return package_version("flash-attn")
 
     def _install_hint(self) -> str:
-        hint = f"pip install 'diffsynth-attention[{self.extra}]'"
+        # flash-attn's setup imports torch: pip's build isolation hides it ("No module named 'torch'")
+        hint = f"pip install --no-build-isolation 'diffsynth-attention[{self.extra}]'"
         if module_present("flash_attn"):
             hint += "; the 'flash_attn' module here (flash-attn-4's) is not FlashAttention-2"
         return hint

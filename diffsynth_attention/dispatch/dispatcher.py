@@ -62,6 +62,16 @@ class Explanation:
     def __getitem__(self, item):
         return self.as_dict()[item]
 
+    def __str__(self) -> str:
+        """The table ``diffsynth-attention explain`` prints (80 columns): ``print(da.explain(...))``."""
+        from ..tools.explain_table import explanation_text
+
+        return explanation_text(self)
+
+    def __repr__(self) -> str:
+        return (f"Explanation(backend={self.backend!r}, source={self.source!r}, problem={self.problem!r}, "
+                f"key_id={self.key_id!r})")
+
 
 class Plan:
     __slots__ = ("run", "backend", "source", "key", "decision", "counts_hit", "reasons", "requested", "call", "grad")

@@ -72,11 +72,22 @@ def cmd_backends(args) -> int:
     if args.json:
         print(json.dumps({"backends": rows, "configuration": settings}, indent=1))
         return 0
+    from .explain_table import split_hint, wrap_keeping_hints
+
     table = _table(f"{PROG} {__version__}: backends on this machine", ("backend", "package", "version", "status"))
+    hints = []
     for r in rows:
-        table.add_row(*(_escape(x) for x in (r["backend"], r["package"], r["version"] or "-", r["status"])))
+        status, hint = split_hint(r["status"])  # install commands go below the table, whole
+        if hint:
+            hints.append(f"{r['backend']}: {hint}")
+        table.add_row(*(_escape(x) for x in (r["backend"], r["package"], r["version"] or "-", status)))
     console = _console()
     console.print(table)
+    if hints:
+        console.print("to install:")
+        for text in hints:
+            for line in wrap_keeping_hints(text, min(console.width, 80)):
+                console.print(_escape(line), soft_wrap=True)
     table = _table("configuration in force", ("variable", "value", "from"))
     for s in settings:
         table.add_row(_escape(s["variable"].replace("DIFFSYNTH_ATTENTION_", "…_")),
@@ -384,22 +395,9 @@ def cmd_explain(args) -> int:
             chosen["reason"] = chosen_reason
         print(json.dumps(doc, indent=1))
         return 0
-    console = _console()
-    console.print(_escape(f"{info.problem} on {short_device(info.key['device']['name'])}: {info.backend} ({info.source})"))
-    table = _table(None, ("backend", "status", "ms", "error", "reason"))
-    unsupported = []
-    for name, c in info.candidates.items():
-        if c.get("status") == "unsupported":  # long reasons: listed below the table, not folded into it
-            unsupported.append((name, c["reason"] or ""))
-            continue
-        reason = c["reason"] or (chosen_reason if name == info.backend and c.get("status") == "chosen" else None) or ""
-        table.add_row(*(_escape(x) for x in (name, c.get("status") or "-", "-" if c["time_ms"] is None else f"{c['time_ms']:.4g}",
-                                              "-" if c["error"] is None else f"{c['error']:.2e}", reason)))
-    console.print(table)
-    if unsupported:
-        console.print("unsupported here:")
-        for name, reason in unsupported:
-            console.print(_escape(f"  {name}: {reason}"))
+    from .explain_table import render_explanation
+
+    render_explanation(info, _console(), chosen_reason)
     return 0
 
 
