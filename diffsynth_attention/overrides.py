@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 from . import config
 from .backends import normalize
@@ -97,7 +97,7 @@ def current_implementation() -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
+def use_backend(name: str) -> Iterator[str]:
     """Force a backend (or ``"auto"``) within a scope: per thread and per async task, nestable,
     restored on exit even after an exception. The scope wins over the environment variable."""
     value = normalize(name, "use_backend(name)")

@@ -48,7 +48,7 @@ def normalize(name, source: str) -> str:
     raise ValueError(f"{source}={name!r} is not a backend; valid names: auto, {', '.join(PREFERENCE)}")
 
 
-def available_backends() -> dict:
+def available_backends() -> "dict[str, Optional[str]]":
     """Every registered backend: None where it can run on this machine, else the reason."""
     return {name: backend.unavailable_reason() for name, backend in REGISTRY.items()}
 

@@ -447,9 +447,11 @@ class Dispatcher:
         return new_plan.run(req.q, req.k, req.v, req.attn_mask, req.scale)
 
     # -- explain ----------------------------------------------------------------------------
-    def explain(self, q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_pattern="b n s d", out_pattern="b n s d",
-                dims=None, attn_mask=None, scale=None, is_causal=False, compatibility_mode=False,
-                window_size=None) -> Explanation:
+    def explain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pattern: str = "b n s d",
+                k_pattern: str = "b n s d", v_pattern: str = "b n s d", out_pattern: str = "b n s d",
+                dims: Optional[dict] = None, attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                is_causal: bool = False, compatibility_mode: bool = False,
+                window_size: Optional[int] = None) -> Explanation:
         """The decision ``attention_forward`` takes for this call; tunes if the key is new, as the call would."""
         req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                       compatibility_mode, window_size)
