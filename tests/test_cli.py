@@ -207,7 +207,7 @@ def test_warm_on_cpu_tunes_each_problem_once_and_keeps_cross_attention(subproces
     rows = json.loads(r.stdout)
     assert [x["problem"].split(":")[0] for x in rows] == ["flux_1024@cpu = flux_2048@cpu", "wan13b_480p_cross@cpu"]
     assert "s=512x128" in rows[1]["problem"] and len({x["key_id"] for x in rows}) == 2
-    assert "2 problem(s) warmed: 2 distinct decision(s) stored" in r.stderr
+    assert "3 problems asked, 2 distinct: 2 tuned now, 0 already cached; 2 decisions stored" in r.stderr
 
 
 def test_one_description_of_a_problem():

@@ -127,3 +127,18 @@ def test_install_hints_stay_whole_at_80_columns(monkeypatch, capsys, argv):
     assert not any(line.rstrip().endswith(("pip", "install", "'diffsynth-attention[")) for line in lines)
     if argv == ["backends"]:
         assert any("--no-build-isolation 'diffsynth-attention[flash-attn-2]'" in line for line in lines)
+
+
+def test_warm_last_line_counts_what_was_asked_tuned_and_cached(monkeypatch, capsys):
+    from diffsynth_attention.tools import cli
+
+    monkeypatch.setenv("COLUMNS", "80")
+    argv = ["warm", "--preset", "seed_example,seed_example", "--no-progress", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert lines[-1] == "2 problems asked, 1 distinct: 1 tuned now, 0 already cached; 1 decision stored"
+    assert max(len(line) for line in lines if not line.startswith("decisions in ")) <= 80
+    assert lines[0].startswith("2 problems asked, 1 distinct")  # the table's title
+    assert cli.main(argv[:2] + ["seed_example"] + argv[3:]) == 0
+    last = capsys.readouterr().out.rstrip("\n").splitlines()[-1]
+    assert last == "1 problem asked, 1 distinct: 0 tuned now, 1 already cached; 1 decision stored"
