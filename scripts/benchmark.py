@@ -87,6 +87,22 @@ def fixed_priority(problem, dev):
     return "torch"
 
 
+def select_shapes(args) -> list:
+    """The problems of --shapes/--preset, narrowed by --only; a ValueError names what is unknown."""
+    from diffsynth_attention.tools.shapes import load_shapes_file, select_presets
+
+    shapes = load_shapes_file(args.shapes) if args.shapes else select_presets(args.preset or ["all"])
+    if not args.only:
+        return shapes
+    wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+    known = [s["name"] for s in shapes]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ValueError(f"--only {args.only!r}: unknown problem name(s) {', '.join(unknown) or '(none given)'}; "
+                         f"known: {', '.join(known)}")
+    return [s for s in shapes if s["name"] in wanted]
+
+
 def run(args) -> dict:
     from diffsynth_attention import attention_forward, explain
     from diffsynth_attention.backends import device_info
@@ -94,12 +110,9 @@ def run(args) -> dict:
     from diffsynth_attention.problem import prepare
     from diffsynth_attention.tuning.timing import Timer
     from diffsynth_attention.tools.inputs import make_inputs
-    from diffsynth_attention.tools.shapes import load_shapes_file, select_presets
 
     device = torch.device(args.device)
-    shapes = load_shapes_file(args.shapes) if args.shapes else select_presets(args.preset or ["all"])
-    if args.only:
-        shapes = [s for s in shapes if s["name"] in args.only.split(",")]
+    shapes = select_shapes(args)
     env = environment(device)
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
@@ -280,6 +293,10 @@ def main(argv=None) -> int:
                         help="tune every problem in N fresh processes and report how often decisions agree "
                              "(scripts/tuning_report.py; writes <device>-<date>-tuning-repeat.{json,md})")
     args = parser.parse_args(argv)
+    try:  # a bad --shapes/--preset/--only is a usage error, before any work
+        select_shapes(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.repeat_tuning:
         import tuning_report
 
