@@ -136,3 +136,18 @@ def test_non_sticky_cuda_error_is_still_a_backend_failure(disp, monkeypatch):
     disp.forward(q, k, v)  # served by another backend
     assert "flash_attention_4" in disp.dropped[kid]
     assert REGISTRY["flash_attention_4"] is flaky
+
+
+def test_unknown_sticky_error_is_found_by_probing_the_context(disp, monkeypatch):
+    """An error whose text is not a known sticky one still demotes nothing when CUDA no longer
+    works afterwards (the probe is a sync and a one-element kernel; faked here on the CPU)."""
+    from diffsynth_attention.dispatch import faults
+
+    q, k, v = qkv()
+    flaky, kid = _force(disp, monkeypatch, q, k, v)
+    flaky.failures = 10**6
+    monkeypatch.setattr(faults, "context_broken", lambda device: True)
+    before = _disk(disp)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        disp.forward(q, k, v)
+    assert disp.dropped == {} and _disk(disp) == before

@@ -378,7 +378,7 @@ class Dispatcher:
                     compatibility_mode=req.compatibility_mode)
         except (TypeError, ValueError) as bad:
             raise bad from None
-        if faults.poisons_context(exc):  # not the backend's fault, and nothing can run after it
+        if faults.poisons_context(exc) or faults.context_broken(req.q.device):  # nothing can run after it
             faults.report_poisoned(plan.backend, exc)
             raise exc
         return self.after_failure(plan, exc, req, impl_raw, grad)
@@ -416,7 +416,8 @@ class Dispatcher:
             deterministic = True
         if not deterministic:
             how = "once; a retry passed"
-        elif faults.fails_on_fresh_inputs(plan.run, req.q, req.k, req.v, req.attn_mask, req.scale):
+        elif faults.fails_on_fresh_inputs(plan.run, req.q, req.k, req.v, req.attn_mask, req.scale) \
+                and not faults.context_broken(req.q.device):
             how = f"again on a retry and on {faults.FRESH_TRIALS} calls with fresh inputs"
         else:
             how, deterministic = "again on a retry, but not on fresh inputs of the same shapes", False

@@ -50,6 +50,19 @@ def poisons_context(exc: BaseException) -> bool:
     return any(phrase in text for phrase in STICKY_CUDA_ERRORS)
 
 
+def context_broken(device: torch.device) -> bool:
+    """Whether CUDA on ``device`` still works: a sync and a one-element kernel. Catches sticky
+    errors whose message :func:`poisons_context` does not know. Always False off CUDA."""
+    if getattr(device, "type", None) != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).item()
+    except Exception:
+        return True
+    return False
+
+
 def report_poisoned(backend: str, exc: BaseException) -> None:
     logger.error(
         "backend %s raised a CUDA error that poisons this process's CUDA context (%s): every later CUDA "
