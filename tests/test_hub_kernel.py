@@ -2,7 +2,6 @@
 backend, a FlashAttention kernel loaded through Hugging Face's ``kernels`` package
 (``customized_fa_kernel``), tested with a local kernel folder."""
 
-import importlib.util
 import json
 import logging
 import re
@@ -16,6 +15,7 @@ from diffsynth_attention.backends import REGISTRY
 from diffsynth_attention.backends.hub_kernel import REPO_ID, VERSION
 
 from helpers import full_reference, qkv, rel
+from test_integration import _load_diffsynth_attention
 
 KERNEL = '''
 import torch
@@ -36,10 +36,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
 def diffsynth_values() -> set:
     """Every value of DIFFSYNTH_ATTENTION_IMPLEMENTATION that DiffSynth-Studio's attention module
     reads, from its source (2.1.12)."""
-    spec = importlib.util.find_spec("diffsynth")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("DiffSynth-Studio is not installed (pip install --no-deps diffsynth==2.1.12)")
-    text = (Path(list(spec.submodule_search_locations)[0]) / "core" / "attention" / "attention.py").read_text()
+    text = Path(_load_diffsynth_attention().__file__).read_text()  # skips when DiffSynth is not installed
     values = set(re.findall(r'ATTENTION_IMPLEMENTATION == "([a-z0-9_]+)"', text))
     values |= set(re.findall(r'return "([a-z0-9_]+)"', text[text.index("def initialize_attention_priority"):]))
     assert "customized_fa_kernel" in values and "torch" in values
