@@ -350,7 +350,7 @@ def cmd_warm(args) -> int:
     cached = sum(info.source == "cache" for _, info in results)
     other = len(results) - tuned - cached  # neighbour or fallback: served, not tuned
     if dist_ctx:
-        done_text = f"split across {dist_ctx[1]} ranks, then synced"
+        done_text = f"split over {dist_ctx[1]} ranks, synced"
     else:
         done_text = f"{tuned} tuned now, {cached} already cached" + (f", {other} not tuned" if other else "")
     summary = (f"{_count(asked, 'problem')} asked, {len(results)} distinct: {done_text}; "
