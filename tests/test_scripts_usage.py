@@ -32,3 +32,31 @@ def test_tuning_report_help_lists_only_public_subcommands(capsys):
     text = capsys.readouterr().out
     assert "repeat" in text and "neighbours" in text
     assert "_tune" not in text and "_first" not in text
+
+
+def test_gpu_fault_check_degrades_gracefully_without_cuda(tmp_path):
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs the real check")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_faults_gpu.py"), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    (doc,) = tmp_path.glob("cpu-*-faults.json")
+    import json
+
+    result = json.loads(doc.read_text())
+    assert result["device"] == "cpu" and "no CUDA device" in result["note"] and result["results"] == []
+    assert doc.with_suffix(".md").exists()
+
+
+def test_gpu_fault_check_expectations_flag_violations():
+    import check_faults_gpu as check
+
+    good = {"scenario": "device_assert", "raised": "AcceleratorError: CUDA error: device-side assert triggered",
+            "dropped": {}, "disk_unchanged": True, "log": ["ERROR: backend torch raised a CUDA error that poisons ..."]}
+    assert check.expectations(good) == []
+    assert len(check.expectations({**good, "dropped": {"k": {"torch": "x"}}, "disk_unchanged": False})) == 2
+    assert check.expectations({"scenario": "launch_error", "raised": None, "dropped": {"k": {"torch": "x"}}}) == []
