@@ -94,10 +94,15 @@ class _FlashBase(Backend):
 
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):
         # b n s d views -> b s n d views; for a caller in b s n d these are its own tensors.
-        out = self._call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, causal, window)
+        return self.forward_native(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, causal,
+                                   window).transpose(1, 2)
+
+    def forward_native(self, q, k, v, scale, causal, window):
+        """``b s n d`` in and out (the kernel operator's call under torch.compile)."""
+        out = self._call(q, k, v, scale, causal, window)
         if isinstance(out, tuple):  # FA3 builds before 2025-08 and FA4 return (out, lse)
             out = out[0]
-        return out.transpose(1, 2)
+        return out
 
 
 class FlashAttention2(_FlashBase):

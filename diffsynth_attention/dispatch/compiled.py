@@ -225,7 +225,10 @@ def _native_call(name: str, q, k, v, attn_mask, scale, is_causal, window_size):
     """The backend on tensors in its native layout; its output, contiguous, in that layout."""
     backend = REGISTRY[name]
     native = _native_layout(name)
-    if native == CANONICAL:
+    forward_native = getattr(backend, "forward_native", None)
+    if forward_native is not None and attn_mask is None:
+        out = forward_native(q, k, v, scale, is_causal, window_size)
+    elif native == CANONICAL:
         out = backend.forward(q, k, v, attn_mask, scale, is_causal, window_size, False)
     else:
         out = backend.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, scale, is_causal,
