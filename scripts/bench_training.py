@@ -25,15 +25,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def run(args) -> dict:
     import diffsynth_attention as da
-    from benchmark import environment
+    from diffsynth_attention.tools.bench import environment, interleaved
     from diffsynth_attention.tools.inputs import make_inputs
     from diffsynth_attention.tools.shapes import select_presets
-    from diffsynth_attention.tuning.timing import interleaved
 
     device = torch.device(args.device)
     shapes = select_presets(["all"])
@@ -128,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--tag")
     args = p.parse_args(argv)
     os.environ.setdefault("DIFFSYNTH_ATTENTION_CACHE_DIR", tempfile.mkdtemp(prefix="da-bench-training-"))
-    from benchmark import save_result
+    from diffsynth_attention.tools.bench import save_result
 
     path = save_result(run(args), args.out, args.tag, "-training", write_markdown)
     print(Path(f"{path}.md").read_text())
