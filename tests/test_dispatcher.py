@@ -40,6 +40,8 @@ def _variants():
     yield {**base, "attn_mask": torch.ones(8, 8, dtype=torch.bool)}
     yield {**base, "attn_mask": torch.zeros(1, 1, 8, 8)}
     yield {**base, "scale": 0.5}
+    yield {**base, "scale": 2}  # an int scale: another type, another signature
+    yield {**base, "is_causal": 1}  # valid, and not True's signature (1.0 would equal both)
     yield {**base, "is_causal": True}
     yield {**base, "window_size": 2}
     yield {**base, "compatibility_mode": True}
