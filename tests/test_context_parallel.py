@@ -1,0 +1,61 @@
+"""Issue 22, items 2 and 4: diffusers' context parallelism through ``diffsynth_auto``, and one
+decision on every rank without a hang: 2 processes over gloo on the CPU (tests/cp_worker.py)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("diffusers.models.attention_dispatch")
+torch_dist = pytest.importorskip("torch.distributed")
+if not torch_dist.is_available():
+    pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
+
+WORKER = os.path.join(os.path.dirname(__file__), "cp_worker.py")
+TIMEOUT = 240  # a hang fails the test instead of stalling the suite
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(mode: str, env: dict, caches=None) -> list:
+    port = _port()
+    procs = []
+    for rank in range(2):
+        e = dict(env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if caches is not None:
+            e["DIFFSYNTH_ATTENTION_CACHE_DIR"] = str(caches[rank])
+        procs.append(subprocess.Popen([sys.executable, WORKER, mode], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=TIMEOUT)
+            assert p.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def test_ulysses_and_ring_forward_and_backward_and_wan_with_enable_parallelism(subprocess_env):
+    for r in run_ranks("ops,wan", subprocess_env):
+        for mode in ("ulysses/native", "ulysses/diffsynth_auto", "ring/diffsynth_auto"):
+            assert r[mode]["out"] < 1e-5 and r[mode]["grad"] < 1e-5, (mode, r[mode])
+        assert any(layout.endswith("+ lse") for layout in r["lse_keys"])  # ring: its own key, needing the LSE
+        assert 2 in r["local_heads"]  # Ulysses: the rank's local problem, 4 heads / 2 ranks
+        assert r["wan"] < 1e-5  # a tiny Wan, Ulysses over 2 ranks, against the same model on one process
+
+
+def test_ranks_with_different_cache_states_do_not_hang_and_end_equal(subprocess_env, tmp_path):
+    r0, r1 = run_ranks("states", subprocess_env, caches=[tmp_path / "node0", tmp_path / "node1"])
+    assert r0["step"]["tunings"] == 0 and r1["step"]["tunings"] >= 1  # a hit on one rank, misses on the other
+    assert r0["before_sync"] != r1["before_sync"]
+    assert r0["decisions"] == r1["decisions"] and set(r0["decisions"].values()) == {"torch_math"}  # rank 0's
