@@ -59,3 +59,19 @@ def test_ranks_with_different_cache_states_do_not_hang_and_end_equal(subprocess_
     assert r0["step"]["tunings"] == 0 and r1["step"]["tunings"] >= 1  # a hit on one rank, misses on the other
     assert r0["before_sync"] != r1["before_sync"]
     assert r0["decisions"] == r1["decisions"] and set(r0["decisions"].values()) == {"torch_math"}  # rank 0's
+
+
+def test_benchmark_script_cpu_path(subprocess_env, tmp_path):
+    """scripts/bench_cp.py --tiny: the 2-GPU benchmark's code path on the CPU over gloo."""
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "bench_cp.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, "--tiny",
+           "--no-compile", "--rounds", "2", "--out", str(tmp_path), "--tag", "tiny"]
+    res = subprocess.run(cmd, env=dict(subprocess_env, DIFFSYNTH_ATTENTION_CACHE_DIR=str(tmp_path / "cache")),
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "tiny.json").read_text())
+    assert result["decisions"]["agree"] and len(result["decisions"]["per_rank"]) == 2
+    assert result["output_difference"]["max_abs"] < 1e-4
+    assert set(result["eager_attention_ms"]) == {"native", "diffsynth_auto"} and result["eager_attention_speedup"] > 0
+    assert result["local_problem"]["key"]["problem"]["heads_q"] == 2  # 4 heads over 2 ranks
+    assert "Decisions agree across ranks" in (tmp_path / "tiny.md").read_text()
