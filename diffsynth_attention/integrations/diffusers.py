@@ -70,10 +70,10 @@ def _unsupported(detail: str) -> DiffusersNotSupportedError:
 
 # -- the backend ----------------------------------------------------------------------------------
 def _forward(query, key, value, attn_mask, is_causal, scale):
-    from ..api import attention_forward
+    from ..dispatch import default_dispatcher
 
-    return attention_forward(query, key, value, "b s n d", "b s n d", "b s n d", "b s n d", None, attn_mask, scale,
-                             is_causal)
+    return default_dispatcher().forward(query, key, value, "b s n d", "b s n d", "b s n d", "b s n d", None, attn_mask,
+                                        scale, is_causal)
 
 
 def _native_mask(attn_mask, query, key):

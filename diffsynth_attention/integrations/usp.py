@@ -48,9 +48,10 @@ def usp_local_attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False
 
         out, lse = attention_with_lse(q, k, v, softmax_scale, causal)
         return out, lse.transpose(1, 2)
-    from ..api import attention_forward
+    from ..dispatch import default_dispatcher
 
-    out = attention_forward(q, k, v, "b s n d", "b s n d", "b s n d", "b s n d", None, None, softmax_scale, causal)
+    out = default_dispatcher().forward(q, k, v, "b s n d", "b s n d", "b s n d", "b s n d", None, None, softmax_scale,
+                                       causal)
     # A single ring step: xfuser keeps this LSE for a merge that never happens. Not computed.
     return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
 
