@@ -45,6 +45,11 @@ def lse_backends() -> list:
     return [b for b in REGISTRY.values() if callable(getattr(b, "forward_lse", None))]
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The math paths' accumulation type: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _block(q: torch.Tensor, s_kv: int) -> int:
     b, n, s_q = q.shape[0], q.shape[1], q.shape[2]
     return max(1, min(s_q, _BLOCK_BYTES // max(1, 4 * b * n * s_kv)))
@@ -70,16 +75,17 @@ def math_lse(q, k, v, scale, causal):
     """Exact float32 attention and LSE on ``b n s d`` tensors: ``(out in q's dtype, lse (b, n, s_q))``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = _expand_kv(q, k, v)
-    k32, v32 = k.float(), v.float()
+    acc = _acc(q.dtype)
+    k32, v32 = k.to(acc), v.to(acc)
     outs, lses = [], []
     step = _block(q, k.shape[2])
     for start in range(0, q.shape[2], step):
-        s = _scores(q[:, :, start:start + step].float(), k32, scale, causal, start)
+        s = _scores(q[:, :, start:start + step].to(acc), k32, scale, causal, start)
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
         outs.append(torch.matmul(p, v32))
         lses.append(lse)
-    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2).float()
 
 
 def lse_backward(grad_out, q, k, v, out, lse, scale, causal, grad_lse=None):
@@ -90,19 +96,20 @@ def lse_backward(grad_out, q, k, v, out, lse, scale, causal, grad_lse=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     groups = qt.shape[1] // kt.shape[1]
     kx, vx = _expand_kv(qt, kt, vt)
-    k32, v32 = kx.float(), vx.float()
-    do = grad_out.transpose(1, 2).float()
-    lse_t = lse.transpose(1, 2).float()
-    delta = (do * out.transpose(1, 2).float()).sum(-1)  # rowsum(dO * O): b n s_q
+    acc = _acc(q.dtype)
+    k32, v32 = kx.to(acc), vx.to(acc)
+    do = grad_out.transpose(1, 2).to(acc)
+    lse_t = lse.transpose(1, 2).to(acc)
+    delta = (do * out.transpose(1, 2).to(acc)).sum(-1)  # rowsum(dO * O): b n s_q
     if grad_lse is not None:
-        delta = delta - grad_lse.transpose(1, 2).float()
-    dq = torch.empty_like(qt, dtype=torch.float32)
+        delta = delta - grad_lse.transpose(1, 2).to(acc)
+    dq = torch.empty_like(qt, dtype=acc)
     dk = torch.zeros_like(k32)
     dv = torch.zeros_like(v32)
     step = _block(qt, kt.shape[2])
     for start in range(0, qt.shape[2], step):
         sl = slice(start, start + step)
-        qb = qt[:, :, sl].float()
+        qb = qt[:, :, sl].to(acc)
         p = torch.exp(_scores(qb, k32, scale, causal, start) - lse_t[:, :, sl].unsqueeze(-1)).nan_to_num(0.0)
         dob = do[:, :, sl]
         dv += torch.matmul(p.transpose(-1, -2), dob)
