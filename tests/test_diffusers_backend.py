@@ -213,3 +213,24 @@ def test_environment_variable_set_before_diffusers_is_imported(subprocess_env):
     assert res.returncode == 0, res.stderr[-2000:]
     name, served, shape = res.stdout.split(maxsplit=2)
     assert name == "diffsynth_auto" and int(served) >= 1 and shape.strip() == "(1, 16, 2, 8)"
+
+
+AFTER_WORKER = r"""
+import sys, torch
+from diffusers.models.attention_dispatch import AttentionBackendName, attention_backend, dispatch_attention_fn
+from diffsynth_attention.integrations.diffusers import register
+assert "diffsynth_auto" not in {m.value for m in AttentionBackendName}
+register(activate=True)                      # diffusers already imported: registered and active at once
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+import diffsynth_attention as da
+out = dispatch_attention_fn(torch.randn(1, 16, 2, 8), torch.randn(1, 16, 2, 8), torch.randn(1, 16, 2, 8))
+print(_AttentionBackendRegistry.get_active_backend()[0].value, da.stats()["tunings"] + da.stats()["hits"])
+"""
+
+
+def test_register_after_diffusers_is_imported(subprocess_env):
+    res = subprocess.run([sys.executable, "-c", AFTER_WORKER], env=subprocess_env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    name, served = res.stdout.split()
+    assert name == "diffsynth_auto" and int(served) == 1

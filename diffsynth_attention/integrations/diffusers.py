@@ -130,7 +130,7 @@ def _forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     else:
         out, lse = _forward(query, key, value, _native_mask(attn_mask, query, key), is_causal, scale), None
     if _save_ctx:
-        ctx.save_for_backward(query, key, value, out, *(() if lse is None else (lse,)))
+        ctx.save_for_backward(query, key, value, *(() if lse is None else (out, lse)))  # out and LSE: ring only
         ctx.ds_mask, ctx.ds_causal, ctx.ds_scale = attn_mask, is_causal, scale
     return (out, lse) if return_lse else out
 
@@ -145,7 +145,7 @@ def _backward_op(ctx, grad_out, *args, query=None, key=None, value=None, out=Non
     query = saved[0] if query is None else query
     key = saved[1] if key is None else key
     value = saved[2] if value is None else value
-    if lse is None and len(saved) > 4:
+    if lse is None and len(saved) > 3:
         lse = saved[4]
     if lse is not None:
         from .lse import lse_backward
