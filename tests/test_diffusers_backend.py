@@ -1,5 +1,4 @@
 """Issue 22, item 1: the ``diffsynth_auto`` diffusers attention backend (CPU)."""
-import os
 import subprocess
 import sys
 import types
@@ -18,9 +17,6 @@ from diffusers.models.attention_dispatch import (  # noqa: E402
     AttentionBackendName, _AttentionBackendRegistry, attention_backend, dispatch_attention_fn)
 
 from diffusers_models import tiny_flux, tiny_unet, tiny_wan  # noqa: E402
-
-SLOW = os.environ.get("DIFFSYNTH_ATTENTION_SLOW_TESTS") == "1"
-
 
 @pytest.fixture(autouse=True)
 def native_afterwards():
@@ -165,8 +161,7 @@ def test_tiny_models_match_native_eager(name, monkeypatch):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", [n if n == "wan" or SLOW else pytest.param(
-    n, marks=pytest.mark.skip(reason="~30-90 s of CPU compilation: DIFFSYNTH_ATTENTION_SLOW_TESTS=1")) for n in MODELS])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_tiny_models_match_native_compiled_fullgraph(name):
     from torch._dynamo.testing import CompileCounterWithBackend
 
