@@ -81,6 +81,16 @@ def test_gqa_needs_enable_gqa_and_dropout_is_refused():
         ours(*bsnd(), dropout_p=0.1)
 
 
+def test_declared_constraints_run_when_diffusers_checks_are_on(monkeypatch):
+    monkeypatch.setattr(_AttentionBackendRegistry, "_checks_enabled", True)  # DIFFUSERS_ATTN_CHECKS=1
+    q, k, v = bsnd()
+    torch.testing.assert_close(ours(q, k, v), native(q, k, v), atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="same device|same dtype"):  # diffusers' own _check_device
+        ours(q, k.double(), v)
+    with pytest.raises(ValueError, match="enable_gqa"):  # ours, before any kernel runs
+        ours(q, k[:, :, :2], v[:, :, :2])
+
+
 def test_inputs_are_not_transposed_or_modified():
     q, k, v = bsnd()
     before = [t.clone() for t in (q, k, v)]

@@ -64,8 +64,8 @@ def _diffusers_version() -> str:
 def _unsupported(detail: str) -> DiffusersNotSupportedError:
     return DiffusersNotSupportedError(
         f"diffusers {_diffusers_version()} has no attention backend registry ({detail}); the {BACKEND_NAME!r} backend "
-        "needs a diffusers with models/attention_dispatch.py and its _AttentionBackendRegistry (0.35 or newer): "
-        "pip install -U diffusers. Without it, route diffusers' SDPA calls with diffsynth_attention.patch_sdpa()")
+        "needs a diffusers whose models/attention_dispatch.py has _AttentionBackendRegistry (upgrade: "
+        "pip install -U diffusers). Without it, route diffusers' SDPA calls with diffsynth_attention.patch_sdpa()")
 
 
 # -- the backend ----------------------------------------------------------------------------------
