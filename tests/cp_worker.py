@@ -23,26 +23,33 @@ from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_a
 
 import diffsynth_attention as da  # noqa: E402
 
+CUDA = os.environ.get("CP_DEVICE") == "cuda"  # the GPU variant: nccl, one GPU per rank, bfloat16 attention
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+
+def device():
+    return torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
+
 
 def cp_config(ring: int, ulysses: int) -> ParallelConfig:
     from torch.distributed.device_mesh import init_device_mesh
 
     config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses))
-    mesh = init_device_mesh("cpu", (ring, ulysses), mesh_dim_names=("ring", "ulysses"))
-    config.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=mesh)
+    mesh = init_device_mesh(device().type, (ring, ulysses), mesh_dim_names=("ring", "ulysses"))
+    config.setup(dist.get_rank(), dist.get_world_size(), device(), mesh=mesh)
     return config
 
 
 def full_qkv(b=1, s=32, n=4, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, s, n, d, generator=g) for _ in range(3)]
+    return [torch.randn(b, s, n, d, generator=g).to(device(), DTYPE) for _ in range(3)]
 
 
 def check_ops(report: dict) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     q, k, v = full_qkv()
-    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
-    qf, kf, vf = (t.clone().requires_grad_(True) for t in (q, k, v))
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device(), DTYPE)
+    qf, kf, vf = (t.float().requires_grad_(True) for t in (q, k, v))  # the reference in float32
     ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qf, kf, vf))).transpose(1, 2)
     ref_grads = torch.autograd.grad((ref * g).sum(), (qf, kf, vf))
     shard = slice(rank * q.shape[1] // world, (rank + 1) * q.shape[1] // world)
@@ -54,8 +61,8 @@ def check_ops(report: dict) -> None:
             ql, kl, vl = (t[:, shard].clone().requires_grad_(True) for t in (q, k, v))
             out = dispatch_attention_fn(ql, kl, vl, backend=AttentionBackendName(backend), parallel_config=config)
             grads = torch.autograd.grad((out * g[:, shard]).sum(), (ql, kl, vl))
-            err = (out - ref[:, shard]).abs().max().item()
-            gerr = max((a - b[:, shard]).abs().max().item() for a, b in zip(grads, ref_grads))
+            err = (out.float() - ref[:, shard]).abs().max().item()
+            gerr = max((a.float() - b[:, shard]).abs().max().item() for a, b in zip(grads, ref_grads))
             report[f"{mode}/{backend}"] = {"out": err, "grad": gerr}
     report["lse_keys"] = sorted(d.key["problem"]["layout"] for d in _store().entries().values())
     report["local_heads"] = sorted({d.key["problem"]["heads_q"] for d in _store().entries().values()})
@@ -71,12 +78,15 @@ def check_wan(report: dict) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     from diffusers_models import tiny_wan
 
-    torch.accelerator.device_count = lambda: 1  # diffusers maps ranks to accelerators; CPU has none
+    if not CUDA:
+        torch.accelerator.device_count = lambda: 1  # diffusers maps ranks to accelerators; CPU has none
     import diffusers.hooks.context_parallel as hooks
 
     if not hasattr(hooks.logger, "warning_once"):  # diffusers 0.42.1 calls a method its logger lacks
         hooks.logger.warning_once = hooks.logger.warning
     model, inputs = tiny_wan(layers=2)
+    model = model.to(device())
+    inputs = {k: v.to(device()) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     with torch.no_grad():
         ref = model(**inputs)[0]
     model.set_attention_backend("diffsynth_auto")
@@ -121,7 +131,9 @@ def check_states(report: dict) -> None:
 
 def main() -> None:
     modes = sys.argv[1].split(",")
-    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
+    if CUDA:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if CUDA else "gloo", timeout=__import__("datetime").timedelta(seconds=120))
     report = {"rank": dist.get_rank(), "mode": sys.argv[1]}
     for mode in modes:
         {"ops": check_ops, "wan": check_wan, "states": check_states}[mode](report)

@@ -23,11 +23,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(mode: str, env: dict, caches=None) -> list:
+def run_ranks(mode: str, env: dict, caches=None, cuda=False) -> list:
     port = _port()
     procs = []
     for rank in range(2):
         e = dict(env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if cuda:
+            e["CP_DEVICE"] = "cuda"
         if caches is not None:
             e["DIFFSYNTH_ATTENTION_CACHE_DIR"] = str(caches[rank])
         procs.append(subprocess.Popen([sys.executable, WORKER, mode], env=e, stdout=subprocess.PIPE,
@@ -75,3 +77,11 @@ def test_benchmark_script_cpu_path(subprocess_env, tmp_path):
     assert set(result["eager_attention_ms"]) == {"native", "diffsynth_auto"} and result["eager_attention_speedup"] > 0
     assert result["local_problem"]["key"]["problem"]["heads_q"] == 2  # 4 heads over 2 ranks
     assert "Decisions agree across ranks" in (tmp_path / "tiny.md").read_text()
+
+
+@pytest.mark.skipif(not (__import__("torch").cuda.device_count() >= 2), reason="needs 2 CUDA GPUs (nccl)")
+def test_on_two_gpus_ulysses_ring_and_wan(subprocess_env):
+    for r in run_ranks("ops,wan", subprocess_env, cuda=True):
+        for mode in ("ulysses/native", "ulysses/diffsynth_auto", "ring/diffsynth_auto"):
+            assert r[mode]["out"] < 3e-2 and r[mode]["grad"] < 6e-2, (mode, r[mode])  # bfloat16 against float32
+        assert 2 in r["local_heads"] and r["wan"] < 1e-3
