@@ -64,8 +64,18 @@ def check_ops(report: dict) -> None:
             err = (out.float() - ref[:, shard]).abs().max().item()
             gerr = max((a.float() - b[:, shard]).abs().max().item() for a, b in zip(grads, ref_grads))
             report[f"{mode}/{backend}"] = {"out": err, "grad": gerr}
+    report["tunings"] = da.stats()["tunings"]
+    dist.barrier()
+    report["decisions"] = {kid: _store().refresh(kid).backend for kid in sorted(_keys_on_disk())}  # no sync here
     report["lse_keys"] = sorted(d.key["problem"]["layout"] for d in _store().entries().values())
     report["local_heads"] = sorted({d.key["problem"]["heads_q"] for d in _store().entries().values()})
+
+
+def _keys_on_disk() -> list:
+    """Every key id with a decision file in the shared cache folder (written by either rank)."""
+    from diffsynth_attention.store.cache import cache_dir
+
+    return [p.stem for p in (cache_dir() / "v2").glob("*.json")]
 
 
 def _store():

@@ -48,7 +48,11 @@ def run_ranks(mode: str, env: dict, caches=None, cuda=False) -> list:
 
 
 def test_ulysses_and_ring_forward_and_backward_and_wan_with_enable_parallelism(subprocess_env):
-    for r in run_ranks("ops,wan", subprocess_env):
+    results = run_ranks("ops,wan", subprocess_env)
+    # one node, one shared cache: every key tuned by exactly one rank, the same decisions on both without a sync
+    assert results[0]["decisions"] == results[1]["decisions"] and results[0]["decisions"]
+    assert results[0]["tunings"] + results[1]["tunings"] == len(results[0]["decisions"])
+    for r in results:
         for mode in ("ulysses/native", "ulysses/diffsynth_auto", "ring/diffsynth_auto"):
             assert r[mode]["out"] < 1e-5 and r[mode]["grad"] < 1e-5, (mode, r[mode])
         assert any(layout.endswith("+ lse") for layout in r["lse_keys"])  # ring: its own key, needing the LSE
