@@ -18,7 +18,8 @@ mode, static shapes), with the two backends interleaved in the same rounds:
   they agree;
 - the output difference ``diffsynth_auto`` vs ``native`` (max abs, relative L1), both under CP.
 
-Writes ``<out>/<device>x<world>-<date>-wan-cp.json`` and ``.md`` on rank 0. A fresh cache folder
+Writes ``<out>/<device>-<date>-wan-cp-<world>gpu.json`` and ``.md`` on rank 0 (the harness's
+``save_result``). A fresh cache folder
 is used unless ``--keep-cache``. ``--tiny`` runs a small model on the CPU over gloo (the test of
 this script). A missing kernel package only narrows the candidates; a compile failure is
 recorded, and the eager result is still written.
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--tag", default=None, help="file name stem (default <device>x<world>-<date>-wan-cp)")
+    p.add_argument("--tag", default=None, help="file name stem (default <device>-<date>-wan-cp-<world>gpu)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--frames", type=int, default=21, help="latent frames (21: 81 video frames)")
     p.add_argument("--height", type=int, default=60, help="latent height (60: 480 px)")
@@ -144,16 +144,12 @@ def decisions() -> dict:
 
 
 def environment(device) -> dict:
-    import torch
+    import torch.distributed as dist
 
-    import diffsynth_attention as da
     from diffsynth_attention.backends import package_version
+    from diffsynth_attention.tools.bench import environment as bench_environment
 
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "world_size": __import__("torch.distributed").distributed.get_world_size(),
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "diffusers": package_version("diffusers"), "diffsynth_attention": da.__version__,
-            "backends": {n: (r or "available") for n, r in da.available_backends().items()}}
+    return {**bench_environment(device), "world_size": dist.get_world_size(), "diffusers": package_version("diffusers")}
 
 
 def run(args) -> dict:
@@ -267,7 +263,8 @@ def run(args) -> dict:
 def write_md(result: dict, path: Path) -> None:
     env, m = result["environment"], result["model"]
     lines = [f"# diffusers Wan, Ulysses {m['ulysses_degree']}: diffsynth_auto vs native",
-             "", f"{env['device']} x{env['world_size']}, torch {env['torch']}, diffusers {env['diffusers']}; "
+             "", f"{env['device']} x{env['world_size']}, torch {env['torch']}, diffusers {env['diffusers']}, "
+             f"kernel packages {env.get('packages')}; "
              f"{m.get('num_layers')} blocks, {m['tokens']} tokens, {m['num_attention_heads']} heads of "
              f"{m['attention_head_dim']} ({m['num_attention_heads'] // m['ulysses_degree']} per rank)", "",
              "| measurement | native ms | diffsynth_auto ms | speed-up |", "|---|---|---|---|"]
@@ -293,13 +290,9 @@ def main(argv=None) -> int:
 
     result = run(args)
     if dist.get_rank() == 0:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        env = result["environment"]
-        device = env["device"].replace("NVIDIA ", "").replace(" ", "-")
-        stem = out / (args.tag or f"{device}x{env['world_size']}-{datetime.date.today().isoformat()}-wan-cp")
-        Path(f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-        write_md(result, Path(f"{stem}.md"))
+        from diffsynth_attention.tools.bench import save_result
+
+        stem = save_result(result, args.out, args.tag, f"-wan-cp-{result['environment']['world_size']}gpu", write_md)
         print(Path(f"{stem}.md").read_text())
     dist.barrier()
     dist.destroy_process_group()
