@@ -59,7 +59,50 @@ def __getattr__(name: str):
 
     value = getattr(importlib.import_module(module_name, __name__), name)
     globals()[name] = value  # later lookups are plain attribute reads
+    _start_preload()
     return value
+
+
+_preload_started = False
+
+
+def _preload_cached() -> None:
+    """On the preload thread: start loading the kernel packages that cached decisions name."""
+    import logging
+
+    try:
+        from .backends.loading import preload
+        from .dispatch import default_dispatcher
+
+        preload(default_dispatcher().store.entries().values())
+    except Exception:  # never breaks the caller: the first call loads what it needs
+        logging.getLogger(__name__).debug("preloading kernel packages failed", exc_info=True)
+
+
+def _start_preload() -> None:
+    """Start :func:`_preload_cached` on a daemon thread, once, unless DIFFSYNTH_ATTENTION_PRELOAD
+    is off. Only once torch is imported (by the caller, or by a public name being loaded): the
+    command line's cache commands and a bare ``import diffsynth_attention`` before torch never
+    pay for torch on another thread."""
+    global _preload_started
+    import sys
+
+    if _preload_started or "torch" not in sys.modules:
+        return
+    from . import config
+
+    try:
+        if not config.preload():
+            return
+    except ValueError:  # a bad value: the first call names it (config.validate_all)
+        return
+    import threading
+
+    _preload_started = True
+    threading.Thread(target=_preload_cached, name="diffsynth-attention-preload", daemon=True).start()
+
+
+_start_preload()
 
 
 def __dir__():
