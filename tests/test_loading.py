@@ -242,3 +242,24 @@ def test_import_and_an_eager_call_leave_torch_dynamo_out(subprocess_env):
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "none"
+
+
+# -- the command line: a cached decision is reported without importing its package ----------------
+def test_cli_explain_and_warm_report_a_cached_decision_without_importing_its_package(slow_fa3, monkeypatch, capsys, tmp_path):
+    from diffsynth_attention.tools.cli import main
+
+    folder, *_ = slow_fa3
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_CACHE_DIR", str(folder))
+    monkeypatch.setattr(loading, "_deferred", False)
+    assert main(["explain", "--batch", "2", "--heads", "4", "--seq-q", "32", "--head-dim", "16", "--dtype", "float32"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "flash_attention_3 (cache)" in out and "until flash_attention_3 has loaded" in out
+    fa3 = REGISTRY["flash_attention_3"]
+    assert "flash_attn_interface" not in sys.modules and loading.state(fa3) == loading.UNLOADED
+    shapes = tmp_path / "shapes.json"
+    shapes.write_text(json.dumps([{"name": "p", "batch": 2, "heads_q": 4, "heads_kv": 4, "seq_q": 32, "seq_kv": 32,
+                                   "head_dim": 16, "dtype": "float32"}]))
+    assert main(["warm", "--shapes", str(shapes), "--device", "cpu", "--full-size", "--no-progress", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["backend"], r["source"]) for r in rows] == [("flash_attention_3", "loading")]
+    assert "flash_attn_interface" not in sys.modules and loading.state(fa3) == loading.UNLOADED

@@ -206,9 +206,12 @@ class FlashAttention3(_FlashBase):
             self.declare_build(flags)
 
     def _load(self) -> None:
+        # The first use costs the import of the extension and nothing else: the version and the
+        # build flags were read when the backend was declared (no second metadata scan here).
         module = importlib.import_module("flash_attn_interface")
         self._func = getattr(module, "flash_attn_func")
-        self._version = self._metadata_version() or getattr(module, "__version__", "unknown")
+        declared = self.declared_version()
+        self._version = declared if declared not in (None, "unknown") else getattr(module, "__version__", "unknown")
         flags = fa3_build_flags() if self.build is None else None
         if flags is not None:
             self.declare_build(flags)
@@ -282,7 +285,8 @@ class FlashAttention4(_FlashBase):
         enable_fa4_compile_cache()  # before the import: every process and rank shares the compilations
         module = importlib.import_module("flash_attn.cute")
         self._func = getattr(module, "flash_attn_func")
-        self._version = package_version("flash-attn-4") or getattr(module, "__version__", "unknown")
+        declared = self.declared_version()
+        self._version = declared if declared not in (None, "unknown") else getattr(module, "__version__", "unknown")
 
     def extra_reasons(self, p: Problem, dev: Optional[DeviceInfo]) -> list:
         if dev is None or dev.capability is None:

@@ -29,6 +29,8 @@ from typing import Callable, Iterable, Optional
 logger = logging.getLogger("diffsynth_attention")
 
 READY, LOADING, FAILED, UNLOADED = "ready", "loading", "failed", "unloaded"
+DEFERRED = "deferred"  # not loaded, and not to be loaded in the background (see defer())
+PENDING = (LOADING, DEFERRED)  # states in which a decision is served by another backend meanwhile
 
 _lock = threading.Lock()
 _threads: dict = {}  # backend name -> the thread importing it now
@@ -98,12 +100,26 @@ def _load(backend) -> None:
         _notify(name, result)
 
 
+_deferred = False
+
+
+def defer(on: bool = True) -> None:
+    """Start no background loads in this process (the command line's ``explain`` and ``warm``:
+    a cached decision is reported without importing its package, which the process would never
+    call). :func:`start_loading` then answers ``deferred``; a synchronous use still imports."""
+    global _deferred
+    _deferred = on
+
+
 def start_loading(backend) -> str:
     """Start importing ``backend``'s package on a background thread unless it is loaded, being
-    loaded or cannot load here. Returns the state after the call."""
+    loaded or cannot load here. Returns the state after the call (``deferred`` after
+    :func:`defer`)."""
     current = state(backend)
     if current != UNLOADED:
         return current
+    if _deferred:
+        return DEFERRED
     with _lock:
         if backend.name in _threads or backend._loaded:
             return state(backend)

@@ -195,7 +195,8 @@ class Dispatcher:
         if not loading.needs_loading(decided) or decided.is_loaded() or _is_compiling() or (
                 call.problem.device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return None
-        if loading.start_loading(decided) != loading.LOADING:
+        pending = loading.start_loading(decided)
+        if pending not in loading.PENDING:
             return None
         order = sorted((c.time_ms, n) for n, c in decision.candidates.items()
                        if n != decided.name and n in usable_names and n in REGISTRY and c.time_ms is not None
@@ -204,7 +205,8 @@ class Dispatcher:
         chosen = decision.candidates.get(decided.name)
         reason = (f"{decided.name} ({source}"
                   + (f", {chosen.time_ms:.4g} ms" if chosen is not None and chosen.time_ms is not None else "")
-                  + f") is loading on a background thread; {name}"
+                  + (") is loading on a background thread; " if pending == loading.LOADING else
+                     ") is not loaded (background loading deferred in this process); ") + name
                   + (f" ({order[0][0]:.4g} ms), the fastest usable candidate of the decision," if order else ",")
                   + " serves the calls until it is ready")
         inner = make_runner(REGISTRY[name], call, grad)

@@ -285,6 +285,7 @@ def cmd_warm(args) -> int:
         print(note, file=sys.stderr)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ..backends import loading
     from ..store.key import key_id as hash_key
     from .devices import on_cpu, resolve_device
     from .inputs import torch_dtype
@@ -292,6 +293,7 @@ def cmd_warm(args) -> int:
     from .torchrun import warm_distributed
     from .warm import warm
 
+    loading.defer()  # a cached decision needs no import of its package here; tuning imports what it times
     dtype = torch_dtype(args.dtype) if args.dtype else None
     dist_ctx = distributed_context()
     device = None if dist_ctx else resolve_device(args.device)
@@ -369,9 +371,11 @@ def cmd_explain(args) -> int:
     import torch
 
     from ..api import explain
+    from ..backends import loading
     from .devices import resolve_device
     from .inputs import make_inputs
 
+    loading.defer()  # a cached decision is reported without importing its package
     device = resolve_device(args.device)
     q, k, v, kwargs = make_inputs(shape, device, None, args.layout)
     with torch.no_grad():
@@ -385,7 +389,12 @@ def cmd_explain(args) -> int:
         print(json.dumps(doc, indent=1))
         return 0
     console = _console()
-    console.print(_escape(f"{info.problem} on {short_device(info.key['device']['name'])}: {info.backend} ({info.source})"))
+    head = f"{info.problem} on {short_device(info.key['device']['name'])}: "
+    if info.source == "loading" and info.decision is not None:  # the decision, not this process's stand-in
+        console.print(_escape(head + f"{info.decision.backend} (cache)"))
+        console.print(_escape(f"until {info.decision.backend} has loaded, a process serves these calls with {info.backend}"))
+    else:
+        console.print(_escape(head + f"{info.backend} ({info.source})"))
     table = _table(None, ("backend", "status", "ms", "error", "reason"))
     unsupported = []
     for name, c in info.candidates.items():
