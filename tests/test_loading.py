@@ -261,5 +261,5 @@ def test_cli_explain_and_warm_report_a_cached_decision_without_importing_its_pac
                                    "head_dim": 16, "dtype": "float32"}]))
     assert main(["warm", "--shapes", str(shapes), "--device", "cpu", "--full-size", "--no-progress", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["backend"], r["source"]) for r in rows] == [("flash_attention_3", "loading")]
+    assert [(r["backend"], r["source"]) for r in rows] == [("flash_attention_3", "cache")]
     assert "flash_attn_interface" not in sys.modules and loading.state(fa3) == loading.UNLOADED

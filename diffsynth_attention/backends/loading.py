@@ -138,6 +138,13 @@ def wait(backend, timeout: Optional[float] = None) -> str:
     return state(backend)
 
 
+def wait_all(timeout: Optional[float] = None) -> None:
+    """Wait for every background load under way (tuning calls it before timing anything: an
+    import running meanwhile would hold the interpreter and slow the timed calls' launches)."""
+    for thread in list(_threads.values()):
+        thread.join(timeout)
+
+
 def decided_packages(decisions: Iterable, registry: dict) -> list:
     """The kernel-package backends that ``decisions`` name and that can load on this machine:
     installed (per metadata), runnable here, and decided with the installed version. Where CUDA

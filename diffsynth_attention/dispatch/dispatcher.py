@@ -307,6 +307,8 @@ class Dispatcher:
                 def make(backend):  # the runner a plan binds: timed as the hit path calls it
                     return make_runner(backend, call, grad)
 
+                loading.wait_all()  # no import competes with the timed calls (issue 24)
+
                 decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev)
                 self.counters["tunings"] += 1
                 self.counters["tuning_seconds"] += decision.tuning_seconds

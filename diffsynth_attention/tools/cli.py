@@ -285,22 +285,20 @@ def cmd_warm(args) -> int:
         print(note, file=sys.stderr)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..backends import loading
     from ..store.key import key_id as hash_key
     from .devices import on_cpu, resolve_device
     from .inputs import torch_dtype
     from .shapes import distinct, scale_for_cpu, DTYPE_NAMES
-    from .torchrun import warm_distributed
+    from .torchrun import split, warm_distributed
     from .warm import warm
 
-    loading.defer()  # a cached decision needs no import of its package here; tuning imports what it times
     dtype = torch_dtype(args.dtype) if args.dtype else None
     dist_ctx = distributed_context()
     device = None if dist_ctx else resolve_device(args.device)
     if not args.full_size and on_cpu(args.device if dist_ctx else str(device)):
         shapes = [scale_for_cpu(s) for s in shapes]
     shapes = distinct(shapes, DTYPE_NAMES[args.dtype] if args.dtype else None)
-    mine = shapes if not dist_ctx else shapes[dist_ctx[0]::dist_ctx[1]]
+    mine = shapes if not dist_ctx else split(shapes, dist_ctx[1])[dist_ctx[0]]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, disable=args.no_progress) as progress:
         task = progress.add_task("tuning", total=len(mine))
