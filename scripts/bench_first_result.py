@@ -17,7 +17,10 @@ the issue measured it with, and for a baseline problem decided as tuning decides
    by then, then keeps calling until the decided backend serves (the call index and time of the
    takeover; outputs before and after compared);
 3. per package, an import breakdown: ``import torch``, CUDA start, the package's import (the
-   modules that took longest, from ``-X importtime``), its first and second launch.
+   modules that took longest, from ``-X importtime``), its first and second launch;
+4. ``warm --preset all`` run twice in a fresh cache folder: the second run, every decision
+   cached, against the start-up of a process that imports torch and starts the device
+   (``--no-warm`` skips it).
 
 Writes ``<out>/<device>-<date>-first-result.{json,md}``. Without a GPU (or a package) the rows
 say why they were skipped; ``--device cpu`` runs the baseline on a CPU-sized problem.
@@ -242,6 +245,33 @@ def run_row(row, target, module, problem, device, runs, max_s, base_env, unusabl
     return out
 
 
+def timed(cmd: list, env: dict, timeout: float = 600) -> dict:
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = {"wall_s": time.perf_counter() - t, "rc": proc.returncode}
+    if proc.returncode:
+        out["stderr_tail"] = proc.stderr.strip().splitlines()[-3:]
+    return out
+
+
+def warm_again(device: str, base_env: dict, runs: int) -> dict:
+    """``warm --preset all`` twice in a fresh cache folder: the second one finds every decision
+    cached (target: at most the process start-up plus 2 s). Start-up: a process that imports torch
+    and starts the device."""
+    env = dict(base_env, DIFFSYNTH_ATTENTION_CACHE_DIR=tempfile.mkdtemp(prefix="first-result-warm-"))
+    warm = [sys.executable, "-m", "diffsynth_attention", "warm", "--preset", "all", "--device", device, "--no-progress",
+            "--json"]
+    start = [sys.executable, "-c", f"import torch; torch.zeros(1, device={device!r}).sum().item()"]
+    out = {"first": timed(warm, env)}
+    out["startup"] = [timed(start, env) for _ in range(runs)]
+    out["again"] = [timed(warm, env) for _ in range(runs)]
+    startup = statistics.median(r["wall_s"] for r in out["startup"])
+    again = statistics.median(r["wall_s"] for r in out["again"])
+    out.update(startup_s=startup, again_s=again, again_minus_startup_s=again - startup,
+               target_met=again - startup <= 2.0 and all(r["rc"] == 0 for r in out["again"]))
+    return out
+
+
 def write_md(result: dict, path: Path) -> None:
     fmt = lambda s: "-" if s is None or s.get("median") is None else f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"  # noqa: E731
     lines = [f"# First result in a fresh process: {result['environment']['device']}", "",
@@ -273,6 +303,12 @@ def write_md(result: dict, path: Path) -> None:
                      f"imported by it: {b.get('dynamo_after_import')}); first launch {b.get('first_launch_s', 0):.3f} s, "
                      f"second {b.get('second_launch_s', 0):.4f} s. Slowest modules: "
                      + ", ".join(f"{m['module']} {m['cumulative_s']:.2f} s" for m in b.get("slowest_modules", [])[:6]))
+    w = result.get("warm")
+    if w:
+        lines += ["", "## `warm --preset all` again, every decision cached", "",
+                  f"First run (tuning) {w['first']['wall_s']:.1f} s; start-up (import torch, start the device) "
+                  f"{w['startup_s']:.2f} s; second run {w['again_s']:.2f} s (median of {len(w['again'])}): start-up "
+                  f"{w['again_minus_startup_s']:+.2f} s; target (<= start-up + 2 s) {'met' if w['target_met'] else 'missed'}."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -283,6 +319,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="how long a process calls before giving up on a takeover")
     parser.add_argument("--only", help="comma-separated rows: flash_attention_3, flash_attention_4, baseline (default all)")
+    parser.add_argument("--no-warm", action="store_true", help="skip timing `warm --preset all` run again")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -318,6 +355,9 @@ def main(argv=None) -> int:
         problem = CPU_PROBLEM if device == "cpu" else problem
         result["rows"].append(run_row(row, target, module, problem, device, args.runs, args.max_seconds, env, unusable))
         print(f"{row}: done", file=sys.stderr)
+    if not args.no_warm:
+        result["warm"] = warm_again(device, env, args.runs)
+        print("warm again: done", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{name.replace('NVIDIA ', '').replace(' ', '-')}-{result['environment']['date']}-first-result"
