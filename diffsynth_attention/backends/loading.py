@@ -22,6 +22,7 @@ package is imported once per process, on whichever thread comes first.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from typing import Callable, Iterable, Optional
@@ -103,12 +104,14 @@ def _load(backend) -> None:
 _deferred = False
 
 
-def defer(on: bool = True) -> None:
-    """Start no background loads in this process (the command line's ``explain`` and ``warm``:
-    a cached decision is reported without importing its package, which the process would never
-    call). :func:`start_loading` then answers ``deferred``; a synchronous use still imports."""
+def defer(on: bool = True) -> bool:
+    """Start no background loads (``on``) or start them again (the command line's ``explain``:
+    a cached decision is reported without importing its package, which the command would never
+    call). :func:`start_loading` then answers ``deferred``; a synchronous use still imports.
+    Returns the previous setting."""
     global _deferred
-    _deferred = on
+    previous, _deferred = _deferred, on
+    return previous
 
 
 def start_loading(backend) -> str:
@@ -125,6 +128,7 @@ def start_loading(backend) -> str:
             return state(backend)
         thread = threading.Thread(target=_load, args=(backend,), name=f"diffsynth-attention-load-{backend.name}",
                                   daemon=True)
+        thread.backend = backend
         _threads[backend.name] = thread
     thread.start()
     return LOADING
@@ -143,6 +147,28 @@ def wait_all(timeout: Optional[float] = None) -> None:
     import running meanwhile would hold the interpreter and slow the timed calls' launches)."""
     for thread in list(_threads.values()):
         thread.join(timeout)
+
+
+def _after_fork_in_child() -> None:
+    """A fork while a package loads leaves the child without the loading thread, with that
+    backend's load lock (and the package's half-imported modules) held by a thread that does not
+    exist there: the backend becomes unavailable in the child, with the reason, instead of
+    waiting forever. The parent is untouched."""
+    global _lock
+    _lock = threading.Lock()
+    interrupted = [thread for thread in _threads.values()]
+    _threads.clear()
+    for thread in interrupted:
+        backend = getattr(thread, "backend", None)
+        if backend is None:
+            continue
+        backend._load_lock = threading.RLock()
+        backend._unavailable = "its package was loading on a background thread when this process was forked"
+        backend._loaded = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def decided_packages(decisions: Iterable, registry: dict) -> list:

@@ -373,11 +373,14 @@ def cmd_explain(args) -> int:
     from .devices import resolve_device
     from .inputs import make_inputs
 
-    loading.defer()  # a cached decision is reported without importing its package
     device = resolve_device(args.device)
     q, k, v, kwargs = make_inputs(shape, device, None, args.layout)
-    with torch.no_grad():
-        info = explain(q, k, v, **kwargs)
+    previous = loading.defer()  # a cached decision is reported without importing its package
+    try:
+        with torch.no_grad():
+            info = explain(q, k, v, **kwargs)
+    finally:
+        loading.defer(previous)
     chosen_reason = tie_note(info.decision) if info.decision is not None else None
     if args.json:
         doc = info.as_dict()
