@@ -319,6 +319,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="how long a process calls before giving up on a takeover")
     parser.add_argument("--only", help="comma-separated rows: flash_attention_3, flash_attention_4, baseline (default all)")
+    parser.add_argument("--tag", help="file name stem instead of <device>-<date>-first-result")
     parser.add_argument("--no-warm", action="store_true", help="skip timing `warm --preset all` run again")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -360,7 +361,7 @@ def main(argv=None) -> int:
         print("warm again: done", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{name.replace('NVIDIA ', '').replace(' ', '-')}-{result['environment']['date']}-first-result"
+    stem = out / (args.tag or f"{name.replace('NVIDIA ', '').replace(' ', '-')}-{result['environment']['date']}-first-result")
     Path(f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     write_md(result, Path(f"{stem}.md"))
     print(f"wrote {stem}.json and .md")
