@@ -30,7 +30,6 @@ Usage: PYTHONPATH=$PWD python scripts/bench_first_result.py --out benchmarks/res
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -275,7 +274,8 @@ def warm_again(device: str, base_env: dict, runs: int) -> dict:
 def write_md(result: dict, path: Path) -> None:
     fmt = lambda s: "-" if s is None or s.get("median") is None else f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"  # noqa: E731
     lines = [f"# First result in a fresh process: {result['environment']['device']}", "",
-             f"{result['environment']}", "",
+             "torch {torch}, packages {packages}, {date}".format(**{k: result["environment"].get(k) for k in
+                                                                      ("torch", "packages", "date")}), "",
              f"Seconds from process start to the first result, median (min-max) of {result['runs']} processes; "
              f"target: the dispatcher within {TARGET_S} s of plain SDPA.", "",
              "| row | problem | plain SDPA | dispatcher | - SDPA | no preload | takeover call (s) | first served by | met |",
@@ -348,9 +348,9 @@ def main(argv=None) -> int:
         unusable = {name: "no GPU: --device cpu" for name in unusable}
     env = dict(os.environ, DIFFSYNTH_ATTENTION_PRELOAD="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env.pop("DIFFSYNTH_ATTENTION_IMPLEMENTATION", None)
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
-    result = {"environment": {"device": name, "torch": torch.__version__, "python": sys.version.split()[0],
-                              "date": datetime.date.today().isoformat()}, "runs": args.runs, "rows": []}
+    from diffsynth_attention.tools.bench import environment, save_result
+
+    result = {"environment": environment(device), "runs": args.runs, "rows": []}
     only = set(args.only.split(",")) if args.only else {r[0] for r in ROWS}
     for row, target, module, problem in (r for r in ROWS if r[0] in only):
         problem = CPU_PROBLEM if device == "cpu" else problem
@@ -359,11 +359,7 @@ def main(argv=None) -> int:
     if not args.no_warm:
         result["warm"] = warm_again(device, env, args.runs)
         print("warm again: done", file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / (args.tag or f"{name.replace('NVIDIA ', '').replace(' ', '-')}-{result['environment']['date']}-first-result")
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    write_md(result, Path(f"{stem}.md"))
+    stem = save_result(result, args.out, args.tag, "-first-result", write_md)
     print(f"wrote {stem}.json and .md")
     return 0
 

@@ -15,7 +15,6 @@ import threading
 import pytest
 import torch
 
-import diffsynth_attention as da
 from diffsynth_attention import config
 from diffsynth_attention.backends import REGISTRY, flash_attention, loading
 from diffsynth_attention.backends.flash_attention import FlashAttention3
