@@ -151,16 +151,30 @@ def test_a_package_that_fails_to_load_in_the_background_is_dropped_with_its_reas
     assert rel(first, second) < 1e-5 and rel(second, full_reference(q, k, v)) < 1e-5
 
 
-def test_a_trace_waits_for_the_package(slow_fa3, monkeypatch):
-    """Under torch.compile the decided backend is loaded on the tracing thread (no provisional plan)."""
+def test_a_trace_waits_for_the_package_and_never_bakes_the_stand_in(slow_fa3):
+    """Under torch.compile (``trace_plan``) the decided backend is loaded, waited for, and baked;
+    an eager call's stand-in plan for the same call is not reused."""
+    folder, q, k, v, _ = slow_fa3
+    fa3 = REGISTRY["flash_attention_3"]
+    disp = Dispatcher(DecisionCache(folder))
+    disp.forward(q, k, v)  # eager: a stand-in while the package loads
+    assert disp.explain(q, k, v).source == "loading"
+    opener = threading.Timer(0.2, builtins._da_gate.set)
+    opener.start()
+    plan = disp.trace_plan(Request(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, False,
+                                   None), False)
+    opener.join()
+    assert (plan.backend, plan.source) == ("flash_attention_3", "cache") and loading.state(fa3) == loading.READY
+
+
+def test_eager_calls_under_is_compiling_wait_too(slow_fa3, monkeypatch):
     folder, q, k, v, _ = slow_fa3
     builtins._da_gate.set()
-    fa3 = REGISTRY["flash_attention_3"]
     monkeypatch.setattr(dispatcher_module, "_is_compiling", lambda: True)
     disp = Dispatcher(DecisionCache(folder))
     plan = disp.plan_for(Request(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, False, None),
                          None, False)
-    assert (plan.backend, plan.source) == ("flash_attention_3", "cache") and fa3.is_loaded()
+    assert (plan.backend, plan.source) == ("flash_attention_3", "cache") and REGISTRY["flash_attention_3"].is_loaded()
 
 
 def test_preload_starts_the_decided_packages_and_ignores_others(slow_fa3, monkeypatch):
