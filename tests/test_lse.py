@@ -52,8 +52,9 @@ def test_only_backends_returning_the_lse_are_candidates_and_the_key_says_so():
 
 def test_lse_backends_are_the_issue_list():
     names = {b.name for b in L.lse_backends()}
-    assert names == {"flash_attention_2", "flash_attention_3", "flash_attention_4", "torch_cudnn", "torch_efficient",
-                     "torch_flash"}
+    # customized_fa_kernel: DiffSynth's FlashAttention build from a Hub repository (a FlashAttention-2 interface)
+    assert names == {"customized_fa_kernel", "flash_attention_2", "flash_attention_3", "flash_attention_4", "torch_cudnn",
+                     "torch_efficient", "torch_flash"}
 
 
 def test_no_backend_can_serve_uses_exact_float32(caplog):
