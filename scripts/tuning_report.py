@@ -94,11 +94,11 @@ def sync(device) -> None:
         _torch().cuda.synchronize(device)
 
 
-def fresh_dispatcher():
+def fresh_dispatcher(policy=None):
     from diffsynth_attention.dispatch import Dispatcher
     from diffsynth_attention.store.cache import DecisionCache
 
-    return Dispatcher(DecisionCache(tempfile.mkdtemp(prefix="da-tuning-report-")))
+    return Dispatcher(DecisionCache(tempfile.mkdtemp(prefix="da-tuning-report-")), policy=policy)
 
 
 def inputs(shape, device, seed=0):
@@ -258,7 +258,7 @@ def child_first_result(args) -> dict:
 
 # -- repeat (issue 14, item 2) -------------------------------------------------------------------------------
 def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15, stem=None) -> dict:
-    from diffsynth_attention.tuning import tuner
+    from diffsynth_attention.tuning.policy import DEFAULT_POLICY
 
     torch = _torch()
     path = shapes_file(shapes)
@@ -283,7 +283,7 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
             torch.cuda.empty_cache()
         best = min(times, key=times.get)
         mode = max(set(decided), key=lambda b: (decided.count(b), -times.get(b, float("inf"))))
-        agree = sum(1 for d in decided if d == mode or times.get(d, float("inf")) <= times[mode] * (1 + tuner.TIE_CAP))
+        agree = sum(1 for d in decided if d == mode or times.get(d, float("inf")) <= times[mode] * (1 + DEFAULT_POLICY.tie_cap))
         worst = max(times.get(d, float("inf")) for d in decided)
         rows.append({"name": shape["name"], "decisions": decided, "counts": {b: decided.count(b) for b in sorted(set(decided))},
                      "mode": mode, "agree": agree, "runs": n, "times_ms": times, "best": best, "best_ms": times[best],
@@ -320,11 +320,10 @@ def repeat_from_benchmark(args) -> dict:
 
 # -- cost (issue 15, items 1-2) ---------------------------------------------------------------------------------
 def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=None) -> dict:
-    from diffsynth_attention import config
-    from diffsynth_attention.tuning import tuner
+    from diffsynth_attention.tuning.policy import DEFAULT_POLICY
 
     torch = _torch()
-    floor = config.tuning_budget()
+    floor = DEFAULT_POLICY.budget_floor()
     rows = []
     for shape in shapes:
         q, k, v, kw = inputs(shape, device)
@@ -332,18 +331,14 @@ def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=
             info = fresh_dispatcher().explain(q, k, v, **kw)
         d = decision_summary(info)
         timed = [c["time_ms"] for c in d["candidates"].values() if c["time_ms"] is not None]
-        limit = tuner.tuning_limit(floor, min(timed) if timed else None)
+        limit = DEFAULT_POLICY.limit(floor, min(timed) if timed else None)
         excl = d["tuning_seconds"] - d["compile_seconds"]
         row = {"name": shape["name"], "problem": info.problem, "decision": d, "limit_s": limit, "excl_compile_s": excl,
                "within_budget": excl <= limit,
                "skipped": {n: c for n, c in d["candidates"].items() if c["status"] == "skipped"}}
         if compare:
-            tuner.EARLY_SKIP = False
-            try:
-                with torch.no_grad():
-                    info2 = fresh_dispatcher().explain(q, k, v, **kw)
-            finally:
-                tuner.EARLY_SKIP = True
+            with torch.no_grad():
+                info2 = fresh_dispatcher(DEFAULT_POLICY.replace(early_skip=False)).explain(q, k, v, **kw)
             d2 = decision_summary(info2)
             row["no_skip"] = d2
             winner_ms = d2["candidates"].get(d2["backend"], {}).get("time_ms")
