@@ -3,12 +3,12 @@
 
 Sub-commands (each writes ``benchmarks/results/<device>-<date>-tuning-<kind>.{json,md}``):
 
-- ``repeat --n N`` (issue 14): tunes every problem in N fresh processes, each with an empty cache
-  folder of its own, then times every backend any of them decided (and every other timed
-  candidate) directly, interleaved, in one process. Per problem: how often the decisions agree
-  (a decision whose backend is within ``TIE_CAP`` (3%) of the most frequent one's counts as
-  agreeing: a tie), and how far the worst decision is from the best backend (target <= 1.03).
-  ``scripts/benchmark.py --repeat-tuning N`` runs the same.
+- ``repeat --n N`` (issues 14 and 21): tunes every problem in N fresh processes, each with an
+  empty cache folder of its own, then times every backend that can serve it directly (see
+  ``scripts/tuning_repeat.py``). Per problem: how often the decisions agree (within the tie cap,
+  3%, counts as agreeing), and the worst decision over the best backend (target <= 1.03). Adds
+  the problems the suite lacks (``tuning_repeat.EXTRA``) unless ``--no-extra``.
+  ``scripts/benchmark.py --repeat-tuning N`` runs the same on its own problem selection.
 - ``cost`` (issue 15, items 1-2): per problem, the tuning cost (total, compile, the rest against
   the budget ``max(DIFFSYNTH_ATTENTION_TUNING_BUDGET, 15x the fastest time)``), every candidate's
   prediction, and the skipped ones; then the same problem tuned again with skipping off, to
@@ -74,6 +74,10 @@ def problems(args) -> list:
         shapes = select_presets(args.preset or (["cpu"] if args.device == "cpu" else ["all"]))
     if getattr(args, "extra", False):
         shapes = shapes + EXTRA
+    if getattr(args, "cmd", None) == "repeat" and not args.no_extra:  # the problems the suite lacks (issue 21)
+        from tuning_repeat import extra_problems
+
+        shapes = shapes + extra_problems(_torch().device(args.device))
     if args.only:
         wanted = set(args.only.split(","))
         shapes = [s for s in shapes if s["name"] in wanted or s["name"].split("@")[0] in wanted]
@@ -256,55 +260,11 @@ def child_first_result(args) -> dict:
             "kernel_modules_imported": kernel_modules, "stats": da.stats()}
 
 
-# -- repeat (issue 14, item 2) -------------------------------------------------------------------------------
+# -- repeat (issue 14 item 2, issue 21 item 6): scripts/tuning_repeat.py -------------------------------------
 def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15, stem=None) -> dict:
-    from diffsynth_attention.tuning.policy import DEFAULT_POLICY
+    from tuning_repeat import repeat_tuning as run
 
-    torch = _torch()
-    path = shapes_file(shapes)
-    runs = []
-    for i in range(n):
-        cache = tempfile.mkdtemp(prefix=f"da-repeat-{i}-")
-        runs.append(run_child(["_tune", "--device", str(device), "--shapes", path], cache))
-        shutil.rmtree(cache, ignore_errors=True)
-        print(f"run {i + 1}/{n}: " + ", ".join(f"{r['name']}={r['backend']}" for r in runs[-1]["problems"]), flush=True)
-    rows = []
-    for j, shape in enumerate(shapes):
-        decided = [r["problems"][j]["backend"] for r in runs]
-        timed = set(decided)
-        for r in runs:
-            timed |= {name for name, c in r["problems"][j].get("candidates", {}).items()
-                      if c["status"] in ("chosen", "accepted", "slower")}
-        q, k, v, kw = inputs(shape, device)
-        methods = {name: fn for name in sorted(timed) if (fn := runner(name, q, k, v, kw)) is not None}
-        times = interleaved(methods, device, samples)
-        del q, k, v, methods
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        best = min(times, key=times.get)
-        mode = max(set(decided), key=lambda b: (decided.count(b), -times.get(b, float("inf"))))
-        agree = sum(1 for d in decided if d == mode or times.get(d, float("inf")) <= times[mode] * (1 + DEFAULT_POLICY.tie_cap))
-        worst = max(times.get(d, float("inf")) for d in decided)
-        rows.append({"name": shape["name"], "decisions": decided, "counts": {b: decided.count(b) for b in sorted(set(decided))},
-                     "mode": mode, "agree": agree, "runs": n, "times_ms": times, "best": best, "best_ms": times[best],
-                     "worst_vs_best": worst / times[best],
-                     "tuning_seconds": [r["problems"][j].get("tuning_seconds") for r in runs],
-                     "compile_seconds": [r["problems"][j].get("compile_seconds") for r in runs]})
-    result = {"environment": environment(device), "kind": "repeat-tuning", "runs": n, "samples": samples, "problems": rows,
-              "target": "worst of the fresh decisions within 3% of the best backend, on every problem",
-              "met": all(r["worst_vs_best"] <= 1.03 for r in rows)}
-    lines = [f"# Repeatability of tuning: {result['environment']['device']}", "",
-             f"{result['environment']['date']}; {n} fresh processes, each with an empty cache; every backend timed "
-             f"directly afterwards, interleaved, median of {samples} samples (ms). A decision within 3% of the most "
-             "frequent one counts as agreeing (a tie).", "",
-             "| problem | decisions (count) | agree | best backend (ms) | worst decision / best |", "|---|---|---|---|---|"]
-    for r in rows:
-        counts = ", ".join(f"{b} x{c} ({r['times_ms'].get(b, float('nan')):.4f})" for b, c in r["counts"].items())
-        lines.append(f"| {r['name']} | {counts} | {r['agree']}/{r['runs']} | {r['best']} ({r['best_ms']:.4f}) | "
-                     f"{'**' if r['worst_vs_best'] > 1.03 else ''}{r['worst_vs_best']:.3f}{'**' if r['worst_vs_best'] > 1.03 else ''} |")
-    lines += ["", f"Target (worst of {n} within 3% of the best on every problem): {'met' if result['met'] else '**not met**'}."]
-    write(result, lines, out_dir, stem or f"{device_label(device)}-{datetime.date.today().isoformat()}-tuning-repeat")
-    return result
+    return run(shapes, device, n, out_dir, samples, stem)
 
 
 def repeat_from_benchmark(args) -> dict:
@@ -547,6 +507,7 @@ def main(argv=None) -> int:
     add_problem_args(p)
     p.add_argument("--n", type=int, default=5)
     p.add_argument("--samples", type=int, default=15)
+    p.add_argument("--no-extra", action="store_true", help="leave out the problems the suite lacks (tuning_repeat.EXTRA)")
     p = sub.add_parser("cost", help="tuning cost per problem, skipped candidates and their predictions")
     add_problem_args(p)
     p.add_argument("--no-compare", action="store_true", help="skip the second tuning with skipping off")
