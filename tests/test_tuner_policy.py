@@ -104,6 +104,15 @@ def test_when_three_rounds_do_not_fit_the_slowest_leaves_the_rounds(monkeypatch)
     assert d.tuning_seconds - d.compile_seconds <= 1.5
 
 
+def test_the_rounds_stop_sooner_when_the_machine_slows_down_mid_way(monkeypatch):
+    # 40x slower from its fourth round on (another process took the device): the budget still holds.
+    info, made, heard = tune(monkeypatch, budget=0.2, torch={"schedule": lambda i: 1.0 if i < 13 else 40.0},
+                             torch_flash={"cost": 1.05})
+    d = info.decision
+    assert len(heard.events[0][2]["torch"]["rounds"]) >= 4
+    assert d.tuning_seconds - d.compile_seconds <= 0.2
+
+
 # -- item 4: a tolerance per dtype -------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,status", [(torch.float32, "rejected"), (torch.bfloat16, "chosen")])
 def test_an_error_a_bf16_kernel_may_have_is_rejected_on_an_fp32_problem(monkeypatch, dtype, status):

@@ -56,8 +56,10 @@ class Run:
         return self.backend.name
 
     def sample_cost_s(self) -> float:
-        """Seconds one round sample of it takes (with its untimed warm call when short)."""
-        return (self.calls + (1 if self.calls > 1 else 0)) * self.probe_ms / 1e3
+        """Seconds one round sample of it takes (with its untimed warm call when short), from its
+        latest sample: when the machine slows down mid-way, the rounds stop sooner."""
+        last = self.rounds[-1] if self.rounds else self.probe_ms
+        return (self.calls + (1 if self.calls > 1 else 0)) * last / 1e3
 
 
 @dataclass
