@@ -81,6 +81,14 @@ def test_a_candidate_slow_on_both_looks_is_slower_with_both_probes_in_its_reason
     assert "not re-timed" in c["reason"]
 
 
+def test_a_second_look_needs_room_in_the_budget_and_the_reason_says_when_there_was_none(monkeypatch):
+    policy = virtual_policy(VirtualClock(), budget=0.0, budget_winner_factor=1.0)  # 0.1 s: no room for a 300 ms look
+    info, made, heard = tune(monkeypatch, policy=policy, torch={"cost": 100.0}, torch_math={"cost": 300.0})
+    c = info.candidates["torch_math"]
+    assert c["status"] == "slower" and "no room in the budget for a second look" in c["reason"]
+    assert heard.events[0][2]["torch_math"]["second_look"] == [] and made["torch_math"].calls == 3
+
+
 # -- item 3: long calls ------------------------------------------------------------------------------------
 def test_long_calls_compare_at_least_three_samples_and_one_outlier_cannot_decide(monkeypatch):
     spike = {"schedule": lambda i: 500.0 if i == 4 else 50.0}  # call 4 is its first round sample

@@ -249,7 +249,7 @@ def probe(trial: Trial) -> list:
         if pred is not None and pred <= policy.retime * best_pred:
             near.append(name)
             continue
-        look = ""
+        look = ", no room in the budget for a second look"
         if trial.spent() + run.sample_cost_s() <= policy.budget_margin * trial.limit(best):
             try:
                 run.second_look.append(trial.timer.sample(run.call, run.calls, warm=run.calls > 1))
