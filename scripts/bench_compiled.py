@@ -107,6 +107,70 @@ def hit_overhead(device, backend: str | None = None, calls: int = 20000, blocks:
             "overhead_us": a - d}
 
 
+def _host_us(fns: dict, device, calls: int, blocks: int) -> dict:
+    """Median host microseconds per call of each function, interleaved blocks (A, B, B, A, ...)."""
+    per = max(1, calls // blocks)
+    host = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(300):
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    names = list(fns)
+    for i in range(blocks):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            fn = fns[name]
+            t0 = time.perf_counter()
+            for _ in range(per):
+                fn()
+            host[name].append((time.perf_counter() - t0) / per * 1e6)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    return {name: statistics.median(v) for name, v in host.items()}
+
+
+def operator_overhead(device, calls: int = 10000, blocks: int = 20) -> list:
+    """Host time per call of this library's two graph operators, each against what it wraps:
+    the run-time operator ``diffsynth_attention::dispatch`` (what a graph with symbolic sizes
+    calls) against the decided backend's cheapest hand-written call, and the kernel operator
+    ``diffsynth_attention::kernel`` against the kernel package's own function, for every kernel
+    package that is usable here. Caller layout ``b s n d``, small problem (host-bound)."""
+    import diffsynth_attention as da
+    from diffsynth_attention.dispatch import compiled, default_dispatcher
+
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    qs = torch.randn(1, 16, 2, 64, device=device, dtype=dt)
+    ks, vs = torch.randn_like(qs), torch.randn_like(qs)
+    q, k, v = (t.transpose(1, 2) for t in (qs, ks, vs))  # b n s d views of b s n d tensors
+    pat = "b s n d"
+    token = default_dispatcher().trace_token
+    rows = []
+    with torch.no_grad():
+        decision = da.explain(qs, ks, vs, pat, pat, pat, pat).backend
+        direct = cheapest_call(decision, q, k, v)
+        t = _host_us({"direct": direct,
+                      "runtime_op": lambda: compiled.dispatch_op(qs, ks, vs, pat, pat, pat, pat, None, None, None, False,
+                                                                 None, False, token)}, device, calls, blocks)
+        rows.append({"operator": "diffsynth_attention::dispatch", "device": str(device), "backend": decision,
+                     "direct_us": t["direct"], "operator_us": t["runtime_op"], "overhead_us": t["runtime_op"] - t["direct"]})
+        for name, why in da.available_backends().items():
+            if why is not None or name.startswith("torch"):
+                continue
+            try:
+                direct = cheapest_call(name, q, k, v)
+                direct()
+                kern = lambda n=name: compiled.kernel_op(n, q, k, v, None, None, False, None)  # noqa: E731
+                kern()
+            except Exception as exc:  # a package that cannot serve this problem here: say so
+                rows.append({"operator": "diffsynth_attention::kernel", "backend": name,
+                             "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+                continue
+            t = _host_us({"direct": direct, "kernel_op": kern}, device, calls, blocks)
+            rows.append({"operator": "diffsynth_attention::kernel", "device": str(device), "backend": name,
+                         "direct_us": t["direct"], "operator_us": t["kernel_op"], "overhead_us": t["kernel_op"] - t["direct"]})
+    return rows
+
+
 class AttnModule(torch.nn.Module):
     def __init__(self, kw):
         super().__init__()
@@ -298,6 +362,16 @@ def write_markdown(result: dict, path: Path) -> None:
         c = result["cpu_small_module"]
         lines += ["", f"CPU, small compiled module ({c['problem']}, decision {c['decision']}): attention_forward "
                   f"{c['times_ms']['auto_compiled']:.4f} ms vs SDPA {c['times_ms']['sdpa_compiled']:.4f} ms: {c['ratio']:.3f}x"]
+    ops = result.get("operator_overhead") or []
+    if ops:
+        lines += ["", "## Graph operators' host overhead (b s n d caller, small problem, us per call, interleaved)", "",
+                  "| operator | backend | direct | operator | overhead |", "|---|---|---|---|---|"]
+        for o in ops:
+            if "error" in o:
+                lines.append(f"| {o['operator']} | {o['backend']} | - | - | {o['error']} |")
+            else:
+                lines.append(f"| {o['operator']} | {o['backend']} | {o['direct_us']:.1f} | {o['operator_us']:.1f} | "
+                             f"{o['overhead_us']:.1f} |")
     lines += ["", "## Targets", "", "| target | met | value |", "|---|---|---|"]
     for name, t in result["summary"].items():
         lines.append(f"| {name} | {'yes' if t['met'] else '**no**'} | {t['value']} |")
@@ -318,9 +392,10 @@ def run(args) -> dict:
     overhead = [hit_overhead(torch.device("cpu")), hit_overhead(torch.device("cpu"), "torch")]
     if device.type == "cuda":
         overhead += [hit_overhead(device), hit_overhead(device, "torch")]
+    operators = operator_overhead(device)
     cpu = cpu_small_module() if args.cpu_module else None
     return {"environment": environment(device), "samples": args.samples, "rows": rows, "hit_overhead": overhead,
-            "cpu_small_module": cpu, "summary": summarize(rows, overhead, cpu)}
+            "operator_overhead": operators, "cpu_small_module": cpu, "summary": summarize(rows, overhead, cpu)}
 
 
 def main(argv=None) -> int:
