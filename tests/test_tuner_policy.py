@@ -217,3 +217,38 @@ def test_the_readme_tolerance_table_is_the_policys():
     assert {d: float(t) for d, t in rows.items()} == dict(DEFAULT_TOLERANCES)
     tf32 = re.search(r"TF32 allowed[^|]*\| ([0-9.e-]+) \|", text)
     assert tf32 and float(tf32.group(1)) == TF32_TOLERANCE
+
+
+# -- on a GPU: the table passes every exact kernel (run by the lead on the GPU machine) -----------------------
+GPU_SHAPES = [dict(b=2, hq=8, hk=8, s=1024, d=128, causal=False), dict(b=1, hq=8, hk=2, s=512, d=64, causal=True),
+              dict(b=2, hq=4, hk=4, s=4097, d=96, causal=False), dict(b=2, hq=8, hk=8, s=256, d=40, causal=False)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_every_exact_kernel_passes_the_tolerance_of_its_dtype(dtype):
+    from diffsynth_attention.backends import REGISTRY, device_info
+    from diffsynth_attention.problem import prepare
+
+    tolerance = DEFAULT_POLICY.tolerance(str(dtype)[6:], "cuda")
+    errors, failed = {}, []
+    for spec in GPU_SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(spec["b"], spec["hq"], spec["s"], spec["d"], device="cuda", dtype=dtype, generator=g)
+        k, v = (torch.randn(spec["b"], spec["hk"], spec["s"], spec["d"], device="cuda", dtype=dtype, generator=g) for _ in "kv")
+        call, qc, kc, vc = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, spec["causal"], None,
+                                   False)
+        heads = [0, spec["hq"] - 1]
+        ref = reference.reference_slice(qc, kc, vc, None, None, spec["causal"], None, heads)
+        for name, backend in REGISTRY.items():
+            if name == "sage_attention" or backend.unavailable_reason() or backend.not_supported_reasons(
+                    call.problem, device_info(q.device)):
+                continue  # the 8-bit kernel is meant to fail; the others must pass
+            with torch.no_grad():
+                out = backend.forward(qc, kc, vc, None, None, spec["causal"], None, False)
+            err = reference.relative_l1(out[0, heads], ref)
+            errors[(name, spec["s"], spec["d"])] = err
+            if not err <= tolerance:
+                failed.append((name, spec, err))
+    print({k: f"{e:.2e}" for k, e in errors.items()})
+    assert errors and not failed, (tolerance, failed)
