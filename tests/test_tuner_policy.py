@@ -252,3 +252,25 @@ def test_gpu_every_exact_kernel_passes_the_tolerance_of_its_dtype(dtype):
                 failed.append((name, spec, err))
     print({k: f"{e:.2e}" for k, e in errors.items()})
     assert errors and not failed, (tolerance, failed)
+
+
+def test_when_every_candidate_in_the_rounds_raises_the_fastest_one_left_is_chosen(monkeypatch):
+    from diffsynth_attention.backends import REGISTRY
+
+    clock = VirtualClock()
+    made = only(monkeypatch, clock, torch={"cost": 1.0}, torch_flash={"cost": 1.1}, torch_math={"cost": 3.0})
+    for name in ("torch", "torch_flash"):  # fail from their first round sample on
+        fake = made[name]
+        real = fake.forward
+
+        def forward(*a, fake=fake, real=real):
+            if fake.calls >= 4:
+                raise RuntimeError("device lost")
+            return real(*a)
+        monkeypatch.setattr(fake, "forward", forward)
+        monkeypatch.setitem(REGISTRY, name, fake)
+    q, k, v = qkv(sq=16)
+    info = dispatcher(virtual_policy(clock)).explain(q, k, v)
+    c = info.candidates
+    assert c["torch"]["status"] == c["torch_flash"]["status"] == "rejected" and "interleaved rounds" in c["torch"]["reason"]
+    assert info.backend == "torch_math" and c["torch_math"]["status"] == "chosen"

@@ -308,9 +308,9 @@ def rounds(trial: Trial, near: list) -> list:
 def choose_winner(trial: Trial, near: list, timed: list) -> tuple:
     """Step 6: (winner or None, the winner's reason) from the round medians and the tie rule."""
     runs, policy = trial.runs, trial.policy
-    if not timed:
-        survivors = [n for n in near if runs[n].cand.status != REJECTED]
-        return (survivors[0] if survivors else None), None  # one candidate left: no rounds needed
+    if not timed:  # one candidate left (no rounds needed), or every one in the rounds raised: the fastest probe left
+        survivors = sorted((n for n in runs if runs[n].cand.status != REJECTED), key=lambda n: (n not in near, runs[n].probe_ms))
+        return (survivors[0] if survivors else None), None
     medians = {n: statistics.median(runs[n].rounds) for n in timed}
     noise = {n: relative_spread(runs[n].rounds) for n in timed}
     for name in timed:
