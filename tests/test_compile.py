@@ -203,9 +203,9 @@ def test_inductor_compiles_the_baked_graph():
     assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
 
 
-def test_kernel_package_is_one_thin_operator_on_the_callers_bsnd_tensors(monkeypatch):
-    """A FlashAttention decision compiles to diffsynth_attention::kernel, which hands FA the
-    caller's own b s n d tensors (no copy), and whose backward is FA's own (recomputed)."""
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    """FlashAttention-4 as a fake package on the CPU (fp32), registered as the backend."""
     import sys
 
     import fake_kernels as fk
@@ -215,25 +215,68 @@ def test_kernel_package_is_one_thin_operator_on_the_callers_bsnd_tensors(monkeyp
     pkg, cute = fk.make_fa4()
     monkeypatch.setitem(sys.modules, "flash_attn", pkg)
     monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", cute.interface)
     fa4 = type("FA4", (FlashAttention4,), {"devices": frozenset({"cpu"}), "dtypes": frozenset({torch.float32})})()
     monkeypatch.setitem(REGISTRY, "flash_attention_4", fa4)
     fk.Recorder.calls.clear()
+    return fk.Recorder.calls
+
+
+def test_kernel_package_is_one_thin_operator_on_the_callers_bsnd_tensors(fake_fa4):
+    """A FlashAttention decision compiles to diffsynth_attention::kernel, which hands FA the
+    caller's own b s n d tensors (no copy)."""
     (q, k, v), canon = bsnd()
     rec = Recorder()
     model = torch.compile(Attn(), fullgraph=True, backend=rec)
-    with da.use_backend("flash_attention_4"):
-        with torch.no_grad():
-            out = model(q, k, v)
-        assert "diffsynth_attention.kernel.default" in rec.targets()
-        name, qa, ka, va, _ = fk.Recorder.calls[-1]
-        assert name == "fa4" and qa.data_ptr() == q.data_ptr() and qa.stride() == q.stride()
-        assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
-        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-        grads = torch.autograd.grad(model(qg, kg, vg).sum(), (qg, kg, vg))
+    with da.use_backend("flash_attention_4"), torch.no_grad():
+        out = model(q, k, v)
+    assert "diffsynth_attention.kernel.default" in rec.targets()
+    name, qa, ka, va, _ = fake_fa4[-1]
+    assert name == "fa4" and qa.data_ptr() == q.data_ptr() and qa.stride() == q.stride()
+    assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_training_through_a_kernel_package_saves_out_and_lse_and_never_reruns_the_forward(compiled, fake_fa4):
+    """fwd+bwd through FlashAttention-4 (the kernel operator, called as a compiled graph calls it,
+    or inside a compiled graph): one forward call that returns the log-sum-exp, one call of the
+    package's backward with that log-sum-exp (the fake checks it), gradients as SDPA's."""
+    from diffsynth_attention.dispatch import compiled as ops
+
+    (q, k, v), canon = bsnd()
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    if compiled:
+        rec = Recorder()
+        model = torch.compile(Attn(), fullgraph=True, backend=rec)
+        with da.use_backend("flash_attention_4"):
+            model(qg, kg, vg)  # compile (its trace runs no kernel)
+            fake_fa4.clear()
+            grads = torch.autograd.grad(model(qg, kg, vg).sum(), (qg, kg, vg))
+        assert "diffsynth_attention.kernel_lse.default" in rec.targets()
+    else:
+        out = ops.kernel_op("flash_attention_4", qg, kg, vg, None, None, False, None)
+        grads = torch.autograd.grad(out.sum(), (qg, kg, vg))
+    assert [c[0] for c in fake_fa4] == ["fa4", "fa4_bwd"]
     ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref_out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref)).transpose(1, 2)
     for g, r in zip(grads, torch.autograd.grad(ref_out.sum(), ref)):
         assert rel(g, r) < 1e-4
+
+
+def test_runtime_operator_backward_matches_sdpa():
+    """The run-time operator (symbolic sizes) differentiates the dispatcher's backend."""
+    rec = Recorder()
+    model = torch.compile(Attn(), fullgraph=True, backend=rec, dynamic=True)
+    for s in (24, 40):
+        (q, k, v), canon = bsnd(s=s)
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        grads = torch.autograd.grad(model(qg, kg, vg).sum(), (qg, kg, vg))
+        ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        ref_out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref)).transpose(1, 2)
+        for g, r in zip(grads, torch.autograd.grad(ref_out.sum(), ref)):
+            assert rel(g, r) < 1e-4
+    assert "diffsynth_attention.dispatch.default" in rec.targets()
+    assert rec.compiles == 1
 
 
 def test_non_finite_scale_raises_at_trace_time():

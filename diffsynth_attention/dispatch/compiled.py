@@ -56,10 +56,14 @@ _SCHEMA_ARGS = ("(Tensor q, Tensor k, Tensor v, str q_pattern, str k_pattern, st
 _LIB = torch.library.Library("diffsynth_attention", "DEF")
 _LIB.define("attention" + _SCHEMA_ARGS + " -> Tensor")
 _LIB.define("dispatch" + _SCHEMA_ARGS + " -> Tensor")
-_LIB.define(
-    "kernel(str backend, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float? scale, bool is_causal, "
-    "int? window_size) -> Tensor"
-)
+_KERNEL_ARGS = "(str backend, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float? scale, bool is_causal, int? window_size)"
+_LIB.define("kernel" + _KERNEL_ARGS + " -> Tensor")
+_LIB.define("kernel_lse" + _KERNEL_ARGS + " -> (Tensor, Tensor)")
+_LIB.define("kernel_backward(str backend, Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor out, "
+            "Tensor lse, float? scale, bool is_causal, int? window_size) -> (Tensor, Tensor, Tensor)")
+_LIB.define("dispatch_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, str q_pattern, str k_pattern, str v_pattern, "
+            "str out_pattern, str? dims, Tensor? attn_mask, float? scale, bool is_causal, int? window_size, "
+            "bool compatibility_mode, int dispatcher) -> (Tensor, Tensor, Tensor)")
 
 
 @functools.lru_cache(maxsize=256)
@@ -161,9 +165,11 @@ def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, 
     mask4 = mask_4d(attn_mask)
     if plan.backend in TORCH_FAMILY:
         out = REGISTRY[plan.backend].forward(qc, kc, vc, mask4, scale, problem.causal, problem.window, grad)
-    else:
-        out = kernel_op(plan.backend, qc, kc, vc, mask4, scale, problem.causal, problem.window)
-    return _to(out, CANONICAL, out_pattern, dims_d)
+        return _to(out, CANONICAL, out_pattern, dims_d)
+    native = _native_layout(plan.backend)  # the package's own layout: a b s n d caller's tensors reach it as they are
+    qn, kn, vn = (_to(t, CANONICAL, native, None) for t in (qc, kc, vc))
+    out = kernel_op(plan.backend, qn, kn, vn, mask4, scale, problem.causal, problem.window)
+    return _to(_to(out, native, CANONICAL, None), CANONICAL, out_pattern, dims_d)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -203,74 +209,194 @@ def _dispatch_fake(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, 
     return _out_like(q, v, q_pattern, v_pattern, out_pattern, _dims_dict(dims))
 
 
-def _native_bsnd(name: str) -> bool:
-    return getattr(REGISTRY[name], "output_layout", CANONICAL) == _BSND
+def _native_layout(name: str) -> str:
+    """The layout a kernel package takes and returns (``b s n d`` for FlashAttention and xFormers)."""
+    return getattr(REGISTRY[name], "output_layout", CANONICAL)
 
 
-def _kernel_impl(backend, q, k, v, attn_mask, scale, is_causal, window_size):
-    """A kernel package on ``b n s d`` views; the output's strides are the ones the fake declares."""
-    with torch.no_grad():
-        out = REGISTRY[backend].forward(q, k, v, attn_mask, scale, is_causal, window_size, False)
-    if _native_bsnd(backend):
-        return out if out.transpose(1, 2).is_contiguous() else out.transpose(1, 2).contiguous().transpose(1, 2)
+def _saves_lse(name: str) -> bool:
+    """Whether the backend has a forward that returns the log-sum-exp and a backward that takes it."""
+    b = REGISTRY[name]
+    return getattr(b, "forward_native_lse", None) is not None and getattr(b, "backward_native", None) is not None \
+        and b.supports_lse_backward()
+
+
+def _native_call(name: str, q, k, v, attn_mask, scale, is_causal, window_size):
+    """The backend on tensors in its native layout; its output, contiguous, in that layout."""
+    backend = REGISTRY[name]
+    native = _native_layout(name)
+    forward_native = getattr(backend, "forward_native", None)
+    if forward_native is not None and attn_mask is None:
+        out = forward_native(q, k, v, scale, is_causal, window_size)
+    elif native == CANONICAL:
+        out = backend.forward(q, k, v, attn_mask, scale, is_causal, window_size, False)
+    else:
+        out = backend.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, scale, is_causal,
+                              window_size, False).transpose(1, 2)
     return out if out.is_contiguous() else out.contiguous()
 
 
+def _kernel_impl(backend, q, k, v, attn_mask, scale, is_causal, window_size):
+    with torch.no_grad():
+        return _native_call(backend, q, k, v, attn_mask, scale, is_causal, window_size)
+
+
 def _kernel_fake(backend, q, k, v, attn_mask, scale, is_causal, window_size):
-    b, n, s, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
-    if _native_bsnd(backend):
-        return q.new_empty((b, s, n, dv)).transpose(1, 2)
-    return q.new_empty((b, n, s, dv))
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
+def _lse_shape(backend, q) -> tuple:
+    if _native_layout(backend) == _BSND:
+        return q.shape[0], q.shape[2], q.shape[1]
+    return q.shape[0], q.shape[1], q.shape[2]
+
+
+def _kernel_lse_impl(backend, q, k, v, attn_mask, scale, is_causal, window_size):
+    """The forward that training saves: the output and, where the backend has the pair, the
+    log-sum-exp its backward takes (an empty tensor otherwise)."""
+    with torch.no_grad():
+        if _saves_lse(backend):
+            out, lse = REGISTRY[backend].forward_native_lse(q, k, v, scale, is_causal, window_size)
+            return (out if out.is_contiguous() else out.contiguous()), lse.contiguous()
+        return _native_call(backend, q, k, v, attn_mask, scale, is_causal, window_size), q.new_empty((0,), dtype=torch.float32)
+
+
+def _kernel_lse_fake(backend, q, k, v, attn_mask, scale, is_causal, window_size):
+    out = _kernel_fake(backend, q, k, v, attn_mask, scale, is_causal, window_size)
+    if _saves_lse(backend):
+        return out, q.new_empty(_lse_shape(backend, q), dtype=torch.float32)
+    return out, q.new_empty((0,), dtype=torch.float32)
+
+
+def _kernel_backward_impl(backend, grad_out, q, k, v, attn_mask, out, lse, scale, is_causal, window_size):
+    """The backend's own backward from the saved output and log-sum-exp; a backend without that
+    pair differentiates its own forward (recomputed: the only case that runs it twice)."""
+    if lse.numel() and _saves_lse(backend):
+        dq, dk, dv = REGISTRY[backend].backward_native(grad_out, q, k, v, out, lse, scale, is_causal, window_size)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+        o = _native_call_grad(backend, qd, kd, vd, attn_mask, scale, is_causal, window_size)
+        dq, dk, dv = torch.autograd.grad(o, (qd, kd, vd), grad_out)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+def _native_call_grad(name, q, k, v, attn_mask, scale, is_causal, window_size):
+    backend = REGISTRY[name]
+    if _native_layout(name) == CANONICAL:
+        return backend.forward(q, k, v, attn_mask, scale, is_causal, window_size, True)
+    return backend.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, scale, is_causal,
+                           window_size, True).transpose(1, 2)
+
+
+def _kernel_backward_fake(backend, grad_out, q, k, v, attn_mask, out, lse, scale, is_causal, window_size):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _dispatch_backward_impl(grad_out, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
+                            is_causal, window_size, compatibility_mode, dispatcher):
+    """Differentiates the backend the dispatcher chooses for the gradient-needing key (its
+    forward recomputed: the run-time operator does not know its backend at trace time)."""
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = lookup_dispatcher(dispatcher).forward(qd, kd, vd, q_pattern, k_pattern, v_pattern, out_pattern,
+                                                    _dims_dict(dims), attn_mask, scale, is_causal, compatibility_mode,
+                                                    window_size)
+        return torch.autograd.grad(out, (qd, kd, vd), grad_out)
+
+
+def _dispatch_backward_fake(grad_out, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 _LIB.impl("attention", _attention_composite, "CompositeImplicitAutograd")
 _LIB.impl("dispatch", _dispatch_impl, "CompositeExplicitAutograd")
 _LIB.impl("kernel", _kernel_impl, "CompositeExplicitAutograd")
+_LIB.impl("kernel_lse", _kernel_lse_impl, "CompositeExplicitAutograd")
+_LIB.impl("kernel_backward", _kernel_backward_impl, "CompositeExplicitAutograd")
+_LIB.impl("dispatch_backward", _dispatch_backward_impl, "CompositeExplicitAutograd")
 torch.library.register_fake("diffsynth_attention::dispatch", _dispatch_fake, lib=_LIB)
 torch.library.register_fake("diffsynth_attention::kernel", _kernel_fake, lib=_LIB)
-
-
-def _save_dispatch(ctx, inputs, output):
-    q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, *rest = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
-    ctx.args = (q_pattern, k_pattern, v_pattern, out_pattern, dims, *rest)
-
-
-def _dispatch_backward(ctx, grad_out):
-    """Differentiates the backend the dispatcher chooses for the gradient-needing key."""
-    q, k, v, mask = ctx.saved_tensors
-    q_pattern, k_pattern, v_pattern, out_pattern, dims, scale, is_causal, window_size, compatibility_mode, dispatcher = ctx.args
-    with torch.enable_grad():
-        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = lookup_dispatcher(dispatcher).forward(qd, kd, vd, q_pattern, k_pattern, v_pattern, out_pattern,
-                                                    _dims_dict(dims), mask, scale, is_causal, compatibility_mode, window_size)
-        gq, gk, gv = torch.autograd.grad(out, (qd, kd, vd), grad_out)
-    return (gq, gk, gv) + (None,) * 11
-
-
-def _save_kernel(ctx, inputs, output):
-    backend, q, k, v, attn_mask, scale, is_causal, window_size = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
-    ctx.args = (backend, scale, is_causal, window_size)
-
-
-def _kernel_backward(ctx, grad_out):
-    """The backend's own backward (its autograd function), after recomputing its forward."""
-    q, k, v, mask = ctx.saved_tensors
-    backend, scale, is_causal, window_size = ctx.args
-    with torch.enable_grad():
-        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = REGISTRY[backend].forward(qd, kd, vd, mask, scale, is_causal, window_size, True)
-        gq, gk, gv = torch.autograd.grad(out, (qd, kd, vd), grad_out)
-    return None, gq, gk, gv, None, None, None, None
-
-
-torch.library.register_autograd("diffsynth_attention::dispatch", _dispatch_backward, setup_context=_save_dispatch, lib=_LIB)
-torch.library.register_autograd("diffsynth_attention::kernel", _kernel_backward, setup_context=_save_kernel, lib=_LIB)
+torch.library.register_fake("diffsynth_attention::kernel_lse", _kernel_lse_fake, lib=_LIB)
+torch.library.register_fake("diffsynth_attention::kernel_backward", _kernel_backward_fake, lib=_LIB)
+torch.library.register_fake("diffsynth_attention::dispatch_backward", _dispatch_backward_fake, lib=_LIB)
 
 attention_op = torch.ops.diffsynth_attention.attention.default
 dispatch_op = torch.ops.diffsynth_attention.dispatch.default
 kernel_op = torch.ops.diffsynth_attention.kernel.default
+kernel_lse_op = torch.ops.diffsynth_attention.kernel_lse.default
+kernel_backward_op = torch.ops.diffsynth_attention.kernel_backward.default
+dispatch_backward_op = torch.ops.diffsynth_attention.dispatch_backward.default
+
+
+# Autograd. Our own kernels at the Autograd key rather than torch.library.register_autograd,
+# whose generic wrapper costs ~10 us of host time per call: a call that needs no gradient goes
+# straight to the implementation (a real call) or below autograd (a trace).
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+class _KernelGrad(torch.autograd.Function):
+    """Training through a kernel package: the forward saves the output and the log-sum-exp, and
+    the backward is the package's own backward on them (no second forward)."""
+
+    @staticmethod
+    def forward(ctx, backend, q, k, v, attn_mask, scale, is_causal, window_size):
+        out, lse = kernel_lse_op(backend, q, k, v, attn_mask, scale, is_causal, window_size)
+        ctx.save_for_backward(q, k, v, attn_mask, out, lse)
+        ctx.args = (backend, scale, is_causal, window_size)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, attn_mask, out, lse = ctx.saved_tensors
+        backend, scale, is_causal, window_size = ctx.args
+        dq, dk, dv = kernel_backward_op(backend, grad_out.contiguous(), q, k, v, attn_mask, out, lse, scale, is_causal,
+                                        window_size)
+        return None, dq, dk, dv, None, None, None, None
+
+
+def _kernel_autograd(backend, q, k, v, attn_mask, scale, is_causal, window_size):
+    if _needs_grad(q, k, v):
+        return _KernelGrad.apply(backend, q, k, v, attn_mask, scale, is_causal, window_size)
+    with torch._C._AutoDispatchBelowAutograd():
+        if type(q) is torch.Tensor:
+            return _native_call(backend, q, k, v, attn_mask, scale, is_causal, window_size)
+        return kernel_op(backend, q, k, v, attn_mask, scale, is_causal, window_size)
+
+
+class _DispatchGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+        out = dispatch_op(*args)
+        q, k, v, *rest = args
+        ctx.save_for_backward(q, k, v, rest[5])
+        ctx.args = rest[:5] + rest[6:]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, attn_mask = ctx.saved_tensors
+        q_pattern, k_pattern, v_pattern, out_pattern, dims, scale, is_causal, window_size, compat, token = ctx.args
+        dq, dk, dv = dispatch_backward_op(grad_out.contiguous(), q, k, v, q_pattern, k_pattern, v_pattern, out_pattern,
+                                          dims, attn_mask, scale, is_causal, window_size, compat, token)
+        return (dq, dk, dv) + (None,) * 11
+
+
+def _dispatch_autograd(*args):
+    q, k, v = args[:3]
+    if _needs_grad(q, k, v):
+        return _DispatchGrad.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        if type(q) is torch.Tensor:
+            return _dispatch_impl(*args)
+        return dispatch_op(*args)
+
+
+_LIB.impl("kernel", _kernel_autograd, "Autograd")
+_LIB.impl("dispatch", _dispatch_autograd, "Autograd")
+
+
 
 
 # --------------------------------------------------------------------------------------------
