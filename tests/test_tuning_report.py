@@ -38,9 +38,7 @@ def test_cost_reports_budget_predictions_and_skip_checks(out):
 
 
 def test_repeat_tunes_in_fresh_processes_and_times_every_backend_directly(out):
-    import tuning_repeat
-
-    assert len(tuning_repeat.EXTRA) >= 6
+    assert len(tuning_report.REPEAT_EXTRA) >= 6
     only = "seed_example,issue21_cpu,hd96_4096,gqa_causal_qwen7b"
     tuning_report.main(["repeat", "--device", "cpu", "--max-seq", "24", "--max-heads", "2", "--only", only, "--n", "2",
                         "--samples", "3", "--out", str(out)])
@@ -56,10 +54,9 @@ def test_repeat_tunes_in_fresh_processes_and_times_every_backend_directly(out):
 
 
 def test_the_extra_problems_cover_what_the_suite_lacks():
-    import tuning_repeat
     from diffsynth_attention.tools.shapes import builtin_shapes
 
-    suite, extra = builtin_shapes(), tuning_repeat.EXTRA
+    suite, extra = builtin_shapes(), tuning_report.REPEAT_EXTRA
     assert not {s["name"] for s in extra} & {s["name"] for s in suite}
     assert {80, 96} <= {s["head_dim"] for s in extra} - {s["head_dim"] for s in suite}
     assert any(s["seq_q"] % 2 for s in extra) and any(s["dtype"] == "float16" and s["head_dim"] == 128 for s in extra)
