@@ -10,7 +10,14 @@ command line's cache commands do not import torch; ``from diffsynth_attention im
 ``diffsynth_attention.X`` work as usual.
 """
 
+import os as _os
+
 from ._version import __version__
+
+if _os.environ.get("DIFFUSERS_ATTN_BACKEND") == "diffsynth_auto":  # diffusers reads it at import: register first
+    from .integrations.diffusers import register_from_environment as _register_diffusers
+
+    _register_diffusers()
 
 # public name -> the module that defines it
 _PUBLIC = {

@@ -9,6 +9,7 @@ BACKEND_NAMES = (
     "torch_cudnn",
     "torch_flash",
     "torch_efficient",
+    "customized_fa_kernel",
     "flash_attention_4",
     "flash_attention_3",
     "flash_attention_2",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 from . import config
 from .backends import normalize
@@ -71,7 +71,7 @@ def requested(impl_raw, compatibility_mode) -> tuple:
     return value, (None if value == "auto" and (impl_raw is None or _decode(impl_raw).strip() in ("", "auto")) else IMPLEMENTATION)
 
 
-def current_implementation() -> str:
+def requested_implementation() -> str:
     """What is requested now: the scope's backend, else the environment's, else ``auto``."""
     scoped = scope_get()
     if scoped is not None:
@@ -79,8 +79,23 @@ def current_implementation() -> str:
     return decode_implementation(implementation_raw())
 
 
+def current_implementation() -> str:
+    """The backend that serves calls now: ``auto`` (each problem's tuned decision), or the
+    backend requested by ``use_backend`` / ``DIFFSYNTH_ATTENTION_IMPLEMENTATION``, or ``torch``
+    where the requested one cannot run on this machine (its package is missing or broken, no
+    GPU) and calls fall back to it. In strict mode such calls raise instead, and the requested
+    name is returned. A backend that runs here but cannot serve one particular call (a mask, a
+    head dim) falls back for that call only: ``explain(...)`` reports it per call."""
+    value = requested_implementation()
+    if value == "auto" or value == "torch" or config.strict():
+        return value
+    from .backends import REGISTRY
+
+    return value if REGISTRY[value].unavailable_reason() is None else "torch"
+
+
 @contextlib.contextmanager
-def use_backend(name: str):
+def use_backend(name: str) -> Iterator[str]:
     """Force a backend (or ``"auto"``) within a scope: per thread and per async task, nestable,
     restored on exit even after an exception. The scope wins over the environment variable."""
     value = normalize(name, "use_backend(name)")

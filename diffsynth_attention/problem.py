@@ -22,6 +22,9 @@ from .describe import describe_problem
 
 CANONICAL = "b n s d"
 _AXES = ("b", "n", "s", "d")
+# An additive float32 mask with a query of another dtype: added to the scores as PyTorch's SDPA
+# adds it (output in q's dtype). Its own mask kind, served only by backends that declare it.
+ADDITIVE_FLOAT32 = "additive_float32"
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -39,7 +42,7 @@ class Problem:
     dtype: torch.dtype
     device_type: str
     layout: str = CANONICAL
-    mask: str = "none"  # "none", "bool" or "additive"
+    mask: str = "none"  # "none", "bool", "additive" or "additive_float32" (a float32 bias, q of another dtype)
     mask_shape: Optional[tuple] = None  # the mask's shape, left-padded to 4 dims
     causal: bool = False
     window: Optional[int] = None
@@ -273,8 +276,11 @@ def prepare(
             mask_kind = "bool"
         elif attn_mask.dtype == q.dtype:
             mask_kind = "additive"
+        elif attn_mask.dtype == torch.float32:  # PyTorch's SDPA takes a float32 bias with any query dtype
+            mask_kind = ADDITIVE_FLOAT32
         else:
-            raise TypeError(f"attn_mask must be bool or of the query's dtype ({q.dtype}); got {attn_mask.dtype}")
+            raise TypeError(f"attn_mask must be bool, float32 or of the query's dtype ({q.dtype}), as "
+                            f"torch.nn.functional.scaled_dot_product_attention takes it; got {attn_mask.dtype}")
         if attn_mask.device != q.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
         target = (b, hq, sq, skv)

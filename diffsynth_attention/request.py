@@ -7,16 +7,19 @@ in :meth:`Request.signature`; the hot path of :mod:`diffsynth_attention.dispatch
 same tuple inline (a method call costs more than the lookup), and a test proves the two agree
 on every argument.
 
-Devices: ``q.device`` for the query (a ``torch.device`` is exact), ``get_device()`` (an int,
-half the cost) for the others. Validation has checked, when the plan was built, that all
-tensors were on the query's device.
+Devices are ``torch.device`` values (``get_device()`` is -1 for both the CPU and the meta
+device); layouts tell sparse tensors from dense ones; a NaN, infinite or overflowing scale
+gives another signature than a finite one. A repeated call is therefore checked exactly as
+strictly as its first call, for a few scalar reads and comparisons.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple, Optional
 
 CANONICAL = "b n s d"
+FLOAT_MAX = sys.float_info.max  # -FLOAT_MAX <= scale <= FLOAT_MAX: False for NaN, +-inf and 10**400
 
 
 class Request(NamedTuple):
@@ -35,15 +38,20 @@ class Request(NamedTuple):
     window_size: Optional[int] = None
 
     def signature(self, scoped, impl_raw, grad: bool) -> tuple:
-        """The plan-table key. Raises AttributeError/TypeError for arguments that are not
-        tensors or not hashable: validation then explains what is wrong."""
-        q, k, v, m, dims = self.q, self.k, self.v, self.attn_mask, self.dims
+        """The plan-table key. Raises (AttributeError, TypeError, ...) for arguments that are not
+        tensors or not hashable: validation then explains what is wrong. Everything a first
+        call's validation looks at is here, so that a repeated call is checked as strictly:
+        devices (meta included) and layouts (sparse) of every tensor, the types of the flags
+        and of the window and dims (``3.0 == 3``), and whether the scale is finite."""
+        q, k, v, m, dims, scale = self.q, self.k, self.v, self.attn_mask, self.dims, self.scale
         return (
-            scoped, impl_raw, self.compatibility_mode, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
-            q.device, k.get_device(), v.get_device(), self.q_pattern, self.k_pattern, self.v_pattern, self.out_pattern,
-            None if dims is None else tuple(dims.items()),
-            None if m is None else (m.shape, m.dtype, m.get_device()),
-            self.is_causal, self.window_size, type(self.scale), grad,
+            scoped, impl_raw, self.compatibility_mode, type(self.compatibility_mode), q.shape, k.shape, v.shape,
+            q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.layout, k.layout, v.layout,
+            self.q_pattern, self.k_pattern, self.v_pattern, self.out_pattern,
+            None if dims is None else tuple((a, n, type(n)) for a, n in dims.items()),
+            None if m is None else (m.shape, m.dtype, m.device, m.layout),
+            self.is_causal, type(self.is_causal), self.window_size, type(self.window_size),
+            type(scale), scale is None or -FLOAT_MAX <= scale <= FLOAT_MAX, grad,
         )
 
     def needs_grad(self, grad_enabled: bool) -> bool:

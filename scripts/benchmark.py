@@ -56,6 +56,22 @@ def fixed_priority(problem, dev):
     return "torch"
 
 
+def select_shapes(args) -> list:
+    """The problems of --shapes/--preset, narrowed by --only; a ValueError names what is unknown."""
+    from diffsynth_attention.tools.shapes import load_shapes_file, select_presets
+
+    shapes = load_shapes_file(args.shapes) if args.shapes else select_presets(args.preset or ["all"])
+    if not args.only:
+        return shapes
+    wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+    known = [s["name"] for s in shapes]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ValueError(f"--only {args.only!r}: unknown problem name(s) {', '.join(unknown) or '(none given)'}; "
+                         f"known: {', '.join(known)}")
+    return [s for s in shapes if s["name"] in wanted]
+
+
 def run(args) -> dict:
     from diffsynth_attention import attention_forward, explain
     from diffsynth_attention.backends import device_info
@@ -63,12 +79,9 @@ def run(args) -> dict:
     from diffsynth_attention.problem import prepare
     from diffsynth_attention.tuning.timing import Timer
     from diffsynth_attention.tools.inputs import make_inputs
-    from diffsynth_attention.tools.shapes import load_shapes_file, select_presets
 
     device = torch.device(args.device)
-    shapes = load_shapes_file(args.shapes) if args.shapes else select_presets(args.preset or ["all"])
-    if args.only:
-        shapes = [s for s in shapes if s["name"] in args.only.split(",")]
+    shapes = select_shapes(args)
     env = environment(device)
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
@@ -234,6 +247,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default=None, help="file name stem (default <device>-<date>)")
     parser.add_argument("--keep-cache", action="store_true", help="use the user's cache instead of a fresh one")
     args = parser.parse_args(argv)
+    try:  # a bad --shapes/--preset/--only is a usage error, before any work
+        select_shapes(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if not args.keep_cache:
         os.environ["DIFFSYNTH_ATTENTION_CACHE_DIR"] = tempfile.mkdtemp(prefix="da-bench-")
     result = run(args)

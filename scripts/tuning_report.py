@@ -629,7 +629,7 @@ def add_problem_args(p) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{repeat,cost,first-call,neighbours}")  # not _*
     p = sub.add_parser("repeat", help="tune every problem in N fresh processes; agreement and worst/best")
     add_problem_args(p)
     p.add_argument("--n", type=int, default=5)

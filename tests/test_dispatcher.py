@@ -40,6 +40,8 @@ def _variants():
     yield {**base, "attn_mask": torch.ones(8, 8, dtype=torch.bool)}
     yield {**base, "attn_mask": torch.zeros(1, 1, 8, 8)}
     yield {**base, "scale": 0.5}
+    yield {**base, "scale": 2}  # an int scale: another type, another signature
+    yield {**base, "is_causal": 1}  # valid, and not True's signature (1.0 would equal both)
     yield {**base, "is_causal": True}
     yield {**base, "window_size": 2}
     yield {**base, "compatibility_mode": True}
@@ -152,13 +154,26 @@ def test_transient_failure_drops_backend_in_process_but_keeps_disk(disp, monkeyp
     assert fresh.store.get(kid).backend == "flash_attention_4"  # the disk still holds it
 
 
-def test_deterministic_failure_rewrites_disk_decision(disp, monkeypatch):
+def test_failure_tied_to_inputs_keeps_disk(disp, monkeypatch):
+    """Issue 23: a failure that repeats on the retry but passes on fresh inputs is not the
+    backend's: dropped in this process, the decision on disk is kept."""
     q, k, v = qkv()
     flaky, kid = _force(disp, monkeypatch, q, k, v)
-    flaky.failures = 2  # fails, and fails again on the retry
+    flaky.failures = 2  # fails, and fails again on the retry; fresh inputs pass
     out = disp.forward(q, k, v)
     assert rel(out, full_reference(q, k, v)) < 1e-5
-    assert "again on a retry" in disp.explain(q, k, v).dropped["flash_attention_4"]
+    assert "not on fresh inputs" in disp.explain(q, k, v).dropped["flash_attention_4"]
+    fresh = Dispatcher(DecisionCache(disp.store.directory))
+    assert fresh.store.get(kid).backend == "flash_attention_4"
+
+
+def test_repeated_failure_on_fresh_inputs_rewrites_disk_decision(disp, monkeypatch):
+    q, k, v = qkv()
+    flaky, kid = _force(disp, monkeypatch, q, k, v)
+    flaky.failures = 10**6  # fails on the call, the retry and every fresh input
+    out = disp.forward(q, k, v)
+    assert rel(out, full_reference(q, k, v)) < 1e-5
+    assert "fresh inputs" in disp.explain(q, k, v).dropped["flash_attention_4"]
     fresh = Dispatcher(DecisionCache(disp.store.directory))
     on_disk = fresh.store.get(kid)
     assert on_disk.backend != "flash_attention_4"

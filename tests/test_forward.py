@@ -133,7 +133,7 @@ def test_mask_and_window_errors():
     q, k, v = qkv()
     _err(ValueError, r"attn_mask of shape \(5, 32\) does not broadcast to \(b, n, s_q, s_kv\) = \(2, 4, 32, 32\)", q, k, v,
          attn_mask=torch.zeros(5, 32, dtype=torch.bool))
-    _err(TypeError, r"attn_mask must be bool or of the query's dtype", q, k, v, attn_mask=torch.zeros(32, 32, dtype=torch.int64))
+    _err(TypeError, r"attn_mask must be bool, float32 or of the query's dtype", q, k, v, attn_mask=torch.zeros(32, 32, dtype=torch.int64))
     _err(ValueError, r"window_size cannot be combined with is_causal", q, k, v, window_size=2, is_causal=True)
     _err(ValueError, r"window_size cannot be combined with attn_mask", q, k, v, window_size=2, attn_mask=torch.ones(32, 32, dtype=torch.bool))
     _err(ValueError, r"window_size=-1 must be a non-negative int", q, k, v, window_size=-1)

@@ -13,6 +13,7 @@ from typing import Optional
 from .base import Backend, DeviceInfo, device_info, package_version
 from .flash_attention import clear_compiled, enable_fa4_compile_cache, fa4_compile_dir
 from .flash_attention import FlashAttention2, FlashAttention3, FlashAttention4
+from .hub_kernel import HubFlashAttention
 from .sage import SageAttention
 from .torch_sdpa import TorchCuDNN, TorchEfficient, TorchFlash, TorchMath, TorchSDPA
 from .xformers import XFormers
@@ -22,6 +23,7 @@ _CLASSES = (
     TorchCuDNN,
     TorchFlash,
     TorchEfficient,
+    HubFlashAttention,
     FlashAttention4,
     FlashAttention3,
     FlashAttention2,
@@ -33,7 +35,7 @@ _CLASSES = (
 REGISTRY: dict = {cls.name: cls() for cls in _CLASSES}
 PREFERENCE: tuple = tuple(REGISTRY)
 # What DiffSynth-Studio picks, first installed wins (its attention.py, 2.1.12).
-DIFFSYNTH_PRIORITY = ("flash_attention_4", "flash_attention_3", "flash_attention_2", "sage_attention", "xformers", "torch")
+DIFFSYNTH_PRIORITY = ("customized_fa_kernel", "flash_attention_4", "flash_attention_3", "flash_attention_2", "sage_attention", "xformers", "torch")
 
 
 def normalize(name, source: str) -> str:
@@ -46,7 +48,7 @@ def normalize(name, source: str) -> str:
     raise ValueError(f"{source}={name!r} is not a backend; valid names: auto, {', '.join(PREFERENCE)}")
 
 
-def available_backends() -> dict:
+def available_backends() -> "dict[str, Optional[str]]":
     """Every registered backend: None where it can run on this machine, else the reason."""
     return {name: backend.unavailable_reason() for name, backend in REGISTRY.items()}
 

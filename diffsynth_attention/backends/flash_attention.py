@@ -104,6 +104,33 @@ class _FlashBase(Backend):
             out = out[0]
         return out
 
+    # The keyword that makes the interface return the log-sum-exp, found in its signature at first use.
+    _lse_flag: Optional[str] = None
+
+    def forward_lse(self, q, k, v, scale, causal):
+        """``(out, lse)`` on ``b n s d`` views without a mask: the output (a ``b n s d`` view of the
+        kernel's ``b s n d`` result) and its log-sum-exp as (b, n, s_q) float32."""
+        if self._lse_flag is None:
+            import inspect
+
+            try:
+                params = inspect.signature(self._func).parameters
+            except (TypeError, ValueError):
+                params = {}
+            self._lse_flag = next((f for f in ("return_lse", "return_attn_probs") if f in params), "")
+        kwargs = {self._lse_flag: True} if self._lse_flag else {}
+        res = self._func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal,
+                         **kwargs)
+        if not isinstance(res, tuple) or len(res) < 2 or res[1] is None:
+            raise RuntimeError(f"{self.name}: this build's flash_attn_func returned no log-sum-exp")
+        out, lse = res[0], res[1]
+        b, n, s_q = q.shape[0], q.shape[1], q.shape[2]
+        if tuple(lse.shape) == (b, s_q, n) and (b, s_q, n) != (b, n, s_q):
+            lse = lse.transpose(1, 2)
+        if tuple(lse.shape) != (b, n, s_q):
+            raise RuntimeError(f"{self.name}: log-sum-exp of shape {tuple(lse.shape)}, expected {(b, n, s_q)}")
+        return out.transpose(1, 2), lse.float()
+
 
 class FlashAttention2(_FlashBase):
     """``flash_attn.flash_attn_func`` from the flash-attn 2.x package."""
@@ -121,7 +148,8 @@ class FlashAttention2(_FlashBase):
         return package_version("flash-attn")
 
     def _install_hint(self) -> str:
-        hint = f"pip install 'diffsynth-attention[{self.extra}]'"
+        # flash-attn's setup imports torch: pip's build isolation hides it ("No module named 'torch'")
+        hint = f"pip install --no-build-isolation 'diffsynth-attention[{self.extra}]'"
         if module_present("flash_attn"):
             hint += "; the 'flash_attn' module here (flash-attn-4's) is not FlashAttention-2"
         return hint

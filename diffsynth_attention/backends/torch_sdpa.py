@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..problem import Problem, additive_mask
+from ..problem import ADDITIVE_FLOAT32, Problem, additive_mask
 from .base import Backend, DeviceInfo, element_size
 
 # Bound at import: patch_sdpa() may later replace torch.nn.functional's attribute with a
@@ -60,6 +60,14 @@ def _bind_aten(backend, cls, op, fixed: tuple, p: Problem, need_grad: bool, scal
     return run_scaled
 
 
+def _lse_3d(lse: torch.Tensor, seq_q: int) -> torch.Tensor:
+    """An ATen kernel's log-sum-exp as (b, n, s_q) float32: cuDNN adds a trailing 1 on newer torch,
+    the efficient kernel pads s_q to a multiple of 32."""
+    if lse.dim() == 4:
+        lse = lse.squeeze(-1)
+    return lse[..., :seq_q].float()
+
+
 def repeat_kv(k: torch.Tensor, v: torch.Tensor, groups: int):
     return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
@@ -94,7 +102,7 @@ class TorchSDPA(Backend):
     dtypes = _ALL_FLOATS
     max_head_dim = 1 << 20
     same_head_dim_v = False
-    masks = frozenset({"bool", "additive"})
+    masks = frozenset({"bool", "additive", ADDITIVE_FLOAT32})
     gqa = True
     window = True
     efficiency = 0.5  # picks cuDNN on an H200 (0.57 of peak)
@@ -144,7 +152,7 @@ class TorchMath(Backend):
     dtypes = _ALL_FLOATS
     max_head_dim = 1 << 20
     same_head_dim_v = False
-    masks = frozenset({"bool", "additive"})
+    masks = frozenset({"bool", "additive", ADDITIVE_FLOAT32})
     gqa = True
     efficiency = 0.05  # two matmuls in float32 and the scores through memory
     launch_ms = 0.03
@@ -184,7 +192,7 @@ class TorchFlash(Backend):
     devices = frozenset({"cpu", "cuda"})
     dtypes = _ALL_FLOATS  # narrowed to 16-bit on CUDA in extra_reasons
     max_head_dim = 256
-    masks = frozenset({"bool", "additive"})  # CPU only; see extra_reasons
+    masks = frozenset({"bool", "additive", ADDITIVE_FLOAT32})  # CPU only; see extra_reasons
     causal_any_lengths = False
     efficiency = 0.32  # 317-345 TFLOP/s on an H200
     launch_ms = 0.018
@@ -216,6 +224,16 @@ class TorchFlash(Backend):
             mask = additive_mask(mask, q.dtype)
         return _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)[0]
 
+    def forward_lse(self, q, k, v, scale, causal):
+        """``(out, lse)`` on ``b n s d`` views without a mask: the output and its log-sum-exp,
+        (b, n, s_q) float32 (ring attention merges partial results with it)."""
+        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        if q.device.type == "cuda":
+            out, lse = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        else:
+            out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
+        return out, _lse_3d(lse, q.shape[2])
+
     def bind(self, p: Problem, need_grad: bool, scale_is_none: bool = False):
         op = _aten._scaled_dot_product_flash_attention if p.device_type == "cuda" else _aten._scaled_dot_product_flash_attention_for_cpu
         fixed = (0.0, p.causal, False) if p.device_type == "cuda" else (0.0, p.causal)
@@ -240,6 +258,12 @@ class TorchEfficient(Backend):
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
         return _aten._scaled_dot_product_efficient_attention(q, k, v, None, need_grad, 0.0, causal, scale=scale)[0]
+
+    def forward_lse(self, q, k, v, scale, causal):
+        """``(out, lse)`` without a mask; lse (b, n, s_q) float32."""
+        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        out, lse = _aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+        return out, _lse_3d(lse, q.shape[2])
 
     def bind(self, p: Problem, need_grad: bool, scale_is_none: bool = False):
         run = _bind_aten(self, TorchEfficient, _aten._scaled_dot_product_efficient_attention, (None, need_grad, 0.0, p.causal), p, need_grad,
@@ -270,6 +294,12 @@ class TorchCuDNN(Backend):
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
         return _aten._scaled_dot_product_cudnn_attention(q, k, v, None, need_grad, 0.0, causal, False, scale=scale)[0]
+
+    def forward_lse(self, q, k, v, scale, causal):
+        """``(out, lse)`` without a mask; lse (b, n, s_q) float32."""
+        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        out, lse = _aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+        return out, _lse_3d(lse, q.shape[2])
 
     def bind(self, p: Problem, need_grad: bool, scale_is_none: bool = False):
         run = _bind_aten(self, TorchCuDNN, _aten._scaled_dot_product_cudnn_attention, (None, need_grad, 0.0, p.causal, False), p,

@@ -22,13 +22,14 @@ import torch
 from .. import config, overrides
 from ..backends import REGISTRY, candidates, device_info
 from ..problem import mask_4d, prepare
-from ..request import Request
+from ..request import FLOAT_MAX, Request
 from ..store.cache import DecisionCache, all_rejected
 from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision, decision_filter
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import TuningPolicy
 from ..tuning.trial import decision_timings
 from ..tuning.tuner import TuneInputs, tune
+from . import faults
 from .runners import make_runner
 
 logger = logging.getLogger("diffsynth_attention")
@@ -80,6 +81,16 @@ class Explanation:
 
     def __getitem__(self, item):
         return self.as_dict()[item]
+
+    def __str__(self) -> str:
+        """The table ``diffsynth-attention explain`` prints (80 columns): ``print(da.explain(...))``."""
+        from ..tools.explain_table import explanation_text
+
+        return explanation_text(self)
+
+    def __repr__(self) -> str:
+        return (f"Explanation(backend={self.backend!r}, source={self.source!r}, problem={self.problem!r}, "
+                f"key_id={self.key_id!r})")
 
 
 class Plan:
@@ -344,7 +355,7 @@ class Dispatcher:
                 plan = self._provisional.get(sig)
                 if plan is not None and self._can_tune(req.q):
                     plan = None
-        except (AttributeError, TypeError):  # not tensors, unhashable dims...: validation explains
+        except Exception:  # not tensors, unhashable dims, an incomparable scale...: validation explains
             sig, plan = None, None
         if plan is not None:
             return plan
@@ -411,12 +422,22 @@ class Dispatcher:
     def failed(self, plan: Plan, exc: Exception, req: Request, impl_raw, grad: bool):
         if isinstance(exc, (torch.cuda.OutOfMemoryError, BackendNotSupportedError)):
             raise exc
+        try:  # an input error is the caller's, never the backend's: raise it, change nothing
+            prepare(req.q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
+                    req.attn_mask, req.scale, req.is_causal, req.window_size, grad,
+                    compatibility_mode=req.compatibility_mode)
+        except (TypeError, ValueError) as bad:
+            raise bad from None
+        if faults.poisons_context(exc) or faults.context_broken(req.q.device):  # nothing can run after it
+            faults.report_poisoned(plan.backend, exc)
+            raise exc
         return self.after_failure(plan, exc, req, impl_raw, grad)
 
     def after_failure(self, plan: Plan, exc: Exception, req: Request, impl_raw, grad: bool):
         """A backend raised at run time. It is dropped for this key in this process, and the
         call is served by the next best backend. The on-disk decision changes only when the
-        failure is deterministic: the same call fails again on a retry."""
+        failure is the backend's: the call fails again on a retry with the same inputs, and on
+        ``faults.FRESH_TRIALS`` calls with fresh inputs of the same shapes."""
         if plan.backend == "torch":
             raise exc
         if plan.source == "override":
@@ -438,10 +459,19 @@ class Dispatcher:
             deterministic = False
         except torch.cuda.OutOfMemoryError:
             deterministic = False
-        except Exception:
+        except Exception as again:
+            if faults.poisons_context(again):  # the retry poisoned the context: stop here
+                faults.report_poisoned(plan.backend, again)
+                raise again
             deterministic = True
-        reason = (f"failed at run time ({'again on a retry' if deterministic else 'once; a retry passed'}): "
-                  f"{_first_line(exc)}")
+        if not deterministic:
+            how = "once; a retry passed"
+        elif faults.fails_on_fresh_inputs(plan.run, req.q, req.k, req.v, req.attn_mask, req.scale) \
+                and not faults.context_broken(req.q.device):
+            how = f"again on a retry and on {faults.FRESH_TRIALS} calls with fresh inputs"
+        else:
+            how, deterministic = "again on a retry, but not on fresh inputs of the same shapes", False
+        reason = f"failed at run time ({how}): {_first_line(exc)}"
         key_id = plan.key.id
         with self._lock:
             self.dropped.setdefault(key_id, {})[plan.backend] = reason
@@ -468,9 +498,11 @@ class Dispatcher:
         return new_plan.run(req.q, req.k, req.v, req.attn_mask, req.scale)
 
     # -- explain ----------------------------------------------------------------------------
-    def explain(self, q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_pattern="b n s d", out_pattern="b n s d",
-                dims=None, attn_mask=None, scale=None, is_causal=False, compatibility_mode=False,
-                window_size=None) -> Explanation:
+    def explain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pattern: str = "b n s d",
+                k_pattern: str = "b n s d", v_pattern: str = "b n s d", out_pattern: str = "b n s d",
+                dims: Optional[dict] = None, attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                is_causal: bool = False, compatibility_mode: bool = False,
+                window_size: Optional[int] = None) -> Explanation:
         """The decision ``attention_forward`` takes for this call; tunes if the key is new, as the call would."""
         req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                       compatibility_mode, window_size)
@@ -569,13 +601,15 @@ def _make_forward(d: Dispatcher) -> Callable:
         try:
             grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
             plan = plans_get((
-                scope_get(), impl_raw, compatibility_mode, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
-                q.device, k.get_device(), v.get_device(), q_pattern, k_pattern, v_pattern, out_pattern,
-                None if dims is None else tuple(dims.items()),
-                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.get_device()),
-                is_causal, window_size, type(scale), grad,
+                scope_get(), impl_raw, compatibility_mode, type(compatibility_mode), q.shape, k.shape, v.shape,
+                q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.layout, k.layout, v.layout,
+                q_pattern, k_pattern, v_pattern, out_pattern,
+                None if dims is None else tuple((a, n, type(n)) for a, n in dims.items()),
+                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.layout),
+                is_causal, type(is_causal), window_size, type(window_size),
+                type(scale), scale is None or -FLOAT_MAX <= scale <= FLOAT_MAX, grad,
             ))
-        except (AttributeError, TypeError):  # not tensors, unhashable dims...: validation explains
+        except Exception:  # not tensors, unhashable dims, an incomparable scale...: validation explains
             grad, plan = False, None
         if plan is None:
             return slow(Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,

@@ -1,9 +1,16 @@
 """One consistent set of decisions across torch.distributed ranks.
 
-Nothing collective ever happens inside ``attention_forward``: ranks that meet different
-problems never wait on each other. Every rank calls :func:`sync_decisions` at a point they all
-reach (after a warm-up step, or at the end of ``warm``); afterwards every rank holds rank 0's
-decision for every key that rank 0 knows, and the lowest rank's for keys rank 0 does not know.
+Nothing collective ever happens inside ``attention_forward`` (nor in the diffusers backend or
+the USP route): a cache hit never waits on another rank, and ranks that hit and ranks that tune
+issue the same collectives, their model's own. Ranks on one node share the cache (one tunes a
+key, the others read it). Across nodes, every rank calls :func:`sync_decisions` at a point they
+all reach (after a warm-up step, or at the end of ``warm``). Afterwards every rank holds the same
+decision for every key any rank knows:
+
+- ``reduce="rank0"`` (default): rank 0's decision where rank 0 has one, else the lowest rank's.
+- ``reduce="max"``: each candidate's time is the *slowest* rank's (the slowest rank paces
+  every collective), and the fastest candidate by that time wins; a candidate counts only if
+  every rank that knows the key accepted it. Keys known by one rank keep that rank's decision.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from ..store.decision import Decision
+from ..store.decision import ACCEPTED, CHOSEN, SLOWER, Decision
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -24,13 +31,53 @@ def merge_rank_entries(per_rank: list) -> dict:
     return merged
 
 
-def sync_decisions(group: Optional[object] = None) -> int:
-    """Collective over an initialised process group: make every rank's decisions rank 0's.
+_USABLE = (CHOSEN, ACCEPTED, SLOWER)
+
+
+def merge_rank_entries_max(per_rank: list) -> dict:
+    """{key_id: entry dict}: per key, candidate times reduced with MAX over the ranks that know
+    it, the fastest of those wins (ties: the lowest rank's choice); the entry is the lowest
+    rank's, with the reduced times and statuses."""
+    from ..backends import PREFERENCE
+
+    merged = merge_rank_entries(per_rank)
+    for kid in list(merged):
+        entries = [e[kid] for e in per_rank if e and kid in e]
+        if len(entries) < 2:
+            continue
+        names = set.intersection(*(set(e["candidates"]) for e in entries))
+        times = {}
+        for name in names:
+            cands = [e["candidates"][name] for e in entries]
+            if all(c["status"] in _USABLE and c["time_ms"] is not None for c in cands):
+                times[name] = max(c["time_ms"] for c in cands)
+        if not times:
+            continue
+        first = entries[0]
+        best = min(times.values())
+        winner = first["backend"] if times.get(first["backend"]) == best else \
+            min((n for n, t in times.items() if t == best), key=lambda n: PREFERENCE.index(n) if n in PREFERENCE else 99)
+        entry = dict(first, candidates={n: dict(c) for n, c in first["candidates"].items()}, backend=winner)
+        for name, t in times.items():
+            cand = entry["candidates"][name]
+            cand["time_ms"] = t
+            cand["status"] = CHOSEN if name == winner else (ACCEPTED if cand["status"] == CHOSEN else cand["status"])
+            cand["reason"] = (f"sync_decisions: fastest by the slowest rank's time over {len(entries)} ranks"
+                              if name == winner else (None if cand["status"] == ACCEPTED else cand["reason"]))
+        merged[kid] = entry
+    return merged
+
+
+def sync_decisions(group: Optional[object] = None, reduce: str = "rank0") -> int:
+    """Collective over an initialised process group: give every rank the same decisions.
 
     Every rank of ``group`` (default: the world) must call it. Uses ``all_gather_object``; with
-    an NCCL group, set each rank's CUDA device first. Returns how many decisions every rank
-    now holds; they are also saved to each rank's cache file.
+    an NCCL group, set each rank's CUDA device first. ``reduce``: ``"rank0"`` (rank 0's decisions
+    win) or ``"max"`` (candidate times reduced with MAX over the ranks; see the module). Returns
+    how many decisions every rank now holds; they are also saved to each rank's cache.
     """
+    if reduce not in ("rank0", "max"):
+        raise ValueError(f"reduce={reduce!r}: expected 'rank0' or 'max'")
     import torch.distributed as dist
 
     from ..dispatch import default_dispatcher
@@ -42,7 +89,7 @@ def sync_decisions(group: Optional[object] = None) -> int:
     mine = {key_id: d.to_dict() for key_id, d in store.entries().items()}
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, mine, group=group)
-    merged = merge_rank_entries(gathered)
+    merged = merge_rank_entries(gathered) if reduce == "rank0" else merge_rank_entries_max(gathered)
     ours = store.entries()
     changed = [Decision.from_dict(k, e) for k, e in merged.items() if k not in ours or ours[k].to_dict() != e]
     if changed:

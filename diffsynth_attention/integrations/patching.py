@@ -62,7 +62,7 @@ def _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         return False
     if query.shape[1] != key.shape[1] and not enable_gqa:
         return False  # SDPA itself raises for this; let it
-    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or (attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype)):
+    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype not in (torch.bool, query.dtype, torch.float32)):
         return False
     if attn_mask is not None and is_causal:
         return False  # SDPA rejects this combination; keep its error
@@ -212,6 +212,7 @@ class DiffSynthPatch:
 
     def __init__(self) -> None:
         self.replaced: list = []  # (module, attribute, original)
+        self.usp: Optional[str] = None  # "routed", or why DiffSynth's USP attention is not
 
     def _swap_everywhere(self, original, replacement, prefix: str = "diffsynth") -> None:
         for name, module in list(sys.modules.items()):
@@ -249,9 +250,11 @@ def _import_failure(exc: BaseException) -> str:
     return f"DiffSynth-Studio is installed, but importing it failed with {type(exc).__name__}: {first}"
 
 
-def patch_diffsynth(wan: bool = True) -> DiffSynthPatch:
+def patch_diffsynth(wan: bool = True, usp: bool = True) -> DiffSynthPatch:
     """Route DiffSynth-Studio's ``attention_forward`` (and, with ``wan``, the Wan DiT's
-    ``flash_attention`` helper) through this library's dispatcher. Needs DiffSynth-Studio."""
+    ``flash_attention`` helper) through this library's dispatcher. Needs DiffSynth-Studio.
+    With ``usp``, the local attention of DiffSynth's USP path too, when xfuser and yunchang are
+    installed (:mod:`.usp`); the handle's ``usp`` says ``"routed"`` or why not."""
     config.validate_all()  # a bad environment variable stops the pipeline here, not at its first call
     try:
         module = importlib.import_module("diffsynth.core.attention.attention")
@@ -272,4 +275,8 @@ def patch_diffsynth(wan: bool = True) -> DiffSynthPatch:
         helper = getattr(wan_module, "flash_attention", None) if wan_module is not None else None
         if helper is not None and not hasattr(helper, "__diffsynth_attention_original__"):
             patch._swap_everywhere(helper, _make_wan_flash_attention(helper))
+    if usp:
+        from .usp import patch_usp
+
+        patch.usp = patch_usp(patch)
     return patch

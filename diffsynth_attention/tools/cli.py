@@ -72,11 +72,22 @@ def cmd_backends(args) -> int:
     if args.json:
         print(json.dumps({"backends": rows, "configuration": settings}, indent=1))
         return 0
+    from .explain_table import split_hint, wrap_keeping_hints
+
     table = _table(f"{PROG} {__version__}: backends on this machine", ("backend", "package", "version", "status"))
+    hints = []
     for r in rows:
-        table.add_row(*(_escape(x) for x in (r["backend"], r["package"], r["version"] or "-", r["status"])))
+        status, hint = split_hint(r["status"])  # install commands go below the table, whole
+        if hint:
+            hints.append(f"{r['backend']}: {hint}")
+        table.add_row(*(_escape(x) for x in (r["backend"], r["package"], r["version"] or "-", status)))
     console = _console()
     console.print(table)
+    if hints:
+        console.print("to install:")
+        for text in hints:
+            for line in wrap_keeping_hints(text, min(console.width, 80)):
+                console.print(_escape(line), soft_wrap=True)
     table = _table("configuration in force", ("variable", "value", "from"))
     for s in settings:
         table.add_row(_escape(s["variable"].replace("DIFFSYNTH_ATTENTION_", "…_")),
@@ -241,6 +252,11 @@ def cmd_cache_import(args) -> int:
 
 
 # -- warm -------------------------------------------------------------------------------------
+def _count(n: int, noun: str) -> str:
+    """``1 problem``, ``2 problems``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def check_warm(args) -> list:
     """Every usage check of ``warm``, before any work; returns the problem list."""
     from .devices import check_device
@@ -297,6 +313,7 @@ def cmd_warm(args) -> int:
     device = None if dist_ctx else resolve_device(args.device)
     if not args.full_size and on_cpu(args.device if dist_ctx else str(device)):
         shapes = [scale_for_cpu(s) for s in shapes]
+    asked = len(shapes)  # what was asked, before problems that are one at this size are merged
     shapes = distinct(shapes, DTYPE_NAMES[args.dtype] if args.dtype else None)
     mine = shapes if not dist_ctx else shapes[dist_ctx[0]::dist_ctx[1]]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -330,14 +347,25 @@ def cmd_warm(args) -> int:
         row["problem"] = f"{' = '.join(names)}: {row['problem']}"
         row["source"] = info.source
         rows.append(row)
-    summary = (f"{len(results)} problem(s) warmed: {len(stored)} distinct decision(s) stored in {store.path} "
-               + (f"(split across {dist_ctx[1]} ranks, then synced)" if dist_ctx else
-                  f"({tuned} tuned now, {len(results) - tuned} already known)"))
+    cached = sum(info.source == "cache" for _, info in results)
+    other = len(results) - tuned - cached  # neighbour or fallback: served, not tuned
+    if dist_ctx:
+        done_text = f"split over {dist_ctx[1]} ranks, synced"
+    else:
+        done_text = f"{tuned} tuned now, {cached} already cached" + (f", {other} not tuned" if other else "")
+    summary = (f"{_count(asked, 'problem')} asked, {len(results)} distinct: {done_text}; "
+               f"{_count(len(stored), 'decision')} stored")
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        _console().print(decisions_table(rows, f"{len(rows)} problems warmed"))
-    print(summary, file=sys.stderr if args.json else sys.stdout)
+        _console().print(decisions_table(rows, f"{_count(asked, 'problem')} asked, {len(rows)} distinct"))
+    out = sys.stderr if args.json else sys.stdout
+    print(f"decisions in {store.path}", file=out)
+    import shutil
+    import textwrap
+
+    width = min(80, shutil.get_terminal_size((80, 24)).columns)
+    print("\n".join(textwrap.wrap(summary, width=width, break_long_words=False, break_on_hyphens=False)), file=out)
     wanted = {r["key_id"] for r in rows}
     if len(stored) < len(wanted):
         raise Failure(f"only {len(stored)} of {len(wanted)} decision(s) reached {store.path}; see the warnings above")
@@ -384,22 +412,9 @@ def cmd_explain(args) -> int:
             chosen["reason"] = chosen_reason
         print(json.dumps(doc, indent=1))
         return 0
-    console = _console()
-    console.print(_escape(f"{info.problem} on {short_device(info.key['device']['name'])}: {info.backend} ({info.source})"))
-    table = _table(None, ("backend", "status", "ms", "error", "reason"))
-    unsupported = []
-    for name, c in info.candidates.items():
-        if c.get("status") == "unsupported":  # long reasons: listed below the table, not folded into it
-            unsupported.append((name, c["reason"] or ""))
-            continue
-        reason = c["reason"] or (chosen_reason if name == info.backend and c.get("status") == "chosen" else None) or ""
-        table.add_row(*(_escape(x) for x in (name, c.get("status") or "-", "-" if c["time_ms"] is None else f"{c['time_ms']:.4g}",
-                                              "-" if c["error"] is None else f"{c['error']:.2e}", reason)))
-    console.print(table)
-    if unsupported:
-        console.print("unsupported here:")
-        for name, reason in unsupported:
-            console.print(_escape(f"  {name}: {reason}"))
+    from .explain_table import render_explanation
+
+    render_explanation(info, _console(), chosen_reason)
     return 0
 
 

@@ -1,0 +1,76 @@
+"""The text of an :class:`~diffsynth_attention.dispatch.Explanation`: one header line and a rich
+table of the candidates, then the backends that cannot serve the problem with their reasons.
+
+``diffsynth-attention explain`` prints it, and so does ``print(da.explain(...))`` (at 80
+columns), so the two always agree.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import textwrap
+from typing import Optional
+
+WIDTH = 80
+_HINT = re.compile(r"pip install (?:--[\w-]+ )*'[^']*'")
+_GLUE = "\x00"
+
+
+def split_hint(text: str) -> tuple:
+    """(``text`` without its ``(pip install '...')`` hint, the hint or None)."""
+    match = re.search(r"\s*\((pip install (?:--[\w-]+ )*'[^']*'[^)]*)\)", text)
+    if match is None:
+        return text, None
+    return (text[:match.start()] + text[match.end():]).strip(), match.group(1)
+
+
+def wrap_keeping_hints(text: str, width: int = WIDTH, indent: str = "  ", hanging: str = "    ") -> list:
+    """``text`` wrapped to ``width`` columns, never inside a ``pip install '...'`` command (so
+    it can be copied whole) nor inside a word. The lines go to a console with soft wrapping."""
+    glued = _HINT.sub(lambda m: m.group(0).replace(" ", _GLUE), text)
+    lines = textwrap.wrap(glued, width=width, initial_indent=indent, subsequent_indent=hanging,
+                          break_long_words=False, break_on_hyphens=False)
+    return [line.replace(_GLUE, " ") for line in lines] or [indent]
+
+
+def render_explanation(info, console, chosen_reason: Optional[str] = None) -> None:
+    """Print ``info`` on a rich ``console``."""
+    from .cli import _escape, _table, short_device, tie_note
+
+    if chosen_reason is None and info.decision is not None:
+        chosen_reason = tie_note(info.decision)
+    device = info.key.get("device", {}).get("name", "?") if isinstance(info.key, dict) else "?"
+    console.print(_escape(f"{info.problem} on {short_device(device)}: {info.backend} ({info.source})"))
+    if info.neighbour_of:
+        console.print(_escape(f"decision of the neighbour key {info.neighbour_of}"))
+    table = _table(None, ("backend", "status", "ms", "error", "reason"))
+    unsupported = []
+    for name, c in info.candidates.items():
+        if c.get("status") == "unsupported":  # long reasons: listed below the table, not folded into it
+            unsupported.append((name, c.get("reason") or ""))
+            continue
+        reason = c.get("reason") or (chosen_reason if name == info.backend and c.get("status") == "chosen" else None) or ""
+        time_ms, error = c.get("time_ms"), c.get("error")
+        table.add_row(*(_escape(x) for x in (name, c.get("status") or "-", "-" if time_ms is None else f"{time_ms:.4g}",
+                                              "-" if error is None else f"{error:.2e}", reason)))
+    console.print(table)
+    if unsupported:
+        console.print("unsupported here:")
+        for name, reason in unsupported:
+            for line in wrap_keeping_hints(f"{name}: {reason}", min(console.width, WIDTH)):
+                console.print(_escape(line), soft_wrap=True)
+    for name, why in (info.dropped or {}).items():
+        if name not in info.candidates:
+            console.print(_escape(f"dropped in this process: {name}: {why}"))
+
+
+def explanation_text(info, width: int = WIDTH) -> str:
+    """``info`` as the command line prints it, at ``width`` columns, without colour."""
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, soft_wrap=False, highlight=False, color_system=None,
+                      force_terminal=False, legacy_windows=False)
+    render_explanation(info, console)
+    return buffer.getvalue().rstrip("\n")
