@@ -66,7 +66,60 @@ def __getattr__(name: str):
 
     value = getattr(importlib.import_module(module_name, __name__), name)
     globals()[name] = value  # later lookups are plain attribute reads
+    _start_preload()
     return value
+
+
+_preload_started = False
+
+
+def _start_preload() -> None:
+    """Start loading, on background threads, the kernel packages that the cache's decisions on
+    this machine name; once, unless DIFFSYNTH_ATTENTION_PRELOAD is off. Only once torch is
+    imported (by the caller, or by a public name being loaded): the command line's cache commands
+    and a bare ``import diffsynth_attention`` before torch never pay for torch on another thread.
+
+    Every module of this package that the work needs is imported here, on the caller's thread:
+    a background thread that imports a module while the caller imports the same package can make
+    Python's import locks report a deadlock (``_DeadlockError``) in either thread. The thread only
+    reads the cache and starts the loads (:mod:`.backends.loading`)."""
+    global _preload_started
+    import sys
+
+    if _preload_started or "torch" not in sys.modules:
+        return
+    from . import config
+
+    try:
+        if not config.preload():
+            return
+    except ValueError:  # a bad value: the first call names it (config.validate_all)
+        return
+    _preload_started = True
+    import logging
+    import threading
+
+    try:
+        from .backends.loading import preload
+        from .dispatch import default_dispatcher
+        from .store.cache import _schema_validator
+
+        _schema_validator()  # jsonschema, imported here rather than on the thread
+        store = default_dispatcher().store
+    except Exception:  # never breaks the import: the first call loads what it needs
+        logging.getLogger(__name__).debug("preloading kernel packages failed", exc_info=True)
+        return
+
+    def run() -> None:
+        try:
+            preload(store.entries().values())
+        except Exception:
+            logging.getLogger(__name__).debug("preloading kernel packages failed", exc_info=True)
+
+    threading.Thread(target=run, name="diffsynth-attention-preload", daemon=True).start()
+
+
+_start_preload()
 
 
 def __dir__():

@@ -151,6 +151,16 @@ def new_shapes() -> str:
     return value
 
 
+PRELOAD = "DIFFSYNTH_ATTENTION_PRELOAD"
+
+
+def preload() -> bool:
+    """Whether the kernel packages that this machine's cached decisions name start loading on a
+    background thread when the package is imported (default on; ``0`` turns it off: the first
+    call that needs one starts its load then)."""
+    return _flag(PRELOAD, True)
+
+
 READERS = {
     IMPLEMENTATION: implementation,
     STRICT: strict,
@@ -161,6 +171,7 @@ READERS = {
     LOCK_TIMEOUT: lock_timeout,
     TUNE_WAIT: tune_wait,
     NEW_SHAPES: new_shapes,
+    PRELOAD: preload,
 }
 
 

@@ -3,7 +3,11 @@ import os
 
 import pytest
 
-from diffsynth_attention.dispatch import Dispatcher, default_dispatcher
+# No background preload of kernel packages in the test process (it would read the user's cache);
+# tests/test_loading.py turns it on in its own subprocesses.
+os.environ.setdefault("DIFFSYNTH_ATTENTION_PRELOAD", "0")
+
+from diffsynth_attention.dispatch import Dispatcher, default_dispatcher  # noqa: E402
 from diffsynth_attention.store.cache import DecisionCache
 
 ENV = ("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "DIFFSYNTH_ATTENTION_STRICT", "DIFFSYNTH_ATTENTION_TUNING",

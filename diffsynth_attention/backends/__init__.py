@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from . import loading
 from .base import Backend, DeviceInfo, device_info, package_version
 from .flash_attention import clear_compiled, enable_fa4_compile_cache, fa4_compile_dir
 from .flash_attention import FlashAttention2, FlashAttention3, FlashAttention4
@@ -76,5 +77,5 @@ def candidates(problem, dev: Optional[DeviceInfo]) -> tuple:
 __all__ = [
     "Backend", "DeviceInfo", "REGISTRY", "PREFERENCE", "DIFFSYNTH_PRIORITY",
     "available_backends", "candidates", "clear_compiled", "device_info", "enable_fa4_compile_cache",
-    "fa4_compile_dir", "normalize", "package_version",
+    "fa4_compile_dir", "loading", "normalize", "package_version",
 ]

@@ -24,6 +24,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -190,6 +191,7 @@ class Backend:
         self._unavailable: Optional[str] = None
         self._version: Optional[str] = None
         self._declared: Optional[tuple] = None  # (reason or None, version or None), no import
+        self._load_lock = threading.RLock()  # one import per backend, also with a background load (loading.py)
 
     # -- availability -------------------------------------------------------------------
     def _load(self) -> None:
@@ -236,19 +238,27 @@ class Backend:
         return None
 
     def _ensure_loaded(self) -> None:
+        """Import the package once. Another thread's load in progress is waited for; ``_loaded``
+        is set only when the import has finished (successfully or not)."""
         if self._loaded:
             return
-        self._loaded = True
-        try:
-            self._load()
-        except Exception as exc:  # any failure of an installed package, not only ImportError
-            text = str(exc).strip().splitlines()
-            detail = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-            if isinstance(exc, ModuleNotFoundError) and self.package:
-                self._unavailable = f"package {self.package} is not installed ({self._install_hint()}); import said {detail}"
-            else:
-                self._unavailable = f"installed but unusable: import failed with {detail}"
-            logger.debug("backend %s unavailable: %s", self.name, self._unavailable)
+        with self._load_lock:
+            if self._loaded or getattr(self, "_in_load", False):  # done meanwhile, or re-entered by _load
+                return
+            self._in_load = True
+            try:
+                self._load()
+            except Exception as exc:  # any failure of an installed package, not only ImportError
+                text = str(exc).strip().splitlines()
+                detail = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+                if isinstance(exc, ModuleNotFoundError) and self.package:
+                    self._unavailable = f"package {self.package} is not installed ({self._install_hint()}); import said {detail}"
+                else:
+                    self._unavailable = f"installed but unusable: import failed with {detail}"
+                logger.debug("backend %s unavailable: %s", self.name, self._unavailable)
+            finally:  # an interrupt (KeyboardInterrupt) leaves it unloaded: the next use tries again
+                self._in_load = False
+            self._loaded = True
 
     def unavailable_reason(self) -> Optional[str]:
         """None if this backend can run on this machine, else why not (package, import, GPU).

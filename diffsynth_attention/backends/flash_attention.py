@@ -239,9 +239,12 @@ class FlashAttention3(_FlashBase):
             self.declare_build(flags)
 
     def _load(self) -> None:
+        # The first use costs the import of the extension and nothing else: the version and the
+        # build flags were read when the backend was declared (no second metadata scan here).
         module = importlib.import_module("flash_attn_interface")
         self._func = getattr(module, "flash_attn_func")
-        self._version = self._metadata_version() or getattr(module, "__version__", "unknown")
+        declared = self.declared_version()
+        self._version = declared if declared not in (None, "unknown") else getattr(module, "__version__", "unknown")
         flags = fa3_build_flags() if self.build is None else None
         if flags is not None:
             self.declare_build(flags)
@@ -315,7 +318,8 @@ class FlashAttention4(_FlashBase):
         enable_fa4_compile_cache()  # before the import: every process and rank shares the compilations
         module = importlib.import_module("flash_attn.cute")
         self._func = getattr(module, "flash_attn_func")
-        self._version = package_version("flash-attn-4") or getattr(module, "__version__", "unknown")
+        declared = self.declared_version()
+        self._version = declared if declared not in (None, "unknown") else getattr(module, "__version__", "unknown")
         try:  # the backward that takes the saved output and log-sum-exp (flash-attn-4 4.0.0b36)
             self._bwd = getattr(importlib.import_module("flash_attn.cute.interface"), "_flash_attn_bwd", None)
         except Exception:  # an older or changed layout: training recomputes the forward

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import config, overrides
-from ..backends import REGISTRY, candidates, device_info
+from ..backends import REGISTRY, candidates, device_info, loading
 from ..problem import mask_4d, prepare
 from ..request import FLOAT_MAX, Request
 from ..store.cache import DecisionCache, all_rejected
@@ -64,7 +64,7 @@ class Explanation:
     """Why a call goes where it goes (``diffsynth_attention.explain``)."""
 
     backend: str
-    source: str  # "override", "cache", "tuned", "neighbour" or "fallback"
+    source: str  # "override", "cache", "tuned", "neighbour", "loading" or "fallback"
     key: dict
     candidates: dict = field(default_factory=dict)  # name -> {"time_ms", "error", "reason", "status"}
     problem: str = ""
@@ -72,12 +72,13 @@ class Explanation:
     decision: Optional[Decision] = None  # the decision behind a "cache"/"tuned" source
     dropped: dict = field(default_factory=dict)  # backend -> why this process stopped using it
     neighbour_of: Optional[str] = None  # source "neighbour": the key id whose decision serves this call
+    reason: Optional[str] = None  # why ``backend`` serves the call when it is not the decided one (e.g. "loading")
 
     def as_dict(self) -> dict:
         return {"backend": self.backend, "source": self.source, "key": self.key, "key_id": self.key_id,
                 "candidates": self.candidates, "problem": self.problem, "dropped": dict(self.dropped),
                 "decision": None if self.decision is None else self.decision.to_dict(),
-                "neighbour_of": self.neighbour_of}
+                "neighbour_of": self.neighbour_of, "reason": self.reason}
 
     def __getitem__(self, item):
         return self.as_dict()[item]
@@ -139,6 +140,7 @@ class Dispatcher:
         self.store.listeners.append(self.invalidate)
         self.trace_token = id(self)  # how compiled graphs name this dispatcher
         _DISPATCHERS[self.trace_token] = self
+        loading.add_listener(self._backend_loaded)  # held weakly
         self.forward = _make_forward(self)
 
     # -- bookkeeping -----------------------------------------------------------------------
@@ -216,6 +218,46 @@ class Dispatcher:
         self.warn_once(("unavailable", name, why), "backend %s is unavailable (%s); using another backend", name, why)
         return False
 
+    def _loading_plan(self, decision: Decision, key, call, grad, usable_names: set, source: str = "cache") -> Optional[Plan]:
+        """While ``decision``'s kernel package loads on a background thread (started here if need
+        be), a plan on the fastest candidate of the decision that is usable now (else ``torch``),
+        with source "loading". None when the package is loaded (or failed: the caller drops it),
+        and while tracing or capturing, where the load is waited for instead."""
+        decided = REGISTRY[decision.backend]
+        if not loading.needs_loading(decided) or decided.is_loaded() or _is_compiling() or (
+                call.problem.device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return None
+        pending = loading.start_loading(decided)
+        if pending not in loading.PENDING:
+            return None
+        order = sorted((c.time_ms, n) for n, c in decision.candidates.items()
+                       if n != decided.name and n in usable_names and n in REGISTRY and c.time_ms is not None
+                       and c.status in (ACCEPTED, SLOWER, CHOSEN) and loading.is_ready(REGISTRY[n]))
+        name = order[0][1] if order else "torch"
+        chosen = decision.candidates.get(decided.name)
+        reason = (f"{decided.name} ({source}"
+                  + (f", {chosen.time_ms:.4g} ms" if chosen is not None and chosen.time_ms is not None else "")
+                  + (") is loading on a background thread; " if pending == loading.LOADING else
+                     ") is not loaded (background loading deferred in this process); ") + name
+                  + (f" ({order[0][0]:.4g} ms), the fastest usable candidate of the decision," if order else ",")
+                  + " serves the calls until it is ready")
+        inner = make_runner(REGISTRY[name], call, grad)
+        invalidate, key_id = self.invalidate, key.id
+
+        def run(q, k, v, mask, scale):
+            if decided._loaded:  # the load ended: the next call plans again (on the decided backend)
+                invalidate(key_id)
+            return inner(q, k, v, mask, scale)
+        return Plan(run, name, "loading", key, call, grad, decision, counts_hit=True, reasons=[reason])
+
+    def _backend_loaded(self, name: str, state: str) -> None:
+        """A background load ended: the keys served provisionally while ``name`` loaded plan again."""
+        with self._lock:
+            keys = {p.key.id for p in self.plans.values() if p.source == "loading" and p.decision is not None
+                    and p.decision.backend == name}
+        for key_id in keys:
+            self.invalidate(key_id)
+
     def _override_plan(self, requested, source_name, call, grad, key, dev) -> Plan:
         backend = REGISTRY[requested]
         why = backend.unavailable_reason()
@@ -239,7 +281,8 @@ class Dispatcher:
             return torch_run(q, k, v, mask, scale)
         return Plan(run, "torch", "fallback", key, call, grad, reasons=reasons, requested=requested)
 
-    def resolve(self, call, grad: bool, key, usable_names: set, dev, requested: str, source_name) -> Optional[Plan]:
+    def resolve(self, call, grad: bool, key, usable_names: set, dev, requested: str, source_name,
+                provisional: bool = True) -> Optional[Plan]:
         """The one rule that maps a validated call to a backend, for eager plans and compiled
         graphs alike: the override, else the cached decision, else (its backend dropped in this
         process) the next best of that decision, else (``DIFFSYNTH_ATTENTION_NEW_SHAPES=nearest``)
@@ -252,6 +295,9 @@ class Dispatcher:
         if decision is not None and all_rejected(decision):  # never trusted: tune again
             decision = None
         if decision is not None and decision.backend in usable_names:
+            waiting = provisional and self._loading_plan(decision, key, call, grad, usable_names)
+            if waiting:  # its kernel package still loads (eager calls only; a trace waits for it)
+                return waiting
             if self._loaded_or_dropped(decision.backend, key):
                 return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, "cache", key, call,
                             grad, decision, counts_hit=True)
@@ -260,6 +306,9 @@ class Dispatcher:
             return self._demoted_plan(decision, key, call, grad, dropped)
         if decision is None and config.new_shapes() == "nearest":
             near = self._neighbour(key, usable_names)
+            waiting = provisional and near and self._loading_plan(near, key, call, grad, usable_names, "neighbour")
+            if waiting:
+                return waiting
             if near is not None and self._loaded_or_dropped(near.backend, key):
                 logger.info("serving %s with the decision of neighbour key %s: %s", call.problem.describe(), near.key_id,
                             near.backend)
@@ -288,7 +337,7 @@ class Dispatcher:
         dropped = self.dropped.get(key.id, {})
         usable = [b for b in usable if b.name not in dropped]
         usable_names = {b.name for b in usable}
-        plan = self.resolve(call, grad, key, usable_names, dev, requested, source_name)
+        plan = self.resolve(call, grad, key, usable_names, dev, requested, source_name, provisional=tune_on is None)
         if plan is not None:
             return plan
         if may_tune is None:
@@ -324,6 +373,8 @@ class Dispatcher:
 
                 def make(backend):  # the runner a plan binds: timed as the hit path calls it
                     return make_runner(backend, call, grad)
+
+                loading.wait_all()  # no import competes with the timed calls (issue 24)
 
                 decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev, policy=self.policy)
                 self.counters["tunings"] += 1
@@ -390,7 +441,7 @@ class Dispatcher:
             plan = self.plans.get(sig)
         except (AttributeError, TypeError):
             sig, plan = None, None
-        if plan is not None:
+        if plan is not None and plan.source != "loading":  # an eager stand-in is not baked: the trace waits
             return plan
 
         def tune_on():
@@ -526,7 +577,7 @@ class Dispatcher:
             cands = {}
         neighbour_of = plan.decision.key_id if source == "neighbour" and plan.decision is not None else None
         return Explanation(plan.backend, source, plan.key.fields, cands, plan.problem.describe(), plan.key.id,
-                           plan.decision, dropped, neighbour_of)
+                           plan.decision, dropped, neighbour_of, plan.reasons[0] if plan.reasons else None)
 
 
 def _synthetic(req: Request) -> Request:

@@ -305,7 +305,7 @@ def cmd_warm(args) -> int:
     from .devices import on_cpu, resolve_device
     from .inputs import torch_dtype
     from .shapes import distinct, scale_for_cpu, DTYPE_NAMES
-    from .torchrun import warm_distributed
+    from .torchrun import split, warm_distributed
     from .warm import warm
 
     dtype = torch_dtype(args.dtype) if args.dtype else None
@@ -315,7 +315,7 @@ def cmd_warm(args) -> int:
         shapes = [scale_for_cpu(s) for s in shapes]
     asked = len(shapes)  # what was asked, before problems that are one at this size are merged
     shapes = distinct(shapes, DTYPE_NAMES[args.dtype] if args.dtype else None)
-    mine = shapes if not dist_ctx else shapes[dist_ctx[0]::dist_ctx[1]]
+    mine = shapes if not dist_ctx else split(shapes, dist_ctx[1])[dist_ctx[0]]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, disable=args.no_progress) as progress:
         task = progress.add_task("tuning", total=len(mine))
@@ -397,13 +397,18 @@ def cmd_explain(args) -> int:
     import torch
 
     from ..api import explain
+    from ..backends import loading
     from .devices import resolve_device
     from .inputs import make_inputs
 
     device = resolve_device(args.device)
     q, k, v, kwargs = make_inputs(shape, device, None, args.layout)
-    with torch.no_grad():
-        info = explain(q, k, v, **kwargs)
+    previous = loading.defer()  # a cached decision is reported without importing its package
+    try:
+        with torch.no_grad():
+            info = explain(q, k, v, **kwargs)
+    finally:
+        loading.defer(previous)
     chosen_reason = tie_note(info.decision) if info.decision is not None else None
     if args.json:
         doc = info.as_dict()

@@ -41,7 +41,12 @@ def render_explanation(info, console, chosen_reason: Optional[str] = None) -> No
     if chosen_reason is None and info.decision is not None:
         chosen_reason = tie_note(info.decision)
     device = info.key.get("device", {}).get("name", "?") if isinstance(info.key, dict) else "?"
-    console.print(_escape(f"{info.problem} on {short_device(device)}: {info.backend} ({info.source})"))
+    head = f"{info.problem} on {short_device(device)}: "
+    if info.source == "loading" and info.decision is not None:  # the decision, not this process's stand-in
+        console.print(_escape(head + f"{info.decision.backend} (cache)"))
+        console.print(_escape(f"until {info.decision.backend} has loaded, a process serves these calls with {info.backend}"))
+    else:
+        console.print(_escape(head + f"{info.backend} ({info.source})"))
     if info.neighbour_of:
         console.print(_escape(f"decision of the neighbour key {info.neighbour_of}"))
     table = _table(None, ("backend", "status", "ms", "error", "reason"))

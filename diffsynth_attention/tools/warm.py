@@ -2,6 +2,13 @@
 
 The problem lists are :mod:`.shapes`, the inputs :mod:`.inputs`, the device :mod:`.devices`
 and the torchrun set-up :mod:`.torchrun`.
+
+A problem whose decision is already cached costs its key and one cache lookup: it is keyed on
+meta tensors (no input is allocated, nothing runs) and no kernel package is imported for it, so a
+second ``warm`` costs about the process's start-up. Before the first problem that needs tuning,
+the kernel packages that can serve the problems to tune start loading on background threads
+(:mod:`..backends.loading`), overlapping their imports with the device's start-up and the
+inputs; tuning waits for them before it times anything.
 """
 
 from __future__ import annotations
@@ -17,21 +24,74 @@ from .inputs import make_inputs
 logger = logging.getLogger("diffsynth_attention")
 
 
+def _problem(shape: dict, device: torch.device, dtype, layout: str):
+    """(problem, device info) of ``shape``'s calls on ``device``, validated on meta tensors."""
+    import dataclasses
+
+    from ..backends import device_info
+    from ..problem import prepare
+
+    q, k, v, kw = make_inputs(shape, "meta", dtype, layout)
+    pats = [kw.get(f"{x}_pattern", "b n s d") for x in ("q", "k", "v", "out")]
+    call, *_ = prepare(q, k, v, *pats, kw.get("dims"), None, None, kw["is_causal"], kw.get("window_size"), False,
+                       allow_meta=True)
+    return dataclasses.replace(call.problem, device_type=device.type), device_info(device)
+
+
+def known(shape: dict, device: torch.device, dtype=None, layout: str = "b n s d"):
+    """The :class:`~diffsynth_attention.dispatch.Explanation` of ``shape``'s cached decision
+    (source "cache"), found without inputs or kernel imports; None when the problem would be
+    tuned (no decision, all candidates rejected, or its backend not usable here)."""
+    from ..backends import candidates
+    from ..dispatch import Explanation, default_dispatcher
+    from ..store.cache import all_rejected
+    from ..store.key import make_key
+
+    problem, dev = _problem(shape, device, dtype, layout)
+    usable, _ = candidates(problem, dev)
+    key = make_key(problem, dev, usable)
+    decision = default_dispatcher().store.get(key.id)
+    if decision is None or all_rejected(decision) or decision.backend not in {b.name for b in usable}:
+        return None
+    cands = {n: {"time_ms": c.time_ms, "error": c.error, "reason": c.reason, "status": c.status}
+             for n, c in decision.candidates.items()}
+    return Explanation(decision.backend, "cache", key.fields, cands, problem.describe(), key.id, decision)
+
+
+def _start_loads(shapes: list, device: torch.device, dtype, layout: str) -> None:
+    """Start the background loads of the kernel packages that could serve ``shapes`` (as
+    declared: nothing is imported here)."""
+    from ..backends import candidates, loading
+
+    for shape in shapes:
+        for backend in candidates(*_problem(shape, device, dtype, layout))[0]:
+            if loading.needs_loading(backend):
+                loading.start_loading(backend)
+
+
 def warm(shapes: list, device: torch.device, dtype=None, layout: str = "b n s d", on_done: Optional[Callable] = None) -> list:
     """Tune every problem on ``device``; return [(shape, Explanation)]. Decisions go to the cache.
 
     Runs under ``use_backend("auto")``: ``DIFFSYNTH_ATTENTION_IMPLEMENTATION`` (and any scope of
-    the caller) does not stop it from tuning."""
+    the caller) does not stop it from tuning. A problem already decided is answered from the
+    cache (:func:`known`)."""
     from ..api import explain
 
-    results = []
-    g = torch.Generator(device=device).manual_seed(0)
+    results, loads_started = [], False
+    g = None
     with use_backend("auto"):
         for shape in shapes:
-            q, k, v, kwargs = make_inputs(shape, device, dtype, layout, g)
-            with torch.no_grad():
-                info = explain(q, k, v, **kwargs)
-            del q, k, v
+            info = known(shape, device, dtype, layout)
+            if info is None:
+                if not loads_started:  # the packages load while the inputs are made
+                    loads_started = True
+                    _start_loads(shapes, device, dtype, layout)
+                if g is None:
+                    g = torch.Generator(device=device).manual_seed(0)
+                q, k, v, kwargs = make_inputs(shape, device, dtype, layout, g)
+                with torch.no_grad():
+                    info = explain(q, k, v, **kwargs)
+                del q, k, v
             results.append((shape, info))
             if on_done is not None:
                 on_done(shape, info)

@@ -1,0 +1,221 @@
+"""The loading state of the kernel packages, and their loads on background threads.
+
+A kernel package (FlashAttention-3/4, SageAttention, xFormers) costs from a fraction of a second
+to several seconds to import. A process whose cached decision names one should not wait for
+that before its first result, so a load can run on a background thread:
+
+- :func:`state` is ``"ready"`` (imported, usable; always for PyTorch's own kernels),
+  ``"loading"`` (a background import is under way), ``"failed"`` (installed but unusable, or not
+  installed) or ``"unloaded"``;
+- :func:`start_loading` starts the background import (once per backend; idempotent);
+- :func:`add_listener` registers ``listener(name, state)``, called on the loading thread when a
+  load ends, ready or failed: the dispatcher drops the provisional plans of the keys that waited;
+- :func:`preload` starts the loads of the kernel packages that this machine's cached decisions
+  name (``import diffsynth_attention`` does it on a thread of its own unless
+  ``DIFFSYNTH_ATTENTION_PRELOAD=0``).
+
+A synchronous use of a backend (tuning, ``available_backends()``, a trace under
+``torch.compile``) that meets a background load waits for it (the backend's load lock): the
+package is imported once per process, on whichever thread comes first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import Callable, Iterable, Optional
+
+logger = logging.getLogger("diffsynth_attention")
+
+READY, LOADING, FAILED, UNLOADED = "ready", "loading", "failed", "unloaded"
+DEFERRED = "deferred"  # not loaded, and not to be loaded in the background (see defer())
+PENDING = (LOADING, DEFERRED)  # states in which a decision is served by another backend meanwhile
+
+_lock = threading.Lock()
+_threads: dict = {}  # backend name -> the thread importing it now
+_listeners: list = []  # weak references (WeakMethod or ref) to callables(name, state)
+_preloaded: Optional[list] = None  # the names preload() started, once it ran
+
+
+def needs_loading(backend) -> bool:
+    """Whether ``backend`` has a package to import (PyTorch's own kernels have none)."""
+    return backend.package is not None
+
+
+def state(backend) -> str:
+    """``ready``, ``loading``, ``failed`` or ``unloaded``; imports nothing, takes no lock."""
+    if not needs_loading(backend):
+        return READY
+    if backend._loaded:
+        return READY if backend._unavailable is None and backend._machine_reason() is None else FAILED
+    if backend.name in _threads:
+        return LOADING
+    if backend.declared_reason() is not None:  # not installed, or not for this machine: nothing to load
+        return FAILED
+    return UNLOADED
+
+
+def is_ready(backend) -> bool:
+    return state(backend) == READY
+
+
+def add_listener(listener: Callable) -> None:
+    """Call ``listener(name, state)`` when a background load ends. Held weakly (a bound method
+    of a dispatcher does not keep the dispatcher alive)."""
+    ref = weakref.WeakMethod(listener) if hasattr(listener, "__self__") else weakref.ref(listener)
+    with _lock:
+        _listeners.append(ref)
+
+
+def _notify(name: str, result: str) -> None:
+    with _lock:
+        alive = [r for r in _listeners if r() is not None]
+        _listeners[:] = alive
+    for ref in alive:
+        fn = ref()
+        if fn is None:
+            continue
+        try:
+            fn(name, result)
+        except Exception:  # a listener never breaks the load or the other listeners
+            logger.debug("a load listener for %s failed", name, exc_info=True)
+
+
+def _load(backend) -> None:
+    name = backend.name
+    result = FAILED
+    try:
+        reason = backend.unavailable_reason()  # the import, under the backend's load lock
+        result = READY if reason is None else FAILED
+        if reason is None:
+            logger.info("backend %s loaded on a background thread", name)
+        else:
+            logger.info("backend %s did not load: %s", name, reason)
+    except BaseException:  # never escapes the thread
+        logger.debug("loading backend %s failed", name, exc_info=True)
+    finally:
+        with _lock:
+            _threads.pop(name, None)
+        _notify(name, result)
+
+
+_deferred = False
+
+
+def defer(on: bool = True) -> bool:
+    """Start no background loads (``on``) or start them again (the command line's ``explain``:
+    a cached decision is reported without importing its package, which the command would never
+    call). :func:`start_loading` then answers ``deferred``; a synchronous use still imports.
+    Returns the previous setting."""
+    global _deferred
+    previous, _deferred = _deferred, on
+    return previous
+
+
+def start_loading(backend) -> str:
+    """Start importing ``backend``'s package on a background thread unless it is loaded, being
+    loaded or cannot load here. Returns the state after the call (``deferred`` after
+    :func:`defer`)."""
+    current = state(backend)
+    if current != UNLOADED:
+        return current
+    if _deferred:
+        return DEFERRED
+    with _lock:
+        if backend.name in _threads or backend._loaded:
+            return state(backend)
+        thread = threading.Thread(target=_load, args=(backend,), name=f"diffsynth-attention-load-{backend.name}",
+                                  daemon=True)
+        thread.backend = backend
+        _threads[backend.name] = thread
+    thread.start()
+    return LOADING
+
+
+def wait(backend, timeout: Optional[float] = None) -> str:
+    """Wait until ``backend``'s background load (if any) ends; returns its state."""
+    thread = _threads.get(backend.name)
+    if thread is not None:
+        thread.join(timeout)
+    return state(backend)
+
+
+def wait_all(timeout: Optional[float] = None) -> None:
+    """Wait for every background load under way (tuning calls it before timing anything: an
+    import running meanwhile would hold the interpreter and slow the timed calls' launches)."""
+    for thread in list(_threads.values()):
+        thread.join(timeout)
+
+
+def _after_fork_in_child() -> None:
+    """A fork while a package loads leaves the child without the loading thread, with that
+    backend's load lock (and the package's half-imported modules) held by a thread that does not
+    exist there: the backend becomes unavailable in the child, with the reason, instead of
+    waiting forever. The parent is untouched."""
+    global _lock
+    _lock = threading.Lock()
+    interrupted = [thread for thread in _threads.values()]
+    _threads.clear()
+    for thread in interrupted:
+        backend = getattr(thread, "backend", None)
+        if backend is None:
+            continue
+        backend._load_lock = threading.RLock()
+        backend._unavailable = "its package was loading on a background thread when this process was forked"
+        backend._loaded = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def decided_packages(decisions: Iterable, registry: dict) -> list:
+    """The kernel-package backends that ``decisions`` name and that can load on this machine:
+    installed (per metadata), runnable here, and decided with the installed version. Where CUDA
+    is already initialised, only decisions for this machine's GPU models count (the test does
+    not initialise CUDA itself: that would break a caller that forks later)."""
+    gpu_names = None
+    try:
+        import torch
+
+        if torch.cuda.is_initialized():
+            gpu_names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+    except Exception:
+        gpu_names = None
+    names = []
+    for decision in decisions:
+        backend = registry.get(decision.backend)
+        if backend is None or not needs_loading(backend) or backend.name in names:
+            continue
+        try:
+            device = decision.key.get("device", {})
+            version = decision.key.get("versions", {}).get(backend.package)
+        except AttributeError:  # a foreign entry
+            continue
+        if backend.declared_reason() is not None or backend.declared_version() != version:
+            continue
+        if gpu_names is not None and device.get("type") == "cuda" and device.get("name") not in gpu_names:
+            continue
+        names.append(backend.name)
+    return names
+
+
+def preload(decisions: Iterable, registry: Optional[dict] = None) -> list:
+    """Start loading every kernel package that ``decisions`` name on this machine (once per
+    process). Returns the backend names whose loads were started or found under way."""
+    global _preloaded
+    if registry is None:
+        from . import REGISTRY as registry
+    with _lock:
+        if _preloaded is not None:
+            return list(_preloaded)
+        _preloaded = []
+    names = decided_packages(decisions, registry)
+    for name in names:
+        if start_loading(registry[name]) in (LOADING, READY):
+            _preloaded.append(name)
+    if names:
+        logger.info("loading %s on background threads (cached decisions name them)", ", ".join(names))
+    return list(_preloaded)
