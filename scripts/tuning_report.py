@@ -3,12 +3,16 @@
 
 Sub-commands (each writes ``benchmarks/results/<device>-<date>-tuning-<kind>.{json,md}``):
 
-- ``repeat --n N`` (issue 14): tunes every problem in N fresh processes, each with an empty cache
-  folder of its own, then times every backend any of them decided (and every other timed
-  candidate) directly, interleaved, in one process. Per problem: how often the decisions agree
-  (a decision whose backend is within ``TIE_CAP`` (3%) of the most frequent one's counts as
-  agreeing: a tie), and how far the worst decision is from the best backend (target <= 1.03).
-  ``scripts/benchmark.py --repeat-tuning N`` runs the same.
+- ``repeat --n N`` (issues 14 and 21): tunes every problem in N fresh processes, each with an
+  empty cache folder of its own. Then, in one process, every backend that can serve the problem
+  here is timed directly: installed, declared capable, predicted to fit in the free memory and
+  passing the numeric gate on the same inputs (one the tuner skipped on its cost model is timed
+  too: a wrong skip shows). Per problem: how often the decisions agree (a decision within the tie
+  cap, 3%, of the most frequent one's time counts as agreeing), and the worst decision over the
+  best backend timed directly (target <= 1.03). Adds the problems the suite lacks
+  (``REPEAT_EXTRA``: head dims 80 and 96, an odd length, fp16, grouped-query causal, a batch of 64
+  short sequences, one query token; on a CPU cut to CPU size, plus the issue's (1, 3, 41, 16)
+  fp32) unless ``--no-extra``.
 - ``cost`` (issue 15, items 1-2): per problem, the tuning cost (total, compile, the rest against
   the budget ``max(DIFFSYNTH_ATTENTION_TUNING_BUDGET, 15x the fastest time)``), every candidate's
   prediction, and the skipped ones; then the same problem tuned again with skipping off, to
@@ -50,6 +54,28 @@ OFFSETS = (-0.40, -0.15, -0.05, 0.05, 0.15, 0.40)
 EXTRA = [{"name": "wan14b_720p_self", "model": "Wan2.1 14B, 1280x720, 81 frames", "batch": 1, "heads_q": 40, "heads_kv": 40,
           "seq_q": 75600, "seq_kv": 75600, "head_dim": 128, "causal": False, "dtype": "bfloat16"}]
 
+# `repeat` (issue 21): problems the suite (diffsynth_attention/data/diffsynth_shapes.json) lacks; layout b n s d.
+REPEAT_EXTRA = [
+    {"name": "hd80_sd15_1024", "model": "head dim 80: SD 1.5 at 1024x1024, second UNet level (640 channels / 8 heads)",
+     "batch": 2, "heads_q": 8, "heads_kv": 8, "seq_q": 4096, "seq_kv": 4096, "head_dim": 80, "causal": False,
+     "dtype": "float16"},
+    {"name": "hd96_4096", "model": "head dim 96: the issue's problem (1x16 heads, 4,096 tokens)", "batch": 1,
+     "heads_q": 16, "heads_kv": 16, "seq_q": 4096, "seq_kv": 4096, "head_dim": 96, "causal": False, "dtype": "bfloat16"},
+    {"name": "odd_4097", "model": "an odd length: 4,097 tokens (4,096 image + 1)", "batch": 1, "heads_q": 24,
+     "heads_kv": 24, "seq_q": 4097, "seq_kv": 4097, "head_dim": 128, "causal": False, "dtype": "bfloat16"},
+    {"name": "flux_1024_fp16", "model": "FLUX.1 1024x1024 in fp16", "batch": 1, "heads_q": 24, "heads_kv": 24,
+     "seq_q": 4608, "seq_kv": 4608, "head_dim": 128, "causal": False, "dtype": "float16"},
+    {"name": "gqa_causal_qwen7b", "model": "grouped-query causal: Qwen2.5-7B text encoder (28 q / 4 kv heads), 2k tokens",
+     "batch": 1, "heads_q": 28, "heads_kv": 4, "seq_q": 2048, "seq_kv": 2048, "head_dim": 128, "causal": True,
+     "dtype": "bfloat16"},
+    {"name": "batch64_short", "model": "a batch of 64 short sequences (CLIP-like text encoder, 77 tokens)", "batch": 64,
+     "heads_q": 12, "heads_kv": 12, "seq_q": 77, "seq_kv": 77, "head_dim": 64, "causal": False, "dtype": "bfloat16"},
+    {"name": "tiny_1tok", "model": "one query token over 4,096 keys", "batch": 1, "heads_q": 16, "heads_kv": 16,
+     "seq_q": 1, "seq_kv": 4096, "head_dim": 128, "causal": False, "dtype": "bfloat16"},
+]
+REPEAT_CPU_EXTRA = [{"name": "issue21_cpu", "model": "the issue's CPU problem: randn(1, 3, 41, 16) fp32", "batch": 1, "heads_q": 3,
+              "heads_kv": 3, "seq_q": 41, "seq_kv": 41, "head_dim": 16, "causal": False, "dtype": "float32"}]
+
 
 # -- shared helpers ------------------------------------------------------------------------------------
 def _torch():
@@ -74,6 +100,8 @@ def problems(args) -> list:
         shapes = select_presets(args.preset or (["cpu"] if args.device == "cpu" else ["all"]))
     if getattr(args, "extra", False):
         shapes = shapes + EXTRA
+    if getattr(args, "cmd", None) == "repeat" and not args.no_extra:  # the problems the suite lacks (issue 21)
+        shapes = shapes + extra_problems(_torch().device(args.device))
     if args.only:
         wanted = set(args.only.split(","))
         shapes = [s for s in shapes if s["name"] in wanted or s["name"].split("@")[0] in wanted]
@@ -90,15 +118,16 @@ def fmt(x, spec: str = ".4g") -> str:
 
 
 def sync(device) -> None:
-    if device.type == "cuda":
-        _torch().cuda.synchronize(device)
+    from diffsynth_attention.tools.bench import sync as run
+
+    run(device)
 
 
-def fresh_dispatcher():
+def fresh_dispatcher(policy=None):
     from diffsynth_attention.dispatch import Dispatcher
     from diffsynth_attention.store.cache import DecisionCache
 
-    return Dispatcher(DecisionCache(tempfile.mkdtemp(prefix="da-tuning-report-")))
+    return Dispatcher(DecisionCache(tempfile.mkdtemp(prefix="da-tuning-report-")), policy=policy)
 
 
 def inputs(shape, device, seed=0):
@@ -152,14 +181,9 @@ def write(result: dict, lines: list, out_dir: Path, stem: str) -> tuple:
 
 
 def environment(device) -> dict:
-    torch = _torch()
-    import diffsynth_attention as da
-    from diffsynth_attention.backends import REGISTRY
+    from diffsynth_attention.tools.bench import environment as env
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_label(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "diffsynth_attention": da.__version__,
-            "packages": {b.package: b.declared_version() for b in REGISTRY.values() if b.package}}
+    return env(device)
 
 
 def child_env(cache_dir: str) -> dict:
@@ -256,9 +280,65 @@ def child_first_result(args) -> dict:
             "kernel_modules_imported": kernel_modules, "stats": da.stats()}
 
 
-# -- repeat (issue 14, item 2) -------------------------------------------------------------------------------
+# -- repeat (issue 14 item 2, issue 21 item 6) ---------------------------------------------------------------
+def extra_problems(device) -> list:
+    """REPEAT_EXTRA (cut to CPU size on a CPU, plus REPEAT_CPU_EXTRA)."""
+    if device.type != "cpu":
+        return [dict(s) for s in REPEAT_EXTRA]
+    from diffsynth_attention.tools.shapes import scale_for_cpu
+
+    return [dict(s) for s in REPEAT_CPU_EXTRA] + [scale_for_cpu(s) for s in REPEAT_EXTRA]
+
+
+def servable(shape, q, k, v, kw, device) -> tuple:
+    """({name: fn} every backend that can serve the problem here and passes the gate on these
+    inputs, {name: why not} for the others)."""
+    torch = _torch()
+    from diffsynth_attention.backends import REGISTRY, device_info
+    from diffsynth_attention.problem import prepare
+    from diffsynth_attention.tuning.policy import DEFAULT_POLICY
+    from diffsynth_attention.tuning.reference import gate_heads, reference_slice, relative_l1
+    from diffsynth_attention.tuning.trial import free_memory
+
+    causal, window = kw.get("is_causal", False), kw.get("window_size")
+    call, *_ = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, causal, window, False)
+    problem, dev = call.problem, device_info(device)
+    tolerance = DEFAULT_POLICY.tolerance(problem.dtype_name, device.type)
+    heads = gate_heads(problem.heads_q)
+    with torch.no_grad():
+        ref = reference_slice(q, k, v, None, None, causal, window, heads)
+    free = free_memory(device)
+    methods, why = {}, {}
+    for name, backend in REGISTRY.items():
+        reasons = backend.not_supported_reasons(problem, dev)
+        if reasons:
+            why[name] = "; ".join(reasons)
+            continue
+        if free is not None and backend.predicted_bytes(problem) > free:
+            why[name] = "predicted not to fit in the free memory"
+            continue
+        fn = runner(name, q, k, v, kw)
+        if fn is None:
+            why[name] = backend.unavailable_reason() or "unavailable"
+            continue
+        try:
+            with torch.no_grad():
+                error = relative_l1(fn()[0, heads], ref)
+        except Exception as exc:  # an out-of-memory error, a kernel that refuses the shape
+            why[name] = f"raised {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        if not error <= tolerance:
+            why[name] = f"error {error:.3g} above tolerance {tolerance:g}"
+            continue
+        methods[name] = fn
+    return methods, why
+
+
 def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15, stem=None) -> dict:
-    from diffsynth_attention.tuning import tuner
+    from diffsynth_attention.tuning.policy import DEFAULT_POLICY
 
     torch = _torch()
     path = shapes_file(shapes)
@@ -271,60 +351,66 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
     rows = []
     for j, shape in enumerate(shapes):
         decided = [r["problems"][j]["backend"] for r in runs]
-        timed = set(decided)
-        for r in runs:
-            timed |= {name for name, c in r["problems"][j].get("candidates", {}).items()
-                      if c["status"] in ("chosen", "accepted", "slower")}
         q, k, v, kw = inputs(shape, device)
-        methods = {name: fn for name in sorted(timed) if (fn := runner(name, q, k, v, kw)) is not None}
+        methods, not_timed = servable(shape, q, k, v, kw, device)
+        for name in set(decided) - set(methods):  # a decision this process cannot reproduce: time it anyway
+            fn = runner(name, q, k, v, kw)
+            if fn is not None:
+                methods[name] = fn
         times = interleaved(methods, device, samples)
         del q, k, v, methods
         if device.type == "cuda":
             torch.cuda.empty_cache()
         best = min(times, key=times.get)
         mode = max(set(decided), key=lambda b: (decided.count(b), -times.get(b, float("inf"))))
-        agree = sum(1 for d in decided if d == mode or times.get(d, float("inf")) <= times[mode] * (1 + tuner.TIE_CAP))
+        tie = DEFAULT_POLICY.tie_cap
+        agree = sum(1 for d in decided if d == mode or times.get(d, float("inf")) <= times.get(mode, float("inf")) * (1 + tie))
         worst = max(times.get(d, float("inf")) for d in decided)
-        rows.append({"name": shape["name"], "decisions": decided, "counts": {b: decided.count(b) for b in sorted(set(decided))},
-                     "mode": mode, "agree": agree, "runs": n, "times_ms": times, "best": best, "best_ms": times[best],
-                     "worst_vs_best": worst / times[best],
+        rows.append({"name": shape["name"], "problem": {k_: shape[k_] for k_ in shape if k_ != "name"},
+                     "decisions": decided, "counts": {b: decided.count(b) for b in sorted(set(decided))},
+                     "mode": mode, "agree": agree, "runs": n, "times_ms": times, "not_timed": not_timed, "best": best,
+                     "best_ms": times[best], "worst_vs_best": worst / times[best],
                      "tuning_seconds": [r["problems"][j].get("tuning_seconds") for r in runs],
-                     "compile_seconds": [r["problems"][j].get("compile_seconds") for r in runs]})
+                     "compile_seconds": [r["problems"][j].get("compile_seconds") for r in runs],
+                     "candidates": [r["problems"][j].get("candidates", {}) for r in runs]})
+    return write_repeat(rows, device, n, samples, out_dir, stem)
+
+
+def write_repeat(rows: list, device, n: int, samples: int, out_dir: Path, stem=None) -> dict:
+    extra = {s["name"] for s in REPEAT_EXTRA + REPEAT_CPU_EXTRA} | {s["name"] + "@cpu" for s in REPEAT_EXTRA}
     result = {"environment": environment(device), "kind": "repeat-tuning", "runs": n, "samples": samples, "problems": rows,
-              "target": "worst of the fresh decisions within 3% of the best backend, on every problem",
-              "met": all(r["worst_vs_best"] <= 1.03 for r in rows)}
-    lines = [f"# Repeatability of tuning: {result['environment']['device']}", "",
-             f"{result['environment']['date']}; {n} fresh processes, each with an empty cache; every backend timed "
-             f"directly afterwards, interleaved, median of {samples} samples (ms). A decision within 3% of the most "
-             "frequent one counts as agreeing (a tie).", "",
-             "| problem | decisions (count) | agree | best backend (ms) | worst decision / best |", "|---|---|---|---|---|"]
+              "target": "worst of the fresh decisions within 3% of the best backend timed directly, on every problem",
+              "met": all(r["worst_vs_best"] <= 1.03 for r in rows),
+              "agree_all": sum(r["agree"] == r["runs"] for r in rows)}
+    env = result["environment"]
+    lines = [f"# Repeatability of tuning: {env['device']}", "",
+             f"{env['date']}; torch {env['torch']}; {n} fresh processes, each with an empty cache; then every backend that "
+             f"can serve the problem and passes the gate timed directly, interleaved, median of {samples} samples (ms). "
+             "A decision within 3% of the most frequent one counts as agreeing (a tie). Problems marked + are not in the "
+             "shape suite.", "",
+             "| problem | decisions (count, ms) | agree | best backend (ms) | worst decision / best |", "|---|---|---|---|---|"]
     for r in rows:
         counts = ", ".join(f"{b} x{c} ({r['times_ms'].get(b, float('nan')):.4f})" for b, c in r["counts"].items())
-        lines.append(f"| {r['name']} | {counts} | {r['agree']}/{r['runs']} | {r['best']} ({r['best_ms']:.4f}) | "
-                     f"{'**' if r['worst_vs_best'] > 1.03 else ''}{r['worst_vs_best']:.3f}{'**' if r['worst_vs_best'] > 1.03 else ''} |")
-    lines += ["", f"Target (worst of {n} within 3% of the best on every problem): {'met' if result['met'] else '**not met**'}."]
-    write(result, lines, out_dir, stem or f"{device_label(device)}-{datetime.date.today().isoformat()}-tuning-repeat")
+        flag = "**" if r["worst_vs_best"] > 1.03 else ""
+        mark = " +" if r["name"] in extra else ""
+        lines.append(f"| {r['name']}{mark} | {counts} | {r['agree']}/{r['runs']} | {r['best']} ({r['best_ms']:.4f}) | "
+                     f"{flag}{r['worst_vs_best']:.3f}{flag} |")
+    lines += ["", f"Target (worst of {n} within 3% of the best on every problem): {'met' if result['met'] else '**not met**'}; "
+              f"{result['agree_all']} of {len(rows)} problems agree {n}/{n}.", "", "## Every backend timed directly (ms)", ""]
+    for r in rows:
+        timed = ", ".join(f"{b} {t:.4f}" for b, t in sorted(r["times_ms"].items(), key=lambda x: x[1]))
+        lines.append(f"- {r['name']}: {timed}")
+    stem = stem or f"{device_label(device)}-{datetime.date.today().isoformat()}-tuning-repeat"
+    write(result, lines, out_dir, stem)
     return result
-
-
-def repeat_from_benchmark(args) -> dict:
-    """``scripts/benchmark.py --repeat-tuning N``: its problem selection (--shapes, --preset, --only,
-    --device, --out, --tag), tuned in N fresh processes."""
-    torch = _torch()
-    ns = argparse.Namespace(shapes=args.shapes, preset=args.preset, only=args.only, device=args.device, extra=False,
-                            max_seq=None, max_heads=None)
-    device = torch.device(args.device)
-    stem = f"{args.tag}-tuning-repeat" if args.tag else None
-    return repeat_tuning(problems(ns), device, args.repeat_tuning, Path(args.out), max(args.samples, 5), stem)
 
 
 # -- cost (issue 15, items 1-2) ---------------------------------------------------------------------------------
 def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=None) -> dict:
-    from diffsynth_attention import config
-    from diffsynth_attention.tuning import tuner
+    from diffsynth_attention.tuning.policy import DEFAULT_POLICY
 
     torch = _torch()
-    floor = config.tuning_budget()
+    floor = DEFAULT_POLICY.budget_floor()
     rows = []
     for shape in shapes:
         q, k, v, kw = inputs(shape, device)
@@ -332,18 +418,14 @@ def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=
             info = fresh_dispatcher().explain(q, k, v, **kw)
         d = decision_summary(info)
         timed = [c["time_ms"] for c in d["candidates"].values() if c["time_ms"] is not None]
-        limit = tuner.tuning_limit(floor, min(timed) if timed else None)
+        limit = DEFAULT_POLICY.limit(floor, min(timed) if timed else None)
         excl = d["tuning_seconds"] - d["compile_seconds"]
         row = {"name": shape["name"], "problem": info.problem, "decision": d, "limit_s": limit, "excl_compile_s": excl,
                "within_budget": excl <= limit,
                "skipped": {n: c for n, c in d["candidates"].items() if c["status"] == "skipped"}}
         if compare:
-            tuner.EARLY_SKIP = False
-            try:
-                with torch.no_grad():
-                    info2 = fresh_dispatcher().explain(q, k, v, **kw)
-            finally:
-                tuner.EARLY_SKIP = True
+            with torch.no_grad():
+                info2 = fresh_dispatcher(DEFAULT_POLICY.replace(early_skip=False)).explain(q, k, v, **kw)
             d2 = decision_summary(info2)
             row["no_skip"] = d2
             winner_ms = d2["candidates"].get(d2["backend"], {}).get("time_ms")
@@ -552,6 +634,7 @@ def main(argv=None) -> int:
     add_problem_args(p)
     p.add_argument("--n", type=int, default=5)
     p.add_argument("--samples", type=int, default=15)
+    p.add_argument("--no-extra", action="store_true", help="leave out the problems the suite lacks (REPEAT_EXTRA)")
     p = sub.add_parser("cost", help="tuning cost per problem, skipped candidates and their predictions")
     add_problem_args(p)
     p.add_argument("--no-compare", action="store_true", help="skip the second tuning with skipping off")

@@ -113,25 +113,25 @@ def test_tolerance_is_configurable(monkeypatch):
 
 
 def test_slow_candidate_is_not_retimed_and_fast_one_wins(monkeypatch):
-    from virtual import VirtualClock, only
+    from virtual import tune_virtual
 
-    fakes = only(monkeypatch, VirtualClock(), torch={"cost": 1.0}, flash_attention_2={"cost": 10.0}, flash_attention_4={"cost": 0.5})
     q, k, v = qkv(sq=16, d=8)
-    info = da.explain(q, k, v)
+    info, fakes, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0}, flash_attention_2={"cost": 10.0},
+                                  flash_attention_4={"cost": 0.5})
     slow = info.candidates["flash_attention_2"]
     assert slow["status"] == "slower" and "not re-timed" in slow["reason"]
-    assert fakes["flash_attention_2"].calls <= 3  # gate run + probe: never in the rounds
+    assert fakes["flash_attention_2"].calls == 4  # gate run, two warm-up samples, one second look: never in the rounds
     assert info.backend == "flash_attention_4"
 
 
 def test_near_tie_goes_to_the_preferred_backend(monkeypatch):
-    from diffsynth_attention.tuning import tuner
-    from virtual import VirtualClock, only
+    from virtual import VirtualClock, tune_virtual, virtual_policy
 
-    monkeypatch.setattr(tuner, "TIE", 10.0)  # everything in the rounds is a tie: the preference order must decide
-    only(monkeypatch, VirtualClock(), torch={"cost": 1.4}, torch_flash={"cost": 1.0}, torch_math={"cost": 1.2})
+    policy = virtual_policy(VirtualClock(), tie_floor=10.0, tie_cap=10.0)  # every candidate in the rounds is a tie
     q, k, v = qkv()
-    assert da.explain(q, k, v).backend == "torch"
+    info, _, _ = tune_virtual(monkeypatch, q, k, v, policy=policy, torch={"cost": 1.4}, torch_flash={"cost": 1.0},
+                              torch_math={"cost": 1.2})
+    assert info.backend == "torch"
 
 
 def test_tuning_off_uses_known_decision_or_torch(monkeypatch):
@@ -157,9 +157,6 @@ def test_the_call_that_tunes_returns_a_correct_result(monkeypatch):
 
 def test_runtime_failure_in_auto_drops_backend_for_that_key(monkeypatch, caplog):
     fakes = install(monkeypatch, flash_attention_4="fast")
-    from diffsynth_attention.tuning import tuner
-
-    monkeypatch.setattr(tuner, "TIE", 0.0)
     q, k, v = qkv()
     # force the decision to the fake, then make it fail at run time
     info = da.explain(q, k, v)

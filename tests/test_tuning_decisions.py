@@ -1,29 +1,25 @@
 """Issue 14 (items 1 and 5) and issue 15 (items 1 and 2): decisions from comparable
 measurements, ties, cost-model skips and the budget. Every fake spends *virtual* time (see
 virtual.py): what these tests assert does not depend on the machine's speed or load."""
-import tempfile
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import diffsynth_attention as da
 from diffsynth_attention.backends import PREFERENCE, REGISTRY, DeviceInfo
 from diffsynth_attention.problem import Problem
 from diffsynth_attention.tuning import tuner
+from diffsynth_attention.tuning.policy import DEFAULT_POLICY, TuningPolicy
 
 from helpers import qkv
-from virtual import VirtualClock, only
+from virtual import VirtualClock, dispatcher, only, tune_virtual, virtual_policy
 
 H200 = DeviceInfo("cuda", "NVIDIA H200", (9, 0), 132)
 
 
-def tune_with(monkeypatch, budget=5.0, sq=32, **fakes):
-    clock = VirtualClock()
-    made = only(monkeypatch, clock, budget=budget, **fakes)
+def tune_with(monkeypatch, budget=5.0, sq=32, policy=None, **fakes):
     q, k, v = qkv(sq=sq)
-    info = da.explain(q, k, v)
+    info, made, _ = tune_virtual(monkeypatch, q, k, v, budget=budget, policy=policy, **fakes)
     return info, made
 
 
@@ -37,7 +33,8 @@ def test_every_candidate_within_1_5x_of_the_first_pass_is_retimed_in_the_rounds(
         assert c[name]["status"] == "accepted" and "interleaved rounds" in c[name]["reason"]
     assert c["torch_math"]["status"] == "slower" and "not re-timed" in c["torch_math"]["reason"]
     reps = {n: cand.reps for n, cand in info.decision.candidates.items()}
-    assert reps["torch_flash"] > 1 + 2 * tuner.MIN_ROUNDS and reps["torch_math"] <= 1 + 2 + 1
+    assert reps["torch_flash"] > 1 + 2 * DEFAULT_POLICY.min_rounds
+    assert reps["torch_math"] == 1 + 2 + 1  # the gate, two warm samples that agree, one second look
 
 
 def test_the_decision_compares_only_numbers_from_the_rounds(monkeypatch):
@@ -71,9 +68,10 @@ def test_no_tie_beyond_the_noise_floor(monkeypatch):
 
 
 def test_the_tie_threshold_follows_the_measured_noise_between_floor_and_cap():
-    assert tuner.tie_threshold(None, None) == tuner.TIE
-    assert tuner.tie_threshold(0.025, 0.001) == pytest.approx(0.025)
-    assert tuner.tie_threshold(0.5, None) == tuner.TIE_CAP
+    p = DEFAULT_POLICY
+    assert p.tie_threshold(None, None) == p.tie_floor == 0.02
+    assert p.tie_threshold(0.025, 0.001) == pytest.approx(0.025)
+    assert p.tie_threshold(0.5, None) == p.tie_cap == 0.03
     assert tuner.relative_spread([1.0, 1.0, 1.0]) is None
     assert tuner.relative_spread([1.0, 1.1, 1.0, 0.9, 1.0]) == pytest.approx(0.0)
     assert tuner.relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2.0 / 3.0)
@@ -90,11 +88,10 @@ def test_noisy_timings_never_prefer_a_candidate_3pct_slower_than_another(base, r
     # The preferred backends are the slower ones, by 0-12%: only the tie rule can pick them.
     with pytest.MonkeyPatch.context() as mp:
         clock = VirtualClock()
-        only(mp, clock, budget=1.0, torch={"cost": base * ra * rb, "noise": noise, "seed": seed},
+        only(mp, clock, torch={"cost": base * ra * rb, "noise": noise, "seed": seed},
              torch_flash={"cost": base * rb, "noise": noise, "seed": seed}, torch_math={"cost": base, "noise": noise, "seed": seed})
-        disp = da.Dispatcher(da.DecisionCache(tempfile.mkdtemp(prefix="da-hyp-")))
         q, k, v = qkv(sq=16)
-        decision = disp.explain(q, k, v).decision
+        decision = dispatcher(virtual_policy(clock, budget=1.0)).explain(q, k, v).decision
     chosen = decision.candidates[decision.backend]
     compared = [cand for cand in decision.candidates.values() if cand.status == "accepted"]
     if noise <= 0.1:  # first passes within 1.5x of each other: all of them in the rounds (not a vacuous check)
@@ -129,9 +126,8 @@ def test_a_skip_does_not_hold_when_the_best_prediction_fails_the_gate(monkeypatc
 
 
 def test_no_skips_when_early_skip_is_off(monkeypatch):
-    monkeypatch.setattr(tuner, "EARLY_SKIP", False)
-    info, made = tune_with(monkeypatch, torch={"cost": 1.0, "predicted_ms": 1.0}, torch_math={"cost": 0.5, "predicted_ms": 9.0,
-                                                                                             "predicted_bytes": 1 << 62})
+    info, made = tune_with(monkeypatch, policy=TuningPolicy(budget_s=5.0, early_skip=False), torch={"cost": 1.0, "predicted_ms": 1.0},
+                           torch_math={"cost": 0.5, "predicted_ms": 9.0, "predicted_bytes": 1 << 62})
     assert made["torch_math"].calls > 0 and info.backend == "torch_math"
 
 
@@ -157,10 +153,10 @@ def test_cost_models_never_skip_the_measured_winner_on_the_h200_table(shape, mea
     preds = {n: REGISTRY[n].predicted_ms(p, H200) for n in names}
     best_pred = min(preds.values())
     winner = min(measured, key=measured.get)
-    assert preds[winner] <= tuner.SKIP_FACTOR * best_pred
+    assert preds[winner] <= DEFAULT_POLICY.skip_factor * best_pred
     for name, ms in measured.items():  # generous: anything within 2x of the winner is never skipped
         if ms <= 2 * measured[winner]:
-            assert preds[name] <= tuner.SKIP_FACTOR * best_pred, (name, preds)
+            assert preds[name] <= DEFAULT_POLICY.skip_factor * best_pred, (name, preds)
 
 
 def test_torch_math_memory_model_matches_the_851_gib_allocation():
@@ -186,22 +182,9 @@ def test_tuning_time_excluding_compilation_stays_within_the_documented_rule(monk
     assert d.compile_seconds > 0
 
 
-def test_the_budget_floor_reads_the_environment(monkeypatch):
-    assert tuner.tuning_limit(1.5, 10.0) == 1.5
-    assert tuner.tuning_limit(1.5, 200.0) == pytest.approx(3.0)
+def test_the_budget_floor_reads_the_environment_unless_the_policy_sets_one(monkeypatch):
+    assert DEFAULT_POLICY.limit(1.5, 10.0) == 1.5
+    assert DEFAULT_POLICY.limit(1.5, 200.0) == pytest.approx(3.0)
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_TUNING_BUDGET", "0.7")
-    from diffsynth_attention import config
-
-    assert config.tuning_budget() == 0.7
-
-
-def test_long_calls_use_the_untimed_call_as_their_first_pass(monkeypatch):
-    info, made = tune_with(monkeypatch, budget=0.1, torch={"cost": 50.0, "predicted_ms": 50.0},
-                           torch_flash={"cost": 60.0, "predicted_ms": 60.0}, torch_math={"cost": 120.0, "predicted_ms": 130.0})
-    c = info.decision.candidates
-    assert made["torch_math"].calls == 1 and c["torch_math"].status == "slower"
-    assert "prediction 130 ms is more than 2.5x" in c["torch_math"].reason
-    rounds = c["torch_flash"].reps - 1
-    assert rounds >= 1 and made["torch_flash"].calls == 1 + rounds  # the gate call, then only the rounds
-    assert made["torch"].calls == 2 + rounds and c["torch"].reps == made["torch"].calls  # the first one is probed
-    assert info.backend == "torch"
+    assert DEFAULT_POLICY.budget_floor() == 0.7
+    assert TuningPolicy(budget_s=2.0).budget_floor() == 2.0

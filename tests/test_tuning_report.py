@@ -37,12 +37,31 @@ def test_cost_reports_budget_predictions_and_skip_checks(out):
     assert r["wrong_skips"] == []
 
 
-def test_repeat_tunes_in_fresh_processes_and_times_the_decisions(out):
-    tuning_report.main(["repeat", *TINY, "--n", "2", "--samples", "3", "--out", str(out)])
+def test_repeat_tunes_in_fresh_processes_and_times_every_backend_directly(out):
+    assert len(tuning_report.REPEAT_EXTRA) >= 6
+    only = "seed_example,issue21_cpu,hd96_4096,gqa_causal_qwen7b"
+    tuning_report.main(["repeat", "--device", "cpu", "--max-seq", "24", "--max-heads", "2", "--only", only, "--n", "2",
+                        "--samples", "3", "--out", str(out)])
     r = result(out, "repeat")
+    assert [p["name"] for p in r["problems"]] == ["seed_example@cpu", "issue21_cpu", "hd96_4096@cpu", "gqa_causal_qwen7b@cpu"]
     for p in r["problems"]:
         assert len(p["decisions"]) == 2 and 1 <= p["agree"] <= 2 and p["worst_vs_best"] >= 1.0
-        assert set(p["decisions"]) <= set(p["times_ms"])
+        assert set(p["times_ms"]) == {"torch", "torch_flash", "torch_math"}  # every CPU backend, not only the decided
+        assert "cuda" in p["not_timed"]["torch_cudnn"].lower()
+    assert r["problems"][1]["problem"]["dtype"] == "float32"
+    md = next(out.glob("*-tuning-repeat.md")).read_text()
+    assert "| issue21_cpu + |" in md and "Every backend timed directly" in md
+
+
+def test_the_extra_problems_cover_what_the_suite_lacks():
+    from diffsynth_attention.tools.shapes import builtin_shapes
+
+    suite, extra = builtin_shapes(), tuning_report.REPEAT_EXTRA
+    assert not {s["name"] for s in extra} & {s["name"] for s in suite}
+    assert {80, 96} <= {s["head_dim"] for s in extra} - {s["head_dim"] for s in suite}
+    assert any(s["seq_q"] % 2 for s in extra) and any(s["dtype"] == "float16" and s["head_dim"] == 128 for s in extra)
+    assert any(s["causal"] and s["heads_kv"] < s["heads_q"] for s in extra)
+    assert any(s["batch"] >= 64 and s["seq_q"] <= 512 for s in extra)
 
 
 def test_first_call_and_neighbours(out):

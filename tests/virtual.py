@@ -1,15 +1,18 @@
 """A virtual clock for the tuner, and fake backends that spend virtual time.
 
-The tuner reads ``time.perf_counter`` for its budget and the CPU :class:`Timer` for its samples;
-both are pointed at one :class:`VirtualClock`, which only the fake backends advance. Timings,
-noise included, are then a deterministic function of the fakes' cost schedules and seeds:
-tests assert on decisions without depending on this machine's speed or load.
+The tuner reads its :class:`TuningPolicy`'s ``clock`` for the budget and for CPU samples; the
+tests give it a :class:`VirtualClock`, which only the fake backends advance. Timings, noise and
+warm-up included, are then a deterministic function of the fakes' cost schedules and seeds:
+tests assert on decisions without depending on this machine's speed or load. A fake computes
+its output once per set of inputs and returns that prepared tensor afterwards, so a test that
+makes thousands of timed calls runs no attention at all after the first.
 """
 import random
-import types
+import tempfile
 
 from diffsynth_attention.backends import PREFERENCE, REGISTRY
 from diffsynth_attention.backends.torch_sdpa import TorchSDPA
+from diffsynth_attention.tuning.policy import TuningPolicy
 
 
 class VirtualClock:
@@ -24,14 +27,15 @@ class VirtualClock:
 
 
 class VFake(TorchSDPA):
-    """A CPU backend under a reserved name whose every call costs ``cost`` virtual ms times a
-    noise factor drawn from a seeded generator (uniform in [1 - noise, 1 + noise]), or what
-    ``schedule(call_index)`` says."""
+    """A CPU backend under a reserved name. Call i costs ``warmup[i]`` virtual ms while i is
+    within ``warmup`` (compilation and first calls), then what ``schedule(i)`` says, else ``cost``;
+    times a noise factor drawn from a seeded generator (uniform in [1 - noise, 1 + noise]).
+    ``inaccurate``: a relative L1 error added to its output (True: 0.05)."""
 
     devices = frozenset({"cpu"})
 
-    def __init__(self, name, clock, cost=1.0, noise=0.0, seed=0, schedule=None, predicted_ms=None,
-                 predicted_bytes=None, inaccurate=False):
+    def __init__(self, name, clock, cost=1.0, noise=0.0, seed=0, schedule=None, warmup=(), predicted_ms=None,
+                 predicted_bytes=None, inaccurate=0.0):
         super().__init__()
         self.name = name
         self.clock = clock
@@ -39,10 +43,13 @@ class VFake(TorchSDPA):
         self.noise = noise
         self.rng = random.Random(f"{name}-{seed}")
         self.schedule = schedule
+        self.warmup = tuple(warmup)
         self.calls = 0
+        self.costs = []  # every call's virtual ms
         self._pred_ms = predicted_ms
         self._pred_bytes = predicted_bytes
-        self.inaccurate = inaccurate
+        self.inaccurate = 0.05 if inaccurate is True else float(inaccurate)
+        self._prepared = None  # (inputs kept alive, their identity, output)
 
     def predicted_ms(self, p, dev):
         return self._pred_ms
@@ -57,14 +64,29 @@ class VFake(TorchSDPA):
             return forward(q, k, v, mask, scale, causal, window, need_grad)
         return run
 
-    def forward(self, q, k, v, mask, scale, causal, window, need_grad):
-        cost = self.schedule(self.calls) if self.schedule else self.cost
-        self.calls += 1
-        self.clock.advance(cost * (1 + self.noise * (2 * self.rng.random() - 1)))
+    def _output(self, q, k, v, mask, scale, causal, window, need_grad):
+        if need_grad:  # autograd needs a graph: really compute
+            return self._compute(q, k, v, mask, scale, causal, window, need_grad)
+        tensors = (q, k, v) + ((mask,) if mask is not None else ())
+        ident = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t._version) for t in tensors) + (scale, causal, window)
+        if self._prepared is None or self._prepared[1] != ident:  # the kept tensors pin the addresses: no reuse
+            self._prepared = (tensors, ident, self._compute(q, k, v, mask, scale, causal, window, need_grad))
+        return self._prepared[2]
+
+    def _compute(self, q, k, v, mask, scale, causal, window, need_grad):
         out = super().forward(q, k, v, mask, scale, causal, window, need_grad)
         if self.inaccurate:
-            out = out + 0.05 * out.abs().mean()
+            out = out + self.inaccurate * out.abs().mean()
         return out
+
+    def forward(self, q, k, v, mask, scale, causal, window, need_grad):
+        i = self.calls
+        cost = self.warmup[i] if i < len(self.warmup) else (self.schedule(i) if self.schedule else self.cost)
+        cost *= 1 + self.noise * (2 * self.rng.random() - 1)
+        self.calls += 1
+        self.costs.append(cost)
+        self.clock.advance(cost)
+        return self._output(q, k, v, mask, scale, causal, window, need_grad)
 
 
 class Off(TorchSDPA):
@@ -81,15 +103,9 @@ class Off(TorchSDPA):
         return "switched off by the test"
 
 
-def only(monkeypatch, clock, budget=5.0, **fakes):
-    """Make the registry hold exactly ``fakes`` ({name: VFake kwargs}) as candidates, all timed on
-    ``clock``; return {name: VFake}."""
-    from diffsynth_attention.tuning import timing, tuner
-
-    fake_time = types.SimpleNamespace(perf_counter=clock.perf_counter)
-    monkeypatch.setattr(tuner, "time", fake_time)
-    monkeypatch.setattr(timing, "time", fake_time)
-    monkeypatch.setenv("DIFFSYNTH_ATTENTION_TUNING_BUDGET", str(budget))
+def only(monkeypatch, clock, **fakes):
+    """Make the registry hold exactly ``fakes`` ({name: VFake kwargs}) as candidates, all spending
+    time on ``clock``; return {name: VFake}."""
     made = {}
     for name in PREFERENCE:
         if name in fakes:
@@ -98,3 +114,35 @@ def only(monkeypatch, clock, budget=5.0, **fakes):
         else:
             monkeypatch.setitem(REGISTRY, name, Off(name))
     return made
+
+
+def virtual_policy(clock, budget=5.0, **changes) -> TuningPolicy:
+    """The default policy on ``clock`` with a budget floor of ``budget`` seconds."""
+    return TuningPolicy(clock=clock.perf_counter, budget_s=budget, **changes)
+
+
+class Heard:
+    """A policy listener that keeps what it hears: (key id, decision, timings, cache_hit)."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, key, decision, timings, cache_hit):
+        self.events.append((key.id, decision, timings, cache_hit))
+
+
+def dispatcher(policy):
+    """A dispatcher of its own with ``policy``, over a fresh cache folder."""
+    import diffsynth_attention as da
+
+    return da.Dispatcher(da.DecisionCache(tempfile.mkdtemp(prefix="da-virtual-")), policy=policy)
+
+
+def tune_virtual(monkeypatch, q, k, v, budget=5.0, policy=None, **fakes):
+    """Tune (q, k, v) over ``fakes`` on a virtual clock: (explanation, {name: VFake}, Heard)."""
+    clock = VirtualClock()
+    made = only(monkeypatch, clock, **fakes)
+    heard = Heard()
+    policy = (policy or virtual_policy(clock, budget)).replace(clock=clock.perf_counter, listeners=(heard,))
+    info = dispatcher(policy).explain(q, k, v)
+    return info, made, heard

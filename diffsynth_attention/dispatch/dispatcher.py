@@ -26,6 +26,8 @@ from ..request import FLOAT_MAX, Request
 from ..store.cache import DecisionCache, all_rejected
 from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision, decision_filter
 from ..store.key import make_key, neighbour_distance, neighbour_group
+from ..tuning.policy import TuningPolicy
+from ..tuning.trial import decision_timings
 from ..tuning.tuner import TuneInputs, tune
 from . import faults
 from .runners import make_runner
@@ -125,8 +127,9 @@ class Dispatcher:
     """One plan table over one :class:`DecisionCache`. ``Dispatcher(DecisionCache(path))`` is a
     dispatcher of its own (tests build one each); the public functions use a default instance."""
 
-    def __init__(self, store: Optional[DecisionCache] = None):
+    def __init__(self, store: Optional[DecisionCache] = None, policy: Optional[TuningPolicy] = None):
         self.store = store if store is not None else DecisionCache()
+        self.policy = policy  # the tuner's rules and listeners (tuning/policy.py); None: the defaults
         self.plans: dict = {}  # signature -> Plan; never rebound (the hot path holds its .get)
         self._provisional: dict = {}  # signature -> Plan used while tuning is impossible
         self._sigs_by_key: dict = {}  # key id -> {signature}
@@ -373,7 +376,7 @@ class Dispatcher:
 
                 loading.wait_all()  # no import competes with the timed calls (issue 24)
 
-                decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev)
+                decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev, policy=self.policy)
                 self.counters["tunings"] += 1
                 self.counters["tuning_seconds"] += decision.tuning_seconds
                 logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
@@ -408,6 +411,8 @@ class Dispatcher:
         if plan is not None:
             return plan
         plan = self.build_plan(req, impl_raw, grad)
+        if plan.counts_hit and plan.decision is not None and self.policy is not None:  # a known decision planned
+            self.policy.notify(plan.key, plan.decision, decision_timings(plan.decision), True)
         if sig is not None:
             if plan.source == "fallback" and plan.requested is None and (plan.decision is None or all_rejected(plan.decision)):
                 with self._lock:  # no decision yet (tuning off, capture, tracing): plan again when tuning can run

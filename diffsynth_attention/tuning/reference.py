@@ -1,17 +1,38 @@
 """The fp32 reference the numeric gate compares against, and the error metric.
 
 The reference covers a slice of the problem (batch 0 and at most two heads) and is computed in
-query chunks, so a 75,000-token problem needs a few hundred MB, never a full fp32 copy.
+query chunks, so a 75,000-token problem needs a few hundred MB, never a full fp32 copy. Its
+matmuls run in full fp32 even where the process allows TF32 (else the reference itself would be
+off by ~4e-4, more than the fp32 tolerance).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Optional, Sequence
 
 import torch
 
 _SCORES_PER_CHUNK = 1 << 25  # 32 M fp32 scores, 128 MB
+_TF32_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _full_fp32():
+    """fp32 matmuls in full precision (no TF32, no bf16) inside the block; the process's setting
+    (``torch.set_float32_matmul_precision``) after it."""
+    if torch.get_float32_matmul_precision() == "highest":
+        yield
+        return
+    with _TF32_LOCK:
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
 
 
 def gate_heads(heads_q: int) -> list:
@@ -32,6 +53,13 @@ def reference_slice(q, k, v, mask, scale: Optional[float], causal: bool, window:
     chunk = max(1, min(s_q, _SCORES_PER_CHUNK // max(s_kv, 1)))
     out = torch.empty(len(heads), s_q, v.shape[3], dtype=torch.float32, device=q.device)
     kj = torch.arange(s_kv, device=q.device)
+    with _full_fp32():
+        _fill(out, q, k, v, mask, scale, causal, window, heads, groups, chunk, kj)
+    return out
+
+
+def _fill(out, q, k, v, mask, scale, causal, window, heads, groups, chunk, kj) -> None:
+    s_q = q.shape[2]
     for hi, h in enumerate(heads):
         kh = k[0, h // groups].float()
         vh = v[0, h // groups].float()
@@ -51,7 +79,6 @@ def reference_slice(q, k, v, mask, scale: Optional[float], causal: bool, window:
                 scores = scores.masked_fill(drop, float("-inf"))
             probs = torch.softmax(scores, dim=-1).nan_to_num_(nan=0.0)
             out[hi, start:end] = probs @ vh
-    return out
 
 
 def relative_l1(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -17,8 +17,12 @@ import torch
 
 
 class Timer:
-    def __init__(self, device: torch.device):
+    """Samples on ``device``; on a CPU the time is read from ``clock`` (seconds; injected by the
+    tuner's policy, so tests can run on a virtual clock)."""
+
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter):
         self.cuda = device.type == "cuda"
+        self.clock = clock
 
     def sync(self) -> None:
         if self.cuda:
@@ -38,10 +42,10 @@ class Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / calls
-        t0 = time.perf_counter()
+        t0 = self.clock()
         for _ in range(calls):
             fn()
-        return (time.perf_counter() - t0) * 1e3 / calls
+        return (self.clock() - t0) * 1e3 / calls
 
     @staticmethod
     def calls_for(one_call_ms: float, target_ms: float, most: int = 200) -> int:

@@ -1,0 +1,136 @@
+"""The tuner's rules as one value: :class:`TuningPolicy`.
+
+Everything the tuner decides by (the numeric tolerance per dtype, the re-time, skip and tie
+factors, the budget, the warm-up rule, the clock it reads and who hears of its decisions) is a
+field of a frozen dataclass. The defaults are the documented behaviour; tests and scripts pass
+a policy of their own (``tune(..., policy=)``, ``Dispatcher(store, policy=)``) instead of
+changing module globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, Mapping, Optional
+
+from .. import config
+
+logger = logging.getLogger("diffsynth_attention")
+
+# Relative L1 error allowed against the fp32 reference, by the problem's dtype. About 2-3x what
+# an exact kernel of that dtype shows (CPU SDPA against the reference: bf16 2.2e-3, fp16 2.8e-4,
+# fp32 4e-7), so a kernel that computes in a narrower type than the caller's fails: an fp32
+# problem is not served by a bf16 kernel, nor an fp16 one by an 8-bit one.
+DEFAULT_TOLERANCES = MappingProxyType({
+    "bfloat16": 5e-3,
+    "float16": 2e-3,
+    "float32": 1e-4,
+    "float64": 1e-5,  # the reference is fp32: an fp64 kernel is held to what fp32 can tell
+})
+# fp32 on a CUDA device where the process lets matmuls use TF32 (``torch.backends.cuda.matmul.
+# allow_tf32``, or ``torch.set_float32_matmul_precision("high")``): TF32 keeps fp16's 10-bit
+# mantissa (4.2e-4 measured in simulation), so the caller has asked for that precision.
+TF32_TOLERANCE = 1e-3
+
+
+def tf32_allowed(device_type: str) -> bool:
+    """Whether fp32 matmuls on this device may run in TF32 in this process."""
+    if device_type != "cuda":
+        return False
+    try:
+        import torch
+
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except Exception:  # an unusual build: assume the strict rule
+        return False
+
+
+Listener = Callable[[object, object, dict, bool], None]
+
+
+@dataclass(frozen=True)
+class TuningPolicy:
+    """How one key is tuned. See :mod:`diffsynth_attention.tuning.tuner` for the steps."""
+
+    tolerances: Optional[Mapping[str, float]] = None  # dtype name -> tolerance; None: DIFFSYNTH_ATTENTION_TOLERANCE
+    # for every dtype when set, else DEFAULT_TOLERANCES (and TF32_TOLERANCE for fp32 with TF32 on)
+    retime: float = 1.5  # a warm probe (or prediction) within this factor of the best joins the interleaved rounds
+    skip_factor: float = 4.0  # a prediction more than this factor of the best prediction is skipped, never run
+    early_skip: bool = True  # False: no skips from the cost models (every candidate runs)
+    tie_floor: float = 0.02  # medians within this fraction are a tie, broken by preference order ...
+    tie_cap: float = 0.03  # ... widened by the measured noise up to this, never more
+    budget_s: Optional[float] = None  # floor of the timing budget per key; None: DIFFSYNTH_ATTENTION_TUNING_BUDGET
+    budget_winner_factor: float = 15.0  # the budget is max(floor, this x the fastest time measured)
+    budget_margin: float = 0.9  # the rounds aim at this share of what is left of the budget
+    min_rounds: int = 3  # every candidate in the rounds gets at least this many samples (else it leaves them)
+    max_rounds: int = 21
+    warm_agree: float = 0.10  # warm-up ends when two consecutive samples agree within this fraction ...
+    warm_cap: int = 6  # ... or after this many samples
+    sample_ms: float = 2.0  # a sample is about this long: enough back-to-back calls to hide event overhead
+    clock: Callable[[], float] = time.perf_counter  # seconds; the budget and the CPU timer read it
+    listeners: tuple = ()  # listener(key, decision, timings, cache_hit) after every decision
+
+    def __post_init__(self):
+        checks = {"retime": self.retime >= 1, "skip_factor": self.skip_factor >= 1,
+                  "tie_floor": 0 <= self.tie_floor, "tie_cap": 0 <= self.tie_cap,
+                  "budget_winner_factor": self.budget_winner_factor >= 0, "budget_margin": 0 < self.budget_margin <= 1,
+                  "min_rounds": self.min_rounds >= 1, "max_rounds": self.max_rounds >= self.min_rounds,
+                  "warm_agree": self.warm_agree > 0, "warm_cap": self.warm_cap >= 2, "sample_ms": self.sample_ms > 0,
+                  "budget_s": self.budget_s is None or (math.isfinite(self.budget_s) and self.budget_s >= 0)}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TuningPolicy {name}={getattr(self, name)!r} is out of range")
+        if self.tolerances is not None:
+            for dtype, tol in self.tolerances.items():
+                if not (isinstance(tol, (int, float)) and 0 < tol <= 1):
+                    raise ValueError(f"TuningPolicy tolerances[{dtype!r}]={tol!r} is not in (0, 1]")
+        if not all(callable(f) for f in self.listeners):
+            raise TypeError("TuningPolicy listeners must be callables listener(key, decision, timings, cache_hit)")
+
+    def replace(self, **changes) -> "TuningPolicy":
+        return dataclasses.replace(self, **changes)
+
+    # -- the rules ------------------------------------------------------------------------
+    def tolerance(self, dtype_name: str, device_type: str = "cpu") -> float:
+        """The gate's tolerance for a problem of this dtype on this device type."""
+        if self.tolerances is not None:
+            return self.tolerances.get(dtype_name, DEFAULT_TOLERANCES["bfloat16"])
+        if config._raw(config.TOLERANCE) is not None:
+            return config.tolerance()  # the user's one value, for every dtype
+        if dtype_name == "float32" and tf32_allowed(device_type):
+            return TF32_TOLERANCE
+        return DEFAULT_TOLERANCES.get(dtype_name, DEFAULT_TOLERANCES["bfloat16"])
+
+    def budget_floor(self) -> float:
+        return config.tuning_budget() if self.budget_s is None else self.budget_s
+
+    def limit(self, floor_s: float, fastest_ms: Optional[float]) -> float:
+        """The budget in seconds, setup excluded: max(floor, budget_winner_factor x the fastest)."""
+        if fastest_ms is None or fastest_ms != fastest_ms:
+            return floor_s
+        return max(floor_s, self.budget_winner_factor * fastest_ms / 1e3)
+
+    def tie_threshold(self, noise_a: Optional[float], noise_b: Optional[float]) -> float:
+        """Two medians within this fraction are a tie: the measured noise, in [floor, max(floor, cap)]."""
+        noise = max(n for n in (noise_a, noise_b, 0.0) if n is not None)
+        return max(self.tie_floor, min(noise, self.tie_cap))
+
+    def agree(self, a: float, b: float) -> bool:
+        """Two consecutive warm-up samples agree: within ``warm_agree`` of the smaller."""
+        return abs(a - b) <= self.warm_agree * min(a, b)
+
+    def notify(self, key, decision, timings: dict, cache_hit: bool) -> None:
+        """Tell every listener of a decision. A failing listener is logged, never raised: it
+        must not break the pipeline it observes."""
+        for listener in self.listeners:
+            try:
+                listener(key, decision, timings, cache_hit)
+            except Exception:
+                logger.warning("tuning listener %r raised; ignored", listener, exc_info=True)
+
+
+DEFAULT_POLICY = TuningPolicy()
