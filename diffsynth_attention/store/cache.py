@@ -39,6 +39,7 @@ import secrets
 import stat
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -67,6 +68,7 @@ LEFTOVER_AGE_S = 3600.0  # orphan temporary files and abandoned lock files older
 HEARTBEAT_S = 0.5  # a tuning-lock holder touches its lock file this often
 STALE_S = 5.0  # a held lock whose file was not touched for this long belongs to a stopped or hung tuner
 _POLL_S = (0.005, 0.1)  # first and longest wait between attempts to take a held tuning lock
+RETRY_S = (1.0, 60.0)  # after a failed write: first and longest wait before writing is tried again
 _SCHEMA_FILE = Path(__file__).resolve().parent.parent / "data" / "decisions.schema.json"
 _ID = re.compile(r"^[0-9a-f]{24}$")
 _ENTRY_NAME = re.compile(r"^([0-9a-f]{24})\.json$")
@@ -348,11 +350,32 @@ def _open_subdir(dfd: int, name: str, create: bool) -> int:
     return fd
 
 
+_caches: "weakref.WeakSet" = weakref.WeakSet()  # every DecisionCache of this process (the fork handler resets them)
+_held: "weakref.WeakSet" = weakref.WeakSet()  # every tuning lock held by this process
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: the parent's threads are gone, so their per-key thread locks (and the
+    mutex, had a thread held it) would never be released here. Start afresh; close the child's
+    copies of the parent's held lock files, so that the parent's release frees them."""
+    for held in list(_held):
+        held.forked()
+    for cache in list(_caches):
+        cache._mutex = threading.RLock()
+        cache._key_locks = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _HeldLock:
     """A held per-key tuning lock: an flock on a file whose mtime is the holder's heartbeat."""
 
     def __init__(self, fd: int, ldfd: int, name: str):
         self.fd, self.ldfd, self.name = fd, ldfd, name
+        self._pid = os.getpid()
+        _held.add(self)
         self._stop = threading.Event()
         self._beat()
         self._thread = threading.Thread(target=self._run, name=f"diffsynth-attention-heartbeat-{name}", daemon=True)
@@ -366,7 +389,19 @@ class _HeldLock:
         while not self._stop.wait(HEARTBEAT_S):
             self._beat()
 
+    def forked(self) -> None:
+        """In a forked child: this lock is the parent's. Close the child's copies (no unlink, no release)."""
+        if self._pid != os.getpid() and self.fd is not None:
+            for fd in (self.fd, self.ldfd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.fd = self.ldfd = None
+
     def release(self) -> None:
+        if self._pid != os.getpid():  # the parent's lock, seen in a forked child: not ours to release
+            self.forked()
+            return
+        _held.discard(self)
         self._stop.set()
         self._thread.join()
         try:
@@ -390,11 +425,15 @@ class DecisionCache:
         self._blocked: dict = {}  # key id -> why: an entry file that exists but cannot be read (never overwritten)
         self._loaded = False
         self._loaded_from: Optional[Path] = None
-        self._persistent = True
+        self._persistent = True  # False: the folder is not to be trusted, memory only for good
+        self._write_error: Optional[str] = None  # why the last write failed (reads go on; writes are retried)
+        self._retry_at = 0.0  # time.monotonic() before which a failed write is not tried again
+        self._backoff = RETRY_S[0]
         self._warned: set = set()
         self._mutex = threading.RLock()
         self._key_locks: dict = {}  # key id -> threading.Lock: one tuner per key in this process
         self.listeners: list = []  # called with a key id (None: any key) when decisions change
+        _caches.add(self)
 
     # -- places --------------------------------------------------------------------------
     @property
@@ -413,9 +452,32 @@ class DecisionCache:
 
     @property
     def persistent(self) -> bool:
-        """False once the cache fell back to memory only (untrusted place, unusable or full disk)."""
+        """False while decisions are kept in memory only: an untrusted place (for good), or while
+        writing fails (unusable, read-only or full disk; retried with a backoff)."""
         self._ensure_loaded()
-        return self._persistent
+        return self._persistent and self._write_error is None
+
+    def _write_failed(self, reason: str) -> None:
+        """A write failed: keep the pending decisions, go on reading, try writing again later."""
+        with self._mutex:
+            first = self._write_error is None
+            self._write_error = reason
+            if first:
+                self._backoff = RETRY_S[0]
+            else:
+                self._backoff = min(self._backoff * 2, RETRY_S[1])
+            self._retry_at = time.monotonic() + self._backoff
+            pending = len(self._pending)
+        if first:
+            logger.warning("diffsynth_attention cache: %s; decisions stay in memory for now (%d not on disk); reads go on, "
+                           "and writing is tried again (every %gs at most)", reason, pending, RETRY_S[1])
+
+    def _write_worked(self, written: int) -> None:
+        with self._mutex:
+            was, self._write_error, self._backoff = self._write_error, None, RETRY_S[0]
+        if was is not None:
+            logger.warning("diffsynth_attention cache: writing to %s works again (it failed: %s); %d decision(s) written",
+                           self.path, was, written)
 
     def _warn_once(self, tag, message: str, *args) -> None:
         with self._mutex:
@@ -461,7 +523,8 @@ class DecisionCache:
             self._memory_only("untrusted", f"not trusted: {exc.reason}")
             vfd = None
         except OSError as exc:
-            self._memory_only("disk", f"cannot use {directory} ({exc.strerror or exc})")
+            if create:  # a write: retried later; a read of a folder that cannot be opened is a miss
+                self._write_failed(f"cannot use {directory} ({exc.strerror or exc})")
             vfd = None
         finally:
             if bfd is not None:
@@ -634,17 +697,23 @@ class DecisionCache:
         self._trim_bad(vfd)
 
     # -- reading -------------------------------------------------------------------------
-    def get(self, key_id: str) -> Optional[Decision]:
-        """The decision for ``key_id``: from memory, else (a miss) from its one file."""
+    def get(self, key_id: str, tolerance: Optional[float] = None) -> Optional[Decision]:
+        """The decision for ``key_id``: from memory, else (a miss) from its one file. A decision
+        whose chosen backend's error does not pass ``tolerance`` (default: the tolerance in force,
+        ``DIFFSYNTH_ATTENTION_TOLERANCE``) is a miss: the key is gated again."""
         self._ensure_loaded()
         decision = self._entries.get(key_id)
-        if decision is not None or not self._persistent:
-            return decision
-        return self.refresh(key_id)
+        if decision is None and self._persistent:
+            decision = self._reread(key_id)
+        return self._trusted(decision, tolerance)
 
-    def refresh(self, key_id: str) -> Optional[Decision]:
-        """Read ``key_id``'s file again (after a miss) and return its decision if now known."""
+    def refresh(self, key_id: str, tolerance: Optional[float] = None) -> Optional[Decision]:
+        """Read ``key_id``'s file again (after a miss) and return its decision if now known (and
+        trusted under ``tolerance``, as in :meth:`get`)."""
         self._ensure_loaded()
+        return self._trusted(self._reread(key_id), tolerance)
+
+    def _reread(self, key_id: str) -> Optional[Decision]:
         if self._persistent and isinstance(key_id, str) and _ID.match(key_id):
             with self._folder(create=False) as vfd:
                 found = self._read_entry(vfd, key_id) if vfd is not None else None
@@ -653,6 +722,18 @@ class DecisionCache:
                     if key_id not in self._pending:
                         self._entries[key_id] = found
         return self._entries.get(key_id)
+
+    def _trusted(self, decision: Optional[Decision], tolerance: Optional[float]) -> Optional[Decision]:
+        if decision is None:
+            return None
+        tol = config.tolerance() if tolerance is None else tolerance
+        if decision.trusted_under(tol):
+            return decision
+        chosen = decision.candidates.get(decision.backend)
+        logger.info("diffsynth_attention cache: the decision for %s (%s, error %s, tuned with tolerance %g) does not pass "
+                    "the tolerance in force (%g): a miss, the key is gated again", decision.key_id, decision.backend,
+                    None if chosen is None else chosen.error, decision.tolerance, tol)
+        return None
 
     def entries(self) -> dict:
         """Every decision: those in memory and every valid entry on disk."""
@@ -698,8 +779,9 @@ class DecisionCache:
         self.save()
         return len(changed)
 
-    def save(self, timeout: Optional[float] = None) -> bool:
+    def save(self, timeout: Optional[float] = None, force: bool = False) -> bool:
         """Write pending decisions, one file each. False if some stay in memory (said once, with the count).
+        After a failed write, writing is tried again only after a backoff (``force``: now).
         ``timeout`` is accepted for compatibility: writes take no lock."""
         self._ensure_loaded()
         with self._mutex:
@@ -707,6 +789,8 @@ class DecisionCache:
         if not pending:
             return True
         if not self._persistent:
+            return False
+        if self._write_error is not None and not force and time.monotonic() < self._retry_at:
             return False
         written, failure = [], None
         with self._folder(create=True) as vfd:
@@ -745,8 +829,11 @@ class DecisionCache:
                 if self._pending.get(kid) is d:
                     del self._pending[kid]
         if failure is not None:
-            self._memory_only("disk", f"cannot write {self.path} ({failure.strerror or failure})")
+            self._write_failed(f"cannot write {self.path} ({failure.strerror or failure})")
             return False
+        if vfd is None:
+            return False
+        self._write_worked(len(written))
         return not any(k in self._pending for k in pending)
 
     def flush(self, timeout: float = 60.0) -> bool:
@@ -754,7 +841,7 @@ class DecisionCache:
         if not self._pending:
             return True
         if self._persistent:
-            self.save()
+            self.save(force=True)
         left = len(self._pending)
         if left:
             logger.warning("diffsynth_attention cache: %d decision(s) could not be written to %s and are lost "
@@ -777,7 +864,7 @@ class DecisionCache:
                     try:
                         names = os.listdir(vfd)
                     except OSError as exc:
-                        self._memory_only("disk", f"cannot list {self.path} ({exc.strerror or exc})")
+                        self._write_failed(f"cannot list {self.path} ({exc.strerror or exc})")
                         names = []
                     for name in names:
                         m = _ENTRY_NAME.match(name)
@@ -804,6 +891,7 @@ class DecisionCache:
             self._blocked.clear()
             self._loaded = False
             self._persistent = True
+            self._write_error, self._retry_at, self._backoff = None, 0.0, RETRY_S[0]
             self._warned.clear()
         self._changed()
 

@@ -82,6 +82,16 @@ class Decision:
             compile_seconds=data.get("compile_seconds", 0.0),
         )
 
+    def trusted_under(self, tolerance: float) -> bool:
+        """True if this decision may serve a process whose error tolerance is ``tolerance``: its
+        chosen backend passed the numeric gate with an error within it. A decision tuned under a
+        looser tolerance whose choice fails this one is not trusted (the key is gated again)."""
+        chosen = self.candidates.get(self.backend)
+        if chosen is None or chosen.error is None:
+            return False
+        error = chosen.error
+        return isinstance(error, (int, float)) and error == error and error <= tolerance
+
     def runner_up(self) -> Optional[str]:
         timed = [(c.time_ms, n) for n, c in self.candidates.items() if n != self.backend and c.status in (ACCEPTED, SLOWER) and c.time_ms is not None]
         return min(timed)[1] if timed else None
