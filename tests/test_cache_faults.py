@@ -13,6 +13,7 @@ import diffsynth_attention as da
 from diffsynth_attention import config
 from diffsynth_attention.dispatch import default_dispatcher
 from diffsynth_attention.store import cache as cache_mod
+from diffsynth_attention.store import fs as fs_mod
 from diffsynth_attention.store.cache import DecisionCache
 
 from helpers import qkv
@@ -31,7 +32,7 @@ def _on_disk(folder):
 
 def _failing_writes(monkeypatch, how):
     """Make every entry write of this process fail as ``how`` says, for real where possible."""
-    real = cache_mod._open_temp
+    real = fs_mod.open_temp
     if how == "temp removed":  # a cleanup job removes the temporary file mid-write: os.replace fails
         def opener(name, dfd):
             fd = real(name, dfd)
@@ -42,7 +43,7 @@ def _failing_writes(monkeypatch, how):
 
         def opener(name, dfd):
             raise OSError(code, os.strerror(code))
-    monkeypatch.setattr(cache_mod, "_open_temp", opener)
+    monkeypatch.setattr(fs_mod, "open_temp", opener)
 
 
 @pytest.mark.parametrize("how", ["read-only", "full", "EFBIG", "temp removed"])
@@ -75,8 +76,8 @@ def test_after_a_failed_write_the_next_try_waits_for_the_backoff_and_flush_tries
         _failing_writes(m, "full")
         c.put(make_decision(1))
     tries = []
-    real = cache_mod._open_temp
-    monkeypatch.setattr(cache_mod, "_open_temp", lambda name, dfd: tries.append(name) or real(name, dfd))
+    real = fs_mod.open_temp
+    monkeypatch.setattr(fs_mod, "open_temp", lambda name, dfd: tries.append(name) or real(name, dfd))
     c.put(make_decision(2))
     assert not tries and not _on_disk(isolated)  # within the backoff: no write tried
     assert c.flush()  # at exit: tried at once, and it works

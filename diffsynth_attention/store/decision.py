@@ -43,8 +43,9 @@ class Candidate:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Candidate":
-        return cls(**{k: data.get(k) for k in ("status", "time_ms", "error", "reason", "first_call_ms", "predicted_ms")},
-                   reps=data.get("reps") or 0)
+        get = data.get
+        return cls(get("status"), get("time_ms"), get("error"), get("reason"), get("first_call_ms"), get("reps") or 0,
+                   get("predicted_ms"))
 
 
 @dataclass
