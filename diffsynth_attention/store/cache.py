@@ -25,20 +25,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import logging
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 from .. import config
 from . import codec, fs, lock, migrate
 from .codec import (  # noqa: F401 - the store's public names, kept importable from here
     MAX_DOCUMENT_BYTES, MAX_ENTRY_BYTES, MAX_LEGACY_BYTES, SCHEMA_VERSION, CacheFileError, all_rejected, parse_document,
     parse_entry, render_document, render_entry)
+from .bulk import WholeCache
 from .decision import Decision
+from .leases import Leases
 from .fs import BAD_KEPT, LEFTOVER_AGE_S  # noqa: F401
 from .neighbours import group_of
 from .paths import FOLDER, LEGACY_FILE, LOCKS, MIGRATED_SUFFIX, cache_dir  # noqa: F401
@@ -50,20 +51,7 @@ _SCHEMA_FILE = codec.SCHEMA_FILE
 _ID = codec.ID
 
 
-@contextlib.contextmanager
-def _no_gc():
-    """No cyclic garbage collection while tens of thousands of entries are read (they form no
-    cycles; a full collection per few hundred new objects made whole-cache reads 1.3x slower)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
-class DecisionCache:
+class DecisionCache(WholeCache, Leases):
     """Decisions in memory, backed by one file per decision. Thread-safe; one per process by default."""
 
     def __init__(self, directory: Optional[os.PathLike] = None):
@@ -204,23 +192,6 @@ class DecisionCache:
         with self._folder(create=True) as vfd:
             return None if vfd is None else os.dup(vfd)
 
-    def migrate(self) -> tuple:
-        """Finish migrating a version-1 file now (``cache migrate``): (moved, skipped), or None if there was none."""
-        self._ensure_loaded()
-        m = self._migration
-        if m is None:
-            if not migrate.legacy_present(self.directory):
-                return None
-            m = self._migration = migrate.Migration(self.directory, self._open_for_migration, self._warn_once)
-            m.run()
-        m.join()
-        return m.moved, m.skipped
-
-    def _migrated(self) -> None:
-        """Whole-cache reads see every decision: they wait for a migration under way (never a call)."""
-        if self._migration is not None:
-            self._migration.join()
-
     # -- one entry -------------------------------------------------------------------------
     def _read_entry(self, vfd: int, kid: str, repair: bool = True, bad: Optional[list] = None) -> Optional[Decision]:
         """The decision in ``kid``'s file, or None: missing, bad or unreadable. ``repair``: set a bad
@@ -270,13 +241,6 @@ class DecisionCache:
                         name, reason, self.path / aside)
         fs.trim_bad(vfd)
 
-    def _summarize_bad(self, bad: list, doing: str) -> None:
-        if bad:
-            kid, reason = bad[0]
-            logger.warning("diffsynth_attention cache: %s %d entr%s in %s that cannot be used (first: %s.json %s); "
-                           "nothing was changed (a call of such a key tunes it again; `diffsynth-attention cache clear` "
-                           "removes them)", doing, len(bad), "y" if len(bad) == 1 else "ies", self.path, kid, reason)
-
     # -- reading -------------------------------------------------------------------------
     def get(self, key_id: str, tolerance: Optional[float] = None) -> Optional[Decision]:
         """The decision for ``key_id``: from memory, else (a miss) from its one file (or, during a
@@ -323,80 +287,6 @@ class DecisionCache:
                     "the tolerance in force (%g): a miss, the key is gated again", decision.key_id, decision.backend,
                     None if chosen is None else chosen.error, decision.tolerance, tol)
         return None
-
-    def _scan(self, only_new: bool) -> list:
-        """Read every entry file not yet in memory (``only_new``: not yet seen by the index) into
-        memory and the neighbour index, without changing a file. Returns the bad ones."""
-        bad: list = []
-        if not self._persistent:
-            return bad
-        with self._folder(create=False) as vfd, _no_gc():
-            if vfd is None:
-                return bad
-            try:
-                ids = fs.entry_ids(vfd)
-            except OSError:
-                return bad
-            for kid in ids:
-                if kid in self._indexed if only_new else kid in self._entries:
-                    continue
-                found = self._read_entry(vfd, kid, repair=False, bad=bad)
-                self._indexed.add(kid)
-                if found is not None:
-                    self._remember(found)
-        return bad
-
-    def entries(self) -> dict:
-        """Every decision: those in memory and every valid entry on disk. Changes no file; bad
-        entries are counted in one warning."""
-        self._ensure_loaded()
-        self._migrated()
-        self._summarize_bad(self._scan(only_new=False), "ignored")
-        return dict(self._entries)
-
-    def export_document(self) -> tuple:
-        """(text, count): an export document of every decision (``cache export``). Entries on disk
-        go through unchanged (validated, never turned into Decisions and back); bad ones are
-        counted in one warning; a decision still waiting in memory is taken from memory."""
-        self._ensure_loaded()
-        self._migrated()
-        raw, bad = {}, []
-        with self._folder(create=False) as vfd, _no_gc():
-            if vfd is not None:
-                with contextlib.suppress(OSError):
-                    for kid in fs.entry_ids(vfd):
-                        if kid in self._pending:
-                            continue
-                        try:
-                            data, _ = fs.read_secure(vfd, f"{kid}.json", MAX_ENTRY_BYTES)
-                            raw[kid] = codec.parse_entry_raw(data, kid, self.path / f"{kid}.json")
-                        except FileNotFoundError:
-                            continue
-                        except (fs.Refused, CacheFileError) as exc:
-                            bad.append((kid, exc.reason))
-        self._summarize_bad(bad, "left out")
-        memory = {k: d for k, d in self._entries.items() if k not in raw}
-        return codec.render_document(memory, raw), len(raw) + len(memory)
-
-    def count(self) -> int:
-        """How many decisions there are, bad entries included (names only: reads no entry)."""
-        self._ensure_loaded()
-        self._migrated()
-        ids = set(self._entries)
-        with self._folder(create=False) as vfd:
-            if vfd is not None:
-                with contextlib.suppress(OSError):
-                    ids.update(fs.entry_ids(vfd))
-        return len(ids)
-
-    def neighbours(self, group: str, tolerance: Optional[float] = None) -> list:
-        """The decisions of neighbour group ``group`` (:func:`.neighbours.neighbour_group`) that
-        pass the tolerance in force. An index kept per group: a call reads only entry files it
-        has not seen yet (the folder is listed, no known entry is read again)."""
-        self._ensure_loaded()
-        self._scan(only_new=True)
-        tol = config.tolerance() if tolerance is None else tolerance
-        return [d for d in self._groups.get(group, {}).values() if d.trusted_under(tol)]
 
     # -- writing -------------------------------------------------------------------------
     def put(self, decision: Decision, save: bool = True) -> None:
@@ -491,43 +381,6 @@ class DecisionCache:
                            "when this process exits", left, self.path)
         return not left
 
-    def clear(self, predicate: Optional[Callable] = None) -> int:
-        """Remove decisions (all, or those for which ``predicate(decision)`` is true) from memory and
-        disk. With a predicate, entries that cannot be read are left alone (counted in one warning)."""
-        self._ensure_loaded()
-        self._migrated()
-        removed = set()
-        with self._mutex:
-            for k, d in list(self._entries.items()):
-                if predicate is None or predicate(d):
-                    removed.add(k)
-                    del self._entries[k]
-                    self._pending.pop(k, None)
-            self._groups.clear()
-            self._indexed.clear()
-        bad: list = []
-        with self._folder(create=False) as vfd:
-            if vfd is not None:
-                try:
-                    ids = fs.entry_ids(vfd)
-                except OSError as exc:
-                    self._write_failed(f"cannot list {self.path} ({exc.strerror or exc})")
-                    ids = []
-                for kid in ids:
-                    if predicate is not None:
-                        d = self._read_entry(vfd, kid, repair=False, bad=bad)
-                        if d is None or not predicate(d):
-                            continue
-                    try:
-                        os.unlink(f"{kid}.json", dir_fd=vfd)
-                        removed.add(kid)
-                    except OSError:
-                        continue
-                fs.fsync_dir(vfd)
-        self._summarize_bad(bad, "left alone")
-        self._changed()
-        return len(removed)
-
     def forget_memory(self) -> None:
         """Drop the in-memory copy; files are read again on next use (tests, cache-dir change)."""
         with self._mutex:
@@ -541,57 +394,3 @@ class DecisionCache:
             else:
                 for key_id in key_ids:
                     fn(key_id)
-
-    # -- tuning: one tuner per key, the others wait, then read ----------------------------
-    @contextlib.contextmanager
-    def tuning_lock(self, key_id: str):
-        """Hold the lease of ``key_id`` while tuning it. Yields a :class:`.lock.Lease`, true if held;
-        not held if waiting timed out, the holder is stopped or hung, or no lock file could be
-        taken (then tune without it)."""
-        self._ensure_loaded()
-        wait = config.tune_wait()
-        deadline = time.monotonic() + wait
-        tlock = self._locks.get(key_id)
-        if not tlock.acquire(timeout=wait):
-            self._warn_once("tune-wait", "diffsynth_attention: waited %ss for another thread tuning the same problem; tuning here", wait)
-            yield lock.Lease(lock.LeaseResult.WAITED_OUT, "another thread of this process")
-            return
-        try:
-            if not self._persistent or not _ID.match(key_id):
-                yield lock.Lease(lock.LeaseResult.HELD)
-                return
-            held = lock.take_file_lock(self._open_locks, f"{key_id}.lock", deadline, self._warn_once)
-            try:
-                yield lock.Lease(lock.LeaseResult.HELD) if isinstance(held, lock.HeldLock) else held
-            finally:
-                if isinstance(held, lock.HeldLock):
-                    held.release()
-        finally:
-            tlock.release()
-
-    def _open_locks(self) -> Optional[int]:
-        with self._folder(create=True) as vfd:
-            if vfd is None:
-                return None
-            try:
-                return fs.open_subdir(vfd, LOCKS, create=True)
-            except (OSError, fs.Refused) as exc:
-                self._warn_once("tune-locks", "diffsynth_attention: cannot use the tuning locks in %s (%s); tuning without a lock",
-                                self.lock_path, getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
-                return None
-
-    def get_or_tune(self, key_id: str, tune: Callable[[], Optional[Decision]], tolerance: Optional[float] = None):
-        """(decision, tuned): the known decision of ``key_id``, else ``tune()``'s, under the key's
-        lease (get -> lease -> read again -> tune -> put). A decision ``tune`` returns is stored
-        unless it is None or no candidate passed the gate."""
-        found = self.get(key_id, tolerance)
-        if found is not None:
-            return found, False
-        with self.tuning_lock(key_id):
-            found = self.refresh(key_id, tolerance)
-            if found is not None:
-                return found, False
-            decision = tune()
-            if decision is not None and not all_rejected(decision):
-                self.put(decision)
-            return decision, True
