@@ -176,3 +176,30 @@ def test_a_cache_dir_that_cannot_be_expanded_names_the_variable(monkeypatch, sub
     r = subprocess.run([sys.executable, "-m", "diffsynth_attention", "cache", "path"], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and config.CACHE_DIR in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_why_the_lease_is_not_filelocks_soft_lease(isolated, tmp_path, caplog):
+    """filelock's SoftFileLease (heartbeat, stale-holder takeover) opens its marker by path: a
+    lock folder replaced by a symbolic link is followed, which the store never does (its lock is
+    taken relative to a folder descriptor verified at every use). If filelock stops following,
+    this test fails: then store/lock.py can be built on it."""
+    filelock = pytest.importorskip("filelock")
+    lease_cls = getattr(filelock, "SoftFileLease", None)
+    if lease_cls is None:
+        pytest.skip("this filelock has no SoftFileLease")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    c = DecisionCache(isolated)
+    assert c.persistent  # loaded: v2/ exists
+    kid = make_decision(3).key_id
+    os.symlink(elsewhere, isolated / "v2" / "locks")
+    with c.tuning_lock(kid) as held:
+        assert held.result.value == "unavailable"  # the cross-process lock is refused, with a warning; tuning goes on
+        assert os.listdir(elsewhere) == []
+    assert _warnings(caplog, "tuning locks")
+    theirs = lease_cls(str(isolated / "v2" / "locks" / f"{kid}.lock"), lease_duration=5.0, heartbeat_interval=0.5)
+    theirs.acquire(timeout=5)
+    try:
+        assert os.listdir(elsewhere) == [f"{kid}.lock"]  # followed the link
+    finally:
+        theirs.release()
