@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -51,6 +52,18 @@ _SCHEMA_FILE = codec.SCHEMA_FILE
 _ID = codec.ID
 
 
+_caches: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:  # a thread of the parent may have held a cache's mutex at fork
+    for cache in list(_caches):
+        cache._mutex = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class DecisionCache(WholeCache, Leases):
     """Decisions in memory, backed by one file per decision. Thread-safe; one per process by default."""
 
@@ -58,6 +71,7 @@ class DecisionCache(WholeCache, Leases):
         self._directory = Path(directory) if directory is not None else None
         self._mutex = threading.RLock()
         self._locks = lock.KeyLocks()
+        _caches.add(self)
         self.listeners: list = []  # called with a key id (None: any key) when decisions change
         self._reset_state()
 
@@ -270,6 +284,7 @@ class DecisionCache(WholeCache, Leases):
 
     def _remember(self, decision: Decision) -> None:
         with self._mutex:
+            self._indexed.add(decision.key_id)
             if decision.key_id not in self._pending:
                 self._entries[decision.key_id] = decision
             group = group_of(decision)
