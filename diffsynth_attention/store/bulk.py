@@ -103,7 +103,7 @@ class WholeCache:
                             continue
                         try:
                             data, _ = fs.read_secure(vfd, f"{kid}.json", MAX_ENTRY_BYTES)
-                            raw[kid] = codec.parse_entry_raw(data, kid, self.path / f"{kid}.json")
+                            raw[kid] = codec.parse_entry_raw(data, kid, f"{kid}.json")
                         except FileNotFoundError:
                             continue
                         except (fs.Refused, CacheFileError) as exc:
@@ -129,6 +129,7 @@ class WholeCache:
         has not seen yet (the folder is listed, no known entry is read again)."""
         self._ensure_loaded()
         self._scan(only_new=True)
+        self._group_new()
         tol = config.tolerance() if tolerance is None else tolerance
         return [d for d in self._groups.get(group, {}).values() if d.trusted_under(tol)]
 
@@ -146,6 +147,7 @@ class WholeCache:
                     self._pending.pop(k, None)
             self._groups.clear()
             self._indexed.clear()
+            self._ungrouped = []
         bad: list = []
         with self._folder(create=False) as vfd:
             if vfd is not None:

@@ -81,6 +81,7 @@ class DecisionCache(WholeCache, Leases):
         self._blocked: dict = {}  # key id -> why: an entry file that exists but cannot be read (never overwritten)
         self._groups: dict = {}  # neighbour group -> {key id: decision}: the neighbour index
         self._indexed: set = set()  # key ids the neighbour index has seen on disk
+        self._ungrouped: list = []  # decisions remembered but not yet in the neighbour index
         self._loaded = False
         self._loaded_from: Optional[Path] = None
         self._persistent = True  # False: the folder is not to be trusted, memory only for good
@@ -231,7 +232,7 @@ class DecisionCache(WholeCache, Leases):
             return None
         self._blocked.pop(kid, None)
         try:
-            return codec.parse_entry(data, kid, self.path / name)
+            return codec.parse_entry(data, kid, name)  # (the folder is named where it is reported)
         except CacheFileError as exc:
             reason = exc.reason
         except Exception as exc:  # a validator bug must not break a call: a miss like any bad entry
@@ -287,9 +288,16 @@ class DecisionCache(WholeCache, Leases):
             self._indexed.add(decision.key_id)
             if decision.key_id not in self._pending:
                 self._entries[decision.key_id] = decision
-            group = group_of(decision)
-            if group is not None:
-                self._groups.setdefault(group, {})[decision.key_id] = decision
+            self._ungrouped.append(decision)  # grouped when a neighbour is first looked for
+
+    def _group_new(self) -> None:
+        """Put the decisions remembered since into the neighbour index (a hash of each key, once)."""
+        with self._mutex:
+            todo, self._ungrouped = self._ungrouped, []
+            for decision in todo:
+                group = group_of(decision)
+                if group is not None:
+                    self._groups.setdefault(group, {})[decision.key_id] = decision
 
     def _trusted(self, decision: Optional[Decision], tolerance: Optional[float]) -> Optional[Decision]:
         if decision is None:
