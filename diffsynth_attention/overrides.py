@@ -26,12 +26,10 @@ scope_get = scope.get
 class TraceState:
     """What ``torch.compile`` guards on (Dynamo guards the attributes a traced function reads;
     it cannot read contextvars). ``scope``: the innermost ``use_backend`` of the process, a
-    mirror of the contextvar; ``epoch``: bumped whenever a dispatcher learns a decision, read
-    only by graphs traced before their key had one."""
+    mirror of the contextvar."""
 
     def __init__(self) -> None:
         self.scope = None
-        self.epoch = 0
 
 
 TRACE = TraceState()

@@ -17,7 +17,7 @@ cheapest way to call the same kernel by hand (``F.scaled_dot_product_attention``
 the ATen operator for the ``torch_*`` backends, the package function for kernel packages),
 interleaved blocks, at least 20,000 calls each.
 
-Run by ``scripts/benchmark.py --compiled`` (or directly); writes
+Run directly; writes
 benchmarks/results/<device>-<date>-compiled.{json,md}.
 """
 
@@ -25,86 +25,58 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-_aten = torch.ops.aten
-
-
-def cheapest_call(name: str, q, k, v):
-    """The cheapest hand-written call of backend ``name`` on ``b n s d`` tensors (no mask, not causal)."""
-    from diffsynth_attention.backends import REGISTRY
-    from diffsynth_attention.backends.torch_sdpa import _SDPA
-
-    if name == "torch":
-        return lambda: _SDPA(q, k, v)
-    if name == "torch_math":
-        return lambda: _aten._scaled_dot_product_attention_math(q, k, v)
-    if name == "torch_flash":
-        if q.device.type == "cpu":
-            return lambda: _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-        return lambda: _aten._scaled_dot_product_flash_attention(q, k, v)
-    if name == "torch_efficient":
-        return lambda: _aten._scaled_dot_product_efficient_attention(q, k, v, None, False)
-    if name == "torch_cudnn":
-        return lambda: _aten._scaled_dot_product_cudnn_attention(q, k, v, None, False)
-    backend = REGISTRY[name]
-    backend.unavailable_reason()
-    func = backend._func
-    qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
-    if name == "sage_attention":
-        return lambda: func(q, k.clone(), v, tensor_layout="HND")
-    if name == "xformers":
-        return lambda: func(qs, ks, vs)
-    return lambda: func(qs, ks, vs)
+from diffsynth_attention.tools.bench import direct_call, environment, hit_overhead, host_us, interleaved, save_result  # noqa: E402
 
 
-def hit_overhead(device, backend: str | None = None, calls: int = 20000, blocks: int = 40) -> dict:
-    """Host time per call: ``attention_forward`` (a cache hit) minus the cheapest hand-written call."""
+def operator_overhead(device, calls: int = 10000, blocks: int = 20) -> list:
+    """Host time per call of this library's two graph operators, each against what it wraps:
+    the run-time operator ``diffsynth_attention::dispatch`` (what a graph with symbolic sizes
+    calls) against the decided backend's cheapest hand-written call, and the kernel operator
+    ``diffsynth_attention::kernel`` against the kernel package's own function, for every kernel
+    package that is usable here. Caller layout ``b s n d``, small problem (host-bound)."""
     import diffsynth_attention as da
+    from diffsynth_attention.dispatch import compiled, default_dispatcher
 
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q = torch.randn(1, 2, 16, 64, device=device, dtype=dt)
-    k, v = torch.randn_like(q), torch.randn_like(q)
+    qs = torch.randn(1, 16, 2, 64, device=device, dtype=dt)
+    ks, vs = torch.randn_like(qs), torch.randn_like(qs)
+    q, k, v = (t.transpose(1, 2) for t in (qs, ks, vs))  # b n s d views of b s n d tensors
+    pat = "b s n d"
+    token = default_dispatcher().trace_token
+    rows = []
     with torch.no_grad():
-        if backend is None:
-            backend = da.explain(q, k, v).backend
-            scope = da.use_backend("auto")
-        else:
-            scope = da.use_backend(backend)
-        direct = cheapest_call(backend, q, k, v)
-        per = max(1, calls // blocks)
-        host = {"direct": [], "dispatched": []}
-        with scope:
-            def dispatched():
-                da.attention_forward(q, k, v)
-
-            for fn in (direct, dispatched):
-                for _ in range(500):
-                    fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            for i in range(blocks):
-                order = (("direct", direct), ("dispatched", dispatched)) if i % 2 == 0 else (("dispatched", dispatched), ("direct", direct))
-                for name, fn in order:
-                    t0 = time.perf_counter()
-                    for _ in range(per):
-                        fn()
-                    host[name].append((time.perf_counter() - t0) / per * 1e6)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()  # keep the launch queue from filling: host time only
-    d, a = statistics.median(host["direct"]), statistics.median(host["dispatched"])
-    return {"device": str(device), "backend": backend, "calls_each": per * blocks, "direct_us": d, "dispatched_us": a,
-            "overhead_us": a - d}
+        decision = da.explain(qs, ks, vs, pat, pat, pat, pat).backend
+        direct = direct_call(decision, q, k, v)
+        t = host_us({"direct": direct,
+                      "runtime_op": lambda: compiled.dispatch_op(qs, ks, vs, pat, pat, pat, pat, None, None, None, False,
+                                                                 None, False, token)}, device, calls, blocks)
+        rows.append({"operator": "diffsynth_attention::dispatch", "device": str(device), "backend": decision,
+                     "direct_us": t["direct"], "operator_us": t["runtime_op"], "overhead_us": t["runtime_op"] - t["direct"]})
+        for name, why in da.available_backends().items():
+            if why is not None or name.startswith("torch"):
+                continue
+            try:
+                direct = direct_call(name, q, k, v)
+                direct()
+                kern = lambda n=name: compiled.kernel_op(n, q, k, v, None, None, False, None)  # noqa: E731
+                kern()
+            except Exception as exc:  # a package that cannot serve this problem here: say so
+                rows.append({"operator": "diffsynth_attention::kernel", "backend": name,
+                             "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+                continue
+            t = host_us({"direct": direct, "kernel_op": kern}, device, calls, blocks)
+            rows.append({"operator": "diffsynth_attention::kernel", "device": str(device), "backend": name,
+                         "direct_us": t["direct"], "operator_us": t["kernel_op"], "overhead_us": t["kernel_op"] - t["direct"]})
+    return rows
 
 
 class AttnModule(torch.nn.Module):
@@ -167,7 +139,6 @@ def manual_graph(fn, q, k, v):
 
 def compiled_rows(shapes: list, device, layouts, samples: int, modes=("default", "reduce-overhead")) -> list:
     import diffsynth_attention as da
-    from benchmark import interleaved
     from diffsynth_attention.tools.inputs import make_inputs
 
     rows = []
@@ -224,7 +195,6 @@ def compiled_rows(shapes: list, device, layouts, samples: int, modes=("default",
 
 def cpu_small_module(samples: int = 15) -> dict:
     """The CPU target: a small compiled module through attention_forward vs the same through SDPA."""
-    from benchmark import interleaved
 
     import diffsynth_attention as da
 
@@ -298,6 +268,16 @@ def write_markdown(result: dict, path: Path) -> None:
         c = result["cpu_small_module"]
         lines += ["", f"CPU, small compiled module ({c['problem']}, decision {c['decision']}): attention_forward "
                   f"{c['times_ms']['auto_compiled']:.4f} ms vs SDPA {c['times_ms']['sdpa_compiled']:.4f} ms: {c['ratio']:.3f}x"]
+    ops = result.get("operator_overhead") or []
+    if ops:
+        lines += ["", "## Graph operators' host overhead (b s n d caller, small problem, us per call, interleaved)", "",
+                  "| operator | backend | direct | operator | overhead |", "|---|---|---|---|---|"]
+        for o in ops:
+            if "error" in o:
+                lines.append(f"| {o['operator']} | {o['backend']} | - | - | {o['error']} |")
+            else:
+                lines.append(f"| {o['operator']} | {o['backend']} | {o['direct_us']:.1f} | {o['operator_us']:.1f} | "
+                             f"{o['overhead_us']:.1f} |")
     lines += ["", "## Targets", "", "| target | met | value |", "|---|---|---|"]
     for name, t in result["summary"].items():
         lines.append(f"| {name} | {'yes' if t['met'] else '**no**'} | {t['value']} |")
@@ -305,8 +285,6 @@ def write_markdown(result: dict, path: Path) -> None:
 
 
 def run(args) -> dict:
-    from benchmark import environment
-
     from diffsynth_attention.tools.shapes import load_shapes_file, select_presets
 
     device = torch.device(args.device)
@@ -318,9 +296,10 @@ def run(args) -> dict:
     overhead = [hit_overhead(torch.device("cpu")), hit_overhead(torch.device("cpu"), "torch")]
     if device.type == "cuda":
         overhead += [hit_overhead(device), hit_overhead(device, "torch")]
+    operators = operator_overhead(device)
     cpu = cpu_small_module() if args.cpu_module else None
     return {"environment": environment(device), "samples": args.samples, "rows": rows, "hit_overhead": overhead,
-            "cpu_small_module": cpu, "summary": summarize(rows, overhead, cpu)}
+            "operator_overhead": operators, "cpu_small_module": cpu, "summary": summarize(rows, overhead, cpu)}
 
 
 def main(argv=None) -> int:
@@ -339,8 +318,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.keep_cache:
         os.environ.setdefault("DIFFSYNTH_ATTENTION_CACHE_DIR", tempfile.mkdtemp(prefix="da-bench-compiled-"))
-    from benchmark import save_result
-
     result = run(args)
     path = save_result(result, args.out, args.tag, "-compiled", write_markdown)
     print(Path(f"{path}.md").read_text())

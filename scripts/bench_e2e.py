@@ -115,6 +115,8 @@ def parse_args(argv=None):
                    help="keep the models of an existing output file of the same name (those not run again); "
                         "for a run split over several commands")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolutions", action=argparse.BooleanOptionalAction, default=False,
+                   help="also the 6-resolution loop (one Wan model, default torch.compile, plain and routed)")
     a = p.parse_args(argv)
     small = a.small
     a.tokens = [int(t) for t in (a.tokens or ("64" if small else "1560,32760")).split(",") if t]
@@ -131,7 +133,7 @@ def parse_args(argv=None):
     for m in a.models:
         if m not in ("wan", "flux", "unet"):
             p.error(f"--models: unknown model {m!r} (wan, flux, unet)")
-    a.modes = [m for m, on in (("eager", a.eager), ("compile", a.compile)) if on]
+    a.modes = [m for m, on in (("eager", a.eager), ("compile-default", a.compile), ("compile", a.compile)) if on]
     if not a.modes:
         p.error("--no-eager and --no-compile leave nothing to run")
     return a
@@ -173,7 +175,7 @@ def factor2(n: int):
 # --------------------------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------------------------
-def build_wan(args, tokens, device, dtype):
+def build_wan(args, tokens, device, dtype, model=None):
     from diffusers import WanTransformer3DModel
 
     if args.small:
@@ -189,9 +191,10 @@ def build_wan(args, tokens, device, dtype):
     else:
         a, b = factor2(tokens)
         frames, h, w = 1, 2 * a, 2 * b
-    with torch.device(device):
-        model = WanTransformer3DModel(**cfg)
-    model = model.to(dtype=dtype).eval()
+    if model is None:
+        with torch.device(device):
+            model = WanTransformer3DModel(**cfg)
+        model = model.to(dtype=dtype).eval()
     x = torch.randn(1, cfg["in_channels"], frames, h, w, device=device, dtype=dtype)
     t = torch.tensor([500], device=device)
     text = torch.randn(1, text_len, cfg["text_dim"], device=device, dtype=dtype)
@@ -536,38 +539,130 @@ def run_mode(mode, model, inputs, ref, patch, device, args, da):
                     res[variant]["profile"] = profile_summary(fns[variant], device, args.profile_iters, args.profile_top)
         patch.set(False)
     else:
-        from torch._dynamo.utils import counters
-        for variant in ("plain", "dispatcher"):
-            patch.set(variant == "dispatcher")
-            torch._dynamo.reset()
-            counters.clear()
-            before = da.stats()
-            try:
-                compiled = torch.compile(model, dynamic=False, mode=args.compile_mode)
-                fn = forward(compiled)
-                with torch.no_grad():
-                    out, first = first_calls(fn, device, args.warmup)
-                    after = da.stats()
-                    r = {"first_call_s": first, "output_rel_l1_vs_eager_plain": rel_l1(out, ref),
-                         "tunings_in_first_calls": after["tunings"] - before["tunings"], "dynamo": dynamo_counts(),
-                         "device_ms": [], "host_ms": []}
-                    for _ in range(args.iters):
-                        d, h = timed_forward(fn, device)
-                        r["device_ms"].append(d)
-                        r["host_ms"].append(h)
-                    if args.profile:
-                        r["profile"] = profile_summary(fn, device, args.profile_iters, args.profile_top)
-                    r["dynamo_after_timing"] = dynamo_counts()
-                res[variant] = r
-            except Exception as exc:
-                res[variant] = {"error": f"{type(exc).__name__}: {str(exc)[:600]}", "traceback": traceback.format_exc()[-2000:]}
-            patch.set(False)
-        torch._dynamo.reset()
+        res = run_compiled(mode, model, forward, inputs, ref, patch, device, args, da)
     for r in res.values():
         if r.get("device_ms"):
             r["median_ms"] = statistics.median(r["device_ms"])
             r["median_host_ms"] = statistics.median(r["host_ms"])
+            q = statistics.quantiles(r["device_ms"], n=4) if len(r["device_ms"]) > 1 else [r["median_ms"]] * 3
+            r["spread_ms"] = [q[0], q[2]]  # interquartile range
     return res
+
+
+class Routed(torch.nn.Module):
+    """``model`` with ``with da.patch_sdpa():`` inside its forward: compiled, it routes in its own
+    graph, so plain and routed graphs live side by side and can be called alternately."""
+
+    def __init__(self, model, da):
+        super().__init__()
+        self.model, self.da = model, da
+
+    def forward(self, **kw):
+        with self.da.patch_sdpa():
+            return self.model(**kw)
+
+
+COMPILE_DYNAMIC = {"compile": False, "compile-default": None}
+
+
+def run_compiled(mode, model, forward, inputs, ref, patch, device, args, da):
+    """Both variants compiled (``compile``: dynamic=False; ``compile-default``: torch.compile's
+    default), then timed interleaved: plain, routed, routed, plain, ... one forward each."""
+    from torch._dynamo.utils import counters
+
+    from diffsynth_attention.integrations import patching
+
+    patch.set(False)
+    torch._dynamo.reset()
+    counters.clear()
+    # The pass-through wrapper in front of SDPA for both variants alike (a routed graph puts it there).
+    F.scaled_dot_product_attention = patching.scaled_dot_product_attention
+    res, fns = {}, {}
+    try:
+        for variant in ("plain", "dispatcher"):
+            before = da.stats()
+            try:
+                target = model if variant == "plain" else Routed(model, da)
+                fn = forward(torch.compile(target, dynamic=COMPILE_DYNAMIC[mode], mode=args.compile_mode))
+                with torch.no_grad():
+                    out, first = first_calls(fn, device, args.warmup)
+                after = da.stats()
+                res[variant] = {"first_call_s": first, "output_rel_l1_vs_eager_plain": rel_l1(out, ref),
+                                "tunings_in_first_calls": after["tunings"] - before["tunings"],
+                                "device_ms": [], "host_ms": []}
+                fns[variant] = fn
+            except Exception as exc:
+                res[variant] = {"error": f"{type(exc).__name__}: {str(exc)[:600]}",
+                                "traceback": traceback.format_exc()[-2000:]}
+        with torch.no_grad():  # both compiled once more with the wrapper in place, then stable
+            for fn in fns.values():
+                fn()
+        res_dynamo = dynamo_counts()
+        live = list(fns)
+        with torch.no_grad():
+            for i in range(args.iters):
+                for variant in (live if i % 2 == 0 else live[::-1]):
+                    d, h = timed_forward(fns[variant], device)
+                    res[variant]["device_ms"].append(d)
+                    res[variant]["host_ms"].append(h)
+            if args.profile:
+                for variant in live:
+                    res[variant]["profile"] = profile_summary(fns[variant], device, args.profile_iters, args.profile_top)
+        for variant in live:
+            res[variant]["dynamo"] = res_dynamo
+            res[variant]["dynamo_after_timing"] = dynamo_counts()
+    finally:
+        F.scaled_dot_product_attention = _ORIGINAL_SDPA
+        torch._dynamo.reset()
+    return res
+
+
+def resolution_loop(args, device, dtype, da) -> dict:
+    """One process renders 6 Wan resolutions (twice each) with the default torch.compile, plain
+    and routed: compiles, compiled-graph runs, and the dispatcher's tunings."""
+    from diffsynth_attention.integrations import patching
+
+    token_sets = [64, 96, 128, 160, 192, 256] if args.small else [1560, 2340, 3120, 3600, 4680, 6240]
+    out = {"tokens": token_sets}
+    F.scaled_dot_product_attention = patching.scaled_dot_product_attention
+    try:
+        for variant in ("plain", "dispatcher"):
+            torch._dynamo.reset()
+            stats = {"compiles": 0, "graph_runs": 0}
+
+            def backend(gm, example_inputs):
+                from torch._inductor.compile_fx import compile_fx
+
+                stats["compiles"] += 1
+                inner = compile_fx(gm, example_inputs)
+
+                def run(*a):
+                    stats["graph_runs"] += 1
+                    return inner(*a)
+                return run
+
+            torch.manual_seed(args.seed)
+            t0 = time.perf_counter()
+            before = da.stats()
+            per_res = []
+            model = build_wan(args, token_sets[0], device, dtype)[1]
+            target = model if variant == "plain" else Routed(model, da)
+            compiled = torch.compile(target, backend=backend)
+            for tok in token_sets:
+                inputs = build_wan(args, tok, device, dtype, model=model)[2]
+                runs0 = stats["graph_runs"]
+                with torch.no_grad():
+                    for _ in range(2):
+                        compiled(**inputs())
+                sync(device)
+                per_res.append({"tokens": tok, "graph_runs": stats["graph_runs"] - runs0, "compiles_so_far": stats["compiles"]})
+            del model, target, compiled
+            out[variant] = {"compiles": stats["compiles"], "graph_runs": stats["graph_runs"], "per_resolution": per_res,
+                            "tunings": da.stats()["tunings"] - before["tunings"], "seconds": time.perf_counter() - t0}
+    finally:
+        F.scaled_dot_product_attention = _ORIGINAL_SDPA
+        torch._dynamo.reset()
+    return out
 
 
 def explain_mode(mode, variants, problems):
@@ -626,6 +721,11 @@ def write_markdown(result, path: Path):
              "| model | mode | plain | dispatcher | speedup | attention sdpa | attention disp | non-attention plain | "
              "non-attention disp | unexplained | host plain | host disp |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    loop = result.get("resolution_loop")
+    if loop:
+        lines += ["", f"6-resolution loop (default torch.compile, tokens {loop['tokens']}, two forwards each): "
+                  + "; ".join(f"{v}: {loop[v]['compiles']} compiles, {loop[v]['graph_runs']} compiled-graph runs, "
+                              f"{loop[v]['tunings']} tunings" for v in ("plain", "dispatcher") if v in loop), ""]
     for m in result["models"]:
         for mode, e in m.get("explanation", {}).items():
             lines.append(f"| {m['name']} | {mode} | {fmt(e.get('plain_ms'))} | {fmt(e.get('dispatcher_ms'))} | "
@@ -701,10 +801,16 @@ def main(argv=None) -> int:
             "host_ms: time until the Python call returned (close to device ms when the host is the bottleneck).",
             "Per-problem times: back-to-back calls of one problem (Timer), so host overhead that a model would hide behind "
             "other kernels counts here; compiled per-problem times come from a compiled one-call function.",
-            "Eager variants are interleaved; compiled variants run one after the other, each compiled afresh (dynamic=False).",
+            "Every mode is timed interleaved (plain, dispatcher, dispatcher, plain, ...). compile: dynamic=False; "
+            "compile-default: torch.compile's default (automatic dynamic shapes). The compiled dispatcher variant is the "
+            "model wrapped in `with da.patch_sdpa():` (routed in its own graph), so both graphs stay compiled side by side.",
         ],
         "models": [],
     }
+    if args.resolutions:
+        print("== 6-resolution loop", flush=True)
+        result["resolution_loop"] = resolution_loop(args, device, dtype, da)
+        print(json.dumps(result["resolution_loop"])[:2000], flush=True)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     kept = []
     if args.append and json_path.exists():
@@ -749,7 +855,7 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     time_problems_eager(problems, da, patch, device, args.samples)
                     phases["eager_per_problem"] = time.perf_counter() - t0
-                if mode == "compile" and args.compiled_attention:
+                if mode == "compile" and args.compiled_attention:  # dynamic=False: per-problem compiled times
                     t0 = time.perf_counter()
                     time_problems_compiled(problems, patch, device, args.samples, args.compile_mode)
                     phases["compiled_per_problem"] = time.perf_counter() - t0

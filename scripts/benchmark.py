@@ -25,11 +25,7 @@ Writes benchmarks/results/<device>-<date>.json, .md and .png.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -47,34 +43,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-from diffsynth_attention.tuning.timing import interleaved  # noqa: E402
-
-
-def geomean(xs):
-    xs = [x for x in xs if x and x > 0]
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
-
-
-def environment(device) -> dict:
-    import diffsynth_attention as da
-    from diffsynth_attention.backends import REGISTRY
-
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "diffsynth_attention": da.__version__,
-        "packages": {b.package: b.version() for b in REGISTRY.values() if b.package},
-        "backends": da.available_backends(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env["capability"] = f"{props.major}.{props.minor}"
-        env["sm_count"] = props.multi_processor_count
-    return env
+from diffsynth_attention.tools.bench import environment, geomean, interleaved, save_result  # noqa: E402,F401
 
 
 def fixed_priority(problem, dev):
@@ -154,7 +123,7 @@ def run(args) -> dict:
         del q, k, v
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    from bench_compiled import hit_overhead  # the cheapest hand-written call of the same kernel as the baseline
+    from diffsynth_attention.tools.bench import hit_overhead  # against the cheapest hand-written call of the kernel
 
     overhead = [hit_overhead(torch.device("cpu"))]
     if device.type == "cuda":
@@ -253,18 +222,6 @@ def write_chart(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def save_result(result: dict, out_dir, tag, suffix: str, write_md) -> Path:
-    """Write ``<device>-<date><suffix>.json`` and ``.md`` (or ``<tag>.*``) under ``out_dir``;
-    returns the path without its extension."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device_name = result["environment"]["device"].replace("NVIDIA ", "").replace(" ", "-")
-    stem = out / (tag or f"{device_name}-{datetime.date.today().isoformat()}{suffix}")
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    write_md(result, Path(f"{stem}.md"))
-    return stem
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -276,15 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--tag", default=None, help="file name stem (default <device>-<date>)")
     parser.add_argument("--keep-cache", action="store_true", help="use the user's cache instead of a fresh one")
-    parser.add_argument("--repeat-tuning", type=int, default=0, metavar="N",
-                        help="tune every problem in N fresh processes and report how often decisions agree "
-                             "(scripts/tuning_report.py; writes <device>-<date>-tuning-repeat.{json,md})")
     args = parser.parse_args(argv)
-    if args.repeat_tuning:
-        import tuning_report
-
-        tuning_report.repeat_from_benchmark(args)
-        return 0
     if not args.keep_cache:
         os.environ["DIFFSYNTH_ATTENTION_CACHE_DIR"] = tempfile.mkdtemp(prefix="da-bench-")
     result = run(args)

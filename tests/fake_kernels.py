@@ -62,10 +62,40 @@ def make_fa3(returns_tuple=True):
     return mod
 
 
+def _lse_bsnd(q, k, scale, causal, window):
+    """The log-sum-exp FlashAttention returns: (b, n, s_q), fp32, bottom-right alignment."""
+    b, sq, hq, d = q.shape
+    skv, hk = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(hq // hk, dim=2)
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    i = torch.arange(sq).unsqueeze(1) + (skv - sq)
+    j = torch.arange(skv).unsqueeze(0)
+    if causal:
+        s = s.masked_fill(j > i, float("-inf"))
+    return torch.logsumexp(s, -1)
+
+
 def make_fa4():
+    """flash_attn.cute with flash_attn_func (out, lse) and the interface's _flash_attn_bwd; every
+    forward and backward call is recorded ("fa4", "fa4_bwd")."""
     pkg = types.ModuleType("flash_attn")
     pkg.__path__ = []
     cute = types.ModuleType("flash_attn.cute")
+    cute.__path__ = []
+    interface = types.ModuleType("flash_attn.cute.interface")
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0, window_size_left=None,
+                        window_size_right=None, **kw):
+        Recorder.calls.append(("fa4_bwd", q, k, v, dict(softmax_scale=softmax_scale, causal=causal)))
+        assert torch.allclose(lse, _lse_bsnd(q, k, softmax_scale, causal, None), atol=1e-4), "lse is not the forward's"
+        with torch.enable_grad():
+            qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+            o = _attend_bsnd(qd, kd, vd, softmax_scale, causal, (window_size_left, window_size_right))
+            return torch.autograd.grad(o, (qd, kd, vd), dout)
+
+    interface._flash_attn_bwd = _flash_attn_bwd
+    cute.interface = interface
 
     def flash_attn_func(q, k, v, qv=None, gather_kv_indices=None, softmax_scale=None, causal=False,
                         window_size=(None, None), learnable_sink=None, softcap=0.0, num_splits=1, pack_gqa=None,
@@ -74,7 +104,7 @@ def make_fa4():
                         gather_bwd_recompute_p=False, gather_bwd_token_chunk=None):
         Recorder.calls.append(("fa4", q, k, v, dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size)))
         out = _attend_bsnd(q, k, v, softmax_scale, causal, window_size)
-        return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+        return out, _lse_bsnd(q, k, softmax_scale, causal, window_size)
 
     cute.flash_attn_func = flash_attn_func
     pkg.cute = cute

@@ -4,18 +4,14 @@ Every compile here uses fullgraph=True, so a graph break fails the test. A Compi
 backend records the graphs, so the tests can check which operator each graph calls."""
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
 
 import diffsynth_attention as da
 from diffsynth_attention.integrations import patching
 
+from compile_helpers import Recorder
 from helpers import full_reference, qkv, rel
 
 BSND = ("b s n d",) * 4
-
-
-def targets(counter) -> list:
-    return [str(n.target) for n in counter.graphs[-1].graph.nodes if n.op == "call_function"]
 
 
 def bsnd(b=2, hq=4, s=32, d=16, seed=0):
@@ -40,22 +36,18 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_new_key_runs_the_runtime_operator_then_recompiles_once_with_the_decision():
+def test_new_key_is_tuned_at_trace_time_and_baked_in_the_first_graph():
     (q, k, v), canon = bsnd()
-    counter = CompileCounterWithBackend("eager")
-    model = torch.compile(Attn(), fullgraph=True, backend=counter)
+    rec = Recorder()
+    model = torch.compile(Attn(), fullgraph=True, backend=rec)
     with torch.no_grad():
-        out1 = model(q, k, v)
-        assert "diffsynth_attention.attention.default" in targets(counter)  # no decision at trace time
-        assert da.stats()["tunings"] == 1  # the operator tuned on the first real call
-        out2 = model(q, k, v)
-        assert counter.frame_count == 2  # one recompile, guarded on the new decision
-        baked = targets(counter)
-        assert not any("diffsynth_attention" in t for t in baked)  # the backend itself, no dispatcher
-        out3 = model(q, k, v)
-        assert counter.frame_count == 2  # and no more
+        outs = [model(q, k, v) for _ in range(3)]
+    assert da.stats()["tunings"] == 1  # tuned once, while the graph was traced
+    assert rec.compiles == 1 and rec.runs == 3  # no recompile once the decision exists
+    assert not any("diffsynth_attention" in t for t in rec.targets())  # the backend itself, no dispatcher
+    assert not any("contiguous" in t or "clone" in t or "copy" in t for t in rec.targets())
     ref = full_reference(*canon).transpose(1, 2)
-    for out in (out1, out2, out3):
+    for out in outs:
         assert rel(out, ref) < 1e-5
 
 
@@ -64,51 +56,75 @@ def test_known_key_is_baked_at_first_trace_with_no_layout_round_trip():
     with torch.no_grad():
         da.attention_forward(q, k, v, *BSND)  # decision known before compiling
         hits = da.stats()["hits"]
-        counter = CompileCounterWithBackend("eager")
-        model = torch.compile(Attn(), fullgraph=True, backend=counter)
+        rec = Recorder()
+        model = torch.compile(Attn(), fullgraph=True, backend=rec)
         out = model(q, k, v)
         out = model(q, k, v)
-    assert counter.frame_count == 1
-    names = targets(counter)
+    assert rec.compiles == 1
+    names = rec.targets()
     assert not any("diffsynth_attention" in t for t in names)
     assert not any("contiguous" in t or "clone" in t for t in names)  # no defensive copy
     assert da.stats()["hits"] == hits  # the eager dispatcher never ran
+    assert da.stats()["tunings"] == 1
     assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
+
+
+def test_a_new_decision_for_another_key_recompiles_no_graph():
+    """No process-wide epoch: graphs hold their backend, whatever the store learns later."""
+    (q, k, v), _ = bsnd()
+    rec = Recorder()
+    model = torch.compile(Attn(), fullgraph=True, backend=rec)
+    with torch.no_grad():
+        model(q, k, v)
+        (q2, k2, v2), _ = bsnd(s=48)
+        da.attention_forward(q2, k2, v2, *BSND)  # another key tuned eagerly
+        model(q, k, v)
+    assert da.stats()["tunings"] == 2
+    assert rec.compiles == 1 and rec.runs == 2
+
+
+FLASH_CPU = "aten._scaled_dot_product_flash_attention_for_cpu.default"
+
+
+def math_graph(names) -> bool:
+    """torch_math decomposes under AOTAutograd: matmuls and a softmax, no fused kernel."""
+    return any("bmm" in t for t in names) and not any("scaled_dot_product" in t for t in names)
 
 
 def test_use_backend_selects_another_compiled_version():
     (q, k, v), canon = bsnd()
-    counter = CompileCounterWithBackend("eager")
-    model = torch.compile(Attn(), fullgraph=True, backend=counter)
+    rec = Recorder()
+    model = torch.compile(Attn(), fullgraph=True, backend=rec)
     with torch.no_grad():
         with da.use_backend("torch_math"):
             out = model(q, k, v)
-            assert any("_scaled_dot_product_attention_math" in t for t in targets(counter))
+            assert math_graph(rec.targets())
         assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
-        model(q, k, v)  # leaving the scope: traced again for "auto"
-        assert counter.frame_count == 2
-        assert not any("_math" in t for t in targets(counter))
+        with da.use_backend("torch_flash"):
+            model(q, k, v)  # another scope: traced again
+        assert rec.compiles == 2
+        assert FLASH_CPU in rec.targets()
         with da.use_backend("torch_math"):
             model(q, k, v)
-        assert counter.frame_count <= 3  # re-entering reuses the torch_math version (or the auto one recompiled)
+        assert rec.compiles == 2 and rec.runs == 3  # re-entering reuses the torch_math version
 
 
 def test_implementation_variable_is_read_at_trace_time(monkeypatch):
     (q, k, v), _ = bsnd()
-    monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "torch_math")
-    counter = CompileCounterWithBackend("eager")
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "torch_flash")
+    rec = Recorder()
     with torch.no_grad():
-        torch.compile(Attn(), fullgraph=True, backend=counter)(q, k, v)
-    assert any("_scaled_dot_product_attention_math" in t for t in targets(counter))
+        torch.compile(Attn(), fullgraph=True, backend=rec)(q, k, v)
+    assert FLASH_CPU in rec.targets()
 
 
 @pytest.mark.parametrize("mode", ["global", "scoped"])
 def test_patch_sdpa_under_fullgraph_routes_to_the_tuned_backend(mode, monkeypatch):
     q, k, v = qkv()
-    counter = CompileCounterWithBackend("eager")
-    model = torch.compile(SDPAModule(), fullgraph=True, backend=counter)
+    rec = Recorder()
+    model = torch.compile(SDPAModule(), fullgraph=True, backend=rec)
     with torch.no_grad():
-        with da.use_backend("torch_math"):  # a visible choice: the math kernel
+        with da.use_backend("torch_flash"):  # a visible choice: the flash kernel
             if mode == "global":
                 handle = da.patch_sdpa()
                 try:
@@ -118,23 +134,43 @@ def test_patch_sdpa_under_fullgraph_routes_to_the_tuned_backend(mode, monkeypatc
             else:
                 with da.patch_sdpa():
                     out = model(q, k, v)
-            assert any("_scaled_dot_product_attention_math" in t for t in targets(counter))
+            assert FLASH_CPU in rec.targets()
             plain = model(q, k, v)  # routing off again: a guard recompiles to PyTorch's own SDPA
-            assert not any("_math" in t for t in targets(counter))
+            assert rec.compiles == 2 and "diffsynth" not in str(rec.forward_graphs[-1].code)
     assert torch.nn.functional.scaled_dot_product_attention is patching._ORIGINAL_SDPA
     ref = full_reference(q, k, v)
     assert rel(out, ref) < 1e-5 and rel(plain, ref) < 1e-5
 
 
-def test_dynamic_shapes_keep_the_runtime_operator():
-    counter = CompileCounterWithBackend("eager")
-    model = torch.compile(Attn(), fullgraph=True, backend=counter, dynamic=True)
+def test_symbolic_sizes_call_the_runtime_operator_without_copies():
+    rec = Recorder()
+    model = torch.compile(Attn(), fullgraph=True, backend=rec, dynamic=True)
     with torch.no_grad():
-        for s in (16, 24):
+        for s in (24, 40, 56):  # (not 16: duck sizing would tie s to d)
             (q, k, v), canon = bsnd(s=s)
             out = model(q, k, v)
             assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
-    assert "diffsynth_attention.attention.default" in targets(counter)
+            assert out.is_contiguous()  # b s n d in memory, as declared
+    assert rec.compiles == 1 and rec.runs == 3
+    names = rec.targets()
+    assert "diffsynth_attention.dispatch.default" in names
+    assert not any("contiguous" in t or "clone" in t or "copy" in t for t in names)
+
+
+@pytest.mark.parametrize("pattern", ["b s n d", "b n s d"])
+def test_runtime_operator_returns_the_declared_layout(pattern):
+    from diffsynth_attention.dispatch import compiled, default_dispatcher
+
+    (q, k, v), canon = bsnd()
+    if pattern == "b n s d":
+        q, k, v = canon
+    args = (q, k, v, pattern, pattern, pattern, pattern, None, None, None, False, None, False,
+            default_dispatcher().trace_token)
+    out = compiled.dispatch_op(*args)
+    fake = compiled._dispatch_fake(*args)
+    assert out.shape == fake.shape and out.stride() == fake.stride()
+    ref = full_reference(*canon)
+    assert rel(out if pattern == "b n s d" else out.transpose(1, 2), ref) < 1e-5
 
 
 def test_bad_input_raises_at_trace_time_naming_the_argument():
@@ -150,11 +186,11 @@ def test_compiled_gradients_use_the_backends_own_backward():
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     eager = da.attention_forward(q, k, v, *BSND)
     g_eager = torch.autograd.grad(eager.sum(), (q, k, v))
-    counter = CompileCounterWithBackend("eager")
-    model = torch.compile(Attn(), fullgraph=True, backend=counter)
+    rec = Recorder()
+    model = torch.compile(Attn(), fullgraph=True, backend=rec)
     out = model(q, k, v)
     g_comp = torch.autograd.grad(out.sum(), (q, k, v))
-    assert not any("diffsynth_attention" in t for t in targets(counter))  # ATen ops, with their own derivatives
+    assert not any("diffsynth_attention" in t for t in rec.targets())  # ATen ops, with their own derivatives
     for a, b in zip(g_comp, g_eager):
         assert rel(a, b) < 1e-5
 
@@ -167,9 +203,9 @@ def test_inductor_compiles_the_baked_graph():
     assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
 
 
-def test_kernel_package_is_one_thin_operator_on_the_callers_bsnd_tensors(monkeypatch):
-    """A FlashAttention decision compiles to diffsynth_attention::kernel, which hands FA the
-    caller's own b s n d tensors (no copy), and whose backward is FA's own (recomputed)."""
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    """FlashAttention-4 as a fake package on the CPU (fp32), registered as the backend."""
     import sys
 
     import fake_kernels as fk
@@ -179,25 +215,68 @@ def test_kernel_package_is_one_thin_operator_on_the_callers_bsnd_tensors(monkeyp
     pkg, cute = fk.make_fa4()
     monkeypatch.setitem(sys.modules, "flash_attn", pkg)
     monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", cute.interface)
     fa4 = type("FA4", (FlashAttention4,), {"devices": frozenset({"cpu"}), "dtypes": frozenset({torch.float32})})()
     monkeypatch.setitem(REGISTRY, "flash_attention_4", fa4)
     fk.Recorder.calls.clear()
+    return fk.Recorder.calls
+
+
+def test_kernel_package_is_one_thin_operator_on_the_callers_bsnd_tensors(fake_fa4):
+    """A FlashAttention decision compiles to diffsynth_attention::kernel, which hands FA the
+    caller's own b s n d tensors (no copy)."""
     (q, k, v), canon = bsnd()
-    counter = CompileCounterWithBackend("eager")
-    model = torch.compile(Attn(), fullgraph=True, backend=counter)
-    with da.use_backend("flash_attention_4"):
-        with torch.no_grad():
-            out = model(q, k, v)
-        assert "diffsynth_attention.kernel.default" in targets(counter)
-        name, qa, ka, va, _ = fk.Recorder.calls[-1]
-        assert name == "fa4" and qa.data_ptr() == q.data_ptr() and qa.stride() == q.stride()
-        assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
-        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-        grads = torch.autograd.grad(model(qg, kg, vg).sum(), (qg, kg, vg))
+    rec = Recorder()
+    model = torch.compile(Attn(), fullgraph=True, backend=rec)
+    with da.use_backend("flash_attention_4"), torch.no_grad():
+        out = model(q, k, v)
+    assert "diffsynth_attention.kernel.default" in rec.targets()
+    name, qa, ka, va, _ = fake_fa4[-1]
+    assert name == "fa4" and qa.data_ptr() == q.data_ptr() and qa.stride() == q.stride()
+    assert rel(out, full_reference(*canon).transpose(1, 2)) < 1e-5
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_training_through_a_kernel_package_saves_out_and_lse_and_never_reruns_the_forward(compiled, fake_fa4):
+    """fwd+bwd through FlashAttention-4 (the kernel operator, called as a compiled graph calls it,
+    or inside a compiled graph): one forward call that returns the log-sum-exp, one call of the
+    package's backward with that log-sum-exp (the fake checks it), gradients as SDPA's."""
+    from diffsynth_attention.dispatch import compiled as ops
+
+    (q, k, v), canon = bsnd()
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    if compiled:
+        rec = Recorder()
+        model = torch.compile(Attn(), fullgraph=True, backend=rec)
+        with da.use_backend("flash_attention_4"):
+            model(qg, kg, vg)  # compile (its trace runs no kernel)
+            fake_fa4.clear()
+            grads = torch.autograd.grad(model(qg, kg, vg).sum(), (qg, kg, vg))
+        assert "diffsynth_attention.kernel_lse.default" in rec.targets()
+    else:
+        out = ops.kernel_op("flash_attention_4", qg, kg, vg, None, None, False, None)
+        grads = torch.autograd.grad(out.sum(), (qg, kg, vg))
+    assert [c[0] for c in fake_fa4] == ["fa4", "fa4_bwd"]
     ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref_out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref)).transpose(1, 2)
     for g, r in zip(grads, torch.autograd.grad(ref_out.sum(), ref)):
         assert rel(g, r) < 1e-4
+
+
+def test_runtime_operator_backward_matches_sdpa():
+    """The run-time operator (symbolic sizes) differentiates the dispatcher's backend."""
+    rec = Recorder()
+    model = torch.compile(Attn(), fullgraph=True, backend=rec, dynamic=True)
+    for s in (24, 40):
+        (q, k, v), canon = bsnd(s=s)
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        grads = torch.autograd.grad(model(qg, kg, vg).sum(), (qg, kg, vg))
+        ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        ref_out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref)).transpose(1, 2)
+        for g, r in zip(grads, torch.autograd.grad(ref_out.sum(), ref)):
+            assert rel(g, r) < 1e-4
+    assert "diffsynth_attention.dispatch.default" in rec.targets()
+    assert rec.compiles == 1
 
 
 def test_non_finite_scale_raises_at_trace_time():

@@ -190,3 +190,32 @@ def test_compiled_backend_matches_fp32_forward_and_backward(name, mode, monkeypa
     ref_out = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf).transpose(1, 2)
     for got, want, which in zip(grads, torch.autograd.grad(ref_out, (qf, kf, vf), g.float()), "qkv"):
         assert relative_l1(got, want.transpose(1, 2)) < 0.02, f"{name} compiled d{which}"
+
+
+@pytest.mark.parametrize("pattern", ["b s n d", "b n s d"])
+def test_default_compile_bakes_then_runs_the_runtime_operator_without_copies(pattern, monkeypatch, tmp_path):
+    """Issue 20 on the GPU: the default torch.compile bakes its first shape's decision (tuned at
+    trace time), then with a symbolic sequence length calls the run-time operator, whose output
+    has the declared strides (no copy in the graph), for every later length without recompiling."""
+    from compile_helpers import Recorder
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    rec = Recorder()
+    pat = (pattern,) * 4
+    f = torch.compile(lambda q, k, v: da.attention_forward(q, k, v, *pat), fullgraph=True, backend=rec)
+    for s in (1000, 1560, 2200, 3120):
+        g = torch.Generator(device="cuda").manual_seed(s)
+        q, k, v = (torch.randn(1, s, 12, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        if pattern == "b n s d":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # b n s d views of b s n d memory, as models make them
+        with torch.no_grad():
+            out = f(q, k, v)
+        bnsd = (lambda t: t) if pattern == "b n s d" else (lambda t: t.transpose(1, 2))
+        ref = torch.nn.functional.scaled_dot_product_attention(*(bnsd(t).float() for t in (q, k, v)))
+        assert relative_l1(bnsd(out).float(), ref) < 0.01
+    assert rec.compiles == 2 and rec.runs == 4
+    assert not any("diffsynth" in t for t in rec.targets(0))  # the first shape: the backend itself
+    names = rec.targets(-1)
+    assert "diffsynth_attention.dispatch.default" in names
+    assert not any("clone" in t or "copy" in t or "contiguous" in t for t in names)

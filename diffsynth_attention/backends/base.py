@@ -343,6 +343,16 @@ class Backend:
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # Training under torch.compile (dispatch/compiled.py): a backend that has both of these saves
+    # its output and log-sum-exp in the forward and runs its own backward on them, on tensors in
+    # its native layout (``output_layout``). Without them the backward recomputes the forward.
+    forward_native_lse = None  # (q, k, v, scale, causal, window) -> (out, lse)
+    backward_native = None  # (grad_out, q, k, v, out, lse, scale, causal, window) -> (dq, dk, dv)
+
+    def supports_lse_backward(self) -> bool:
+        """Whether the loaded package offers the forward/backward pair above."""
+        return False
+
     def bind(self, p: Problem, need_grad: bool, scale_is_none: bool = False):
         """``run(q, k, v, mask, scale)`` on ``b n s d`` tensors for calls of problem ``p``: what a
         plan calls on every hit. Backends override it to decide at plan time what ``forward``

@@ -88,10 +88,15 @@ class _FlashBase(Backend):
 
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):
         # b n s d views -> b s n d views; for a caller in b s n d these are its own tensors.
-        out = self._call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, causal, window)
+        return self.forward_native(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, causal,
+                                   window).transpose(1, 2)
+
+    def forward_native(self, q, k, v, scale, causal, window):
+        """``b s n d`` in and out (the kernel operator's call under torch.compile)."""
+        out = self._call(q, k, v, scale, causal, window)
         if isinstance(out, tuple):  # FA3 builds before 2025-08 and FA4 return (out, lse)
             out = out[0]
-        return out.transpose(1, 2)
+        return out
 
 
 class FlashAttention2(_FlashBase):
@@ -277,6 +282,24 @@ class FlashAttention4(_FlashBase):
         module = importlib.import_module("flash_attn.cute")
         self._func = getattr(module, "flash_attn_func")
         self._version = package_version("flash-attn-4") or getattr(module, "__version__", "unknown")
+        try:  # the backward that takes the saved output and log-sum-exp (flash-attn-4 4.0.0b36)
+            self._bwd = getattr(importlib.import_module("flash_attn.cute.interface"), "_flash_attn_bwd", None)
+        except Exception:  # an older or changed layout: training recomputes the forward
+            self._bwd = None
+
+    def supports_lse_backward(self) -> bool:
+        return self.unavailable_reason() is None and getattr(self, "_bwd", None) is not None
+
+    def forward_native_lse(self, q, k, v, scale, causal, window):
+        """``b s n d`` in and out: the output and its log-sum-exp (b, n, s), fp32."""
+        w = (window, window) if window is not None else (None, None)
+        out, lse = self._func(q, k, v, softmax_scale=scale, causal=causal, window_size=w, return_lse=True)
+        return out, lse
+
+    def backward_native(self, grad_out, q, k, v, out, lse, scale, causal, window):
+        left, right = (window, window) if window is not None else (None, None)
+        grads = self._bwd(q, k, v, out, grad_out, lse, scale, causal, window_size_left=left, window_size_right=right)
+        return grads[0], grads[1], grads[2]
 
     def extra_reasons(self, p: Problem, dev: Optional[DeviceInfo]) -> list:
         if dev is None or dev.capability is None:

@@ -1,35 +1,39 @@
-"""``attention_forward`` under ``torch.compile``: the decision taken while Dynamo traces.
+"""``attention_forward`` under ``torch.compile``: the decision taken where sizes are concrete.
 
-With static shapes the problem key is known at trace time. :func:`traced_attention` asks the
-dispatcher, once per trace (through ``torch.compiler.assume_constant_result``, so Dynamo calls
-it instead of tracing it), which backend serves the call, and emits that backend into the graph:
+Dynamo does not decide anything. It records one operator, ``diffsynth_attention::attention``,
+with the caller's tensors and patterns, and guards only on the innermost ``use_backend``
+(``overrides.TRACE.scope``). That operator is ``CompositeImplicitAutograd``: when the graph is
+traced for real (Dynamo's fake propagation, then AOTAutograd, with every compile mode and
+backend that lowers through AOTAutograd, inductor included) its Python body runs on fake
+tensors and decomposes into what the call needs:
 
-- the ``torch_*`` backends are traced inline: ``F.scaled_dot_product_attention`` or the ATen
-  ``_scaled_dot_product_*_attention`` operator, with their own backward, and only the layout
-  changes the backend needs (views; no defensive copy);
-- the kernel packages (FlashAttention-2/3/4, SageAttention, xFormers) become one thin operator,
-  ``diffsynth_attention::kernel``, that calls the package on the views it takes natively
-  (FlashAttention gets a ``b s n d`` caller's own tensors); its backward differentiates the
-  same backend's own autograd function (recomputing its forward).
+- **concrete sizes** (the default ``torch.compile`` on a first shape, ``dynamic=False``, and the
+  sizes ``mark_dynamic``/``dynamic=True`` leave static): the dispatcher resolves the call with the
+  same rule as an eager call (:meth:`Dispatcher.trace_plan`: override, cache, dropped/demoted,
+  neighbour, fallback). A key with no decision yet is tuned there and then, on random tensors of
+  the call's shapes, strides, dtype and device (compilation already takes seconds). The graph
+  then holds the backend itself: ``F.scaled_dot_product_attention`` or the ATen
+  ``_scaled_dot_product_*_attention`` operator for the ``torch_*`` backends (with their own
+  backward), or the thin operator ``diffsynth_attention::kernel`` for a kernel package, on views
+  of the caller's tensors;
+- **symbolic sizes** (after Dynamo made a dimension dynamic): the run-time operator
+  ``diffsynth_attention::dispatch``, whose body is the eager hot path (a plan-table lookup and the
+  bound backend: no validation, no key, no file I/O per call). Its output has the strides the
+  fast kernels produce (``b s n d`` in memory, viewed in ``out_pattern``), so it copies nothing
+  for them.
 
-No Python dispatcher runs per call in such a graph. When the key has no decision yet, when an
-override cannot be served, or with dynamic (symbolic) shapes, the graph calls the run-time
-operator ``diffsynth_attention::attention`` instead, which dispatches (and tunes on the first
-call) in eager Python. A graph traced without a decision reads ``overrides.TRACE.epoch``, which
-every new decision bumps: Dynamo's guard on it recompiles that graph once, with the decision.
-Every graph reads ``overrides.TRACE.scope`` (the innermost ``use_backend``), so entering or
-leaving a ``use_backend`` block selects another compiled version. The environment variable
+A graph never reads anything a later decision changes: a new decision for one key recompiles
+no graph (there is no process-wide epoch). The environment variable
 ``DIFFSYNTH_ATTENTION_IMPLEMENTATION`` is read when a graph is traced: change it before
 compiling, or call ``torch.compiler.reset()`` after changing it.
 
-Operators are defined with ``torch.library.Library`` (a few us per call cheaper than
-``@torch.library.custom_op``).
+This module is imported when a trace first reaches ``attention_forward`` (or when the operators
+are used), so eager programs never import ``torch._dynamo`` through it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import weakref
+import functools
 from typing import Optional
 
 import torch
@@ -38,195 +42,38 @@ from einops import rearrange
 from .. import overrides
 from ..backends import REGISTRY
 from ..problem import CANONICAL, mask_4d
+from ..request import Request
+from .dispatcher import TORCH_FAMILY, lookup_dispatcher
 
-TORCH_FAMILY = frozenset({"torch", "torch_cudnn", "torch_flash", "torch_efficient", "torch_math"})
 _BSND = "b s n d"
 _AXES = ("b", "n", "s", "d")
-
-_dispatchers: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
-
-
-def register(dispatcher) -> int:
-    """An integer that names ``dispatcher`` inside compiled graphs."""
-    token = id(dispatcher)
-    _dispatchers[token] = dispatcher
-    return token
-
-
-def _dispatcher(token: int):
-    d = _dispatchers.get(token)
-    if d is None:
-        from . import default_dispatcher
-
-        d = default_dispatcher()
-    return d
-
 
 # --------------------------------------------------------------------------------------------
 # Operators
 # --------------------------------------------------------------------------------------------
+_SCHEMA_ARGS = ("(Tensor q, Tensor k, Tensor v, str q_pattern, str k_pattern, str v_pattern, str out_pattern, str? dims, "
+                "Tensor? attn_mask, float? scale, bool is_causal, int? window_size, bool compatibility_mode, int dispatcher)")
 _LIB = torch.library.Library("diffsynth_attention", "DEF")
-_LIB.define(
-    "attention(Tensor q, Tensor k, Tensor v, str q_pattern, str k_pattern, str v_pattern, str out_pattern, str? dims, "
-    "Tensor? attn_mask, float? scale, bool is_causal, int? window_size, bool compatibility_mode, int dispatcher) -> Tensor"
-)
-_LIB.define(
-    "kernel(str backend, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float? scale, bool is_causal, "
-    "int? window_size) -> Tensor"
-)
+_LIB.define("attention" + _SCHEMA_ARGS + " -> Tensor")
+_LIB.define("dispatch" + _SCHEMA_ARGS + " -> Tensor")
+_KERNEL_ARGS = "(str backend, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float? scale, bool is_causal, int? window_size)"
+_LIB.define("kernel" + _KERNEL_ARGS + " -> Tensor")
+_LIB.define("kernel_lse" + _KERNEL_ARGS + " -> (Tensor, Tensor)")
+_LIB.define("kernel_backward(str backend, Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor out, "
+            "Tensor lse, float? scale, bool is_causal, int? window_size) -> (Tensor, Tensor, Tensor)")
+_LIB.define("dispatch_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, str q_pattern, str k_pattern, str v_pattern, "
+            "str out_pattern, str? dims, Tensor? attn_mask, float? scale, bool is_causal, int? window_size, "
+            "bool compatibility_mode, int dispatcher) -> (Tensor, Tensor, Tensor)")
 
 
-def _parse_dims(text: Optional[str]) -> Optional[dict]:
-    return None if text is None else {a: int(n) for a, n in (kv.split("=") for kv in text.split(",") if kv)}
+@functools.lru_cache(maxsize=256)
+def _parse_dims(text: Optional[str]) -> Optional[tuple]:
+    return None if text is None else tuple((a, int(n)) for a, n in (kv.split("=") for kv in text.split(",") if kv))
 
 
-def _attention_impl(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size,
-                    compatibility_mode, dispatcher):
-    """The run-time operator: the eager dispatcher, on the caller's tensors and patterns (so its
-    key is the one eager calls and traces use)."""
-    with torch.no_grad():
-        out = _dispatcher(dispatcher).forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, _parse_dims(dims),
-                                              attn_mask, scale, is_causal, compatibility_mode, window_size)
-    return out if out.is_contiguous() else out.contiguous()
-
-
-def _attention_fake(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size,
-                    compatibility_mode, dispatcher):
-    d = _parse_dims(dims)
-    qc = _to(q, q_pattern, CANONICAL, d)
-    vc = _to(v, v_pattern, CANONICAL, d)
-    out = qc.new_empty((qc.shape[0], qc.shape[1], qc.shape[2], vc.shape[3]))
-    return _to(out, CANONICAL, out_pattern, d).contiguous()
-
-
-def _native_bsnd(name: str) -> bool:
-    return getattr(REGISTRY[name], "output_layout", CANONICAL) == _BSND
-
-
-def _kernel_impl(backend, q, k, v, attn_mask, scale, is_causal, window_size):
-    """A kernel package on ``b n s d`` views; the output's strides are the ones the fake declares."""
-    with torch.no_grad():
-        out = REGISTRY[backend].forward(q, k, v, attn_mask, scale, is_causal, window_size, False)
-    if _native_bsnd(backend):
-        return out if out.transpose(1, 2).is_contiguous() else out.transpose(1, 2).contiguous().transpose(1, 2)
-    return out if out.is_contiguous() else out.contiguous()
-
-
-def _kernel_fake(backend, q, k, v, attn_mask, scale, is_causal, window_size):
-    b, n, s, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
-    if _native_bsnd(backend):
-        return q.new_empty((b, s, n, dv)).transpose(1, 2)
-    return q.new_empty((b, n, s, dv))
-
-
-_LIB.impl("attention", _attention_impl, "CompositeExplicitAutograd")
-_LIB.impl("kernel", _kernel_impl, "CompositeExplicitAutograd")
-torch.library.register_fake("diffsynth_attention::attention", _attention_fake, lib=_LIB)
-torch.library.register_fake("diffsynth_attention::kernel", _kernel_fake, lib=_LIB)
-
-
-def _save_attention(ctx, inputs, output):
-    q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, *rest = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
-    ctx.args = (q_pattern, k_pattern, v_pattern, out_pattern, dims, *rest)
-
-
-def _attention_backward(ctx, grad_out):
-    """Differentiates the backend the dispatcher chooses for the gradient-needing key."""
-    q, k, v, mask = ctx.saved_tensors
-    q_pattern, k_pattern, v_pattern, out_pattern, dims, scale, is_causal, window_size, compatibility_mode, dispatcher = ctx.args
-    with torch.enable_grad():
-        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = _dispatcher(dispatcher).forward(qd, kd, vd, q_pattern, k_pattern, v_pattern, out_pattern, _parse_dims(dims),
-                                              mask, scale, is_causal, compatibility_mode, window_size)
-        gq, gk, gv = torch.autograd.grad(out, (qd, kd, vd), grad_out)
-    return (gq, gk, gv) + (None,) * 11
-
-
-def _save_kernel(ctx, inputs, output):
-    backend, q, k, v, attn_mask, scale, is_causal, window_size = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
-    ctx.args = (backend, scale, is_causal, window_size)
-
-
-def _kernel_backward(ctx, grad_out):
-    """The backend's own backward (its autograd function), after recomputing its forward."""
-    q, k, v, mask = ctx.saved_tensors
-    backend, scale, is_causal, window_size = ctx.args
-    with torch.enable_grad():
-        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = REGISTRY[backend].forward(qd, kd, vd, mask, scale, is_causal, window_size, True)
-        gq, gk, gv = torch.autograd.grad(out, (qd, kd, vd), grad_out)
-    return None, gq, gk, gv, None, None, None, None
-
-
-torch.library.register_autograd("diffsynth_attention::attention", _attention_backward, setup_context=_save_attention, lib=_LIB)
-torch.library.register_autograd("diffsynth_attention::kernel", _kernel_backward, setup_context=_save_kernel, lib=_LIB)
-
-attention_op = torch.ops.diffsynth_attention.attention.default
-kernel_op = torch.ops.diffsynth_attention.kernel.default
-
-
-# --------------------------------------------------------------------------------------------
-# The decision at trace time
-# --------------------------------------------------------------------------------------------
-def _unflatten(flat: tuple) -> tuple:
-    """(shape, stride) pairs from ``ndim, *shape, *stride`` runs."""
-    out, i = [], 0
-    while i < len(flat):
-        n = flat[i]
-        out.append((tuple(flat[i + 1:i + 1 + n]), tuple(flat[i + 1 + n:i + 1 + 2 * n])))
-        i += 1 + 2 * n
-    return tuple(out)
-
-
-@torch.compiler.assume_constant_result
-def _trace_choice(token, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, dtype, device, mask_dtype, scale_kind,
-                  is_causal, window_size, compatibility_mode, grad, *flat):
-    """Called (not traced) by Dynamo with constants only: the backend for this call, or None
-    when the graph must dispatch at run time. Validation errors raise here, at trace time."""
-    shapes = _unflatten(flat)
-    meta = [torch.empty_strided(size, stride, dtype=dtype, device="meta") for size, stride in shapes[:3]]
-    mask = None
-    if mask_dtype is not None:
-        size, stride = shapes[3]
-        mask = torch.empty_strided(size, stride, dtype=mask_dtype, device="meta")
-    dims = _parse_dims(dims_text)
-    scale = scale_kind  # None or the call's (constant) scale
-    return _dispatcher(token).trace_decision(meta, mask, (q_pattern, k_pattern, v_pattern, out_pattern), dims, scale,
-                                             is_causal, window_size, compatibility_mode, grad, device)
-
-
-def _version() -> tuple:
-    try:
-        return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-    except ValueError:  # pragma: no cover - an unusual version string
-        return (0, 0)
-
-
-# Under Dynamo, ``isinstance(s, torch.SymInt)`` is False and ``type(s)`` is int even for a
-# symbolic size. From torch 2.13 ``s.__class__`` tells them apart; on torch 2.11 it does not (it
-# is never int there, measured on the H200), and nothing traceable does. There, the static path
-# is taken only when the graph is compiled with ``dynamic=False`` (no automatic dynamic shapes);
-# otherwise the run-time operator serves the call.
-_CLASS_CHECK = _version() >= (2, 13)
-
-
-def _static(*tensors) -> bool:
-    """Whether every size and stride is a plain int (see ``_CLASS_CHECK``)."""
-    if not _CLASS_CHECK:
-        config = torch._dynamo.config
-        return not config.automatic_dynamic_shapes and config.assume_static_by_default
-    for t in tensors:
-        if t is None:
-            continue
-        for s in t.shape:
-            if s.__class__ is not int:
-                return False
-        for s in t.stride():
-            if s.__class__ is not int:
-                return False
-    return True
+def _dims_dict(text: Optional[str]) -> Optional[dict]:
+    parsed = _parse_dims(text)
+    return None if parsed is None else dict(parsed)
 
 
 def _dims_for(pattern: str, dims: Optional[dict]) -> dict:
@@ -245,38 +92,323 @@ def _to(x, pattern: str, target: str, dims):
     return rearrange(x, f"{pattern} -> {target}", **_dims_for(pattern if "(" in pattern else target, dims))
 
 
-def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
-                     compatibility_mode, window_size):
-    """What Dynamo traces for ``attention_forward``."""
-    token = d.trace_token
-    if overrides.TRACE.scope is not None:  # read, so the graph is guarded on use_backend
-        pass
-    choice = None
-    dims_text = None if dims is None else ",".join(f"{a}={n}" for a, n in dims.items())
-    if _static(q, k, v, attn_mask) and (scale is None or scale.__class__ in (int, float)):
-        flat = []
-        for t in (q, k, v) + (() if attn_mask is None else (attn_mask,)):
-            flat += [t.dim(), *t.shape, *t.stride()]
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        choice = _trace_choice(token, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, q.dtype, q.device,
-                               None if attn_mask is None else attn_mask.dtype, None if scale is None else float(scale),
-                               bool(is_causal), window_size, bool(compatibility_mode), grad, *flat)
-    scale_f = None if scale is None else float(scale)
-    if choice is None:
-        if overrides.TRACE.epoch >= 0:  # read, so a new decision recompiles this graph once
-            pass
-        return attention_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, attn_mask, scale_f,
-                            bool(is_causal), window_size, bool(compatibility_mode), token)
-    mask4 = mask_4d(attn_mask)
-    backend, causal, window, need_grad = choice
-    qc, kc, vc = _to(q, q_pattern, CANONICAL, dims), _to(k, k_pattern, CANONICAL, dims), _to(v, v_pattern, CANONICAL, dims)
-    if backend in TORCH_FAMILY:
-        out = REGISTRY[backend].forward(qc, kc, vc, mask4, scale_f, causal, window, need_grad)
-    else:
-        out = kernel_op(backend, qc, kc, vc, mask4, scale_f, causal, window)
+@functools.lru_cache(maxsize=256)
+def _heads_vs_sequence(pattern: str) -> tuple:
+    """Where a pattern puts heads against sequence: ``(True/False,)`` when fixed by packing,
+    else the two axes whose strides tell."""
+    groups = [g.split() for g in pattern.replace(")", "(").split("(")]
+    axes = []
+    for i, g in enumerate(groups):
+        axes += [[a] for a in g] if i % 2 == 0 else [g]
+    gn = next(i for i, g in enumerate(axes) if "n" in g)
+    gs = next(i for i, g in enumerate(axes) if "s" in g)
+    if gn == gs:
+        return (axes[gn].index("n") > axes[gn].index("s"),)
+    return gn, gs
+
+
+def _heads_inner(q, q_pattern: str) -> bool:
+    """Whether the query has heads inside sequence in memory (``b s n d``, as projections reshaped
+    to heads give it, and as FlashAttention-style kernels write their output)."""
+    where = _heads_vs_sequence(q_pattern)
+    if len(where) == 1:
+        return where[0]
+    return q.stride(where[0]) < q.stride(where[1])
+
+
+def _out_like(q, v, q_pattern, v_pattern, out_pattern, dims):
+    """An empty output in ``out_pattern``, laid out in memory in the query's order (``b s n d`` or
+    ``b n s d``): the order the kernels write for such a query, so the run-time operator copies
+    nothing for them."""
+    qc, vc = _to(q, q_pattern, CANONICAL, dims), _to(v, v_pattern, CANONICAL, dims)
+    b, n, s, dv = qc.shape[0], qc.shape[1], qc.shape[2], vc.shape[3]
+    heads_inner = _heads_inner(q, q_pattern)
+    out = qc.new_empty((b, s, n, dv)).transpose(1, 2) if heads_inner else qc.new_empty((b, n, s, dv))
     return _to(out, CANONICAL, out_pattern, dims)
 
 
-def trace_problem(call, device):
-    """A :class:`~diffsynth_attention.problem.Call` validated on meta tensors, moved to ``device``."""
-    return dataclasses.replace(call, problem=dataclasses.replace(call.problem, device_type=device.type))
+def _tracing(q) -> bool:
+    """Whether the operator runs on fake/functional tensors (a trace), not on a real call."""
+    return type(q) is not torch.Tensor and not isinstance(q, torch.nn.Parameter) or torch.compiler.is_compiling()
+
+
+def _concrete(*tensors) -> bool:
+    for t in tensors:
+        if t is None:
+            continue
+        for s in t.shape:
+            if type(s) is not int:
+                return False
+        for s in t.stride():
+            if type(s) is not int:
+                return False
+    return True
+
+
+def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
+                         window_size, compatibility_mode, dispatcher):
+    """The decomposition: the backend the call resolves to, or the run-time operator."""
+    d = lookup_dispatcher(dispatcher)
+    dims_d = _dims_dict(dims)
+    if not _tracing(q):  # called eagerly, or by a graph compiled without AOTAutograd (backend="eager")
+        return d.forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal,
+                         compatibility_mode, window_size)
+    req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal,
+                  compatibility_mode, window_size)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    plan = d.trace_plan(req, grad) if _concrete(q, k, v, attn_mask) else None
+    if plan is None:
+        return dispatch_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
+                           window_size, compatibility_mode, dispatcher)
+    problem = plan.problem
+    qc, kc, vc = (_to(t, p, CANONICAL, dims_d) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
+    mask4 = mask_4d(attn_mask)
+    if plan.backend in TORCH_FAMILY:
+        out = REGISTRY[plan.backend].forward(qc, kc, vc, mask4, scale, problem.causal, problem.window, grad)
+        return _to(out, CANONICAL, out_pattern, dims_d)
+    native = _native_layout(plan.backend)  # the package's own layout: a b s n d caller's tensors reach it as they are
+    qn, kn, vn = (_to(t, CANONICAL, native, None) for t in (qc, kc, vc))
+    out = kernel_op(plan.backend, qn, kn, vn, mask4, scale, problem.causal, problem.window)
+    return _to(_to(out, native, CANONICAL, None), CANONICAL, out_pattern, dims_d)
+
+
+@functools.lru_cache(maxsize=1024)
+def _out_strides(shape: tuple, out_pattern: str, dims: Optional[str], heads_inner: bool) -> tuple:
+    """The strides :func:`_out_like` declares for an output of ``shape`` in ``out_pattern``."""
+    dims_d = _dims_dict(dims)
+    canon = _to(torch.empty(shape, device="meta"), out_pattern, CANONICAL, dims_d)
+    b, n, s, dv = canon.shape
+    out = canon.new_empty((b, s, n, dv)).transpose(1, 2) if heads_inner else canon.new_empty((b, n, s, dv))
+    return _to(out, CANONICAL, out_pattern, dims_d).stride()
+
+
+def _same_layout(t, strides) -> bool:
+    return all(size == 1 or have == want for size, have, want in zip(t.shape, t.stride(), strides))
+
+
+def _dispatch_impl(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size,
+                   compatibility_mode, dispatcher):
+    """The run-time operator: the eager hot path on the caller's tensors and patterns (so its key
+    is the one eager calls use), returning the layout the fake declares."""
+    forward = lookup_dispatcher(dispatcher).forward
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            out = forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, _dims_dict(dims), attn_mask, scale,
+                          is_causal, compatibility_mode, window_size)
+    else:
+        out = forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, _dims_dict(dims), attn_mask, scale, is_causal,
+                      compatibility_mode, window_size)
+    want = _out_strides(tuple(out.shape), out_pattern, dims, _heads_inner(q, q_pattern))
+    if out.stride() != want and not _same_layout(out, want):
+        out = torch.empty_strided(out.shape, want, dtype=out.dtype, device=out.device).copy_(out)
+    return out
+
+
+def _dispatch_fake(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size,
+                   compatibility_mode, dispatcher):
+    return _out_like(q, v, q_pattern, v_pattern, out_pattern, _dims_dict(dims))
+
+
+def _native_layout(name: str) -> str:
+    """The layout a kernel package takes and returns (``b s n d`` for FlashAttention and xFormers)."""
+    return getattr(REGISTRY[name], "output_layout", CANONICAL)
+
+
+def _saves_lse(name: str) -> bool:
+    """Whether the backend has a forward that returns the log-sum-exp and a backward that takes it."""
+    b = REGISTRY[name]
+    return getattr(b, "forward_native_lse", None) is not None and getattr(b, "backward_native", None) is not None \
+        and b.supports_lse_backward()
+
+
+def _native_call(name: str, q, k, v, attn_mask, scale, is_causal, window_size):
+    """The backend on tensors in its native layout; its output, contiguous, in that layout."""
+    backend = REGISTRY[name]
+    native = _native_layout(name)
+    forward_native = getattr(backend, "forward_native", None)
+    if forward_native is not None and attn_mask is None:
+        out = forward_native(q, k, v, scale, is_causal, window_size)
+    elif native == CANONICAL:
+        out = backend.forward(q, k, v, attn_mask, scale, is_causal, window_size, False)
+    else:
+        out = backend.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, scale, is_causal,
+                              window_size, False).transpose(1, 2)
+    return out if out.is_contiguous() else out.contiguous()
+
+
+def _kernel_impl(backend, q, k, v, attn_mask, scale, is_causal, window_size):
+    with torch.no_grad():
+        return _native_call(backend, q, k, v, attn_mask, scale, is_causal, window_size)
+
+
+def _kernel_fake(backend, q, k, v, attn_mask, scale, is_causal, window_size):
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
+def _lse_shape(backend, q) -> tuple:
+    if _native_layout(backend) == _BSND:
+        return q.shape[0], q.shape[2], q.shape[1]
+    return q.shape[0], q.shape[1], q.shape[2]
+
+
+def _kernel_lse_impl(backend, q, k, v, attn_mask, scale, is_causal, window_size):
+    """The forward that training saves: the output and, where the backend has the pair, the
+    log-sum-exp its backward takes (an empty tensor otherwise)."""
+    with torch.no_grad():
+        if _saves_lse(backend):
+            out, lse = REGISTRY[backend].forward_native_lse(q, k, v, scale, is_causal, window_size)
+            return (out if out.is_contiguous() else out.contiguous()), lse.contiguous()
+        return _native_call(backend, q, k, v, attn_mask, scale, is_causal, window_size), q.new_empty((0,), dtype=torch.float32)
+
+
+def _kernel_lse_fake(backend, q, k, v, attn_mask, scale, is_causal, window_size):
+    out = _kernel_fake(backend, q, k, v, attn_mask, scale, is_causal, window_size)
+    if _saves_lse(backend):
+        return out, q.new_empty(_lse_shape(backend, q), dtype=torch.float32)
+    return out, q.new_empty((0,), dtype=torch.float32)
+
+
+def _kernel_backward_impl(backend, grad_out, q, k, v, attn_mask, out, lse, scale, is_causal, window_size):
+    """The backend's own backward from the saved output and log-sum-exp; a backend without that
+    pair differentiates its own forward (recomputed: the only case that runs it twice)."""
+    if lse.numel() and _saves_lse(backend):
+        dq, dk, dv = REGISTRY[backend].backward_native(grad_out, q, k, v, out, lse, scale, is_causal, window_size)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+        o = _native_call_grad(backend, qd, kd, vd, attn_mask, scale, is_causal, window_size)
+        dq, dk, dv = torch.autograd.grad(o, (qd, kd, vd), grad_out)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+def _native_call_grad(name, q, k, v, attn_mask, scale, is_causal, window_size):
+    backend = REGISTRY[name]
+    if _native_layout(name) == CANONICAL:
+        return backend.forward(q, k, v, attn_mask, scale, is_causal, window_size, True)
+    return backend.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, scale, is_causal,
+                           window_size, True).transpose(1, 2)
+
+
+def _kernel_backward_fake(backend, grad_out, q, k, v, attn_mask, out, lse, scale, is_causal, window_size):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _dispatch_backward_impl(grad_out, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
+                            is_causal, window_size, compatibility_mode, dispatcher):
+    """Differentiates the backend the dispatcher chooses for the gradient-needing key (its
+    forward recomputed: the run-time operator does not know its backend at trace time)."""
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = lookup_dispatcher(dispatcher).forward(qd, kd, vd, q_pattern, k_pattern, v_pattern, out_pattern,
+                                                    _dims_dict(dims), attn_mask, scale, is_causal, compatibility_mode,
+                                                    window_size)
+        return torch.autograd.grad(out, (qd, kd, vd), grad_out)
+
+
+def _dispatch_backward_fake(grad_out, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_LIB.impl("attention", _attention_composite, "CompositeImplicitAutograd")
+_LIB.impl("dispatch", _dispatch_impl, "CompositeExplicitAutograd")
+_LIB.impl("kernel", _kernel_impl, "CompositeExplicitAutograd")
+_LIB.impl("kernel_lse", _kernel_lse_impl, "CompositeExplicitAutograd")
+_LIB.impl("kernel_backward", _kernel_backward_impl, "CompositeExplicitAutograd")
+_LIB.impl("dispatch_backward", _dispatch_backward_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("diffsynth_attention::dispatch", _dispatch_fake, lib=_LIB)
+torch.library.register_fake("diffsynth_attention::kernel", _kernel_fake, lib=_LIB)
+torch.library.register_fake("diffsynth_attention::kernel_lse", _kernel_lse_fake, lib=_LIB)
+torch.library.register_fake("diffsynth_attention::kernel_backward", _kernel_backward_fake, lib=_LIB)
+torch.library.register_fake("diffsynth_attention::dispatch_backward", _dispatch_backward_fake, lib=_LIB)
+
+attention_op = torch.ops.diffsynth_attention.attention.default
+dispatch_op = torch.ops.diffsynth_attention.dispatch.default
+kernel_op = torch.ops.diffsynth_attention.kernel.default
+kernel_lse_op = torch.ops.diffsynth_attention.kernel_lse.default
+kernel_backward_op = torch.ops.diffsynth_attention.kernel_backward.default
+dispatch_backward_op = torch.ops.diffsynth_attention.dispatch_backward.default
+
+
+# Autograd. Our own kernels at the Autograd key rather than torch.library.register_autograd,
+# whose generic wrapper costs ~10 us of host time per call: a call that needs no gradient goes
+# straight to the implementation (a real call) or below autograd (a trace).
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+class _KernelGrad(torch.autograd.Function):
+    """Training through a kernel package: the forward saves the output and the log-sum-exp, and
+    the backward is the package's own backward on them (no second forward)."""
+
+    @staticmethod
+    def forward(ctx, backend, q, k, v, attn_mask, scale, is_causal, window_size):
+        out, lse = kernel_lse_op(backend, q, k, v, attn_mask, scale, is_causal, window_size)
+        ctx.save_for_backward(q, k, v, attn_mask, out, lse)
+        ctx.args = (backend, scale, is_causal, window_size)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, attn_mask, out, lse = ctx.saved_tensors
+        backend, scale, is_causal, window_size = ctx.args
+        dq, dk, dv = kernel_backward_op(backend, grad_out.contiguous(), q, k, v, attn_mask, out, lse, scale, is_causal,
+                                        window_size)
+        return None, dq, dk, dv, None, None, None, None
+
+
+def _kernel_autograd(backend, q, k, v, attn_mask, scale, is_causal, window_size):
+    if _needs_grad(q, k, v):
+        return _KernelGrad.apply(backend, q, k, v, attn_mask, scale, is_causal, window_size)
+    with torch._C._AutoDispatchBelowAutograd():
+        if type(q) is torch.Tensor:
+            return _native_call(backend, q, k, v, attn_mask, scale, is_causal, window_size)
+        return kernel_op(backend, q, k, v, attn_mask, scale, is_causal, window_size)
+
+
+class _DispatchGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+        out = dispatch_op(*args)
+        q, k, v, *rest = args
+        ctx.save_for_backward(q, k, v, rest[5])
+        ctx.args = rest[:5] + rest[6:]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, attn_mask = ctx.saved_tensors
+        q_pattern, k_pattern, v_pattern, out_pattern, dims, scale, is_causal, window_size, compat, token = ctx.args
+        dq, dk, dv = dispatch_backward_op(grad_out.contiguous(), q, k, v, q_pattern, k_pattern, v_pattern, out_pattern,
+                                          dims, attn_mask, scale, is_causal, window_size, compat, token)
+        return (dq, dk, dv) + (None,) * 11
+
+
+def _dispatch_autograd(*args):
+    q, k, v = args[:3]
+    if _needs_grad(q, k, v):
+        return _DispatchGrad.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        if type(q) is torch.Tensor:
+            return _dispatch_impl(*args)
+        return dispatch_op(*args)
+
+
+_LIB.impl("kernel", _kernel_autograd, "Autograd")
+_LIB.impl("dispatch", _dispatch_autograd, "Autograd")
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# What Dynamo traces
+# --------------------------------------------------------------------------------------------
+def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
+                     compatibility_mode, window_size):
+    """What Dynamo traces for ``attention_forward``: one operator call. Reading
+    ``overrides.TRACE.scope`` makes Dynamo guard on the innermost ``use_backend``."""
+    if overrides.TRACE.scope is not None:
+        pass
+    dims_text = None if dims is None else ",".join(f"{a}={n}" for a, n in dims.items())
+    return attention_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, attn_mask,
+                        None if scale is None else float(scale), bool(is_causal), window_size, bool(compatibility_mode),
+                        d.trace_token)

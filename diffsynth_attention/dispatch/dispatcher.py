@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -26,13 +27,29 @@ from ..store.cache import DecisionCache, all_rejected
 from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision, decision_filter
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.tuner import TuneInputs, tune
-from . import compiled
 from .runners import make_runner
 
 logger = logging.getLogger("diffsynth_attention")
 
 _grad_enabled = torch.is_grad_enabled
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
+# Backends that compile into a graph as PyTorch's own operators (the rest are kernel packages,
+# called through one thin operator): dispatch/compiled.py.
+TORCH_FAMILY = frozenset({"torch", "torch_cudnn", "torch_flash", "torch_efficient", "torch_math"})
+
+_DISPATCHERS: "weakref.WeakValueDictionary[int, Dispatcher]" = weakref.WeakValueDictionary()
+
+
+def lookup_dispatcher(token: int) -> "Dispatcher":
+    """The dispatcher a compiled graph names by ``token`` (the default one if it is gone)."""
+    d = _DISPATCHERS.get(token)
+    if d is None:
+        from . import default_dispatcher
+
+        d = default_dispatcher()
+    return d
 
 
 class BackendNotSupportedError(ValueError):
@@ -106,13 +123,14 @@ class Dispatcher:
         self.warned: set = set()
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
         self.store.listeners.append(self.invalidate)
-        self.trace_token = compiled.register(self)
+        self.trace_token = id(self)  # how compiled graphs name this dispatcher
+        _DISPATCHERS[self.trace_token] = self
         self.forward = _make_forward(self)
 
     # -- bookkeeping -----------------------------------------------------------------------
     def invalidate(self, key_id: Optional[str] = None) -> None:
-        """Drop the plans of ``key_id`` (all plans if None): the next call plans again."""
-        overrides.TRACE.epoch += 1  # compiled graphs traced without a decision recompile once
+        """Drop the plans of ``key_id`` (all plans if None): the next call plans again. Compiled
+        graphs are left alone: they hold their backend, and a new decision recompiles none."""
         with self._lock:
             if key_id is None:
                 self.plans.clear()
@@ -207,24 +225,15 @@ class Dispatcher:
             return torch_run(q, k, v, mask, scale)
         return Plan(run, "torch", "fallback", key, call, grad, reasons=reasons, requested=requested)
 
-    def build_plan(self, req: Request, impl_raw, grad: bool) -> Plan:
-        """Validate ``req`` and choose its backend (tuning if the key is new)."""
-        config.validate_all()  # a bad environment variable raises at the first call, naming it
-        q = req.q
-        call, qc, kc, vc = prepare(q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
-                                   req.attn_mask, req.scale, req.is_causal, req.window_size, grad,
-                                   compatibility_mode=req.compatibility_mode)
-        requested, source_name = overrides.requested(impl_raw, req.compatibility_mode)
-        problem = call.problem
-        dev = device_info(q.device)
-        usable, unsupported = candidates(problem, dev)
-        key = make_key(problem, dev, usable)
-        dropped = self.dropped.get(key.id, {})
-        usable = [b for b in usable if b.name not in dropped]
-        usable_names = {b.name for b in usable}
+    def resolve(self, call, grad: bool, key, usable_names: set, dev, requested: str, source_name) -> Optional[Plan]:
+        """The one rule that maps a validated call to a backend, for eager plans and compiled
+        graphs alike: the override, else the cached decision, else (its backend dropped in this
+        process) the next best of that decision, else (``DIFFSYNTH_ATTENTION_NEW_SHAPES=nearest``)
+        a neighbour's decision. None: the key needs tuning (or, where tuning cannot run, the
+        fallback, which the caller picks)."""
         if requested != "auto":
             return self._override_plan(requested, source_name, call, grad, key, dev)
-
+        dropped = self.dropped.get(key.id, {})
         decision = self.store.get(key.id)
         if decision is not None and all_rejected(decision):  # never trusted: tune again
             decision = None
@@ -238,13 +247,56 @@ class Dispatcher:
         if decision is None and config.new_shapes() == "nearest":
             near = self._neighbour(key, usable_names)
             if near is not None and self._loaded_or_dropped(near.backend, key):
-                logger.info("serving %s with the decision of neighbour key %s: %s", problem.describe(), near.key_id,
+                logger.info("serving %s with the decision of neighbour key %s: %s", call.problem.describe(), near.key_id,
                             near.backend)
                 return Plan(make_runner(REGISTRY[near.backend], call, grad), near.backend, "neighbour", key, call, grad,
                             near, counts_hit=True)
-        if not config.tuning_enabled() or _capturing(q.device) or _is_compiling():
-            return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", "fallback", key, call, grad)
+        return None
 
+    def build_plan(self, req: Request, impl_raw, grad: bool, may_tune: Optional[bool] = None,
+                   tune_on: Optional[Callable] = None) -> Optional[Plan]:
+        """Validate ``req`` and choose its backend (:meth:`resolve`, then tuning if the key is new).
+
+        ``may_tune``: whether tuning may run (default: not while capturing a CUDA graph or
+        tracing). ``tune_on``: where the call's tensors are not real (a trace), a function that
+        returns a :class:`Request` of real tensors to tune on, or None, in which case an
+        undecided key returns None."""
+        config.validate_all()  # a bad environment variable raises at the first call, naming it
+        q = req.q
+        call, qc, kc, vc = prepare(q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
+                                   req.attn_mask, req.scale, req.is_causal, req.window_size, grad,
+                                   compatibility_mode=req.compatibility_mode)
+        requested, source_name = overrides.requested(impl_raw, req.compatibility_mode)
+        problem = call.problem
+        dev = device_info(q.device)
+        usable, unsupported = candidates(problem, dev)
+        key = make_key(problem, dev, usable)
+        dropped = self.dropped.get(key.id, {})
+        usable = [b for b in usable if b.name not in dropped]
+        usable_names = {b.name for b in usable}
+        plan = self.resolve(call, grad, key, usable_names, dev, requested, source_name)
+        if plan is not None:
+            return plan
+        if may_tune is None:
+            may_tune = config.tuning_enabled() and not _capturing(q.device) and not _is_compiling()
+        if not may_tune:
+            return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", "fallback", key, call, grad)
+        if tune_on is None:
+            return self._tune(req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev)
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():  # a trace: tune outside its fake modes, on real tensors of the call's shapes
+            real = tune_on()
+            if real is None:
+                return None
+            call, qc, kc, vc = prepare(real.q, real.k, real.v, real.q_pattern, real.k_pattern, real.v_pattern,
+                                       real.out_pattern, real.dims, real.attn_mask, real.scale, real.is_causal,
+                                       real.window_size, grad, compatibility_mode=real.compatibility_mode)
+            return self._tune(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev)
+
+    def _tune(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev) -> Plan:
+        """Tune ``key`` (under its tuning lock, unless another process decided it meanwhile)."""
+        problem = call.problem
         with self.store.tuning_lock(key.id):
             decision = self.store.refresh(key.id)
             source = "cache"
@@ -310,40 +362,32 @@ class Dispatcher:
         return config.tuning_enabled() and not _capturing(q.device) and not _is_compiling()
 
     # -- under torch.compile -----------------------------------------------------------------
-    def trace_decision(self, meta, mask, patterns, dims, scale, is_causal, window, compat, grad, device):
-        """The backend a graph traced for this call should call directly, as
-        ``(backend, causal, window, need_grad)``; None when the graph must dispatch at run time
-        (no decision yet). ``meta``: q, k, v as meta tensors of the call's shapes and strides."""
-        q, k, v = meta
-        call, *_ = prepare(q, k, v, *patterns, dims, mask, scale, is_causal, window, grad, compat, allow_meta=True)
-        call = compiled.trace_problem(call, device)
-        problem = call.problem
-        requested, source_name = overrides.requested(overrides.implementation_raw(), compat)
-        dev = device_info(device)
-        usable, unsupported = candidates(problem, dev)
-        key = make_key(problem, dev, usable)
-        if requested != "auto":
-            plan = self._override_plan(requested, source_name, call, grad, key, dev)
-            return plan.backend, problem.causal, problem.window, grad
-        dropped = self.dropped.get(key.id, {})
-        usable_names = {b.name for b in usable if b.name not in dropped}
-        decision = self.store.get(key.id)
-        if decision is None:
-            decision = self.store.refresh(key.id)
-        if decision is not None and all_rejected(decision):
-            decision = None
-        chosen = None
-        if decision is not None and decision.backend in usable_names and self._loaded_or_dropped(decision.backend, key):
-            chosen = decision.backend
-        elif decision is not None and decision.backend in self.dropped.get(key.id, {}):
-            chosen = self._demoted_plan(decision, key, call, grad, self.dropped[key.id]).backend
-        elif decision is None and config.new_shapes() == "nearest":
-            near = self._neighbour(key, usable_names)
-            if near is not None and self._loaded_or_dropped(near.backend, key):
-                chosen = near.backend
-        if chosen is None:
-            return None  # no decision yet: the graph dispatches (and tunes) at run time
-        return chosen, problem.causal, problem.window, grad
+    def trace_plan(self, req: Request, grad: bool) -> Optional[Plan]:
+        """The plan a compiled graph bakes for a call whose sizes are concrete, taken while the
+        graph is traced (``req`` holds fake tensors): :meth:`resolve`, and for a key with no
+        decision a tuning on random tensors of the call's shapes (not for masked calls, whose
+        mask values matter: None then, and the graph dispatches at run time). Validation errors
+        raise here, at trace time."""
+        impl_raw = overrides.implementation_raw()
+        try:
+            sig = req.signature(overrides.scope_get(), impl_raw, grad)
+            plan = self.plans.get(sig)
+        except (AttributeError, TypeError):
+            sig, plan = None, None
+        if plan is not None:
+            return plan
+
+        def tune_on():
+            return None if req.attn_mask is not None else _synthetic(req)
+
+        plan = self.build_plan(req, impl_raw, grad, may_tune=config.tuning_enabled(), tune_on=tune_on)
+        if plan is None:
+            return None
+        if plan.source == "tuned":
+            plan = Plan(plan.run, plan.backend, "cache", plan.key, plan.call, plan.grad, plan.decision, counts_hit=True)
+        if sig is not None and plan.source != "fallback":
+            self._store_plan(sig, plan)
+        return plan
 
     # -- the slow path ----------------------------------------------------------------------
     def call(self, req: Request, impl_raw, grad: bool):
@@ -446,6 +490,24 @@ class Dispatcher:
         neighbour_of = plan.decision.key_id if source == "neighbour" and plan.decision is not None else None
         return Explanation(plan.backend, source, plan.key.fields, cands, plan.problem.describe(), plan.key.id,
                            plan.decision, dropped, neighbour_of)
+
+
+def _synthetic(req: Request) -> Request:
+    """``req`` with real random tensors of its fake tensors' shapes, strides, dtype and device."""
+    def real(t):
+        out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
+        return out.normal_() if _dense(out) else torch.randn(out.shape, dtype=t.dtype, device=t.device)
+    return req._replace(q=real(req.q), k=real(req.k), v=real(req.v))
+
+
+def _dense(t) -> bool:
+    """Whether no two elements of ``t`` share memory (so it can be filled in place)."""
+    size = 1
+    for n, st in sorted(zip(t.shape, t.stride()), key=lambda x: x[1]):
+        if n > 1 and st < size:
+            return False
+        size = max(size, st * n)
+    return True
 
 
 def _make_forward(d: Dispatcher) -> Callable:

@@ -34,9 +34,25 @@ logger = logging.getLogger("diffsynth_attention")
 # --------------------------------------------------------------------------------------------
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
 _route_scope: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention_sdpa", default=False)
-_state = {"global": 0, "installed": 0}
 _state_lock = threading.Lock()
 _is_compiling = torch.compiler.is_compiling
+_forward = default_dispatcher().forward
+
+
+class _Routing:
+    """Who routes SDPA now, as plain counters that Dynamo can read and guard on (it cannot read
+    a contextvar or take a lock): ``process`` handles, ``scoped`` open ``with`` blocks (the
+    contextvar says which thread/task each belongs to), ``traced`` ``with`` blocks open inside
+    the function being traced, and how many users need the wrapper ``installed``."""
+
+    def __init__(self) -> None:
+        self.process = 0
+        self.scoped = 0
+        self.traced = 0
+        self.installed = 0
+
+
+_ROUTE = _Routing()
 
 
 def _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
@@ -59,73 +75,98 @@ def _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """``torch.nn.functional.scaled_dot_product_attention`` with the same signature and meaning;
     routed through ``attention_forward`` where patched, else PyTorch's own."""
-    # Under torch.compile the contextvar cannot be read (Dynamo does not trace ContextVar.get):
-    # there, routing follows the process-wide state. This function is installed only while
-    # some routing is on, and Dynamo guards on torch.nn.functional's attribute, so a graph
-    # traced inside a `with patch_sdpa():` block is not used outside it.
-    routed = True if _is_compiling() else (_state["global"] or _route_scope.get())
+    # Under torch.compile routing follows the process-wide counters (a graph traced inside a
+    # `with patch_sdpa():` block around the call, or inside the traced function, routes; Dynamo
+    # guards on the counters, so such a graph is not used once routing is off).
+    if _is_compiling():
+        routed = _ROUTE.process > 0 or _ROUTE.scoped > 0 or _ROUTE.traced > 0
+    else:
+        routed = _ROUTE.process > 0 or (_ROUTE.scoped > 0 and _route_scope.get())
     if routed and _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-        return default_dispatcher().forward(query, key, value, attn_mask=attn_mask, scale=scale, is_causal=is_causal)
+        return _forward(query, key, value, attn_mask=attn_mask, scale=scale, is_causal=is_causal)
     return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
 def _install() -> None:
     with _state_lock:
-        _state["installed"] += 1
+        _ROUTE.installed += 1
         F.scaled_dot_product_attention = scaled_dot_product_attention
 
 
 def _uninstall() -> None:
     with _state_lock:
-        _state["installed"] = max(0, _state["installed"] - 1)
-        if _state["installed"] == 0 and F.scaled_dot_product_attention is scaled_dot_product_attention:
+        _ROUTE.installed = max(0, _ROUTE.installed - 1)
+        if _ROUTE.installed == 0 and F.scaled_dot_product_attention is scaled_dot_product_attention:
             F.scaled_dot_product_attention = _ORIGINAL_SDPA
 
 
 class SDPAPatch:
-    """Returned by :func:`patch_sdpa`: already active process-wide, or scoped with ``with``."""
+    """Returned by :func:`patch_sdpa`: already active process-wide, or scoped with ``with``.
+
+    Inside a function being compiled, ``with patch_sdpa():`` routes the SDPA calls of its block
+    in that graph (no lock, no contextvar: Dynamo traces it); the wrapper it puts in front of
+    ``F.scaled_dot_product_attention`` stays there for the process (it passes unrouted calls
+    to PyTorch's own)."""
 
     def __init__(self) -> None:
         self._global = False
         self._tokens: list = []
+        self._traced = 0
 
     def _enable_global(self) -> "SDPAPatch":
         _install()
         with _state_lock:
-            _state["global"] += 1
+            _ROUTE.process += 1
         self._global = True
         return self
 
     def undo(self) -> None:
+        """Switch this handle's routing off (and take the wrapper out once nothing routes)."""
         if self._global:
             self._global = False
             with _state_lock:
-                _state["global"] -= 1
+                _ROUTE.process -= 1
             _uninstall()
 
     def __enter__(self) -> "SDPAPatch":
+        if _is_compiling():
+            F.scaled_dot_product_attention = scaled_dot_product_attention
+            _ROUTE.traced += 1
+            self._traced += 1
+            return self
         # A `with patch_sdpa():` block is scoped: drop the process-wide switch just taken.
         self.undo()
         _install()
+        with _state_lock:
+            _ROUTE.scoped += 1
         self._tokens.append(_route_scope.set(True))
         return self
 
     def __exit__(self, *exc) -> None:
+        if _is_compiling():
+            _ROUTE.traced -= 1
+            self._traced -= 1
+            return
         _route_scope.reset(self._tokens.pop())
+        with _state_lock:
+            _ROUTE.scoped -= 1
         _uninstall()
 
     @property
     def active(self) -> bool:
-        return self._global or bool(self._tokens)
+        return self._global or bool(self._tokens) or self._traced > 0
 
 
 def patch_sdpa() -> SDPAPatch:
     """Route ``torch.nn.functional.scaled_dot_product_attention`` through the dispatcher.
 
     ``handle = patch_sdpa()`` switches it on for the process until ``handle.undo()``;
-    ``with patch_sdpa():`` switches it on for the block, in this thread / task only. Calls
-    with dropout, or arguments the dispatcher does not handle, go to PyTorch unchanged.
+    ``with patch_sdpa():`` switches it on for the block, in this thread / task only (around a
+    compiled call, or inside a compiled function: there, for the graph). Calls with dropout, or
+    arguments the dispatcher does not handle, go to PyTorch unchanged.
     """
+    if _is_compiling():  # inside a traced function: only the `with` form routes (see SDPAPatch)
+        return SDPAPatch()
     config.validate_all()
     return SDPAPatch()._enable_global()
 

@@ -1,0 +1,152 @@
+"""The benchmark harness: what every script under ``scripts/`` measures with.
+
+- :func:`environment`: the machine, torch, the kernel packages and what is usable;
+- :func:`interleaved` (and :class:`Timer`): the timer the tuner uses too, methods interleaved;
+- :func:`host_us`: host microseconds per call of several functions, interleaved blocks;
+- :func:`direct_call`: the cheapest hand-written call of a backend's kernel, the baseline of
+  every overhead figure;
+- :func:`hit_overhead`: ``attention_forward`` on a cache hit against that baseline;
+- :func:`save_result`: ``<device>-<date><suffix>.{json,md}`` under a results folder.
+
+Scripts import this module and the public API only (no script imports another).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..tuning.timing import Timer, interleaved
+
+__all__ = ["Timer", "direct_call", "environment", "geomean", "hit_overhead", "host_us", "interleaved", "save_result",
+           "sync"]
+
+_aten = torch.ops.aten
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def geomean(xs) -> Optional[float]:
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def environment(device) -> dict:
+    """The machine and software a result was measured with."""
+    import diffsynth_attention as da
+    from ..backends import REGISTRY
+
+    device = torch.device(device)
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "diffsynth_attention": da.__version__,
+        "packages": {b.package: b.version() for b in REGISTRY.values() if b.package},
+        "backends": da.available_backends(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["capability"] = f"{props.major}.{props.minor}"
+        env["sm_count"] = props.multi_processor_count
+    return env
+
+
+def save_result(result: dict, out_dir, tag, suffix: str, write_md: Callable) -> Path:
+    """Write ``<device>-<date><suffix>.json`` and ``.md`` (or ``<tag>.*``) under ``out_dir``;
+    returns the path without its extension."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device_name = result["environment"]["device"].replace("NVIDIA ", "").replace(" ", "-")
+    stem = out / (tag or f"{device_name}-{datetime.date.today().isoformat()}{suffix}")
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    write_md(result, Path(f"{stem}.md"))
+    return stem
+
+
+def direct_call(name: str, q, k, v) -> Callable:
+    """The cheapest hand-written call of backend ``name`` on ``b n s d`` tensors (no mask, not
+    causal): PyTorch's SDPA for ``torch``, the ATen operator for the ``torch_*`` backends, the
+    package's own function (on ``b s n d`` views) for kernel packages."""
+    from ..backends import REGISTRY
+    from ..backends.torch_sdpa import _SDPA
+
+    if name == "torch":
+        return lambda: _SDPA(q, k, v)
+    if name == "torch_math":
+        return lambda: _aten._scaled_dot_product_attention_math(q, k, v)
+    if name == "torch_flash":
+        if q.device.type == "cpu":
+            return lambda: _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        return lambda: _aten._scaled_dot_product_flash_attention(q, k, v)
+    if name == "torch_efficient":
+        return lambda: _aten._scaled_dot_product_efficient_attention(q, k, v, None, False)
+    if name == "torch_cudnn":
+        return lambda: _aten._scaled_dot_product_cudnn_attention(q, k, v, None, False)
+    backend = REGISTRY[name]
+    why = backend.unavailable_reason()
+    if why is not None:
+        raise RuntimeError(f"{name} is unavailable: {why}")
+    func = backend._func
+    qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
+    if name == "sage_attention":
+        return lambda: func(q, k.clone(), v, tensor_layout="HND")
+    return lambda: func(qs, ks, vs)
+
+
+def host_us(fns: dict, device, calls: int = 10000, blocks: int = 20, warmup: int = 300) -> dict:
+    """Median host microseconds per call of each function: interleaved blocks (A, B, B, A, ...),
+    the device synchronised between blocks so the launch queue never fills (host time only)."""
+    device = torch.device(device)
+    per = max(1, calls // blocks)
+    host: dict = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    names = list(fns)
+    for i in range(blocks):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            fn = fns[name]
+            t0 = time.perf_counter()
+            for _ in range(per):
+                fn()
+            host[name].append((time.perf_counter() - t0) / per * 1e6)
+            sync(device)
+    return {name: statistics.median(v) for name, v in host.items()}
+
+
+def hit_overhead(device, backend: Optional[str] = None, calls: int = 20000, blocks: int = 40) -> dict:
+    """Host time per call: ``attention_forward`` on a cache hit minus :func:`direct_call` of the
+    same kernel (the decision's, or ``backend`` forced), on a small problem."""
+    import diffsynth_attention as da
+
+    device = torch.device(device)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.randn(1, 2, 16, 64, device=device, dtype=dt)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    with torch.no_grad():
+        if backend is None:
+            backend = da.explain(q, k, v).backend
+            scope = da.use_backend("auto")
+        else:
+            scope = da.use_backend(backend)
+        with scope:
+            t = host_us({"direct": direct_call(backend, q, k, v), "dispatched": lambda: da.attention_forward(q, k, v)},
+                        device, calls, blocks, warmup=500)
+    return {"device": str(device), "backend": backend, "calls_each": max(1, calls // blocks) * blocks,
+            "direct_us": t["direct"], "dispatched_us": t["dispatched"], "overhead_us": t["dispatched"] - t["direct"]}
