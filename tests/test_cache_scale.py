@@ -17,7 +17,9 @@ from diffsynth_attention.store.decision import key_id
 from diffsynth_attention.store.neighbours import neighbour_group
 from diffsynth_attention.tools import cli
 
-from store_helpers import fake_key, make_decision
+from store_helpers import PREAMBLE, fake_key, make_decision
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _warnings(caplog, text):
@@ -196,3 +198,36 @@ def test_the_compiled_schema_check_agrees_with_jsonschema(where, value, drop):
     else:
         node[where[-1]] = value
     assert codec.fast_check()(entry) == codec.schema_validator().is_valid(entry)
+
+
+MIGRATE_ONE = PREAMBLE + r"""
+c = DecisionCache(sys.argv[1])
+print(len(c.entries()))
+"""
+
+
+def test_a_v1_file_migrated_by_8_processes_at_once_loses_nothing(isolated, subprocess_env):
+    decisions = _v1(isolated, 40)
+    env = dict(subprocess_env, DA_ROOT=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", MIGRATE_ONE, str(isolated)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+        assert int(out.split()[-1]) == 40
+    assert set(DecisionCache(isolated).entries()) == set(decisions)
+    assert (isolated / "decisions.json.v1-migrated").exists()
+
+
+def test_a_garbage_or_directory_v1_file_is_no_crash(isolated, caplog):
+    isolated.mkdir(mode=0o700)
+    (isolated / "decisions.json").write_text('{"schema_version": 1, "entries": {"a": ')
+    c = DecisionCache(isolated)
+    assert c.entries() == {} and c.get(make_decision(1).key_id) is None
+    assert [n for n in os.listdir(isolated) if n.startswith("decisions.json.bad-")]
+    assert len(_warnings(caplog, "bad version-1 file")) == 1
+    (isolated / "decisions.json").mkdir()
+    c = DecisionCache(isolated)
+    c.put(make_decision(2))
+    assert set(c.entries()) == {make_decision(2).key_id} and c.migrate() == (0, 0)
+    assert len(_warnings(caplog, "not migrated")) == 2

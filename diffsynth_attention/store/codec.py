@@ -6,7 +6,7 @@
   check (tens of microseconds an entry, where ``jsonschema`` takes about 0.6 ms), and
   ``jsonschema`` itself words the error of an entry that fails. A schema keyword the compiler does
   not know makes every check go through ``jsonschema``; a property test checks the two agree.
-- Version 1 (one ``decisions.json`` of every entry) is read by :func:`parse_legacy`.
+- Version 1 (one ``decisions.json`` of every entry) is read entry by entry by :class:`Legacy`.
 Imports no torch.
 """
 
@@ -355,14 +355,74 @@ def render_document(entries: dict, raw: Optional[dict] = None) -> str:
                       allow_nan=False) + "\n"
 
 
-def parse_legacy(data, where) -> dict:
-    """A version-1 ``decisions.json``'s entries, unvalidated ({id: raw entry}). CacheFileError."""
-    doc = loads(decode(data, where), where, allow_nan=True)
-    if not isinstance(doc, dict) or doc.get("schema_version") != 1 or not isinstance(doc.get("entries"), dict):
-        raise CacheFileError(where, "not a version-1 cache file")
-    return doc["entries"]
+_WS = re.compile(r"[ \t\n\r]*")
+_LEGACY_DECODER = json.JSONDecoder(parse_constant=lambda _: None)  # v1 files may hold NaN: read as null
 
 
-def legacy_decision(kid, entry, where) -> Decision:
-    """One version-1 entry, validated as version 2 (non-finite numbers as null). CacheFileError."""
-    return check_entry(kid, finite(entry), where)
+class Legacy:
+    """A version-1 ``decisions.json`` (``{"schema_version": 1, "entries": {id: entry}}``), indexed
+    entry by entry: one small ``raw_decode`` at a time, so a 200 MB file never holds the GIL (an
+    attention call's thread runs between entries) and never lives in memory as one object. An
+    entry is decoded again when it is used (:meth:`entry`)."""
+
+    def __init__(self, data, where):
+        self.where = where
+        self.text = decode(data, where)
+        try:
+            self.members = self._index()
+        except (ValueError, IndexError, RecursionError) as exc:
+            raise CacheFileError(where, f"not a version-1 cache file ({str(exc)[:200]})") from None
+
+    def _expect(self, i: int, char: str) -> int:
+        i = _WS.match(self.text, i).end()
+        if self.text[i:i + 1] != char:
+            raise ValueError(f"expected {char!r} at {i}")
+        return _WS.match(self.text, i + 1).end()
+
+    def _key(self, i: int):
+        if self.text[i:i + 1] != '"':
+            raise ValueError(f"expected a name at {i}")
+        key, i = json.decoder.scanstring(self.text, i + 1)
+        return key, self._expect(i, ":")
+
+    def _after(self, i: int):
+        """Past a member: (index, True) after a comma, (index, False) after the closing brace."""
+        i = _WS.match(self.text, i).end()
+        if self.text[i:i + 1] == ",":
+            return _WS.match(self.text, i + 1).end(), True
+        if self.text[i:i + 1] == "}":
+            return i + 1, False
+        raise ValueError(f"expected ',' or '}}' at {i}")
+
+    def _index(self) -> dict:
+        members, version, found = {}, None, False
+        i = self._expect(0, "{")
+        more = self.text[i:i + 1] != "}"
+        while more:
+            name, i = self._key(i)
+            if name == "entries":
+                found = True
+                i = self._expect(i, "{")
+                inner = self.text[i:i + 1] != "}"
+                if not inner:
+                    i += 1
+                while inner:
+                    kid, i = self._key(i)
+                    _, end = _LEGACY_DECODER.raw_decode(self.text, i)
+                    members[kid] = i
+                    i, inner = self._after(end)
+            else:
+                value, i = _LEGACY_DECODER.raw_decode(self.text, i)
+                version = value if name == "schema_version" else version
+            i, more = self._after(i)
+        if version != 1 or isinstance(version, bool) or not found:
+            raise ValueError("no schema_version 1 and entries")
+        return members
+
+    def entry(self, kid: str) -> Decision:
+        """The version-1 entry ``kid``, validated as version 2 (non-finite numbers as null). CacheFileError."""
+        try:
+            value, _ = _LEGACY_DECODER.raw_decode(self.text, self.members[kid])
+        except (ValueError, RecursionError) as exc:
+            raise CacheFileError(self.where, f"entry {kid}: {str(exc)[:200]}") from None
+        return check_entry(kid, finite(value), self.where)

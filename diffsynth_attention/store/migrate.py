@@ -31,7 +31,8 @@ class Migration:
         self.directory, self._open_entries, self._warn = directory, open_entries, warn
         self.parsed = threading.Event()
         self.done = threading.Event()
-        self._raw: Optional[dict] = None
+        self._legacy: Optional[codec.Legacy] = None
+        self._waited = False  # a lookup already waited LAZY_WAIT_S in vain
         self._thread: Optional[threading.Thread] = None
         self.moved = self.skipped = 0
 
@@ -44,16 +45,19 @@ class Migration:
             self._thread.join(timeout)
         return self.done.is_set()
 
-    def lookup(self, kid: str, wait: float = LAZY_WAIT_S):
-        """The old file's decision for ``kid`` (validated), waiting at most ``wait`` for the parse."""
+    def lookup(self, kid: str, wait: Optional[float] = None):
+        """The old file's decision for ``kid`` (validated), waiting for the old file to be indexed
+        at most ``wait`` (default LAZY_WAIT_S, once per process: after one wait ran out, a miss
+        does not wait again)."""
         if self.done.is_set():
             return None
-        self.parsed.wait(wait)
-        raw = self._raw
-        if raw is None or kid not in raw:
+        if not self.parsed.wait(LAZY_WAIT_S if wait is None and not self._waited else wait or 0.0):
+            self._waited = True
+        legacy = self._legacy
+        if legacy is None or kid not in legacy.members:
             return None
         try:
-            return codec.legacy_decision(kid, raw[kid], self.directory / LEGACY_FILE)
+            return legacy.entry(kid)
         except codec.CacheFileError:
             return None
 
@@ -66,7 +70,7 @@ class Migration:
         finally:
             self.parsed.set()
             self.done.set()
-            self._raw = None
+            self._legacy = None
 
     def _run(self) -> None:
         where = self.directory / LEGACY_FILE
@@ -83,7 +87,7 @@ class Migration:
                 self._warn("v1", "diffsynth_attention cache: the version-1 file %s %s; not migrated", where, exc.reason)
                 return
             try:
-                self._raw = codec.parse_legacy(data, where)
+                self._legacy = codec.Legacy(data, where)
             except codec.CacheFileError as exc:
                 aside = f"{LEGACY_FILE}.bad-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
                 with contextlib.suppress(OSError):
@@ -97,9 +101,9 @@ class Migration:
             if vfd is None:
                 return
             try:
-                for kid, entry in list(self._raw.items()):
+                for kid in list(self._legacy.members):
                     try:
-                        decision = codec.legacy_decision(kid, entry, where)
+                        decision = self._legacy.entry(kid)
                         if fs.write_new(vfd, f"{kid}.json", codec.render_entry(decision).encode(), replace=False, durable=False):
                             self.moved += 1
                     except codec.CacheFileError:
