@@ -118,7 +118,11 @@ def cache_dir_override() -> Optional[str]:
         return None
     if "\x00" in raw:
         raise ValueError(f"{CACHE_DIR}={raw!r} is not a path (it has a NUL byte)")
-    path = Path(raw).expanduser()
+    try:
+        path = Path(raw).expanduser()
+    except (RuntimeError, KeyError):  # "~user" of no such user, or no home folder to expand "~" to
+        raise ValueError(f"{CACHE_DIR}={raw!r}: cannot expand its '~' (no such user or no home folder); "
+                         f"give an absolute path") from None
     if path.is_absolute():
         return str(path)
     if raw not in _absolute:

@@ -39,7 +39,7 @@ def test_warm_show_export_import_clear(subprocess_env, isolated, tmp_path):
     out = tmp_path / "export.json"
     assert cli(subprocess_env, "cache", "export", str(out)).returncode == 0
     r = cli(subprocess_env, "cache", "clear")  # no terminal, no --yes: refuses
-    assert r.returncode == 1 and "--yes" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "--yes" in r.stderr and "Traceback" not in r.stderr
     r = cli(subprocess_env, "cache", "clear", "--yes")
     assert r.returncode == 0 and "cleared 2" in r.stdout
     assert json.loads(cli(subprocess_env, "cache", "show", "--json").stdout) == []

@@ -10,6 +10,7 @@ from diffsynth_attention.backends.torch_sdpa import TorchSDPA
 from diffsynth_attention.dispatch import Dispatcher
 from diffsynth_attention.request import Request
 from diffsynth_attention.store.cache import DecisionCache
+from diffsynth_attention.store.decision import Candidate
 from diffsynth_attention.store.key import key_id
 
 from helpers import full_reference, qkv, rel
@@ -134,7 +135,10 @@ def _force(disp, monkeypatch, q, k, v):
     monkeypatch.setitem(REGISTRY, "flash_attention_4", flaky)
     info = disp.explain(q, k, v)
     decision = info.decision
+    for cand in decision.candidates.values():  # as a real decision for it: chosen, with its error through the gate
+        cand.status = "accepted" if cand.status == "chosen" else cand.status
     decision.backend = "flash_attention_4"
+    decision.candidates["flash_attention_4"] = Candidate("chosen", 0.01, 0.0, reps=3)
     disp.store.put(decision)
     assert disp.explain(q, k, v).backend == "flash_attention_4"
     return flaky, info.key_id

@@ -167,6 +167,7 @@ def test_a_broken_install_is_found_at_first_use_with_the_reason_and_the_call_fal
     decision = store.get(info.key_id)
     decision.backend = "flash_attention_3"
     decision.candidates["flash_attention_3"].status, decision.candidates["flash_attention_3"].time_ms = "chosen", 0.001
+    decision.candidates["flash_attention_3"].error = 0.0  # it passed the gate where it was tuned
     store.put(decision)
     fresh = cpu(FlashAttention3)
     monkeypatch.setitem(REGISTRY, "flash_attention_3", fresh)

@@ -27,16 +27,10 @@ FA4_CACHE_DIR = "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"
 
 def fa4_compile_dir():
     """Where this library keeps FlashAttention-4's compilations: ``<cache folder>/fa4-compile``
-    (the cache folder as :func:`diffsynth_attention.store.cache.cache_dir` resolves it)."""
-    from pathlib import Path
+    (resolved by :mod:`diffsynth_attention.store.paths`, the one place that resolves the cache folder)."""
+    from ..store.paths import fa4_compile_dir as resolve
 
-    import platformdirs
-
-    from .. import config
-
-    override = config.cache_dir_override()
-    base = Path(override).expanduser() if override else Path(platformdirs.user_cache_dir("diffsynth_attention"))
-    return base / "fa4-compile"
+    return resolve()
 
 
 def enable_fa4_compile_cache() -> Optional[str]:

@@ -194,7 +194,7 @@ class Dispatcher:
         falling in the same buckets (store/key.py), and whose backend can serve this call."""
         group = neighbour_group(key.fields)
         found = []
-        for key_id, decision in self.store.entries().items():
+        for key_id, decision in ((d.key_id, d) for d in self.store.neighbours(group)):  # the store's index of the group
             if key_id == key.id or decision.backend not in usable_names:
                 continue
             try:

@@ -43,8 +43,9 @@ class Candidate:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Candidate":
-        return cls(**{k: data.get(k) for k in ("status", "time_ms", "error", "reason", "first_call_ms", "predicted_ms")},
-                   reps=data.get("reps") or 0)
+        get = data.get
+        return cls(get("status"), get("time_ms"), get("error"), get("reason"), get("first_call_ms"), get("reps") or 0,
+                   get("predicted_ms"))
 
 
 @dataclass
@@ -81,6 +82,16 @@ class Decision:
             tuning_seconds=data["tuning_seconds"],
             compile_seconds=data.get("compile_seconds", 0.0),
         )
+
+    def trusted_under(self, tolerance: float) -> bool:
+        """True if this decision may serve a process whose error tolerance is ``tolerance``: its
+        chosen backend passed the numeric gate with an error within it. A decision tuned under a
+        looser tolerance whose choice fails this one is not trusted (the key is gated again)."""
+        chosen = self.candidates.get(self.backend)
+        if chosen is None or chosen.error is None:
+            return False
+        error = chosen.error
+        return isinstance(error, (int, float)) and error == error and error <= tolerance
 
     def runner_up(self) -> Optional[str]:
         timed = [(c.time_ms, n) for n, c in self.candidates.items() if n != self.backend and c.status in (ACCEPTED, SLOWER) and c.time_ms is not None]

@@ -89,40 +89,5 @@ def make_key(problem: Problem, dev: DeviceInfo, candidates) -> Key:
     return Key(fields, key_id(fields))
 
 
-
-BUCKETS_PER_OCTAVE = 4  # neighbours: sequence lengths within a factor of 2**(1/4) (~19%) share a bucket
-
-
-def seq_bucket(length: int, per_octave: int = BUCKETS_PER_OCTAVE) -> int:
-    """The bucket of a sequence length: ``round(per_octave * log2(length))``."""
-    import math
-
-    return int(round(per_octave * math.log2(max(int(length), 1))))
-
-
-def neighbour_group(fields: dict) -> str:
-    """A key's fields with the sequence lengths taken out (and the mask shape's sequence axes
-    abstracted): two keys with the same group differ at most in seq_q and seq_kv."""
-    problem = dict(fields["problem"])
-    sq, skv = problem.pop("seq_q"), problem.pop("seq_kv")
-    shape = problem.get("mask_shape")
-    if shape is not None:
-        shape = list(shape)
-        shape[2] = "s_q" if shape[2] == sq and sq != 1 else shape[2]
-        shape[3] = "s_kv" if shape[3] == skv and skv != 1 else shape[3]
-        problem["mask_shape"] = shape
-    problem["seq_q_is_seq_kv"] = sq == skv  # causal/window alignment depends on it
-    return key_id({**fields, "problem": problem})
-
-
-def neighbour_distance(a: dict, b: dict, per_octave: int = BUCKETS_PER_OCTAVE) -> Optional[float]:
-    """For two keys' fields of one :func:`neighbour_group`: None unless both sequence lengths fall
-    in the same bucket, else how far apart they are (sum of |log2| ratios)."""
-    import math
-
-    pa, pb = a["problem"], b["problem"]
-    if seq_bucket(pa["seq_q"], per_octave) != seq_bucket(pb["seq_q"], per_octave):
-        return None
-    if seq_bucket(pa["seq_kv"], per_octave) != seq_bucket(pb["seq_kv"], per_octave):
-        return None
-    return abs(math.log2(pa["seq_q"] / pb["seq_q"])) + abs(math.log2(pa["seq_kv"] / pb["seq_kv"]))
+# Neighbours live in .neighbours (no torch); re-exported here for existing callers.
+from .neighbours import BUCKETS_PER_OCTAVE, neighbour_distance, neighbour_group, seq_bucket  # noqa: E402,F401

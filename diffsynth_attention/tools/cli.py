@@ -181,13 +181,41 @@ def decisions_table(rows: list, title: str):
     return table
 
 
+PLAIN_ROWS = 2000  # above this many decisions, ``cache show`` prints plain columns (a rich table of 60,000 rows takes minutes)
+
+
+def plain_decisions(rows: list, title: str) -> str:
+    """The columns of :func:`decisions_table` as plain text, one line per decision (long problems cut with '…')."""
+    devices = sorted({r["device"] for r in rows})
+    one_device = len(devices) <= 1
+    if one_device and devices:
+        title += f" on {short_device(devices[0])}"
+    header = ["problem"] + ([] if one_device else ["device"]) + ["backend", "ms", "vs torch", "runner-up"]
+    cells = []
+    for r in rows:
+        tie = " (tie)" if str(r.get("reason") or "").startswith("tie") else ""
+        cells.append([r["problem"]] + ([] if one_device else [short_device(r["device"])]) + [
+            r["backend"] + tie, "-" if r["time_ms"] is None else f"{r['time_ms']:.4g}",
+            "-" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x", r["runner_up"] or "-"])
+    caps = [34] + ([] if one_device else [14]) + [22, 8, 8, 18]
+    widths = [min(cap, max([len(h)] + [len(c[i]) for c in cells])) for i, (h, cap) in enumerate(zip(header, caps))]
+
+    def line(values):
+        return " ".join((v if len(v) <= w else v[: w - 1] + "…").ljust(w) for v, w in zip(values, widths)).rstrip()
+    return "\n".join([title, line(header), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
 def cmd_cache_show(args) -> int:
     store = _store()
-    rows = [decision_row(k, d) for k, d in sorted(store.entries().items(), key=lambda kv: kv[1].created)]
+    rows = [decision_row(k, d) for k, d in sorted(store.entries().items(), key=lambda kv: (kv[1].created, kv[0]))]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    _console().print(decisions_table(rows, f"{len(rows)} decisions in {store.path}"))
+    title = f"{len(rows)} decisions in {store.path}"
+    if len(rows) > PLAIN_ROWS:
+        print(plain_decisions(rows, title))
+    else:
+        _console().print(decisions_table(rows, title))
     return 0
 
 
@@ -196,10 +224,10 @@ def cmd_cache_clear(args) -> int:
     from ..store.decision import decision_filter
 
     match = decision_filter(args.backend, args.gpu)
-    count = sum(1 for d in store.entries().values() if match is None or match(d))
+    if not args.yes and not sys.stdin.isatty():  # a missing flag: a usage error, before any work
+        raise Usage("cache clear needs --yes when there is no terminal to ask for confirmation")
     if not args.yes:
-        if not sys.stdin.isatty():
-            raise Failure(f"would clear {count} decision(s) from {store.path}; pass --yes to confirm (no terminal to ask)")
+        count = store.count() if match is None else sum(1 for d in store.entries().values() if match(d))
         answer = input(f"Clear {count} decision(s) from {store.path}? [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
             print("nothing cleared")
@@ -215,16 +243,25 @@ def cmd_cache_clear(args) -> int:
     return 0
 
 
-def cmd_cache_export(args) -> int:
-    from ..store.cache import render_document
-
+def cmd_cache_migrate(args) -> int:
     store = _store()
-    entries = store.entries()
+    done = store.migrate()
+    if done is None:
+        print(f"no version-1 file in {store.directory}: nothing to migrate")
+        return 0
+    moved, skipped = done
+    print(f"migrated {moved} decision(s) into {store.path}" + (f"; {skipped} failed validation (see the warning)" if skipped else ""))
+    return 0
+
+
+def cmd_cache_export(args) -> int:
+    store = _store()
+    text, count = store.export_document()
     try:
-        Path(args.file).write_text(render_document(entries))
+        Path(args.file).write_text(text)
     except OSError as exc:
         raise Failure(f"cannot write {args.file}: {exc.strerror or exc}") from None
-    print(f"exported {len(entries)} decision(s) to {args.file}")
+    print(f"exported {count} decision(s) to {args.file}")
     return 0
 
 
@@ -472,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache", help="inspect and manage the decision cache")
     csub = cache.add_subparsers(dest="cache_command", required=True, parser_class=Parser)
-    p = csub.add_parser("path", help="the cache directory and file")
+    p = csub.add_parser("path", help="the cache folder and the folder of its entries")
     p.set_defaults(func=cmd_cache_path)
     p = csub.add_parser("show", help="one row per decision")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -484,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compiled", action="store_true",
                    help="also remove FlashAttention-4's compile cache kept under the cache folder (left alone otherwise)")
     p.set_defaults(func=cmd_cache_clear)
+    p = csub.add_parser("migrate", help="migrate a version-1 decisions.json now (otherwise done in the background)")
+    p.set_defaults(func=cmd_cache_migrate)
     p = csub.add_parser("export", help="write every decision to FILE")
     p.add_argument("file")
     p.set_defaults(func=cmd_cache_export)

@@ -1,0 +1,428 @@
+"""Decision <-> entry: the one boundary of the cache format.
+
+- The schema is ONE packaged file, ``diffsynth_attention/data/decisions.schema.json``
+  (``cache_schema/`` documents it; a test checks the two agree).
+- Validation is the schema's: a small compiler turns the keywords the schema uses into a fast
+  check (tens of microseconds an entry, where ``jsonschema`` takes about 0.6 ms), and
+  ``jsonschema`` itself words the error of an entry that fails. A schema keyword the compiler does
+  not know makes every check go through ``jsonschema``; a property test checks the two agree.
+- Version 1 (one ``decisions.json`` of every entry) is read entry by entry by :class:`Legacy`.
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+from .decision import ACCEPTED, CHOSEN, SLOWER, Decision, key_id as hash_key
+
+logger = logging.getLogger("diffsynth_attention")
+
+SCHEMA_VERSION = 2
+MAX_ENTRY_BYTES = 64 * 1024  # an entry file over this is rejected unread
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024  # an export/import document
+MAX_LEGACY_BYTES = 512 * 1024 * 1024  # a v1 file being migrated
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "data" / "decisions.schema.json"
+ID = re.compile(r"^[0-9a-f]{24}$")
+
+
+class CacheFileError(ValueError):
+    """A cache file (or document) that cannot be used, with the path and the reason."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+# -- the schema, compiled --------------------------------------------------------------------
+_schema_doc: dict = {}
+_validators: dict = {}
+_fast: dict = {}
+_ANNOTATIONS = {"$schema", "$id", "$defs", "title", "description", "format"}  # format: not asserted (no checker)
+
+
+class _Unknown(Exception):
+    """A schema keyword the compiler does not know: use jsonschema for everything."""
+
+
+def schema() -> dict:
+    if not _schema_doc:
+        _schema_doc.update(json.loads(SCHEMA_FILE.read_text()))
+    return _schema_doc
+
+
+def schema_validator(part: str = "entry"):
+    """jsonschema's validator for one part of the schema (``$defs/<part>``)."""
+    if part not in _validators:
+        import jsonschema
+
+        doc = schema()
+        _validators[part] = jsonschema.Draft202012Validator(
+            {"$schema": doc["$schema"], "$defs": doc["$defs"], "$ref": f"#/$defs/{part}"})
+    return _validators[part]
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _json_equal(a, b) -> bool:
+    """Equality as JSON Schema means it: booleans are not numbers, 1 == 1.0."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str) and isinstance(b, str) and a == b
+    if _is_number(a) and _is_number(b):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    return a is None and b is None
+
+
+_TYPE_EXPR = {
+    "object": "isinstance({v}, dict)",
+    "array": "isinstance({v}, list)",
+    "string": "isinstance({v}, str)",
+    "boolean": "isinstance({v}, bool)",
+    "null": "{v} is None",
+    "number": "(isinstance({v}, (int, float)) and not isinstance({v}, bool))",
+    "integer": "((isinstance({v}, int) and not isinstance({v}, bool)) or (isinstance({v}, float) and {v}.is_integer()))",
+}
+
+
+class _Compiler:
+    """Python source equal to validating against the schema (the keywords it uses), as
+    fastjsonschema does: one function per ``$defs`` entry, straight-line checks, no closures."""
+
+    def __init__(self, defs: dict):
+        self.defs, self.consts, self.lines, self.done, self.todo, self.n = defs, [], [], set(), [], 0
+
+    def const(self, value) -> str:
+        self.consts.append(value)
+        return f"C[{len(self.consts) - 1}]"
+
+    def var(self) -> str:
+        self.n += 1
+        return f"x{self.n}"
+
+    def ref(self, arg) -> str:
+        if not isinstance(arg, str) or not arg.startswith("#/$defs/") or arg[8:] not in self.defs:
+            raise _Unknown(repr(arg))
+        name = arg[8:]
+        if name not in self.done:
+            self.done.add(name)
+            self.todo.append(name)
+        return f"d_{re.sub(r'[^0-9A-Za-z_]', '_', name)}"
+
+    def body(self, node, v: str, ind: str) -> list:
+        if node is True:
+            return []
+        if node is False:
+            return [f"{ind}return False"]
+        if not isinstance(node, dict):
+            raise _Unknown(repr(node))
+        out = []
+        for word, arg in node.items():
+            if word in _ANNOTATIONS:
+                continue
+            if word == "$ref":
+                out.append(f"{ind}if not {self.ref(arg)}({v}): return False")
+            elif word == "type":
+                names = [arg] if isinstance(arg, str) else list(arg)
+                if any(t not in _TYPE_EXPR for t in names):
+                    raise _Unknown(f"type {arg}")
+                out.append(f"{ind}if not ({' or '.join(_TYPE_EXPR[t].format(v=v) for t in names)}): return False")
+            elif word == "enum" and all(isinstance(a, str) for a in arg):
+                out.append(f"{ind}if not (isinstance({v}, str) and {v} in {self.const(frozenset(arg))}): return False")
+            elif word in ("enum", "const"):
+                options = self.const(list(arg) if word == "enum" else [arg])
+                out.append(f"{ind}if not any(_eq({v}, a) for a in {options}): return False")
+            elif word == "pattern":
+                out.append(f"{ind}if isinstance({v}, str) and {self.const(re.compile(arg))}.search({v}) is None: return False")
+            elif word in ("minimum", "exclusiveMinimum"):
+                op = ">=" if word == "minimum" else ">"
+                out.append(f"{ind}if isinstance({v}, (int, float)) and not isinstance({v}, bool) and not {v} {op} {arg!r}: return False")
+            elif word in ("minItems", "maxItems"):
+                op = ">=" if word == "minItems" else "<="
+                out.append(f"{ind}if isinstance({v}, list) and not len({v}) {op} {int(arg)}: return False")
+            elif word == "items":
+                item = self.var()
+                inner = self.body(arg, item, ind + "        ")
+                if inner:
+                    out += [f"{ind}if isinstance({v}, list):", f"{ind}    for {item} in {v}:"] + inner
+            elif word == "required":
+                out.append(f"{ind}if isinstance({v}, dict) and not {self.const(frozenset(arg))} <= {v}.keys(): return False")
+            elif word == "properties":
+                checks = []
+                for name, sub in arg.items():
+                    item = self.var()
+                    inner = self.body(sub, item, ind + "        ")
+                    if inner:
+                        checks += [f"{ind}    if {name!r} in {v}:", f"{ind}        {item} = {v}[{name!r}]"] + inner
+                if checks:
+                    out += [f"{ind}if isinstance({v}, dict):"] + checks
+            elif word == "additionalProperties":
+                known = self.const(frozenset(node.get("properties", {})))
+                if arg is False:
+                    out.append(f"{ind}if isinstance({v}, dict) and not {v}.keys() <= {known}: return False")
+                else:
+                    k, item = self.var(), self.var()
+                    inner = self.body(arg, item, ind + "            ")
+                    if inner:
+                        out += [f"{ind}if isinstance({v}, dict):", f"{ind}    for {k}, {item} in {v}.items():",
+                                f"{ind}        if {k} not in {known}:"] + inner
+            elif word == "propertyNames":
+                k = self.var()
+                inner = self.body(arg, k, ind + "        ")
+                if inner:
+                    out += [f"{ind}if isinstance({v}, dict):", f"{ind}    for {k} in {v}:"] + inner
+            else:
+                raise _Unknown(word)
+        return out
+
+    def compile(self, part: str) -> Callable:
+        entry = self.ref(f"#/$defs/{part}")
+        while self.todo:
+            name = self.todo.pop()
+            self.lines += [f"def {self.ref('#/$defs/' + name)}(x0):"] + self.body(self.defs[name], "x0", "    ") + ["    return True"]
+        namespace = {"C": self.consts, "_eq": _json_equal}
+        exec(compile("\n".join(self.lines), f"<schema check of {part}>", "exec"), namespace)  # noqa: S102 - our own schema
+        return namespace[entry]
+
+
+def fast_check(part: str = "entry") -> Optional[Callable]:
+    """The compiled check of ``$defs/<part>``, or None if the schema uses a keyword it does not know."""
+    if part not in _fast:
+        try:
+            _fast[part] = _Compiler(schema()["$defs"]).compile(part)
+        except (_Unknown, KeyError, TypeError, ValueError, re.error, SyntaxError) as exc:
+            logger.debug("schema check not compiled (%s): using jsonschema", exc)
+            _fast[part] = None
+    return _fast[part]
+
+
+def schema_errors(entry, part: str = "entry") -> list:
+    """The schema's errors for ``entry`` (empty if valid): the fast check, worded by jsonschema."""
+    check = fast_check(part)
+    try:
+        if check is not None and check(entry):
+            return []
+    except RecursionError:
+        raise
+    except Exception:  # an odd value the compiled check did not expect: let jsonschema decide
+        pass
+    return sorted(schema_validator(part).iter_errors(entry), key=lambda e: [str(p) for p in e.absolute_path])
+
+
+# -- entries -------------------------------------------------------------------------------
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(text, where, allow_nan: bool = False):
+    try:
+        return json.loads(text, parse_constant=(lambda _: None) if allow_nan else _refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise CacheFileError(where, f"not valid JSON ({str(exc)[:200]})") from None
+
+
+def decode(data, where) -> str:
+    if isinstance(data, str):
+        return data
+    try:
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CacheFileError(where, f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def check_entry(kid, entry, where, imported: bool = False) -> Decision:
+    """A validated entry as a Decision (:func:`validate_entry`)."""
+    validate_entry(kid, entry, where, imported)
+    return Decision.from_dict(kid, entry)
+
+
+def validate_entry(kid, entry, where, imported: bool = False) -> None:
+    """Raise CacheFileError unless ``entry`` matches the schema and ``kid`` is a key id and the
+    hash of the entry's key; for an ``imported`` entry, also unless its backend is the one
+    candidate marked chosen (where one is marked)."""
+    if not isinstance(kid, str) or not ID.match(kid):
+        raise CacheFileError(where, f"{str(kid)[:40]!r} is not a key id (24 hex digits)")
+    try:
+        errors = schema_errors(entry)
+    except RecursionError:
+        raise CacheFileError(where, f"entry {kid} is nested too deeply") from None
+    if errors:
+        err = errors[0]
+        at = "/".join([kid] + [str(p) for p in err.absolute_path])
+        raise CacheFileError(where, f"does not match the schema at {at}: {err.message[:300]}")
+    try:
+        actual = hash_key(entry["key"])
+    except (ValueError, TypeError) as exc:
+        raise CacheFileError(where, f"entry {kid} has a key that is not JSON data ({exc})") from None
+    if actual != kid:
+        raise CacheFileError(where, f"entry {kid} is not the hash of its key ({actual})")
+    chosen = [n for n, c in entry["candidates"].items() if c["status"] == CHOSEN] if imported else []
+    if chosen and chosen != [entry["backend"]]:
+        raise CacheFileError(where, f"entry {kid} says backend {entry['backend']!r} but marks "
+                                    f"{', '.join(map(repr, chosen))} as chosen")
+
+
+def finite(value):
+    """``value`` with every NaN or infinity replaced by None (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+def all_rejected(decision: Decision) -> bool:
+    """True if no candidate of ``decision`` passed the numeric gate: such a decision is never kept."""
+    return not any(c.status in (CHOSEN, ACCEPTED, SLOWER) for c in decision.candidates.values())
+
+
+def render_entry(decision: Decision) -> str:
+    """The text of one entry file. Raise CacheFileError if the decision does not validate."""
+    entry = finite(decision.to_dict())
+    validate_entry(decision.key_id, entry, f"decision {decision.key_id}")
+    return json.dumps({"schema_version": SCHEMA_VERSION, "id": decision.key_id, "entry": entry},
+                      indent=1, sort_keys=True, allow_nan=False) + "\n"
+
+
+def parse_entry(data, kid: str, where="<entry>") -> Decision:
+    """Parse and validate one entry file's bytes for key ``kid``. Raise CacheFileError."""
+    return Decision.from_dict(kid, parse_entry_raw(data, kid, where))
+
+
+def parse_entry_raw(data, kid: str, where="<entry>") -> dict:
+    """One entry file's validated ``entry`` object (for documents: no Decision round trip). CacheFileError."""
+    doc = loads(decode(data, where), where)
+    if not isinstance(doc, dict):
+        raise CacheFileError(where, "not a JSON object")
+    if doc.get("schema_version") != SCHEMA_VERSION or isinstance(doc.get("schema_version"), bool):
+        raise CacheFileError(where, f"schema_version {str(doc.get('schema_version'))[:20]!r}, this library reads {SCHEMA_VERSION}")
+    if set(doc) != {"schema_version", "id", "entry"}:
+        raise CacheFileError(where, f"fields {sorted(map(str, doc))[:5]}, expected schema_version, id, entry")
+    if doc["id"] != kid:
+        raise CacheFileError(where, f"id {str(doc['id'])[:40]!r} does not match the file name {kid}")
+    validate_entry(kid, doc["entry"], where)
+    return doc["entry"]
+
+
+def parse_document(text, path="<data>") -> dict:
+    """Parse and validate an export document (version 2, or a version-1 ``decisions.json``);
+    return {key_id: Decision}. Raise CacheFileError on the first problem."""
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise CacheFileError(path, f"{len(text)} bytes, over the {MAX_DOCUMENT_BYTES}-byte cap")
+    doc = loads(decode(text, path), path)
+    if not isinstance(doc, dict):
+        raise CacheFileError(path, "not a JSON object")
+    version = doc.get("schema_version")
+    if version not in (1, SCHEMA_VERSION) or isinstance(version, bool):
+        raise CacheFileError(path, f"schema_version {str(version)[:20]!r}, this library reads 1 and {SCHEMA_VERSION}")
+    if set(doc) != {"schema_version", "entries"} or not isinstance(doc["entries"], dict):
+        raise CacheFileError(path, "expected exactly schema_version and an object of entries")
+    return {kid: check_entry(kid, entry, path, imported=True) for kid, entry in doc["entries"].items()}
+
+
+def render_document(entries: dict, raw: Optional[dict] = None) -> str:
+    """An export document of ``entries`` ({key_id: Decision}) and ``raw`` ({key_id: entry} already
+    validated, as :func:`parse_entry_raw` gives them); decisions that do not validate are left
+    out (one warning with the count and the first reason)."""
+    out, left_out = dict(raw or {}), []
+    for kid, d in sorted(entries.items()):
+        entry = finite(d.to_dict())
+        try:
+            validate_entry(kid, entry, "export")
+        except CacheFileError as exc:
+            left_out.append(f"{kid}: {exc.reason}")
+            continue
+        out[kid] = entry
+    if left_out:
+        logger.warning("diffsynth_attention cache: left %d decision(s) out of the export (first: %s)", len(left_out), left_out[0])
+    # compact: a document of tens of thousands of entries is written by the C encoder (indent is pure Python)
+    return json.dumps({"schema_version": SCHEMA_VERSION, "entries": out}, sort_keys=True, separators=(",", ":"),
+                      allow_nan=False) + "\n"
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_LEGACY_DECODER = json.JSONDecoder(parse_constant=lambda _: None)  # v1 files may hold NaN: read as null
+
+
+class Legacy:
+    """A version-1 ``decisions.json`` (``{"schema_version": 1, "entries": {id: entry}}``), indexed
+    entry by entry: one small ``raw_decode`` at a time, so a 200 MB file never holds the GIL (an
+    attention call's thread runs between entries) and never lives in memory as one object. An
+    entry is decoded again when it is used (:meth:`entry`)."""
+
+    def __init__(self, data, where):
+        self.where = where
+        self.text = decode(data, where)
+        try:
+            self.members = self._index()
+        except (ValueError, IndexError, RecursionError) as exc:
+            raise CacheFileError(where, f"not a version-1 cache file ({str(exc)[:200]})") from None
+
+    def _expect(self, i: int, char: str) -> int:
+        i = _WS.match(self.text, i).end()
+        if self.text[i:i + 1] != char:
+            raise ValueError(f"expected {char!r} at {i}")
+        return _WS.match(self.text, i + 1).end()
+
+    def _key(self, i: int):
+        if self.text[i:i + 1] != '"':
+            raise ValueError(f"expected a name at {i}")
+        key, i = json.decoder.scanstring(self.text, i + 1)
+        return key, self._expect(i, ":")
+
+    def _after(self, i: int):
+        """Past a member: (index, True) after a comma, (index, False) after the closing brace."""
+        i = _WS.match(self.text, i).end()
+        if self.text[i:i + 1] == ",":
+            return _WS.match(self.text, i + 1).end(), True
+        if self.text[i:i + 1] == "}":
+            return i + 1, False
+        raise ValueError(f"expected ',' or '}}' at {i}")
+
+    def _index(self) -> dict:
+        members, version, found = {}, None, False
+        i = self._expect(0, "{")
+        more = self.text[i:i + 1] != "}"
+        while more:
+            name, i = self._key(i)
+            if name == "entries":
+                found = True
+                i = self._expect(i, "{")
+                inner = self.text[i:i + 1] != "}"
+                if not inner:
+                    i += 1
+                while inner:
+                    kid, i = self._key(i)
+                    _, end = _LEGACY_DECODER.raw_decode(self.text, i)
+                    members[kid] = i
+                    i, inner = self._after(end)
+            else:
+                value, i = _LEGACY_DECODER.raw_decode(self.text, i)
+                version = value if name == "schema_version" else version
+            i, more = self._after(i)
+        if version != 1 or isinstance(version, bool) or not found:
+            raise ValueError("no schema_version 1 and entries")
+        return members
+
+    def entry(self, kid: str) -> Decision:
+        """The version-1 entry ``kid``, validated as version 2 (non-finite numbers as null). CacheFileError."""
+        try:
+            value, _ = _LEGACY_DECODER.raw_decode(self.text, self.members[kid])
+        except (ValueError, RecursionError) as exc:
+            raise CacheFileError(self.where, f"entry {kid}: {str(exc)[:200]}") from None
+        return check_entry(kid, finite(value), self.where)
