@@ -284,8 +284,19 @@ def write_md(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def late_kernel_paths() -> None:
+    """diffusers first, then the kernel packages (``DA_LATE_PATH``, as in bench_e2e.py): on the GPU
+    machine flash-attn-4's bare ``flash_attn`` namespace would make diffusers import FlashAttention-2."""
+    import diffusers  # noqa: F401
+
+    for extra in filter(None, os.environ.get("DA_LATE_PATH", "").split(":")):
+        if extra not in sys.path:
+            sys.path.append(extra)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    late_kernel_paths()
     import torch.distributed as dist
 
     result = run(args)
