@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# Everything this project measures on the GPU machine, in one command (see ../shared/gpu/README.md).
-# Usage there, after staging the kernel wheels:  bash scripts/gpu_session.sh [tests] [bench] [e2e] [parallel] [tuning]
-# Writes logs and results under $OUT (or ./gpu-out).
+# Everything this project measures on the GPU machine (see ../shared/gpu/README.md), by phase.
+# Usage there, after staging the kernel wheels a, b, c and d and `source /tmp/gpu-site/env.sh`:
+#   bash scripts/gpu_session.sh PHASE...     (results and logs under $RES, default $OUT or ./gpu-out)
+# Single-GPU phases honour CUDA_VISIBLE_DEVICES, so two can run side by side on a 2-GPU machine.
 set -uo pipefail
-out=${OUT:-gpu-out}; mkdir -p "$out"
+res=${RES:-${OUT:-gpu-out}}; mkdir -p "$res"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-phases=${*:-tests bench e2e parallel}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_info.txt"
-python3 -c "import diffsynth_attention as da, json; print(json.dumps(da.available_backends(), indent=1))" | tee -a "$out/gpu_info.txt"
-for phase in $phases; do
+day=$(date -u +%F)
+late="/tmp/gpu-site:/tmp/gpu-site/nvidia_cutlass_dsl/dsl_packages"
+nodiff=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v gpu-site | paste -sd:)
+for phase in "$@"; do
   case $phase in
-    tests) python3 -m pytest tests/test_gpu.py -v -rs 2>&1 | tee "$out/gpu_tests.log" | tail -60 ;;
-    bench) python3 scripts/benchmark.py --out "$out" 2>&1 | tee "$out/bench.log" | tail -80 ;;
-    e2e) PYTHONPATH="/tmp/diff-site:$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v gpu-site | paste -sd:)" DA_LATE_PATH=/tmp/gpu-site:/tmp/gpu-site/nvidia_cutlass_dsl/dsl_packages \
-           python3 scripts/bench_e2e.py --device cuda --out "$out" ${E2E_ARGS:-} 2>&1 | tee "$out/e2e.log" | tail -60 ;;
-    parallel) python3 scripts/parallel_warm.py "$out/parallel_warm.json" 2>&1 | tail -30 ;;
-    tuning) for kind in "cost --extra" first-call neighbours "repeat --n 5"; do
-              python3 scripts/tuning_report.py $kind --out "$out" 2>&1 | tee -a "$out/tuning.log" | tail -40; done ;;
+    info) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$res/gpu_info.txt"
+          python3 -c "import diffsynth_attention as da, json; print(json.dumps(da.available_backends(), indent=1))" >> "$res/gpu_info.txt" ;;
+    tests) timeout "${T_TESTS:-600}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_lse.py \
+             tests/test_tuner_policy.py ${TESTS_K:+-k "$TESTS_K"} -rs > "$res/gpu-tests.log" 2>&1 ;;
+    bench) python3 scripts/benchmark.py --out "$res" > "$res/bench.log" 2>&1 ;;
+    compiled) timeout "${T_COMPILED:-600}" python3 scripts/bench_compiled.py ${COMPILED_ARGS:-} --out "$res" > "$res/compiled.log" 2>&1 ;;
+    training) timeout "${T_TRAINING:-600}" python3 scripts/bench_training.py ${TRAINING_ARGS:-} --out "$res" > "$res/training.log" 2>&1 ;;
+    faults) timeout 120 python3 scripts/check_faults_gpu.py --out "$res" > "$res/faults.log" 2>&1 ;;
+    first) timeout "${T_FIRST:-600}" python3 scripts/bench_first_result.py ${FIRST_ARGS:-} --out "$res" > "$res/first.log" 2>&1 ;;
+    repeat) timeout "${T_REPEAT:-600}" python3 scripts/tuning_report.py repeat --n 5 ${REPEAT_ARGS:-} --out "$res" \
+              --tag "H200-$day-tuning-repeat${REPEAT_TAG:-}" > "$res/repeat.log" 2>&1 ;;
+    e2e) PYTHONPATH="/tmp/diff-site:$nodiff" DA_LATE_PATH=$late \
+           python3 scripts/bench_e2e.py --device cuda --out "$res" ${E2E_ARGS:-} > "$res/e2e.log" 2>&1 ;;
+    cp) PYTHONPATH="/tmp/diff-site:$nodiff" DA_LATE_PATH=$late timeout "${T_CP:-600}" \
+          torchrun --nproc_per_node=2 scripts/bench_cp.py --out "$res" > "$res/cp.log" 2>&1 ;;
+    pwarm) timeout "${T_PWARM:-600}" python3 scripts/parallel_warm.py "$res/H200x2-$day-parallel-warm.json" > "$res/pwarm.log" 2>&1 ;;
+    *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
+  echo "phase $phase: rc $?" | tee -a "$res/phases.log"
 done
