@@ -102,9 +102,10 @@ def _start_preload() -> None:
     try:
         from .backends.loading import preload
         from .dispatch import default_dispatcher
-        from .store.cache import _schema_validator
+        from .store.codec import fast_check, schema_validator
 
-        _schema_validator()  # jsonschema, imported here rather than on the thread
+        fast_check()  # the entry check, compiled here, and jsonschema (it words errors), imported here,
+        schema_validator()  # rather than on the thread
         store = default_dispatcher().store
     except Exception:  # never breaks the import: the first call loads what it needs
         logging.getLogger(__name__).debug("preloading kernel packages failed", exc_info=True)

@@ -26,7 +26,7 @@ from ..request import FLOAT_MAX, Request
 from ..store.cache import DecisionCache, all_rejected
 from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision, decision_filter
 from ..store.key import make_key, neighbour_distance, neighbour_group
-from ..tuning.policy import TuningPolicy
+from ..tuning.policy import DEFAULT_POLICY, TuningPolicy
 from ..tuning.trial import decision_timings
 from ..tuning.tuner import TuneInputs, tune
 from . import faults
@@ -189,12 +189,17 @@ class Dispatcher:
             if plan.decision is not None and plan.decision.key_id != plan.key.id:  # a neighbour's decision
                 self._sigs_by_key.setdefault(plan.decision.key_id, set()).add(sig)
 
-    def _neighbour(self, key, usable_names: set) -> Optional[Decision]:
+    def tolerance(self, problem) -> float:
+        """The gate's tolerance in force for ``problem`` (per dtype: tuning/policy.py): a stored
+        decision serves only where its chosen backend's error passes it."""
+        return (self.policy or DEFAULT_POLICY).tolerance(problem.dtype_name, problem.device_type)
+
+    def _neighbour(self, key, usable_names: set, tolerance: Optional[float] = None) -> Optional[Decision]:
         """The known decision nearest to ``key`` that differs from it only in sequence lengths
         falling in the same buckets (store/key.py), and whose backend can serve this call."""
         group = neighbour_group(key.fields)
         found = []
-        for key_id, decision in ((d.key_id, d) for d in self.store.neighbours(group)):  # the store's index of the group
+        for key_id, decision in ((d.key_id, d) for d in self.store.neighbours(group, tolerance)):  # the group's index
             if key_id == key.id or decision.backend not in usable_names:
                 continue
             try:
@@ -291,7 +296,8 @@ class Dispatcher:
         if requested != "auto":
             return self._override_plan(requested, source_name, call, grad, key, dev)
         dropped = self.dropped.get(key.id, {})
-        decision = self.store.get(key.id)
+        tolerance = self.tolerance(call.problem)
+        decision = self.store.get(key.id, tolerance=tolerance)
         if decision is not None and all_rejected(decision):  # never trusted: tune again
             decision = None
         if decision is not None and decision.backend in usable_names:
@@ -305,7 +311,7 @@ class Dispatcher:
         if decision is not None and decision.backend in dropped:  # failed here at run time: the next best
             return self._demoted_plan(decision, key, call, grad, dropped)
         if decision is None and config.new_shapes() == "nearest":
-            near = self._neighbour(key, usable_names)
+            near = self._neighbour(key, usable_names, tolerance)
             waiting = provisional and near and self._loading_plan(near, key, call, grad, usable_names, "neighbour")
             if waiting:
                 return waiting
@@ -361,7 +367,7 @@ class Dispatcher:
         """Tune ``key`` (under its tuning lock, unless another process decided it meanwhile)."""
         problem = call.problem
         with self.store.tuning_lock(key.id):
-            decision = self.store.refresh(key.id)
+            decision = self.store.refresh(key.id, tolerance=self.tolerance(problem))
             source = "cache"
             if decision is None or decision.backend not in usable_names or all_rejected(decision):
                 inputs = TuneInputs(
