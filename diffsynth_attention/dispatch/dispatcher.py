@@ -525,10 +525,12 @@ class Dispatcher:
 
 
 def _synthetic(req: Request) -> Request:
-    """``req`` with real random tensors of its fake tensors' shapes, strides, dtype and device."""
+    """``req`` with real random tensors of its fake tensors' shapes, strides, dtype, device and
+    ``requires_grad`` (a gradient-needing key is tuned with its backward, which needs it)."""
     def real(t):
         out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
-        return out.normal_() if _dense(out) else torch.randn(out.shape, dtype=t.dtype, device=t.device)
+        out = out.normal_() if _dense(out) else torch.randn(out.shape, dtype=t.dtype, device=t.device)
+        return out.requires_grad_(t.requires_grad)
     return req._replace(q=real(req.q), k=real(req.k), v=real(req.v))
 
 

@@ -1,0 +1,46 @@
+"""Issue 20 verification on CPU: regressions for what the adversarial pass found (each test
+failed before its fix). Every compile uses fullgraph=True."""
+import pytest
+import torch
+
+import diffsynth_attention as da
+
+from compile_helpers import Recorder
+from helpers import qkv, rel
+
+PACKED = ("b s (n d)",) * 4
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_training_compile_tunes_the_gradient_key_once_and_keeps_the_decision():
+    """A gradient-needing key first met in a trace is tuned on random tensors that require grad:
+    before the fix they did not, every candidate's backward raised, the all-rejected decision was
+    never stored, and the key was tuned again at every trace (3 times in one compile) and again
+    at run time."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 192)
+
+    def fn(x):
+        q, k, v = lin(x).chunk(3, dim=-1)
+        return da.attention_forward(q, k, v, *PACKED, dims={"n": 4})
+
+    rec = Recorder()
+    f = torch.compile(fn, fullgraph=True, backend=rec, dynamic=False)
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    out = f(x)
+    out.sum().backward()
+    assert da.stats()["tunings"] == 1, da.stats()
+    q, k, v = (t.detach().requires_grad_(True) for t in lin(x).chunk(3, dim=-1))
+    explained = da.explain(q, k, v, *PACKED, dims={"n": 4})
+    assert explained.source == "cache", explained  # the trace's decision is on file
+    assert explained.decision.candidates[explained.backend].status == "chosen"
+    assert da.stats()["tunings"] == 1
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.unflatten(-1, (4, 16)).transpose(1, 2) for t in lin(x).chunk(3, dim=-1))).transpose(1, 2).flatten(2)
+    assert rel(out, ref) < 1e-5
