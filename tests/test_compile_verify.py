@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import diffsynth_attention as da
+from diffsynth_attention.dispatch import default_dispatcher
 
 from compile_helpers import Recorder
 from helpers import qkv, rel
@@ -44,3 +45,32 @@ def test_training_compile_tunes_the_gradient_key_once_and_keeps_the_decision():
     ref = torch.nn.functional.scaled_dot_product_attention(
         *(t.unflatten(-1, (4, 16)).transpose(1, 2) for t in lin(x).chunk(3, dim=-1))).transpose(1, 2).flatten(2)
     assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_use_backend_inside_a_compiled_function(dynamic):
+    """``with use_backend(...)`` inside the compiled function: before the fix Dynamo could not
+    trace its ContextVar.set (Unsupported under fullgraph), and the decomposition, which runs
+    after Dynamo, could not see a scope opened inside the traced code."""
+    q, k, v = qkv()
+    def fn(q, k, v):
+        with da.use_backend("torch_math"):
+            inside = da.attention_forward(q, k, v)
+        return inside, da.attention_forward(q, k, v)
+
+    rec = Recorder()
+    f = torch.compile(fn, fullgraph=True, backend=rec, dynamic=dynamic)
+    with torch.no_grad():
+        outs = [f(q, k, v) for _ in range(2)]
+    assert rec.runs == 2
+    plans = list(default_dispatcher().plans.values())
+    # the scoped call was planned on torch_math (at trace time, or at its run-time call), the other on auto
+    assert any(p.backend == "torch_math" and p.source == "override" for p in plans), plans
+    assert any(p.source != "override" for p in plans), plans
+    assert da.current_implementation() == "auto"  # nothing leaked out of the block
+    from diffsynth_attention import overrides
+
+    assert overrides.TRACE.scope is None and overrides.scoped() is None
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for inside, outside in outs:
+        assert rel(inside, ref) < 1e-5 and rel(outside, ref) < 1e-5
