@@ -74,3 +74,23 @@ def test_use_backend_inside_a_compiled_function(dynamic):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     for inside, outside in outs:
         assert rel(inside, ref) < 1e-5 and rel(outside, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dynamic,known", [(False, False), (False, True), (True, False)])
+def test_learned_additive_mask_gets_its_gradient_under_compile(dynamic, known):
+    """A mask that requires grad (a learned additive bias) gets its gradient as in eager. Before
+    the fix a masked call compiled to the run-time operator, whose autograd differentiates
+    q, k and v only: the bias's gradient was silently None."""
+    q, k, v = (t.requires_grad_(True) for t in qkv(b=1, hq=2, sq=16))
+    bias = torch.randn(1, 2, 16, 16, requires_grad=True)
+    if known:  # a decision on file: the graph bakes it
+        da.attention_forward(q, k, v, attn_mask=bias)
+    f = torch.compile(lambda q, k, v, m: da.attention_forward(q, k, v, attn_mask=m), fullgraph=True, backend=Recorder(),
+                      dynamic=dynamic)
+    out = f(q, k, v, bias)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, bias), allow_unused=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v, bias))
+    assert rel(out, ref) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert g is not None and rel(g, r) < 1e-4

@@ -180,6 +180,13 @@ def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, 
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     with _Scope(backend):
         plan = d.trace_plan(req, grad) if _concrete(q, k, v, attn_mask) else None
+    if plan is None and attn_mask is not None and torch.is_grad_enabled() and attn_mask.requires_grad:
+        # A learned mask (its gradient needed): the run-time operator differentiates q, k and v
+        # only, so the call decomposes into PyTorch's SDPA (a mask excludes windows), as eager's
+        # torch backend runs it, with the mask's gradient.
+        qc, kc, vc = (_to(t, p, CANONICAL, dims_d) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
+        out = REGISTRY["torch"].forward(qc, kc, vc, mask_4d(attn_mask), scale, bool(is_causal), None, True)
+        return _to(out, CANONICAL, out_pattern, dims_d)
     if plan is None:
         return dispatch_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                            window_size, compatibility_mode, dispatcher, backend)
