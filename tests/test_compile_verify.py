@@ -94,3 +94,60 @@ def test_learned_additive_mask_gets_its_gradient_under_compile(dynamic, known):
     assert rel(out, ref) < 1e-5
     for g, r in zip(grads, ref_grads):
         assert g is not None and rel(g, r) < 1e-4
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_patch_diffsynth_callers_compile_fullgraph_and_match(dynamic):
+    """DiffSynth-Studio's attention_forward callers (its module loaded as test_integration does
+    where the package's own import fails), patched, then compiled."""
+    from test_integration import _load_diffsynth_attention
+
+    module = _load_diffsynth_attention()
+    original = module.attention_forward
+    handle = da.patch_diffsynth(wan=False)
+    try:
+        assert module.attention_forward is not original
+        pattern = dict(q_pattern="b s (n d)", k_pattern="b s (n d)", v_pattern="b s (n d)", out_pattern="b s (n d)",
+                       dims={"n": 4})
+        rec = Recorder()
+        f = torch.compile(lambda x: module.attention_forward(x, x, x, **pattern), fullgraph=True, backend=rec,
+                          dynamic=dynamic)
+        with torch.no_grad():
+            for s in (16, 16, 24):
+                x = torch.randn(2, s, 64)
+                assert rel(f(x), original(x, x, x, **pattern)) < 1e-5
+        assert rec.runs == 3 and da.stats()["tunings"] >= 1
+    finally:
+        handle.undo()
+
+
+@pytest.mark.parametrize("dynamic", [False, None, True])
+def test_clear_cache_after_compiling_keeps_results_right(dynamic):
+    rec = Recorder()
+    f = torch.compile(lambda q, k, v: da.attention_forward(q, k, v), fullgraph=True, backend=rec, dynamic=dynamic)
+    shapes = [qkv(sq=32), qkv(sq=48, seed=1)]
+    with torch.no_grad():
+        for q, k, v in shapes:
+            f(q, k, v)
+        assert da.clear_cache() >= 1
+        for q, k, v in shapes + [qkv(sq=56, seed=2)] + shapes:
+            assert rel(f(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 1e-5
+    assert rec.runs == 7
+
+
+def test_head_count_passed_as_an_int_argument_under_dynamic_true():
+    """``dims={"n": heads}`` with ``heads`` an argument of the compiled function: dynamic=True
+    makes it a SymInt. Before the fix, formatting it into the operator's dims text failed the
+    trace (Unsupported: BUILD_STRING type error)."""
+    def fn(x, heads):
+        return da.attention_forward(x, x, x, *PACKED, dims={"n": heads})
+
+    rec = Recorder()
+    f = torch.compile(fn, fullgraph=True, backend=rec, dynamic=True)
+    with torch.no_grad():
+        for s, heads in ((16, 4), (24, 4), (24, 8)):
+            x = torch.randn(2, s, 64)
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                *(x.unflatten(-1, (heads, 64 // heads)).transpose(1, 2),) * 3).transpose(1, 2).flatten(2)
+            assert rel(f(x, heads), ref) < 1e-5
+    assert rec.runs == 3

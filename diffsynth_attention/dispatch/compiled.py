@@ -441,7 +441,10 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     """What Dynamo traces for ``attention_forward``: one operator call. Passing
     ``overrides.TRACE.scope`` makes Dynamo guard on the innermost ``use_backend`` (one opened
     around the compiled call) and hands the operator a scope opened inside the compiled code."""
-    dims_text = None if dims is None else ",".join(f"{a}={n}" for a, n in dims.items())
+    # int(n): a head count Dynamo made symbolic (an int argument under dynamic=True) is specialized;
+    # anything else is written as it is, so validation rejects what eager rejects
+    dims_text = None if dims is None else ",".join(
+        f"{a}={n if isinstance(n, (bool, float, str)) else int(n)}" for a, n in dims.items())
     return attention_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, attn_mask,
                         None if scale is None else float(scale), bool(is_causal), window_size, bool(compatibility_mode),
                         d.trace_token, overrides.TRACE.scope)
