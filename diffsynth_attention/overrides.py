@@ -18,6 +18,7 @@ from . import config
 from .backends import normalize
 
 IMPLEMENTATION = config.IMPLEMENTATION
+_is_compiling = getattr(getattr(__import__("torch"), "compiler", None), "is_compiling", None) or (lambda: False)
 
 scope: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention_backend", default=None)
 scope_get = scope.get
@@ -99,6 +100,13 @@ def use_backend(name: str) -> Iterator[str]:
     """Force a backend (or ``"auto"``) within a scope: per thread and per async task, nestable,
     restored on exit even after an exception. The scope wins over the environment variable."""
     value = normalize(name, "use_backend(name)")
+    if _is_compiling():  # inside a function being compiled: Dynamo traces no ContextVar; the graph
+        outer, TRACE.scope = TRACE.scope, value  # takes the scope as an argument (dispatch/compiled.py)
+        try:
+            yield value
+        finally:
+            TRACE.scope = outer
+        return
     token = scope.set(value)
     outer, TRACE.scope = TRACE.scope, value
     try:

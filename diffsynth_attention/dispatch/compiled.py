@@ -52,7 +52,8 @@ _AXES = ("b", "n", "s", "d")
 # Operators
 # --------------------------------------------------------------------------------------------
 _SCHEMA_ARGS = ("(Tensor q, Tensor k, Tensor v, str q_pattern, str k_pattern, str v_pattern, str out_pattern, str? dims, "
-                "Tensor? attn_mask, float? scale, bool is_causal, int? window_size, bool compatibility_mode, int dispatcher)")
+                "Tensor? attn_mask, float? scale, bool is_causal, int? window_size, bool compatibility_mode, int dispatcher, "
+                "str? backend=None)")
 _LIB = torch.library.Library("diffsynth_attention", "DEF")
 _LIB.define("attention" + _SCHEMA_ARGS + " -> Tensor")
 _LIB.define("dispatch" + _SCHEMA_ARGS + " -> Tensor")
@@ -63,7 +64,7 @@ _LIB.define("kernel_backward(str backend, Tensor grad_out, Tensor q, Tensor k, T
             "Tensor lse, float? scale, bool is_causal, int? window_size) -> (Tensor, Tensor, Tensor)")
 _LIB.define("dispatch_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, str q_pattern, str k_pattern, str v_pattern, "
             "str out_pattern, str? dims, Tensor? attn_mask, float? scale, bool is_causal, int? window_size, "
-            "bool compatibility_mode, int dispatcher) -> (Tensor, Tensor, Tensor)")
+            "bool compatibility_mode, int dispatcher, str? backend=None) -> (Tensor, Tensor, Tensor)")
 
 
 @functools.lru_cache(maxsize=256)
@@ -145,21 +146,50 @@ def _concrete(*tensors) -> bool:
     return True
 
 
+class _Scope:
+    """The ``use_backend`` scope a graph was traced under (its ``backend`` argument), made the
+    current one while the operator decides or runs: a scope opened inside the compiled function
+    exists only in the trace (Dynamo traces no ContextVar), so the graph carries it."""
+
+    __slots__ = ("backend", "token")
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.token = None
+
+    def __enter__(self):
+        if self.backend is not None and self.backend != overrides.scope_get():
+            self.token = overrides.scope.set(self.backend)
+
+    def __exit__(self, *exc):
+        if self.token is not None:
+            overrides.scope.reset(self.token)
+
+
 def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
-                         window_size, compatibility_mode, dispatcher):
+                         window_size, compatibility_mode, dispatcher, backend=None):
     """The decomposition: the backend the call resolves to, or the run-time operator."""
     d = lookup_dispatcher(dispatcher)
     dims_d = _dims_dict(dims)
     if not _tracing(q):  # called eagerly, or by a graph compiled without AOTAutograd (backend="eager")
-        return d.forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal,
-                         compatibility_mode, window_size)
+        with _Scope(backend):
+            return d.forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal,
+                             compatibility_mode, window_size)
     req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal,
                   compatibility_mode, window_size)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    plan = d.trace_plan(req, grad) if _concrete(q, k, v, attn_mask) else None
+    with _Scope(backend):
+        plan = d.trace_plan(req, grad) if _concrete(q, k, v, attn_mask) else None
+    if plan is None and attn_mask is not None and torch.is_grad_enabled() and attn_mask.requires_grad:
+        # A learned mask (its gradient needed): the run-time operator differentiates q, k and v
+        # only, so the call decomposes into PyTorch's SDPA (a mask excludes windows), as eager's
+        # torch backend runs it, with the mask's gradient.
+        qc, kc, vc = (_to(t, p, CANONICAL, dims_d) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
+        out = REGISTRY["torch"].forward(qc, kc, vc, mask_4d(attn_mask), scale, bool(is_causal), None, True)
+        return _to(out, CANONICAL, out_pattern, dims_d)
     if plan is None:
         return dispatch_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
-                           window_size, compatibility_mode, dispatcher)
+                           window_size, compatibility_mode, dispatcher, backend)
     problem = plan.problem
     qc, kc, vc = (_to(t, p, CANONICAL, dims_d) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
     mask4 = mask_4d(attn_mask)
@@ -187,9 +217,13 @@ def _same_layout(t, strides) -> bool:
 
 
 def _dispatch_impl(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size,
-                   compatibility_mode, dispatcher):
+                   compatibility_mode, dispatcher, backend=None):
     """The run-time operator: the eager hot path on the caller's tensors and patterns (so its key
     is the one eager calls use), returning the layout the fake declares."""
+    if backend is not None and backend != overrides.scope_get():  # a use_backend opened inside the compiled code
+        with _Scope(backend):
+            return _dispatch_impl(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
+                                  window_size, compatibility_mode, dispatcher, backend)
     forward = lookup_dispatcher(dispatcher).forward
     if torch.is_grad_enabled():
         with torch.no_grad():
@@ -205,7 +239,7 @@ def _dispatch_impl(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, 
 
 
 def _dispatch_fake(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size,
-                   compatibility_mode, dispatcher):
+                   compatibility_mode, dispatcher, backend=None):
     return _out_like(q, v, q_pattern, v_pattern, out_pattern, _dims_dict(dims))
 
 
@@ -294,10 +328,10 @@ def _kernel_backward_fake(backend, grad_out, q, k, v, attn_mask, out, lse, scale
 
 
 def _dispatch_backward_impl(grad_out, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
-                            is_causal, window_size, compatibility_mode, dispatcher):
+                            is_causal, window_size, compatibility_mode, dispatcher, backend=None):
     """Differentiates the backend the dispatcher chooses for the gradient-needing key (its
     forward recomputed: the run-time operator does not know its backend at trace time)."""
-    with torch.enable_grad():
+    with torch.enable_grad(), _Scope(backend):
         qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
         out = lookup_dispatcher(dispatcher).forward(qd, kd, vd, q_pattern, k_pattern, v_pattern, out_pattern,
                                                     _dims_dict(dims), attn_mask, scale, is_causal, compatibility_mode,
@@ -377,10 +411,10 @@ class _DispatchGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, attn_mask = ctx.saved_tensors
-        q_pattern, k_pattern, v_pattern, out_pattern, dims, scale, is_causal, window_size, compat, token = ctx.args
+        q_pattern, k_pattern, v_pattern, out_pattern, dims, scale, is_causal, window_size, compat, token, *backend = ctx.args
         dq, dk, dv = dispatch_backward_op(grad_out.contiguous(), q, k, v, q_pattern, k_pattern, v_pattern, out_pattern,
-                                          dims, attn_mask, scale, is_causal, window_size, compat, token)
-        return (dq, dk, dv) + (None,) * 11
+                                          dims, attn_mask, scale, is_causal, window_size, compat, token, *backend)
+        return (dq, dk, dv) + (None,) * (len(ctx.args) + 1)
 
 
 def _dispatch_autograd(*args):
@@ -404,11 +438,13 @@ _LIB.impl("dispatch", _dispatch_autograd, "Autograd")
 # --------------------------------------------------------------------------------------------
 def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                      compatibility_mode, window_size):
-    """What Dynamo traces for ``attention_forward``: one operator call. Reading
-    ``overrides.TRACE.scope`` makes Dynamo guard on the innermost ``use_backend``."""
-    if overrides.TRACE.scope is not None:
-        pass
-    dims_text = None if dims is None else ",".join(f"{a}={n}" for a, n in dims.items())
+    """What Dynamo traces for ``attention_forward``: one operator call. Passing
+    ``overrides.TRACE.scope`` makes Dynamo guard on the innermost ``use_backend`` (one opened
+    around the compiled call) and hands the operator a scope opened inside the compiled code."""
+    # int(n): a head count Dynamo made symbolic (an int argument under dynamic=True) is specialized;
+    # anything else is written as it is, so validation rejects what eager rejects
+    dims_text = None if dims is None else ",".join(
+        f"{a}={n if isinstance(n, (bool, float, str)) else int(n)}" for a, n in dims.items())
     return attention_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, attn_mask,
                         None if scale is None else float(scale), bool(is_causal), window_size, bool(compatibility_mode),
-                        d.trace_token)
+                        d.trace_token, overrides.TRACE.scope)
