@@ -148,7 +148,12 @@ def main() -> None:
     for mode in modes:
         {"ops": check_ops, "wan": check_wan, "states": check_states}[mode](report)
     dist.destroy_process_group()
-    print(json.dumps(report))
+    print(json.dumps(report), flush=True)
+    # Skip the interpreter's teardown: on a loaded machine, gloo with diffusers' functional
+    # collectives sometimes aborts in a C++ destructor at exit ("terminate called without an
+    # active exception", SIGABRT) after all the work and its report are done.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
