@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-import torch
-
 from . import config
 from .backends import available_backends
-from .dispatch import Explanation, default_dispatcher
+from .dispatch import default_dispatcher
 from .overrides import current_implementation, use_backend
 
 config.validate_all()  # a bad environment variable stops the program here, before its first call
@@ -20,26 +18,7 @@ attention_forward.__module__ = __name__
 attention_forward.__qualname__ = "attention_forward"
 
 
-def explain(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pattern: str = "b n s d",
-    k_pattern: str = "b n s d",
-    v_pattern: str = "b n s d",
-    out_pattern: str = "b n s d",
-    dims: Optional[Dict[str, int]] = None,
-    attn_mask: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    is_causal: bool = False,
-    compatibility_mode: bool = False,
-    window_size: Optional[int] = None,
-) -> Explanation:
-    """The decision ``attention_forward`` takes for this call (backend, source, key and key id,
-    the decision with every candidate's time/error/reason); tunes if the key is new, as the call
-    would. ``print()`` it for the table ``diffsynth-attention explain`` prints."""
-    return _dispatcher.explain(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
-                               compatibility_mode, window_size)
+explain = _dispatcher.explain  # typed on Dispatcher.explain: (q, k, v, patterns..., as attention_forward) -> Explanation
 
 
 def stats() -> Dict[str, float]:

@@ -1,5 +1,6 @@
 """A torch.compile backend for tests: counts compiles and compiled runs, keeps AOTAutograd's
 forward graphs (where diffsynth_attention::attention has been decomposed into what it runs)."""
+import pytest
 import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
@@ -39,3 +40,11 @@ def recompile_limit(n: int):
     old = getattr(config, name)
     setattr(config, name, n)
     return name, old
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles from scratch (imported by the compile test modules)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -140,14 +140,12 @@ c = DecisionCache()
 tuned = []
 for i in keys:
     d = make_decision(i)
-    if c.get(d.key_id) is not None:
-        continue
-    with c.tuning_lock(d.key_id):
-        if c.refresh(d.key_id) is not None:
-            continue
-        tuned.append(i)          # the fake "tuning": cheap, no attention
+
+    def tune(i=i, d=d):          # the fake "tuning": cheap, no attention
+        tuned.append(i)
         time.sleep(0.002)
-        c.put(d)
+        return d
+    c.get_or_tune(d.key_id, tune)
 ok = c.flush()
 print(json.dumps({"tuned": tuned, "flushed": ok, "persistent": c.persistent}))
 """
@@ -529,15 +527,13 @@ def test_memory_only_mode_tunes_each_key_once_across_threads(isolated, tmp_path)
         random.Random(seed).shuffle(order)
         for i in order:
             d = make_decision(i)
-            if c.get(d.key_id) is not None:
-                continue
-            with c.tuning_lock(d.key_id):
-                if c.refresh(d.key_id) is not None:
-                    continue
+
+            def tune(i=i, d=d):
                 with lock:
                     tuned.append(i)
                 time.sleep(0.001)
-                c.put(d)
+                return d
+            c.get_or_tune(d.key_id, tune)
 
     threads = [threading.Thread(target=worker, args=(s,)) for s in range(16)]
     for t in threads:

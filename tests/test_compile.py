@@ -8,7 +8,7 @@ import torch
 import diffsynth_attention as da
 from diffsynth_attention.integrations import patching
 
-from compile_helpers import Recorder
+from compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
 from helpers import full_reference, qkv, rel
 
 BSND = ("b s n d",) * 4
@@ -35,13 +35,6 @@ class Attn(torch.nn.Module):
 class SDPAModule(torch.nn.Module):
     def forward(self, q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def test_new_key_is_tuned_at_trace_time_and_baked_in_the_first_graph():

@@ -6,17 +6,10 @@ import torch
 import diffsynth_attention as da
 from diffsynth_attention.dispatch import default_dispatcher
 
-from compile_helpers import Recorder
+from compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
 from helpers import qkv, rel
 
 PACKED = ("b s (n d)",) * 4
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def test_training_compile_tunes_the_gradient_key_once_and_keeps_the_decision():

@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def _public_functions():
     for name in da.__all__:
         obj = getattr(da, name)
-        if inspect.isfunction(obj) or (callable(obj) and not inspect.isclass(obj) and hasattr(obj, "__wrapped__")):
+        if inspect.ismethod(obj):  # a bound method of the default dispatcher (explain)
+            yield name, obj.__func__
+        elif inspect.isfunction(obj) or (callable(obj) and not inspect.isclass(obj) and hasattr(obj, "__wrapped__")):
             yield name, getattr(obj, "__wrapped__", obj)
     yield "Dispatcher.explain", Dispatcher.explain
     yield "Dispatcher.clear_cache", Dispatcher.clear_cache

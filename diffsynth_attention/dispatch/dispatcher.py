@@ -560,7 +560,9 @@ class Dispatcher:
                 dims: Optional[dict] = None, attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                 is_causal: bool = False, compatibility_mode: bool = False,
                 window_size: Optional[int] = None) -> Explanation:
-        """The decision ``attention_forward`` takes for this call; tunes if the key is new, as the call would."""
+        """The decision ``attention_forward`` takes for this call (backend, source, key and key id,
+        the decision with every candidate's time/error/reason); tunes if the key is new, as the call
+        would. ``print()`` it for the table ``diffsynth-attention explain`` prints."""
         req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                       compatibility_mode, window_size)
         impl_raw = overrides.implementation_raw()

@@ -136,14 +136,18 @@ def fsync_dir(dfd: int) -> None:
         os.fsync(dfd)
 
 
-def open_dir(path) -> int:
-    """A verified folder (by path) as a descriptor. OSError or Refused."""
-    fd = os.open(path, DIR_FLAGS)
+def _verified_dir(fd: int, name) -> int:
+    """``fd`` if it is a folder safe to use (see :func:`unsafe`), else closed and Refused."""
     why = unsafe(os.fstat(fd), want_dir=True)
     if why:
         os.close(fd)
-        raise Refused(f"{path} {why}", False)
+        raise Refused(f"{name} {why}", False)
     return fd
+
+
+def open_dir(path) -> int:
+    """A verified folder (by path) as a descriptor. OSError or Refused."""
+    return _verified_dir(os.open(path, DIR_FLAGS), path)
 
 
 def open_subdir(dfd: int, name: str, create: bool) -> int:
@@ -160,11 +164,7 @@ def open_subdir(dfd: int, name: str, create: bool) -> int:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise Refused(f"{name} is a symbolic link or not a directory", False) from None
         raise
-    why = unsafe(os.fstat(fd), want_dir=True)
-    if why:
-        os.close(fd)
-        raise Refused(f"{name} {why}", False)
-    return fd
+    return _verified_dir(fd, name)
 
 
 def same_file(name: str, dfd: int, fd: int) -> bool:
