@@ -12,8 +12,10 @@ import`` import what they need inside their command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -562,6 +564,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list] = None) -> int:
+    rc = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and argv is None:
+        _exit_rank(rc)
+    return rc
+
+
+def _exit_rank(rc: int) -> None:
+    """A torchrun rank ends here once its work and its output are done: flush the decisions and
+    standard streams, then skip the interpreter's teardown, where gloo's threads sometimes abort
+    the process (SIGABRT, "terminate called without an active exception") on a loaded machine."""
+    dispatch = sys.modules.get("diffsynth_attention.dispatch")
+    if dispatch is not None:
+        with contextlib.suppress(Exception):
+            dispatch.default_dispatcher().store.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+def _main(argv: Optional[list] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
