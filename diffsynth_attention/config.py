@@ -26,18 +26,15 @@ TOLERANCE = "DIFFSYNTH_ATTENTION_TOLERANCE"
 TUNING = "DIFFSYNTH_ATTENTION_TUNING"
 TUNING_BUDGET = "DIFFSYNTH_ATTENTION_TUNING_BUDGET"
 CACHE_DIR = "DIFFSYNTH_ATTENTION_CACHE_DIR"
-LOCK_TIMEOUT = "DIFFSYNTH_ATTENTION_LOCK_TIMEOUT"
 TUNE_WAIT = "DIFFSYNTH_ATTENTION_TUNE_WAIT"
 
 DEFAULT_TOLERANCE = 0.005
 DEFAULT_TUNING_BUDGET = 1.5
-DEFAULT_LOCK_TIMEOUT = 10.0
 DEFAULT_TUNE_WAIT = 300.0
 
 # (low, high, low allowed): the sane range of each numeric variable.
 TOLERANCE_RANGE = (1e-6, 1.0, True)  # below ~1e-6 even an exact fp32 kernel fails the gate
 TUNING_BUDGET_RANGE = (0.0, 3600.0, False)  # seconds per key
-LOCK_TIMEOUT_RANGE = (0.0, 3600.0, True)
 TUNE_WAIT_RANGE = (0.0, 86400.0, True)
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -95,11 +92,6 @@ def tolerance() -> float:
 def tuning_budget() -> float:
     """The floor of the timing budget per key, in seconds (the budget is max(this, 15x winner))."""
     return _number(TUNING_BUDGET, DEFAULT_TUNING_BUDGET, TUNING_BUDGET_RANGE)
-
-
-def lock_timeout() -> float:
-    """How long a save waits for the cache file's lock before keeping decisions in memory."""
-    return _number(LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_RANGE)
 
 
 def tune_wait() -> float:
@@ -172,7 +164,6 @@ READERS = {
     TUNING: tuning_enabled,
     TUNING_BUDGET: tuning_budget,
     CACHE_DIR: cache_dir_override,
-    LOCK_TIMEOUT: lock_timeout,
     TUNE_WAIT: tune_wait,
     NEW_SHAPES: new_shapes,
     PRELOAD: preload,

@@ -114,7 +114,3 @@ def use_backend(name: str) -> Iterator[str]:
     finally:
         scope.reset(token)
         TRACE.scope = outer
-
-
-def scoped() -> Optional[str]:
-    return scope_get()

@@ -132,7 +132,7 @@ def test_usage_errors_exit_2_with_one_line_before_any_work(subprocess_env, isola
 def test_bad_environment_variables_exit_2_before_work(subprocess_env):
     for name, value, text in [("DIFFSYNTH_ATTENTION_TUNING", "maybe", "not a boolean"),
                               ("DIFFSYNTH_ATTENTION_TUNING_BUDGET", "1e308", "out of range"),
-                              ("DIFFSYNTH_ATTENTION_LOCK_TIMEOUT", "abc", "not a number")]:
+                              ("DIFFSYNTH_ATTENTION_TUNE_WAIT", "abc", "not a number")]:
         r = cli({**subprocess_env, name: value}, "cache", "path")
         assert r.returncode == 2 and f"{name}={value!r}" in r.stderr and text in r.stderr, r.stderr
 

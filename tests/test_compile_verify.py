@@ -63,7 +63,7 @@ def test_use_backend_inside_a_compiled_function(dynamic):
     assert da.current_implementation() == "auto"  # nothing leaked out of the block
     from diffsynth_attention import overrides
 
-    assert overrides.TRACE.scope is None and overrides.scoped() is None
+    assert overrides.TRACE.scope is None and overrides.scope_get() is None
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     for inside, outside in outs:
         assert rel(inside, ref) < 1e-5 and rel(outside, ref) < 1e-5

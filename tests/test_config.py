@@ -16,7 +16,7 @@ BAD = [
     ("DIFFSYNTH_ATTENTION_TUNING_BUDGET", "-1", "out of range"),
     ("DIFFSYNTH_ATTENTION_TUNING_BUDGET", "1e308", "out of range"),
     ("DIFFSYNTH_ATTENTION_TUNING_BUDGET", "nan", "out of range"),
-    ("DIFFSYNTH_ATTENTION_LOCK_TIMEOUT", "abc", "not a number"),
+    ("DIFFSYNTH_ATTENTION_TUNE_WAIT", "abc", "not a number"),
     ("DIFFSYNTH_ATTENTION_TUNE_WAIT", "inf", "out of range"),
     ("DIFFSYNTH_ATTENTION_STRICT", "2", "not a boolean"),
     ("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "flash9", "not a backend"),

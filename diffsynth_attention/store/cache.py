@@ -338,10 +338,9 @@ class DecisionCache(WholeCache, Leases):
         self.save()
         return len(changed)
 
-    def save(self, timeout: Optional[float] = None, force: bool = False) -> bool:
+    def save(self, force: bool = False) -> bool:
         """Write pending decisions, one file each. False if some stay in memory (said once, with the
-        count). After a failed write, writing is tried again only after a backoff (``force``: now).
-        ``timeout`` is accepted for compatibility: writes take no lock."""
+        count). After a failed write, writing is tried again only after a backoff (``force``: now)."""
         self._ensure_loaded()
         with self._mutex:
             pending = dict(self._pending)
@@ -392,7 +391,7 @@ class DecisionCache(WholeCache, Leases):
         self._write_worked(len(written))
         return not any(k in self._pending for k in pending)
 
-    def flush(self, timeout: float = 60.0) -> bool:
+    def flush(self) -> bool:
         """Write what is still pending (run at exit); if some cannot be written, say how many are lost."""
         if not self._pending:
             return True

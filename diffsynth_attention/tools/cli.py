@@ -370,7 +370,7 @@ def cmd_warm(args) -> int:
         return 0
     from ..dispatch import default_dispatcher
 
-    default_dispatcher().store.flush()  # what is still pending after a lock timeout
+    default_dispatcher().store.flush()  # what is still pending after a failed write
     on_disk = _store().entries()  # read back: only what reached the file counts as stored
     rows, stored, tuned = [], set(), 0
     for shape, info in results:

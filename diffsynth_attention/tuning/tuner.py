@@ -10,7 +10,7 @@ of a :class:`~.policy.TuningPolicy` (defaults in brackets).
    unsupported, with the reason); one untimed call (compilation happens here: its time is
    ``first_call_ms``, counted as setup, never as a timing); its output is compared with the fp32
    reference on a slice (batch 0, at most two heads): a relative L1 error above the tolerance of
-   the problem's dtype (README), a NaN or an Inf rejects it; so do an exception, an
+   the problem's dtype (docs/tuning.md), a NaN or an Inf rejects it; so do an exception, an
    out-of-memory error and a change to its input tensors.
 3. **warm** - samples until two consecutive ones agree within ``warm_agree`` (10%), or
    ``warm_cap`` (6) samples: the calls after a JIT compilation, a cuDNN plan build or a lazy
