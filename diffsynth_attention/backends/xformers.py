@@ -15,11 +15,14 @@ from typing import Optional
 import torch
 
 from ..problem import Problem
-from .base import Backend, DeviceInfo, package_version
+from ..backend_names import BackendName
+from .base import Backend, DeviceInfo, package_version, register
 
 
+@register
 class XFormers(Backend):
-    name = "xformers"
+    name = BackendName.XFORMERS
+    diffsynth_priority = 6
     package = "xformers"
     extra = "xformers"
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -30,9 +33,6 @@ class XFormers(Backend):
     module = "xformers"
     efficiency = 0.5  # dispatches to FlashAttention kernels where it can: taken generously
     launch_ms = 0.03
-
-    def _metadata_version(self):
-        return package_version("xformers")
 
     def _load(self) -> None:
         xformers = importlib.import_module("xformers")

@@ -20,7 +20,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import config, overrides
-from ..backends import REGISTRY, candidates, device_info, loading
+from ..backend_names import check_backend
+from ..backends import REGISTRY, TORCH_FAMILY, candidates, device_info, loading
 from ..problem import mask_4d, prepare
 from ..request import FLOAT_MAX, Request
 from ..store.cache import DecisionCache, all_rejected
@@ -38,9 +39,6 @@ _grad_enabled = torch.is_grad_enabled
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
-# Backends that compile into a graph as PyTorch's own operators (the rest are kernel packages,
-# called through one thin operator): dispatch/compiled.py.
-TORCH_FAMILY = frozenset({"torch", "torch_cudnn", "torch_flash", "torch_efficient", "torch_math"})
 
 _DISPATCHERS: "weakref.WeakValueDictionary[int, Dispatcher]" = weakref.WeakValueDictionary()
 
@@ -177,8 +175,8 @@ class Dispatcher:
     def clear_cache(self, backend: Optional[str] = None, gpu: Optional[str] = None) -> int:
         """Remove decisions (all, or those choosing ``backend`` / tuned on a GPU whose name
         contains ``gpu``). Returns how many were removed."""
-        if backend is not None and backend not in REGISTRY:
-            raise ValueError(f"backend={backend!r} is not a backend; valid names: {', '.join(REGISTRY)}")
+        if backend is not None:
+            check_backend(backend)
         return self.store.clear(decision_filter(backend, gpu))
 
     # -- planning --------------------------------------------------------------------------
