@@ -31,6 +31,7 @@ from typing import ClassVar, Optional
 import torch
 
 from ..problem import Problem
+from ..states import MaskKind
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -165,7 +166,7 @@ class Backend:
     max_head_dim: ClassVar[int] = 256
     head_dim_multiple: ClassVar[int] = 1
     same_head_dim_v: ClassVar[bool] = True  # head dim of v must equal that of q and k
-    masks: ClassVar[frozenset] = frozenset()  # of "bool", "additive"
+    masks: ClassVar[frozenset] = frozenset()  # of MaskKind: bool, additive, additive_float32
     causal: ClassVar[bool] = True
     causal_any_lengths: ClassVar[bool] = True  # False: causal only when seq_q == seq_kv
     gqa: ClassVar[bool] = False
@@ -333,7 +334,7 @@ class Backend:
                     break
         if self.same_head_dim_v and p.head_dim_v != p.head_dim:
             reasons.append(f"head dim of v ({p.head_dim_v}) must equal that of q and k ({p.head_dim})")
-        if p.mask != "none" and p.mask not in self.masks:
+        if p.mask != MaskKind.NONE and p.mask not in self.masks:
             takes = " or ".join(sorted(self.masks)) + " masks" if self.masks else "no attn_mask"
             reasons.append(f"{p.mask} attn_mask not supported (takes {takes})")
         if p.causal and not self.causal:

@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..problem import ADDITIVE_FLOAT32, Problem, additive_mask
+from ..problem import Problem, additive_mask
 from ..backend_names import BackendName
+from ..states import MaskKind
 from .base import Backend, DeviceInfo, element_size, register
 
 # Bound at import: patch_sdpa() may later replace torch.nn.functional's attribute with a
@@ -43,7 +44,7 @@ def _bind_aten(backend, cls, op, fixed: tuple, p: Problem, need_grad: bool, scal
     """A runner for an ATen SDPA kernel on unmasked calls: the overload resolved once
     (``.default``), positional arguments decided at plan time, only the last-dim contiguity
     check left per call. Masked, GQA and windowed calls keep the generic runner."""
-    if type(backend).forward is not cls.forward or p.mask != "none" \
+    if type(backend).forward is not cls.forward or p.mask != MaskKind.NONE \
             or p.heads_q != p.heads_kv or p.window is not None:
         return None
     default = op.default
@@ -114,7 +115,7 @@ class TorchSDPA(TorchBackend):
     dtypes = _ALL_FLOATS
     max_head_dim = 1 << 20
     same_head_dim_v = False
-    masks = frozenset({"bool", "additive", ADDITIVE_FLOAT32})
+    masks = frozenset({MaskKind.BOOL, MaskKind.ADDITIVE, MaskKind.ADDITIVE_FLOAT32})
     gqa = True
     window = True
     efficiency = 0.5  # picks cuDNN on an H200 (0.57 of peak)
@@ -159,7 +160,7 @@ class TorchMath(TorchBackend):
     dtypes = _ALL_FLOATS
     max_head_dim = 1 << 20
     same_head_dim_v = False
-    masks = frozenset({"bool", "additive", ADDITIVE_FLOAT32})
+    masks = frozenset({MaskKind.BOOL, MaskKind.ADDITIVE, MaskKind.ADDITIVE_FLOAT32})
     gqa = True
     efficiency = 0.05  # two matmuls in float32 and the scores through memory
     launch_ms = 0.03
@@ -194,7 +195,7 @@ class TorchFlash(TorchBackend):
     devices = frozenset({"cpu", "cuda"})
     dtypes = _ALL_FLOATS  # narrowed to 16-bit on CUDA in extra_reasons
     max_head_dim = 256
-    masks = frozenset({"bool", "additive", ADDITIVE_FLOAT32})  # CPU only; see extra_reasons
+    masks = frozenset({MaskKind.BOOL, MaskKind.ADDITIVE, MaskKind.ADDITIVE_FLOAT32})  # CPU only; see extra_reasons
     causal_any_lengths = False
     efficiency = 0.32  # 317-345 TFLOP/s on an H200
     launch_ms = 0.018
@@ -204,7 +205,7 @@ class TorchFlash(TorchBackend):
         if p.device_type == "cuda":
             if p.dtype not in (torch.float16, torch.bfloat16):
                 reasons.append(f"dtype {p.dtype_name} not supported on CUDA (supports bfloat16, float16)")
-            if p.mask != "none":
+            if p.mask != MaskKind.NONE:
                 reasons.append("attn_mask not supported on CUDA (SDPA's flash kernel takes no mask)")
             if p.head_dim % 8:
                 reasons.append(f"head dim {p.head_dim} not supported on CUDA (needs a multiple of 8)")
