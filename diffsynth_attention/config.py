@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .backend_names import BACKEND_NAMES
+from .backend_names import check_backend
 
 IMPLEMENTATION = "DIFFSYNTH_ATTENTION_IMPLEMENTATION"
 STRICT = "DIFFSYNTH_ATTENTION_STRICT"
@@ -127,10 +127,7 @@ def implementation() -> str:
     raw = _raw(IMPLEMENTATION)
     if raw is None:
         return "auto"
-    value = raw.strip().lower()
-    if value == "auto" or value in BACKEND_NAMES:
-        return value
-    raise ValueError(f"{IMPLEMENTATION}={raw!r} is not a backend; allowed: auto (or empty), {', '.join(BACKEND_NAMES)}")
+    return check_backend(raw, IMPLEMENTATION, auto="allowed: auto (or empty)")
 
 
 NEW_SHAPES = "DIFFSYNTH_ATTENTION_NEW_SHAPES"

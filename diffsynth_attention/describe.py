@@ -4,6 +4,8 @@ here: ``cache show`` describes decisions without importing it."""
 
 from __future__ import annotations
 
+from .states import MaskKind
+
 CANONICAL_LAYOUT = "b n s d, b n s d, b n s d -> b n s d"
 
 
@@ -22,7 +24,7 @@ def describe_problem(p: dict, layout: bool = False) -> str:
         parts.append("causal")
     if p.get("window") is not None:
         parts.append(f"window={p['window']}")
-    if p.get("mask", "none") != "none":
+    if p.get("mask", MaskKind.NONE) != MaskKind.NONE:
         shape = p.get("mask_shape")
         parts.append(f"{p['mask']} mask" + (f" {list(shape)}" if shape is not None else ""))
     if p.get("requires_grad"):

@@ -19,12 +19,13 @@ from einops import EinopsError, rearrange
 from einops.parsing import ParsedExpression
 
 from .describe import describe_problem
+from .states import MaskKind
 
 CANONICAL = "b n s d"
 _AXES = ("b", "n", "s", "d")
 # An additive float32 mask with a query of another dtype: added to the scores as PyTorch's SDPA
 # adds it (output in q's dtype). Its own mask kind, served only by backends that declare it.
-ADDITIVE_FLOAT32 = "additive_float32"
+ADDITIVE_FLOAT32 = MaskKind.ADDITIVE_FLOAT32
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -42,7 +43,7 @@ class Problem:
     dtype: torch.dtype
     device_type: str
     layout: str = CANONICAL
-    mask: str = "none"  # "none", "bool", "additive" or "additive_float32" (a float32 bias, q of another dtype)
+    mask: str = MaskKind.NONE  # a MaskKind: none, bool, additive or additive_float32 (a float32 bias, q of another dtype)
     mask_shape: Optional[tuple] = None  # the mask's shape, left-padded to 4 dims
     causal: bool = False
     window: Optional[int] = None
@@ -267,15 +268,15 @@ def prepare(
             raise ValueError("window_size cannot be combined with attn_mask")
         if window_size >= max(sq, skv) - 1:  # every |i - j| is within it: no window (and no overflow downstream)
             window_size = None
-    mask_kind, mask_shape = "none", None
+    mask_kind, mask_shape = MaskKind.NONE, None
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         _check_dense("attn_mask", attn_mask, allow_meta)
         if attn_mask.dtype == torch.bool:
-            mask_kind = "bool"
+            mask_kind = MaskKind.BOOL
         elif attn_mask.dtype == q.dtype:
-            mask_kind = "additive"
+            mask_kind = MaskKind.ADDITIVE
         elif attn_mask.dtype == torch.float32:  # PyTorch's SDPA takes a float32 bias with any query dtype
             mask_kind = ADDITIVE_FLOAT32
         else:

@@ -1,52 +1,43 @@
-"""The backend registry: every backend by name, in the documented preference order.
+"""The backend registry: every backend by name, in the catalogue's preference order.
 
-The order breaks near-ties in the tuner (candidates within the measured noise of the fastest,
-2% to 3%, in the same interleaved rounds): exact, dependency-free
-PyTorch kernels first, then the kernel packages, then the quantized kernel, then the
-reference math kernel. Fresh processes therefore choose the same backend for the same timings.
+The catalogue is :class:`diffsynth_attention.backend_names.BackendName`: its order is the
+tuner's tie-break preference. Each backend module registers its class with ``@register``; this
+package imports every module in its folder, so adding a backend touches its own module and the
+catalogue line only. ``REGISTRY``, ``PREFERENCE``, ``DIFFSYNTH_PRIORITY`` and ``TORCH_FAMILY``
+follow from the catalogue and the classes' attributes.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Optional
 
+from ..backend_names import BACKEND_NAMES, check_backend
 from . import loading
-from .base import Backend, DeviceInfo, device_info, package_version
+from .base import REGISTERED, Backend, DeviceInfo, device_info, package_version, register
 from .flash_attention import clear_compiled, enable_fa4_compile_cache, fa4_compile_dir
-from .flash_attention import FlashAttention2, FlashAttention3, FlashAttention4
-from .hub_kernel import HubFlashAttention
-from .sage import SageAttention
-from .torch_sdpa import TorchCuDNN, TorchEfficient, TorchFlash, TorchMath, TorchSDPA
-from .xformers import XFormers
 
-_CLASSES = (
-    TorchSDPA,
-    TorchCuDNN,
-    TorchFlash,
-    TorchEfficient,
-    HubFlashAttention,
-    FlashAttention4,
-    FlashAttention3,
-    FlashAttention2,
-    XFormers,
-    SageAttention,
-    TorchMath,
-)
+for _module in pkgutil.iter_modules(__path__):  # every backend module registers its classes
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-REGISTRY: dict = {cls.name: cls() for cls in _CLASSES}
+_missing = [name for name in BACKEND_NAMES if name not in REGISTERED]
+if _missing:
+    raise ImportError(f"backends named in backend_names.BackendName but registered by no module: {', '.join(_missing)}")
+
+REGISTRY: dict = {name: REGISTERED[name] for name in BACKEND_NAMES}
 PREFERENCE: tuple = tuple(REGISTRY)
 # What DiffSynth-Studio picks, first installed wins (its attention.py, 2.1.12).
-DIFFSYNTH_PRIORITY = ("customized_fa_kernel", "flash_attention_4", "flash_attention_3", "flash_attention_2", "sage_attention", "xformers", "torch")
+DIFFSYNTH_PRIORITY: tuple = tuple(sorted((n for n, b in REGISTRY.items() if b.diffsynth_priority is not None),
+                                         key=lambda n: REGISTRY[n].diffsynth_priority))
+# Backends that compile into a graph as PyTorch's own operators (the rest are kernel packages,
+# called through one thin operator): dispatch/compiled.py.
+TORCH_FAMILY = frozenset(n for n, b in REGISTRY.items() if b.inlined_under_compile)
 
 
 def normalize(name, source: str) -> str:
     """A backend name or 'auto', case-insensitive; a ValueError naming ``source`` otherwise."""
-    if not isinstance(name, str):
-        raise TypeError(f"{source} must be a backend name string, got {type(name).__name__}")
-    value = name.strip().lower()
-    if value == "auto" or value in REGISTRY:
-        return value
-    raise ValueError(f"{source}={name!r} is not a backend; valid names: auto, {', '.join(PREFERENCE)}")
+    return check_backend(name, source, auto="valid names: auto")
 
 
 def available_backends() -> "dict[str, Optional[str]]":
@@ -75,7 +66,7 @@ def candidates(problem, dev: Optional[DeviceInfo]) -> tuple:
 
 
 __all__ = [
-    "Backend", "DeviceInfo", "REGISTRY", "PREFERENCE", "DIFFSYNTH_PRIORITY",
+    "Backend", "DeviceInfo", "REGISTRY", "PREFERENCE", "DIFFSYNTH_PRIORITY", "TORCH_FAMILY", "register",
     "available_backends", "candidates", "clear_compiled", "device_info", "enable_fa4_compile_cache",
     "fa4_compile_dir", "loading", "normalize", "package_version",
 ]

@@ -31,6 +31,7 @@ from typing import ClassVar, Optional
 import torch
 
 from ..problem import Problem
+from ..states import MaskKind
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -165,7 +166,7 @@ class Backend:
     max_head_dim: ClassVar[int] = 256
     head_dim_multiple: ClassVar[int] = 1
     same_head_dim_v: ClassVar[bool] = True  # head dim of v must equal that of q and k
-    masks: ClassVar[frozenset] = frozenset()  # of "bool", "additive"
+    masks: ClassVar[frozenset] = frozenset()  # of MaskKind: bool, additive, additive_float32
     causal: ClassVar[bool] = True
     causal_any_lengths: ClassVar[bool] = True  # False: causal only when seq_q == seq_kv
     gqa: ClassVar[bool] = False
@@ -185,6 +186,10 @@ class Backend:
     # time only when its prediction is several times the best one (the tuner's SKIP_FACTOR).
     efficiency: ClassVar[float] = 0.3
     launch_ms: ClassVar[float] = 0.02
+    # Compiled into a graph as PyTorch's own operators (the others: through one thin operator,
+    # dispatch/compiled.py); and DiffSynth-Studio's fixed priority (1 first; None: not one of its routes).
+    inlined_under_compile: ClassVar[bool] = False
+    diffsynth_priority: ClassVar[Optional[int]] = None
 
     def __init__(self) -> None:
         self._loaded = False
@@ -200,6 +205,17 @@ class Backend:
     def _metadata_version(self) -> Optional[str]:
         """The installed distribution's version from its metadata (no import); None if absent."""
         return package_version(self.package) if self.package else None
+
+    def _import_kernel(self, module_name: str, func_name: str, version: Optional[str] = None):
+        """Import ``module_name`` and keep its ``func_name`` as the kernel (``self._func``) and the
+        version: ``version``, else the declared one, else the module's own. Returns the module."""
+        module = importlib.import_module(module_name)
+        self._func = getattr(module, func_name)
+        if version is None:
+            declared = self.declared_version()
+            version = declared if declared not in (None, "unknown") else None
+        self._version = version or getattr(module, "__version__", "unknown")
+        return module
 
     def _configure(self, version: Optional[str]) -> None:
         """Set version-dependent capabilities from the installed version (no import)."""
@@ -318,7 +334,7 @@ class Backend:
                     break
         if self.same_head_dim_v and p.head_dim_v != p.head_dim:
             reasons.append(f"head dim of v ({p.head_dim_v}) must equal that of q and k ({p.head_dim})")
-        if p.mask != "none" and p.mask not in self.masks:
+        if p.mask != MaskKind.NONE and p.mask not in self.masks:
             takes = " or ".join(sorted(self.masks)) + " masks" if self.masks else "no attn_mask"
             reasons.append(f"{p.mask} attn_mask not supported (takes {takes})")
         if p.causal and not self.causal:
@@ -376,3 +392,22 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<backend {self.name}>"
+
+
+# The registered backends by name (one instance each), in the order their modules were imported:
+# :data:`diffsynth_attention.backends.REGISTRY` orders them by the catalogue (BackendName).
+REGISTERED: dict = {}
+
+
+def register(cls):
+    """Class decorator: register one instance of a backend class under its ``name``, which must
+    be a line of the catalogue (:class:`diffsynth_attention.backend_names.BackendName`)."""
+    from ..backend_names import BACKEND_NAMES
+
+    if cls.name not in BACKEND_NAMES:
+        raise ValueError(f"backend {cls.__name__} is named {cls.name!r}, which is not in backend_names.BackendName: add it there")
+    if cls.name in REGISTERED and type(REGISTERED[cls.name]).__qualname__ != cls.__qualname__:  # a module reload re-registers
+        raise ValueError(f"backend name {cls.name!r} is registered twice ({type(REGISTERED[cls.name]).__name__}, {cls.__name__})")
+    cls.name = BACKEND_NAMES[BACKEND_NAMES.index(cls.name)]  # plain text, as stored in decisions
+    REGISTERED[cls.name] = cls()
+    return cls

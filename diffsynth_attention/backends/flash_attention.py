@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 
 from ..problem import Problem
-from .base import Backend, DeviceInfo, module_present, package_version
+from ..backend_names import BackendName
+from .base import Backend, DeviceInfo, module_present, package_version, register
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -126,10 +127,12 @@ class _FlashBase(Backend):
         return out.transpose(1, 2), lse.float()
 
 
+@register
 class FlashAttention2(_FlashBase):
     """``flash_attn.flash_attn_func`` from the flash-attn 2.x package."""
 
-    name = "flash_attention_2"
+    name = BackendName.FLASH_ATTENTION_2
+    diffsynth_priority = 4
     package = "flash-attn"
     extra = "flash-attn-2"
     min_capability = (8, 0)
@@ -138,8 +141,8 @@ class FlashAttention2(_FlashBase):
     efficiency = 0.5  # ~0.35 of an H100's peak, ~0.7 of an A100's: the generous one
     launch_ms = 0.02
 
-    def _metadata_version(self) -> Optional[str]:
-        return package_version("flash-attn")
+    def _metadata_version(self) -> Optional[str]:  # this module's name: tests install fake versions here
+        return package_version(self.package)
 
     def _install_hint(self) -> str:
         # flash-attn's setup imports torch: pip's build isolation hides it ("No module named 'torch'")
@@ -157,9 +160,7 @@ class FlashAttention2(_FlashBase):
             raise ModuleNotFoundError(
                 "no distribution flash-attn (a 'flash_attn' folder may still exist: flash-attn-4 installs flash_attn.cute)"
             )
-        module = importlib.import_module("flash_attn")  # raises ImportError: undefined symbol after a torch upgrade
-        self._func = getattr(module, "flash_attn_func")
-        self._version = version
+        self._import_kernel("flash_attn", "flash_attn_func", version)  # ImportError: undefined symbol after a torch upgrade
         self._has_window = _version_tuple(version) >= (2, 3)
 
     def extra_reasons(self, p: Problem, dev: Optional[DeviceInfo]) -> list:
@@ -192,6 +193,7 @@ def fa3_build_flags() -> Optional[dict]:
     return {str(k): bool(v) for k, v in flags.items()}
 
 
+@register
 class FlashAttention3(_FlashBase):
     """``flash_attn_interface.flash_attn_func`` from FlashAttention-3 (Hopper; SM8x if built for it).
 
@@ -203,7 +205,8 @@ class FlashAttention3(_FlashBase):
     full build is assumed.
     """
 
-    name = "flash_attention_3"
+    name = BackendName.FLASH_ATTENTION_3
+    diffsynth_priority = 3
     package = "tokenspeed-fa3"
     extra = "flash-attn-3"
     capabilities = frozenset({9})
@@ -235,10 +238,7 @@ class FlashAttention3(_FlashBase):
     def _load(self) -> None:
         # The first use costs the import of the extension and nothing else: the version and the
         # build flags were read when the backend was declared (no second metadata scan here).
-        module = importlib.import_module("flash_attn_interface")
-        self._func = getattr(module, "flash_attn_func")
-        declared = self.declared_version()
-        self._version = declared if declared not in (None, "unknown") else getattr(module, "__version__", "unknown")
+        self._import_kernel("flash_attn_interface", "flash_attn_func")
         flags = fa3_build_flags() if self.build is None else None
         if flags is not None:
             self.declare_build(flags)
@@ -286,6 +286,7 @@ class FlashAttention3(_FlashBase):
         return self._func(q, k, v, softmax_scale=scale, causal=causal, window_size=w)
 
 
+@register
 class FlashAttention4(_FlashBase):
     """``flash_attn.cute.flash_attn_func`` from the flash-attn-4 package (CuTe DSL).
 
@@ -294,7 +295,8 @@ class FlashAttention4(_FlashBase):
     compiles on its first call (1-3 s); the tuner reports that as tuning cost.
     """
 
-    name = "flash_attention_4"
+    name = BackendName.FLASH_ATTENTION_4
+    diffsynth_priority = 2
     package = "flash-attn-4"
     extra = "flash-attn-4"
     capabilities = frozenset({8, 9, 10, 11, 12})
@@ -306,14 +308,11 @@ class FlashAttention4(_FlashBase):
     launch_ms = 0.08  # its Python interface: 0.11-0.12 ms per call on small problems (H100, H200)
 
     def _metadata_version(self) -> Optional[str]:
-        return package_version("flash-attn-4")
+        return package_version(self.package)
 
     def _load(self) -> None:
         enable_fa4_compile_cache()  # before the import: every process and rank shares the compilations
-        module = importlib.import_module("flash_attn.cute")
-        self._func = getattr(module, "flash_attn_func")
-        declared = self.declared_version()
-        self._version = declared if declared not in (None, "unknown") else getattr(module, "__version__", "unknown")
+        self._import_kernel("flash_attn.cute", "flash_attn_func")
         try:  # the backward that takes the saved output and log-sum-exp (flash-attn-4 4.0.0b36)
             self._bwd = getattr(importlib.import_module("flash_attn.cute.interface"), "_flash_attn_bwd", None)
         except Exception:  # an older or changed layout: training recomputes the forward

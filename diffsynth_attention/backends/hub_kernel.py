@@ -23,7 +23,8 @@ import importlib
 import os
 from typing import Optional
 
-from .base import package_version
+from ..backend_names import BackendName
+from .base import package_version, register
 from .flash_attention import _FlashBase
 
 REPO_ID = "DIFFSYNTH_FLASH_ATTN_KERNEL_REPO_ID"
@@ -50,10 +51,12 @@ def settings_reason(repo: Optional[str], version: Optional[str]) -> Optional[str
     return None
 
 
+@register
 class HubFlashAttention(_FlashBase):
     """``kernels.get_kernel(repo, version=N).flash_attn_func`` (DiffSynth's ``customized_fa_kernel``)."""
 
-    name = "customized_fa_kernel"
+    name = BackendName.CUSTOMIZED_FA_KERNEL
+    diffsynth_priority = 1
     package = "kernels"
     extra = "hf-kernels"
     module = "kernels"

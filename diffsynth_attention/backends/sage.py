@@ -12,16 +12,18 @@ an H200, and 0.29 with 77 keys): the tuner's numeric gate decides where it may b
 
 from __future__ import annotations
 
-import importlib
 
 import torch
 
-from .base import Backend, package_version
+from ..backend_names import BackendName
+from .base import Backend, package_version, register
 from .flash_attention import _version_tuple
 
 
+@register
 class SageAttention(Backend):
-    name = "sage_attention"
+    name = BackendName.SAGE_ATTENTION
+    diffsynth_priority = 5
     package = "sageattention"
     extra = "sageattention"
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -35,13 +37,11 @@ class SageAttention(Backend):
     efficiency = 0.9  # 8-bit QK: can pass the 16-bit peak on its native parts (0.43 measured on an H200)
     launch_ms = 0.05  # 0.19-0.31 ms per call on small problems (H200)
 
-    def _metadata_version(self):
-        return package_version("sageattention")
+    def _metadata_version(self):  # this module's name: tests install fake versions here
+        return package_version(self.package)
 
     def _load(self) -> None:
-        module = importlib.import_module("sageattention")
-        self._func = getattr(module, "sageattn")
-        self._version = package_version("sageattention") or getattr(module, "__version__", "unknown")
+        self._import_kernel("sageattention", "sageattn", package_version(self.package))
         if self.declared_version() in (None, "unknown"):
             self._configure(self._version)
 

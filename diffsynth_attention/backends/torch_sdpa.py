@@ -13,8 +13,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..problem import ADDITIVE_FLOAT32, Problem, additive_mask
-from .base import Backend, DeviceInfo, element_size
+from ..problem import Problem, additive_mask
+from ..backend_names import BackendName
+from ..states import MaskKind
+from .base import Backend, DeviceInfo, element_size, register
 
 # Bound at import: patch_sdpa() may later replace torch.nn.functional's attribute with a
 # function that routes through this library, which must not route back to itself.
@@ -42,7 +44,7 @@ def _bind_aten(backend, cls, op, fixed: tuple, p: Problem, need_grad: bool, scal
     """A runner for an ATen SDPA kernel on unmasked calls: the overload resolved once
     (``.default``), positional arguments decided at plan time, only the last-dim contiguity
     check left per call. Masked, GQA and windowed calls keep the generic runner."""
-    if type(backend).forward is not cls.forward or p.mask != "none" \
+    if type(backend).forward is not cls.forward or p.mask != MaskKind.NONE \
             or p.heads_q != p.heads_kv or p.window is not None:
         return None
     default = op.default
@@ -94,25 +96,30 @@ def sliding_window(q, k, v, window: int, scale, attend) -> torch.Tensor:
     return torch.cat(outs, dim=2)
 
 
-class TorchSDPA(Backend):
-    """``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's own kernel choice."""
+class TorchBackend(Backend):
+    """PyTorch's own kernels: nothing to install or import, compiled into a graph as ATen operators."""
 
-    name = "torch"
-    devices = frozenset({"cpu", "cuda", "mps", "xpu", "hpu", "npu", "meta"})
-    dtypes = _ALL_FLOATS
-    max_head_dim = 1 << 20
-    same_head_dim_v = False
-    masks = frozenset({"bool", "additive", ADDITIVE_FLOAT32})
-    gqa = True
-    window = True
-    efficiency = 0.5  # picks cuDNN on an H200 (0.57 of peak)
-    launch_ms = 0.018
+    inlined_under_compile = True
 
     def _load(self) -> None:
         self._version = torch.__version__
 
-    def _machine_reason(self) -> Optional[str]:
-        return None
+
+@register
+class TorchSDPA(TorchBackend):
+    """``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's own kernel choice."""
+
+    name = BackendName.TORCH
+    diffsynth_priority = 7
+    devices = frozenset({"cpu", "cuda", "mps", "xpu", "hpu", "npu", "meta"})
+    dtypes = _ALL_FLOATS
+    max_head_dim = 1 << 20
+    same_head_dim_v = False
+    masks = frozenset({MaskKind.BOOL, MaskKind.ADDITIVE, MaskKind.ADDITIVE_FLOAT32})
+    gqa = True
+    window = True
+    efficiency = 0.5  # picks cuDNN on an H200 (0.57 of peak)
+    launch_ms = 0.018
 
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):
         if window is not None:
@@ -144,24 +151,19 @@ class TorchSDPA(Backend):
         return run
 
 
-class TorchMath(Backend):
+@register
+class TorchMath(TorchBackend):
     """SDPA's reference math kernel (``aten._scaled_dot_product_attention_math``)."""
 
-    name = "torch_math"
+    name = BackendName.TORCH_MATH
     devices = frozenset({"cpu", "cuda"})
     dtypes = _ALL_FLOATS
     max_head_dim = 1 << 20
     same_head_dim_v = False
-    masks = frozenset({"bool", "additive", ADDITIVE_FLOAT32})
+    masks = frozenset({MaskKind.BOOL, MaskKind.ADDITIVE, MaskKind.ADDITIVE_FLOAT32})
     gqa = True
     efficiency = 0.05  # two matmuls in float32 and the scores through memory
     launch_ms = 0.03
-
-    def _load(self) -> None:
-        self._version = torch.__version__
-
-    def _machine_reason(self) -> Optional[str]:
-        return None
 
     def predicted_bytes(self, p: Problem) -> int:
         """The b x n x s_q x s_kv scores and their softmax, in its compute dtype (float32 for 16-bit
@@ -184,31 +186,26 @@ class TorchMath(Backend):
         return _aten._scaled_dot_product_attention_math(q, k, v, mask, 0.0, causal, None, scale=scale)[0]
 
 
-class TorchFlash(Backend):
+@register
+class TorchFlash(TorchBackend):
     """SDPA's FlashAttention kernel: ``aten._scaled_dot_product_flash_attention`` on CUDA and
     ``aten._scaled_dot_product_flash_attention_for_cpu`` on the CPU."""
 
-    name = "torch_flash"
+    name = BackendName.TORCH_FLASH
     devices = frozenset({"cpu", "cuda"})
     dtypes = _ALL_FLOATS  # narrowed to 16-bit on CUDA in extra_reasons
     max_head_dim = 256
-    masks = frozenset({"bool", "additive", ADDITIVE_FLOAT32})  # CPU only; see extra_reasons
+    masks = frozenset({MaskKind.BOOL, MaskKind.ADDITIVE, MaskKind.ADDITIVE_FLOAT32})  # CPU only; see extra_reasons
     causal_any_lengths = False
     efficiency = 0.32  # 317-345 TFLOP/s on an H200
     launch_ms = 0.018
-
-    def _load(self) -> None:
-        self._version = torch.__version__
-
-    def _machine_reason(self) -> Optional[str]:
-        return None
 
     def extra_reasons(self, p: Problem, dev: Optional[DeviceInfo]) -> list:
         reasons = []
         if p.device_type == "cuda":
             if p.dtype not in (torch.float16, torch.bfloat16):
                 reasons.append(f"dtype {p.dtype_name} not supported on CUDA (supports bfloat16, float16)")
-            if p.mask != "none":
+            if p.mask != MaskKind.NONE:
                 reasons.append("attn_mask not supported on CUDA (SDPA's flash kernel takes no mask)")
             if p.head_dim % 8:
                 reasons.append(f"head dim {p.head_dim} not supported on CUDA (needs a multiple of 8)")
@@ -241,19 +238,17 @@ class TorchFlash(Backend):
         return run or super().bind(p, need_grad, scale_is_none)
 
 
-class TorchEfficient(Backend):
+@register
+class TorchEfficient(TorchBackend):
     """SDPA's memory-efficient kernel (``aten._scaled_dot_product_efficient_attention``)."""
 
-    name = "torch_efficient"
+    name = BackendName.TORCH_EFFICIENT
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     max_head_dim = 512
     head_dim_multiple = 8
     min_capability = (5, 0)
     efficiency = 0.2  # 163-179 TFLOP/s on an H200
     launch_ms = 0.018
-
-    def _load(self) -> None:
-        self._version = torch.__version__
 
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -271,19 +266,17 @@ class TorchEfficient(Backend):
         return run or super().bind(p, need_grad, scale_is_none)
 
 
-class TorchCuDNN(Backend):
+@register
+class TorchCuDNN(TorchBackend):
     """SDPA's cuDNN kernel (``aten._scaled_dot_product_cudnn_attention``)."""
 
-    name = "torch_cudnn"
+    name = BackendName.TORCH_CUDNN
     max_head_dim = 256
     head_dim_multiple = 8
     causal_any_lengths = False
     min_capability = (8, 0)
     efficiency = 0.55  # 562-609 TFLOP/s on an H200
     launch_ms = 0.018
-
-    def _load(self) -> None:
-        self._version = torch.__version__
 
     def _machine_reason(self) -> Optional[str]:
         reason = super()._machine_reason()

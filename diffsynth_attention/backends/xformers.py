@@ -15,24 +15,25 @@ from typing import Optional
 import torch
 
 from ..problem import Problem
-from .base import Backend, DeviceInfo, package_version
+from ..states import MaskKind
+from ..backend_names import BackendName
+from .base import Backend, DeviceInfo, package_version, register
 
 
+@register
 class XFormers(Backend):
-    name = "xformers"
+    name = BackendName.XFORMERS
+    diffsynth_priority = 6
     package = "xformers"
     extra = "xformers"
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     max_head_dim = 256
-    masks = frozenset({"bool", "additive"})
+    masks = frozenset({MaskKind.BOOL, MaskKind.ADDITIVE})
     min_capability = (5, 0)
     output_layout = "b s n d"  # BMHK: forward returns a b n s d view of it
     module = "xformers"
     efficiency = 0.5  # dispatches to FlashAttention kernels where it can: taken generously
     launch_ms = 0.03
-
-    def _metadata_version(self):
-        return package_version("xformers")
 
     def _load(self) -> None:
         xformers = importlib.import_module("xformers")
@@ -46,7 +47,7 @@ class XFormers(Backend):
         self._version = package_version("xformers") or getattr(xformers, "__version__", "unknown")
 
     def extra_reasons(self, p: Problem, dev: Optional[DeviceInfo]) -> list:
-        if p.causal and p.mask != "none":
+        if p.causal and p.mask != MaskKind.NONE:
             return ["is_causal together with attn_mask not supported"]
         return []
 

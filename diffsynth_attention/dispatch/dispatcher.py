@@ -20,11 +20,13 @@ from typing import Callable, Optional
 import torch
 
 from .. import config, overrides
-from ..backends import REGISTRY, candidates, device_info, loading
+from ..backend_names import check_backend
+from ..backends import REGISTRY, TORCH_FAMILY, candidates, device_info, loading
 from ..problem import mask_4d, prepare
 from ..request import FLOAT_MAX, Request
 from ..store.cache import DecisionCache, all_rejected
-from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision, decision_filter
+from ..states import PlanSource
+from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, UNSUPPORTED, Decision, decision_filter
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import DEFAULT_POLICY, TuningPolicy
 from ..tuning.trial import decision_timings
@@ -38,9 +40,6 @@ _grad_enabled = torch.is_grad_enabled
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
-# Backends that compile into a graph as PyTorch's own operators (the rest are kernel packages,
-# called through one thin operator): dispatch/compiled.py.
-TORCH_FAMILY = frozenset({"torch", "torch_cudnn", "torch_flash", "torch_efficient", "torch_math"})
 
 _DISPATCHERS: "weakref.WeakValueDictionary[int, Dispatcher]" = weakref.WeakValueDictionary()
 
@@ -64,7 +63,7 @@ class Explanation:
     """Why a call goes where it goes (``diffsynth_attention.explain``)."""
 
     backend: str
-    source: str  # "override", "cache", "tuned", "neighbour", "loading" or "fallback"
+    source: str  # a PlanSource: override, cache, tuned, neighbour, loading or fallback
     key: dict
     candidates: dict = field(default_factory=dict)  # name -> {"time_ms", "error", "reason", "status"}
     problem: str = ""
@@ -177,8 +176,8 @@ class Dispatcher:
     def clear_cache(self, backend: Optional[str] = None, gpu: Optional[str] = None) -> int:
         """Remove decisions (all, or those choosing ``backend`` / tuned on a GPU whose name
         contains ``gpu``). Returns how many were removed."""
-        if backend is not None and backend not in REGISTRY:
-            raise ValueError(f"backend={backend!r} is not a backend; valid names: {', '.join(REGISTRY)}")
+        if backend is not None:
+            check_backend(backend)
         return self.store.clear(decision_filter(backend, gpu))
 
     # -- planning --------------------------------------------------------------------------
@@ -223,7 +222,7 @@ class Dispatcher:
         self.warn_once(("unavailable", name, why), "backend %s is unavailable (%s); using another backend", name, why)
         return False
 
-    def _loading_plan(self, decision: Decision, key, call, grad, usable_names: set, source: str = "cache") -> Optional[Plan]:
+    def _loading_plan(self, decision: Decision, key, call, grad, usable_names: set, source: PlanSource = PlanSource.CACHE) -> Optional[Plan]:
         """While ``decision``'s kernel package loads on a background thread (started here if need
         be), a plan on the fastest candidate of the decision that is usable now (else ``torch``),
         with source "loading". None when the package is loaded (or failed: the caller drops it),
@@ -253,12 +252,12 @@ class Dispatcher:
             if decided._loaded:  # the load ended: the next call plans again (on the decided backend)
                 invalidate(key_id)
             return inner(q, k, v, mask, scale)
-        return Plan(run, name, "loading", key, call, grad, decision, counts_hit=True, reasons=[reason])
+        return Plan(run, name, PlanSource.LOADING, key, call, grad, decision, counts_hit=True, reasons=[reason])
 
     def _backend_loaded(self, name: str, state: str) -> None:
         """A background load ended: the keys served provisionally while ``name`` loaded plan again."""
         with self._lock:
-            keys = {p.key.id for p in self.plans.values() if p.source == "loading" and p.decision is not None
+            keys = {p.key.id for p in self.plans.values() if p.source == PlanSource.LOADING and p.decision is not None
                     and p.decision.backend == name}
         for key_id in keys:
             self.invalidate(key_id)
@@ -269,7 +268,7 @@ class Dispatcher:
         problem = call.problem
         reasons = [why] if why else backend.not_supported_reasons(problem, dev)
         if not reasons:
-            return Plan(make_runner(backend, call, grad), requested, "override", key, call, grad)
+            return Plan(make_runner(backend, call, grad), requested, PlanSource.OVERRIDE, key, call, grad)
         if config.strict():
             raise BackendNotSupportedError(
                 f"{source_name} asks for {requested!r}, which cannot serve {problem.describe()}: " + "; ".join(reasons)
@@ -284,7 +283,7 @@ class Dispatcher:
             if config.strict():
                 raise BackendNotSupportedError(message)
             return torch_run(q, k, v, mask, scale)
-        return Plan(run, "torch", "fallback", key, call, grad, reasons=reasons, requested=requested)
+        return Plan(run, "torch", PlanSource.FALLBACK, key, call, grad, reasons=reasons, requested=requested)
 
     def resolve(self, call, grad: bool, key, usable_names: set, dev, requested: str, source_name,
                 provisional: bool = True) -> Optional[Plan]:
@@ -305,20 +304,20 @@ class Dispatcher:
             if waiting:  # its kernel package still loads (eager calls only; a trace waits for it)
                 return waiting
             if self._loaded_or_dropped(decision.backend, key):
-                return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, "cache", key, call,
+                return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, PlanSource.CACHE, key, call,
                             grad, decision, counts_hit=True)
             dropped = self.dropped[key.id]
         if decision is not None and decision.backend in dropped:  # failed here at run time: the next best
             return self._demoted_plan(decision, key, call, grad, dropped)
         if decision is None and config.new_shapes() == "nearest":
             near = self._neighbour(key, usable_names, tolerance)
-            waiting = provisional and near and self._loading_plan(near, key, call, grad, usable_names, "neighbour")
+            waiting = provisional and near and self._loading_plan(near, key, call, grad, usable_names, PlanSource.NEIGHBOUR)
             if waiting:
                 return waiting
             if near is not None and self._loaded_or_dropped(near.backend, key):
                 logger.info("serving %s with the decision of neighbour key %s: %s", call.problem.describe(), near.key_id,
                             near.backend)
-                return Plan(make_runner(REGISTRY[near.backend], call, grad), near.backend, "neighbour", key, call, grad,
+                return Plan(make_runner(REGISTRY[near.backend], call, grad), near.backend, PlanSource.NEIGHBOUR, key, call, grad,
                             near, counts_hit=True)
         return None
 
@@ -349,7 +348,7 @@ class Dispatcher:
         if may_tune is None:
             may_tune = config.tuning_enabled() and not _capturing(q.device) and not _is_compiling()
         if not may_tune:
-            return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", "fallback", key, call, grad)
+            return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", PlanSource.FALLBACK, key, call, grad)
         if tune_on is None:
             return self._tune(req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev)
         from torch.utils._python_dispatch import _disable_current_modes
@@ -368,7 +367,7 @@ class Dispatcher:
         problem = call.problem
         with self.store.tuning_lock(key.id):
             decision = self.store.refresh(key.id, tolerance=self.tolerance(problem))
-            source = "cache"
+            source = PlanSource.CACHE
             if decision is None or decision.backend not in usable_names or all_rejected(decision):
                 inputs = TuneInputs(
                     q=q, k=req.k, v=req.v, mask=req.attn_mask, mask4=mask_4d(req.attn_mask), canonical=(qc, kc, vc),
@@ -387,12 +386,12 @@ class Dispatcher:
                 self.counters["tuning_seconds"] += decision.tuning_seconds
                 logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
                 if all_rejected(decision):  # never persisted: used for this call only, the next one tunes again
-                    return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, "fallback", key, call,
+                    return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, PlanSource.FALLBACK, key, call,
                                 grad, decision)
                 self.store.put(decision)
-                source = "tuned"
+                source = PlanSource.TUNED
         return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, source, key, call, grad,
-                    decision, counts_hit=source == "cache")
+                    decision, counts_hit=source == PlanSource.CACHE)
 
     def _demoted_plan(self, decision: Decision, key, call, grad, dropped: dict) -> Plan:
         order = sorted(
@@ -401,7 +400,7 @@ class Dispatcher:
             and REGISTRY[n].unavailable_reason() is None
         )
         name = order[0][1] if order else "torch"
-        return Plan(make_runner(REGISTRY[name], call, grad), name, "fallback", key, call, grad, decision)
+        return Plan(make_runner(REGISTRY[name], call, grad), name, PlanSource.FALLBACK, key, call, grad, decision)
 
     def plan_for(self, req: Request, impl_raw, grad: bool) -> Plan:
         """The plan for a call: from the table, else built (and stored, unless provisional)."""
@@ -420,12 +419,12 @@ class Dispatcher:
         if plan.counts_hit and plan.decision is not None and self.policy is not None:  # a known decision planned
             self.policy.notify(plan.key, plan.decision, decision_timings(plan.decision), True)
         if sig is not None:
-            if plan.source == "fallback" and plan.requested is None and (plan.decision is None or all_rejected(plan.decision)):
+            if plan.source == PlanSource.FALLBACK and plan.requested is None and (plan.decision is None or all_rejected(plan.decision)):
                 with self._lock:  # no decision yet (tuning off, capture, tracing): plan again when tuning can run
                     self._provisional[sig] = plan
                     self._sigs_by_key.setdefault(plan.key.id, set()).add(sig)
-            elif plan.source == "tuned":  # later calls are served by a known decision: hits
-                self._store_plan(sig, Plan(plan.run, plan.backend, "cache", plan.key, plan.call, plan.grad, plan.decision, counts_hit=True))
+            elif plan.source == PlanSource.TUNED:  # later calls are served by a known decision: hits
+                self._store_plan(sig, Plan(plan.run, plan.backend, PlanSource.CACHE, plan.key, plan.call, plan.grad, plan.decision, counts_hit=True))
             else:
                 self._store_plan(sig, plan)
         return plan
@@ -447,7 +446,7 @@ class Dispatcher:
             plan = self.plans.get(sig)
         except (AttributeError, TypeError):
             sig, plan = None, None
-        if plan is not None and plan.source != "loading":  # an eager stand-in is not baked: the trace waits
+        if plan is not None and plan.source != PlanSource.LOADING:  # an eager stand-in is not baked: the trace waits
             return plan
 
         def tune_on():
@@ -456,9 +455,9 @@ class Dispatcher:
         plan = self.build_plan(req, impl_raw, grad, may_tune=config.tuning_enabled(), tune_on=tune_on)
         if plan is None:
             return None
-        if plan.source == "tuned":
-            plan = Plan(plan.run, plan.backend, "cache", plan.key, plan.call, plan.grad, plan.decision, counts_hit=True)
-        if sig is not None and plan.source != "fallback":
+        if plan.source == PlanSource.TUNED:
+            plan = Plan(plan.run, plan.backend, PlanSource.CACHE, plan.key, plan.call, plan.grad, plan.decision, counts_hit=True)
+        if sig is not None and plan.source != PlanSource.FALLBACK:
             self._store_plan(sig, plan)
         return plan
 
@@ -497,12 +496,12 @@ class Dispatcher:
         ``faults.FRESH_TRIALS`` calls with fresh inputs of the same shapes."""
         if plan.backend == "torch":
             raise exc
-        if plan.source == "override":
+        if plan.source == PlanSource.OVERRIDE:
             if config.strict():
                 raise exc
             reason = f"failed at run time: {_first_line(exc)}"
             self.warn_once(("runtime", plan.backend, reason), "%s %s; using torch instead", plan.backend, reason)
-            fallback = Plan(make_runner(REGISTRY["torch"], plan.call, grad), "torch", "fallback", plan.key, plan.call, grad,
+            fallback = Plan(make_runner(REGISTRY["torch"], plan.call, grad), "torch", PlanSource.FALLBACK, plan.key, plan.call, grad,
                             reasons=[reason], requested=plan.backend)
             with self._lock:
                 for sig, p in list(self.plans.items()):
@@ -570,8 +569,8 @@ class Dispatcher:
         before = self.counters["tunings"]
         plan = self.plan_for(req, impl_raw, grad)
         source = plan.source
-        if source == "tuned" and self.counters["tunings"] == before:
-            source = "cache"  # tuned earlier in this process: now a known decision
+        if source == PlanSource.TUNED and self.counters["tunings"] == before:
+            source = PlanSource.CACHE  # tuned earlier in this process: now a known decision
         dropped = dict(self.dropped.get(plan.key.id, {}))
         if plan.decision is not None:
             cands = {n: {"time_ms": c.time_ms, "error": c.error, "reason": c.reason, "status": c.status}
@@ -579,11 +578,11 @@ class Dispatcher:
             for name, why in dropped.items():
                 if name in cands:
                     cands[name] = {**cands[name], "reason": f"dropped in this process: {why}"}
-        elif plan.source == "fallback" and plan.requested:
-            cands = {plan.requested: {"time_ms": None, "error": None, "reason": "; ".join(plan.reasons), "status": "unsupported"}}
+        elif plan.source == PlanSource.FALLBACK and plan.requested:
+            cands = {plan.requested: {"time_ms": None, "error": None, "reason": "; ".join(plan.reasons), "status": UNSUPPORTED}}
         else:
             cands = {}
-        neighbour_of = plan.decision.key_id if source == "neighbour" and plan.decision is not None else None
+        neighbour_of = plan.decision.key_id if source == PlanSource.NEIGHBOUR and plan.decision is not None else None
         return Explanation(plan.backend, source, plan.key.fields, cands, plan.problem.describe(), plan.key.id,
                            plan.decision, dropped, neighbour_of, plan.reasons[0] if plan.reasons else None)
 

@@ -53,7 +53,10 @@ class _Unknown(Exception):
 
 def schema() -> dict:
     if not _schema_doc:
+        from ..backend_names import BACKEND_NAMES
+
         _schema_doc.update(json.loads(SCHEMA_FILE.read_text()))
+        _schema_doc["$defs"]["backend"] = {"enum": list(BACKEND_NAMES)}  # the catalogue is the one list
     return _schema_doc
 
 

@@ -7,13 +7,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-# A candidate's status: how it ended in tuning.
-CHOSEN = "chosen"
-ACCEPTED = "accepted"  # passed the gate, was timed, lost
-SLOWER = "slower"  # passed the gate; its first pass was more than 1.5x the best: not re-timed
-SKIPPED = "skipped"  # not run: its cost model predicts it cannot fit in memory or cannot win
-REJECTED = "rejected"  # error above tolerance, NaN/Inf, an exception, or modified its inputs
-UNSUPPORTED = "unsupported"  # unavailable here, or its declared capabilities exclude the problem
+from ..states import CandidateStatus
+
+# A candidate's status: how it ended in tuning (the members of CandidateStatus, by their old names).
+CHOSEN, ACCEPTED, SLOWER, SKIPPED, REJECTED, UNSUPPORTED = (
+    CandidateStatus.CHOSEN, CandidateStatus.ACCEPTED, CandidateStatus.SLOWER, CandidateStatus.SKIPPED,
+    CandidateStatus.REJECTED, CandidateStatus.UNSUPPORTED)
 
 
 def key_id(fields: dict) -> str:
@@ -27,7 +26,7 @@ def key_id(fields: dict) -> str:
 class Candidate:
     """One backend's result for one key (a small value object, as in Triton's autotuner)."""
 
-    status: str
+    status: str  # a CandidateStatus (its text, as read from a file)
     time_ms: Optional[float] = None  # median of the timed calls; None if never timed
     error: Optional[float] = None  # relative L1 error against the fp32 reference
     reason: Optional[str] = None  # why it was rejected, unsupported or dropped; None otherwise

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from .._version import __version__
+from ..states import CandidateStatus, PlanSource
 
 EXPECTED = (ValueError, TypeError, OSError, RuntimeError, TimeoutError, KeyError)
 PROG = "diffsynth-attention"
@@ -121,7 +122,7 @@ def tie_note(d) -> Optional[str]:
     if chosen.reason:
         return chosen.reason
     faster = [(c.time_ms, n) for n, c in d.candidates.items()
-              if n != d.backend and c.status in ("accepted", "slower") and c.time_ms is not None
+              if n != d.backend and c.status in (CandidateStatus.ACCEPTED, CandidateStatus.SLOWER) and c.time_ms is not None
               and chosen.time_ms is not None and c.time_ms < chosen.time_ms]
     if not faster:
         return None
@@ -378,7 +379,7 @@ def cmd_warm(args) -> int:
         d = on_disk.get(kid)
         if d is not None:
             stored.add(kid)
-        tuned += info.source == "tuned"
+        tuned += info.source == PlanSource.TUNED
         row = decision_row(kid, d) if d is not None else {
             "key_id": kid, "problem": info.problem, "device": info.key["device"]["name"], "backend": info.backend,
             "time_ms": None, "speedup_vs_torch": None, "runner_up": None, "reason": None}
@@ -386,7 +387,7 @@ def cmd_warm(args) -> int:
         row["problem"] = f"{' = '.join(names)}: {row['problem']}"
         row["source"] = info.source
         rows.append(row)
-    cached = sum(info.source == "cache" for _, info in results)
+    cached = sum(info.source == PlanSource.CACHE for _, info in results)
     other = len(results) - tuned - cached  # neighbour or fallback: served, not tuned
     if dist_ctx:
         done_text = f"split over {dist_ctx[1]} ranks, synced"
@@ -452,7 +453,7 @@ def cmd_explain(args) -> int:
     if args.json:
         doc = info.as_dict()
         chosen = doc["candidates"].get(info.backend)
-        if chosen is not None and chosen.get("status") == "chosen" and not chosen.get("reason"):
+        if chosen is not None and chosen.get("status") == CandidateStatus.CHOSEN and not chosen.get("reason"):
             chosen["reason"] = chosen_reason
         print(json.dumps(doc, indent=1))
         return 0

@@ -12,6 +12,8 @@ import re
 import textwrap
 from typing import Optional
 
+from ..states import CandidateStatus, PlanSource
+
 WIDTH = 80
 _HINT = re.compile(r"pip install (?:--[\w-]+ )*'[^']*'")
 _GLUE = "\x00"
@@ -42,7 +44,7 @@ def render_explanation(info, console, chosen_reason: Optional[str] = None) -> No
         chosen_reason = tie_note(info.decision)
     device = info.key.get("device", {}).get("name", "?") if isinstance(info.key, dict) else "?"
     head = f"{info.problem} on {short_device(device)}: "
-    if info.source == "loading" and info.decision is not None:  # the decision, not this process's stand-in
+    if info.source == PlanSource.LOADING and info.decision is not None:  # the decision, not this process's stand-in
         console.print(_escape(head + f"{info.decision.backend} (cache)"))
         console.print(_escape(f"until {info.decision.backend} has loaded, a process serves these calls with {info.backend}"))
     else:
@@ -52,10 +54,10 @@ def render_explanation(info, console, chosen_reason: Optional[str] = None) -> No
     table = _table(None, ("backend", "status", "ms", "error", "reason"))
     unsupported = []
     for name, c in info.candidates.items():
-        if c.get("status") == "unsupported":  # long reasons: listed below the table, not folded into it
+        if c.get("status") == CandidateStatus.UNSUPPORTED:  # long reasons: listed below the table, not folded into it
             unsupported.append((name, c.get("reason") or ""))
             continue
-        reason = c.get("reason") or (chosen_reason if name == info.backend and c.get("status") == "chosen" else None) or ""
+        reason = c.get("reason") or (chosen_reason if name == info.backend and c.get("status") == CandidateStatus.CHOSEN else None) or ""
         time_ms, error = c.get("time_ms"), c.get("error")
         table.add_row(*(_escape(x) for x in (name, c.get("status") or "-", "-" if time_ms is None else f"{time_ms:.4g}",
                                               "-" if error is None else f"{error:.2e}", reason)))

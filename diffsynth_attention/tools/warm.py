@@ -45,6 +45,7 @@ def known(shape: dict, device: torch.device, dtype=None, layout: str = "b n s d"
     from ..backends import candidates
     from ..dispatch import Explanation, default_dispatcher
     from ..store.cache import all_rejected
+    from ..states import PlanSource
     from ..store.key import make_key
 
     problem, dev = _problem(shape, device, dtype, layout)
@@ -55,7 +56,7 @@ def known(shape: dict, device: torch.device, dtype=None, layout: str = "b n s d"
         return None
     cands = {n: {"time_ms": c.time_ms, "error": c.error, "reason": c.reason, "status": c.status}
              for n, c in decision.candidates.items()}
-    return Explanation(decision.backend, "cache", key.fields, cands, problem.describe(), key.id, decision)
+    return Explanation(decision.backend, PlanSource.CACHE, key.fields, cands, problem.describe(), key.id, decision)
 
 
 def _start_loads(shapes: list, device: torch.device, dtype, layout: str) -> None:

@@ -1,0 +1,50 @@
+"""The library's named states, as string enums (torch-free): a candidate's status, a plan's
+source and an attention mask's kind.
+
+Each member equals, hashes, prints, formats and reprs as its text, so the on-disk format and
+every message are the same as with bare strings. The statuses and mask kinds are the decision
+schema's enums (``data/decisions.schema.json``; a test keeps them equal).
+"""
+
+from enum import Enum
+
+
+class _State(str, Enum):
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __repr__ = str.__repr__
+
+
+class CandidateStatus(_State):
+    """How a candidate ended in tuning (``Candidate.status``)."""
+
+    CHOSEN = "chosen"
+    ACCEPTED = "accepted"  # passed the gate, was timed, lost
+    SLOWER = "slower"  # passed the gate; its first pass was more than 1.5x the best: not re-timed
+    SKIPPED = "skipped"  # not run: its cost model predicts it cannot fit in memory or cannot win
+    REJECTED = "rejected"  # error above tolerance, NaN/Inf, an exception, or modified its inputs
+    UNSUPPORTED = "unsupported"  # unavailable here, or its declared capabilities exclude the problem
+
+
+# The statuses of candidates that passed the numeric gate and were timed.
+TIMED = (CandidateStatus.ACCEPTED, CandidateStatus.SLOWER, CandidateStatus.CHOSEN)
+
+
+class PlanSource(_State):
+    """Where a plan's backend came from (``Plan.source``, ``Explanation.source``)."""
+
+    OVERRIDE = "override"  # use_backend() or DIFFSYNTH_ATTENTION_IMPLEMENTATION
+    CACHE = "cache"  # a stored decision
+    TUNED = "tuned"  # tuned by this call
+    NEIGHBOUR = "neighbour"  # a decision of the same bucket (new_shapes=nearest, or while tuning)
+    FALLBACK = "fallback"  # torch (or the best timed candidate) where nothing else may serve
+    LOADING = "loading"  # torch while the decision's kernel package imports in the background
+
+
+class MaskKind(_State):
+    """An attention mask's kind (``Problem.mask``, part of the key)."""
+
+    NONE = "none"
+    BOOL = "bool"
+    ADDITIVE = "additive"
+    ADDITIVE_FLOAT32 = "additive_float32"  # a float32 additive mask with 16-bit inputs
