@@ -108,9 +108,12 @@ def use_backend(name: str) -> Iterator[str]:
             TRACE.scope = outer
         return
     token = scope.set(value)
-    outer, TRACE.scope = TRACE.scope, value
+    TRACE.scope = value
     try:
         yield value
     finally:
         scope.reset(token)
-        TRACE.scope = outer
+        # The mirror follows this context's scope, not the value it saw on entry: scopes of
+        # interleaved async tasks exit in any order, and the last one must not leave its entry
+        # value behind for every later trace.
+        TRACE.scope = scope_get()

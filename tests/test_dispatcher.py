@@ -55,9 +55,9 @@ def test_hot_path_signature_is_request_signature(disp, kwargs, monkeypatch):
     """The inlined tuple of the hot path equals Request.signature on every argument."""
     table = Recording()
     disp.plans = table  # the hot path closes over the table's .get: build a fresh forward on it
-    from diffsynth_attention.dispatch import dispatcher as mod
+    from diffsynth_attention.dispatch.hot import make_forward
 
-    fwd = mod._make_forward(disp)
+    fwd = make_forward(disp)
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "auto")
     for scoped in (None, "torch"):
         table.asked.clear()

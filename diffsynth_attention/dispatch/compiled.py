@@ -40,10 +40,10 @@ import torch
 from einops import rearrange
 
 from .. import overrides
-from ..backends import REGISTRY
+from ..backends import REGISTRY, TORCH_FAMILY
 from ..problem import CANONICAL, mask_4d
 from ..request import Request
-from .dispatcher import TORCH_FAMILY, lookup_dispatcher
+from .dispatcher import lookup_dispatcher
 
 _BSND = "b s n d"
 _AXES = ("b", "n", "s", "d")

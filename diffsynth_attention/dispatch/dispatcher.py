@@ -14,24 +14,25 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from .. import config, overrides
 from ..backend_names import check_backend
-from ..backends import REGISTRY, TORCH_FAMILY, candidates, device_info, loading
+from ..backends import REGISTRY, candidates, device_info, loading
 from ..problem import mask_4d, prepare
-from ..request import FLOAT_MAX, Request
+from ..request import Request
 from ..store.cache import DecisionCache, all_rejected
 from ..states import PlanSource
-from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, UNSUPPORTED, Decision, decision_filter
+from ..store.decision import ACCEPTED, CHOSEN, SLOWER, Decision, decision_filter
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import DEFAULT_POLICY, TuningPolicy
 from ..tuning.trial import decision_timings
 from ..tuning.tuner import TuneInputs, tune
 from . import faults
+from .hot import _synthetic, make_forward
+from .plan import BackendNotSupportedError, Explanation, Plan, explanation  # noqa: F401 (re-exported)
 from .runners import make_runner
 
 logger = logging.getLogger("diffsynth_attention")
@@ -54,72 +55,8 @@ def lookup_dispatcher(token: int) -> "Dispatcher":
     return d
 
 
-class BackendNotSupportedError(ValueError):
-    """A forced backend cannot serve a call (strict mode); lists every reason."""
-
-
-@dataclass
-class Explanation:
-    """Why a call goes where it goes (``diffsynth_attention.explain``)."""
-
-    backend: str
-    source: str  # a PlanSource: override, cache, tuned, neighbour, loading or fallback
-    key: dict
-    candidates: dict = field(default_factory=dict)  # name -> {"time_ms", "error", "reason", "status"}
-    problem: str = ""
-    key_id: str = ""
-    decision: Optional[Decision] = None  # the decision behind a "cache"/"tuned" source
-    dropped: dict = field(default_factory=dict)  # backend -> why this process stopped using it
-    neighbour_of: Optional[str] = None  # source "neighbour": the key id whose decision serves this call
-    reason: Optional[str] = None  # why ``backend`` serves the call when it is not the decided one (e.g. "loading")
-
-    def as_dict(self) -> dict:
-        return {"backend": self.backend, "source": self.source, "key": self.key, "key_id": self.key_id,
-                "candidates": self.candidates, "problem": self.problem, "dropped": dict(self.dropped),
-                "decision": None if self.decision is None else self.decision.to_dict(),
-                "neighbour_of": self.neighbour_of, "reason": self.reason}
-
-    def __getitem__(self, item):
-        return self.as_dict()[item]
-
-    def __str__(self) -> str:
-        """The table ``diffsynth-attention explain`` prints (80 columns): ``print(da.explain(...))``."""
-        from ..tools.explain_table import explanation_text
-
-        return explanation_text(self)
-
-    def __repr__(self) -> str:
-        return (f"Explanation(backend={self.backend!r}, source={self.source!r}, problem={self.problem!r}, "
-                f"key_id={self.key_id!r})")
-
-
-class Plan:
-    __slots__ = ("run", "backend", "source", "key", "decision", "counts_hit", "reasons", "requested", "call", "grad")
-
-    def __init__(self, run, backend, source, key, call, grad, decision=None, counts_hit=False, reasons=None, requested=None):
-        self.run = run
-        self.backend = backend
-        self.source = source
-        self.key = key
-        self.call = call
-        self.grad = grad
-        self.decision = decision
-        self.counts_hit = counts_hit
-        self.reasons = reasons or []
-        self.requested = requested
-
-    @property
-    def problem(self):
-        return self.call.problem
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 class Dispatcher:
@@ -140,7 +77,7 @@ class Dispatcher:
         self.trace_token = id(self)  # how compiled graphs name this dispatcher
         _DISPATCHERS[self.trace_token] = self
         loading.add_listener(self._backend_loaded)  # held weakly
-        self.forward = _make_forward(self)
+        self.forward = make_forward(self)
 
     # -- bookkeeping -----------------------------------------------------------------------
     def invalidate(self, key_id: Optional[str] = None) -> None:
@@ -476,82 +413,12 @@ class Dispatcher:
             return self.failed(plan, exc, req, impl_raw, grad)
 
     def failed(self, plan: Plan, exc: Exception, req: Request, impl_raw, grad: bool):
-        if isinstance(exc, (torch.cuda.OutOfMemoryError, BackendNotSupportedError)):
-            raise exc
-        try:  # an input error is the caller's, never the backend's: raise it, change nothing
-            prepare(req.q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
-                    req.attn_mask, req.scale, req.is_causal, req.window_size, grad,
-                    compatibility_mode=req.compatibility_mode)
-        except (TypeError, ValueError) as bad:
-            raise bad from None
-        if faults.poisons_context(exc) or faults.context_broken(req.q.device):  # nothing can run after it
-            faults.report_poisoned(plan.backend, exc)
-            raise exc
-        return self.after_failure(plan, exc, req, impl_raw, grad)
+        """A backend raised at run time (:func:`.faults.failed`)."""
+        return faults.failed(self, plan, exc, req, impl_raw, grad)
 
     def after_failure(self, plan: Plan, exc: Exception, req: Request, impl_raw, grad: bool):
-        """A backend raised at run time. It is dropped for this key in this process, and the
-        call is served by the next best backend. The on-disk decision changes only when the
-        failure is the backend's: the call fails again on a retry with the same inputs, and on
-        ``faults.FRESH_TRIALS`` calls with fresh inputs of the same shapes."""
-        if plan.backend == "torch":
-            raise exc
-        if plan.source == PlanSource.OVERRIDE:
-            if config.strict():
-                raise exc
-            reason = f"failed at run time: {_first_line(exc)}"
-            self.warn_once(("runtime", plan.backend, reason), "%s %s; using torch instead", plan.backend, reason)
-            fallback = Plan(make_runner(REGISTRY["torch"], plan.call, grad), "torch", PlanSource.FALLBACK, plan.key, plan.call, grad,
-                            reasons=[reason], requested=plan.backend)
-            with self._lock:
-                for sig, p in list(self.plans.items()):
-                    if p is plan:
-                        self.plans[sig] = fallback
-            return fallback.run(req.q, req.k, req.v, req.attn_mask, req.scale)
-
-        try:  # a retry tells a transient failure from a deterministic one
-            with torch.no_grad():
-                plan.run(req.q, req.k, req.v, req.attn_mask, req.scale)
-            deterministic = False
-        except torch.cuda.OutOfMemoryError:
-            deterministic = False
-        except Exception as again:
-            if faults.poisons_context(again):  # the retry poisoned the context: stop here
-                faults.report_poisoned(plan.backend, again)
-                raise again
-            deterministic = True
-        if not deterministic:
-            how = "once; a retry passed"
-        elif faults.fails_on_fresh_inputs(plan.run, req.q, req.k, req.v, req.attn_mask, req.scale) \
-                and not faults.context_broken(req.q.device):
-            how = f"again on a retry and on {faults.FRESH_TRIALS} calls with fresh inputs"
-        else:
-            how, deterministic = "again on a retry, but not on fresh inputs of the same shapes", False
-        reason = f"failed at run time ({how}): {_first_line(exc)}"
-        key_id = plan.key.id
-        with self._lock:
-            self.dropped.setdefault(key_id, {})[plan.backend] = reason
-        decision = plan.decision
-        if decision is not None and decision.key_id != key_id:  # a neighbour's decision: not this key's to change
-            decision = None
-        if decision is not None and deterministic:
-            cand = decision.candidates.get(plan.backend)
-            if cand is not None:
-                cand.status, cand.reason = REJECTED, reason
-            demoted = self._demoted_plan(decision, plan.key, plan.call, grad, self.dropped[key_id])
-            decision.backend = demoted.backend
-            if decision.backend in decision.candidates:
-                decision.candidates[decision.backend].status = CHOSEN
-                decision.candidates[decision.backend].reason = None
-            logger.warning("backend %s %s; using %s for %s from now on", plan.backend, reason, decision.backend,
-                           plan.problem.describe())
-            self.store.put(decision)  # invalidates this key's plans
-        else:
-            logger.warning("backend %s %s; using another backend for %s in this process", plan.backend, reason,
-                           plan.problem.describe())
-            self.invalidate(key_id)
-        new_plan = self.plan_for(req, impl_raw, grad)
-        return new_plan.run(req.q, req.k, req.v, req.attn_mask, req.scale)
+        """A backend failed a call that is valid (:func:`.faults.after_failure`)."""
+        return faults.after_failure(self, plan, exc, req, impl_raw, grad)
 
     # -- explain ----------------------------------------------------------------------------
     def explain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pattern: str = "b n s d",
@@ -568,118 +435,4 @@ class Dispatcher:
         grad = req.needs_grad(torch.is_grad_enabled())
         before = self.counters["tunings"]
         plan = self.plan_for(req, impl_raw, grad)
-        source = plan.source
-        if source == PlanSource.TUNED and self.counters["tunings"] == before:
-            source = PlanSource.CACHE  # tuned earlier in this process: now a known decision
-        dropped = dict(self.dropped.get(plan.key.id, {}))
-        if plan.decision is not None:
-            cands = {n: {"time_ms": c.time_ms, "error": c.error, "reason": c.reason, "status": c.status}
-                     for n, c in plan.decision.candidates.items()}
-            for name, why in dropped.items():
-                if name in cands:
-                    cands[name] = {**cands[name], "reason": f"dropped in this process: {why}"}
-        elif plan.source == PlanSource.FALLBACK and plan.requested:
-            cands = {plan.requested: {"time_ms": None, "error": None, "reason": "; ".join(plan.reasons), "status": UNSUPPORTED}}
-        else:
-            cands = {}
-        neighbour_of = plan.decision.key_id if source == PlanSource.NEIGHBOUR and plan.decision is not None else None
-        return Explanation(plan.backend, source, plan.key.fields, cands, plan.problem.describe(), plan.key.id,
-                           plan.decision, dropped, neighbour_of, plan.reasons[0] if plan.reasons else None)
-
-
-def _synthetic(req: Request) -> Request:
-    """``req`` with real random tensors of its fake tensors' shapes, strides, dtype, device and
-    ``requires_grad`` (a gradient-needing key is tuned with its backward, which needs it)."""
-    def real(t):
-        out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
-        out = out.normal_() if _dense(out) else torch.randn(out.shape, dtype=t.dtype, device=t.device)
-        return out.requires_grad_(t.requires_grad)
-    return req._replace(q=real(req.q), k=real(req.k), v=real(req.v))
-
-
-def _dense(t) -> bool:
-    """Whether no two elements of ``t`` share memory (so it can be filled in place)."""
-    size = 1
-    for n, st in sorted(zip(t.shape, t.stride()), key=lambda x: x[1]):
-        if n > 1 and st < size:
-            return False
-        size = max(size, st * n)
-    return True
-
-
-def _make_forward(d: Dispatcher) -> Callable:
-    """The hot path of dispatcher ``d``, as a function of DiffSynth-Studio's signature.
-
-    A closure over the dispatcher's plan table: the signature tuple is
-    :meth:`Request.signature`'s, inlined (a test proves that they agree on every argument).
-    """
-    plans_get = d.plans.get
-    counters = d.counters
-    slow = d.call
-    failed = d.failed
-    env_get, impl_key, scope_get = overrides._env_get, overrides._IMPL_KEY, overrides.scope_get
-
-    def attention_forward(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        q_pattern: str = "b n s d",
-        k_pattern: str = "b n s d",
-        v_pattern: str = "b n s d",
-        out_pattern: str = "b n s d",
-        dims: Optional[dict] = None,
-        attn_mask: Optional[torch.Tensor] = None,
-        scale: Optional[float] = None,
-        is_causal: bool = False,
-        compatibility_mode: bool = False,
-        window_size: Optional[int] = None,
-        use_flex: bool = False,
-        score_mod: Optional[Callable] = None,
-    ) -> torch.Tensor:
-        """Attention with DiffSynth-Studio's signature and semantics, on the best backend.
-
-        ``q``, ``k``, ``v`` are laid out as their einops patterns say (packed axes such as
-        ``"b s (n d)"`` need ``dims``); the output is laid out as ``out_pattern``. ``attn_mask`` is
-        boolean (True attends) or additive, broadcastable to (b, n, s_q, s_kv); ``is_causal`` uses
-        PyTorch's top-left alignment; ``window_size=w`` lets a query attend to keys with
-        |i - j| <= w; ``compatibility_mode=True`` forces ``torch``. The backend comes from
-        ``use_backend``, else ``DIFFSYNTH_ATTENTION_IMPLEMENTATION``, else (``auto``) the tuned
-        decision for this problem on this GPU. ``use_flex=True`` or a ``score_mod`` goes to
-        PyTorch's flex attention, as DiffSynth-Studio does (:mod:`diffsynth_attention.flex`).
-        """
-        if use_flex or score_mod is not None:
-            from ..flex import flex_attention_forward
-
-            return flex_attention_forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
-                                          is_causal, window_size, score_mod)
-        if _is_compiling():
-            from .compiled import traced_attention
-
-            return traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
-                                    is_causal, compatibility_mode, window_size)
-        impl_raw = env_get(impl_key)
-        try:
-            grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-            plan = plans_get((
-                scope_get(), impl_raw, compatibility_mode, type(compatibility_mode), q.shape, k.shape, v.shape,
-                q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.layout, k.layout, v.layout,
-                q_pattern, k_pattern, v_pattern, out_pattern,
-                None if dims is None else tuple((a, n, type(n)) for a, n in dims.items()),
-                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.layout),
-                is_causal, type(is_causal), window_size, type(window_size),
-                type(scale), scale is None or -FLOAT_MAX <= scale <= FLOAT_MAX, grad,
-            ))
-        except Exception:  # not tensors, unhashable dims, an incomparable scale...: validation explains
-            grad, plan = False, None
-        if plan is None:
-            return slow(Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
-                                compatibility_mode, window_size), impl_raw, grad)
-        if plan.counts_hit:
-            counters["hits"] += 1
-        try:
-            return plan.run(q, k, v, attn_mask, scale)
-        except Exception as exc:
-            return failed(plan, exc, Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
-                                          is_causal, compatibility_mode, window_size), impl_raw, grad)
-
-    return attention_forward
+        return explanation(self, plan, before)

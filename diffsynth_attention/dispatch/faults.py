@@ -19,6 +19,14 @@ from typing import Callable
 
 import torch
 
+from .. import config
+from ..backends import REGISTRY
+from ..problem import prepare
+from ..states import PlanSource
+from ..store.decision import CHOSEN, REJECTED
+from .plan import BackendNotSupportedError, Plan, _first_line
+from .runners import make_runner
+
 logger = logging.getLogger("diffsynth_attention")
 
 FRESH_TRIALS = 2  # calls on fresh inputs that must fail too before a decision on disk changes
@@ -101,3 +109,85 @@ def fails_on_fresh_inputs(run: Callable, q, k, v, mask, scale, trials: int = FRE
             continue
         return False
     return True
+
+
+# -- what the dispatcher does after a run-time failure ---------------------------------------
+def failed(d, plan, exc: Exception, req, impl_raw, grad: bool):
+    """A backend raised at run time: an input error is raised as is, a context-poisoning CUDA error
+    ends the process as PyTorch would, anything else goes to :func:`after_failure`."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, BackendNotSupportedError)):
+        raise exc
+    try:  # an input error is the caller's, never the backend's: raise it, change nothing
+        prepare(req.q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
+                req.attn_mask, req.scale, req.is_causal, req.window_size, grad,
+                compatibility_mode=req.compatibility_mode)
+    except (TypeError, ValueError) as bad:
+        raise bad from None
+    if poisons_context(exc) or context_broken(req.q.device):  # nothing can run after it
+        report_poisoned(plan.backend, exc)
+        raise exc
+    return after_failure(d, plan, exc, req, impl_raw, grad)
+
+def after_failure(d, plan, exc: Exception, req, impl_raw, grad: bool):
+    """A backend raised at run time. It is dropped for this key in this process, and the
+    call is served by the next best backend. The on-disk decision changes only when the
+    failure is the backend's: the call fails again on a retry with the same inputs, and on
+    ``FRESH_TRIALS`` calls with fresh inputs of the same shapes."""
+    if plan.backend == "torch":
+        raise exc
+    if plan.source == PlanSource.OVERRIDE:
+        if config.strict():
+            raise exc
+        reason = f"failed at run time: {_first_line(exc)}"
+        d.warn_once(("runtime", plan.backend, reason), "%s %s; using torch instead", plan.backend, reason)
+        fallback = Plan(make_runner(REGISTRY["torch"], plan.call, grad), "torch", PlanSource.FALLBACK, plan.key, plan.call, grad,
+                        reasons=[reason], requested=plan.backend)
+        with d._lock:
+            for sig, p in list(d.plans.items()):
+                if p is plan:
+                    d.plans[sig] = fallback
+        return fallback.run(req.q, req.k, req.v, req.attn_mask, req.scale)
+
+    try:  # a retry tells a transient failure from a deterministic one
+        with torch.no_grad():
+            plan.run(req.q, req.k, req.v, req.attn_mask, req.scale)
+        deterministic = False
+    except torch.cuda.OutOfMemoryError:
+        deterministic = False
+    except Exception as again:
+        if poisons_context(again):  # the retry poisoned the context: stop here
+            report_poisoned(plan.backend, again)
+            raise again
+        deterministic = True
+    if not deterministic:
+        how = "once; a retry passed"
+    elif fails_on_fresh_inputs(plan.run, req.q, req.k, req.v, req.attn_mask, req.scale) \
+            and not context_broken(req.q.device):
+        how = f"again on a retry and on {FRESH_TRIALS} calls with fresh inputs"
+    else:
+        how, deterministic = "again on a retry, but not on fresh inputs of the same shapes", False
+    reason = f"failed at run time ({how}): {_first_line(exc)}"
+    key_id = plan.key.id
+    with d._lock:
+        d.dropped.setdefault(key_id, {})[plan.backend] = reason
+    decision = plan.decision
+    if decision is not None and decision.key_id != key_id:  # a neighbour's decision: not this key's to change
+        decision = None
+    if decision is not None and deterministic:
+        cand = decision.candidates.get(plan.backend)
+        if cand is not None:
+            cand.status, cand.reason = REJECTED, reason
+        demoted = d._demoted_plan(decision, plan.key, plan.call, grad, d.dropped[key_id])
+        decision.backend = demoted.backend
+        if decision.backend in decision.candidates:
+            decision.candidates[decision.backend].status = CHOSEN
+            decision.candidates[decision.backend].reason = None
+        logger.warning("backend %s %s; using %s for %s from now on", plan.backend, reason, decision.backend,
+                       plan.problem.describe())
+        d.store.put(decision)  # invalidates this key's plans
+    else:
+        logger.warning("backend %s %s; using another backend for %s in this process", plan.backend, reason,
+                       plan.problem.describe())
+        d.invalidate(key_id)
+    new_plan = d.plan_for(req, impl_raw, grad)
+    return new_plan.run(req.q, req.k, req.v, req.attn_mask, req.scale)
