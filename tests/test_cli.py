@@ -183,7 +183,7 @@ def test_cache_show_fits_80_columns_and_shows_ties():
     from rich.console import Console
 
     from diffsynth_attention.store.decision import Candidate, Decision
-    from diffsynth_attention.tools.cli import decision_row, decisions_table
+    from diffsynth_attention.tools.cli_cache import decision_row, decisions_table
 
     problem = {"batch": 1, "heads_q": 8, "heads_kv": 8, "seq_q": 512, "seq_kv": 77, "head_dim": 64, "head_dim_v": 64,
                "dtype": "float16", "layout": "b s n d, b s n d, b s n d -> b s n d", "mask": "none", "mask_shape": None,
@@ -216,7 +216,7 @@ def test_one_description_of_a_problem():
 
     import diffsynth_attention as da
     from diffsynth_attention.describe import describe_problem
-    from diffsynth_attention.tools.cli import decision_row
+    from diffsynth_attention.tools.cli_cache import decision_row
 
     q = torch.randn(1, 4, 16, 8)
     k = v = torch.randn(1, 2, 8, 8)

@@ -38,7 +38,8 @@ def wrap_keeping_hints(text: str, width: int = WIDTH, indent: str = "  ", hangin
 
 def render_explanation(info, console, chosen_reason: Optional[str] = None) -> None:
     """Print ``info`` on a rich ``console``."""
-    from .cli import _escape, _table, short_device, tie_note
+    from .cli_cache import short_device, tie_note
+    from .cli_common import _escape, _table
 
     if chosen_reason is None and info.decision is not None:
         chosen_reason = tie_note(info.decision)

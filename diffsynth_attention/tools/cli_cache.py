@@ -1,0 +1,203 @@
+"""The ``cache`` commands of the command line (path, show, clear, migrate, export, import): none
+imports torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..states import CandidateStatus
+from .cli_common import Failure, Usage, _console, _escape, _table
+
+
+def _store():
+    from ..store.cache import DecisionCache
+
+    return DecisionCache()
+
+
+def cmd_cache_path(args) -> int:
+    store = _store()
+    print(f"directory: {store.directory}")
+    print(f"entries: {store.path}")
+    return 0
+
+
+def tie_note(d) -> Optional[str]:
+    """The chosen candidate's reason: the tuner's, else (for decisions saved before the tuner
+    recorded it) the tie rule, when the chosen one is not the fastest of those timed."""
+    chosen = d.candidates.get(d.backend)
+    if chosen is None:
+        return None
+    if chosen.reason:
+        return chosen.reason
+    faster = [(c.time_ms, n) for n, c in d.candidates.items()
+              if n != d.backend and c.status in (CandidateStatus.ACCEPTED, CandidateStatus.SLOWER) and c.time_ms is not None
+              and chosen.time_ms is not None and c.time_ms < chosen.time_ms]
+    if not faster:
+        return None
+    time_ms, name = min(faster)
+    return (f"tie: within 2% of {name} ({time_ms:.4g} ms); a tie goes to the backend earlier in the preference order")
+
+
+def decision_row(key_id: str, d) -> dict:
+    from ..describe import describe_problem
+
+    chosen = d.candidates.get(d.backend)
+    torch_c = d.candidates.get("torch")
+    time_ms = chosen.time_ms if chosen else None
+    speedup = None
+    if time_ms and torch_c is not None and torch_c.time_ms:
+        speedup = torch_c.time_ms / time_ms
+    return {
+        "key_id": key_id,
+        "problem": describe_problem(d.key["problem"], layout=True),
+        "device": d.key["device"]["name"],
+        "backend": d.backend,
+        "time_ms": time_ms,
+        "speedup_vs_torch": speedup,
+        "runner_up": d.runner_up(),
+        "reason": tie_note(d),
+        "created": d.created,
+    }
+
+
+def short_device(name: str) -> str:
+    """A device name without vendor marks and clock text, for narrow tables."""
+    import re
+
+    text = re.sub(r"\((R|TM|tm|r)\)", "", name)
+    text = re.sub(r"\s+(CPU\s+)?@\s*[\d.]+\s*GHz", "", text)
+    text = re.sub(r"\b(NVIDIA|Intel|AMD|Processor|CPU)\s+", "", text)
+    text = re.sub(r"\s+(\d+-Core|Processor)\b", "", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def decisions_table(rows: list, title: str):
+    """One row per decision. One device for every row goes into the title, not a column, so
+    the table stays readable at 80 columns."""
+    devices = sorted({r["device"] for r in rows})
+    one_device = len(devices) <= 1
+    if one_device and devices:
+        title += f" on {short_device(devices[0])}"
+    columns = ["problem"] + ([] if one_device else ["device"]) + ["backend", "ms", "vs torch", "runner-up"]
+    table = _table(title, columns)
+    for r in rows:
+        backend = r["backend"] + (" (tie)" if r.get("reason", "") and str(r.get("reason")).startswith("tie") else "")
+        cells = [r["problem"]] + ([] if one_device else [short_device(r["device"])]) + [
+            backend,
+            "-" if r["time_ms"] is None else f"{r['time_ms']:.4g}",
+            "-" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x",
+            r["runner_up"] or "-",
+        ]
+        table.add_row(*(_escape(x) for x in cells))
+    return table
+
+
+PLAIN_ROWS = 2000  # above this many decisions, ``cache show`` prints plain columns (a rich table of 60,000 rows takes minutes)
+
+
+def plain_decisions(rows: list, title: str) -> str:
+    """The columns of :func:`decisions_table` as plain text, one line per decision (long problems cut with '…')."""
+    devices = sorted({r["device"] for r in rows})
+    one_device = len(devices) <= 1
+    if one_device and devices:
+        title += f" on {short_device(devices[0])}"
+    header = ["problem"] + ([] if one_device else ["device"]) + ["backend", "ms", "vs torch", "runner-up"]
+    cells = []
+    for r in rows:
+        tie = " (tie)" if str(r.get("reason") or "").startswith("tie") else ""
+        cells.append([r["problem"]] + ([] if one_device else [short_device(r["device"])]) + [
+            r["backend"] + tie, "-" if r["time_ms"] is None else f"{r['time_ms']:.4g}",
+            "-" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x", r["runner_up"] or "-"])
+    caps = [34] + ([] if one_device else [14]) + [22, 8, 8, 18]
+    widths = [min(cap, max([len(h)] + [len(c[i]) for c in cells])) for i, (h, cap) in enumerate(zip(header, caps))]
+
+    def line(values):
+        return " ".join((v if len(v) <= w else v[: w - 1] + "…").ljust(w) for v, w in zip(values, widths)).rstrip()
+    return "\n".join([title, line(header), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def cmd_cache_show(args) -> int:
+    store = _store()
+    rows = [decision_row(k, d) for k, d in sorted(store.entries().items(), key=lambda kv: (kv[1].created, kv[0]))]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    title = f"{len(rows)} decisions in {store.path}"
+    if len(rows) > PLAIN_ROWS:
+        print(plain_decisions(rows, title))
+    else:
+        _console().print(decisions_table(rows, title))
+    return 0
+
+
+def cmd_cache_clear(args) -> int:
+    store = _store()
+    from ..store.decision import decision_filter
+
+    match = decision_filter(args.backend, args.gpu)
+    if not args.yes and not sys.stdin.isatty():  # a missing flag: a usage error, before any work
+        raise Usage("cache clear needs --yes when there is no terminal to ask for confirmation")
+    if not args.yes:
+        count = store.count() if match is None else sum(1 for d in store.entries().values() if match(d))
+        answer = input(f"Clear {count} decision(s) from {store.path}? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            print("nothing cleared")
+            return 0
+    removed = store.clear(match)
+    if not store.persistent:
+        raise Failure(f"removed {removed} decision(s) in memory only: the cache at {store.directory} cannot be written")
+    print(f"cleared {removed} decision(s) from {store.path}")
+    if args.compiled:  # FlashAttention-4's compile cache: only when asked (it takes seconds to minutes to refill)
+        from ..backends.flash_attention import clear_compiled, fa4_compile_dir
+
+        print(f"cleared {clear_compiled()} compiled kernel file(s) from {fa4_compile_dir()}")
+    return 0
+
+
+def cmd_cache_migrate(args) -> int:
+    store = _store()
+    done = store.migrate()
+    if done is None:
+        print(f"no version-1 file in {store.directory}: nothing to migrate")
+        return 0
+    moved, skipped = done
+    print(f"migrated {moved} decision(s) into {store.path}" + (f"; {skipped} failed validation (see the warning)" if skipped else ""))
+    return 0
+
+
+def cmd_cache_export(args) -> int:
+    store = _store()
+    text, count = store.export_document()
+    try:
+        Path(args.file).write_text(text)
+    except OSError as exc:
+        raise Failure(f"cannot write {args.file}: {exc.strerror or exc}") from None
+    print(f"exported {count} decision(s) to {args.file}")
+    return 0
+
+
+def cmd_cache_import(args) -> int:
+    from ..store.cache import MAX_DOCUMENT_BYTES, CacheFileError, parse_document
+
+    try:
+        with open(args.file, "rb") as fh:
+            text = fh.read(MAX_DOCUMENT_BYTES + 1)  # over the cap: refused below, never read whole
+    except OSError as exc:
+        raise Failure(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise Failure(f"refused {args.file}: not UTF-8 text") from None
+    try:
+        entries = parse_document(text, args.file)
+    except CacheFileError as exc:
+        raise Failure(f"refused {args.file}: {exc.reason}") from None
+    store = _store()
+    count = store.put_many(entries.values(), replace=not args.keep_existing)
+    store.flush()
+    if not store.persistent:
+        raise Failure(f"imported {count} decision(s) in memory only: the cache at {store.directory} cannot be written")
+    print(f"imported {count} of {len(entries)} decision(s) into {store.path}")
+    return 0

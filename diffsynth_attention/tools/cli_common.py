@@ -1,0 +1,38 @@
+"""What every command of the command line shares: its exceptions (exit codes) and rich output."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+EXPECTED = (ValueError, TypeError, OSError, RuntimeError, TimeoutError, KeyError)
+PROG = "diffsynth-attention"
+
+
+class Failure(Exception):
+    """A failure with a one-line reason (exit code 1)."""
+
+
+class Usage(Exception):
+    """A usage error with a one-line message (exit code 2)."""
+
+
+def _console(stream=None):
+    from rich.console import Console
+
+    return Console(file=stream or sys.stdout, soft_wrap=False, highlight=False)
+
+
+def _table(title: Optional[str] = None, columns=()):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", expand=False)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
+def _escape(text) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
