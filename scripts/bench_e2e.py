@@ -382,8 +382,8 @@ def time_problems_eager(problems, da, patch, device, samples):
         except Exception as exc:
             p["decision"] = {"error": f"{type(exc).__name__}: {exc}"}
         patched = F.scaled_dot_product_attention  # the patch's wrapper while the handle is on
-        from diffsynth_attention.integrations.patching import _routable
-        p["routed"] = bool(_routable(q, k, v, kw["attn_mask"], kw["dropout_p"], kw["is_causal"], kw["scale"], kw["enable_gqa"]))
+        from diffsynth_attention.integrations.patching import routable
+        p["routed"] = bool(routable(q, k, v, kw["attn_mask"], kw["dropout_p"], kw["is_causal"], kw["scale"], kw["enable_gqa"]))
         with torch.no_grad():
             patched(q, k, v, **kw)  # tunes if the key is new (not timed)
             sync(device)

@@ -55,7 +55,9 @@ class _Routing:
 _ROUTE = _Routing()
 
 
-def _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
+def routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
+    """Whether :func:`patch_sdpa` routes an SDPA call with these arguments to the dispatcher (the
+    rest go to PyTorch's own SDPA unchanged)."""
     if dropout_p != 0.0:
         return False
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
@@ -82,7 +84,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         routed = _ROUTE.process > 0 or _ROUTE.scoped > 0 or _ROUTE.traced > 0
     else:
         routed = _ROUTE.process > 0 or (_ROUTE.scoped > 0 and _route_scope.get())
-    if routed and _routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    if routed and routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         return _forward(query, key, value, attn_mask=attn_mask, scale=scale, is_causal=is_causal)
     return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
