@@ -15,7 +15,7 @@ from diffsynth_attention.store import codec, fs, migrate
 from diffsynth_attention.store.cache import DecisionCache, render_document, render_entry
 from diffsynth_attention.store.decision import key_id
 from diffsynth_attention.store.neighbours import neighbour_group
-from diffsynth_attention.tools import cli
+from diffsynth_attention.tools import cli, cli_cache
 
 from store_helpers import PREAMBLE, fake_key, make_decision
 
@@ -159,7 +159,7 @@ def test_a_long_show_prints_plain_columns_within_80(isolated, monkeypatch, capsy
     c = DecisionCache(isolated)
     for i in range(5):
         c.put(make_decision(i, backend="torch_math" if i % 2 else "torch"))
-    monkeypatch.setattr(cli, "PLAIN_ROWS", 3)
+    monkeypatch.setattr(cli_cache, "PLAIN_ROWS", 3)
     assert cli.main(["cache", "show"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 + 5 and lines[0].startswith("5 decisions") and all(len(x) <= 80 for x in lines[1:])
