@@ -45,53 +45,15 @@ TOLERANCE = 1e-3  # float32 on CPU; relative to the reference's largest magnitud
 # one variant (runs in the child process)
 # --------------------------------------------------------------------------------------------
 def _recorder():
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
+    from diffsynth_attention.tools.bench import CompileRecorder
 
-    class Recorder:
-        def __init__(self):
-            self.compiles = 0
-            self.runs = 0
-            self.forward_graphs = []
-
-        def __call__(self, gm, example_inputs):
-            self.compiles += 1
-
-            def fw(g, _inputs):
-                self.forward_graphs.append(g)
-                return make_boxed_func(g.forward)
-
-            def bw(g, _inputs):
-                return make_boxed_func(g.forward)
-
-            inner = aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, example_inputs)
-
-            def run(*args):
-                self.runs += 1
-                return inner(*args)
-            return run
-
-    return Recorder()
+    return CompileRecorder()
 
 
-class _InductorCounter:
-    """Counts compiles and compiled runs around the inductor backend."""
+def _InductorCounter():
+    from diffsynth_attention.tools.bench import CompileRecorder
 
-    def __init__(self):
-        self.compiles = 0
-        self.runs = 0
-        self.forward_graphs = []
-
-    def __call__(self, gm, example_inputs):
-        from torch._inductor.compile_fx import compile_fx
-
-        self.compiles += 1
-        inner = compile_fx(gm, example_inputs)
-
-        def run(*args):
-            self.runs += 1
-            return inner(*args)
-        return run
+    return CompileRecorder(inductor=True)
 
 
 def _build(name, shape, model=None):

@@ -26,7 +26,7 @@ import torch
 
 from ..tuning.timing import Timer, interleaved
 
-__all__ = ["Timer", "direct_call", "environment", "geomean", "hit_overhead", "host_us", "interleaved", "save_result",
+__all__ = ["CompileRecorder", "Timer", "direct_call", "environment", "geomean", "hit_overhead", "host_us", "interleaved", "save_result",
            "sync"]
 
 _aten = torch.ops.aten
@@ -150,3 +150,45 @@ def hit_overhead(device, backend: Optional[str] = None, calls: int = 20000, bloc
                         device, calls, blocks, warmup=500)
     return {"device": str(device), "backend": backend, "calls_each": max(1, calls // blocks) * blocks,
             "direct_us": t["direct"], "dispatched_us": t["dispatched"], "overhead_us": t["dispatched"] - t["direct"]}
+
+
+class CompileRecorder:
+    """A ``torch.compile`` backend that counts compiles (Dynamo frames) and compiled runs (calls a
+    compiled graph served). By default it lowers through AOTAutograd only and keeps the forward
+    graphs, where ``diffsynth_attention::attention`` has been decomposed into what it runs;
+    ``inductor=True`` compiles with inductor instead."""
+
+    def __init__(self, inductor: bool = False):
+        self.inductor = inductor
+        self.compiles = 0
+        self.runs = 0
+        self.forward_graphs: list = []
+
+    def __call__(self, gm, example_inputs):
+        self.compiles += 1
+        if self.inductor:
+            from torch._inductor.compile_fx import compile_fx
+
+            inner = compile_fx(gm, example_inputs)
+        else:
+            from torch._dynamo.backends.common import aot_autograd
+            from torch._functorch.aot_autograd import make_boxed_func
+
+            def fw(g, _inputs):
+                self.forward_graphs.append(g)
+                return make_boxed_func(g.forward)
+
+            def bw(g, _inputs):
+                return make_boxed_func(g.forward)
+
+            inner = aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, example_inputs)
+
+        def run(*args):
+            self.runs += 1
+            return inner(*args)
+        return run
+
+    def targets(self, index: int = -1) -> list:
+        """The operators a kept forward graph calls."""
+        return [str(n.target) for n in self.forward_graphs[index].graph.nodes if n.op == "call_function"]
+
