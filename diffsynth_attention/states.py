@@ -20,7 +20,7 @@ class CandidateStatus(_State):
 
     CHOSEN = "chosen"
     ACCEPTED = "accepted"  # passed the gate, was timed, lost
-    SLOWER = "slower"  # passed the gate; its first pass was more than 1.5x the best: not re-timed
+    SLOWER = "slower"  # passed the gate; its warm probe (and second look) more than 1.5x the best: not in the rounds
     SKIPPED = "skipped"  # not run: its cost model predicts it cannot fit in memory or cannot win
     REJECTED = "rejected"  # error above tolerance, NaN/Inf, an exception, or modified its inputs
     UNSUPPORTED = "unsupported"  # unavailable here, or its declared capabilities exclude the problem
