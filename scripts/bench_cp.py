@@ -180,11 +180,11 @@ def run(args) -> dict:
     result = {"environment": environment(device), "model": {**cfg, "tokens": tokens, "ulysses_degree": world},
               "rounds": args.rounds}
 
-    def forward(backend):
+    def forward(backend, run=model):  # ``run``: the model, or its compiled version
         def fn():
             model.set_attention_backend(backend)
             with torch.no_grad():
-                return model(**inputs)[0]
+                return run(**inputs)[0]
         return fn
 
     def timed(fn):  # the model's backend is switched untimed, by ``switch``
@@ -237,11 +237,7 @@ def run(args) -> dict:
             compiled = torch.compile(model)
 
             def cforward(backend):
-                def fn():
-                    model.set_attention_backend(backend)
-                    with torch.no_grad():
-                        return compiled(**inputs)[0]
-                return fn
+                return forward(backend, compiled)
             t0 = time.perf_counter()
             for b in ("native", "diffsynth_auto"):
                 cforward(b)()
