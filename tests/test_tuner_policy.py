@@ -41,6 +41,19 @@ def test_a_first_call_longer_than_the_budget_does_not_keep_a_candidate_from_bein
     assert d.compile_seconds >= 1.748 and d.tuning_seconds - d.compile_seconds <= 1.5
 
 
+def test_a_slow_kernel_package_import_does_not_use_up_the_budget(monkeypatch):
+    # The H200 case behind hd80_sd15_1024: importing flash_attn.cute took ~7 s of a 1.5 s budget, so
+    # torch and torch_cudnn left the rounds ("no room for 3 rounds") and a warm probe decided.
+    info, made, heard = tune(monkeypatch, budget=1.5, torch={"cost": 0.200}, torch_cudnn={"cost": 0.201},
+                             flash_attention_4={"cost": 0.205, "import_ms": 7000.0, "warmup": (2479.0,)})
+    timings = heard.events[0][2]
+    for name in ("torch", "torch_cudnn", "flash_attention_4"):
+        assert len(timings[name]["rounds"]) >= DEFAULT_POLICY.min_rounds, (name, info.candidates[name])
+    assert info.backend == "torch", info.candidates
+    d = info.decision
+    assert d.compile_seconds >= 9.479 and d.tuning_seconds - d.compile_seconds <= 1.5
+
+
 def test_warm_up_stops_at_the_cap_when_samples_never_agree(monkeypatch):
     swing = {"schedule": lambda i: 1.0 if i % 2 else 2.0}  # every sample differs from the last by 2x
     policy = virtual_policy(VirtualClock(), warm_cap=4)

@@ -30,13 +30,15 @@ class VFake(TorchSDPA):
     """A CPU backend under a reserved name. Call i costs ``warmup[i]`` virtual ms while i is
     within ``warmup`` (compilation and first calls), then what ``schedule(i)`` says, else ``cost``;
     times a noise factor drawn from a seeded generator (uniform in [1 - noise, 1 + noise]).
-    ``inaccurate``: a relative L1 error added to its output (True: 0.05)."""
+    ``inaccurate``: a relative L1 error added to its output (True: 0.05). ``import_ms``: what its
+    first ``unavailable_reason()`` costs (the kernel package's import, at first use)."""
 
     devices = frozenset({"cpu"})
 
     def __init__(self, name, clock, cost=1.0, noise=0.0, seed=0, schedule=None, warmup=(), predicted_ms=None,
-                 predicted_bytes=None, inaccurate=0.0):
+                 predicted_bytes=None, inaccurate=0.0, import_ms=0.0):
         super().__init__()
+        self.import_ms = import_ms
         self.name = name
         self.clock = clock
         self.cost = cost
@@ -53,6 +55,12 @@ class VFake(TorchSDPA):
 
     def predicted_ms(self, p, dev):
         return self._pred_ms
+
+    def unavailable_reason(self):
+        if self.import_ms:  # the first use imports the package
+            self.clock.advance(self.import_ms)
+            self.import_ms = 0.0
+        return super().unavailable_reason()
 
     def predicted_bytes(self, p):
         return 0 if self._pred_bytes is None else self._pred_bytes

@@ -81,7 +81,8 @@ class Trial:
     memory_skips: dict = field(default_factory=dict)  # name -> reason
     results: dict = field(default_factory=dict)  # name -> Candidate, every candidate
     runs: dict = field(default_factory=dict)  # name -> Run, those that passed the gate and warmed up
-    setup_s: float = 0.0  # compilation (first calls, a backward's first call) and warm-up: outside the budget
+    setup_s: float = 0.0  # imports, compilation (first calls, a backward's first call) and warm-up: outside the budget
+    timing_from: Optional[float] = None  # policy.clock() when the probe step began: the budget counts from here
 
     @property
     def grad(self) -> bool:
@@ -92,8 +93,12 @@ class Trial:
         return self.inputs.q.device
 
     def spent(self) -> float:
-        """Seconds of tuning so far that count against the budget (setup excluded)."""
-        return self.policy.clock() - self.started - self.setup_s
+        """Seconds of tuning so far that count against the budget: the timing after every candidate
+        is warm (second looks and rounds). Setup before it (the reference, kernel-package imports,
+        first calls, warm-up) never counts, however long: a 7 s import must not crowd out the rounds."""
+        if self.timing_from is None:
+            return 0.0
+        return self.policy.clock() - self.timing_from
 
     def best_probe(self) -> Optional[float]:
         return min((r.probe_ms for r in self.runs.values()), default=None)

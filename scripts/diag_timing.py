@@ -1,0 +1,103 @@
+"""Diagnose a tuning decision that a direct benchmark disagrees with (issue 21's hd80 case).
+
+For each problem: tune it in this process (``explain``) and print every candidate's record and
+the tuner's listener timings (first call, warm-up, second look, rounds); then time the
+decision's backend and the others directly, interleaved (back-to-back calls, as the tuner
+does), a single call after a sync, host microseconds per call, and the kernels' own device
+time from the profiler. Usage: ``python scripts/diag_timing.py --out DIR [--tag TAG]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+import diffsynth_attention as da
+from diffsynth_attention.tools import bench
+
+PROBLEMS = {  # name: (b, heads, seq, head_dim, dtype), layout b n s d
+    "hd80_sd15_1024": (2, 8, 4096, 80, torch.float16),
+    "hd96_4096": (1, 16, 4096, 96, torch.bfloat16),
+}
+
+
+def kernel_ms(fn, calls: int = 20) -> float:
+    """Device time of the kernels one call launches (profiler), ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total = 0.0
+    for ev in prof.key_averages():
+        total += getattr(ev, "self_device_time_total", getattr(ev, "self_cuda_time_total", 0.0))
+    return total / calls / 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--tag", default="diag")
+    ap.add_argument("--no-tune", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    timings = {}
+
+    def listener(key, decision, t, hit):
+        timings[key.id] = t
+
+    result = {"tag": args.tag, "fa4_compile_dir": os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"), "problems": {}}
+    t_import = time.perf_counter()
+    for name, (b, h, s, d, dt) in PROBLEMS.items():
+        g = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=dt, generator=g) for _ in range(3))
+        row = {}
+        if not args.no_tune:
+            from diffsynth_attention.tuning.policy import DEFAULT_POLICY
+            from diffsynth_attention.dispatch import default_dispatcher
+
+            disp = default_dispatcher()
+            disp.policy = DEFAULT_POLICY.replace(listeners=(listener,))
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                info = da.explain(q, k, v)
+            row["explain_s"] = time.perf_counter() - t0
+            row["decision"] = info.backend if hasattr(info, "backend") else str(info)
+            row["explain"] = str(info)
+            row["decision_record"] = info.decision.to_dict() if info.decision is not None else None
+            row["listener"] = {kid: {n: {kk: vv for kk, vv in c.items()} for n, c in t.items()} for kid, t in timings.items()}
+            timings.clear()
+        fns = {}
+        for n in ("torch", "torch_cudnn", "flash_attention_4", "flash_attention_3"):
+            try:
+                fns[n] = bench.direct_call(n, q, k, v)
+                fns[n]()
+            except Exception as exc:  # unavailable or unsupported
+                row.setdefault("skipped", {})[n] = repr(exc)[:200]
+                fns.pop(n, None)
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            row["interleaved_ms"] = bench.interleaved(fns, dev, 15)
+            timer = bench.Timer(dev)
+            row["single_call_ms"] = {n: min(timer.sample(f, 1, warm=False) for _ in range(5)) for n, f in fns.items()}
+            row["host_us"] = bench.host_us(fns, dev, calls=2000, blocks=10, warmup=50)
+            row["kernel_ms"] = {n: kernel_ms(f) for n, f in fns.items()}
+        result["problems"][name] = row
+        print(name, json.dumps({k_: v_ for k_, v_ in row.items() if k_ not in ("listener", "explain")}), flush=True)
+    result["seconds"] = time.perf_counter() - t_import
+    path = os.path.join(args.out, f"diag-{args.tag}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
