@@ -60,14 +60,14 @@ def main() -> int:
         q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=dt, generator=g) for _ in range(3))
         row = {}
         if not args.no_tune:
-            from diffsynth_attention.tuning.policy import DEFAULT_POLICY
-            from diffsynth_attention.dispatch import default_dispatcher
+            import tempfile
 
-            disp = default_dispatcher()
-            disp.policy = DEFAULT_POLICY.replace(listeners=(listener,))
+            from diffsynth_attention.tuning.policy import TuningPolicy
+
+            disp = da.Dispatcher(da.DecisionCache(tempfile.mkdtemp(prefix="da-diag-")), policy=TuningPolicy(listeners=(listener,)))
             t0 = time.perf_counter()
             with torch.no_grad():
-                info = da.explain(q, k, v)
+                info = disp.explain(q, k, v)
             row["explain_s"] = time.perf_counter() - t0
             row["decision"] = info.backend if hasattr(info, "backend") else str(info)
             row["explain"] = str(info)
@@ -75,7 +75,7 @@ def main() -> int:
             row["listener"] = {kid: {n: {kk: vv for kk, vv in c.items()} for n, c in t.items()} for kid, t in timings.items()}
             timings.clear()
         fns = {}
-        for n in ("torch", "torch_cudnn", "flash_attention_4", "flash_attention_3"):
+        for n in ("torch", "torch_cudnn", "flash_attention_4"):  # FA3 lacks these head dims here
             try:
                 fns[n] = bench.direct_call(n, q, k, v)
                 fns[n]()
