@@ -41,11 +41,47 @@ def kernel_ms(fn, calls: int = 20) -> float:
     return total / calls / 1e3
 
 
+def rotation_vs_shuffle(out: dict) -> None:
+    """The same FlashAttention-4 call timed twice under two names (fa4_a right after
+    torch_efficient, fa4_b right after flash_attention_3 in the rotation), with the order rotated
+    (a fixed predecessor) and shuffled every round: Wan 2.1 1.3B 480p self-attention."""
+    import statistics
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, 12, 32760, 128, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    fns = {}
+    for label, name in (("torch", "torch"), ("torch_efficient", "torch_efficient"), ("fa4_a", "flash_attention_4"),
+                        ("flash_attention_3", "flash_attention_3"), ("fa4_b", "flash_attention_4")):
+        try:
+            fns[label] = bench.direct_call(name, q, k, v)
+            fns[label]()
+        except Exception as exc:
+            out.setdefault("order_skipped", {})[label] = repr(exc)[:200]
+    timer = bench.Timer(dev)
+    names = list(fns)
+    for attempt in range(2):
+        for mode in ("rotation", "shuffle"):
+            times = {n: [] for n in names}
+            with torch.no_grad():
+                for i in range(15):
+                    order = names[i % len(names):] + names[:i % len(names)] if mode == "rotation" else None
+                    if order is None:
+                        from diffsynth_attention.tuning.timing import round_order
+                        order = round_order(names, i)
+                    for n in order:
+                        times[n].append(timer.sample(fns[n], 1))
+            out.setdefault("order", []).append({"mode": mode, "attempt": attempt,
+                                                "median_ms": {n: statistics.median(t) for n, t in times.items()}})
+            print(mode, attempt, {n: round(statistics.median(t), 4) for n, t in times.items()}, flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--tag", default="diag")
     ap.add_argument("--no-tune", action="store_true")
+    ap.add_argument("--order", action="store_true", help="only the rotation-vs-shuffle test on Wan 480p")
     args = ap.parse_args()
     dev = torch.device("cuda")
     timings = {}
@@ -54,6 +90,11 @@ def main() -> int:
         timings[key.id] = t
 
     result = {"tag": args.tag, "fa4_compile_dir": os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"), "problems": {}}
+    if args.order:
+        rotation_vs_shuffle(result)
+        with open(os.path.join(args.out, f"diag-{args.tag}.json"), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        return 0
     t_import = time.perf_counter()
     for name, (b, h, s, d, dt) in PROBLEMS.items():
         g = torch.Generator(device=dev).manual_seed(0)

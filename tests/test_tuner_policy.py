@@ -287,3 +287,15 @@ def test_when_every_candidate_in_the_rounds_raises_the_fastest_one_left_is_chose
     c = info.candidates
     assert c["torch"]["status"] == c["torch_flash"]["status"] == "rejected" and "interleaved rounds" in c["torch"]["reason"]
     assert info.backend == "torch_math" and c["torch_math"]["status"] == "chosen"
+
+
+def test_rounds_change_the_order_so_no_candidate_always_follows_the_same_one():
+    from diffsynth_attention.tuning.timing import round_order
+
+    names = ["torch", "torch_cudnn", "torch_efficient", "flash_attention_4", "flash_attention_3"]
+    orders = [round_order(names, i) for i in range(15)]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert orders == [round_order(names, i) for i in range(15)]  # deterministic
+    for name in names:
+        before = {o[o.index(name) - 1] for o in orders if o.index(name) > 0}
+        assert len(before) >= 2, (name, before)

@@ -9,6 +9,7 @@ counts where it exceeds the kernel's time, and is hidden where the GPU is the bo
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from typing import Callable
@@ -53,14 +54,25 @@ class Timer:
         return max(1, min(most, int(target_ms / max(one_call_ms, 1e-4))))
 
 
+def round_order(names: list, i: int, seed: str = "") -> list:
+    """The order of round ``i``: a permutation drawn from a generator seeded by the names and
+    ``i`` (deterministic). Not a rotation: rotating keeps each method behind the same one, and on a
+    power-capped GPU a kernel runs faster after a light one (an H200 timed the same FlashAttention-4
+    call 10% apart depending on which kernel preceded it)."""
+    order = list(names)
+    random.Random(f"{seed}|{'|'.join(map(str, names))}|{i}").shuffle(order)
+    return order
+
+
 def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0) -> dict:
     """Median ms per call of each of ``methods`` ({name: fn}): samples of back-to-back calls
-    (about ``target_ms`` each), interleaved, the order rotated every round. The benchmarks' timer."""
+    (about ``target_ms`` each), interleaved, in a new order every round (:func:`round_order`).
+    The benchmarks' timer."""
     timer = Timer(device)
     calls = {name: Timer.calls_for(timer.sample(fn, 1), target_ms) for name, fn in methods.items()}
     names = list(methods)
     times: dict = {name: [] for name in names}
     for i in range(samples):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in round_order(names, i):
             times[name].append(timer.sample(methods[name], calls[name]))
     return {name: statistics.median(t) for name, t in times.items()}

@@ -20,7 +20,8 @@ of a :class:`~.policy.TuningPolicy` (defaults in brackets).
    ``retime`` (1.5x) of the best warm probe. A second look at each of the others: it joins too
    if its prediction is within 1.5x of the best prediction, or if one more probe, taken now that
    every candidate is warm, is within 1.5x of the best; else it is ``slower``, with both probes.
-5. **rounds** - each round samples each candidate once, the order rotating; every candidate
+5. **rounds** - each round samples each candidate once, in a new order (no candidate always
+   behind the same one: a power-capped GPU runs a kernel faster after a light one); every candidate
    gets at least ``min_rounds`` (3) samples (a long call is one call per sample, so one outlier
    cannot decide), and the rounds go on while the budget has room (up to ``max_rounds``). When
    not even ``min_rounds`` rounds fit, the slowest candidates leave the rounds first.
@@ -57,7 +58,7 @@ from ..backends import PREFERENCE
 from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SKIPPED, SLOWER, UNSUPPORTED, Candidate, Decision
 from .policy import DEFAULT_POLICY, TuningPolicy
 from .reference import gate_heads, reference_slice, relative_l1
-from .timing import Timer
+from .timing import Timer, round_order
 from .trial import Run, Trial, TuneInputs, copy_input, describe_exception, finite_inputs, free_memory, gib, recover, restore
 from .trial import random_like as _random_like  # noqa: F401  (tests)
 from .trial import same as _same
@@ -293,7 +294,7 @@ def rounds(trial: Trial, near: list) -> list:
     for i in range(policy.max_rounds):
         if i >= policy.min_rounds and not room(alive, 1, fastest_ms):
             break
-        for name in alive[i % len(alive):] + alive[:i % len(alive)]:
+        for name in round_order(alive, i):
             run = runs[name]
             try:
                 run.rounds.append(trial.timer.sample(run.call, run.calls, warm=run.calls > 1))
