@@ -26,6 +26,7 @@ from ..request import Request
 from ..store.cache import DecisionCache, all_rejected
 from ..states import PlanSource
 from ..store.decision import ACCEPTED, CHOSEN, SLOWER, Decision, decision_filter
+from ..store.leases import Outcome
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import DEFAULT_POLICY, TuningPolicy
 from ..tuning.trial import decision_timings
@@ -300,33 +301,35 @@ class Dispatcher:
             return self._tune(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev)
 
     def _tune(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev) -> Plan:
-        """Tune ``key`` (under its tuning lock, unless another process decided it meanwhile)."""
+        """Tune ``key`` through :meth:`DecisionCache.get_or_tune` (under the key's lease; a decision
+        another thread or process stored meanwhile, trusted under this problem's tolerance and with
+        a backend usable here, is served instead: a hit)."""
         problem = call.problem
-        with self.store.tuning_lock(key.id):
-            decision = self.store.refresh(key.id, tolerance=self.tolerance(problem))
-            source = PlanSource.CACHE
-            if decision is None or decision.backend not in usable_names or all_rejected(decision):
-                inputs = TuneInputs(
-                    q=q, k=req.k, v=req.v, mask=req.attn_mask, mask4=mask_4d(req.attn_mask), canonical=(qc, kc, vc),
-                    scale=call.scale, causal=problem.causal, window=problem.window, out_pattern=req.out_pattern,
-                    heads_q=problem.heads_q, head_dim_v=problem.head_dim_v, requires_grad=grad,
-                    to_canonical=call.layout.to_canonical,
-                )
 
-                def make(backend):  # the runner a plan binds: timed as the hit path calls it
-                    return make_runner(backend, call, grad)
+        def run_tuner() -> Decision:
+            inputs = TuneInputs(
+                q=q, k=req.k, v=req.v, mask=req.attn_mask, mask4=mask_4d(req.attn_mask), canonical=(qc, kc, vc),
+                scale=call.scale, causal=problem.causal, window=problem.window, out_pattern=req.out_pattern,
+                heads_q=problem.heads_q, head_dim_v=problem.head_dim_v, requires_grad=grad,
+                to_canonical=call.layout.to_canonical,
+            )
 
-                loading.wait_all()  # no import competes with the timed calls (issue 24)
+            def make(backend):  # the runner a plan binds: timed as the hit path calls it
+                return make_runner(backend, call, grad)
 
-                decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev, policy=self.policy)
-                self.counters["tunings"] += 1
-                self.counters["tuning_seconds"] += decision.tuning_seconds
-                logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
-                if all_rejected(decision):  # never persisted: used for this call only, the next one tunes again
-                    return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, PlanSource.FALLBACK, key, call,
-                                grad, decision)
-                self.store.put(decision)
-                source = PlanSource.TUNED
+            loading.wait_all()  # no import competes with the timed calls (issue 24)
+
+            decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev, policy=self.policy)
+            self.counters["tunings"] += 1
+            self.counters["tuning_seconds"] += decision.tuning_seconds
+            logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
+            return decision
+
+        got = self.store.get_or_tune(key.id, run_tuner, self.tolerance(problem), accept=lambda d: d.backend in usable_names,
+                                     read_first=False)  # resolve() has just read the key
+        # NOT_STORED: every candidate rejected, never persisted: used for this call only, the next one tunes again
+        source = {Outcome.REREAD: PlanSource.CACHE, Outcome.TUNED: PlanSource.TUNED}.get(got.outcome, PlanSource.FALLBACK)
+        decision = got.decision
         return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, source, key, call, grad,
                     decision, counts_hit=source == PlanSource.CACHE)
 

@@ -223,28 +223,30 @@ class LseSelector:
             return next(iter(b.name for b in usable if b.name in names))  # preference order, untimed
         from ..tuning.tuner import TuneInputs, tune
 
-        with self.store.tuning_lock(key.id):
-            decision = self.store.refresh(key.id)
-            if decision is None or decision.backend not in names:
-                qc, kc, vc = (x.transpose(1, 2) for x in (q, k, v))
-                inputs = TuneInputs(q=q, k=k, v=v, mask=None, mask4=None, canonical=(qc, kc, vc), scale=call.scale,
-                                    causal=causal, window=None, out_pattern="b s n d", heads_q=problem.heads_q,
-                                    head_dim_v=problem.head_dim_v, requires_grad=False,
-                                    to_canonical=call.layout.to_canonical)
+        def run_tuner():
+            qc, kc, vc = (x.transpose(1, 2) for x in (q, k, v))
+            inputs = TuneInputs(q=q, k=k, v=v, mask=None, mask4=None, canonical=(qc, kc, vc), scale=call.scale,
+                                causal=causal, window=None, out_pattern="b s n d", heads_q=problem.heads_q,
+                                head_dim_v=problem.head_dim_v, requires_grad=False,
+                                to_canonical=call.layout.to_canonical)
 
-                def make(backend):
-                    run = _bsnd_runner(backend.name, call.scale, causal)
-                    return lambda q_, k_, v_, mask, scale_: run(q_, k_, v_)[0]
+            def make(backend):
+                run = _bsnd_runner(backend.name, call.scale, causal)
+                return lambda q_, k_, v_, mask, scale_: run(q_, k_, v_)[0]
 
-                decision = tune(inputs, [b for b in usable if b.name in names], unsupported, key, make, problem, dev)
-                self.dispatcher.counters["tunings"] += 1
-                self.dispatcher.counters["tuning_seconds"] += decision.tuning_seconds
-                if decision.backend not in names:  # every candidate rejected: exact, here
-                    logger.warning("no backend returning the log-sum-exp passed the gate for %s; using float32 math",
-                                   problem.describe())
-                    return MATH
-                self.store.put(decision)
-                logger.info("tuned %s (needs LSE): %s", problem.describe(), decision.backend)
+            decision = tune(inputs, [b for b in usable if b.name in names], unsupported, key, make, problem, dev)
+            self.dispatcher.counters["tunings"] += 1
+            self.dispatcher.counters["tuning_seconds"] += decision.tuning_seconds
+            return decision
+
+        got = self.store.get_or_tune(key.id, run_tuner, accept=lambda d: d.backend in names, read_first=False)
+        decision = got.decision
+        if got.tuned and decision.backend not in names:  # every candidate rejected (not stored): exact, here
+            logger.warning("no backend returning the log-sum-exp passed the gate for %s; using float32 math",
+                           problem.describe())
+            return MATH
+        if got.tuned:
+            logger.info("tuned %s (needs LSE): %s", problem.describe(), decision.backend)
         return decision.backend
 
 

@@ -1,9 +1,12 @@
 """Tuning under the per-key lease, for :class:`~.cache.DecisionCache`: ``tuning_lock`` and
-``get_or_tune`` (get -> lease -> read again -> tune -> put), so no caller hand-codes it."""
+``get_or_tune`` (get -> lease -> read again -> tune -> put), so no caller hand-codes it, and its
+typed result (:class:`TuneResult`, :class:`Outcome`)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import time
 from typing import Callable, Optional
 
@@ -12,6 +15,31 @@ from . import fs, lock
 from .codec import ID, all_rejected
 from .decision import Decision
 from .paths import LOCKS
+
+
+class Outcome(str, enum.Enum):
+    """Where the decision of :meth:`Leases.get_or_tune` came from."""
+
+    FOUND = "found"  # known before the lease was taken
+    REREAD = "re-read"  # read again under the lease: another thread or process decided it meanwhile
+    TUNED = "tuned"  # ``tune()`` ran and its decision was stored
+    NOT_STORED = "not stored"  # ``tune()`` ran; it returned None, or a decision no candidate passed: not stored
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+    """What :meth:`Leases.get_or_tune` returns. Unpacks as ``(decision, tuned)``."""
+
+    decision: Optional[Decision]
+    outcome: Outcome
+    lease: Optional[lock.Lease] = None  # how taking the lease went; None when the first read found it
+
+    @property
+    def tuned(self) -> bool:
+        return self.outcome in (Outcome.TUNED, Outcome.NOT_STORED)
+
+    def __iter__(self):
+        return iter((self.decision, self.tuned))
 
 
 class Leases:
@@ -55,18 +83,32 @@ class Leases:
                                 self.lock_path, getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
                 return None
 
-    def get_or_tune(self, key_id: str, tune: Callable[[], Optional[Decision]], tolerance: Optional[float] = None):
-        """(decision, tuned): the known decision of ``key_id``, else ``tune()``'s, under the key's
-        lease (get -> lease -> read again -> tune -> put). A decision ``tune`` returns is stored
-        unless it is None or no candidate passed the gate."""
-        found = self.get(key_id, tolerance)
-        if found is not None:
-            return found, False
-        with self.tuning_lock(key_id):
+    def get_or_tune(self, key_id: str, tune: Callable[[], Optional[Decision]], tolerance: Optional[float] = None, *,
+                    accept: Optional[Callable[[Decision], bool]] = None, read_first: bool = True) -> TuneResult:
+        """The known decision of ``key_id``, else ``tune()``'s, under the key's lease: get -> lease
+        -> read again -> tune -> put, the one place this sequence is written.
+
+        A found decision serves if it is trusted under ``tolerance`` (default: the one in force,
+        as in :meth:`get`), some candidate of it passed the gate, and ``accept(decision)`` (e.g.
+        its backend is usable here); else the key is tuned again and its decision replaced.
+        ``read_first=False``: the caller has just read the key, so the read before the lease is
+        skipped. A lease that is not held (waited out, a stale holder, no lock file) means tune
+        without it. ``tune()``'s decision is stored (memory, then its file; listeners told)
+        unless it is None or no candidate passed the gate (used by the caller for that call
+        only). An exception from ``tune()`` propagates, the lease released and nothing stored."""
+        def usable(found: Optional[Decision]) -> bool:
+            return found is not None and not all_rejected(found) and (accept is None or accept(found))
+
+        if read_first:
+            found = self.get(key_id, tolerance)
+            if usable(found):
+                return TuneResult(found, Outcome.FOUND)
+        with self.tuning_lock(key_id) as lease:
             found = self.refresh(key_id, tolerance)
-            if found is not None:
-                return found, False
+            if usable(found):
+                return TuneResult(found, Outcome.REREAD, lease)
             decision = tune()
-            if decision is not None and not all_rejected(decision):
-                self.put(decision)
-            return decision, True
+            if decision is None or all_rejected(decision):
+                return TuneResult(decision, Outcome.NOT_STORED, lease)
+            self.put(decision)
+            return TuneResult(decision, Outcome.TUNED, lease)
