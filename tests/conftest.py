@@ -8,11 +8,9 @@ import pytest
 os.environ.setdefault("DIFFSYNTH_ATTENTION_PRELOAD", "0")
 
 from diffsynth_attention.dispatch import Dispatcher, default_dispatcher  # noqa: E402
-from diffsynth_attention.store.cache import DecisionCache
+from diffsynth_attention.store.cache import DecisionCache  # noqa: E402
 
-ENV = ("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "DIFFSYNTH_ATTENTION_STRICT", "DIFFSYNTH_ATTENTION_TUNING",
-       "DIFFSYNTH_ATTENTION_TOLERANCE", "DIFFSYNTH_ATTENTION_TUNE_WAIT",
-       "DIFFSYNTH_ATTENTION_NEW_SHAPES", "DIFFSYNTH_FLASH_ATTN_KERNEL_REPO_ID", "DIFFSYNTH_FLASH_ATTN_KERNEL_VERSION")
+from support.subprocesses import ENV  # noqa: E402,F401  (tests/ is on sys.path: this file's folder)
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from support.subprocesses import child_env, run_selected
+
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PRELUDE = f"""
@@ -52,9 +54,8 @@ def run(code: str, env) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("form", sorted(FORMS))
-def test_first_thing_a_process_does_compiles_fullgraph_and_routes(form, subprocess_env):
-    code = """
+def form_code(form: str) -> str:
+    return """
 rec = Recorder()
 q = torch.randn(1, 2, 32, 16)
 with torch.no_grad():
@@ -64,7 +65,20 @@ err = max(float((o - ref).abs().max()) for o in outs)
 print(json.dumps({"compiles": rec.compiles, "runs": rec.runs, "tunings": da.stats()["tunings"],
                   "dispatcher_in_graph": "diffsynth" in str(rec.forward_graphs[-1].code), "err": err}))
 """
-    got = run(code, subprocess_env)
+
+
+@pytest.fixture(scope="module")
+def children(request, tmp_path_factory):
+    """Every selected case's fresh process, two at a time, each with a cache folder of its own."""
+    jobs = {("form", f): (lambda f=f: run(form_code(f), child_env(tmp_path_factory.mktemp("cache")))) for f in FORMS}
+    jobs.update({("mode", m): (lambda m=m: run(lengths_code(m), child_env(tmp_path_factory.mktemp("cache"))))
+                 for m in MODES})
+    return run_selected(request, lambda item: next(iter(item.callspec.params.items())), jobs)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_first_thing_a_process_does_compiles_fullgraph_and_routes(form, children):
+    got = children["form", form].get()
     assert got["compiles"] == 1 and got["runs"] == 2, got  # compiled once, both calls compiled
     assert got["tunings"] == 1, got  # routed: the key was tuned (at trace time, in this fresh cache)
     assert not got["dispatcher_in_graph"], got  # and the decision baked into the graph
@@ -74,12 +88,11 @@ print(json.dumps({"compiles": rec.compiles, "runs": rec.runs, "tunings": da.stat
 LENGTHS = [24, 40, 56, 72, 88, 104, 120, 136, 152, 168]
 
 
-@pytest.mark.parametrize("mode", ["default", "static", "dynamic"])
-def test_ten_sequence_lengths_compile_like_plain_sdpa_and_never_run_uncompiled(mode, subprocess_env):
-    """A module called over 10 sequence lengths (twice each): no call left uncompiled, and no
-    more compiles than the same module calling SDPA. ``static`` raises Dynamo's recompile limit
-    (8 by default) to 16, as a user compiling 10 static shapes must for plain SDPA too."""
-    code = f"""
+MODES = ["default", "static", "dynamic"]
+
+
+def lengths_code(mode: str) -> str:
+    return f"""
 mode = {mode!r}
 kw = {{"default": {{}}, "static": {{"dynamic": False}}, "dynamic": {{"dynamic": True}}}}[mode]
 if mode == "static":
@@ -109,7 +122,14 @@ theirs, _ = run(plain)
 print(json.dumps({{"compiles": mine.compiles, "runs": mine.runs, "plain_compiles": theirs.compiles,
                   "plain_runs": theirs.runs, "tunings": da.stats()["tunings"], "err": err}}))
 """
-    got = run(code, subprocess_env)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ten_sequence_lengths_compile_like_plain_sdpa_and_never_run_uncompiled(mode, children):
+    """A module called over 10 sequence lengths (twice each): no call left uncompiled, and no
+    more compiles than the same module calling SDPA. ``static`` raises Dynamo's recompile limit
+    (8 by default) to 16, as a user compiling 10 static shapes must for plain SDPA too."""
+    got = children["mode", mode].get()
     calls = 2 * len(LENGTHS)
     assert got["runs"] == calls, got  # every call served by a compiled graph
     assert got["compiles"] == got["plain_compiles"], got  # a new decision recompiles nothing

@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("diffusers")
 
+from support.subprocesses import child_env, run_selected  # noqa: E402
+
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts", "compile_matrix.py")
 _spec = importlib.util.spec_from_file_location("compile_matrix", SCRIPT)
 matrix = importlib.util.module_from_spec(_spec)
@@ -26,9 +28,17 @@ SUBSET = [
 ]
 
 
+@pytest.fixture(scope="module")
+def variants(request, tmp_path_factory):
+    """Every selected variant's fresh process, two at a time (spawn gives each a fresh cache)."""
+    jobs = {v[:3]: (lambda v=v: matrix.spawn(*v[:3], timeout=300, env=child_env(tmp_path_factory.mktemp("cache")),
+                                             plain=False)) for v in SUBSET}
+    return run_selected(request, lambda item: tuple(item.callspec.params[n] for n in ("model", "mode", "form")), jobs)
+
+
 @pytest.mark.parametrize("model,mode,form,plain_compiles", SUBSET)
-def test_compiled_diffusers_model_routes_stays_compiled_and_matches(model, mode, form, plain_compiles, subprocess_env):
-    r = matrix.spawn(model, mode, form, timeout=300, env=subprocess_env, plain=False)
+def test_compiled_diffusers_model_routes_stays_compiled_and_matches(model, mode, form, plain_compiles, variants):
+    r = variants[model, mode, form].get()
     assert not matrix.verdict(r, plain_compiles), (matrix.verdict(r, plain_compiles), r)
     assert r["runs"] == r["calls"] == 5, r  # every call compiled
     assert r["stats"]["tunings"] > 0, r  # routed through the dispatcher
