@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from support.subprocesses import child_env, run_selected
+from support.subprocesses import prespawn, results
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,12 +68,9 @@ print(json.dumps({"compiles": rec.compiles, "runs": rec.runs, "tunings": da.stat
 
 
 @pytest.fixture(scope="module")
-def children(request, tmp_path_factory):
-    """Every selected case's fresh process, two at a time, each with a cache folder of its own."""
-    jobs = {("form", f): (lambda f=f: run(form_code(f), child_env(tmp_path_factory.mktemp("cache")))) for f in FORMS}
-    jobs.update({("mode", m): (lambda m=m: run(lengths_code(m), child_env(tmp_path_factory.mktemp("cache"))))
-                 for m in MODES})
-    return run_selected(request, lambda item: next(iter(item.callspec.params.items())), jobs)
+def children():
+    """Every selected case's fresh process (started in the background when collection ended)."""
+    return results(__name__)
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
@@ -137,3 +134,9 @@ def test_ten_sequence_lengths_compile_like_plain_sdpa_and_never_run_uncompiled(m
     assert {"default": got["compiles"] <= 2, "static": got["compiles"] == len(LENGTHS),
             "dynamic": got["compiles"] == 1}[mode], got
     assert got["err"] < 1e-5, got
+
+
+# One fresh process per case, each with a cache folder of its own, started when collection ends.
+prespawn(__name__, lambda item: next(iter(item.callspec.params.items())),
+         {**{("form", f): (lambda env, f=f: run(form_code(f), env)) for f in FORMS},
+          **{("mode", m): (lambda env, m=m: run(lengths_code(m), env)) for m in MODES}})

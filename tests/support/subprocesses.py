@@ -1,10 +1,15 @@
-"""Fresh-process runs shared by the tests of one module, run two at a time.
+"""Fresh-process runs that the tests of a module share, started in the background.
 
 A test that needs a fresh interpreter (a first compile, a whole compiled model) spends most of its
-time in that child. :func:`run_selected` runs the children the selected tests need, at most
-``workers`` at once (each with its own cache folder), before the first of them; each test then
-asserts on its own child's result. A child's exception is raised in the test that reads it."""
+time waiting for that child, one CPU core busy while the other idles. A module registers its
+children at import with :func:`prespawn` (one job per key; a test's key is read from its item).
+When collection ends, ``conftest.py`` calls :func:`start`: the children that the *selected* tests
+need run one at a time on a background thread, each with a cache folder of its own, while the
+other tests run. A test then asserts on its own child's result (:func:`results`, waiting for it if
+need be); a child's exception is raised in the test that reads it."""
 import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +20,10 @@ ROOT = TESTS.parent
 ENV = ("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "DIFFSYNTH_ATTENTION_STRICT", "DIFFSYNTH_ATTENTION_TUNING",
        "DIFFSYNTH_ATTENTION_TOLERANCE", "DIFFSYNTH_ATTENTION_TUNE_WAIT",
        "DIFFSYNTH_ATTENTION_NEW_SHAPES", "DIFFSYNTH_FLASH_ATTN_KERNEL_REPO_ID", "DIFFSYNTH_FLASH_ATTN_KERNEL_VERSION")
+
+_REGISTERED: dict = {}  # module name -> (key of an item, {key: job(env)})
+_STARTED: dict = {}  # module name -> {key: Future}
+_STATE = {"pool": None, "dirs": []}
 
 
 def child_env(cache_dir) -> dict:
@@ -28,31 +37,72 @@ def child_env(cache_dir) -> dict:
     return env
 
 
+def prespawn(module: str, key, jobs: dict) -> None:
+    """Register ``module``'s children: ``jobs[k](env)`` for each key k a selected test's item maps
+    to through ``key``."""
+    _REGISTERED[module] = (key, jobs)
+
+
+def _wanted(items) -> dict:
+    wanted = {}
+    for item in items:
+        name = getattr(item.module, "__name__", None)
+        if name in _REGISTERED:
+            k = _REGISTERED[name][0](item)
+            if k in _REGISTERED[name][1] and k not in wanted.setdefault(name, []):
+                wanted[name].append(k)
+    return wanted
+
+
+def start(items, workers: int = 1) -> None:
+    """Start the children the selected ``items`` need (conftest: when collection ends). The
+    environments are built here, on the main thread, before any test changes ``os.environ``."""
+    wanted = _wanted(items)
+    if not wanted:
+        return
+    pool = _STATE["pool"] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prespawn")
+    for module, keys in wanted.items():
+        for k in keys:
+            folder = tempfile.mkdtemp(prefix="da-child-")
+            _STATE["dirs"].append(folder)
+            _STARTED.setdefault(module, {})[k] = pool.submit(_REGISTERED[module][1][k], child_env(os.path.join(folder, "cache")))
+
+
+def stop() -> None:
+    """Cancel what has not started, wait for what has, remove the children's folders."""
+    if _STATE["pool"] is not None:
+        _STATE["pool"].shutdown(wait=True, cancel_futures=True)
+    for folder in _STATE["dirs"]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class Outcome:
-    def __init__(self, value=None, error=None):
-        self.value, self.error = value, error
+    def __init__(self, future):
+        self.future = future
 
     def get(self):
-        if self.error is not None:
-            raise self.error
-        return self.value
+        return self.future.result()
 
 
-def run_selected(request, key, jobs: dict, workers: int = 2) -> dict:
-    """Run ``jobs[k]()`` for every key k that the selected tests of ``request``'s module use (``key``:
-    an item -> its k), ``workers`` at a time; {k: Outcome}."""
-    wanted = []
-    for item in request.session.items:
-        if item.module is request.module and hasattr(item, "callspec"):
-            k = key(item)
-            if k in jobs and k not in wanted:
-                wanted.append(k)
+def results(module: str) -> dict:
+    """{key: Outcome} of ``module``'s children (started now, on this thread, if nothing started them)."""
+    if module not in _STARTED:
+        from concurrent.futures import Future
 
-    def one(k):
-        try:
-            return Outcome(jobs[k]())
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test that reads it
-            return Outcome(error=exc)
+        def done(job, k):
+            f = Future()
+            folder = tempfile.mkdtemp(prefix="da-child-")
+            _STATE["dirs"].append(folder)
+            try:
+                f.set_result(job(child_env(os.path.join(folder, "cache"))))
+            except BaseException as exc:  # noqa: BLE001 - raised in the test that reads it
+                f.set_exception(exc)
+            return f
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(zip(wanted, pool.map(one, wanted)))
+        class Lazy(dict):
+            def __missing__(self, k):
+                self[k] = Outcome(done(_REGISTERED[module][1][k], k))
+                return self[k]
+
+        return Lazy()
+    return {k: Outcome(f) for k, f in _STARTED[module].items()}

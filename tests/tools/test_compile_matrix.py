@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from support.subprocesses import child_env, run_selected  # noqa: E402
+from support.subprocesses import prespawn, results  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts", "compile_matrix.py")
 _spec = importlib.util.spec_from_file_location("compile_matrix", SCRIPT)
@@ -28,12 +28,14 @@ SUBSET = [
 ]
 
 
+# Every variant in a fresh process (spawn gives each a fresh cache), started when collection ends.
+prespawn(__name__, lambda item: tuple(item.callspec.params[n] for n in ("model", "mode", "form")),
+         {v[:3]: (lambda env, v=v: matrix.spawn(*v[:3], timeout=300, env=env, plain=False)) for v in SUBSET})
+
+
 @pytest.fixture(scope="module")
-def variants(request, tmp_path_factory):
-    """Every selected variant's fresh process, two at a time (spawn gives each a fresh cache)."""
-    jobs = {v[:3]: (lambda v=v: matrix.spawn(*v[:3], timeout=300, env=child_env(tmp_path_factory.mktemp("cache")),
-                                             plain=False)) for v in SUBSET}
-    return run_selected(request, lambda item: tuple(item.callspec.params[n] for n in ("model", "mode", "form")), jobs)
+def variants():
+    return results(__name__)
 
 
 @pytest.mark.parametrize("model,mode,form,plain_compiles", SUBSET)
