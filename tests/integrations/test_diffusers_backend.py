@@ -1,6 +1,4 @@
 """The ``diffsynth_auto`` diffusers attention backend (CPU)."""
-import subprocess
-import sys
 import types
 
 import pytest
@@ -17,6 +15,7 @@ from diffusers.models.attention_dispatch import (  # noqa: E402
     AttentionBackendName, _AttentionBackendRegistry, attention_backend, dispatch_attention_fn)
 
 from support.diffusers_models import tiny_flux, tiny_unet, tiny_wan  # noqa: E402
+from support.subprocesses import by_name, prespawn, python_c, results  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def native_afterwards():
@@ -213,9 +212,8 @@ print(name.value, da.stats()["tunings"] + da.stats()["hits"], tuple(out.shape))
 """
 
 
-def test_environment_variable_set_before_diffusers_is_imported(subprocess_env):
-    env = dict(subprocess_env, DIFFUSERS_ATTN_BACKEND="diffsynth_auto")
-    res = subprocess.run([sys.executable, "-c", ENV_WORKER], env=env, capture_output=True, text=True, timeout=300)
+def test_environment_variable_set_before_diffusers_is_imported(children):
+    res = children["test_environment_variable_set_before_diffusers_is_imported"].get()
     assert res.returncode == 0, res.stderr[-2000:]
     name, served, shape = res.stdout.split(maxsplit=2)
     assert name == "diffsynth_auto" and int(served) >= 1 and shape.strip() == "(1, 16, 2, 8)"
@@ -234,9 +232,20 @@ print(_AttentionBackendRegistry.get_active_backend()[0].value, da.stats()["tunin
 """
 
 
-def test_register_after_diffusers_is_imported(subprocess_env):
-    res = subprocess.run([sys.executable, "-c", AFTER_WORKER], env=subprocess_env, capture_output=True, text=True,
-                         timeout=300)
+def test_register_after_diffusers_is_imported(children):
+    res = children["test_register_after_diffusers_is_imported"].get()
     assert res.returncode == 0, res.stderr[-2000:]
     name, served = res.stdout.split()
     assert name == "diffsynth_auto" and int(served) == 1
+
+
+# Fresh processes with a cache folder each, started in the background when collection ends.
+prespawn(__name__, by_name, {
+    "test_environment_variable_set_before_diffusers_is_imported": python_c(ENV_WORKER, DIFFUSERS_ATTN_BACKEND="diffsynth_auto"),
+    "test_register_after_diffusers_is_imported": python_c(AFTER_WORKER),
+})
+
+
+@pytest.fixture(scope="module")
+def children():
+    return results(__name__)

@@ -1,13 +1,13 @@
 """Environment variables, validated like a call's arguments: checked up front, strictly, with the
 variable, the value and what is allowed; an empty value means the default."""
 import os
-import subprocess
-import sys
 
 import pytest
 
 from diffsynth_attention import config
 from diffsynth_attention.backend_names import BACKEND_NAMES
+
+from support.subprocesses import prespawn, python_c, results
 
 BAD = [
     ("DIFFSYNTH_ATTENTION_TOLERANCE", "abc", "not a number"),
@@ -32,12 +32,13 @@ def test_validate_all_names_variable_value_and_what_is_allowed(monkeypatch, name
     assert f"{name}={value!r}" in message and text in message and "allowed" in message
 
 
-def test_a_bad_value_stops_the_program_at_import_of_the_public_functions(subprocess_env):
-    code = "import diffsynth_attention as da\nda.attention_forward\n"
-    r = subprocess.run([sys.executable, "-c", code], env={**subprocess_env, "DIFFSYNTH_ATTENTION_TUNING_BUDGET": "1e308"},
-                       capture_output=True, text=True, timeout=120)
+FACE = "import diffsynth_attention as da\nda.attention_forward\n"
+
+
+def test_a_bad_value_stops_the_program_at_import_of_the_public_functions(children):
+    r = children["bad budget"].get()
     assert r.returncode != 0 and "ValueError: DIFFSYNTH_ATTENTION_TUNING_BUDGET='1e308'" in r.stderr
-    r = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True, timeout=120)
+    r = children["good budget"].get()
     assert r.returncode == 0, r.stderr
 
 
@@ -78,14 +79,16 @@ def test_backend_names_without_torch_match_the_registry():
     assert tuple(REGISTRY) == BACKEND_NAMES
 
 
-def test_the_package_face_is_lazy_and_complete(subprocess_env):
-    code = ("import sys, diffsynth_attention as da\n"
-            "assert 'torch' not in sys.modules\n"
-            "for name in da.__all__:\n    getattr(da, name)\n"
-            "from diffsynth_attention import attention_forward, patch_diffsynth, DecisionCache\n"
-            "assert da.attention_forward is attention_forward and 'torch' in sys.modules\n"
-            "assert set(da.__all__) <= set(dir(da))\n")
-    r = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True, timeout=120)
+LAZY_FACE = ("import sys, diffsynth_attention as da\n"
+             "assert 'torch' not in sys.modules\n"
+             "for name in da.__all__:\n    getattr(da, name)\n"
+             "from diffsynth_attention import attention_forward, patch_diffsynth, DecisionCache\n"
+             "assert da.attention_forward is attention_forward and 'torch' in sys.modules\n"
+             "assert set(da.__all__) <= set(dir(da))\n")
+
+
+def test_the_package_face_is_lazy_and_complete(children):
+    r = children["lazy face"].get()
     assert r.returncode == 0, r.stderr
 
 
@@ -97,3 +100,18 @@ def test_patching_checks_the_environment_first(monkeypatch):
         da.patch_sdpa()
     with pytest.raises(ValueError, match="DIFFSYNTH_ATTENTION_TOLERANCE='abc'"):
         da.patch_diffsynth()
+
+
+# Fresh processes with a cache folder each, started in the background when collection ends.
+_USES = {"test_a_bad_value_stops_the_program_at_import_of_the_public_functions": ("bad budget", "good budget"),
+         "test_the_package_face_is_lazy_and_complete": ("lazy face",)}
+prespawn(__name__, lambda item: list(_USES.get(item.name, ())), {
+    "bad budget": python_c(FACE, timeout=120, DIFFSYNTH_ATTENTION_TUNING_BUDGET="1e308"),
+    "good budget": python_c(FACE, timeout=120),
+    "lazy face": python_c(LAZY_FACE, timeout=120),
+})
+
+
+@pytest.fixture(scope="module")
+def children():
+    return results(__name__)

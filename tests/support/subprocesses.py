@@ -39,7 +39,7 @@ def child_env(cache_dir) -> dict:
 
 def prespawn(module: str, key, jobs: dict) -> None:
     """Register ``module``'s children: ``jobs[k](env)`` for each key k a selected test's item maps
-    to through ``key``."""
+    to through ``key`` (a list: each of its keys)."""
     _REGISTERED[module] = (key, jobs)
 
 
@@ -48,9 +48,10 @@ def _wanted(items) -> dict:
     for item in items:
         name = getattr(item.module, "__name__", None)
         if name in _REGISTERED:
-            k = _REGISTERED[name][0](item)
-            if k in _REGISTERED[name][1] and k not in wanted.setdefault(name, []):
-                wanted[name].append(k)
+            keys = _REGISTERED[name][0](item)
+            for k in keys if isinstance(keys, list) else [keys]:  # a list: several children (a tuple is one key)
+                if k in _REGISTERED[name][1] and k not in wanted.setdefault(name, []):
+                    wanted[name].append(k)
     return wanted
 
 
@@ -106,3 +107,20 @@ def results(module: str) -> dict:
 
         return Lazy()
     return {k: Outcome(f) for k, f in _STARTED[module].items()}
+
+
+def python_c(code: str, timeout: float = 300, **extra_env):
+    """A job: ``python -c code`` in the child environment (plus ``extra_env``); its CompletedProcess."""
+    import subprocess
+    import sys
+
+    def job(env):
+        return subprocess.run([sys.executable, "-c", code], env={**env, **extra_env}, capture_output=True, text=True,
+                              timeout=timeout)
+
+    return job
+
+
+def by_name(item) -> str:
+    """The key of a test that is not parametrized: its name."""
+    return item.name
