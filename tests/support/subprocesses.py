@@ -6,11 +6,12 @@ children at import with :func:`prespawn` (one job per key; a test's key is read 
 When collection ends, ``conftest.py`` calls :func:`start`: the children that the *selected* tests
 need run one at a time on a background thread, each with a cache folder of its own, while the
 other tests run. A test then asserts on its own child's result (:func:`results`, waiting for it if
-need be); a child's exception is raised in the test that reads it."""
+need be, and running the next queued children meanwhile); a child's exception is raised in the
+test that reads it."""
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -66,7 +67,14 @@ def start(items, workers: int = 1) -> None:
         for k in keys:
             folder = tempfile.mkdtemp(prefix="da-child-")
             _STATE["dirs"].append(folder)
-            _STARTED.setdefault(module, {})[k] = pool.submit(_REGISTERED[module][1][k], child_env(os.path.join(folder, "cache")))
+            job = (_REGISTERED[module][1][k], child_env(os.path.join(folder, "cache")))
+            _JOBS[module, k] = job
+            _ORDER.append((module, k))
+            _STARTED.setdefault(module, {})[k] = pool.submit(*job)
+
+
+_JOBS: dict = {}  # (module, key) -> (job, env)
+_ORDER: list = []  # (module, key), in the order they were queued (the order the tests need them)
 
 
 def stop() -> None:
@@ -77,36 +85,50 @@ def stop() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _inline(module, k) -> None:
+    """Run a child that no worker has started, here (its future replaced by a finished one)."""
+    job, env = _JOBS[module, k]
+    f = Future()
+    try:
+        f.set_result(job(env))
+    except BaseException as exc:  # noqa: BLE001 - raised in the test that reads it
+        f.set_exception(exc)
+    _STARTED[module][k] = f
+
+
 class Outcome:
-    def __init__(self, future):
-        self.future = future
+    """A child's result. While a test waits for its own child, the waiting thread runs the children
+    queued next (the second core stays busy); a child not yet started is run by the test itself."""
+
+    def __init__(self, module, k):
+        self.module, self.k = module, k
 
     def get(self):
-        return self.future.result()
+        if _STARTED[self.module][self.k].cancel():
+            _inline(self.module, self.k)
+        for other in _ORDER:
+            if _STARTED[self.module][self.k].done():
+                break
+            if _STARTED[other[0]][other[1]].cancel():
+                _inline(*other)
+        return _STARTED[self.module][self.k].result()
 
 
 def results(module: str) -> dict:
-    """{key: Outcome} of ``module``'s children (started now, on this thread, if nothing started them)."""
+    """{key: Outcome} of ``module``'s children (run on this thread if nothing started them)."""
     if module not in _STARTED:
-        from concurrent.futures import Future
-
-        def done(job, k):
-            f = Future()
-            folder = tempfile.mkdtemp(prefix="da-child-")
-            _STATE["dirs"].append(folder)
-            try:
-                f.set_result(job(child_env(os.path.join(folder, "cache"))))
-            except BaseException as exc:  # noqa: BLE001 - raised in the test that reads it
-                f.set_exception(exc)
-            return f
-
         class Lazy(dict):
             def __missing__(self, k):
-                self[k] = Outcome(done(_REGISTERED[module][1][k], k))
+                folder = tempfile.mkdtemp(prefix="da-child-")
+                _STATE["dirs"].append(folder)
+                _JOBS[module, k] = (_REGISTERED[module][1][k], child_env(os.path.join(folder, "cache")))
+                _STARTED.setdefault(module, {})[k] = Future()
+                _inline(module, k)
+                self[k] = Outcome(module, k)
                 return self[k]
 
         return Lazy()
-    return {k: Outcome(f) for k, f in _STARTED[module].items()}
+    return {k: Outcome(module, k) for k in _STARTED[module]}
 
 
 def python_c(code: str, timeout: float = 300, **extra_env):
