@@ -8,13 +8,12 @@ import pytest
 import torch
 
 import diffsynth_attention as da
-from diffsynth_attention import config
 from diffsynth_attention.backends import REGISTRY, candidates, loading, clear_compiled, device_info, fa4_compile_dir, flash_attention
 from diffsynth_attention.backends.flash_attention import FA4_CACHE_DIR, FA4_CACHE_ENABLED, FlashAttention3, FlashAttention4
 from diffsynth_attention.dispatch import Dispatcher
 from diffsynth_attention.problem import prepare
 from diffsynth_attention.store.cache import DecisionCache
-from diffsynth_attention.store.key import make_key, neighbour_group, seq_bucket
+from diffsynth_attention.store.key import make_key
 
 from support.helpers import full_reference, qkv, rel
 

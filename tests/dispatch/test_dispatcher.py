@@ -5,12 +5,9 @@ import pytest
 import torch
 
 import diffsynth_attention as da
-from diffsynth_attention.backends import REGISTRY
-from diffsynth_attention.backends.torch_sdpa import TorchSDPA
 from diffsynth_attention.dispatch import Dispatcher
 from diffsynth_attention.request import Request
 from diffsynth_attention.store.cache import DecisionCache
-from diffsynth_attention.store.decision import Candidate
 from diffsynth_attention.store.key import key_id
 
 from support.flaky import force_flaky

@@ -13,7 +13,7 @@ from diffsynth_attention.request import Request
 from diffsynth_attention.store.cache import DecisionCache
 
 from support.helpers import qkv
-from support.flaky import Flaky, force_flaky
+from support.flaky import force_flaky
 
 
 def _spy_plans(disp):
