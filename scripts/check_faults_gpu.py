@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     if not torch.cuda.is_available():
         device, results = "cpu", []
-        note = "no CUDA device: nothing to check (the CPU tests fake these errors: tests/test_faults.py)"
+        note = "no CUDA device: nothing to check (the CPU tests fake these errors: tests/dispatch/test_faults.py)"
     else:
         device = torch.cuda.get_device_name(0).replace(" ", "-")
         results = [run_scenario(s) for s in SCENARIOS]

@@ -13,8 +13,8 @@ for phase in "$@"; do
   case $phase in
     info) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$res/gpu_info.txt"
           python3 -c "import diffsynth_attention as da, json; print(json.dumps(da.available_backends(), indent=1))" >> "$res/gpu_info.txt" ;;
-    tests) timeout "${T_TESTS:-600}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_lse.py \
-             tests/test_tuner_policy.py ${TESTS_K:+-k "$TESTS_K"} -rs > "$res/gpu-tests.log" 2>&1 ;;
+    tests) timeout "${T_TESTS:-600}" python3 -m pytest -q -p no:cacheprovider tests/backends/test_gpu.py tests/integrations/test_lse.py \
+             tests/tuning/test_tuner_policy.py ${TESTS_K:+-k "$TESTS_K"} -rs > "$res/gpu-tests.log" 2>&1 ;;
     bench) python3 scripts/benchmark.py --out "$res" > "$res/bench.log" 2>&1 ;;
     compiled) timeout "${T_COMPILED:-600}" python3 scripts/bench_compiled.py ${COMPILED_ARGS:-} --out "$res" > "$res/compiled.log" 2>&1 ;;
     training) timeout "${T_TRAINING:-600}" python3 scripts/bench_training.py ${TRAINING_ARGS:-} --out "$res" > "$res/training.log" 2>&1 ;;

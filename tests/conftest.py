@@ -8,11 +8,10 @@ import pytest
 os.environ.setdefault("DIFFSYNTH_ATTENTION_PRELOAD", "0")
 
 from diffsynth_attention.dispatch import Dispatcher, default_dispatcher  # noqa: E402
-from diffsynth_attention.store.cache import DecisionCache
+from diffsynth_attention.store.cache import DecisionCache  # noqa: E402
 
-ENV = ("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "DIFFSYNTH_ATTENTION_STRICT", "DIFFSYNTH_ATTENTION_TUNING",
-       "DIFFSYNTH_ATTENTION_TOLERANCE", "DIFFSYNTH_ATTENTION_TUNE_WAIT",
-       "DIFFSYNTH_ATTENTION_NEW_SHAPES", "DIFFSYNTH_FLASH_ATTN_KERNEL_REPO_ID", "DIFFSYNTH_FLASH_ATTN_KERNEL_VERSION")
+from support import subprocesses  # noqa: E402  (tests/ is on sys.path: this file's folder)
+from support.subprocesses import ENV  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -45,3 +44,13 @@ def subprocess_env(isolated):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH")]))
     return env
+
+
+def pytest_collection_finish(session):
+    """Start, in the background, the fresh processes that the selected tests share (one at a time:
+    the other core runs the tests meanwhile)."""
+    subprocesses.start(session.items)
+
+
+def pytest_sessionfinish(session):
+    subprocesses.stop()

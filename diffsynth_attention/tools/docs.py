@@ -10,7 +10,7 @@ Each table lies in a Markdown file between ``<!-- generated: NAME -->`` and ``<!
 - ``status``: the candidate statuses of :mod:`diffsynth_attention.store.decision`.
 
 Only the meaning of each variable and status is written here by hand, keyed by its value: a test
-(``tests/test_docs.py``) fails when a value has no meaning, a meaning no value, or a file's table
+(``tests/tools/test_docs.py``) fails when a value has no meaning, a meaning no value, or a file's table
 differs from what this module renders. ``--check`` exits 1 instead of writing.
 """
 

@@ -1,0 +1,142 @@
+"""torch.compile as the first thing a fresh process does.
+
+Each case runs in a new interpreter, so nothing of the library has been used before the
+compiled call: the default dispatcher, the SDPA wrapper and the compile support are all first
+reached by Dynamo. Every compile uses fullgraph=True, so a graph break fails the case."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support.subprocesses import prespawn, results
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PRELUDE = f"""
+import json, sys
+sys.path.insert(0, {TESTS!r})
+import torch
+import torch.nn.functional as F
+import diffsynth_attention as da
+from support.compile_helpers import Recorder, recompile_limit
+"""
+
+FORMS = {
+    "global": """
+da.patch_sdpa()
+f = torch.compile(lambda q: F.scaled_dot_product_attention(q, q, q), fullgraph=True, backend=rec)
+outs = [f(q), f(q)]
+""",
+    "with_around": """
+f = torch.compile(lambda q: F.scaled_dot_product_attention(q, q, q), fullgraph=True, backend=rec)
+with da.patch_sdpa():
+    outs = [f(q), f(q)]
+""",
+    "with_inside": """
+def g(q):
+    with da.patch_sdpa():
+        return F.scaled_dot_product_attention(q, q, q)
+f = torch.compile(g, fullgraph=True, backend=rec)
+outs = [f(q), f(q)]
+""",
+    "attention_forward": """
+f = torch.compile(lambda q: da.attention_forward(q, q, q), fullgraph=True, backend=rec)
+outs = [f(q), f(q)]
+""",
+}
+
+
+def run(code: str, env) -> dict:
+    r = subprocess.run([sys.executable, "-c", PRELUDE + code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def form_code(form: str) -> str:
+    return """
+rec = Recorder()
+q = torch.randn(1, 2, 32, 16)
+with torch.no_grad():
+""" + "\n".join("    " + line for line in FORMS[form].strip().splitlines()) + """
+ref = torch.ops.aten._scaled_dot_product_attention_math(q, q, q)[0]
+err = max(float((o - ref).abs().max()) for o in outs)
+print(json.dumps({"compiles": rec.compiles, "runs": rec.runs, "tunings": da.stats()["tunings"],
+                  "dispatcher_in_graph": "diffsynth" in str(rec.forward_graphs[-1].code), "err": err}))
+"""
+
+
+@pytest.fixture(scope="module")
+def children():
+    """Every selected case's fresh process (started in the background when collection ended)."""
+    return results(__name__)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_first_thing_a_process_does_compiles_fullgraph_and_routes(form, children):
+    got = children["form", form].get()
+    assert got["compiles"] == 1 and got["runs"] == 2, got  # compiled once, both calls compiled
+    assert got["tunings"] == 1, got  # routed: the key was tuned (at trace time, in this fresh cache)
+    assert not got["dispatcher_in_graph"], got  # and the decision baked into the graph
+    assert got["err"] < 1e-5, got
+
+
+LENGTHS = [24, 40, 56, 72, 88, 104, 120, 136, 152, 168]
+
+
+MODES = ["default", "static", "dynamic"]
+
+
+def lengths_code(mode: str) -> str:
+    return f"""
+mode = {mode!r}
+kw = {{"default": {{}}, "static": {{"dynamic": False}}, "dynamic": {{"dynamic": True}}}}[mode]
+if mode == "static":
+    recompile_limit(16)
+BSND = ("b s n d",) * 4
+
+def ours(q, k, v):
+    return da.attention_forward(q, k, v, *BSND)
+
+def plain(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+def run(fn):
+    rec = Recorder()
+    model = torch.compile(fn, fullgraph=True, backend=rec, **kw)
+    err = 0.0
+    with torch.no_grad():
+        for s in {LENGTHS!r}:
+            q, k, v = (torch.randn(1, s, 2, 8) for _ in range(3))
+            for _ in range(2):
+                err = max(err, float((model(q, k, v) - plain(q, k, v)).abs().max()))
+    torch._dynamo.reset()
+    return rec, err
+
+mine, err = run(ours)
+theirs, _ = run(plain)
+print(json.dumps({{"compiles": mine.compiles, "runs": mine.runs, "plain_compiles": theirs.compiles,
+                  "plain_runs": theirs.runs, "tunings": da.stats()["tunings"], "err": err}}))
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ten_sequence_lengths_compile_like_plain_sdpa_and_never_run_uncompiled(mode, children):
+    """A module called over 10 sequence lengths (twice each): no call left uncompiled, and no
+    more compiles than the same module calling SDPA. ``static`` raises Dynamo's recompile limit
+    (8 by default) to 16, as a user compiling 10 static shapes must for plain SDPA too."""
+    got = children["mode", mode].get()
+    calls = 2 * len(LENGTHS)
+    assert got["runs"] == calls, got  # every call served by a compiled graph
+    assert got["compiles"] == got["plain_compiles"], got  # a new decision recompiles nothing
+    assert got["tunings"] == len(LENGTHS), got  # one tuning per key, at trace time or at its first call
+    assert {"default": got["compiles"] <= 2, "static": got["compiles"] == len(LENGTHS),
+            "dynamic": got["compiles"] == 1}[mode], got
+    assert got["err"] < 1e-5, got
+
+
+# One fresh process per case, each with a cache folder of its own, started when collection ends.
+prespawn(__name__, lambda item: next(iter(item.callspec.params.items())),
+         {**{("form", f): (lambda env, f=f: run(form_code(f), env)) for f in FORMS},
+          **{("mode", m): (lambda env, m=m: run(lengths_code(m), env)) for m in MODES}})

@@ -1,0 +1,144 @@
+"""Patching (CPU): ``patch_sdpa`` scoped and global and under a diffusers model, ``patch_diffsynth``,
+and the same results as DiffSynth-Studio's own attention module."""
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffsynth_attention as da
+
+from support.helpers import qkv, rel
+
+
+def test_patch_sdpa_scoped_and_global():
+    from diffsynth_attention.integrations import patching
+
+    q, k, v = qkv()
+    before = da.stats()["tunings"]
+    with da.patch_sdpa():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        routed = da.stats()
+        torch.manual_seed(0)
+        dropped = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+        assert da.stats() == routed  # dropout is PyTorch's own: not routed, not counted
+        torch.manual_seed(0)
+        assert torch.equal(dropped, patching._ORIGINAL_SDPA(q, k, v, dropout_p=0.5))
+    assert da.stats()["tunings"] == before + 1  # routed through the dispatcher
+    assert torch.nn.functional.scaled_dot_product_attention is patching._ORIGINAL_SDPA  # the block restored it
+    ref = torch.ops.aten.scaled_dot_product_attention(q, k, v)
+    assert rel(out, ref) < 1e-5
+    handle = da.patch_sdpa()
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        assert da.stats()["hits"] >= 1
+    finally:
+        handle.undo()
+    assert torch.nn.functional.scaled_dot_product_attention is patching._ORIGINAL_SDPA and not handle.active
+    hits = da.stats()["hits"]
+    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert da.stats()["hits"] == hits  # undone: not routed any more
+
+
+def test_diffusers_transformer_same_output_with_patch_sdpa():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, rope_max_seq_len=64,
+    ).eval()
+    x = torch.randn(1, 4, 2, 8, 8)
+    t = torch.tensor([10])
+    text = torch.randn(1, 7, 32)
+    with torch.no_grad():
+        plain = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        before = da.stats()["tunings"]
+        with da.patch_sdpa():
+            patched = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert da.stats()["tunings"] > before  # its attention went through the dispatcher
+    assert rel(patched, plain) < 1e-5
+
+
+def _load_diffsynth_attention():
+    loaded = sys.modules.get("diffsynth.core.attention.attention")
+    if loaded is not None and hasattr(loaded, "torch_sdpa"):
+        return loaded
+    spec = importlib.util.find_spec("diffsynth")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("DiffSynth-Studio is not installed (pip install --no-deps diffsynth==2.1.12)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "core" / "attention" / "attention.py"
+    for name in ("diffsynth", "diffsynth.core", "diffsynth.core.attention"):
+        mod = types.ModuleType(name)
+        mod.__path__ = []
+        sys.modules.setdefault(name, mod)
+    spec = importlib.util.spec_from_file_location("diffsynth.core.attention.attention", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["diffsynth.core.attention.attention"] = module
+    spec.loader.exec_module(module)
+    sys.modules["diffsynth.core.attention"].attention_forward = module.attention_forward
+    return module
+
+
+PATTERNS = [("b n s d", "b n s d", None), ("b s n d", "b s n d", None), ("b s (n d)", "b s (n d)", {"n": 4}), ("b s (n d)", "b n s d", {"n": 4})]
+
+
+@pytest.mark.parametrize("in_p,out_p,dims", PATTERNS)
+def test_same_results_as_diffsynth_attention_module(in_p, out_p, dims):
+    ds = _load_diffsynth_attention()
+    from einops import rearrange
+
+    q, k, v = qkv(sq=24, skv=24)
+    qs, ks, vs = (rearrange(t, f"b n s d -> {in_p}").contiguous() for t in (q, k, v))
+    for kwargs in ({}, {"is_causal": True}, {"scale": 0.2}, {"window_size": 3}):
+        theirs = ds.torch_sdpa(qs, ks, vs, in_p, in_p, in_p, out_p, dims, **{k_: v_ for k_, v_ in kwargs.items() if k_ != "window_size"}) \
+            if "window_size" not in kwargs else ds.torch_sdpa_sliding_window(qs, ks, vs, kwargs["window_size"], in_p, in_p, in_p, out_p, dims)
+        ours = da.attention_forward(qs, ks, vs, in_p, in_p, in_p, out_p, dims, **kwargs)
+        assert rel(ours, theirs) < 1e-5, kwargs
+
+
+def test_patch_diffsynth_routes_and_undoes():
+    ds = _load_diffsynth_attention()
+    original = ds.attention_forward
+    handle = da.patch_diffsynth(wan=False)
+    try:
+        assert sys.modules["diffsynth.core.attention"].attention_forward is not original
+        q, k, v = qkv()
+        before = da.stats()["tunings"]
+        out = sys.modules["diffsynth.core.attention"].attention_forward(q, k, v)
+        assert da.stats()["tunings"] == before + 1
+        assert rel(out, ds.torch_sdpa(q, k, v)) < 1e-5
+    finally:
+        handle.undo()
+    assert sys.modules["diffsynth.core.attention"].attention_forward is original
+
+
+def test_patch_diffsynth_routes_the_wan_dit_helper_everywhere(monkeypatch):
+    _load_diffsynth_attention()
+    calls = []
+
+    def flash_attention(q, k, v, num_heads, compatibility_mode=False):  # the Wan DiT helper's signature
+        calls.append(num_heads)
+        raise AssertionError("the original helper should not be called once patched")
+
+    wan = types.ModuleType("diffsynth.models.wan_video_dit")
+    wan.flash_attention = flash_attention
+    user = types.ModuleType("diffsynth.models.wan_video_mot")
+    user.flash_attention = flash_attention  # `from .wan_video_dit import flash_attention`
+    monkeypatch.setitem(sys.modules, "diffsynth.models.wan_video_dit", wan)
+    monkeypatch.setitem(sys.modules, "diffsynth.models.wan_video_mot", user)
+    handle = da.patch_diffsynth()
+    try:
+        assert wan.flash_attention is not flash_attention and user.flash_attention is wan.flash_attention
+        q, k, v = qkv(hq=4, d=16)
+        from einops import rearrange
+
+        packed = [rearrange(t, "b n s d -> b s (n d)") for t in (q, k, v)]
+        out = user.flash_attention(*packed, num_heads=4)
+        ref = rearrange(torch.nn.functional.scaled_dot_product_attention(q, k, v), "b n s d -> b s (n d)")
+        assert out.shape == ref.shape and rel(out, ref) < 1e-5
+        assert calls == []
+    finally:
+        handle.undo()
+    assert wan.flash_attention is flash_attention and user.flash_attention is flash_attention

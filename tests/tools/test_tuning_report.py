@@ -1,0 +1,76 @@
+"""scripts/tuning_report.py on CPU with tiny problems: every sub-command runs and writes its
+JSON and markdown (the GPU runs use the same code)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import tuning_report  # noqa: E402
+
+TINY = ["--device", "cpu", "--max-seq", "24", "--max-heads", "1", "--only", "seed_example,sdxl_1024_cross"]
+
+
+@pytest.fixture
+def out(tmp_path, monkeypatch, subprocess_env):
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_TUNING_BUDGET", "0.05")
+    monkeypatch.setenv("PYTHONPATH", subprocess_env["PYTHONPATH"])
+    return tmp_path / "results"
+
+
+def result(out, kind):
+    files = sorted(out.glob(f"*-tuning-{kind}.json"))
+    assert len(files) == 1 and files[0].with_suffix(".md").exists()
+    return json.loads(files[0].read_text())
+
+
+def test_cost_reports_budget_predictions_and_skip_checks(out):
+    tuning_report.main(["cost", *TINY, "--out", str(out)])
+    r = result(out, "cost")
+    assert [p["name"] for p in r["problems"]] == ["seed_example@cpu", "sdxl_1024_cross@cpu"]
+    for p in r["problems"]:
+        assert p["limit_s"] >= 0.05 and "no_skip" in p and "skip_checks" in p
+        assert p["decision"]["backend"] in p["decision"]["candidates"]
+    assert r["wrong_skips"] == []
+
+
+def test_repeat_tunes_in_fresh_processes_and_times_every_backend_directly(out):
+    assert len(tuning_report.REPEAT_EXTRA) >= 6
+    only = "seed_example,issue21_cpu,hd96_4096,gqa_causal_qwen7b"
+    tuning_report.main(["repeat", "--device", "cpu", "--max-seq", "24", "--max-heads", "2", "--only", only, "--n", "2",
+                        "--samples", "3", "--out", str(out)])
+    r = result(out, "repeat")
+    assert [p["name"] for p in r["problems"]] == ["seed_example@cpu", "issue21_cpu", "hd96_4096@cpu", "gqa_causal_qwen7b@cpu"]
+    for p in r["problems"]:
+        assert len(p["decisions"]) == 2 and 1 <= p["agree"] <= 2 and p["worst_vs_best"] >= 1.0
+        assert set(p["times_ms"]) == {"torch", "torch_flash", "torch_math"}  # every CPU backend, not only the decided
+        assert "cuda" in p["not_timed"]["torch_cudnn"].lower()
+    assert r["problems"][1]["problem"]["dtype"] == "float32"
+    md = next(out.glob("*-tuning-repeat.md")).read_text()
+    assert "| issue21_cpu + |" in md and "Every backend timed directly" in md
+
+
+def test_the_extra_problems_cover_what_the_suite_lacks():
+    from diffsynth_attention.tools.shapes import builtin_shapes
+
+    suite, extra = builtin_shapes(), tuning_report.REPEAT_EXTRA
+    assert not {s["name"] for s in extra} & {s["name"] for s in suite}
+    assert {80, 96} <= {s["head_dim"] for s in extra} - {s["head_dim"] for s in suite}
+    assert any(s["seq_q"] % 2 for s in extra) and any(s["dtype"] == "float16" and s["head_dim"] == 128 for s in extra)
+    assert any(s["causal"] and s["heads_kv"] < s["heads_q"] for s in extra)
+    assert any(s["batch"] >= 64 and s["seq_q"] <= 512 for s in extra)
+
+
+def test_first_call_and_neighbours(out):
+    tuning_report.main(["first-call", *TINY, "--out", str(out)])
+    r = result(out, "first-call")
+    assert len(r["problems"]) == 2 and r["first_result"]["source"] == "cache"
+    assert r["first_result"]["kernel_modules_imported"] == [] and r["warm_again"]["returncode"] == 0
+    assert all(p["source_warm"] == "cache" for p in r["problems"])
+    tuning_report.main(["neighbours", *TINY, "--offsets=-0.05,0.4", "--out", str(out)])
+    r = result(out, "neighbours")
+    assert len(r["rows"]) == 4 and set(r["summary"]) == {"-5%", "+40%"}
+    assert not any(row["in_bucket"] for row in r["rows"] if row["offset"] == 0.4)
