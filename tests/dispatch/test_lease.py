@@ -1,4 +1,4 @@
-"""Issue 25: the dispatcher tunes a new key through DecisionCache.get_or_tune (get -> lease -> read
+"""The dispatcher tunes a new key through DecisionCache.get_or_tune (get -> lease -> read
 again -> tune -> put). Another process is a second DecisionCache over the same folder: its lease
 is the same flock, taken through another open file."""
 import logging
@@ -13,8 +13,8 @@ from diffsynth_attention.store.cache import DecisionCache
 from diffsynth_attention.store.leases import Outcome, TuneResult
 from diffsynth_attention.tuning.policy import DEFAULT_POLICY
 
-from helpers import qkv
-from store_helpers import make_decision
+from support.helpers import qkv
+from support.store_helpers import make_decision
 
 
 @pytest.fixture
