@@ -100,6 +100,7 @@ def _start_preload() -> None:
     import threading
 
     try:
+        from .backends import REGISTRY
         from .backends.loading import preload
         from .dispatch import default_dispatcher
         from .store.codec import fast_check, schema_validator
@@ -113,7 +114,7 @@ def _start_preload() -> None:
 
     def run() -> None:
         try:
-            preload(store.entries().values())
+            preload(store.entries().values(), REGISTRY)
         except Exception:
             logging.getLogger(__name__).debug("preloading kernel packages failed", exc_info=True)
 

@@ -202,12 +202,10 @@ def decided_packages(decisions: Iterable, registry: dict) -> list:
     return names
 
 
-def preload(decisions: Iterable, registry: Optional[dict] = None) -> list:
-    """Start loading every kernel package that ``decisions`` name on this machine (once per
-    process). Returns the backend names whose loads were started or found under way."""
+def preload(decisions: Iterable, registry: dict) -> list:
+    """Start loading every kernel package of ``registry`` that ``decisions`` name on this machine
+    (once per process). Returns the backend names whose loads were started or found under way."""
     global _preloaded
-    if registry is None:
-        from . import REGISTRY as registry
     with _lock:
         if _preloaded is not None:
             return list(_preloaded)

@@ -43,7 +43,7 @@ from .. import overrides
 from ..backends import REGISTRY, TORCH_FAMILY
 from ..problem import CANONICAL, mask_4d
 from ..request import Request
-from .dispatcher import lookup_dispatcher
+from .tokens import lookup_dispatcher
 
 _BSND = "b s n d"
 _AXES = ("b", "n", "s", "d")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from typing import Callable, Optional
 
 import torch
@@ -31,7 +30,7 @@ from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import DEFAULT_POLICY, TuningPolicy
 from ..tuning.trial import decision_timings
 from ..tuning.tuner import TuneInputs, tune
-from . import faults
+from . import faults, tokens
 from .hot import _synthetic, make_forward
 from .plan import BackendNotSupportedError, Explanation, Plan, explanation  # noqa: F401 (re-exported)
 from .runners import make_runner
@@ -40,20 +39,6 @@ logger = logging.getLogger("diffsynth_attention")
 
 _grad_enabled = torch.is_grad_enabled
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
-
-
-
-_DISPATCHERS: "weakref.WeakValueDictionary[int, Dispatcher]" = weakref.WeakValueDictionary()
-
-
-def lookup_dispatcher(token: int) -> "Dispatcher":
-    """The dispatcher a compiled graph names by ``token`` (the default one if it is gone)."""
-    d = _DISPATCHERS.get(token)
-    if d is None:
-        from . import default_dispatcher
-
-        d = default_dispatcher()
-    return d
 
 
 def _capturing(device: torch.device) -> bool:
@@ -76,7 +61,7 @@ class Dispatcher:
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
         self.store.listeners.append(self.invalidate)
         self.trace_token = id(self)  # how compiled graphs name this dispatcher
-        _DISPATCHERS[self.trace_token] = self
+        tokens.register(self.trace_token, self)
         loading.add_listener(self._backend_loaded)  # held weakly
         self.forward = make_forward(self)
 

@@ -184,9 +184,9 @@ def test_preload_starts_the_decided_packages_and_ignores_others(slow_fa3, monkey
     other = copy.deepcopy(decision)
     other.key["versions"]["tokenspeed-fa3"] = "9.9"
     assert loading.decided_packages([other], REGISTRY) == []  # decided with another version
-    assert loading.preload([decision]) == ["flash_attention_3"]
+    assert loading.preload([decision], REGISTRY) == ["flash_attention_3"]
     assert loading.state(fa3) == loading.LOADING
-    assert loading.preload([decision]) == ["flash_attention_3"]  # once per process
+    assert loading.preload([decision], REGISTRY) == ["flash_attention_3"]  # once per process
     builtins._da_gate.set()
     assert loading.wait(fa3, 30) == loading.READY
 
