@@ -264,7 +264,8 @@ def test_cli_explain_and_warm_report_a_cached_decision_without_importing_its_pac
     folder, *_ = slow_fa3
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_CACHE_DIR", str(folder))
     monkeypatch.setattr(loading, "_deferred", False)
-    assert main(["explain", "--batch", "2", "--heads", "4", "--seq-q", "32", "--head-dim", "16", "--dtype", "float32"]) == 0
+    assert main(["explain", "--batch", "2", "--heads", "4", "--seq-q", "32", "--head-dim", "16", "--dtype", "float32",
+                 "--device", "cpu"]) == 0  # the decision was made on CPU tensors (a GPU machine too)
     out = " ".join(capsys.readouterr().out.split())
     assert "flash_attention_3 (cache)" in out and "until flash_attention_3 has loaded" in out
     fa3 = REGISTRY["flash_attention_3"]
