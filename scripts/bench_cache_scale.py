@@ -26,8 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffsynth_attention.store.codec import render_entry  # noqa: E402
-from diffsynth_attention.store.decision import Candidate, Decision, key_id  # noqa: E402
+from diffsynth_attention.tools.bench import Candidate, Decision, key_id  # noqa: E402
 
 BACKENDS = ["torch", "torch_cudnn", "torch_flash", "torch_efficient", "flash_attention_4", "flash_attention_3",
             "flash_attention_2", "xformers", "sage_attention", "torch_math"]
@@ -103,8 +102,7 @@ def files(folder: Path) -> int:
 
 NEIGHBOUR = r"""
 import json, sys, time
-from diffsynth_attention.store.cache import DecisionCache
-from diffsynth_attention.store.neighbours import neighbour_group
+from diffsynth_attention.tools.bench import DecisionCache, neighbour_group
 sys.path.insert(0, sys.argv[2])
 from bench_cache_scale import fleet_decision
 c = DecisionCache(sys.argv[1])
@@ -122,7 +120,7 @@ print(json.dumps(out))
 
 MIGRATE = r"""
 import json, resource, sys, time
-from diffsynth_attention.store.cache import DecisionCache
+from diffsynth_attention import DecisionCache
 t0 = time.perf_counter()
 c = DecisionCache(sys.argv[1])
 first = c.get(sys.argv[2])           # a key of the old file: served lazily while migrating

@@ -44,7 +44,7 @@ def operator_overhead(device, calls: int = 10000, blocks: int = 20) -> list:
     ``diffsynth_attention::kernel`` against the kernel package's own function, for every kernel
     package that is usable here. Caller layout ``b s n d``, small problem (host-bound)."""
     import diffsynth_attention as da
-    from diffsynth_attention.dispatch import compiled, default_dispatcher
+    from diffsynth_attention.tools.bench import default_dispatcher, dispatch_op, kernel_op
 
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     qs = torch.randn(1, 16, 2, 64, device=device, dtype=dt)
@@ -57,7 +57,7 @@ def operator_overhead(device, calls: int = 10000, blocks: int = 20) -> list:
         decision = da.explain(qs, ks, vs, pat, pat, pat, pat).backend
         direct = direct_call(decision, q, k, v)
         t = host_us({"direct": direct,
-                      "runtime_op": lambda: compiled.dispatch_op(qs, ks, vs, pat, pat, pat, pat, None, None, None, False,
+                      "runtime_op": lambda: dispatch_op(qs, ks, vs, pat, pat, pat, pat, None, None, None, False,
                                                                  None, False, token)}, device, calls, blocks)
         rows.append({"operator": "diffsynth_attention::dispatch", "device": str(device), "backend": decision,
                      "direct_us": t["direct"], "operator_us": t["runtime_op"], "overhead_us": t["runtime_op"] - t["direct"]})
@@ -67,7 +67,7 @@ def operator_overhead(device, calls: int = 10000, blocks: int = 20) -> list:
             try:
                 direct = direct_call(name, q, k, v)
                 direct()
-                kern = lambda n=name: compiled.kernel_op(n, q, k, v, None, None, False, None)  # noqa: E731
+                kern = lambda n=name: kernel_op(n, q, k, v, None, None, False, None)  # noqa: E731
                 kern()
             except Exception as exc:  # a package that cannot serve this problem here: say so
                 rows.append({"operator": "diffsynth_attention::kernel", "backend": name,
@@ -115,7 +115,7 @@ class BackendModule(torch.nn.Module):
         self.name, self.bsnd, self.causal, self.window = name, layout == "b s n d", causal, window
 
     def forward(self, q, k, v):
-        from diffsynth_attention.backends import REGISTRY
+        from diffsynth_attention.tools.bench import REGISTRY
 
         if self.bsnd:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -139,13 +139,13 @@ def manual_graph(fn, q, k, v):
 
 def compiled_rows(shapes: list, device, layouts, samples: int, modes=("default", "reduce-overhead")) -> list:
     import diffsynth_attention as da
-    from diffsynth_attention.tools.inputs import make_inputs
+    from diffsynth_attention.tools.bench import inputs
 
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
     for shape in shapes:
         for layout in layouts:
-            q, k, v, kw = make_inputs(shape, device, None, layout, g)
+            q, k, v, kw = inputs(shape, device, layout, g)
             causal, window = kw.get("is_causal", False), kw.get("window_size")
             row = {"name": shape["name"], "layout": layout, "times_ms": {}, "errors": {}}
             torch._dynamo.reset()  # one set of graphs per row: no recompile limit across problems
@@ -285,10 +285,10 @@ def write_markdown(result: dict, path: Path) -> None:
 
 
 def run(args) -> dict:
-    from diffsynth_attention.tools.shapes import load_shapes_file, select_presets
+    from diffsynth_attention.tools import bench
 
     device = torch.device(args.device)
-    shapes = load_shapes_file(args.shapes) if args.shapes else select_presets(args.preset or ["all"])
+    shapes = bench.shapes(args.preset, args.shapes)
     if args.only:
         shapes = [s for s in shapes if s["name"] in args.only.split(",")]
     modes = ("default", "reduce-overhead") if device.type == "cuda" else ("default",)

@@ -137,7 +137,7 @@ def max_over_ranks(values: dict) -> dict:
 
 
 def decisions() -> dict:
-    from diffsynth_attention.dispatch import default_dispatcher
+    from diffsynth_attention.tools.bench import default_dispatcher
 
     return {kid: {"backend": d.backend, "problem": d.key["problem"]}
             for kid, d in sorted(default_dispatcher().store.entries().items())}
@@ -146,8 +146,7 @@ def decisions() -> dict:
 def environment(device) -> dict:
     import torch.distributed as dist
 
-    from diffsynth_attention.backends import package_version
-    from diffsynth_attention.tools.bench import environment as bench_environment
+    from diffsynth_attention.tools.bench import environment as bench_environment, package_version
 
     return {**bench_environment(device), "world_size": dist.get_world_size(), "diffusers": package_version("diffusers")}
 
@@ -166,9 +165,9 @@ def run(args) -> dict:
         dist.broadcast_object_list(folder, src=0)
         os.environ["DIFFSYNTH_ATTENTION_CACHE_DIR"] = folder[0]
 
-    from diffsynth_attention.integrations.diffusers import register
+    from diffsynth_attention.tools.bench import register_diffusers
 
-    register()
+    register_diffusers()
     import diffsynth_attention as da
     from diffusers import ContextParallelConfig
     from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn

@@ -73,7 +73,7 @@ def child_seed(p: dict, device: str, target) -> dict:
     import torch
 
     import diffsynth_attention as da
-    from diffsynth_attention.dispatch import default_dispatcher
+    from diffsynth_attention.tools.bench import default_dispatcher
 
     q, k, v = _inputs(torch, p, device)
     pats = dict(q_pattern=LAYOUT, k_pattern=LAYOUT, v_pattern=LAYOUT, out_pattern=LAYOUT)
@@ -149,7 +149,7 @@ def child_import(p: dict, device: str, module: str) -> dict:
     _sync(torch, device)
     out["cuda_ready_s"] = _since_start()
     if module == "flash_attn.cute":
-        from diffsynth_attention.backends.flash_attention import enable_fa4_compile_cache
+        from diffsynth_attention.tools.bench import enable_fa4_compile_cache
 
         enable_fa4_compile_cache()  # as the backend does: the seeding process's compilations
     print("@@import-start", file=sys.stderr, flush=True)
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sys.path.insert(0, str(ROOT))
-    from diffsynth_attention.backends import REGISTRY
+    from diffsynth_attention.tools.bench import REGISTRY
 
     unusable = {name: REGISTRY[name].declared_reason() for name in ("flash_attention_3", "flash_attention_4")}
     if device == "cpu":

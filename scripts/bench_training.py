@@ -29,19 +29,17 @@ sys.path.insert(0, str(ROOT))
 
 def run(args) -> dict:
     import diffsynth_attention as da
-    from diffsynth_attention.tools.bench import environment, interleaved
-    from diffsynth_attention.tools.inputs import make_inputs
-    from diffsynth_attention.tools.shapes import select_presets
+    from diffsynth_attention.tools.bench import environment, inputs, interleaved, shapes as select
 
     device = torch.device(args.device)
-    shapes = select_presets(["all"])
+    shapes = select(["all"])
     if args.only:
         shapes = [s for s in shapes if s["name"] in args.only.split(",")]
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
     for shape in shapes:
         dtype = None if device.type == "cuda" else torch.float32
-        q, k, v, kw = make_inputs(shape, device, dtype, "b s n d", g)
+        q, k, v, kw = inputs(shape, device, "b s n d", g, dtype)
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
         causal = kw.get("is_causal", False)
         row = {"name": shape["name"], "problem": f"{tuple(q.shape)} kv {tuple(k.shape)} causal={causal}"}

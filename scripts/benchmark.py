@@ -46,39 +46,16 @@ def _sync(device):
 from diffsynth_attention.tools.bench import environment, geomean, host_us, interleaved, save_result  # noqa: E402,F401
 
 
-def fixed_priority(problem, dev):
-    from diffsynth_attention.backends import DIFFSYNTH_PRIORITY, REGISTRY
-
-    for name in DIFFSYNTH_PRIORITY:
-        b = REGISTRY[name]
-        if b.unavailable_reason() is None and not b.not_supported_reasons(problem, dev):
-            return name
-    return "torch"
-
-
 def select_shapes(args) -> list:
     """The problems of --shapes/--preset, narrowed by --only; a ValueError names what is unknown."""
-    from diffsynth_attention.tools.shapes import load_shapes_file, select_presets
+    from diffsynth_attention.tools import bench
 
-    shapes = load_shapes_file(args.shapes) if args.shapes else select_presets(args.preset or ["all"])
-    if not args.only:
-        return shapes
-    wanted = [n.strip() for n in args.only.split(",") if n.strip()]
-    known = [s["name"] for s in shapes]
-    unknown = [n for n in wanted if n not in known]
-    if unknown or not wanted:
-        raise ValueError(f"--only {args.only!r}: unknown problem name(s) {', '.join(unknown) or '(none given)'}; "
-                         f"known: {', '.join(known)}")
-    return [s for s in shapes if s["name"] in wanted]
+    return bench.shapes(args.preset, args.shapes, args.only)
 
 
 def run(args) -> dict:
     from diffsynth_attention import attention_forward, explain
-    from diffsynth_attention.backends import device_info
-    from diffsynth_attention.dispatch.runners import make_runner
-    from diffsynth_attention.problem import prepare
-    from diffsynth_attention.tuning.timing import Timer
-    from diffsynth_attention.tools.inputs import make_inputs
+    from diffsynth_attention.tools.bench import Timer, backend_call, diffsynth_fixed, inputs
 
     device = torch.device(args.device)
     shapes = select_shapes(args)
@@ -86,7 +63,7 @@ def run(args) -> dict:
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
     for shape in shapes:
-        q, k, v, kw = make_inputs(shape, device, None, args.layout, g)
+        q, k, v, kw = inputs(shape, device, args.layout, g)
         with torch.no_grad():
             Timer(device).sync()
             t0 = time.perf_counter()
@@ -94,20 +71,11 @@ def run(args) -> dict:
             Timer(device).sync()
             first_call_s = time.perf_counter() - t0
             decision = info.decision
-            call, *_ = prepare(q, k, v, kw.get("q_pattern", "b n s d"), kw.get("k_pattern", "b n s d"), kw.get("v_pattern", "b n s d"),
-                               kw.get("out_pattern", "b n s d"), kw.get("dims"), None, None, kw.get("is_causal", False), kw.get("window_size"), False)
-            dev = device_info(device)
             usable = [n for n, c in info.candidates.items() if c["status"] in ("chosen", "accepted", "slower")]
-            methods = {}
-            from diffsynth_attention.backends import REGISTRY
-
-            for name in usable:
-                runner = make_runner(REGISTRY[name], call, False)
-                methods[name] = (lambda r=runner: r(q, k, v, None, None))
-            fixed = fixed_priority(call.problem, dev)
+            methods = {name: backend_call(name, q, k, v, **kw) for name in usable}
+            fixed = diffsynth_fixed(q, k, v, **kw)
             if fixed not in methods:  # e.g. sage: installed, supported, but rejected by the gate
-                runner = make_runner(REGISTRY[fixed], call, False)
-                methods[fixed] = (lambda r=runner: r(q, k, v, None, None))
+                methods[fixed] = backend_call(fixed, q, k, v, **kw)
             methods["auto"] = lambda: attention_forward(q, k, v, **kw)
             times = interleaved(methods, device, args.samples)
         backend_times = {n: t for n, t in times.items() if n != "auto" and n in usable}

@@ -45,7 +45,7 @@ def child(scenario: str) -> dict:
     import torch
 
     import diffsynth_attention as da
-    from diffsynth_attention.dispatch import default_dispatcher, faults
+    from diffsynth_attention.tools.bench import context_broken, default_dispatcher, poisons_context
 
     records = []
 
@@ -78,8 +78,8 @@ def child(scenario: str) -> dict:
         result["raised"] = None
     except Exception as exc:
         result["raised"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        result["recognised_by_text"] = faults.poisons_context(exc)
-    result["context_broken"] = faults.context_broken(q.device)
+        result["recognised_by_text"] = poisons_context(exc)
+    result["context_broken"] = context_broken(q.device)
     result["dropped"] = {k_: dict(v_) for k_, v_ in default_dispatcher().dropped.items()}
     result["disk_unchanged"] = _disk_digest(folder) == before
     result["log"] = records[-5:]

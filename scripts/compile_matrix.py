@@ -170,9 +170,9 @@ def run_one(model_name: str, mode: str, form: str, inductor: bool = False, plain
         return result
     # the same model compiled the same way with PyTorch's own SDPA: the compiles it needs anyway
     torch._dynamo.reset()
-    from diffsynth_attention.integrations import patching
+    from diffsynth_attention.tools.bench import original_sdpa
 
-    F.scaled_dot_product_attention = patching._ORIGINAL_SDPA
+    F.scaled_dot_product_attention = original_sdpa
     plain_rec = _InductorCounter() if inductor else _recorder()
     try:
         with torch.no_grad():

@@ -67,7 +67,7 @@ def rotation_vs_shuffle(out: dict) -> None:
                 for i in range(15):
                     order = names[i % len(names):] + names[:i % len(names)] if mode == "rotation" else None
                     if order is None:
-                        from diffsynth_attention.tuning.timing import round_order
+                        from diffsynth_attention.tools.bench import round_order
                         order = round_order(names, i)
                     for n in order:
                         times[n].append(timer.sample(fns[n], 1))
@@ -103,7 +103,7 @@ def main() -> int:
         if not args.no_tune:
             import tempfile
 
-            from diffsynth_attention.tuning.policy import TuningPolicy
+            from diffsynth_attention.tools.bench import TuningPolicy
 
             disp = da.Dispatcher(da.DecisionCache(tempfile.mkdtemp(prefix="da-diag-")), policy=TuningPolicy(listeners=(listener,)))
             t0 = time.perf_counter()

@@ -92,12 +92,9 @@ def device_label(device) -> str:
 
 
 def problems(args) -> list:
-    from diffsynth_attention.tools.shapes import load_shapes_file, select_presets
+    from diffsynth_attention.tools import bench
 
-    if args.shapes:
-        shapes = load_shapes_file(args.shapes)
-    else:
-        shapes = select_presets(args.preset or (["cpu"] if args.device == "cpu" else ["all"]))
+    shapes = bench.shapes(args.preset, args.shapes, default=["cpu"] if args.device == "cpu" else ["all"])
     if getattr(args, "extra", False):
         shapes = shapes + EXTRA
     if getattr(args, "cmd", None) == "repeat" and not args.no_extra:  # the problems the suite lacks (issue 21)
@@ -124,37 +121,20 @@ def sync(device) -> None:
 
 
 def fresh_dispatcher(policy=None):
-    from diffsynth_attention.dispatch import Dispatcher
-    from diffsynth_attention.store.cache import DecisionCache
+    from diffsynth_attention.tools.bench import fresh_dispatcher as fresh
 
-    return Dispatcher(DecisionCache(tempfile.mkdtemp(prefix="da-tuning-report-")), policy=policy)
+    return fresh(policy, prefix="da-tuning-report-")
 
 
 def inputs(shape, device, seed=0):
-    from diffsynth_attention.tools.inputs import make_inputs
+    from diffsynth_attention.tools import bench
 
-    g = _torch().Generator(device=device).manual_seed(seed)
-    return make_inputs(shape, device, None, "b n s d", g)
-
-
-def runner(name, q, k, v, kw):
-    """The backend ``name`` called as a plan would call it (conversions included), bound to q, k, v."""
-    from diffsynth_attention.backends import REGISTRY
-    from diffsynth_attention.dispatch.runners import make_runner
-    from diffsynth_attention.problem import prepare
-
-    call, *_ = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, kw.get("is_causal", False),
-                       kw.get("window_size"), False)
-    backend = REGISTRY[name]
-    if backend.unavailable_reason() is not None:
-        return None
-    run = make_runner(backend, call, False)
-    return lambda: run(q, k, v, None, None)
+    return bench.inputs(shape, device, generator=_torch().Generator(device=device).manual_seed(seed))
 
 
 def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0) -> dict:
     """The benchmarks' interleaved timing, without autograd."""
-    from diffsynth_attention.tuning.timing import interleaved as run
+    from diffsynth_attention.tools.bench import interleaved as run
 
     with _torch().no_grad():
         return run(methods, device, samples, target_ms)
@@ -220,12 +200,12 @@ def shapes_file(shapes: list) -> str:
 def child_tune(args) -> dict:
     """Tune every problem (the cache folder is empty): its decision."""
     import diffsynth_attention as da
-    from diffsynth_attention.tools.shapes import load_shapes_file
+    from diffsynth_attention.tools import bench
 
     torch = _torch()
     device = torch.device(args.device)
     rows = []
-    for shape in load_shapes_file(args.shapes):
+    for shape in bench.shapes(file=args.shapes):
         q, k, v, kw = inputs(shape, device)
         with torch.no_grad():
             info = da.explain(q, k, v, **kw)
@@ -241,10 +221,10 @@ def child_first_calls(args) -> dict:
     torch.zeros(1, device=device)  # the device context, outside the timings
     sync(device)
     import diffsynth_attention as da
-    from diffsynth_attention.tools.shapes import load_shapes_file
+    from diffsynth_attention.tools import bench
 
     rows = []
-    for shape in load_shapes_file(args.shapes):
+    for shape in bench.shapes(file=args.shapes):
         q, k, v, kw = inputs(shape, device)
         sync(device)
         t0 = time.perf_counter()
@@ -265,9 +245,9 @@ def child_first_result(args) -> dict:
     t_torch = time.perf_counter()
     device = torch.device(args.device)
     import diffsynth_attention as da
-    from diffsynth_attention.tools.shapes import load_shapes_file
+    from diffsynth_attention.tools import bench
 
-    shape = load_shapes_file(args.shapes)[0]
+    shape = bench.shapes(file=args.shapes)[0]
     q, k, v, kw = inputs(shape, device)
     with torch.no_grad():
         da.attention_forward(q, k, v, **kw)
@@ -285,60 +265,13 @@ def extra_problems(device) -> list:
     """REPEAT_EXTRA (cut to CPU size on a CPU, plus REPEAT_CPU_EXTRA)."""
     if device.type != "cpu":
         return [dict(s) for s in REPEAT_EXTRA]
-    from diffsynth_attention.tools.shapes import scale_for_cpu
+    from diffsynth_attention.tools.bench import scale_for_cpu
 
     return [dict(s) for s in REPEAT_CPU_EXTRA] + [scale_for_cpu(s) for s in REPEAT_EXTRA]
 
 
-def servable(shape, q, k, v, kw, device) -> tuple:
-    """({name: fn} every backend that can serve the problem here and passes the gate on these
-    inputs, {name: why not} for the others)."""
-    torch = _torch()
-    from diffsynth_attention.backends import REGISTRY, device_info
-    from diffsynth_attention.problem import prepare
-    from diffsynth_attention.tuning.policy import DEFAULT_POLICY
-    from diffsynth_attention.tuning.reference import gate_heads, reference_slice, relative_l1
-    from diffsynth_attention.tuning.trial import free_memory
-
-    causal, window = kw.get("is_causal", False), kw.get("window_size")
-    call, *_ = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, causal, window, False)
-    problem, dev = call.problem, device_info(device)
-    tolerance = DEFAULT_POLICY.tolerance(problem.dtype_name, device.type)
-    heads = gate_heads(problem.heads_q)
-    with torch.no_grad():
-        ref = reference_slice(q, k, v, None, None, causal, window, heads)
-    free = free_memory(device)
-    methods, why = {}, {}
-    for name, backend in REGISTRY.items():
-        reasons = backend.not_supported_reasons(problem, dev)
-        if reasons:
-            why[name] = "; ".join(reasons)
-            continue
-        if free is not None and backend.predicted_bytes(problem) > free:
-            why[name] = "predicted not to fit in the free memory"
-            continue
-        fn = runner(name, q, k, v, kw)
-        if fn is None:
-            why[name] = backend.unavailable_reason() or "unavailable"
-            continue
-        try:
-            with torch.no_grad():
-                error = relative_l1(fn()[0, heads], ref)
-        except Exception as exc:  # an out-of-memory error, a kernel that refuses the shape
-            why[name] = f"raised {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-            sync(device)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        if not error <= tolerance:
-            why[name] = f"error {error:.3g} above tolerance {tolerance:g}"
-            continue
-        methods[name] = fn
-    return methods, why
-
-
 def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15, stem=None) -> dict:
-    from diffsynth_attention.tuning.policy import DEFAULT_POLICY
+    from diffsynth_attention.tools.bench import DEFAULT_POLICY, backend_call, servable
 
     torch = _torch()
     path = shapes_file(shapes)
@@ -352,9 +285,9 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
     for j, shape in enumerate(shapes):
         decided = [r["problems"][j]["backend"] for r in runs]
         q, k, v, kw = inputs(shape, device)
-        methods, not_timed = servable(shape, q, k, v, kw, device)
+        methods, not_timed = servable(q, k, v, **kw)
         for name in set(decided) - set(methods):  # a decision this process cannot reproduce: time it anyway
-            fn = runner(name, q, k, v, kw)
+            fn = backend_call(name, q, k, v, **kw)
             if fn is not None:
                 methods[name] = fn
         times = interleaved(methods, device, samples)
@@ -407,7 +340,7 @@ def write_repeat(rows: list, device, n: int, samples: int, out_dir: Path, stem=N
 
 # -- cost (issue 15, items 1-2) ---------------------------------------------------------------------------------
 def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=None) -> dict:
-    from diffsynth_attention.tuning.policy import DEFAULT_POLICY
+    from diffsynth_attention.tools.bench import DEFAULT_POLICY
 
     torch = _torch()
     floor = DEFAULT_POLICY.budget_floor()
@@ -471,7 +404,7 @@ def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=
 
 # -- first calls (issue 15, items 3-4) ---------------------------------------------------------------------------
 def first_calls(shapes: list, device, out_dir: Path, warm_cli: bool = True, stem=None) -> dict:
-    from diffsynth_attention.backends.flash_attention import FA4_CACHE_DIR, FA4_CACHE_ENABLED
+    from diffsynth_attention.tools.bench import FA4_CACHE_DIR, FA4_CACHE_ENABLED
 
     for name in (FA4_CACHE_ENABLED, FA4_CACHE_DIR):
         os.environ.pop(name, None)  # the library's own setting is what is measured
@@ -551,7 +484,7 @@ def first_calls(shapes: list, device, out_dir: Path, warm_cli: bool = True, stem
 
 # -- neighbours (issue 15, item 5) ---------------------------------------------------------------------------------
 def neighbours(shapes: list, device, out_dir: Path, offsets=OFFSETS, samples: int = 11, stem=None) -> dict:
-    from diffsynth_attention.store.key import BUCKETS_PER_OCTAVE, neighbour_distance
+    from diffsynth_attention.tools.bench import BUCKETS_PER_OCTAVE, backend_call, neighbour_distance
 
     torch = _torch()
     disp = fresh_dispatcher()
@@ -573,7 +506,7 @@ def neighbours(shapes: list, device, out_dir: Path, offsets=OFFSETS, samples: in
             row = {"problem": shape["name"], "offset": off, "seq_q": sq, "seq_kv": skv, "in_bucket": in_bucket,
                    "tuned": tuned.backend, "neighbour": base.backend, "agree": tuned.backend == base.backend}
             if not row["agree"]:
-                methods = {n: fn for n in (tuned.backend, base.backend) if (fn := runner(n, q, k, v, kw)) is not None}
+                methods = {n: fn for n in (tuned.backend, base.backend) if (fn := backend_call(n, q, k, v, **kw)) is not None}
                 if len(methods) == 2:
                     times = interleaved(methods, device, samples)
                     row["times_ms"] = times

@@ -1,14 +1,24 @@
-"""The benchmark harness: what every script under ``scripts/`` measures with.
+"""The benchmark harness: what every script under ``scripts/`` measures with, the one surface
+scripts use besides the public API (no script imports another, or any other package module).
 
 - :func:`environment`: the machine, torch, the kernel packages and what is usable;
-- :func:`interleaved` (and :class:`Timer`): the timer the tuner uses too, methods interleaved;
+- :func:`interleaved` (and :class:`Timer`, :func:`round_order`): the timer the tuner uses too,
+  methods interleaved;
 - :func:`host_us`: host microseconds per call of several functions, interleaved blocks;
+- :func:`shapes`, :func:`inputs`: the problems of the shape suite, random q, k, v for one;
+- :func:`backend_call`: a backend called as a plan would call it (conversions included);
+  :func:`diffsynth_fixed`: the backend DiffSynth-Studio's fixed priority list picks;
+  :func:`servable`: the backends that serve a problem and pass the accuracy gate;
 - :func:`direct_call`: the cheapest hand-written call of a backend's kernel, the baseline of
-  every overhead figure;
-- :func:`hit_overhead`: ``attention_forward`` on a cache hit against that baseline;
-- :func:`save_result`: ``<device>-<date><suffix>.{json,md}`` under a results folder.
+  every overhead figure; :func:`hit_overhead`: ``attention_forward`` on a cache hit against it;
+- :func:`fresh_dispatcher`: a dispatcher on an empty cache folder of its own;
+- :func:`save_result`: ``<device>-<date><suffix>.{json,md}`` under a results folder;
+- :class:`CompileRecorder`: a ``torch.compile`` backend that counts compiles and runs.
 
-Scripts import this module and the public API only (no script imports another).
+The objects scripts legitimately need from inside the package are re-exported here (loaded on
+first use, see ``_REEXPORTS``): the backend ``REGISTRY``, the tuning policy (``TuningPolicy``,
+``DEFAULT_POLICY``), the default dispatcher and its graph operators, the fault probes, the
+diffusers registration, the SDPA patch's pieces, the cache's entry types and neighbour keys.
 """
 
 from __future__ import annotations
@@ -24,17 +34,54 @@ from typing import Callable, Optional
 
 import torch
 
-from ..tuning.timing import Timer, interleaved
+from ..tuning.timing import Timer, interleaved, round_order
+from .bench_calls import backend_call, diffsynth_fixed, fresh_dispatcher, inputs, servable, shapes, sync
 
-__all__ = ["CompileRecorder", "Timer", "direct_call", "environment", "geomean", "hit_overhead", "host_us", "interleaved", "save_result",
-           "sync"]
+# name here: (module, name there), imported on first use (some of them import a lot, or patch).
+_REEXPORTS = {
+    "REGISTRY": ("..backends", "REGISTRY"),  # every backend, by name
+    "package_version": ("..backends", "package_version"),  # an installed distribution's version
+    "enable_fa4_compile_cache": ("..backends.flash_attention", "enable_fa4_compile_cache"),
+    "FA4_CACHE_ENABLED": ("..backends.flash_attention", "FA4_CACHE_ENABLED"),  # the variables that configure it
+    "FA4_CACHE_DIR": ("..backends.flash_attention", "FA4_CACHE_DIR"),
+    "TuningPolicy": ("..tuning.policy", "TuningPolicy"),
+    "DEFAULT_POLICY": ("..tuning.policy", "DEFAULT_POLICY"),
+    "default_dispatcher": ("..dispatch", "default_dispatcher"),  # what attention_forward uses
+    "dispatch_op": ("..dispatch.compiled", "dispatch_op"),  # diffsynth_attention::dispatch
+    "kernel_op": ("..dispatch.compiled", "kernel_op"),  # diffsynth_attention::kernel
+    "poisons_context": ("..dispatch.faults", "poisons_context"),
+    "context_broken": ("..dispatch.faults", "context_broken"),
+    "register_diffusers": ("..integrations.diffusers", "register"),  # the diffsynth_auto backend
+    "sdpa_routable": ("..integrations.patching", "routable"),  # would the SDPA patch route this call
+    "sdpa_wrapper": ("..integrations.patching", "scaled_dot_product_attention"),  # the patch's SDPA
+    "original_sdpa": ("..integrations.patching", "_ORIGINAL_SDPA"),  # PyTorch's, before any patch
+    "scale_for_cpu": (".shapes", "scale_for_cpu"),  # a problem cut to CPU size
+    "DecisionCache": ("..store.cache", "DecisionCache"),
+    "Candidate": ("..store.decision", "Candidate"),
+    "Decision": ("..store.decision", "Decision"),
+    "key_id": ("..store.decision", "key_id"),
+    "neighbour_group": ("..store.neighbours", "neighbour_group"),
+    "neighbour_distance": ("..store.key", "neighbour_distance"),
+    "BUCKETS_PER_OCTAVE": ("..store.key", "BUCKETS_PER_OCTAVE"),
+}
+
+__all__ = ["CompileRecorder", "Timer", "backend_call", "diffsynth_fixed", "direct_call", "environment", "fresh_dispatcher",
+           "geomean", "hit_overhead", "host_us", "inputs", "interleaved", "round_order", "save_result", "servable",
+           "shapes", "sync"]
+__all__ += sorted(_REEXPORTS)
+
+
+def __getattr__(name: str):
+    where = _REEXPORTS.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(where[0], __package__), where[1])
+    globals()[name] = value
+    return value
 
 _aten = torch.ops.aten
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def geomean(xs) -> Optional[float]:

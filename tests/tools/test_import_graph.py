@@ -27,7 +27,7 @@ FOLDERS = (PACKAGE, "scripts", "tests")
 
 class Module:
     def __init__(self, name: str, path: Path, root: Path):
-        self.name, self.path, self.rel = name, path, path.relative_to(root)
+        self.name, self.path, self.root, self.rel = name, path, root, path.relative_to(root)
         self.is_package = path.name == "__init__.py"
         self.folder = self.rel.parts[0]
 
@@ -176,20 +176,39 @@ def describe(edges: dict, cycle: list) -> str:
     return " -> ".join(cycle) + "\n" + "\n".join(steps)
 
 
+SCRIPT_FACING = (PACKAGE, f"{PACKAGE}.tools.bench", f"{PACKAGE}.tools.cli")
+
+
+def _public_names(root: Path) -> set:
+    """The package's ``__all__`` (read from its ``__init__.py``; empty when it has none)."""
+    tree = ast.parse((root / PACKAGE / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
 def script_violations(tree_modules: dict) -> list:
-    """A script may import the package (no module or name with a leading underscore: the public
-    API, the benchmark harness ``tools.bench`` included), never another script or a test helper."""
+    """A script imports only the public API (``diffsynth_attention`` and the names of its
+    ``__all__``), the benchmark harness ``diffsynth_attention.tools.bench`` and the command line
+    ``diffsynth_attention.tools.cli`` (whose ``main`` the thin CLI scripts call), at top level or
+    inside a function; never another package module, another script or a test helper, and no
+    name with a leading underscore."""
     edges = graph(tree_modules, top_level_only=False)
+    public = _public_names(next(iter(tree_modules.values())).root)
     bad = []
     for name, mod in sorted(tree_modules.items()):
         if mod.folder != "scripts":
             continue
-        bad += [f"{name} imports {t}" for t in edges[name] if t != PACKAGE and not t.startswith(PACKAGE + ".")]
+        bad += [f"{name} imports {t}" for t in edges[name] if t not in SCRIPT_FACING]
         for node, _ in _imports(ast.parse(mod.path.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif node.level == 0 and node.module and node.module.split(".")[0] == PACKAGE:
                 names = [f"{node.module}.{a.name}" for a in node.names]
+                if node.module == PACKAGE:
+                    bad += [f"{name}:{node.lineno} imports {PACKAGE}.{a.name}, not in its __all__" for a in node.names
+                            if a.name not in public and f"{PACKAGE}.{a.name}" not in tree_modules]
             else:
                 continue
             for dotted in names:
@@ -219,18 +238,28 @@ def test_the_graph_sees_every_kind_of_import(tree_modules):
 
 
 def test_a_cycle_and_a_script_importing_a_script_are_found(tmp_path):
-    """A synthetic tree: a -> b -> c -> a (one import inside a function, one relative), and a
-    script that imports another script and a private module."""
+    """A synthetic tree: a -> b -> c -> a (one import inside a function, one relative), and
+    scripts that import another script, a private module, a package module other than the
+    script-facing ones (at top level and inside a function) and a name outside ``__all__``; a
+    script importing only the public API, the harness and the command line passes."""
     pkg = tmp_path / PACKAGE
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
+    (pkg / "tools").mkdir(parents=True)
+    (pkg / "__init__.py").write_text('__all__ = ["explain"]\n')
     (pkg / "a.py").write_text("from . import b\n")
     (pkg / "b.py").write_text("def f():\n    from diffsynth_attention.c import x\n")
     (pkg / "c.py").write_text("from .a import *\nx = 1\n")
     (pkg / "_private.py").write_text("")
+    for name in ("__init__", "bench", "cli"):
+        (pkg / "tools" / f"{name}.py").write_text("")
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "one.py").write_text("import two\nfrom diffsynth_attention import _private\n")
-    (tmp_path / "scripts" / "two.py").write_text("from diffsynth_attention.a import b\n")
+    (tmp_path / "scripts" / "two.py").write_text("from diffsynth_attention.a import b\n"
+                                                 "def f():\n    import diffsynth_attention.tools\n")
+    (tmp_path / "scripts" / "three.py").write_text("from diffsynth_attention import explain, hidden\n")
+    (tmp_path / "scripts" / "fine.py").write_text(
+        "import diffsynth_attention as da\nfrom diffsynth_attention import explain\n"
+        "from diffsynth_attention.tools import bench\nfrom diffsynth_attention.tools.bench import x\n"
+        "def main():\n    from diffsynth_attention.tools.cli import main\n")
     (tmp_path / "tests").mkdir()
     found = modules(tmp_path)
     assert cycles(graph(found, top_level_only=True)) == []  # b -> c only inside a function
@@ -239,7 +268,11 @@ def test_a_cycle_and_a_script_importing_a_script_are_found(tmp_path):
     assert cycle[0] == cycle[-1] and set(cycle) == {f"{PACKAGE}.{m}" for m in "abc"}
     assert "b.py:2" in describe(every, cycle)
     assert script_violations(found) == ["scripts.one imports scripts.two",
-                                        "scripts.one:2 imports the private diffsynth_attention._private"]
+                                        "scripts.one imports diffsynth_attention._private",
+                                        "scripts.one:2 imports the private diffsynth_attention._private",
+                                        "scripts.three:1 imports diffsynth_attention.hidden, not in its __all__",
+                                        "scripts.two imports diffsynth_attention.a",
+                                        "scripts.two imports diffsynth_attention.tools"]
 
 
 @pytest.mark.parametrize("top_level_only", [True, False], ids=["top-level", "with-function-level"])

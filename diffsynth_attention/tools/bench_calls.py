@@ -1,0 +1,141 @@
+"""The benchmark harness's problems and backend calls (re-exported by :mod:`.bench`).
+
+- :func:`shapes` and :func:`inputs`: the problems of the shape suite and random q, k, v for one;
+- :func:`backend_call`: a backend called as a plan would call it (layout conversions included);
+- :func:`diffsynth_fixed`: the backend DiffSynth-Studio's fixed priority list would pick;
+- :func:`servable`: every backend that serves a problem here and passes the tuner's accuracy gate;
+- :func:`fresh_dispatcher`: a dispatcher on an empty cache folder of its own.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Callable, Optional
+
+import torch
+
+_BNSD = "b n s d"
+
+
+def sync(device) -> None:
+    """Wait for ``device`` (a CUDA device; nothing to wait for on a CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def shapes(presets=None, file=None, only: Optional[str] = None, default=("all",)) -> list:
+    """The problems of a shapes ``file``, else of the named ``presets`` (else ``default``),
+    narrowed to the comma-separated names of ``only``; a ValueError names what is unknown."""
+    from .shapes import load_shapes_file, select_presets
+
+    found = load_shapes_file(file) if file else select_presets(presets or list(default))
+    if not only:
+        return found
+    wanted = [n.strip() for n in only.split(",") if n.strip()]
+    known = [s["name"] for s in found]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ValueError(f"--only {only!r}: unknown problem name(s) {', '.join(unknown) or '(none given)'}; "
+                         f"known: {', '.join(known)}")
+    return [s for s in found if s["name"] in wanted]
+
+
+def inputs(shape: dict, device, layout: str = _BNSD, generator: Optional[torch.Generator] = None, dtype=None):
+    """Random q, k, v for a problem of the shape suite, laid out as ``layout``; returns
+    ``(q, k, v, kwargs)``, the keyword arguments ``attention_forward`` takes for them."""
+    from .inputs import make_inputs
+
+    return make_inputs(shape, device, dtype, layout, generator)
+
+
+def _call(q, k, v, kw: dict):
+    """The validated call ``attention_forward(q, k, v, **kw)`` would make (its problem, layout...)."""
+    from ..problem import prepare
+
+    call, *_ = prepare(q, k, v, kw.get("q_pattern", _BNSD), kw.get("k_pattern", _BNSD), kw.get("v_pattern", _BNSD),
+                       kw.get("out_pattern", _BNSD), kw.get("dims"), kw.get("attn_mask"), kw.get("scale"),
+                       kw.get("is_causal", False), kw.get("window_size"), False)
+    return call
+
+
+def backend_call(name: str, q, k, v, **attention_kwargs) -> Optional[Callable]:
+    """Backend ``name`` called as a plan would call it on ``attention_forward(q, k, v,
+    **attention_kwargs)`` (layout conversions included, no autograd), bound to q, k, v: a function
+    of no argument; None where the backend is unavailable here."""
+    from ..backends import REGISTRY
+    from ..dispatch.runners import make_runner
+
+    backend = REGISTRY[name]
+    if backend.unavailable_reason() is not None:
+        return None
+    mask, scale = attention_kwargs.get("attn_mask"), attention_kwargs.get("scale")
+    run = make_runner(backend, _call(q, k, v, attention_kwargs), False)
+    return lambda: run(q, k, v, mask, scale)
+
+
+def diffsynth_fixed(q, k, v, **attention_kwargs) -> str:
+    """The backend DiffSynth-Studio's fixed priority list picks for this call on this machine:
+    the first that is usable and supports the problem, else ``torch``."""
+    from ..backends import DIFFSYNTH_PRIORITY, REGISTRY, device_info
+
+    problem, dev = _call(q, k, v, attention_kwargs).problem, device_info(q.device)
+    for name in DIFFSYNTH_PRIORITY:
+        b = REGISTRY[name]
+        if b.unavailable_reason() is None and not b.not_supported_reasons(problem, dev):
+            return name
+    return "torch"
+
+
+def servable(q, k, v, **attention_kwargs) -> tuple:
+    """``({name: fn}, {name: why not})``: every backend that can serve the call here and passes the
+    tuner's accuracy gate on these inputs (its :func:`backend_call`), and why each other one is
+    left out (unsupported, predicted not to fit, unavailable, raised, error above tolerance)."""
+    from ..backends import REGISTRY, device_info
+    from ..tuning.policy import DEFAULT_POLICY
+    from ..tuning.reference import gate_heads, reference_slice, relative_l1
+    from ..tuning.trial import free_memory
+
+    device = q.device
+    causal, window = attention_kwargs.get("is_causal", False), attention_kwargs.get("window_size")
+    problem, dev = _call(q, k, v, attention_kwargs).problem, device_info(device)
+    tolerance = DEFAULT_POLICY.tolerance(problem.dtype_name, device.type)
+    heads = gate_heads(problem.heads_q)
+    with torch.no_grad():
+        ref = reference_slice(q, k, v, None, None, causal, window, heads)
+    free = free_memory(device)
+    methods, why = {}, {}
+    for name, backend in REGISTRY.items():
+        reasons = backend.not_supported_reasons(problem, dev)
+        if reasons:
+            why[name] = "; ".join(reasons)
+            continue
+        if free is not None and backend.predicted_bytes(problem) > free:
+            why[name] = "predicted not to fit in the free memory"
+            continue
+        fn = backend_call(name, q, k, v, **attention_kwargs)
+        if fn is None:
+            why[name] = backend.unavailable_reason() or "unavailable"
+            continue
+        try:
+            with torch.no_grad():
+                error = relative_l1(fn()[0, heads], ref)
+        except Exception as exc:  # an out-of-memory error, a kernel that refuses the shape
+            why[name] = f"raised {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        if not error <= tolerance:
+            why[name] = f"error {error:.3g} above tolerance {tolerance:g}"
+            continue
+        methods[name] = fn
+    return methods, why
+
+
+def fresh_dispatcher(policy=None, prefix: str = "da-bench-"):
+    """A :class:`Dispatcher` on a new empty cache folder (a temporary one named ``prefix...``):
+    every problem it sees is tuned afresh, under ``policy`` (the default policy if None)."""
+    from ..dispatch import Dispatcher
+    from ..store.cache import DecisionCache
+
+    return Dispatcher(DecisionCache(tempfile.mkdtemp(prefix=prefix)), policy=policy)
