@@ -1,15 +1,14 @@
 """Patching (CPU): ``patch_sdpa`` scoped and global and under a diffusers model, ``patch_diffsynth``,
 and the same results as DiffSynth-Studio's own attention module."""
-import importlib.util
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 import diffsynth_attention as da
 
+from support.diffsynth import load_diffsynth_attention
 from support.helpers import qkv, rel
 
 
@@ -61,32 +60,12 @@ def test_diffusers_transformer_same_output_with_patch_sdpa():
     assert rel(patched, plain) < 1e-5
 
 
-def _load_diffsynth_attention():
-    loaded = sys.modules.get("diffsynth.core.attention.attention")
-    if loaded is not None and hasattr(loaded, "torch_sdpa"):
-        return loaded
-    spec = importlib.util.find_spec("diffsynth")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("DiffSynth-Studio is not installed (pip install --no-deps diffsynth==2.1.12)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "core" / "attention" / "attention.py"
-    for name in ("diffsynth", "diffsynth.core", "diffsynth.core.attention"):
-        mod = types.ModuleType(name)
-        mod.__path__ = []
-        sys.modules.setdefault(name, mod)
-    spec = importlib.util.spec_from_file_location("diffsynth.core.attention.attention", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["diffsynth.core.attention.attention"] = module
-    spec.loader.exec_module(module)
-    sys.modules["diffsynth.core.attention"].attention_forward = module.attention_forward
-    return module
-
-
 PATTERNS = [("b n s d", "b n s d", None), ("b s n d", "b s n d", None), ("b s (n d)", "b s (n d)", {"n": 4}), ("b s (n d)", "b n s d", {"n": 4})]
 
 
 @pytest.mark.parametrize("in_p,out_p,dims", PATTERNS)
 def test_same_results_as_diffsynth_attention_module(in_p, out_p, dims):
-    ds = _load_diffsynth_attention()
+    ds = load_diffsynth_attention()
     from einops import rearrange
 
     q, k, v = qkv(sq=24, skv=24)
@@ -99,7 +78,7 @@ def test_same_results_as_diffsynth_attention_module(in_p, out_p, dims):
 
 
 def test_patch_diffsynth_routes_and_undoes():
-    ds = _load_diffsynth_attention()
+    ds = load_diffsynth_attention()
     original = ds.attention_forward
     handle = da.patch_diffsynth(wan=False)
     try:
@@ -115,7 +94,7 @@ def test_patch_diffsynth_routes_and_undoes():
 
 
 def test_patch_diffsynth_routes_the_wan_dit_helper_everywhere(monkeypatch):
-    _load_diffsynth_attention()
+    load_diffsynth_attention()
     calls = []
 
     def flash_attention(q, k, v, num_heads, compatibility_mode=False):  # the Wan DiT helper's signature
