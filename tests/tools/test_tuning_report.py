@@ -48,9 +48,10 @@ def test_repeat_tunes_in_fresh_processes_and_times_every_backend_directly(out):
         assert len(p["decisions"]) == 2 and 1 <= p["agree"] <= 2 and p["worst_vs_best"] >= 1.0
         assert set(p["times_ms"]) == {"torch", "torch_flash", "torch_math"}  # every CPU backend, not only the decided
         assert "cuda" in p["not_timed"]["torch_cudnn"].lower()
+        assert len(p["own_vs_best"]) == 2 and all(x >= 1.0 for x in p["own_vs_best"])  # timed in each tuning process
     assert r["problems"][1]["problem"]["dtype"] == "float32"
     md = next(out.glob("*-tuning-repeat.md")).read_text()
-    assert "| issue21_cpu + |" in md and "Every backend timed directly" in md
+    assert "| issue21_cpu + |" in md and "Every backend timed directly" in md and "worst in its own process" in md
 
 
 def test_the_extra_problems_cover_what_the_suite_lacks():
