@@ -48,14 +48,15 @@ def inputs(shape: dict, device, layout: str = _BNSD, generator: Optional[torch.G
     return make_inputs(shape, device, dtype, layout, generator)
 
 
-def _call(q, k, v, kw: dict):
-    """The validated call ``attention_forward(q, k, v, **kw)`` would make (its problem, layout...)."""
+def _call(q, k, v, kw: dict, canonical: bool = False):
+    """The validated call ``attention_forward(q, k, v, **kw)`` would make (its problem, layout...);
+    with ``canonical``, ``(call, qc, kc, vc)``: q, k, v as ``b n s d`` views too."""
     from ..problem import prepare
 
-    call, *_ = prepare(q, k, v, kw.get("q_pattern", _BNSD), kw.get("k_pattern", _BNSD), kw.get("v_pattern", _BNSD),
+    call, *qkv = prepare(q, k, v, kw.get("q_pattern", _BNSD), kw.get("k_pattern", _BNSD), kw.get("v_pattern", _BNSD),
                        kw.get("out_pattern", _BNSD), kw.get("dims"), kw.get("attn_mask"), kw.get("scale"),
                        kw.get("is_causal", False), kw.get("window_size"), False)
-    return call
+    return (call, *qkv) if canonical else call
 
 
 def backend_call(name: str, q, k, v, **attention_kwargs) -> Optional[Callable]:
@@ -90,18 +91,23 @@ def servable(q, k, v, **attention_kwargs) -> tuple:
     """``({name: fn}, {name: why not})``: every backend that can serve the call here and passes the
     tuner's accuracy gate on these inputs (its :func:`backend_call`), and why each other one is
     left out (unsupported, predicted not to fit, unavailable, raised, error above tolerance)."""
+    from einops import rearrange
+
     from ..backends import REGISTRY, device_info
+    from ..problem import mask_4d
     from ..tuning.policy import DEFAULT_POLICY
     from ..tuning.reference import gate_heads, reference_slice, relative_l1
     from ..tuning.trial import free_memory
 
     device = q.device
-    causal, window = attention_kwargs.get("is_causal", False), attention_kwargs.get("window_size")
-    problem, dev = _call(q, k, v, attention_kwargs).problem, device_info(device)
+    call, qc, kc, vc = _call(q, k, v, attention_kwargs, canonical=True)
+    problem, dev = call.problem, device_info(device)
+    out_pattern = attention_kwargs.get("out_pattern", _BNSD)
     tolerance = DEFAULT_POLICY.tolerance(problem.dtype_name, device.type)
     heads = gate_heads(problem.heads_q)
-    with torch.no_grad():
-        ref = reference_slice(q, k, v, None, None, causal, window, heads)
+    with torch.no_grad():  # the tuner's gate: the call's own layout, mask and scale
+        ref = reference_slice(qc, kc, vc, mask_4d(attention_kwargs.get("attn_mask")), call.scale, problem.causal,
+                              problem.window, heads)
     free = free_memory(device)
     methods, why = {}, {}
     for name, backend in REGISTRY.items():
@@ -118,7 +124,8 @@ def servable(q, k, v, **attention_kwargs) -> tuple:
             continue
         try:
             with torch.no_grad():
-                error = relative_l1(fn()[0, heads], ref)
+                out = rearrange(fn(), f"{out_pattern} -> b n s d", n=problem.heads_q, d=problem.head_dim_v)
+                error = relative_l1(out[0, heads], ref)
         except Exception as exc:  # an out-of-memory error, a kernel that refuses the shape
             why[name] = f"raised {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
             sync(device)

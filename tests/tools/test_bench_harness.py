@@ -44,3 +44,13 @@ def test_servable_on_the_cpu_keeps_torch_and_says_why_for_the_rest():
 def test_fresh_dispatcher_starts_from_an_empty_cache():
     disp = bench.fresh_dispatcher(bench.DEFAULT_POLICY)
     assert disp.store.entries() == {}
+
+
+@pytest.mark.parametrize("layout,scale", [("b s n d", None), ("b n s d", 0.5)])
+def test_servable_gates_against_the_call_it_was_given(layout, scale):
+    # the reference must be computed on the call's own layout and scale (not b n s d, default scale)
+    q, k, v, kw = bench.inputs(SHAPE, "cpu", layout, torch.Generator().manual_seed(0))
+    if scale is not None:
+        kw["scale"] = scale
+    methods, why = bench.servable(q, k, v, **kw)
+    assert "torch" in methods, why.get("torch")
