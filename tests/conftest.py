@@ -48,7 +48,10 @@ def subprocess_env(isolated):
 
 def pytest_collection_finish(session):
     """Start, in the background, the fresh processes that the selected tests share (one at a time:
-    the other core runs the tests meanwhile)."""
+    the other core runs the tests meanwhile). None for a run that runs no test (--collect-only,
+    --setup-plan): nothing would read them, and the session would wait for the one under way."""
+    if session.config.option.collectonly or getattr(session.config.option, "setupplan", False):
+        return
     subprocesses.start(session.items)
 
 
