@@ -58,7 +58,7 @@ def round_order(names: list, i: int, seed: str = "") -> list:
     """The order of round ``i``: a permutation drawn from a generator seeded by the names and
     ``i`` (deterministic). Not a rotation: rotating keeps each method behind the same one, and on a
     power-capped GPU a kernel runs faster after a light one (an H200 timed the same FlashAttention-4
-    call 10% apart depending on which kernel preceded it)."""
+    call 6.8% apart depending on which kernel preceded it)."""
     order = list(names)
     random.Random(f"{seed}|{'|'.join(map(str, names))}|{i}").shuffle(order)
     return order
