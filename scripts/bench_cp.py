@@ -115,12 +115,15 @@ class Clock:
 
 
 def interleaved(clock, fns: dict, rounds: int, before=None) -> dict:
-    """{name: median ms}: each round times every function once, the order rotating;
+    """{name: median ms}: each round times every function once, in a new seeded order (the
+    benchmarks' :func:`round_order`, the same on every rank: the collectives stay matched);
     ``before[name]()`` runs untimed ahead of each sample (switching the model's backend)."""
+    from diffsynth_attention.tools.bench import round_order
+
     names = list(fns)
     samples = {n: [] for n in names}
     for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in round_order(names, r):
             if before is not None:
                 before[n]()
             samples[n].append(clock.time_ms(fns[n]))
