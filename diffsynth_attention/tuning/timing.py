@@ -56,9 +56,9 @@ class Timer:
 
 def round_order(names: list, i: int, seed: str = "") -> list:
     """The order of round ``i``: a permutation drawn from a generator seeded by the names and
-    ``i`` (deterministic). Not a rotation: rotating keeps each method behind the same one, and on a
-    power-capped GPU a kernel runs faster after a light one (an H200 timed the same FlashAttention-4
-    call 6.8% apart depending on which kernel preceded it)."""
+    ``i`` (deterministic). Not a rotation: rotating keeps each method behind the same one, and a
+    kernel's time depends on what ran before it (an H200 timed the same FlashAttention-4 call 6.8%
+    apart behind two different kernels)."""
     order = list(names)
     random.Random(f"{seed}|{'|'.join(map(str, names))}|{i}").shuffle(order)
     return order

@@ -21,7 +21,7 @@ of a :class:`~.policy.TuningPolicy` (defaults in brackets).
    if its prediction is within 1.5x of the best prediction, or if one more probe, taken now that
    every candidate is warm, is within 1.5x of the best; else it is ``slower``, with both probes.
 5. **rounds** - each round samples each candidate once, in a new order (no candidate always
-   behind the same one: a power-capped GPU runs a kernel faster after a light one); every candidate
+   behind the same one: a kernel's time depends on what ran before it); every candidate
    gets at least ``min_rounds`` (3) samples (a long call is one call per sample, so one outlier
    cannot decide), and the rounds go on while the budget has room (up to ``max_rounds``). When
    not even ``min_rounds`` rounds fit, the slowest candidates leave the rounds first.
