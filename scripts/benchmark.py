@@ -38,11 +38,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 from diffsynth_attention.tools.bench import environment, geomean, host_us, interleaved, save_result  # noqa: E402,F401
 
 
