@@ -66,10 +66,7 @@ def rotation_vs_shuffle(out: dict) -> None:
             times = {n: [] for n in names}
             with torch.no_grad():
                 for i in range(15):
-                    order = names[i % len(names):] + names[:i % len(names)] if mode == "rotation" else None
-                    if order is None:
-                        from diffsynth_attention.tools.bench import round_order
-                        order = round_order(names, i)
+                    order = names[i % len(names):] + names[:i % len(names)] if mode == "rotation" else bench.round_order(names, i)
                     for n in order:
                         times[n].append(timer.sample(fns[n], 1))
             out.setdefault("order", []).append({"mode": mode, "attempt": attempt,
