@@ -24,11 +24,10 @@ tensors and decomposes into what the call needs:
 
 A graph never reads anything a later decision changes: a new decision for one key recompiles
 no graph (there is no process-wide epoch). The environment variable
-``DIFFSYNTH_ATTENTION_IMPLEMENTATION`` is read when a graph is traced: change it before
-compiling, or call ``torch.compiler.reset()`` after changing it.
-
-This module is imported when a trace first reaches ``attention_forward`` (or when the operators
-are used), so eager programs never import ``torch._dynamo`` through it.
+``DIFFSYNTH_ATTENTION_IMPLEMENTATION`` (and ``DIFFSYNTH_ATTENTION_QUALITY``) is read when a graph
+is traced: change it before compiling, or call ``torch.compiler.reset()`` after changing it.
+A low-precision quality tier is served by the run-time operator (docs/quality.md). This module is
+imported when a trace first reaches ``attention_forward`` (or the operators are used).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from typing import Optional
 import torch
 from einops import rearrange
 
-from .. import overrides
+from .. import overrides, tiers
 from ..backends import REGISTRY, TORCH_FAMILY
 from ..problem import CANONICAL, mask_4d
 from ..request import Request
@@ -440,11 +439,12 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
                      compatibility_mode, window_size):
     """What Dynamo traces for ``attention_forward``: one operator call. Passing
     ``overrides.TRACE.scope`` makes Dynamo guard on the innermost ``use_backend`` (one opened
-    around the compiled call) and hands the operator a scope opened inside the compiled code."""
-    # int(n): a head count Dynamo made symbolic (an int argument under dynamic=True) is specialized;
-    # anything else is written as it is, so validation rejects what eager rejects
+    around the compiled call) and hands the operator a scope opened inside the compiled code. A
+    low-precision quality scope (``tiers.TRACE``, guarded too) records the run-time operator."""
+    # int(n): a head count Dynamo made symbolic is specialized; the rest as written (validation as eager)
     dims_text = None if dims is None else ",".join(
         f"{a}={n if isinstance(n, (bool, float, str)) else int(n)}" for a, n in dims.items())
-    return attention_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, attn_mask,
-                        None if scale is None else float(scale), bool(is_causal), window_size, bool(compatibility_mode),
-                        d.trace_token, overrides.TRACE.scope)
+    op = attention_op if tiers.TRACE.scoped in (None, tiers.EXACT) else dispatch_op
+    return op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, attn_mask,
+              None if scale is None else float(scale), bool(is_causal), window_size, bool(compatibility_mode),
+              d.trace_token, overrides.TRACE.scope)

@@ -17,9 +17,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import config, overrides
+from .. import config, overrides, tiers
 from ..backend_names import check_backend
-from ..backends import REGISTRY, candidates, device_info, loading
+from ..backends import REGISTRY, candidates, device_info, for_tier, loading
 from ..problem import mask_4d, prepare
 from ..request import Request
 from ..store.cache import DecisionCache, all_rejected
@@ -30,7 +30,7 @@ from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import DEFAULT_POLICY, TuningPolicy
 from ..tuning.trial import decision_timings
 from ..tuning.tuner import TuneInputs, tune
-from . import faults, tokens
+from . import faults, lowprec, tokens
 from .hot import _synthetic, make_forward
 from .plan import BackendNotSupportedError, Explanation, Plan, explanation  # noqa: F401 (re-exported)
 from .runners import make_runner
@@ -59,6 +59,7 @@ class Dispatcher:
         self.counters = {"hits": 0, "tunings": 0, "tuning_seconds": 0.0}
         self.warned: set = set()
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
+        self.sentinels: dict = {}  # key id -> lowprec.Sentinel: low-precision decisions watched in this process
         self.store.listeners.append(self.invalidate)
         self.trace_token = id(self)  # how compiled graphs name this dispatcher
         tokens.register(self.trace_token, self)
@@ -85,6 +86,7 @@ class Dispatcher:
         self.counters.update(hits=0, tunings=0, tuning_seconds=0.0)
         self.warned.clear()
         self.dropped.clear()
+        self.sentinels.clear()
 
     def stats(self) -> dict:
         """This dispatcher's counters: ``hits`` (calls served by a known decision), ``tunings``,
@@ -115,6 +117,14 @@ class Dispatcher:
         """The gate's tolerance in force for ``problem`` (per dtype: tuning/policy.py): a stored
         decision serves only where its chosen backend's error passes it."""
         return (self.policy or DEFAULT_POLICY).tolerance(problem.dtype_name, problem.device_type)
+
+    def _decided_runner(self, name: str, decision: Optional[Decision], key, call, grad):
+        """The runner of a decided backend: a low-precision one of a quality tier is watched by its
+        sentinel (dispatch/lowprec.py); every other one is bound as it is (no added cost)."""
+        run = make_runner(REGISTRY[name], call, grad)
+        if decision is not None and REGISTRY[name].low_precision and "quality" in key.fields:
+            return lowprec.watched(self, run, decision, key, call, grad)
+        return run
 
     def _neighbour(self, key, usable_names: set, tolerance: Optional[float] = None) -> Optional[Decision]:
         """The known decision nearest to ``key`` that differs from it only in sequence lengths
@@ -218,7 +228,8 @@ class Dispatcher:
         if requested != "auto":
             return self._override_plan(requested, source_name, call, grad, key, dev)
         dropped = self.dropped.get(key.id, {})
-        tolerance = self.tolerance(call.problem)
+        tier = lowprec.tier_of_key(key)
+        tolerance = lowprec.tolerance(self.tolerance(call.problem), tier)
         decision = self.store.get(key.id, tolerance=tolerance)
         if decision is not None and all_rejected(decision):  # never trusted: tune again
             decision = None
@@ -227,12 +238,12 @@ class Dispatcher:
             if waiting:  # its kernel package still loads (eager calls only; a trace waits for it)
                 return waiting
             if self._loaded_or_dropped(decision.backend, key):
-                return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, PlanSource.CACHE, key, call,
-                            grad, decision, counts_hit=True)
+                return Plan(self._decided_runner(decision.backend, decision, key, call, grad), decision.backend,
+                            PlanSource.CACHE, key, call, grad, decision, counts_hit=True)
             dropped = self.dropped[key.id]
         if decision is not None and decision.backend in dropped:  # failed here at run time: the next best
             return self._demoted_plan(decision, key, call, grad, dropped)
-        if decision is None and config.new_shapes() == "nearest":
+        if decision is None and config.new_shapes() == "nearest" and tier == tiers.EXACT:  # a tier gates on its own data
             near = self._neighbour(key, usable_names, tolerance)
             waiting = provisional and near and self._loading_plan(near, key, call, grad, usable_names, PlanSource.NEIGHBOUR)
             if waiting:
@@ -260,8 +271,10 @@ class Dispatcher:
         requested, source_name = overrides.requested(impl_raw, req.compatibility_mode)
         problem = call.problem
         dev = device_info(q.device)
+        tier = tiers.current()  # the scope's or the variable's: part of the call's signature
         usable, unsupported = candidates(problem, dev)
-        key = make_key(problem, dev, usable)
+        key = make_key(problem, dev, usable, tier)  # over every backend declared able, whatever the tier
+        usable, unsupported = for_tier(usable, unsupported, tier)
         dropped = self.dropped.get(key.id, {})
         usable = [b for b in usable if b.name not in dropped]
         usable_names = {b.name for b in usable}
@@ -290,6 +303,8 @@ class Dispatcher:
         another thread or process stored meanwhile, trusted under this problem's tolerance and with
         a backend usable here, is served instead: a hit)."""
         problem = call.problem
+        tier = lowprec.tier_of_key(key)
+        bounds, evidence, usable, unsupported = lowprec.gate_checks(tier, usable, unsupported, (qc, kc, vc))
 
         def run_tuner() -> Decision:
             inputs = TuneInputs(
@@ -304,19 +319,21 @@ class Dispatcher:
 
             loading.wait_all()  # no import competes with the timed calls (issue 24)
 
-            decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev, policy=self.policy)
+            decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev, policy=self.policy,
+                            bounds=bounds)
+            lowprec.annotate(decision, tier, evidence)
             self.counters["tunings"] += 1
             self.counters["tuning_seconds"] += decision.tuning_seconds
             logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
             return decision
 
-        got = self.store.get_or_tune(key.id, run_tuner, self.tolerance(problem), accept=lambda d: d.backend in usable_names,
+        got = self.store.get_or_tune(key.id, run_tuner, lowprec.tolerance(self.tolerance(problem), tier), accept=lambda d: d.backend in usable_names,
                                      read_first=False)  # resolve() has just read the key
         # NOT_STORED: every candidate rejected, never persisted: used for this call only, the next one tunes again
         source = {Outcome.REREAD: PlanSource.CACHE, Outcome.TUNED: PlanSource.TUNED}.get(got.outcome, PlanSource.FALLBACK)
         decision = got.decision
-        return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, source, key, call, grad,
-                    decision, counts_hit=source == PlanSource.CACHE)
+        return Plan(self._decided_runner(decision.backend, decision, key, call, grad), decision.backend, source, key, call,
+                    grad, decision, counts_hit=source == PlanSource.CACHE)
 
     def _demoted_plan(self, decision: Decision, key, call, grad, dropped: dict) -> Plan:
         order = sorted(
@@ -330,7 +347,7 @@ class Dispatcher:
     def plan_for(self, req: Request, impl_raw, grad: bool) -> Plan:
         """The plan for a call: from the table, else built (and stored, unless provisional)."""
         try:
-            sig = req.signature(overrides.scope_get(), impl_raw, grad)
+            sig = req.signature(overrides.scope_get(), impl_raw, grad, tiers.scope_get(), tiers.raw())
             plan = self.plans.get(sig)
             if plan is None:
                 plan = self._provisional.get(sig)
@@ -364,10 +381,14 @@ class Dispatcher:
         graph is traced (``req`` holds fake tensors): :meth:`resolve`, and for a key with no
         decision a tuning on random tensors of the call's shapes (not for masked calls, whose
         mask values matter: None then, and the graph dispatches at run time). Validation errors
-        raise here, at trace time."""
+        raise here, at trace time. In a low-precision quality tier: None (the run-time operator),
+        so the first real call gates the low-precision candidates on its own q, k, v, and the
+        sentinel watches the decision; nothing is tuned on random data."""
+        if tiers.current() != tiers.EXACT:
+            return None
         impl_raw = overrides.implementation_raw()
         try:
-            sig = req.signature(overrides.scope_get(), impl_raw, grad)
+            sig = req.signature(overrides.scope_get(), impl_raw, grad, tiers.scope_get(), tiers.raw())
             plan = self.plans.get(sig)
         except (AttributeError, TypeError):
             sig, plan = None, None

@@ -57,9 +57,10 @@ class Decision:
     created: str = ""
     tuning_seconds: float = 0.0
     compile_seconds: float = 0.0
+    quality: Optional[dict] = None  # low-precision tiers only: tier, bound, gate evidence, fallback (dispatch/lowprec.py)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "key": self.key,
             "backend": self.backend,
             "candidates": {n: c.to_dict() for n, c in self.candidates.items()},
@@ -68,6 +69,9 @@ class Decision:
             "tuning_seconds": self.tuning_seconds,
             "compile_seconds": self.compile_seconds,
         }
+        if self.quality is not None:  # absent in the exact tier: its entries are as before tiers existed
+            out["quality"] = self.quality
+        return out
 
     @classmethod
     def from_dict(cls, key_id: str, data: dict) -> "Decision":
@@ -80,6 +84,7 @@ class Decision:
             created=data["created"],
             tuning_seconds=data["tuning_seconds"],
             compile_seconds=data.get("compile_seconds", 0.0),
+            quality=data.get("quality"),
         )
 
     def trusted_under(self, tolerance: float) -> bool:

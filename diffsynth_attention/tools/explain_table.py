@@ -52,6 +52,8 @@ def render_explanation(info, console, chosen_reason: Optional[str] = None) -> No
         console.print(_escape(head + f"{info.backend} ({info.source})"))
     if info.neighbour_of:
         console.print(_escape(f"decision of the neighbour key {info.neighbour_of}"))
+    for line in quality_lines(getattr(info, "quality", None)):
+        console.print(_escape(line))
     table = _table(None, ("backend", "status", "ms", "error", "reason"))
     unsupported = []
     for name, c in info.candidates.items():
@@ -71,6 +73,31 @@ def render_explanation(info, console, chosen_reason: Optional[str] = None) -> No
     for name, why in (info.dropped or {}).items():
         if name not in info.candidates:
             console.print(_escape(f"dropped in this process: {name}: {why}"))
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def quality_lines(q: Optional[dict]) -> list:
+    """The quality tier's lines of an explanation: the tier and its bound, the gate's and the
+    sentinel's last measured errors, the sentinel's count and a fallback (none for ``exact``)."""
+    if not q:
+        return []
+    b = q.get("bound") or {}
+    lines = [f"quality {q.get('tier')}: low precision within rel-L1 {_num(b.get('rel_l1'), 'g')}, "
+             f"cosine {_num(b.get('cosine'), 'g')}"]
+    for name, ev in (q.get("gate") or {}).items():
+        lines.append(f"gate {name}: rel-L1 {_num(ev.get('rel_l1'), '.3g')}, cosine {_num(ev.get('cosine'), '.6f')}")
+    s = q.get("sentinel")
+    if s:
+        lines.append(f"sentinel: {s.get('checks')} checks in {s.get('calls')} calls (every {s.get('every')}), last "
+                     f"rel-L1 {_num(s.get('last_rel_l1'), '.3g')}, cosine {_num(s.get('last_cosine'), '.6f')}")
+    f = q.get("fallback")
+    if f:
+        lines.append(f"fell back from {f.get('from')} to {f.get('to')} after {f.get('after_calls')} calls: rel-L1 "
+                     f"{_num(f.get('rel_l1'), '.3g')}, cosine {_num(f.get('cosine'), '.6f')}")
+    return lines
 
 
 def explanation_text(info, width: int = WIDTH) -> str:
