@@ -321,14 +321,14 @@ class Dispatcher:
 
             decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev, policy=self.policy,
                             bounds=bounds)
-            lowprec.annotate(decision, tier, evidence)
+            decision = lowprec.annotate(decision, tier, evidence)
             self.counters["tunings"] += 1
             self.counters["tuning_seconds"] += decision.tuning_seconds
             logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
             return decision
 
-        got = self.store.get_or_tune(key.id, run_tuner, lowprec.tolerance(self.tolerance(problem), tier), accept=lambda d: d.backend in usable_names,
-                                     read_first=False)  # resolve() has just read the key
+        got = self.store.get_or_tune(key.id, run_tuner, lowprec.tolerance(self.tolerance(problem), tier),
+                                     accept=lambda d: d.backend in usable_names, read_first=False)  # resolve() has just read the key
         # NOT_STORED: every candidate rejected, never persisted: used for this call only, the next one tunes again
         source = {Outcome.REREAD: PlanSource.CACHE, Outcome.TUNED: PlanSource.TUNED}.get(got.outcome, PlanSource.FALLBACK)
         decision = got.decision

@@ -71,9 +71,9 @@ def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple) -> tuple
 def annotate(decision: Decision, tier: str, evidence: dict) -> Decision:
     """Record the tier, its bound and the gate's evidence in a decision of a low-precision tier."""
     b = tiers.bound(tier)
-    if b is not None:
-        decision.quality = {"tier": tier, "bound": b.as_dict(), "gate": dict(evidence), "fallback": None}
-    return decision
+    if b is None:
+        return decision
+    return dataclasses.replace(decision, quality={"tier": tier, "bound": b.as_dict(), "gate": dict(evidence), "fallback": None})
 
 
 # -- the sentinel -------------------------------------------------------------------------------
@@ -145,17 +145,17 @@ def fall_back(d, decision: Decision, state: Sentinel, rel: float, cos: float, wh
     """Store ``decision`` with the best exact backend chosen instead of its low-precision one, the
     measured error recorded; one warning. The store's listeners drop the key's plans."""
     low, exact = decision.backend, best_exact(decision)
-    cands = {n: dataclasses.replace(c) for n, c in decision.candidates.items()}
-    cands[low].status = REJECTED
-    cands[low].reason = (f"sentinel: {why} on the caller's data after {state.calls} calls; fell back to {exact}")
+    cands = dict(decision.candidates)
+    cands[low] = dataclasses.replace(cands[low], status=REJECTED,
+                                     reason=f"sentinel: {why} on the caller's data after {state.calls} calls; fell back to {exact}")
     if exact in cands:
-        cands[exact].status = CHOSEN
-        cands[exact].reason = f"the best exact candidate: {low} drifted beyond the {decision.quality['tier']} bound"
+        cands[exact] = dataclasses.replace(cands[exact], status=CHOSEN,
+                                           reason=f"the best exact candidate: {low} drifted beyond the {decision.quality['tier']} bound")
     record = dict(decision.quality or {})
     record["fallback"] = {"from": low, "to": exact, "rel_l1": rel if rel == rel and rel != float("inf") else None,
                           "cosine": cos, "after_calls": state.calls, "checks": state.checks,
                           "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    new = dataclasses.replace(decision, backend=exact, candidates=cands, quality=record)
+    new = dataclasses.replace(decision, backend=exact, candidates=cands, quality=record, modes={})
     d.warn_once(("sentinel", decision.key_id),
                 "quality sentinel: %s drifted on key %s (%s after %d calls); falling back to %s for this key",
                 low, decision.key_id, why, state.calls, exact)

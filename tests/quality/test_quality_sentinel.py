@@ -26,11 +26,9 @@ def choose_fp8(c):
         e = da.explain(c.q, c.k, c.v)
     assert e.candidates[NAME]["status"] in ("chosen", "accepted", "slower")
     d = default_dispatcher()
-    cands = {n: dataclasses.replace(x) for n, x in e.decision.candidates.items()}
-    for n, x in cands.items():
-        if x.status == "chosen":
-            x.status = "accepted"
-    cands[NAME].status = "chosen"
+    cands = {n: dataclasses.replace(x, status="accepted") if x.status == "chosen" else x
+             for n, x in e.decision.candidates.items()}
+    cands[NAME] = dataclasses.replace(cands[NAME], status="chosen")
     d.store.put(dataclasses.replace(e.decision, backend=NAME, candidates=cands))
     return e.decision.key_id
 
