@@ -304,7 +304,8 @@ class Dispatcher:
         a backend usable here, is served instead: a hit)."""
         problem = call.problem
         tier = lowprec.tier_of_key(key)
-        bounds, evidence, usable, unsupported = lowprec.gate_checks(tier, usable, unsupported, (qc, kc, vc))
+        bounds, evidence, usable, unsupported = lowprec.gate_checks(tier, usable, unsupported, (qc, kc, vc), call,
+                                                                    mask_4d(req.attn_mask))
 
         def run_tuner() -> Decision:
             inputs = TuneInputs(
@@ -328,7 +329,8 @@ class Dispatcher:
             return decision
 
         got = self.store.get_or_tune(key.id, run_tuner, lowprec.tolerance(self.tolerance(problem), tier),
-                                     accept=lambda d: d.backend in usable_names, read_first=False)  # resolve() has just read the key
+                                     accept=lambda d: d.backend in usable_names,
+                                     read_first=False)  # resolve() has just read the key
         # NOT_STORED: every candidate rejected, never persisted: used for this call only, the next one tunes again
         source = {Outcome.REREAD: PlanSource.CACHE, Outcome.TUNED: PlanSource.TUNED}.get(got.outcome, PlanSource.FALLBACK)
         decision = got.decision

@@ -41,16 +41,39 @@ def tolerance(base: float, tier: str) -> float:
     return base if b is None else max(base, b.rel_l1)
 
 
-def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple) -> tuple:
+GATE_ROWS = 1024  # query rows per head of the gate's all-heads check (every row when causal or windowed)
+
+
+def head_errors(out_b0, qc, kc, vc, mask4, scale, causal: bool, window, rows: int = GATE_ROWS) -> list:
+    """[(relative L1, cosine)] per query head of batch 0: ``out_b0`` (n, s_q, d_v), against the fp32
+    reference on ``rows`` query rows spread over the sequence (every row when causal or windowed,
+    whose rows depend on their position). Rows are independent: a spread sample estimates each
+    head's error without the full reference's cost."""
+    n, s_q = out_b0.shape[0], out_b0.shape[1]
+    with torch.no_grad():
+        q0, m4 = qc[:1], mask4
+        if not causal and window is None and s_q > rows:
+            idx = torch.linspace(0, s_q - 1, rows, device=qc.device).round().long()
+            q0, out_b0 = q0[:, :, idx], out_b0[:, idx]
+            if m4 is not None and m4.shape[2] > 1:
+                m4 = m4[:1, :, idx]
+        ref = reference_slice(q0, kc[:1], vc[:1], m4 if m4 is None else m4[:1], scale, causal, window, list(range(n)))
+        return [(relative_l1(out_b0[h], ref[h]), cosine(out_b0[h], ref[h])) for h in range(n)]
+
+
+def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple, call=None, mask4=None) -> tuple:
     """(``bounds`` for :func:`tuning.tuner.tune`, the evidence dict they fill, the usable backends
-    and the unsupported ones' reasons). The checks measure relative L1 and cosine on the gate's
-    slice of the caller's own q, k, v (batch 0, the first and last heads). Where those are not
-    finite (the tuner then gates on random stand-ins), the low-precision candidates are refused."""
+    and the unsupported ones' reasons). A check passes a low-precision candidate when, on the
+    caller's own q, k, v, both the gate's slice (batch 0, the first and last heads, every row)
+    and every head of batch 0 (on :data:`GATE_ROWS` spread rows) are within the tier's bound.
+    Where q, k, v are not finite (the tuner then gates on random stand-ins), the low-precision
+    candidates are refused."""
     b = tiers.bound(tier)
     evidence, bounds, refused = {}, {}, {}
     if b is None:
         return bounds, evidence, usable, unsupported
     inputs_finite = all(bool(torch.isfinite(t.detach()).all()) for t in qkv)
+    p = None if call is None else call.problem
     for backend in usable:
         if not backend.low_precision:
             continue
@@ -59,11 +82,18 @@ def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple) -> tuple
                                      "on the caller's own activations"]
             continue
 
-        def check(out, ref, name=backend.name):
+        def check(out, ref, out_all=None, name=backend.name):
             rel, cos = relative_l1(out, ref), cosine(out, ref)
-            evidence[name] = {"rel_l1": rel if rel == rel and rel != float("inf") else None, "cosine": cos,
-                              "on": "the caller's q, k, v: batch 0, the first and last query heads, every row"}
-            return b.violation(rel, cos)
+            ev = evidence[name] = {"rel_l1": rel if rel == rel and rel != float("inf") else None, "cosine": cos,
+                                   "on": "the caller's q, k, v: batch 0, the first and last query heads, every row"}
+            why = b.violation(rel, cos)
+            if why is not None or out_all is None or p is None:
+                return why
+            per = head_errors(out_all[0], qkv[0], qkv[1], qkv[2], mask4, call.scale, p.causal, p.window)
+            worst = max(range(len(per)), key=lambda h: (b.violation(*per[h]) is not None, per[h][0]))
+            ev.update(worst_head=worst, worst_head_rel_l1=per[worst][0], worst_head_cosine=per[worst][1])
+            why = b.violation(*per[worst])
+            return None if why is None else f"head {worst}: {why}"
         bounds[backend.name] = check
     return bounds, evidence, [u for u in usable if u.name not in refused], {**unsupported, **refused}
 
@@ -146,11 +176,12 @@ def fall_back(d, decision: Decision, state: Sentinel, rel: float, cos: float, wh
     measured error recorded; one warning. The store's listeners drop the key's plans."""
     low, exact = decision.backend, best_exact(decision)
     cands = dict(decision.candidates)
-    cands[low] = dataclasses.replace(cands[low], status=REJECTED,
-                                     reason=f"sentinel: {why} on the caller's data after {state.calls} calls; fell back to {exact}")
+    tier = (decision.quality or {}).get("tier")
+    cands[low] = dataclasses.replace(
+        cands[low], status=REJECTED, reason=f"sentinel: {why} on the caller's data after {state.calls} calls; fell back to {exact}")
     if exact in cands:
-        cands[exact] = dataclasses.replace(cands[exact], status=CHOSEN,
-                                           reason=f"the best exact candidate: {low} drifted beyond the {decision.quality['tier']} bound")
+        cands[exact] = dataclasses.replace(
+            cands[exact], status=CHOSEN, reason=f"the best exact candidate: {low} drifted beyond the {tier} bound")
     record = dict(decision.quality or {})
     record["fallback"] = {"from": low, "to": exact, "rel_l1": rel if rel == rel and rel != float("inf") else None,
                           "cosine": cos, "after_calls": state.calls, "checks": state.checks,

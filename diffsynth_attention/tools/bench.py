@@ -71,6 +71,7 @@ _REEXPORTS = {
     "fuzz_errors": (".fuzz", "errors"),  # relative L1 and cosine, overall and per head
     "fuzz_reference": (".fuzz", "reference"),
     "EMULATIONS": (".fuzz", "EMULATIONS"),  # CPU emulations of the low-precision kernels' arithmetic
+    "gate_head_errors": ("..dispatch.lowprec", "head_errors"),  # the low-precision gate's per-head check
 }
 
 __all__ = ["CompileRecorder", "Timer", "backend_call", "diffsynth_fixed", "direct_call", "environment", "fresh_dispatcher",

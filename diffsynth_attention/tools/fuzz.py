@@ -121,7 +121,7 @@ def reference(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
     """Relative L1 and cosine similarity of ``out`` against ``ref``, overall and per (batch, head)."""
-    o, r = out.float(), ref.float()
+    o, r = out.double(), ref.double()  # float64 sums: fp32 ones over millions of elements drift by 1e-4
     per_head_l1 = ((o - r).abs().sum(dim=(-1, -2)) / r.abs().sum(dim=(-1, -2))).flatten()
     of, rf = o.flatten(-2), r.flatten(-2)
     per_head_cos = torch.nn.functional.cosine_similarity(of, rf, dim=-1).flatten()

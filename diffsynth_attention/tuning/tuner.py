@@ -164,7 +164,7 @@ def gate(trial: Trial, backend) -> Optional[Run]:
         out_c = rearrange(out.detach(), f"{inputs.out_pattern} -> b n s d", n=inputs.heads_q, d=inputs.head_dim_v)
         cand.error = relative_l1(out_c[0, trial.heads], trial.ref)
         check = trial.bounds.get(name)  # a low-precision candidate: its tier's bound instead of the tolerance
-        beyond = check(out_c[0, trial.heads], trial.ref) if check is not None else None
+        beyond = check(out_c[0, trial.heads], trial.ref, out_c) if check is not None else None
         del out, out_c
     except Exception as exc:  # a failing candidate is rejected; the others go on
         cand.reason = describe_exception(exc)

@@ -100,3 +100,17 @@ def test_fuzz_cases_have_the_hazards_they_name():
     peaked = fuzz.make_case("k", seq=64, heads=1, head_dim=32, dtype=torch.float32, peak=4.0)
     top = lambda t: torch.softmax(t.q @ t.k.transpose(-1, -2) / 32 ** 0.5, -1).amax(-1).mean()  # noqa: E731
     assert top(peaked) > 2 * top(plain)
+
+
+def test_every_head_is_checked_not_only_the_slice(isolated, monkeypatch):
+    """A middle head with outlier channels (the slice's first and last heads are benign) is found."""
+    install_fp8(monkeypatch)
+    good = fuzz.make_case("g", seq=248, heads=3, rotary=True)
+    bad = fuzz.make_case("b", seq=248, heads=3, **fuzz.SUITE["outliers_20x_k_mean"])
+    q, k, v = (torch.cat([g[:, :1], b[:, 1:2], g[:, 2:]], dim=1) for g, b in
+               ((good.q, bad.q), (good.k, bad.k), (good.v, bad.v)))
+    e = gated(fuzz.FuzzCase("mixed", q, k, v, {}), "fast")
+    ev = e.quality["gate"][NAME]
+    assert ev["rel_l1"] <= tiers.BOUNDS["fast"].rel_l1  # the slice alone would pass
+    assert e.candidates[NAME]["status"] == "rejected" and e.candidates[NAME]["reason"].startswith("head 1:")
+    assert ev["worst_head"] == 1

@@ -108,3 +108,39 @@ def test_sentinel_off_with_zero(isolated, monkeypatch):
             da.attention_forward(c.q, c.k, c.v)
         assert da.explain(c.q, c.k, c.v).backend == NAME
     assert measured == []
+
+
+def test_the_sentinel_watches_every_head_in_turn(isolated, monkeypatch):
+    """Drift in one middle head only (the gate's first and last heads stay benign) is found once
+    the checks have rotated to it."""
+    import torch
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    good = fuzz.make_case("g", seq=152, heads=4, rotary=True)
+    bad = fuzz.make_case("b", seq=152, heads=4, **fuzz.SUITE["outliers_20x_k_mean"])
+    choose_fp8(good)
+    mixed = [torch.cat([g[:, :1], b[:, 1:2], g[:, 2:]], dim=1) for g, b in
+             ((good.q, bad.q), (good.k, bad.k), (good.v, bad.v))]
+    with da.quality("fast"):
+        for _ in range(4):  # checks of heads {0, 3}, {2, 3}, {0, 1}: the third one sees head 1
+            da.attention_forward(*mixed)
+        e = da.explain(*mixed)
+    assert e.backend != NAME and e.decision.quality["fallback"]["checks"] == 3
+
+
+def test_unset_period_stretches_to_keep_checks_under_one_percent(isolated, monkeypatch):
+    install_fp8(monkeypatch)
+    c = case("randn", 40)
+    choose_fp8(c)
+    d = default_dispatcher()
+    with da.quality("fast"):
+        e = da.explain(c.q, c.k, c.v)
+        cands = dict(e.decision.candidates)
+        cands[NAME] = dataclasses.replace(cands[NAME], time_ms=1e-3)  # a very fast kernel: checks are dear
+        d.store.put(dataclasses.replace(e.decision, candidates=cands))
+        for _ in range(200):  # DIFFSYNTH_ATTENTION_SENTINEL_EVERY unset: the first check at call 200
+            da.attention_forward(c.q, c.k, c.v)
+        s = da.explain(c.q, c.k, c.v).quality["sentinel"]
+    assert s["checks"] == 1 and s["calls"] == 200
+    assert s["every"] >= s["last_check_ms"] / (lowprec.SENTINEL_SHARE * 1e-3) > 200
