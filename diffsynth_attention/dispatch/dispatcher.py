@@ -60,8 +60,7 @@ class Dispatcher:
         self.warned: set = set()
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
         self.store.listeners.append(self.invalidate)
-        self.trace_token = id(self)  # how compiled graphs name this dispatcher
-        tokens.register(self.trace_token, self)
+        self.trace_token = tokens.new_token(self)  # how compiled graphs name this dispatcher (never reused)
         loading.add_listener(self._backend_loaded)  # held weakly
         self.forward = make_forward(self)
 
