@@ -73,8 +73,7 @@ class Dispatcher:
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
         self.retimed: dict = {}  # key id -> the provisional decision this process re-times (once a key)
         self.store.listeners.append(self.invalidate)
-        self.trace_token = id(self)  # how compiled graphs name this dispatcher
-        tokens.register(self.trace_token, self)
+        self.trace_token = tokens.new_token(self)  # how compiled graphs name this dispatcher (never reused)
         loading.add_listener(self._backend_loaded)  # held weakly
         self.forward = make_forward(self)
 
@@ -318,7 +317,7 @@ class Dispatcher:
         if not may_tune:
             return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", PlanSource.FALLBACK, key, call, grad)
         if tune_on is None:
-            return self._tune(req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode)
+            return self.tune_key(req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode=mode)
         from torch.utils._python_dispatch import _disable_current_modes
 
         with _disable_current_modes():  # a trace: tune outside its fake modes, on real tensors of the call's shapes
@@ -328,12 +327,15 @@ class Dispatcher:
             call, qc, kc, vc = prepare(real.q, real.k, real.v, real.q_pattern, real.k_pattern, real.v_pattern,
                                        real.out_pattern, real.dims, real.attn_mask, real.scale, real.is_causal,
                                        real.window_size, grad, compatibility_mode=real.compatibility_mode)
-            return self._tune(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode)
+            return self.tune_key(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
+                                 mode=mode)
 
-    def _tune(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode: str = EAGER) -> Plan:
+    def tune_key(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
+                 make: Optional[Callable] = None, mode: str = EAGER) -> Plan:
         """Tune ``key`` through :meth:`DecisionCache.get_or_tune` (under the key's lease; a decision
         another thread or process stored meanwhile, trusted under this problem's tolerance and with
-        a backend usable here, is served instead: a hit)."""
+        a backend usable here, is served instead: a hit). ``make(backend)``: the runner timed
+        (default: the one a plan binds; the LSE path times its own)."""
         problem = call.problem
 
         def run_tuner() -> Decision:
@@ -344,12 +346,12 @@ class Dispatcher:
                 to_canonical=call.layout.to_canonical,
             )
 
-            def make(backend):  # the runner a plan binds: timed as the hit path calls it
+            def bound(backend):  # the runner a plan binds: timed as the hit path calls it
                 return make_runner(backend, call, grad)
 
             loading.wait_all()  # no import competes with the timed calls (issue 24)
 
-            decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev, policy=self.policy,
+            decision = tune(inputs, usable, unsupported, key, make or bound, problem=problem, dev=dev, policy=self.policy,
                             tolerance=self.tolerance(problem))  # the one trust rule, not recomputed
             self.counters["tunings"] += 1
             self.counters["tuning_seconds"] += decision.tuning_seconds

@@ -80,7 +80,7 @@ def make_forward(d) -> Callable:
             return flex_attention_forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                           is_causal, window_size, score_mod)
         if _is_compiling():
-            from .compiled import traced_attention
+            from .baked import traced_attention
 
             return traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                     is_causal, compatibility_mode, window_size)
