@@ -3,7 +3,7 @@
 - Location (:mod:`.paths`): ``platformdirs.user_cache_dir("diffsynth_attention")``, or
   ``DIFFSYNTH_ATTENTION_CACHE_DIR``; decisions live in ``<cache>/v2/<key id>.json``
   (``cache_schema/`` documents the format, :mod:`.codec` reads and writes it). Folders are
-  created 0700, files written 0600, every file opened securely (:mod:`.fs`).
+  created 0700 by the first write (reading creates nothing), files written 0600, every file opened securely (:mod:`.fs`).
 - Reads are per key and lazy: a hit is a dict lookup in memory (no file I/O); a miss opens the
   one file of that key, so a decision another process saved since is found before tuning. A
   decision whose chosen backend's error does not pass the tolerance in force is a miss.
@@ -113,6 +113,14 @@ class DecisionCache(WholeCache, Leases):
         self._ensure_loaded()
         return self._persistent and self._write_error is None
 
+    def writable(self) -> bool:
+        """Whether decisions can be written now: creates the cache folder if missing (``warm``'s
+        preflight: it is about to write). Loading and reading never create it."""
+        self._ensure_loaded()
+        with self._folder(create=True) as vfd:
+            ok = vfd is not None
+        return ok and self.persistent
+
     def _warn_once(self, tag, message: str, *args) -> None:
         with self._mutex:
             if tag in self._warned:
@@ -195,12 +203,12 @@ class DecisionCache(WholeCache, Leases):
             if self._loaded:
                 return
             self._loaded_from = self.directory
-            with self._folder(create=True) as vfd:
+            with self._folder(create=False) as vfd:  # reading creates nothing: the first write makes the folder
                 if vfd is not None:
                     fs.sweep(vfd, LOCKS)
-                    if migrate.legacy_present(self.directory):
-                        self._migration = migrate.Migration(self.directory, self._open_for_migration, self._warn_once)
-                        self._migration.start()
+            if self._persistent and migrate.legacy_present(self.directory):
+                self._migration = migrate.Migration(self.directory, self._open_for_migration, self._warn_once)
+                self._migration.start()
             self._loaded = True
 
     def _open_for_migration(self) -> Optional[int]:

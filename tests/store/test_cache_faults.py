@@ -192,7 +192,8 @@ def test_why_the_lease_is_not_filelocks_soft_lease(isolated, tmp_path, caplog):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     c = DecisionCache(isolated)
-    assert c.persistent  # loaded: v2/ exists
+    assert c.persistent
+    (isolated / "v2").mkdir(parents=True, mode=0o700)  # (loading creates no folder: the first write does)
     kid = make_decision(3).key_id
     os.symlink(elsewhere, isolated / "v2" / "locks")
     with c.tuning_lock(kid) as held:
