@@ -30,6 +30,7 @@ from typing import ClassVar, Optional
 
 import torch
 
+from . import loading
 from ..problem import Problem
 from ..states import MaskKind
 
@@ -253,14 +254,18 @@ class Backend:
             return "needs a CUDA GPU, and torch.cuda.is_available() is False"
         return None
 
-    def _ensure_loaded(self) -> None:
-        """Import the package once. Another thread's load in progress is waited for; ``_loaded``
-        is set only when the import has finished (successfully or not)."""
+    def _ensure_loaded(self) -> bool:
+        """Import the package once. Another thread's load in progress is waited for (a background
+        one until its deadline: False if it still runs then); ``_loaded`` is set only when the
+        import has finished (successfully or not)."""
         if self._loaded:
-            return
-        with self._load_lock:
+            return True
+        timeout = loading.lock_timeout(self)  # a background import of it: waited for until its deadline
+        if not self._load_lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False  # still importing past DIFFSYNTH_ATTENTION_LOAD_WAIT: unavailable_reason says so
+        try:
             if self._loaded or getattr(self, "_in_load", False):  # done meanwhile, or re-entered by _load
-                return
+                return True
             self._in_load = True
             try:
                 self._load()
@@ -275,13 +280,17 @@ class Backend:
             finally:  # an interrupt (KeyboardInterrupt) leaves it unloaded: the next use tries again
                 self._in_load = False
             self._loaded = True
+            return True
+        finally:
+            self._load_lock.release()
 
     def unavailable_reason(self) -> Optional[str]:
         """None if this backend can run on this machine, else why not (package, import, GPU).
         Imports the kernel package (once) when it is installed: a broken install is found here."""
         if self._declare()[1] is None and self.package is not None:  # not installed: nothing to import
             return self._declared[0]
-        self._ensure_loaded()
+        if not self._ensure_loaded():  # a background import ran past its deadline
+            return loading.late_reason(self)
         if self._unavailable is not None:
             return self._unavailable
         return self._machine_reason()

@@ -290,6 +290,16 @@ class Dispatcher:
         another thread or process stored meanwhile, trusted under this problem's tolerance and with
         a backend usable here, is served instead: a hit)."""
         problem = call.problem
+        # Before the lease: the candidates' packages load (in the background), waited for at most
+        # DIFFSYNTH_ATTENTION_LOAD_WAIT from the start of each import; one still importing then (a
+        # hung or slow import) is left out of this tuning, with the reason. No import competes with
+        # the timed calls (issue 24), and none is waited for while the key's lease is held (issue 31).
+        late = loading.settle(usable)
+        if late:
+            usable = [b for b in usable if b.name not in late]
+            unsupported = {**unsupported, **{name: [why] for name, why in late.items()}}
+            for name, why in late.items():
+                self.warn_once(("late", name), "backend %s is left out of tuning %s: %s", name, problem.describe(), why)
 
         def run_tuner() -> Decision:
             inputs = TuneInputs(
@@ -301,8 +311,6 @@ class Dispatcher:
 
             def make(backend):  # the runner a plan binds: timed as the hit path calls it
                 return make_runner(backend, call, grad)
-
-            loading.wait_all()  # no import competes with the timed calls (issue 24)
 
             decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev, policy=self.policy)
             self.counters["tunings"] += 1
