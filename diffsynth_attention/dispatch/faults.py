@@ -14,6 +14,8 @@ error is raised as PyTorch raised it, after one log line that says so.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from typing import Callable
 
@@ -174,17 +176,17 @@ def after_failure(d, plan, exc: Exception, req, impl_raw, grad: bool):
     if decision is not None and decision.key_id != key_id:  # a neighbour's decision: not this key's to change
         decision = None
     if decision is not None and deterministic:
-        cand = decision.candidates.get(plan.backend)
-        if cand is not None:
-            cand.status, cand.reason = REJECTED, reason
-        demoted = d._demoted_plan(decision, plan.key, plan.call, grad, d.dropped[key_id])
-        decision.backend = demoted.backend
-        if decision.backend in decision.candidates:
-            decision.candidates[decision.backend].status = CHOSEN
-            decision.candidates[decision.backend].reason = None
-        logger.warning("backend %s %s; using %s for %s from now on", plan.backend, reason, decision.backend,
+        demoted = d._demoted_plan(decision, plan.key, plan.call, grad, d.dropped[key_id]).backend
+        candidates = dict(decision.candidates)
+        if plan.backend in candidates:
+            candidates[plan.backend] = dataclasses.replace(candidates[plan.backend], status=REJECTED, reason=reason)
+        if demoted in candidates:
+            candidates[demoted] = dataclasses.replace(candidates[demoted], status=CHOSEN, reason=None)
+        replacement = decision.replace(backend=demoted, candidates=candidates,
+                                       modes={m: b for m, b in decision.modes.items() if b != plan.backend})
+        logger.warning("backend %s %s; using %s for %s from now on", plan.backend, reason, demoted,
                        plan.problem.describe())
-        d.store.put(decision)  # invalidates this key's plans
+        d.store.put(replacement)  # a new value: plans and readers holding the old one never see it change
     else:
         logger.warning("backend %s %s; using another backend for %s in this process", plan.backend, reason,
                        plan.problem.describe())

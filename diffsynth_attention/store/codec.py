@@ -23,7 +23,8 @@ from .decision import ACCEPTED, CHOSEN, SLOWER, Decision, key_id as hash_key
 
 logger = logging.getLogger("diffsynth_attention")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # written; READS holds every version an entry file may carry
+READS = (2, 3)  # version 2: no host/device costs, modes or confirmation (an eager-only measurement)
 MAX_ENTRY_BYTES = 64 * 1024  # an entry file over this is rejected unread
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024  # an export/import document
 MAX_LEGACY_BYTES = 512 * 1024 * 1024  # a v1 file being migrated
@@ -290,8 +291,8 @@ def finite(value):
 
 
 def all_rejected(decision: Decision) -> bool:
-    """True if no candidate of ``decision`` passed the numeric gate: such a decision is never kept."""
-    return not any(c.status in (CHOSEN, ACCEPTED, SLOWER) for c in decision.candidates.values())
+    """True if no candidate of ``decision`` passed the numeric gate (:meth:`Decision.all_rejected`)."""
+    return decision.all_rejected()
 
 
 def render_entry(decision: Decision) -> str:
@@ -312,8 +313,9 @@ def parse_entry_raw(data, kid: str, where="<entry>") -> dict:
     doc = loads(decode(data, where), where)
     if not isinstance(doc, dict):
         raise CacheFileError(where, "not a JSON object")
-    if doc.get("schema_version") != SCHEMA_VERSION or isinstance(doc.get("schema_version"), bool):
-        raise CacheFileError(where, f"schema_version {str(doc.get('schema_version'))[:20]!r}, this library reads {SCHEMA_VERSION}")
+    if doc.get("schema_version") not in READS or isinstance(doc.get("schema_version"), bool):
+        raise CacheFileError(where, f"schema_version {str(doc.get('schema_version'))[:20]!r}, this library reads "
+                                    f"{', '.join(map(str, READS))}")
     if set(doc) != {"schema_version", "id", "entry"}:
         raise CacheFileError(where, f"fields {sorted(map(str, doc))[:5]}, expected schema_version, id, entry")
     if doc["id"] != kid:
@@ -331,8 +333,9 @@ def parse_document(text, path="<data>") -> dict:
     if not isinstance(doc, dict):
         raise CacheFileError(path, "not a JSON object")
     version = doc.get("schema_version")
-    if version not in (1, SCHEMA_VERSION) or isinstance(version, bool):
-        raise CacheFileError(path, f"schema_version {str(version)[:20]!r}, this library reads 1 and {SCHEMA_VERSION}")
+    if version not in (1,) + READS or isinstance(version, bool):
+        raise CacheFileError(path, f"schema_version {str(version)[:20]!r}, this library reads 1, "
+                                   f"{', '.join(map(str, READS))}")
     if set(doc) != {"schema_version", "entries"} or not isinstance(doc["entries"], dict):
         raise CacheFileError(path, "expected exactly schema_version and an object of entries")
     return {kid: check_entry(kid, entry, path, imported=True) for kid, entry in doc["entries"].items()}

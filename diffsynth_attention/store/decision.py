@@ -1,18 +1,39 @@
-"""Decisions and the per-candidate results behind them (the cache file stores these)."""
+"""Decisions and the per-candidate results behind them (the cache file stores these).
+
+Both are frozen values: a change (a fault demoting a backend, a re-timing) builds a new
+:class:`Decision` with :func:`dataclasses.replace` and ``put``\\ s it, so a plan, ``explain`` or the
+neighbour index holding the old one never sees a half-edited object.
+
+**Execution modes.** A candidate that was timed on a GPU carries two costs from the same
+interleaved rounds: ``device_ms`` (GPU time per call, back to back, with the host ahead of the
+GPU) and ``host_ms`` (the host time to issue one call). Each mode prices a candidate from them
+(:func:`mode_cost`): ``eager`` the back-to-back time the rounds measured (``time_ms``, roughly the
+larger of the two), ``compiled`` host plus device (the in-graph call is issued, then run),
+``cudagraph`` device only (a replay issues nothing). Where the split is unknown (a CPU, or an entry
+of schema version 2) every mode costs ``time_ms``. ``Decision.modes`` holds the backend each
+non-eager mode picked where it differs from ``backend`` (the eager choice).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
 
-from ..states import CandidateStatus
+from ..states import TIMED, CandidateStatus
 
 # A candidate's status: how it ended in tuning (the members of CandidateStatus, by their old names).
 CHOSEN, ACCEPTED, SLOWER, SKIPPED, REJECTED, UNSUPPORTED = (
     CandidateStatus.CHOSEN, CandidateStatus.ACCEPTED, CandidateStatus.SLOWER, CandidateStatus.SKIPPED,
     CandidateStatus.REJECTED, CandidateStatus.UNSUPPORTED)
+
+# The execution modes a decision serves (Decision.backend_for).
+EAGER, COMPILED, CUDAGRAPH = "eager", "compiled", "cudagraph"
+MODES = (EAGER, COMPILED, CUDAGRAPH)
+# PyTorch SDPA's own choice: what a caller gets without this library, and what a winner must beat.
+DEFAULT_BACKEND = "torch"
 
 
 def key_id(fields: dict) -> str:
@@ -22,44 +43,91 @@ def key_id(fields: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-@dataclass
+class FrozenDict(dict):
+    """A dict that refuses changes (a frozen value's mapping field); JSON, copy and pickle see a dict."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("decisions are frozen: build a new one with dataclasses.replace / Decision.replace")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+
+def _frozen_map(d) -> Mapping:
+    return d if isinstance(d, FrozenDict) else FrozenDict(d or {})
+
+
+@dataclass(frozen=True)
 class Candidate:
     """One backend's result for one key (a small value object, as in Triton's autotuner)."""
 
     status: str  # a CandidateStatus (its text, as read from a file)
-    time_ms: Optional[float] = None  # median of the timed calls; None if never timed
+    time_ms: Optional[float] = None  # median of the timed calls (back to back: the eager cost); None if never timed
     error: Optional[float] = None  # relative L1 error against the fp32 reference
     reason: Optional[str] = None  # why it was rejected, unsupported or dropped; None otherwise
     first_call_ms: Optional[float] = None  # the untimed first call: compilation plus one run
     reps: int = 0
     predicted_ms: Optional[float] = None  # its cost model's time per call, where it has one
+    host_ms: Optional[float] = None  # host time to issue one call (GPU only; None where unknown)
+    device_ms: Optional[float] = None  # device time per call with the host ahead (GPU only; None where unknown)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        if out["predicted_ms"] is None:
-            del out["predicted_ms"]
+        out = dataclasses.asdict(self)
+        for optional in ("predicted_ms", "host_ms", "device_ms"):
+            if out[optional] is None:
+                del out[optional]
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Candidate":
         get = data.get
         return cls(get("status"), get("time_ms"), get("error"), get("reason"), get("first_call_ms"), get("reps") or 0,
-                   get("predicted_ms"))
+                   get("predicted_ms"), get("host_ms"), get("device_ms"))
+
+    @property
+    def timed(self) -> bool:
+        return self.status in TIMED and self.time_ms is not None
+
+    def cost(self, mode: str = EAGER) -> Optional[float]:
+        return mode_cost(self.time_ms, self.host_ms, self.device_ms, mode)
 
 
-@dataclass
+def mode_cost(time_ms: Optional[float], host_ms: Optional[float], device_ms: Optional[float], mode: str) -> Optional[float]:
+    """A candidate's cost per call in ``mode`` (module docstring); ``time_ms`` where the split is unknown."""
+    if mode == EAGER or host_ms is None or device_ms is None:
+        return time_ms
+    if mode == COMPILED:
+        return host_ms + device_ms
+    if mode == CUDAGRAPH:
+        return device_ms
+    raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+
+
+@dataclass(frozen=True)
 class Decision:
     key_id: str
     key: dict
-    backend: str
-    candidates: dict = field(default_factory=dict)  # name -> Candidate
+    backend: str  # the eager choice (and every mode's, unless ``modes`` names another)
+    candidates: Mapping = field(default_factory=dict)  # name -> Candidate
     tolerance: float = 0.005
     created: str = ""
     tuning_seconds: float = 0.0
     compile_seconds: float = 0.0
+    modes: Mapping = field(default_factory=dict)  # "compiled"/"cudagraph" -> backend, where not ``backend``
+    provisional: bool = False  # too noisy to confirm: served, re-timed at a quiet opportunity or by `cache verify`
+    confirmation: Optional[str] = None  # what the re-time against the default found (text)
+
+    def __post_init__(self):
+        object.__setattr__(self, "candidates", _frozen_map(self.candidates))
+        object.__setattr__(self, "modes", _frozen_map({m: b for m, b in dict(self.modes or {}).items() if b != self.backend}))
+
+    def replace(self, **changes) -> "Decision":
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "key": self.key,
             "backend": self.backend,
             "candidates": {n: c.to_dict() for n, c in self.candidates.items()},
@@ -68,6 +136,13 @@ class Decision:
             "tuning_seconds": self.tuning_seconds,
             "compile_seconds": self.compile_seconds,
         }
+        if self.modes:
+            out["modes"] = dict(self.modes)
+        if self.provisional:
+            out["provisional"] = True
+        if self.confirmation is not None:
+            out["confirmation"] = self.confirmation
+        return out
 
     @classmethod
     def from_dict(cls, key_id: str, data: dict) -> "Decision":
@@ -80,8 +155,12 @@ class Decision:
             created=data["created"],
             tuning_seconds=data["tuning_seconds"],
             compile_seconds=data.get("compile_seconds", 0.0),
+            modes=data.get("modes") or {},
+            provisional=bool(data.get("provisional", False)),
+            confirmation=data.get("confirmation"),
         )
 
+    # -- the one trust rule ------------------------------------------------------------------
     def trusted_under(self, tolerance: float) -> bool:
         """True if this decision may serve a process whose error tolerance is ``tolerance``: its
         chosen backend passed the numeric gate with an error within it. A decision tuned under a
@@ -92,21 +171,40 @@ class Decision:
         error = chosen.error
         return isinstance(error, (int, float)) and error == error and error <= tolerance
 
-    def runner_up(self) -> Optional[str]:
-        timed = [(c.time_ms, n) for n, c in self.candidates.items() if n != self.backend and c.status in (ACCEPTED, SLOWER) and c.time_ms is not None]
+    def all_rejected(self) -> bool:
+        """True if no candidate passed the numeric gate: such a decision is never kept."""
+        return not any(c.status in TIMED for c in self.candidates.values())
+
+    def usable(self, tolerance: float, usable_names=None) -> bool:
+        """The one "may this stored decision serve?" predicate: some candidate passed the gate,
+        the chosen one within ``tolerance``, and (given ``usable_names``) its backend can run here."""
+        return (not self.all_rejected() and self.trusted_under(tolerance)
+                and (usable_names is None or self.backend in usable_names))
+
+    def backend_for(self, mode: str = EAGER) -> str:
+        """The backend this decision serves in ``mode`` (``eager``, ``compiled``, ``cudagraph``)."""
+        return self.modes.get(mode, self.backend)
+
+    def runner_up(self, mode: str = EAGER) -> Optional[str]:
+        chosen = self.backend_for(mode)
+        timed = [(c.cost(mode), n) for n, c in self.candidates.items()
+                 if n != chosen and c.status in (ACCEPTED, SLOWER) and c.cost(mode) is not None]
         return min(timed)[1] if timed else None
 
 
-def decision_filter(backend: Optional[str] = None, gpu: Optional[str] = None):
-    """``match(decision)`` for decisions that chose ``backend`` and were tuned on a device whose
-    name contains ``gpu`` (case-insensitive); None when neither is given (every decision)."""
-    if backend is None and gpu is None:
+def decision_filter(backend: Optional[str] = None, gpu: Optional[str] = None, key: Optional[str] = None):
+    """``match(decision)`` for decisions that chose ``backend``, were tuned on a device whose
+    name contains ``gpu`` (case-insensitive) and whose key id starts with ``key``; None when none
+    is given (every decision)."""
+    if backend is None and gpu is None and key is None:
         return None
 
     def match(decision) -> bool:
         if backend is not None and decision.backend != backend:
             return False
         if gpu is not None and gpu.lower() not in decision.key.get("device", {}).get("name", "").lower():
+            return False
+        if key is not None and not decision.key_id.startswith(key):
             return False
         return True
     return match

@@ -5,6 +5,13 @@ whatever ran before) followed by ``calls`` back-to-back calls between two CUDA e
 ``time.perf_counter`` readings on a CPU, after which the device is synchronised); its value is
 the time per call. Back-to-back calls measure throughput, as a pipeline sees it: host overhead
 counts where it exceeds the kernel's time, and is hidden where the GPU is the bottleneck.
+
+A *measurement* (:meth:`Timer.measure`, what the tuner's rounds take) adds the two costs behind
+that time, on a GPU: the **host** time to issue one call (``perf_counter`` around the issuing
+loop of the same burst: the launch queue does not fill in ``calls`` <= 200 calls, so the loop
+does not wait for the GPU) and the **device** time per call, from a second burst issued while
+the GPU is held by ``torch.cuda._sleep`` (sized from the host time just measured), so the
+calls run back to back with the host ahead of them. On a CPU the two are one: both None.
 """
 
 from __future__ import annotations
@@ -12,9 +19,34 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import torch
+
+
+class Sample(NamedTuple):
+    """One measurement: ms per call back to back, and (GPU only) host and device ms per call."""
+
+    ms: float
+    host_ms: Optional[float] = None
+    device_ms: Optional[float] = None
+
+
+_cycles_per_ms: dict = {}  # device index -> torch.cuda._sleep cycles per ms (calibrated once)
+
+
+def _sleep_cycles_per_ms() -> float:
+    dev = torch.cuda.current_device()
+    if dev not in _cycles_per_ms:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 2_000_000
+        torch.cuda._sleep(cycles)  # first launch loads the kernel
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _cycles_per_ms[dev] = cycles / max(start.elapsed_time(end), 1e-3)
+    return _cycles_per_ms[dev]
 
 
 class Timer:
@@ -47,6 +79,34 @@ class Timer:
         for _ in range(calls):
             fn()
         return (self.clock() - t0) * 1e3 / calls
+
+    def measure(self, fn: Callable, calls: int, warm: bool = True) -> Sample:
+        """A :class:`Sample` of ``calls`` back-to-back calls (after one untimed call, ``warm``): on a
+        GPU also the host time to issue a call and the device time per call (module docstring)."""
+        if not self.cuda:
+            return Sample(self.sample(fn, calls, warm))
+        if warm:
+            fn()
+        else:
+            torch.cuda.synchronize()
+        perf = time.perf_counter
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = perf()
+        for _ in range(calls):
+            fn()
+        host_s = perf() - t0
+        end.record()
+        # the second burst: the GPU held long enough that the host issues every call before it runs
+        hold_ms = host_s * 1e3 * 1.5 + 0.05
+        torch.cuda._sleep(int(hold_ms * _sleep_cycles_per_ms()))
+        d_start, d_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        d_start.record()
+        for _ in range(calls):
+            fn()
+        d_end.record()
+        d_end.synchronize()
+        return Sample(start.elapsed_time(end) / calls, host_s * 1e3 / calls, d_start.elapsed_time(d_end) / calls)
 
     @staticmethod
     def calls_for(one_call_ms: float, target_ms: float, most: int = 200) -> int:

@@ -38,6 +38,27 @@ class TuneInputs:
 
 
 @dataclass
+class Result:
+    """A candidate's result while it is being tuned (mutable; :meth:`freeze` gives the stored
+    :class:`~diffsynth_attention.store.decision.Candidate`)."""
+
+    status: str
+    time_ms: Optional[float] = None
+    error: Optional[float] = None
+    reason: Optional[str] = None
+    first_call_ms: Optional[float] = None
+    reps: int = 0
+    predicted_ms: Optional[float] = None
+    host_ms: Optional[float] = None
+    device_ms: Optional[float] = None
+
+    def freeze(self):
+        from ..store.decision import Candidate
+
+        return Candidate(**dataclasses.asdict(self))
+
+
+@dataclass
 class Run:
     """A candidate that passed the gate: its bound call and every time measured of it (ms per call)."""
 
@@ -50,6 +71,16 @@ class Run:
     warm: list = field(default_factory=list)
     second_look: list = field(default_factory=list)
     rounds: list = field(default_factory=list)
+    host: list = field(default_factory=list)  # host ms per call of each round sample (GPU only)
+    device: list = field(default_factory=list)  # device ms per call of each round sample (GPU only)
+
+    def take(self, sample) -> float:
+        """Record one round :class:`~.timing.Sample`; its back-to-back ms per call."""
+        self.rounds.append(sample.ms)
+        if sample.host_ms is not None and sample.device_ms is not None:
+            self.host.append(sample.host_ms)
+            self.device.append(sample.device_ms)
+        return sample.ms
 
     @property
     def name(self) -> str:
@@ -79,7 +110,7 @@ class Trial:
     dev: object = None
     predictions: dict = field(default_factory=dict)  # name -> predicted ms
     memory_skips: dict = field(default_factory=dict)  # name -> reason
-    results: dict = field(default_factory=dict)  # name -> Candidate, every candidate
+    results: dict = field(default_factory=dict)  # name -> Result, every candidate
     runs: dict = field(default_factory=dict)  # name -> Run, those that passed the gate and warmed up
     setup_s: float = 0.0  # imports, compilation (first calls, a backward's first call) and warm-up: outside the budget
     timing_from: Optional[float] = None  # policy.clock() when the probe step began: the budget counts from here

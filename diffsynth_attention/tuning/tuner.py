@@ -55,11 +55,12 @@ import torch
 from einops import rearrange
 
 from ..backends import PREFERENCE
-from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SKIPPED, SLOWER, UNSUPPORTED, Candidate, Decision
+from ..store.decision import (ACCEPTED, CHOSEN, COMPILED, CUDAGRAPH, DEFAULT_BACKEND, EAGER, REJECTED, SKIPPED, SLOWER,
+                              UNSUPPORTED, Decision, mode_cost)
 from .policy import DEFAULT_POLICY, TuningPolicy
 from .reference import gate_heads, reference_slice, relative_l1
 from .timing import Timer, round_order
-from .trial import Run, Trial, TuneInputs, copy_input, describe_exception, finite_inputs, free_memory, gib, recover, restore
+from .trial import Result, Run, Trial, TuneInputs, copy_input, describe_exception, finite_inputs, free_memory, gib, recover, restore
 from .trial import random_like as _random_like  # noqa: F401  (tests)
 from .trial import same as _same
 
@@ -116,7 +117,7 @@ def plan(trial: Trial, backends: list) -> list:
         trial.memory_skips, trial.predictions = plan_skips(backends, trial.problem, trial.dev, free)
     for backend in backends:
         if backend.name in trial.memory_skips:
-            trial.results[backend.name] = Candidate(SKIPPED, reason=trial.memory_skips[backend.name],
+            trial.results[backend.name] = Result(SKIPPED, reason=trial.memory_skips[backend.name],
                                                     predicted_ms=trial.predictions.get(backend.name))
     pending = [b for b in backends if b.name not in trial.memory_skips]
     pending.sort(key=lambda b: trial.predictions.get(b.name, 0.0))  # stable: preference order among equals
@@ -126,7 +127,7 @@ def plan(trial: Trial, backends: list) -> list:
 def _alive_predictions(trial: Trial) -> dict:
     """Predictions of the candidates still in the running (not memory-skipped, rejected or unsupported)."""
     return {n: ms for n, ms in trial.predictions.items() if n not in trial.memory_skips
-            and trial.results.get(n, Candidate(ACCEPTED)).status not in (REJECTED, UNSUPPORTED)}
+            and trial.results.get(n, Result(ACCEPTED)).status not in (REJECTED, UNSUPPORTED)}
 
 
 def time_skips(trial: Trial) -> dict:
@@ -143,7 +144,7 @@ def time_skips(trial: Trial) -> dict:
 def gate(trial: Trial, backend) -> Optional[Run]:
     """Step 2: import, one untimed call (setup), the numeric gate and the input check."""
     name, inputs, clock = backend.name, trial.inputs, trial.policy.clock
-    cand = Candidate(REJECTED, predicted_ms=trial.predictions.get(name))
+    cand = Result(REJECTED, predicted_ms=trial.predictions.get(name))
     trial.results[name] = cand
     t_import = clock()
     why = backend.unavailable_reason()  # the kernel package is imported here, at first use: setup
@@ -280,7 +281,9 @@ def rounds(trial: Trial, near: list) -> list:
     best = runs[near[0]].probe_ms if near else None
 
     def room(names, count, fastest_ms) -> bool:
-        return trial.spent() + count * sum(runs[n].sample_cost_s() for n in names) <= policy.budget_margin * trial.limit(fastest_ms)
+        reserve = confirm_reserve_s(trial, names)
+        return (trial.spent() + count * sum(runs[n].sample_cost_s() for n in names) + reserve
+                <= policy.budget_margin * trial.limit(fastest_ms))
 
     while len(near) > 1 and not room(near, policy.min_rounds, best):
         dropped = near.pop()  # the slowest first: the budget has no room for its rounds
@@ -297,9 +300,8 @@ def rounds(trial: Trial, near: list) -> list:
         for name in round_order(alive, i):
             run = runs[name]
             try:
-                run.rounds.append(trial.timer.sample(run.call, run.calls, warm=run.calls > 1))
+                fastest_ms = min(fastest_ms, run.take(trial.timer.measure(run.call, run.calls, warm=run.calls > 1)))
                 run.cand.reps += run.calls + (1 if run.calls > 1 else 0)
-                fastest_ms = min(fastest_ms, run.rounds[-1])
             except Exception as exc:
                 run.cand.status, run.cand.time_ms = REJECTED, None
                 run.cand.reason = f"in the interleaved rounds: {describe_exception(exc)}"
@@ -308,6 +310,22 @@ def rounds(trial: Trial, near: list) -> list:
         if not alive:
             break
     return alive
+
+
+def _paired_cost_s(trial: Trial, names: list) -> float:
+    """Seconds one paired re-time round of ``names`` takes (two bursts a sample on a GPU)."""
+    return sum(trial.runs[n].sample_cost_s() for n in names) * (2 if trial.timer.cuda else 1)
+
+
+def confirm_reserve_s(trial: Trial, names: list) -> float:
+    """The budget the rounds leave for the confirmation (step 7): ``confirm_min`` paired rounds of
+    the default and the slowest other candidate of ``names`` (whichever wins, its re-time fits)."""
+    default = trial.runs.get(DEFAULT_BACKEND)
+    others = [n for n in names if n != DEFAULT_BACKEND]
+    if default is None or default.cand.status == REJECTED or not others:
+        return 0.0
+    worst = max(others, key=lambda n: trial.runs[n].sample_cost_s())
+    return trial.policy.confirm_min * _paired_cost_s(trial, [DEFAULT_BACKEND, worst])
 
 
 def choose_winner(trial: Trial, near: list, timed: list) -> tuple:
@@ -339,6 +357,87 @@ def choose_winner(trial: Trial, near: list, timed: list) -> tuple:
     return winner, None
 
 
+def mode_winners(trial: Trial, timed: list, eager: str) -> dict:
+    """{mode: backend} for the compiled and CUDA-graph modes, from the round medians of host and
+    device time (:func:`~diffsynth_attention.store.decision.mode_cost`), by the same tie rule as
+    eager. Empty where the rounds have no host/device split (a CPU) or fewer than two candidates."""
+    runs, policy = trial.runs, trial.policy
+    if len(timed) < 2 or not all(runs[n].host and runs[n].device for n in timed):
+        return {}
+    noise = {n: relative_spread(runs[n].rounds) for n in timed}
+    out = {}
+    for mode in (COMPILED, CUDAGRAPH):
+        costs = {n: mode_cost(statistics.median(runs[n].rounds), statistics.median(runs[n].host),
+                              statistics.median(runs[n].device), mode) for n in timed}
+        out[mode] = choose(costs, noise, policy)[0]
+    return out
+
+
+def _cost(sample, mode: str) -> float:
+    return mode_cost(sample.ms, sample.host_ms, sample.device_ms, mode)
+
+
+def confirm(trial: Trial, winners: dict) -> tuple:
+    """Step 7: a winner other than the default (PyTorch SDPA's own choice, ``torch``) is kept for
+    a mode only if a separate interleaved re-time, paired round by round with the default, shows
+    it faster by more than the measured noise: the median of the per-round ratios (default /
+    winner) above ``1 + max(tie_floor, their spread)``. Returns (winners after confirmation,
+    provisional, the confirmation's text). ``provisional``: the noise (the spread of the ratios,
+    or of the rounds where nothing was re-timed) is above ``noise_cap``: too noisy to decide."""
+    policy, runs = trial.policy, trial.runs
+    rounds_noise = max((relative_spread(r.rounds) or 0.0) for r in runs.values()) if runs else 0.0
+    contenders = sorted({n for n in winners.values() if n != DEFAULT_BACKEND})
+    if not contenders:
+        noisy = rounds_noise > policy.noise_cap
+        return winners, noisy, (f"the default ({DEFAULT_BACKEND}) won" + (
+            f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
+    default = runs.get(DEFAULT_BACKEND)
+    if default is None or default.cand.status == REJECTED:
+        noisy = rounds_noise > policy.noise_cap
+        return winners, noisy, (f"not re-timed: the default ({DEFAULT_BACKEND}) did not pass the gate" + (
+            f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
+    names = [DEFAULT_BACKEND] + contenders
+    left = policy.budget_margin * trial.limit(trial.best_probe()) - trial.spent()
+    count = int(max(policy.confirm_min, min(policy.confirm_rounds, left // max(_paired_cost_s(trial, names), 1e-9))))
+    samples = {n: [] for n in names}
+    for i in range(count):
+        for name in round_order(names, i, seed="confirm"):
+            run = runs[name]
+            try:
+                samples[name].append(trial.timer.measure(run.call, run.calls, warm=run.calls > 1))
+            except Exception as exc:  # the one that fails now loses: a contender is not confirmed; a failing default is not kept
+                recover(trial.device)
+                run.cand.status, run.cand.time_ms = REJECTED, None
+                run.cand.reason = f"in the confirmation re-time: {describe_exception(exc)}"
+                if name == DEFAULT_BACKEND:
+                    return winners, False, f"not re-timed: the default ({DEFAULT_BACKEND}) raised in the re-time"
+                return ({m: (DEFAULT_BACKEND if b == name else b) for m, b in winners.items()}, False,
+                        f"not confirmed: {name} raised in the re-time; {DEFAULT_BACKEND} kept")
+            run.cand.reps += run.calls + (1 if run.calls > 1 else 0)
+    out, texts, provisional = dict(winners), [], False
+    for mode, name in winners.items():
+        if name == DEFAULT_BACKEND:
+            continue
+        ratios = [_cost(d, mode) / _cost(w, mode) for d, w in zip(samples[DEFAULT_BACKEND], samples[name])
+                  if _cost(w, mode) and _cost(w, mode) > 0]
+        if not ratios:
+            out[mode] = DEFAULT_BACKEND
+            continue
+        med = statistics.median(ratios)
+        spread = relative_spread(ratios) or 0.0
+        margin = max(policy.tie_floor, spread)
+        noisy = spread > policy.noise_cap
+        provisional = provisional or noisy
+        what = (f"{mode}: {name} {med:.3f}x the speed of {DEFAULT_BACKEND} in {len(ratios)} paired re-times "
+                f"(noise {spread * 100:.1f}%)")
+        if med > 1 + margin:
+            texts.append(f"{what}: confirmed" + ("; provisional: too noisy" if noisy else ""))
+        else:
+            out[mode] = DEFAULT_BACKEND
+            texts.append(f"{what}: not confirmed, {DEFAULT_BACKEND} kept" + ("; provisional: too noisy" if noisy else ""))
+    return out, provisional, "; ".join(texts)
+
+
 # -- the pipeline -----------------------------------------------------------------------------------------------
 def tune(
     inputs: TuneInputs,
@@ -367,7 +466,7 @@ def tune(
                   ref=ref, heads=heads, copies=[copy_input(t, inputs.requires_grad) for t in (inputs.q, inputs.k, inputs.v)],
                   problem=problem, dev=dev)
     for name, reasons in unsupported.items():
-        trial.results[name] = Candidate(UNSUPPORTED, reason="; ".join(reasons))
+        trial.results[name] = Result(UNSUPPORTED, reason="; ".join(reasons))
 
     with torch.set_grad_enabled(trial.grad):
         pending = plan(trial, backends)
@@ -385,13 +484,25 @@ def tune(
             if backend.name not in done:
                 best_name, best = skips[backend.name]
                 pred = trial.predictions[backend.name]
-                trial.results[backend.name] = Candidate(
+                trial.results[backend.name] = Result(
                     SKIPPED, predicted_ms=pred,
                     reason=(f"skipped: predicted {pred:.4g} ms, more than {policy.skip_factor:g}x the best prediction "
                             f"({best:.4g} ms, {best_name}); not run"))
         near = probe(trial)
         timed = rounds(trial, near)
         winner, note = choose_winner(trial, near, timed)
+        modes, provisional, confirmation = {}, False, None
+        if winner is not None:
+            for name in timed:
+                run = trial.runs[name]
+                if run.host and run.device:
+                    run.cand.host_ms, run.cand.device_ms = statistics.median(run.host), statistics.median(run.device)
+            modes = {EAGER: winner, **mode_winners(trial, timed, winner)}
+            modes, provisional, confirmation = confirm(trial, modes)
+            if modes[EAGER] != winner:
+                trial.results[winner].status = ACCEPTED
+                trial.results[winner].reason = confirmation
+                winner, note = modes[EAGER], None
 
     if winner is None:
         winner = "torch"
@@ -404,11 +515,14 @@ def tune(
         key_id=key.id,
         key=key.fields,
         backend=winner,
-        candidates={n: trial.results[n] for n in PREFERENCE if n in trial.results},
+        candidates={n: trial.results[n].freeze() for n in PREFERENCE if n in trial.results},
         tolerance=trial.tolerance,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         tuning_seconds=round(policy.clock() - started, 6),
         compile_seconds=round(trial.setup_s, 6),
+        modes={m: b for m, b in modes.items() if m != EAGER},
+        provisional=provisional,
+        confirmation=confirmation,
     )
     policy.notify(key, decision, trial.timings(), False)
     return decision

@@ -16,6 +16,7 @@ from diffsynth_attention.store.cache import DecisionCache
 from diffsynth_attention.store.key import make_key
 
 from support.helpers import full_reference, qkv, rel
+from support.store_helpers import decided_for
 
 
 @pytest.fixture
@@ -128,8 +129,7 @@ def test_a_cached_decision_never_imports_the_kernel_packages_it_does_not_use(fa3
     info = da.explain(q, k, v)  # tuning imports every candidate
     assert builtins._da_fa3_imports == 1 and info.candidates["flash_attention_3"]["error"] < 1e-5
     store = da.Dispatcher().store
-    decision = store.get(info.key_id)
-    decision.backend = "torch"
+    decision = store.get(info.key_id).replace(backend="torch")
     store.put(decision)
     # a new process: a fresh backend object, a fresh dispatcher, the module not imported
     monkeypatch.delitem(sys.modules, "flash_attn_interface")
@@ -141,8 +141,7 @@ def test_a_cached_decision_never_imports_the_kernel_packages_it_does_not_use(fa3
     assert not fresh.is_loaded() and builtins._da_fa3_imports == 1
     assert rel(out, full_reference(q, k, v)) < 1e-5
     # the decided backend is imported on first use
-    decision.backend = "flash_attention_3"
-    disp.store.put(decision)
+    disp.store.put(decision.replace(backend="flash_attention_3"))
     disp.forward(q, k, v)  # served while the package loads on a background thread (test_loading.py)
     assert loading.wait(fresh, 30) == loading.READY
     assert fresh.is_loaded() and builtins._da_fa3_imports == 2
@@ -164,10 +163,7 @@ def test_a_broken_install_is_found_at_first_use_with_the_reason_and_the_call_fal
     assert make_key(call.problem, dev, candidates(call.problem, dev)[0]).id == info.key_id  # same key as other processes
     # a decision for it, made where it worked, falls back here with the reason
     store = da.Dispatcher().store
-    decision = store.get(info.key_id)
-    decision.backend = "flash_attention_3"
-    decision.candidates["flash_attention_3"].status, decision.candidates["flash_attention_3"].time_ms = "chosen", 0.001
-    decision.candidates["flash_attention_3"].error = 0.0  # it passed the gate where it was tuned
+    decision = decided_for(store.get(info.key_id), "flash_attention_3", time_ms=0.001, error=0.0)  # it passed the gate there
     store.put(decision)
     fresh = cpu(FlashAttention3)
     monkeypatch.setitem(REGISTRY, "flash_attention_3", fresh)

@@ -23,6 +23,7 @@ from diffsynth_attention.request import Request
 from diffsynth_attention.store.cache import DecisionCache
 
 from support.helpers import full_reference, qkv, rel
+from support.store_helpers import decided_for
 
 # An import that blocks until builtins._da_gate is set; counts imports and calls in builtins.
 SLOW_FA3 = '''
@@ -71,11 +72,8 @@ def slow_fa3(tmp_path, monkeypatch):
     decision = previous.store.get(info.key_id)
     fa3 = decision.candidates["flash_attention_3"]
     assert fa3.status in ("chosen", "accepted", "slower") and fa3.error < 1e-5
-    for name, cand in decision.candidates.items():  # the decision names FlashAttention-3
-        if cand.status == "chosen":
-            cand.status = "accepted"
-    fa3.status, fa3.time_ms = "chosen", min(c.time_ms for c in decision.candidates.values() if c.time_ms) / 2
-    decision.backend = "flash_attention_3"
+    decision = decided_for(decision, "flash_attention_3",  # the decision names FlashAttention-3
+                           time_ms=min(c.time_ms for c in decision.candidates.values() if c.time_ms) / 2)
     previous.store.put(decision)
     previous.store.flush()
     # a new process: the package not imported, a fresh backend object, the gate closed

@@ -1,6 +1,7 @@
 """The dispatcher tunes a new key through DecisionCache.get_or_tune (get -> lease -> read
 again -> tune -> put). Another process is a second DecisionCache over the same folder: its lease
 is the same flock, taken through another open file."""
+import dataclasses
 import logging
 import threading
 import time
@@ -75,7 +76,8 @@ def test_the_re_read_under_the_lease_uses_the_problem_tolerance_in_force(isolate
     in_force = DEFAULT_POLICY.tolerance("float32")
     loose = 10 * in_force
     assert loose < config.tolerance()  # passes the global default, not this fp32 problem's tolerance
-    decision.candidates[decision.backend].error, decision.tolerance = loose, config.tolerance()
+    chosen = dataclasses.replace(decision.candidates[decision.backend], error=loose)
+    decision = decision.replace(candidates={**decision.candidates, decision.backend: chosen}, tolerance=config.tolerance())
     info, mine = _served_while_held(isolated, q, k, v, decision.key_id, decision)
     assert info.source == "tuned" and mine.stats()["tunings"] == 1  # gated again, not served
     again = DecisionCache(isolated).get(info.key_id, tolerance=in_force)

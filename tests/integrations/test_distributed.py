@@ -19,8 +19,7 @@ own = torch.randn(1, 2, 40 + rank, 8)
 da.attention_forward(own, own, own)         # different keys per rank: no collective, no deadlock
 if rank == 1:                               # diverge on purpose
     d = store.get(next(iter(store.entries())))
-    d.backend = "torch_math"
-    store.put(d, save=False)
+    store.put(d.replace(backend="torch_math"), save=False)
 n = da.sync_decisions()
 dec = {k: v.backend for k, v in sorted(store.entries().items())}
 print(json.dumps({"rank": rank, "stats": da.stats(), "n": n, "decisions": dec}))

@@ -1,5 +1,6 @@
 """The on-disk cache (one file per decision) under concurrency, crashes, bad
 files, unusable places and full disks."""
+import dataclasses
 import errno
 import json
 import logging
@@ -90,7 +91,7 @@ def test_entry_file_matches_schema_and_keeps_every_field(isolated):
     da.explain(q, k, v)
     doc = json.loads(_only_entry(isolated).read_text())
     jsonschema.Draft202012Validator(json.loads(cache_mod._SCHEMA_FILE.read_text())).validate(doc)
-    assert doc["schema_version"] == 2 and doc["id"] == key_id(doc["entry"]["key"])
+    assert doc["schema_version"] == 3 and doc["id"] == key_id(doc["entry"]["key"])
     entry = doc["entry"]
     assert set(entry) >= {"key", "backend", "candidates", "tolerance", "created", "tuning_seconds"}
     assert entry["candidates"]["torch"]["error"] is not None
@@ -639,7 +640,8 @@ def test_documents_refuse_bad_ids_nan_and_oversize():
     with pytest.raises(CacheFileError, match="cap"):
         parse_document(" " * (cache_mod.MAX_DOCUMENT_BYTES + 1))
     nan = make_decision(5)
-    nan.candidates["torch"].error = float("nan")  # written as null, never as NaN
+    nan = nan.replace(candidates={**nan.candidates, "torch": dataclasses.replace(nan.candidates["torch"], error=float("nan"))})
+    # written as null, never as NaN
     assert "NaN" not in cache_mod.render_entry(nan)
 
 

@@ -18,7 +18,7 @@ from diffsynth_attention.store import fs as fs_mod
 from diffsynth_attention.store.cache import DecisionCache
 
 from support.helpers import qkv
-from support.store_helpers import PREAMBLE, make_decision
+from support.store_helpers import PREAMBLE, make_decision, with_chosen
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -134,9 +134,7 @@ def test_a_fork_while_a_thread_tunes_never_leaves_the_child_waiting(isolated, su
 
 
 def _loose(i: int, error: float, tolerance: float):
-    d = make_decision(i)
-    d.candidates[d.backend].error, d.tolerance = error, tolerance
-    return d
+    return with_chosen(make_decision(i), error=error, tolerance=tolerance)
 
 
 def test_a_decision_is_used_only_where_its_error_passes_the_tolerance_in_force(isolated, monkeypatch):
@@ -157,8 +155,7 @@ def test_a_looser_decision_on_disk_is_gated_again_by_the_dispatcher(isolated, mo
     q, k, v = qkv(sq=16)
     first = da.explain(q, k, v)
     store = default_dispatcher().store
-    d = store.get(first.key_id)
-    d.candidates[d.backend].error, d.tolerance = 0.5, 1.0  # as if an 8-bit backend won under tolerance 1
+    d = with_chosen(store.get(first.key_id), error=0.5, tolerance=1.0)  # as if an 8-bit backend won under tolerance 1
     store.put(d)
     for tolerance, source in (("1", "cache"), ("", "tuned")):
         monkeypatch.setenv(config.TOLERANCE, tolerance)

@@ -3,6 +3,8 @@ from diffsynth_attention.backends import REGISTRY
 from diffsynth_attention.backends.torch_sdpa import TorchSDPA
 from diffsynth_attention.store.decision import Candidate
 
+from .store_helpers import decided_for
+
 
 class Flaky(TorchSDPA):
     """A CPU backend that fails its first ``failures`` calls after ``arm()``."""
@@ -27,11 +29,8 @@ def force_flaky(disp, monkeypatch, q, k, v):
     flaky = Flaky("flash_attention_4")
     monkeypatch.setitem(REGISTRY, "flash_attention_4", flaky)
     info = disp.explain(q, k, v)
-    decision = info.decision
-    for cand in decision.candidates.values():  # as a real decision for it: chosen, with its error through the gate
-        cand.status = "accepted" if cand.status == "chosen" else cand.status
-    decision.backend = "flash_attention_4"
-    decision.candidates["flash_attention_4"] = Candidate("chosen", 0.01, 0.0, reps=3)
+    decision = decided_for(info.decision, "flash_attention_4")  # as a real decision for it: chosen, its error through the gate
+    decision = decision.replace(candidates={**decision.candidates, "flash_attention_4": Candidate("chosen", 0.01, 0.0, reps=3)})
     disp.store.put(decision)
     assert disp.explain(q, k, v).backend == "flash_attention_4"
     return flaky, info.key_id

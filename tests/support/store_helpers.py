@@ -1,5 +1,7 @@
 """Store-only helpers (no torch): valid decisions for fake keys, and the import preamble that
 subprocesses use to load the store without the package face (which imports torch)."""
+import dataclasses
+
 from diffsynth_attention.store.decision import Candidate, Decision, key_id
 
 
@@ -14,6 +16,24 @@ def make_decision(i: int, backend: str = "torch") -> Decision:
     key = fake_key(i)
     return Decision(key_id(key), key, backend, {backend: Candidate("chosen", 1.0, 0.0, reps=3)},
                     created="2026-01-01T00:00:00+00:00", tuning_seconds=0.01)
+
+
+def with_chosen(decision: Decision, **changes) -> Decision:
+    """``decision`` with its chosen candidate's fields changed (decisions are frozen: a new one);
+    ``tolerance=`` changes the decision's own."""
+    tolerance = changes.pop("tolerance", decision.tolerance)
+    chosen = dataclasses.replace(decision.candidates[decision.backend], **changes)
+    return decision.replace(candidates={**decision.candidates, decision.backend: chosen}, tolerance=tolerance)
+
+
+def decided_for(decision: Decision, backend: str, **changes) -> Decision:
+    """``decision`` as if ``backend`` had won it: the chosen candidate marked accepted, ``backend``'s
+    chosen (its fields changed by ``changes``), ``backend`` the decision's backend."""
+    candidates = {n: dataclasses.replace(c, status="accepted") if c.status == "chosen" else c
+                  for n, c in decision.candidates.items()}
+    if backend in candidates:
+        candidates[backend] = dataclasses.replace(candidates[backend], status="chosen", **changes)
+    return decision.replace(backend=backend, candidates=candidates)
 
 
 # Exec'd first by subprocess scripts: import the store as the package's submodules without

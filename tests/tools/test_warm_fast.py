@@ -41,8 +41,7 @@ def test_known_is_none_for_a_problem_without_a_usable_decision():
     (_, info), = warm_module.warm(SHAPES[:1], cpu)
     store = default_dispatcher().store
     decision = store.get(info.key_id)
-    decision.backend = "flash_attention_3"  # not usable on this machine: warm tunes again
-    store.put(decision)
+    store.put(decision.replace(backend="flash_attention_3"))  # not usable on this machine: warm tunes again
     assert warm_module.known(SHAPES[0], cpu) is None
 
 

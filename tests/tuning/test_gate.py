@@ -1,6 +1,7 @@
 """The numeric gate and the decisions it makes: a NaN in the first call's inputs poisons nothing, the
 mutation check treats NaN as equal, the gate's random inputs keep shape, dtype and strides, and a
 decision whose candidates were all rejected is used once and never saved (nor trusted on disk)."""
+import dataclasses
 import torch
 
 import diffsynth_attention as da
@@ -64,10 +65,9 @@ def test_an_all_rejected_decision_on_disk_is_ignored(isolated):
     q, k, v = qkv()
     info = da.explain(q, k, v)
     decision = info.decision
-    for c in decision.candidates.values():
-        if c.status != "unsupported":
-            c.status, c.reason = "rejected", "error above tolerance"
-    store.put(decision)
+    store.put(decision.replace(candidates={
+        n: c if c.status == "unsupported" else dataclasses.replace(c, status="rejected", reason="error above tolerance")
+        for n, c in decision.candidates.items()}))
     store.forget_memory()
     default_dispatcher().reset()
     assert da.explain(q, k, v).source == "tuned"

@@ -166,8 +166,7 @@ def test_runtime_failure_in_auto_drops_backend_for_that_key(monkeypatch, caplog)
     from diffsynth_attention.store.key import key_id
 
     decision = store.get(key_id(info.key))
-    decision.backend = "flash_attention_4"
-    store.put(decision)
+    store.put(decision.replace(backend="flash_attention_4"))
     fakes["flash_attention_4"].behaviour = "raise"
     out = da.attention_forward(q, k, v)
     assert rel(out, full_reference(q, k, v)) < 1e-5

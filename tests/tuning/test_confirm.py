@@ -1,0 +1,105 @@
+"""Confirmed before stored (issue 29): a winner other than the default (``torch``, PyTorch SDPA's own
+choice) is kept only where a separate paired re-time shows it faster than the default by more than
+the noise; noisy timings store a provisional decision; decisions are frozen values; per-mode
+costs pick per-mode backends; a version-2 entry serves as an eager-only measurement."""
+import copy
+import dataclasses
+import json
+import pickle
+from types import SimpleNamespace
+
+import pytest
+
+from diffsynth_attention.store import codec
+from diffsynth_attention.store.decision import Candidate, Decision, mode_cost
+from diffsynth_attention.tuning import tuner
+from diffsynth_attention.tuning.policy import DEFAULT_POLICY
+from diffsynth_attention.tuning.trial import Run
+from support.helpers import qkv
+from support.store_helpers import make_decision
+from support.virtual import tune_virtual
+
+
+def test_a_clear_winner_is_confirmed_against_the_default(monkeypatch):
+    q, k, v = qkv(sq=16)
+    info, made, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0}, torch_math={"cost": 0.5})
+    d = info.decision
+    assert d.backend == "torch_math" and not d.provisional
+    assert "torch_math 2.000x the speed of torch" in d.confirmation and "confirmed" in d.confirmation
+
+
+def test_a_winner_the_paired_re_time_does_not_confirm_leaves_the_default(monkeypatch):
+    # torch_math looks 25% faster in the rounds (a load spike on torch's samples, say), but not in the re-time
+    state = {"confirming": False}
+    real = tuner.confirm
+
+    def confirm(trial, winners):
+        state["confirming"] = True
+        return real(trial, winners)
+    monkeypatch.setattr(tuner, "confirm", confirm)
+    q, k, v = qkv(sq=16)
+    info, made, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
+                                 torch_math={"schedule": lambda i: 1.0 if state["confirming"] else 0.8})
+    d = info.decision
+    assert d.backend == "torch" and d.candidates["torch"].status == "chosen"
+    assert d.candidates["torch_math"].status == "accepted" and "not confirmed" in d.candidates["torch_math"].reason
+    assert "not confirmed, torch kept" in d.confirmation and not d.provisional
+
+
+def test_noise_too_high_to_decide_stores_a_provisional_decision(monkeypatch):
+    q, k, v = qkv(sq=16)
+    info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0, "noise": 0.6, "seed": 1},
+                              torch_math={"cost": 0.9, "noise": 0.6, "seed": 2})
+    assert info.decision.provisional and "provisional" in info.decision.confirmation
+    quiet, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0, "noise": 0.01}, torch_math={"cost": 0.9, "noise": 0.01})
+    assert not quiet.decision.provisional
+
+
+def test_decisions_are_frozen_values():
+    d = make_decision(1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.backend = "torch_math"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.candidates["torch"].status = "rejected"
+    with pytest.raises(TypeError, match="frozen"):
+        d.candidates["torch_math"] = Candidate("chosen")
+    changed = d.replace(backend="torch_math", candidates={"torch_math": Candidate("chosen", 1.0, 0.0)})
+    assert d.backend == "torch" and set(d.candidates) == {"torch"} and changed.backend == "torch_math"
+    for clone in (pickle.loads(pickle.dumps(d)), copy.deepcopy(d)):
+        assert clone == d and clone.to_dict() == d.to_dict()
+
+
+def test_a_version_2_entry_serves_as_an_eager_only_measurement():
+    d = make_decision(3)
+    doc = json.loads(codec.render_entry(d))
+    assert doc["schema_version"] == 3
+    doc["schema_version"] = 2
+    old = codec.parse_entry(json.dumps(doc), d.key_id)
+    assert old == d and not old.provisional and old.modes == {}
+    for mode in ("eager", "compiled", "cudagraph"):
+        assert old.backend_for(mode) == "torch" and old.candidates["torch"].cost(mode) == 1.0
+    doc["schema_version"] = 4
+    with pytest.raises(codec.CacheFileError, match="reads 2, 3"):
+        codec.parse_entry(json.dumps(doc), d.key_id)
+
+
+def test_each_mode_prices_candidates_from_host_and_device_time():
+    assert mode_cost(0.10, 0.09, 0.03, "eager") == 0.10
+    assert mode_cost(0.10, 0.09, 0.03, "compiled") == pytest.approx(0.12)
+    assert mode_cost(0.10, 0.09, 0.03, "cudagraph") == 0.03
+    assert mode_cost(0.10, None, None, "cudagraph") == 0.10
+    with pytest.raises(ValueError, match="mode"):
+        mode_cost(0.1, 0.1, 0.1, "graph")
+
+    def run(name, eager, host, device):
+        return Run(backend=SimpleNamespace(name=name), cand=None, call=None, rounds=[eager] * 5, host=[host] * 5,
+                   device=[device] * 5)
+    # a host-heavy kernel package: fastest on the device, slowest to issue
+    runs = {"torch": run("torch", 0.030, 0.020, 0.028), "flash_attention_4": run("flash_attention_4", 0.095, 0.090, 0.020)}
+    trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY)
+    assert tuner.mode_winners(trial, list(runs), "torch") == {"compiled": "torch", "cudagraph": "flash_attention_4"}
+    runs["torch"] = Run(backend=SimpleNamespace(name="torch"), cand=None, call=None, rounds=[0.03] * 5)  # CPU: no split
+    assert tuner.mode_winners(trial, list(runs), "torch") == {}
+    d = Decision("0" * 24, {}, "torch", {}, modes={"cudagraph": "flash_attention_4", "compiled": "torch"})
+    assert d.modes == {"cudagraph": "flash_attention_4"}  # only where it differs from the eager choice
+    assert (d.backend_for("eager"), d.backend_for("compiled"), d.backend_for("cudagraph")) == ("torch", "torch", "flash_attention_4")
