@@ -145,6 +145,7 @@ class WholeCache:
                     removed.add(k)
                     del self._entries[k]
                     self._pending.pop(k, None)
+                    self._rendered.pop(k, None)
             self._groups.clear()
             self._indexed.clear()
             self._ungrouped = []
