@@ -168,6 +168,9 @@ class Backend:
     head_dim_multiple: ClassVar[int] = 1
     same_head_dim_v: ClassVar[bool] = True  # head dim of v must equal that of q and k
     masks: ClassVar[frozenset] = frozenset()  # of MaskKind: bool, additive, additive_float32
+    # Its backward gives a float attn_mask's gradient. A call that needs gradients with a float mask
+    # is served only by such a backend: its key does not tell a learned mask from a constant one.
+    mask_grad: ClassVar[bool] = False
     causal: ClassVar[bool] = True
     causal_any_lengths: ClassVar[bool] = True  # False: causal only when seq_q == seq_kv
     gqa: ClassVar[bool] = False
@@ -346,6 +349,9 @@ class Backend:
         if p.mask != MaskKind.NONE and p.mask not in self.masks:
             takes = " or ".join(sorted(self.masks)) + " masks" if self.masks else "no attn_mask"
             reasons.append(f"{p.mask} attn_mask not supported (takes {takes})")
+        elif p.requires_grad and p.mask in (MaskKind.ADDITIVE, MaskKind.ADDITIVE_FLOAT32) and not self.mask_grad:
+            reasons.append(f"{p.mask} attn_mask in a call that needs gradients not supported (its backward gives no "
+                           f"gradient for the mask, which may require one)")
         if p.causal and not self.causal:
             reasons.append("is_causal not supported")
         elif p.causal and not self.causal_any_lengths and p.seq_q != p.seq_kv:

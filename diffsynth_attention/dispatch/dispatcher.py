@@ -301,9 +301,13 @@ class Dispatcher:
             for name, why in late.items():
                 self.warn_once(("late", name), "backend %s is left out of tuning %s: %s", name, problem.describe(), why)
 
+        mask = req.attn_mask
+        if grad and mask is not None and mask.requires_grad:  # a learned mask: the timed backwards fill a
+            mask = mask.detach().requires_grad_()  # leaf of the tuner's own (same storage), never the caller's .grad
+
         def run_tuner() -> Decision:
             inputs = TuneInputs(
-                q=q, k=req.k, v=req.v, mask=req.attn_mask, mask4=mask_4d(req.attn_mask), canonical=(qc, kc, vc),
+                q=q, k=req.k, v=req.v, mask=mask, mask4=mask_4d(mask), canonical=(qc, kc, vc),
                 scale=call.scale, causal=problem.causal, window=problem.window, out_pattern=req.out_pattern,
                 heads_q=problem.heads_q, head_dim_v=problem.head_dim_v, requires_grad=grad,
                 to_canonical=call.layout.to_canonical,
