@@ -192,6 +192,24 @@ def settle(backends: Iterable) -> dict:
     return {b.name: late_reason(b) for b in backends if state(b) == LOADING}
 
 
+def settle_candidates(usable: list, unsupported: dict, what: str) -> tuple:
+    """Before tuning ``what`` (and before its key's lease): :func:`settle` the candidates; those
+    still importing are moved from ``usable`` to ``unsupported`` with the reason (one warning
+    per backend). No import competes with the timed calls (issue 24), and none is waited for
+    while the key's lease is held (issue 31). Returns (usable, unsupported)."""
+    late = settle(usable)
+    if not late:
+        return usable, unsupported
+    for name, why in late.items():
+        if name not in _warned_late:
+            _warned_late.add(name)
+            logger.warning("backend %s is left out of tuning %s: %s", name, what, why)
+    return [b for b in usable if b.name not in late], {**unsupported, **{name: [why] for name, why in late.items()}}
+
+
+_warned_late: set = set()
+
+
 def wait_all(timeout: Optional[float] = None) -> None:
     """Wait for every background load under way (tuning calls it before timing anything: an
     import running meanwhile would hold the interpreter and slow the timed calls' launches)."""

@@ -335,17 +335,7 @@ class Dispatcher:
         another thread or process stored meanwhile, trusted under this problem's tolerance and with
         a backend usable here, is served instead: a hit)."""
         problem = call.problem
-        # Before the lease: the candidates' packages load (in the background), waited for at most
-        # DIFFSYNTH_ATTENTION_LOAD_WAIT from the start of each import; one still importing then (a
-        # hung or slow import) is left out of this tuning, with the reason. No import competes with
-        # the timed calls (issue 24), and none is waited for while the key's lease is held (issue 31).
-        late = loading.settle(usable)
-        if late:
-            usable = [b for b in usable if b.name not in late]
-            unsupported = {**unsupported, **{name: [why] for name, why in late.items()}}
-            for name, why in late.items():
-                self.warn_once(("late", name), "backend %s is left out of tuning %s: %s", name, problem.describe(), why)
-
+        usable, unsupported = loading.settle_candidates(usable, unsupported, problem.describe())  # before the lease
         mask = req.attn_mask
         if grad and mask is not None and mask.requires_grad:  # a learned mask: the timed backwards fill a
             mask = mask.detach().requires_grad_()  # leaf of the tuner's own (same storage), never the caller's .grad
