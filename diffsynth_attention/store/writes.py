@@ -23,8 +23,9 @@ import threading
 import time
 import weakref
 
-from . import fs
+from . import fs, group_index
 from .codec import CacheFileError, render_entry
+from .neighbours import group_of
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -141,6 +142,7 @@ class Writes:
         with self._folder(create=True) as vfd:
             if vfd is None:
                 return False
+            group_index.start_if_empty(vfd)
             for kid, d in pending.items():
                 if kid in self._blocked:
                     self._warn_once(("blocked", kid), "diffsynth_attention cache: the entry %s.json %s; it is not "
@@ -179,6 +181,7 @@ class Writes:
                     written.append((kid, d))
             if written:
                 fs.fsync_dir(vfd)
+                group_index.add(vfd, [(group_of(d), kid) for kid, d in written])  # the neighbour index
         with self._mutex:
             for kid, d in written:
                 self._indexed.add(kid)
