@@ -337,10 +337,14 @@ class Dispatcher:
         a backend usable here, is served instead: a hit). ``make(backend)``: the runner timed
         (default: the one a plan binds; the LSE path times its own)."""
         problem = call.problem
+        usable, unsupported = loading.settle_candidates(usable, unsupported, problem.describe())  # before the lease
+        mask = req.attn_mask
+        if grad and mask is not None and mask.requires_grad:  # a learned mask: the timed backwards fill a
+            mask = mask.detach().requires_grad_()  # leaf of the tuner's own (same storage), never the caller's .grad
 
         def run_tuner() -> Decision:
             inputs = TuneInputs(
-                q=q, k=req.k, v=req.v, mask=req.attn_mask, mask4=mask_4d(req.attn_mask), canonical=(qc, kc, vc),
+                q=q, k=req.k, v=req.v, mask=mask, mask4=mask_4d(mask), canonical=(qc, kc, vc),
                 scale=call.scale, causal=problem.causal, window=problem.window, out_pattern=req.out_pattern,
                 heads_q=problem.heads_q, head_dim_v=problem.head_dim_v, requires_grad=grad,
                 to_canonical=call.layout.to_canonical,
@@ -348,8 +352,6 @@ class Dispatcher:
 
             def bound(backend):  # the runner a plan binds: timed as the hit path calls it
                 return make_runner(backend, call, grad)
-
-            loading.wait_all()  # no import competes with the timed calls (issue 24)
 
             decision = tune(inputs, usable, unsupported, key, make or bound, problem=problem, dev=dev, policy=self.policy,
                             tolerance=self.tolerance(problem))  # the one trust rule, not recomputed
