@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .. import overrides
+from .. import overrides, tiers
 from ..request import Request
 from .compiled import attention_op
 from .tokens import lookup_dispatcher
@@ -91,10 +91,12 @@ def backend_of(decision: str) -> str:
 @torch.compiler.assume_constant_result
 def bake(token: int, q, k, v, mask, q_pattern: str, k_pattern: str, v_pattern: str, out_pattern: str, dims: Optional[str],
          scale: Optional[float], is_causal: bool, window_size: Optional[int], compatibility_mode: bool, grad_enabled: bool,
-         backend: Optional[str]) -> Optional[str]:
+         backend: Optional[str], quality: Optional[str] = None) -> Optional[str]:
     """The identity of the decision a call with these sizes gets (:func:`identity`), taken while
     Dynamo traces, in the thread that compiles; None where the graph dispatches at run time (a
-    masked call whose key has no decision yet: its mask values matter for tuning)."""
+    masked call whose key has no decision yet: its mask values matter for tuning; a low-precision
+    quality tier, gated on the first real call's own data). ``quality``: the calling context's
+    quality scope, an argument so that Dynamo guards on it (the trace reads the tier itself)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .compiled import Scope, dims_dict
@@ -124,9 +126,11 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     is_causal, compatibility_mode = bool(is_causal), bool(compatibility_mode)
     token = d.trace_token
     backend = overrides.trace_scope()
+    quality = tiers.TRACE.scoped  # read here so Dynamo guards on the calling context's quality scope
     decision = None
     if _static(q, k, v, attn_mask):
         decision = bake(token, _meta(q), _meta(k), _meta(v), _meta(attn_mask), q_pattern, k_pattern, v_pattern, out_pattern,
-                        dims_text, scale, is_causal, window_size, compatibility_mode, torch.is_grad_enabled(), backend)
+                        dims_text, scale, is_causal, window_size, compatibility_mode, torch.is_grad_enabled(), backend,
+                        quality)
     return attention_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, attn_mask, scale, is_causal,
                         window_size, compatibility_mode, token, backend, decision)
