@@ -63,11 +63,11 @@ scope_get = scope.get
 
 
 class TraceState:
-    """What ``torch.compile`` guards on (Dynamo traces no ContextVar): ``scoped``, the innermost
-    quality scope of the process, a mirror of the contextvar kept by :func:`enter` / :func:`leave`."""
+    """What ``torch.compile`` guards on (Dynamo traces no ContextVar): ``scoped``, a property whose
+    getter is the contextvar's own ``get``, so Dynamo reads the calling thread's and task's scope
+    and guards on it there (no process-wide mirror: as ``overrides.TraceState``)."""
 
-    def __init__(self) -> None:
-        self.scoped = None
+    scoped = property(scope.get)
 
 
 TRACE = TraceState()
@@ -75,14 +75,11 @@ TRACE = TraceState()
 
 def enter(tier: str):
     """Make ``tier`` the current scope's (a token for :func:`leave`)."""
-    token = scope.set(tier)
-    TRACE.scoped = tier
-    return token
+    return scope.set(tier)
 
 
 def leave(token) -> None:
     scope.reset(token)
-    TRACE.scoped = scope_get()  # this context's scope, whatever order interleaved tasks leave in
 
 _env_data = getattr(os.environ, "_data", None)
 if isinstance(_env_data, dict) and hasattr(os.environ, "encodekey"):

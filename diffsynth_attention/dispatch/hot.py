@@ -81,13 +81,14 @@ def make_forward(d) -> Callable:
             return flex_attention_forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                           is_causal, window_size, score_mod)
         if _is_compiling():
-            from .compiled import traced_attention
+            from .baked import traced_attention
 
             return traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                     is_causal, compatibility_mode, window_size)
         impl_raw = env_get(impl_key)
         try:
-            grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or attn_mask is not None and attn_mask.requires_grad)
             plan = plans_get((
                 scope_get(), impl_raw, compatibility_mode, type(compatibility_mode), q.shape, k.shape, v.shape,
                 q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.layout, k.layout, v.layout,
