@@ -24,14 +24,15 @@ from ..problem import mask_4d, prepare
 from ..request import Request
 from ..store.cache import DecisionCache, all_rejected
 from ..states import PlanSource
-from ..store.decision import ACCEPTED, CHOSEN, COMPILED, CUDAGRAPH, EAGER, SLOWER, Decision, decision_filter
+from ..store.decision import ACCEPTED, CHOSEN, EAGER, SLOWER, Decision, decision_filter
 from ..store.leases import Outcome
 from ..store.key import make_key, neighbour_distance, neighbour_group
-from ..tuning.policy import DEFAULT_POLICY, TuningPolicy, tolerance_for
+from ..tuning.policy import TuningPolicy, tolerance_for
 from ..tuning.trial import decision_timings
 from ..tuning.tuner import TuneInputs, tune
 from . import faults, lowprec, tokens
-from .hot import _synthetic, make_forward
+from .hot import make_forward
+from .modes import ModePlans
 from .plan import BackendNotSupportedError, Explanation, Plan, explanation  # noqa: F401 (re-exported)
 from .runners import make_runner
 
@@ -45,19 +46,7 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _trace_mode() -> str:
-    """The mode a graph being traced now will run in: ``cudagraph`` under inductor's CUDA graphs
-    (``mode="reduce-overhead"``), else ``compiled``."""
-    import sys
-
-    inductor = sys.modules.get("torch._inductor.config")
-    try:
-        return CUDAGRAPH if inductor is not None and inductor.triton.cudagraphs else COMPILED
-    except AttributeError:  # another torch's config layout: the compiled price
-        return COMPILED
-
-
-class Dispatcher:
+class Dispatcher(ModePlans):
     """One plan table over one :class:`DecisionCache`. ``Dispatcher(DecisionCache(path))`` is a
     dispatcher of its own (tests build one each); the public functions use a default instance."""
 
@@ -230,34 +219,6 @@ class Dispatcher:
                 raise BackendNotSupportedError(message)
             return torch_run(q, k, v, mask, scale)
         return Plan(run, "torch", PlanSource.FALLBACK, key, call, grad, reasons=reasons, requested=requested)
-
-    def _decided_plan(self, decision: Decision, mode: str, key, call, grad, source=PlanSource.CACHE) -> Plan:
-        """A plan on ``decision``'s backend for ``mode``. An eager plan whose decision picked another
-        backend for CUDA graphs checks, per call, whether a graph is being captured and runs that
-        one then (one C call; plans whose modes agree pay nothing)."""
-        name = decision.backend_for(mode)
-        run = self._decided_runner(name, decision, key, call, grad)
-        graph_name = decision.backend_for(CUDAGRAPH)
-        if mode == EAGER and graph_name != name and call.problem.device_type == "cuda" and \
-                REGISTRY[graph_name].unavailable_reason() is None:
-            eager_run, graph_run = run, self._decided_runner(graph_name, decision, key, call, grad)
-            capturing = torch.cuda.is_current_stream_capturing
-
-            def run(q, k, v, mask, scale):
-                return (graph_run if capturing() else eager_run)(q, k, v, mask, scale)
-        return Plan(run, name, source, key, call, grad, decision, counts_hit=True)
-
-    def _retime_now(self, decision: Decision, key, mode: str, call) -> bool:
-        """Whether a provisional ``decision`` is re-timed by this call: eager, tuning allowed, not
-        yet re-timed in this process, and the host quiet (the policy's ``quiet``)."""
-        if not decision.provisional or mode != EAGER or key.id in self.retimed or not config.tuning_enabled() \
-                or _is_compiling() or (call.problem.device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            return False
-        if not (self.policy or DEFAULT_POLICY).quiet():
-            return False
-        self.retimed[key.id] = decision
-        logger.info("re-timing the provisional decision for %s (%s) now that the host is quiet", key.id, decision.backend)
-        return True
 
     def resolve(self, call, grad: bool, key, usable_names: set, dev, requested: str, source_name,
                 provisional: bool = True, mode: str = EAGER) -> Optional[Plan]:
@@ -432,40 +393,6 @@ class Dispatcher:
         return config.tuning_enabled() and not _capturing(q.device) and not _is_compiling()
 
     # -- under torch.compile -----------------------------------------------------------------
-    def trace_plan(self, req: Request, grad: bool) -> Optional[Plan]:
-        """The plan a compiled graph bakes for a call whose sizes are concrete, taken while the
-        graph is traced (``req`` holds fake tensors): :meth:`resolve`, and for a key with no
-        decision a tuning on random tensors of the call's shapes (not for masked calls, whose
-        mask values matter: None then, and the graph dispatches at run time). Validation errors
-        raise here, at trace time. The decision's backend for the graph's mode (``compiled``, or
-        ``cudagraph`` under inductor's CUDA graphs); these plans are kept apart from eager ones.
-        In a low-precision quality tier: None (the run-time operator), so the first real call gates
-        the low-precision candidates on its own q, k, v, and the sentinel watches the decision;
-        nothing is tuned on random data."""
-        if tiers.current() != tiers.EXACT:
-            return None
-        impl_raw = overrides.implementation_raw()
-        mode = _trace_mode()
-        try:
-            sig = (mode, req.signature(overrides.scope_get(), impl_raw, grad, tiers.scope_get(), tiers.raw()))
-            plan = self.plans.get(sig)
-        except (AttributeError, TypeError):
-            sig, plan = None, None
-        if plan is not None and plan.source != PlanSource.LOADING:  # an eager stand-in is not baked: the trace waits
-            return plan
-
-        def tune_on():
-            return None if req.attn_mask is not None else _synthetic(req)
-
-        plan = self.build_plan(req, impl_raw, grad, may_tune=config.tuning_enabled(), tune_on=tune_on, mode=mode)
-        if plan is None:
-            return None
-        if plan.source == PlanSource.TUNED:
-            plan = Plan(plan.run, plan.backend, PlanSource.CACHE, plan.key, plan.call, plan.grad, plan.decision, counts_hit=True)
-        if sig is not None and plan.source != PlanSource.FALLBACK:
-            self._store_plan(sig, plan)
-        return plan
-
     # -- the slow path ----------------------------------------------------------------------
     def call(self, req: Request, impl_raw, grad: bool):
         """A call whose signature has no plan yet (or whose plan is provisional)."""

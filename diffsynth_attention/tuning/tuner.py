@@ -30,6 +30,11 @@ of a :class:`~.policy.TuningPolicy` (defaults in brackets).
    2% and at most ``tie_cap`` 3%) are a tie, which goes to the preference order of
    :mod:`diffsynth_attention.backends`; the chosen candidate's reason says so.
 
+7. **confirm** (:mod:`.confirm`) - each execution mode's pick (eager; compiled: host + device
+   time; CUDA graphs: device time), and a paired re-time of every pick other than the default
+   (``torch``) against it: kept only when faster by more than the noise, else the default; too
+   noisy to decide: the decision is stored provisional (docs/tuning.md).
+
 Candidates are timed as the hit path calls them: the runner from ``make_runner`` (the same one a
 plan binds), called back to back with its arguments bound, host cost included.
 
@@ -55,10 +60,10 @@ import torch
 from einops import rearrange
 
 from ..backends import PREFERENCE
-from ..store.decision import (ACCEPTED, CHOSEN, COMPILED, CUDAGRAPH, DEFAULT_BACKEND, EAGER, REJECTED, SKIPPED, SLOWER,
-                              UNSUPPORTED, Decision, mode_cost)
+from ..store.decision import ACCEPTED, CHOSEN, EAGER, REJECTED, SKIPPED, SLOWER, UNSUPPORTED, Decision
 from .policy import DEFAULT_POLICY, TuningPolicy
 from .reference import gate_heads, reference_slice, relative_l1
+from .confirm import choose, confirm, confirm_reserve_s, mode_winners, relative_spread
 from .timing import Timer, round_order
 from .trial import Result, Run, Trial, TuneInputs, copy_input, describe_exception, finite_inputs, free_memory, gib, recover, restore
 from .trial import random_like as _random_like  # noqa: F401  (tests)
@@ -67,32 +72,6 @@ from .trial import same as _same
 logger = logging.getLogger("diffsynth_attention")
 
 __all__ = ["TuneInputs", "TuningPolicy", "tune", "choose", "plan_skips", "relative_spread"]
-
-
-def _order(name: str) -> int:
-    return PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE)
-
-
-def relative_spread(samples: list) -> Optional[float]:
-    """The interquartile range of ``samples`` over their median (None with fewer than 4)."""
-    if len(samples) < 4:
-        return None
-    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    med = statistics.median(samples)
-    return (q3 - q1) / med if med > 0 else None
-
-
-def choose(medians: dict, noise: dict, policy: TuningPolicy = DEFAULT_POLICY) -> tuple:
-    """(winner, fastest, tie) among ``medians`` {name: ms}: the fastest, unless another is within
-    the tie threshold of it and comes first in the preference order."""
-    fastest = min(medians, key=lambda n: (medians[n], _order(n)))
-    tied = {}
-    for name, ms in medians.items():
-        tie = policy.tie_threshold(noise.get(fastest), noise.get(name))
-        if ms <= medians[fastest] * (1 + tie):
-            tied[name] = tie
-    winner = min(tied, key=lambda n: (_order(n), medians[n]))
-    return winner, fastest, tied.get(winner, policy.tie_floor)
 
 
 def plan_skips(backends: list, problem, dev, free_bytes: Optional[int]) -> tuple:
@@ -317,22 +296,6 @@ def rounds(trial: Trial, near: list) -> list:
     return alive
 
 
-def _paired_cost_s(trial: Trial, names: list) -> float:
-    """Seconds one paired re-time round of ``names`` takes (two bursts a sample on a GPU)."""
-    return sum(trial.runs[n].sample_cost_s() for n in names) * (2 if trial.timer.cuda else 1)
-
-
-def confirm_reserve_s(trial: Trial, names: list) -> float:
-    """The budget the rounds leave for the confirmation (step 7): ``confirm_min`` paired rounds of
-    the default and the slowest other candidate of ``names`` (whichever wins, its re-time fits)."""
-    default = trial.runs.get(DEFAULT_BACKEND)
-    others = [n for n in names if n != DEFAULT_BACKEND]
-    if default is None or default.cand.status == REJECTED or not others:
-        return 0.0
-    worst = max(others, key=lambda n: trial.runs[n].sample_cost_s())
-    return trial.policy.confirm_min * _paired_cost_s(trial, [DEFAULT_BACKEND, worst])
-
-
 def choose_winner(trial: Trial, near: list, timed: list) -> tuple:
     """Step 6: (winner or None, the winner's reason) from the round medians and the tie rule."""
     runs, policy = trial.runs, trial.policy
@@ -360,88 +323,6 @@ def choose_winner(trial: Trial, near: list, timed: list) -> tuple:
         return winner, (f"tie with {fastest} (within {tie * 100:.1f}% noise): preferred by order "
                         f"({(medians[winner] / medians[fastest] - 1) * 100:.1f}% apart in {count} interleaved rounds)")
     return winner, None
-
-
-def mode_winners(trial: Trial, timed: list, eager: str) -> dict:
-    """{mode: backend} for the compiled and CUDA-graph modes, from the round medians of host and
-    device time (:func:`~diffsynth_attention.store.decision.mode_cost`), by the same tie rule as
-    eager. Empty where the rounds have no host/device split (a CPU) or fewer than two candidates."""
-    runs, policy = trial.runs, trial.policy
-    if len(timed) < 2 or not all(runs[n].host and runs[n].device for n in timed):
-        return {}
-    noise = {n: relative_spread(runs[n].rounds) for n in timed}
-    out = {}
-    for mode in (COMPILED, CUDAGRAPH):
-        costs = {n: mode_cost(statistics.median(runs[n].rounds), statistics.median(runs[n].host),
-                              statistics.median(runs[n].device), mode) for n in timed}
-        out[mode] = choose(costs, noise, policy)[0]
-    return out
-
-
-def _cost(sample, mode: str) -> float:
-    return mode_cost(sample.ms, sample.host_ms, sample.device_ms, mode)
-
-
-def confirm(trial: Trial, winners: dict) -> tuple:
-    """Step 7: a winner other than the default (PyTorch SDPA's own choice, ``torch``) is kept for
-    a mode only if a separate interleaved re-time, paired round by round with the default, shows
-    it faster by more than the measured noise: the median of the per-round ratios (default /
-    winner) above ``1 + max(tie_floor, their spread)``. Returns (winners after confirmation,
-    provisional, the confirmation's text). ``provisional``: the noise (the spread of the ratios,
-    or of the rounds where nothing was re-timed) is above ``noise_cap``: too noisy to decide."""
-    policy, runs = trial.policy, trial.runs
-    deciding = [runs[n] for n in set(winners.values()) | {DEFAULT_BACKEND} if n in runs]
-    rounds_noise = max(((relative_spread(r.rounds) or 0.0) for r in deciding), default=0.0)
-    contenders = sorted({n for n in winners.values() if n != DEFAULT_BACKEND})
-    if not contenders:
-        noisy = rounds_noise > policy.noise_cap
-        return winners, noisy, (f"the default ({DEFAULT_BACKEND}) won" + (
-            f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
-    default = runs.get(DEFAULT_BACKEND)
-    if default is None or default.cand.status == REJECTED:
-        noisy = rounds_noise > policy.noise_cap
-        return winners, noisy, (f"not re-timed: the default ({DEFAULT_BACKEND}) did not pass the gate" + (
-            f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
-    names = [DEFAULT_BACKEND] + contenders
-    left = policy.budget_margin * trial.limit(trial.best_probe()) - trial.spent()
-    count = int(max(policy.confirm_min, min(policy.confirm_rounds, left // max(_paired_cost_s(trial, names), 1e-9))))
-    samples = {n: [] for n in names}
-    for i in range(count):
-        for name in round_order(names, i, seed="confirm"):
-            run = runs[name]
-            try:
-                samples[name].append(trial.timer.measure(run.call, run.calls, warm=run.calls > 1))
-            except Exception as exc:  # the one that fails now loses: a contender is not confirmed; a failing default is not kept
-                recover(trial.device)
-                run.cand.status, run.cand.time_ms = REJECTED, None
-                run.cand.reason = f"in the confirmation re-time: {describe_exception(exc)}"
-                if name == DEFAULT_BACKEND:
-                    return winners, False, f"not re-timed: the default ({DEFAULT_BACKEND}) raised in the re-time"
-                return ({m: (DEFAULT_BACKEND if b == name else b) for m, b in winners.items()}, False,
-                        f"not confirmed: {name} raised in the re-time; {DEFAULT_BACKEND} kept")
-            run.cand.reps += run.calls + (1 if run.calls > 1 else 0)
-    out, texts, provisional = dict(winners), [], False
-    for mode, name in winners.items():
-        if name == DEFAULT_BACKEND:
-            continue
-        ratios = [_cost(d, mode) / _cost(w, mode) for d, w in zip(samples[DEFAULT_BACKEND], samples[name])
-                  if _cost(w, mode) and _cost(w, mode) > 0]
-        if not ratios:
-            out[mode] = DEFAULT_BACKEND
-            continue
-        med = statistics.median(ratios)
-        spread = relative_spread(ratios) or 0.0
-        margin = max(policy.tie_floor, spread)
-        noisy = spread > policy.noise_cap
-        provisional = provisional or noisy
-        what = (f"{mode}: {name} {med:.3f}x the speed of {DEFAULT_BACKEND} in {len(ratios)} paired re-times "
-                f"(noise {spread * 100:.1f}%)")
-        if med > 1 + margin:
-            texts.append(f"{what}: confirmed" + ("; provisional: too noisy" if noisy else ""))
-        else:
-            out[mode] = DEFAULT_BACKEND
-            texts.append(f"{what}: not confirmed, {DEFAULT_BACKEND} kept" + ("; provisional: too noisy" if noisy else ""))
-    return out, provisional, "; ".join(texts)
 
 
 # -- the pipeline -----------------------------------------------------------------------------------------------

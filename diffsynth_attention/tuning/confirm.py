@@ -1,0 +1,137 @@
+"""Step 7 of tuning (:mod:`.tuner`): one pick per execution mode, and the confirmation of every
+non-default winner against the default in a separate paired re-time (docs/tuning.md, "Confirmed
+before stored; priced per mode; re-checked when in doubt")."""
+
+from __future__ import annotations
+
+import statistics
+
+from ..backends import PREFERENCE
+from ..store.decision import COMPILED, CUDAGRAPH, DEFAULT_BACKEND, REJECTED, mode_cost
+from .timing import round_order
+from .policy import DEFAULT_POLICY, TuningPolicy
+from .trial import Trial, describe_exception, recover
+
+
+def _order(name: str) -> int:
+    return PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE)
+
+
+def choose(medians: dict, noise: dict, policy: TuningPolicy = DEFAULT_POLICY) -> tuple:
+    """(winner, fastest, tie) among ``medians`` {name: ms}: the fastest, unless another is within
+    the tie threshold of it and comes first in the preference order."""
+    fastest = min(medians, key=lambda n: (medians[n], _order(n)))
+    tied = {}
+    for name, ms in medians.items():
+        tie = policy.tie_threshold(noise.get(fastest), noise.get(name))
+        if ms <= medians[fastest] * (1 + tie):
+            tied[name] = tie
+    winner = min(tied, key=lambda n: (_order(n), medians[n]))
+    return winner, fastest, tied.get(winner, policy.tie_floor)
+
+
+def relative_spread(samples: list):
+    """The interquartile range of ``samples`` over their median (None with fewer than 4)."""
+    if len(samples) < 4:
+        return None
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    med = statistics.median(samples)
+    return (q3 - q1) / med if med > 0 else None
+
+
+def _paired_cost_s(trial: Trial, names: list) -> float:
+    """Seconds one paired re-time round of ``names`` takes (two bursts a sample on a GPU)."""
+    return sum(trial.runs[n].sample_cost_s() for n in names) * (2 if trial.timer.cuda else 1)
+
+
+def confirm_reserve_s(trial: Trial, names: list) -> float:
+    """The budget the rounds leave for the confirmation (step 7): ``confirm_min`` paired rounds of
+    the default and the slowest other candidate of ``names`` (whichever wins, its re-time fits)."""
+    default = trial.runs.get(DEFAULT_BACKEND)
+    others = [n for n in names if n != DEFAULT_BACKEND]
+    if default is None or default.cand.status == REJECTED or not others:
+        return 0.0
+    worst = max(others, key=lambda n: trial.runs[n].sample_cost_s())
+    return trial.policy.confirm_min * _paired_cost_s(trial, [DEFAULT_BACKEND, worst])
+
+
+def mode_winners(trial: Trial, timed: list, eager: str) -> dict:
+    """{mode: backend} for the compiled and CUDA-graph modes, from the round medians of host and
+    device time (:func:`~diffsynth_attention.store.decision.mode_cost`), by the same tie rule as
+    eager. Empty where the rounds have no host/device split (a CPU) or fewer than two candidates."""
+    runs, policy = trial.runs, trial.policy
+    if len(timed) < 2 or not all(runs[n].host and runs[n].device for n in timed):
+        return {}
+    noise = {n: relative_spread(runs[n].rounds) for n in timed}
+    out = {}
+    for mode in (COMPILED, CUDAGRAPH):
+        costs = {n: mode_cost(statistics.median(runs[n].rounds), statistics.median(runs[n].host),
+                              statistics.median(runs[n].device), mode) for n in timed}
+        out[mode] = choose(costs, noise, policy)[0]
+    return out
+
+
+def _cost(sample, mode: str) -> float:
+    return mode_cost(sample.ms, sample.host_ms, sample.device_ms, mode)
+
+
+def confirm(trial: Trial, winners: dict) -> tuple:
+    """Step 7: a winner other than the default (PyTorch SDPA's own choice, ``torch``) is kept for
+    a mode only if a separate interleaved re-time, paired round by round with the default, shows
+    it faster by more than the measured noise: the median of the per-round ratios (default /
+    winner) above ``1 + max(tie_floor, their spread)``. Returns (winners after confirmation,
+    provisional, the confirmation's text). ``provisional``: the noise (the spread of the ratios,
+    or of the rounds where nothing was re-timed) is above ``noise_cap``: too noisy to decide."""
+    policy, runs = trial.policy, trial.runs
+    deciding = [runs[n] for n in set(winners.values()) | {DEFAULT_BACKEND} if n in runs]
+    rounds_noise = max(((relative_spread(r.rounds) or 0.0) for r in deciding), default=0.0)
+    contenders = sorted({n for n in winners.values() if n != DEFAULT_BACKEND})
+    if not contenders:
+        noisy = rounds_noise > policy.noise_cap
+        return winners, noisy, (f"the default ({DEFAULT_BACKEND}) won" + (
+            f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
+    default = runs.get(DEFAULT_BACKEND)
+    if default is None or default.cand.status == REJECTED:
+        noisy = rounds_noise > policy.noise_cap
+        return winners, noisy, (f"not re-timed: the default ({DEFAULT_BACKEND}) did not pass the gate" + (
+            f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
+    names = [DEFAULT_BACKEND] + contenders
+    left = policy.budget_margin * trial.limit(trial.best_probe()) - trial.spent()
+    count = int(max(policy.confirm_min, min(policy.confirm_rounds, left // max(_paired_cost_s(trial, names), 1e-9))))
+    samples = {n: [] for n in names}
+    for i in range(count):
+        for name in round_order(names, i, seed="confirm"):
+            run = runs[name]
+            try:
+                samples[name].append(trial.timer.measure(run.call, run.calls, warm=run.calls > 1))
+            except Exception as exc:  # the one that fails now loses: a contender is not confirmed; a failing default is not kept
+                recover(trial.device)
+                run.cand.status, run.cand.time_ms = REJECTED, None
+                run.cand.reason = f"in the confirmation re-time: {describe_exception(exc)}"
+                if name == DEFAULT_BACKEND:
+                    return winners, False, f"not re-timed: the default ({DEFAULT_BACKEND}) raised in the re-time"
+                return ({m: (DEFAULT_BACKEND if b == name else b) for m, b in winners.items()}, False,
+                        f"not confirmed: {name} raised in the re-time; {DEFAULT_BACKEND} kept")
+            run.cand.reps += run.calls + (1 if run.calls > 1 else 0)
+    out, texts, provisional = dict(winners), [], False
+    for mode, name in winners.items():
+        if name == DEFAULT_BACKEND:
+            continue
+        ratios = [_cost(d, mode) / _cost(w, mode) for d, w in zip(samples[DEFAULT_BACKEND], samples[name])
+                  if _cost(w, mode) and _cost(w, mode) > 0]
+        if not ratios:
+            out[mode] = DEFAULT_BACKEND
+            continue
+        med = statistics.median(ratios)
+        spread = relative_spread(ratios) or 0.0
+        margin = max(policy.tie_floor, spread)
+        noisy = spread > policy.noise_cap
+        provisional = provisional or noisy
+        what = (f"{mode}: {name} {med:.3f}x the speed of {DEFAULT_BACKEND} in {len(ratios)} paired re-times "
+                f"(noise {spread * 100:.1f}%)")
+        if med > 1 + margin:
+            texts.append(f"{what}: confirmed" + ("; provisional: too noisy" if noisy else ""))
+        else:
+            out[mode] = DEFAULT_BACKEND
+            texts.append(f"{what}: not confirmed, {DEFAULT_BACKEND} kept" + ("; provisional: too noisy" if noisy else ""))
+    return out, provisional, "; ".join(texts)
