@@ -61,6 +61,7 @@ class Dispatcher:
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
         self.store.listeners.append(self.invalidate)
         self.trace_token = tokens.new_token(self)  # how compiled graphs name this dispatcher (never reused)
+        self.trace_key = str(self.trace_token)  # what Dynamo reads: a str is never made symbolic (dynamic=True)
         loading.add_listener(self._backend_loaded)  # held weakly
         self.forward = make_forward(self)
 
