@@ -99,6 +99,34 @@ def backend_of(decision: str) -> str:
     return decision.split("|", 1)[0]
 
 
+def _compile_mode() -> str:
+    """The mode the graph Dynamo is tracing will run in: ``cudagraph`` where its backend captures
+    CUDA graphs (``mode="reduce-overhead"``, or inductor's ``triton.cudagraphs`` set), else
+    ``compiled``. Read from Dynamo's backend: inductor applies the mode's options only later."""
+    import sys
+
+    from ..store.decision import COMPILED, CUDAGRAPH
+
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None and getattr(getattr(inductor, "triton", None), "cudagraphs", False):
+        return CUDAGRAPH
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        fn = InstructionTranslator.current_tx().output.compiler_fn
+    except Exception:  # noqa: BLE001 - another torch's internals: the compiled price
+        return COMPILED
+    for _ in range(8):  # through Dynamo's wrappers to torch.compile's inductor wrapper
+        options = getattr(fn, "config", None)
+        if isinstance(options, dict) and options.get("triton.cudagraphs"):
+            return CUDAGRAPH
+        inner = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
+        if inner is None or inner is fn:
+            break
+        fn = inner
+    return COMPILED
+
+
 def _plan(token, q, k, v, mask, patterns, dims, scale, is_causal, window_size, compatibility_mode, grad_enabled, backend):
     """The dispatcher and its :meth:`Dispatcher.trace_plan` for a call of these metas (fake tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -111,7 +139,7 @@ def _plan(token, q, k, v, mask, patterns, dims, scale, is_causal, window_size, c
     req = Request(qf, kf, vf, *patterns, dims_dict(dims), mf, scale, is_causal, compatibility_mode, window_size)
     grad = grad_enabled and (q[4] or k[4] or v[4])
     with Scope(backend):
-        return d, d.trace_plan(req, grad)
+        return d, d.trace_plan(req, grad, _compile_mode())
 
 
 @torch.compiler.assume_constant_result

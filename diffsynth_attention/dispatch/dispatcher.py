@@ -24,10 +24,10 @@ from ..problem import mask_4d, prepare
 from ..request import Request
 from ..store.cache import DecisionCache, all_rejected
 from ..states import PlanSource
-from ..store.decision import ACCEPTED, CHOSEN, SLOWER, Decision, decision_filter
+from ..store.decision import ACCEPTED, CHOSEN, COMPILED, CUDAGRAPH, EAGER, SLOWER, Decision, decision_filter
 from ..store.leases import Outcome
 from ..store.key import make_key, neighbour_distance, neighbour_group
-from ..tuning.policy import DEFAULT_POLICY, TuningPolicy
+from ..tuning.policy import DEFAULT_POLICY, TuningPolicy, tolerance_for
 from ..tuning.trial import decision_timings
 from ..tuning.tuner import TuneInputs, tune
 from . import faults, tokens
@@ -45,6 +45,18 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _trace_mode() -> str:
+    """The mode a graph being traced now will run in: ``cudagraph`` under inductor's CUDA graphs
+    (``mode="reduce-overhead"``), else ``compiled``."""
+    import sys
+
+    inductor = sys.modules.get("torch._inductor.config")
+    try:
+        return CUDAGRAPH if inductor is not None and inductor.triton.cudagraphs else COMPILED
+    except AttributeError:  # another torch's config layout: the compiled price
+        return COMPILED
+
+
 class Dispatcher:
     """One plan table over one :class:`DecisionCache`. ``Dispatcher(DecisionCache(path))`` is a
     dispatcher of its own (tests build one each); the public functions use a default instance."""
@@ -59,6 +71,7 @@ class Dispatcher:
         self.counters = {"hits": 0, "tunings": 0, "tuning_seconds": 0.0}
         self.warned: set = set()
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
+        self.retimed: dict = {}  # key id -> the provisional decision this process re-times (once a key)
         self.store.listeners.append(self.invalidate)
         self.trace_token = tokens.new_token(self)  # how compiled graphs name this dispatcher (never reused)
         self.trace_key = str(self.trace_token)  # what Dynamo reads: a str is never made symbolic (dynamic=True)
@@ -85,6 +98,7 @@ class Dispatcher:
         self.counters.update(hits=0, tunings=0, tuning_seconds=0.0)
         self.warned.clear()
         self.dropped.clear()
+        self.retimed.clear()
 
     def stats(self) -> dict:
         """This dispatcher's counters: ``hits`` (calls served by a known decision), ``tunings``,
@@ -114,7 +128,7 @@ class Dispatcher:
     def tolerance(self, problem) -> float:
         """The gate's tolerance in force for ``problem`` (per dtype: tuning/policy.py): a stored
         decision serves only where its chosen backend's error passes it."""
-        return (self.policy or DEFAULT_POLICY).tolerance(problem.dtype_name, problem.device_type)
+        return tolerance_for(problem, self.policy)
 
     def _neighbour(self, key, usable_names: set, tolerance: Optional[float] = None) -> Optional[Decision]:
         """The known decision nearest to ``key`` that differs from it only in sequence lengths
@@ -208,13 +222,42 @@ class Dispatcher:
             return torch_run(q, k, v, mask, scale)
         return Plan(run, "torch", PlanSource.FALLBACK, key, call, grad, reasons=reasons, requested=requested)
 
+    def _decided_plan(self, decision: Decision, mode: str, key, call, grad, source=PlanSource.CACHE) -> Plan:
+        """A plan on ``decision``'s backend for ``mode``. An eager plan whose decision picked another
+        backend for CUDA graphs checks, per call, whether a graph is being captured and runs that
+        one then (one C call; plans whose modes agree pay nothing)."""
+        name = decision.backend_for(mode)
+        run = make_runner(REGISTRY[name], call, grad)
+        graph_name = decision.backend_for(CUDAGRAPH)
+        if mode == EAGER and graph_name != name and call.problem.device_type == "cuda" and \
+                REGISTRY[graph_name].unavailable_reason() is None:
+            eager_run, graph_run = run, make_runner(REGISTRY[graph_name], call, grad)
+            capturing = torch.cuda.is_current_stream_capturing
+
+            def run(q, k, v, mask, scale):
+                return (graph_run if capturing() else eager_run)(q, k, v, mask, scale)
+        return Plan(run, name, source, key, call, grad, decision, counts_hit=True)
+
+    def _retime_now(self, decision: Decision, key, mode: str, call) -> bool:
+        """Whether a provisional ``decision`` is re-timed by this call: eager, tuning allowed, not
+        yet re-timed in this process, and the host quiet (the policy's ``quiet``)."""
+        if not decision.provisional or mode != EAGER or key.id in self.retimed or not config.tuning_enabled() \
+                or _is_compiling() or (call.problem.device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return False
+        if not (self.policy or DEFAULT_POLICY).quiet():
+            return False
+        self.retimed[key.id] = decision
+        logger.info("re-timing the provisional decision for %s (%s) now that the host is quiet", key.id, decision.backend)
+        return True
+
     def resolve(self, call, grad: bool, key, usable_names: set, dev, requested: str, source_name,
-                provisional: bool = True) -> Optional[Plan]:
+                provisional: bool = True, mode: str = EAGER) -> Optional[Plan]:
         """The one rule that maps a validated call to a backend, for eager plans and compiled
-        graphs alike: the override, else the cached decision, else (its backend dropped in this
-        process) the next best of that decision, else (``DIFFSYNTH_ATTENTION_NEW_SHAPES=nearest``)
-        a neighbour's decision. None: the key needs tuning (or, where tuning cannot run, the
-        fallback, which the caller picks)."""
+        graphs alike: the override, else the cached decision (its backend for ``mode``: eager,
+        compiled or cudagraph), else (its backend dropped in this process) the next best of that
+        decision, else (``DIFFSYNTH_ATTENTION_NEW_SHAPES=nearest``) a neighbour's decision. None:
+        the key needs tuning (or, where tuning cannot run, the fallback, which the caller picks),
+        or its decision is provisional and this quiet moment re-times it."""
         if requested != "auto":
             return self._override_plan(requested, source_name, call, grad, key, dev)
         dropped = self.dropped.get(key.id, {})
@@ -222,15 +265,16 @@ class Dispatcher:
         decision = self.store.get(key.id, tolerance=tolerance)
         if decision is not None and all_rejected(decision):  # never trusted: tune again
             decision = None
-        if decision is not None and decision.backend in usable_names:
+        if decision is not None and self._retime_now(decision, key, mode, call):
+            return None
+        if decision is not None and decision.backend_for(mode) in usable_names:
             waiting = provisional and self._loading_plan(decision, key, call, grad, usable_names)
             if waiting:  # its kernel package still loads (eager calls only; a trace waits for it)
                 return waiting
-            if self._loaded_or_dropped(decision.backend, key):
-                return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, PlanSource.CACHE, key, call,
-                            grad, decision, counts_hit=True)
+            if self._loaded_or_dropped(decision.backend_for(mode), key):
+                return self._decided_plan(decision, mode, key, call, grad)
             dropped = self.dropped[key.id]
-        if decision is not None and decision.backend in dropped:  # failed here at run time: the next best
+        if decision is not None and decision.backend_for(mode) in dropped:  # failed here at run time: the next best
             return self._demoted_plan(decision, key, call, grad, dropped)
         if decision is None and config.new_shapes() == "nearest":
             near = self._neighbour(key, usable_names, tolerance)
@@ -245,7 +289,7 @@ class Dispatcher:
         return None
 
     def build_plan(self, req: Request, impl_raw, grad: bool, may_tune: Optional[bool] = None,
-                   tune_on: Optional[Callable] = None) -> Optional[Plan]:
+                   tune_on: Optional[Callable] = None, mode: str = EAGER) -> Optional[Plan]:
         """Validate ``req`` and choose its backend (:meth:`resolve`, then tuning if the key is new).
 
         ``may_tune``: whether tuning may run (default: not while capturing a CUDA graph or
@@ -265,7 +309,8 @@ class Dispatcher:
         dropped = self.dropped.get(key.id, {})
         usable = [b for b in usable if b.name not in dropped]
         usable_names = {b.name for b in usable}
-        plan = self.resolve(call, grad, key, usable_names, dev, requested, source_name, provisional=tune_on is None)
+        plan = self.resolve(call, grad, key, usable_names, dev, requested, source_name, provisional=tune_on is None,
+                            mode=mode)
         if plan is not None:
             return plan
         if may_tune is None:
@@ -273,7 +318,7 @@ class Dispatcher:
         if not may_tune:
             return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", PlanSource.FALLBACK, key, call, grad)
         if tune_on is None:
-            return self.tune_key(req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev)
+            return self.tune_key(req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode)
         from torch.utils._python_dispatch import _disable_current_modes
 
         with _disable_current_modes():  # a trace: tune outside its fake modes, on real tensors of the call's shapes
@@ -283,9 +328,9 @@ class Dispatcher:
             call, qc, kc, vc = prepare(real.q, real.k, real.v, real.q_pattern, real.k_pattern, real.v_pattern,
                                        real.out_pattern, real.dims, real.attn_mask, real.scale, real.is_causal,
                                        real.window_size, grad, compatibility_mode=real.compatibility_mode)
-            return self.tune_key(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev)
+            return self.tune_key(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode)
 
-    def tune_key(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
+    def tune_key(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode: str = EAGER,
                  make: Optional[Callable] = None) -> Plan:
         """Tune ``key`` through :meth:`DecisionCache.get_or_tune` (under the key's lease; a decision
         another thread or process stored meanwhile, trusted under this problem's tolerance and with
@@ -306,19 +351,26 @@ class Dispatcher:
 
             loading.wait_all()  # no import competes with the timed calls (issue 24)
 
-            decision = tune(inputs, usable, unsupported, key, make or bound, problem=problem, dev=dev, policy=self.policy)
+            decision = tune(inputs, usable, unsupported, key, make or bound, problem=problem, dev=dev, policy=self.policy,
+                            tolerance=self.tolerance(problem))  # the one trust rule, not recomputed
             self.counters["tunings"] += 1
             self.counters["tuning_seconds"] += decision.tuning_seconds
             logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
             return decision
 
-        got = self.store.get_or_tune(key.id, run_tuner, self.tolerance(problem), accept=lambda d: d.backend in usable_names,
+        stale = self.retimed.get(key.id)  # a provisional decision being re-timed is not served again
+
+        def accept(found: Decision) -> bool:
+            return found.backend in usable_names and not (stale is not None and found.provisional and found == stale)
+
+        got = self.store.get_or_tune(key.id, run_tuner, self.tolerance(problem), accept=accept,
                                      read_first=False)  # resolve() has just read the key
         # NOT_STORED: every candidate rejected, never persisted: used for this call only, the next one tunes again
         source = {Outcome.REREAD: PlanSource.CACHE, Outcome.TUNED: PlanSource.TUNED}.get(got.outcome, PlanSource.FALLBACK)
         decision = got.decision
-        return Plan(make_runner(REGISTRY[decision.backend], call, grad), decision.backend, source, key, call, grad,
-                    decision, counts_hit=source == PlanSource.CACHE)
+        plan = self._decided_plan(decision, mode, key, call, grad, source)
+        plan.counts_hit = source == PlanSource.CACHE
+        return plan
 
     def _demoted_plan(self, decision: Decision, key, call, grad, dropped: dict) -> Plan:
         order = sorted(
@@ -361,15 +413,17 @@ class Dispatcher:
         return config.tuning_enabled() and not _capturing(q.device) and not _is_compiling()
 
     # -- under torch.compile -----------------------------------------------------------------
-    def trace_plan(self, req: Request, grad: bool) -> Optional[Plan]:
+    def trace_plan(self, req: Request, grad: bool, mode: Optional[str] = None) -> Optional[Plan]:
         """The plan a compiled graph bakes for a call whose sizes are concrete, taken while the
         graph is traced (``req`` holds fake tensors): :meth:`resolve`, and for a key with no
         decision a tuning on random tensors of the call's shapes (not for masked calls, whose
         mask values matter: None then, and the graph dispatches at run time). Validation errors
-        raise here, at trace time."""
+        raise here, at trace time. The decision's backend for the graph's mode (``compiled``, or
+        ``cudagraph`` under inductor's CUDA graphs); these plans are kept apart from eager ones."""
         impl_raw = overrides.implementation_raw()
+        mode = mode or _trace_mode()  # given by a caller that knows it (dispatch/baked.py: the compile's own mode)
         try:
-            sig = req.signature(overrides.scope_get(), impl_raw, grad)
+            sig = (mode, req.signature(overrides.scope_get(), impl_raw, grad))
             plan = self.plans.get(sig)
         except (AttributeError, TypeError):
             sig, plan = None, None
@@ -379,7 +433,7 @@ class Dispatcher:
         def tune_on():
             return None if req.attn_mask is not None else _synthetic(req)
 
-        plan = self.build_plan(req, impl_raw, grad, may_tune=config.tuning_enabled(), tune_on=tune_on)
+        plan = self.build_plan(req, impl_raw, grad, may_tune=config.tuning_enabled(), tune_on=tune_on, mode=mode)
         if plan is None:
             return None
         if plan.source == PlanSource.TUNED:

@@ -75,6 +75,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def candidate_rows(decision: Decision) -> dict:
+    """``explain``'s view of a decision's candidates: name -> {time_ms, error, reason, status, host_ms, device_ms}."""
+    return {n: {"time_ms": c.time_ms, "error": c.error, "reason": c.reason, "status": c.status,
+                "host_ms": c.host_ms, "device_ms": c.device_ms} for n, c in decision.candidates.items()}
+
+
 def explanation(d, plan: Plan, tunings_before: int) -> Explanation:
     """The :class:`Explanation` of ``plan`` in dispatcher ``d`` (``tunings_before``: its tuning
     count before the plan was made, to tell a decision tuned now from one tuned earlier)."""
@@ -84,8 +90,7 @@ def explanation(d, plan: Plan, tunings_before: int) -> Explanation:
         source = PlanSource.CACHE  # tuned earlier in this process: now a known decision
     dropped = dict(d.dropped.get(plan.key.id, {}))
     if plan.decision is not None:
-        cands = {n: {"time_ms": c.time_ms, "error": c.error, "reason": c.reason, "status": c.status}
-                 for n, c in plan.decision.candidates.items()}
+        cands = candidate_rows(plan.decision)
         for name, why in dropped.items():
             if name in cands:
                 cands[name] = {**cands[name], "reason": f"dropped in this process: {why}"}

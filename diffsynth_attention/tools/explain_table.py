@@ -52,7 +52,20 @@ def render_explanation(info, console, chosen_reason: Optional[str] = None) -> No
         console.print(_escape(head + f"{info.backend} ({info.source})"))
     if info.neighbour_of:
         console.print(_escape(f"decision of the neighbour key {info.neighbour_of}"))
-    table = _table(None, ("backend", "status", "ms", "error", "reason"))
+    decision = info.decision
+    if decision is not None:
+        if decision.modes:  # the modes that picked another backend than eager calls
+            picked = "; ".join(f"{m}: {b}" for m, b in sorted(decision.modes.items()))
+            console.print(_escape(f"eager: {decision.backend}; {picked} (host + device time for compiled graphs, "
+                                  "device time for CUDA graphs)"))
+        if decision.confirmation:
+            for line in wrap_keeping_hints(("PROVISIONAL (re-timed when the host is quiet, or by `cache verify`): "
+                                            if decision.provisional else "") + decision.confirmation,
+                                           min(console.width, WIDTH), indent="", hanging="  "):
+                console.print(_escape(line), soft_wrap=True)
+    split = _split(info)
+    table = _table(None, ("backend", "status", "ms", "host/dev", "error", "reason") if split else
+                   ("backend", "status", "ms", "error", "reason"))
     unsupported = []
     for name, c in info.candidates.items():
         if c.get("status") == CandidateStatus.UNSUPPORTED:  # long reasons: listed below the table, not folded into it
@@ -60,8 +73,11 @@ def render_explanation(info, console, chosen_reason: Optional[str] = None) -> No
             continue
         reason = c.get("reason") or (chosen_reason if name == info.backend and c.get("status") == CandidateStatus.CHOSEN else None) or ""
         time_ms, error = c.get("time_ms"), c.get("error")
-        table.add_row(*(_escape(x) for x in (name, c.get("status") or "-", "-" if time_ms is None else f"{time_ms:.4g}",
-                                              "-" if error is None else f"{error:.2e}", reason)))
+        cells = [name, c.get("status") or "-", "-" if time_ms is None else f"{time_ms:.4g}"]
+        if split:
+            host, device = c.get("host_ms"), c.get("device_ms")
+            cells.append("-" if host is None or device is None else f"{host:.3g}/{device:.3g}")
+        table.add_row(*(_escape(x) for x in cells + ["-" if error is None else f"{error:.2e}", reason]))
     console.print(table)
     if unsupported:
         console.print("unsupported here:")
@@ -71,6 +87,11 @@ def render_explanation(info, console, chosen_reason: Optional[str] = None) -> No
     for name, why in (info.dropped or {}).items():
         if name not in info.candidates:
             console.print(_escape(f"dropped in this process: {name}: {why}"))
+
+
+def _split(info) -> bool:
+    """Whether any candidate carries host and device time (a GPU tuning of schema version 3)."""
+    return any(c.get("host_ms") is not None for c in info.candidates.values())
 
 
 def explanation_text(info, width: int = WIDTH) -> str:

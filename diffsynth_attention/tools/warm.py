@@ -44,19 +44,21 @@ def known(shape: dict, device: torch.device, dtype=None, layout: str = "b n s d"
     tuned (no decision, all candidates rejected, or its backend not usable here)."""
     from ..backends import candidates
     from ..dispatch import Explanation, default_dispatcher
-    from ..store.cache import all_rejected
+    from ..dispatch.plan import candidate_rows
     from ..states import PlanSource
     from ..store.key import make_key
+    from ..tuning.policy import tolerance_for
 
     problem, dev = _problem(shape, device, dtype, layout)
     usable, _ = candidates(problem, dev)
     key = make_key(problem, dev, usable)
-    decision = default_dispatcher().store.get(key.id)
-    if decision is None or all_rejected(decision) or decision.backend not in {b.name for b in usable}:
+    dispatcher = default_dispatcher()
+    tolerance = tolerance_for(problem, dispatcher.policy)  # the tolerance the call's own lookup uses
+    decision = dispatcher.store.get(key.id, tolerance=tolerance)
+    if decision is None or not decision.usable(tolerance, {b.name for b in usable}):
         return None
-    cands = {n: {"time_ms": c.time_ms, "error": c.error, "reason": c.reason, "status": c.status}
-             for n, c in decision.candidates.items()}
-    return Explanation(decision.backend, PlanSource.CACHE, key.fields, cands, problem.describe(), key.id, decision)
+    return Explanation(decision.backend, PlanSource.CACHE, key.fields, candidate_rows(decision), problem.describe(), key.id,
+                       decision)
 
 
 def _start_loads(shapes: list, device: torch.device, dtype, layout: str) -> None:

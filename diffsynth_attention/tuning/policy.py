@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -49,6 +50,14 @@ def tf32_allowed(device_type: str) -> bool:
         return False
 
 
+def host_quiet() -> bool:
+    """A quiet host: the 1-minute load average below half the cores (other work would skew a re-time)."""
+    try:
+        return os.getloadavg()[0] < 0.5 * (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform: never re-time on our own (`cache verify` does)
+        return False
+
+
 Listener = Callable[[object, object, dict, bool], None]
 
 
@@ -74,6 +83,7 @@ class TuningPolicy:
     confirm_rounds: int = 9  # paired re-times of a non-default winner against the default (step 7) ...
     confirm_min: int = 3  # ... at least this many, fewer than confirm_rounds where the budget has no room
     noise_cap: float = 0.10  # re-time (or rounds) noise above this: the decision is stored provisional
+    quiet: Callable[[], bool] = host_quiet  # whether now is a quiet moment to re-time a provisional decision
     clock: Callable[[], float] = time.perf_counter  # seconds; the budget and the CPU timer read it
     listeners: tuple = ()  # listener(key, decision, timings, cache_hit) after every decision
 
@@ -92,6 +102,8 @@ class TuningPolicy:
             for dtype, tol in self.tolerances.items():
                 if not (isinstance(tol, (int, float)) and 0 < tol <= 1):
                     raise ValueError(f"TuningPolicy tolerances[{dtype!r}]={tol!r} is not in (0, 1]")
+        if not callable(self.quiet):
+            raise TypeError("TuningPolicy quiet must be a callable quiet() -> bool")
         if not all(callable(f) for f in self.listeners):
             raise TypeError("TuningPolicy listeners must be callables listener(key, decision, timings, cache_hit)")
 
@@ -138,3 +150,10 @@ class TuningPolicy:
 
 
 DEFAULT_POLICY = TuningPolicy()
+
+
+def tolerance_for(problem, policy: Optional[TuningPolicy] = None) -> float:
+    """The one trust rule: the gate's tolerance for ``problem`` (its dtype and device type) under
+    ``policy`` (default: the documented one). Every store read of a decision for a problem, and
+    the tuner, use this value."""
+    return (policy or DEFAULT_POLICY).tolerance(problem.dtype_name, problem.device_type)

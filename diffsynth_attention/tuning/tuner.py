@@ -385,7 +385,8 @@ def confirm(trial: Trial, winners: dict) -> tuple:
     provisional, the confirmation's text). ``provisional``: the noise (the spread of the ratios,
     or of the rounds where nothing was re-timed) is above ``noise_cap``: too noisy to decide."""
     policy, runs = trial.policy, trial.runs
-    rounds_noise = max((relative_spread(r.rounds) or 0.0) for r in runs.values()) if runs else 0.0
+    deciding = [runs[n] for n in set(winners.values()) | {DEFAULT_BACKEND} if n in runs]
+    rounds_noise = max(((relative_spread(r.rounds) or 0.0) for r in deciding), default=0.0)
     contenders = sorted({n for n in winners.values() if n != DEFAULT_BACKEND})
     if not contenders:
         noisy = rounds_noise > policy.noise_cap
@@ -448,6 +449,7 @@ def tune(
     problem=None,
     dev=None,
     policy: Optional[TuningPolicy] = None,
+    tolerance: Optional[float] = None,
 ) -> Decision:
     """Tune one key. ``make_runner(backend)`` gives the runner a plan would bind,
     ``run(q, k, v, mask, scale) -> output`` in the caller's out_pattern, conversions included:
@@ -462,7 +464,8 @@ def tune(
     with torch.no_grad():
         ref = reference_slice(qc, kc, vc, inputs.mask4, inputs.scale, inputs.causal, inputs.window, heads)
     trial = Trial(inputs=inputs, key=key, policy=policy, make_runner=make_runner, timer=Timer(device, policy.clock),
-                  started=started, tolerance=policy.tolerance(dtype_name, device.type), floor_s=policy.budget_floor(),
+                  started=started,
+                  tolerance=policy.tolerance(dtype_name, device.type) if tolerance is None else tolerance, floor_s=policy.budget_floor(),
                   ref=ref, heads=heads, copies=[copy_input(t, inputs.requires_grad) for t in (inputs.q, inputs.k, inputs.v)],
                   problem=problem, dev=dev)
     for name, reasons in unsupported.items():

@@ -1,0 +1,48 @@
+"""Each execution mode serves its own pick of one decision (issue 29): a compiled graph bakes the
+decision's compiled backend, eager calls its eager one; a provisional decision is re-timed once by
+a later process at a quiet moment, and served as it is otherwise."""
+import torch
+
+import diffsynth_attention as da
+from diffsynth_attention.store.cache import DecisionCache
+from diffsynth_attention.tuning.policy import TuningPolicy
+
+from support.compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
+from support.helpers import full_reference, qkv, rel
+
+
+def test_a_compiled_graph_bakes_the_backend_its_mode_picked(isolated):
+    q, k, v = qkv(sq=24)
+    disp = da.Dispatcher(DecisionCache(isolated))
+    eager = disp.explain(q, k, v)
+    other = "torch_math" if eager.backend != "torch_math" else "torch"
+    disp.store.put(eager.decision.replace(modes={"compiled": other}))  # as if host + device time picked it
+    assert disp.explain(q, k, v).backend == eager.backend  # eager calls keep the eager choice
+
+    out = torch.compile(lambda a, b, c: disp.forward(a, b, c), backend=Recorder(), fullgraph=True)(q, k, v)
+    assert rel(out, full_reference(q, k, v)) < 1e-4
+    traced = [p for sig, p in disp.plans.items() if sig and sig[0] == "compiled"]
+    assert [p.backend for p in traced] == [other]
+    assert disp.explain(q, k, v).backend == eager.backend  # the traced plan did not replace the eager one
+
+
+def _provisional(folder, q, k, v):
+    disp = da.Dispatcher(DecisionCache(folder))
+    decision = disp.explain(q, k, v).decision
+    disp.store.put(decision.replace(provisional=True, confirmation="too noisy"))
+    disp.store.flush()
+    return decision.key_id
+
+
+def test_a_provisional_decision_is_re_timed_once_by_a_later_process_on_a_quiet_host(isolated):
+    q, k, v = qkv(sq=20)
+    key_id = _provisional(isolated, q, k, v)
+    busy = da.Dispatcher(DecisionCache(isolated), policy=TuningPolicy(quiet=lambda: False))
+    assert busy.explain(q, k, v).source == "cache" and busy.stats()["tunings"] == 0  # served as it is
+
+    quiet = da.Dispatcher(DecisionCache(isolated), policy=TuningPolicy(quiet=lambda: True))
+    info = quiet.explain(q, k, v)
+    assert info.source == "tuned" and quiet.stats()["tunings"] == 1
+    assert DecisionCache(isolated).get(key_id, tolerance=1.0).confirmation != "too noisy"  # replaced on disk
+    quiet.store.put(info.decision.replace(provisional=True))  # provisional again: not re-timed twice in one process
+    assert quiet.explain(q, k, v).source == "cache" and quiet.stats()["tunings"] == 1
