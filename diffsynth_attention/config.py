@@ -27,15 +27,18 @@ TUNING = "DIFFSYNTH_ATTENTION_TUNING"
 TUNING_BUDGET = "DIFFSYNTH_ATTENTION_TUNING_BUDGET"
 CACHE_DIR = "DIFFSYNTH_ATTENTION_CACHE_DIR"
 TUNE_WAIT = "DIFFSYNTH_ATTENTION_TUNE_WAIT"
+LOAD_WAIT = "DIFFSYNTH_ATTENTION_LOAD_WAIT"
 
 DEFAULT_TOLERANCE = 0.005
 DEFAULT_TUNING_BUDGET = 1.5
 DEFAULT_TUNE_WAIT = 300.0
+DEFAULT_LOAD_WAIT = 10.0  # above flash_attn.cute's import (6.7-8 s on an H100), under the 15 s a hung import may cost
 
 # (low, high, low allowed): the sane range of each numeric variable.
 TOLERANCE_RANGE = (1e-6, 1.0, True)  # below ~1e-6 even an exact fp32 kernel fails the gate
 TUNING_BUDGET_RANGE = (0.0, 3600.0, False)  # seconds per key
 TUNE_WAIT_RANGE = (0.0, 86400.0, True)
+LOAD_WAIT_RANGE = (0.0, 600.0, True)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -97,6 +100,13 @@ def tuning_budget() -> float:
 def tune_wait() -> float:
     """How long a process waits for another process that is tuning the same key."""
     return _number(TUNE_WAIT, DEFAULT_TUNE_WAIT, TUNE_WAIT_RANGE)
+
+
+def load_wait() -> float:
+    """How long, counted from the start of a kernel package's import, anything synchronous
+    (tuning a new key, a trace) waits for it: after that the backend is left out, with the
+    reason, in this process until the import ends."""
+    return _number(LOAD_WAIT, DEFAULT_LOAD_WAIT, LOAD_WAIT_RANGE)
 
 
 _absolute: dict = {}  # raw relative value -> the absolute path it meant when first read
@@ -162,6 +172,7 @@ READERS = {
     TUNING_BUDGET: tuning_budget,
     CACHE_DIR: cache_dir_override,
     TUNE_WAIT: tune_wait,
+    LOAD_WAIT: load_wait,
     NEW_SHAPES: new_shapes,
     PRELOAD: preload,
 }

@@ -55,4 +55,5 @@ class Request(NamedTuple):
         )
 
     def needs_grad(self, grad_enabled: bool) -> bool:
-        return bool(grad_enabled and any(getattr(t, "requires_grad", False) for t in (self.q, self.k, self.v)))
+        """Whether the call needs gradients: of q, k or v, or of a float attn_mask (a learned bias)."""
+        return bool(grad_enabled and any(getattr(t, "requires_grad", False) for t in (self.q, self.k, self.v, self.attn_mask)))

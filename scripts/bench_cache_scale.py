@@ -6,7 +6,9 @@ migration. CPU only; the cache is a temporary folder (the user's cache is never 
 Example: PYTHONPATH=$PWD python scripts/bench_cache_scale.py --out benchmarks/results
          PYTHONPATH=$PWD python scripts/bench_cache_scale.py --entries 2000 --legacy 5000 --out /tmp/x
 
-Writes <out>/<machine>-<date>-cache-scale.json and .md.
+Writes <out>/<machine>-<date>-cache-scale<suffix>.json and .md. The valid cache is written with
+its neighbour index (store/group_index.py), as this version writes it; the neighbour lookups
+are then those of a process whose cache this version wrote.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from diffsynth_attention.tools.bench import Candidate, Decision, key_id  # noqa: E402
+from diffsynth_attention.store import group_index  # noqa: E402
+from diffsynth_attention.store.codec import render_entry  # noqa: E402
+from diffsynth_attention.store.neighbours import group_of  # noqa: E402
 
 BACKENDS = ["torch", "torch_cudnn", "torch_flash", "torch_efficient", "flash_attention_4", "flash_attention_3",
             "flash_attention_2", "xformers", "sage_attention", "torch_math"]
@@ -47,12 +52,11 @@ def fleet_decision(i: int) -> Decision:
            "versions": {"diffsynth_attention": "0.1.0", "torch": f"2.{11 + i % 3}.0", "cuda": "13.0",
                         "cuda_driver": "13000", "cudnn": "91200", "flash-attn-4": "4.0.0b36"}}
     cands = {}
+    chosen = BACKENDS[i % 5]
     for j, name in enumerate(BACKENDS):
-        status = "accepted" if j % 3 else "slower"
+        status = "chosen" if name == chosen else "accepted" if j % 3 else "slower"
         cands[name] = Candidate(status, round(rng.uniform(0.1, 2.0), 4), rng.uniform(0, 0.004), None,
                                 round(rng.uniform(1, 900), 3), reps=rng.randint(3, 60))
-    chosen = BACKENDS[i % 5]
-    cands[chosen].status = "chosen"
     cands["torch_math"] = Candidate("rejected", None, 0.2, "error 0.2 above tolerance 0.005", 12.0)
     return Decision(key_id(key), key, chosen, cands, created="2026-11-30T00:00:00+00:00", tuning_seconds=1.5)
 
@@ -65,7 +69,7 @@ def populate(folder: Path, n: int, kind: str = "valid") -> list:
     ids = []
     for i in range(n):
         d = fleet_decision(i)
-        text = json.dumps({"schema_version": 2, "id": d.key_id, "entry": d.to_dict()}, indent=1, sort_keys=True) + "\n"
+        text = render_entry(d)  # the current schema version
         kid = d.key_id
         if kind == "bad":
             text = text[: len(text) // 2]
@@ -76,6 +80,12 @@ def populate(folder: Path, n: int, kind: str = "valid") -> list:
         os.write(fd, text.encode())
         os.close(fd)
         ids.append(kid)
+    if kind == "valid":  # the neighbour index, as this version's writes keep it (store/group_index.py)
+        vfd = os.open(v2, os.O_RDONLY)
+        try:
+            group_index.add(vfd, [(group_of(fleet_decision(i)), kid) for i, kid in enumerate(ids)], complete=True)
+        finally:
+            os.close(vfd)
     return ids
 
 
@@ -154,6 +164,7 @@ def main() -> int:
     ap.add_argument("--entries", type=int, default=60000)
     ap.add_argument("--legacy", type=int, default=100000, help="entries of the version-1 file to migrate")
     ap.add_argument("--name", default="CPU-dev-2core", help="the machine's name in the file names")
+    ap.add_argument("--suffix", default="", help="appended to the file names (e.g. -issue31)")
     ap.add_argument("--parts", default="scale,migration", help="comma-separated: scale (show/clear/export/neighbours), migration")
     args = ap.parse_args()
     rows, extra = [], {}
@@ -197,7 +208,7 @@ def main() -> int:
               "rows": rows, **extra}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{args.name}-{result['date']}-cache-scale"
+    stem = out / f"{args.name}-{result['date']}-cache-scale{args.suffix}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# Decision cache at scale: {result['machine']}", "",
              f"`PYTHONPATH=$PWD python scripts/bench_cache_scale.py --entries {n} --legacy {args.legacy}`", "",

@@ -30,6 +30,7 @@ from typing import ClassVar, Optional
 
 import torch
 
+from . import loading
 from ..problem import Problem
 from ..states import MaskKind
 
@@ -167,6 +168,9 @@ class Backend:
     head_dim_multiple: ClassVar[int] = 1
     same_head_dim_v: ClassVar[bool] = True  # head dim of v must equal that of q and k
     masks: ClassVar[frozenset] = frozenset()  # of MaskKind: bool, additive, additive_float32
+    # Its backward gives a float attn_mask's gradient. A call that needs gradients with a float mask
+    # is served only by such a backend: its key does not tell a learned mask from a constant one.
+    mask_grad: ClassVar[bool] = False
     causal: ClassVar[bool] = True
     causal_any_lengths: ClassVar[bool] = True  # False: causal only when seq_q == seq_kv
     gqa: ClassVar[bool] = False
@@ -253,14 +257,18 @@ class Backend:
             return "needs a CUDA GPU, and torch.cuda.is_available() is False"
         return None
 
-    def _ensure_loaded(self) -> None:
-        """Import the package once. Another thread's load in progress is waited for; ``_loaded``
-        is set only when the import has finished (successfully or not)."""
+    def _ensure_loaded(self) -> bool:
+        """Import the package once. Another thread's load in progress is waited for (a background
+        one until its deadline: False if it still runs then); ``_loaded`` is set only when the
+        import has finished (successfully or not)."""
         if self._loaded:
-            return
-        with self._load_lock:
+            return True
+        timeout = loading.lock_timeout(self)  # a background import of it: waited for until its deadline
+        if not self._load_lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False  # still importing past DIFFSYNTH_ATTENTION_LOAD_WAIT: unavailable_reason says so
+        try:
             if self._loaded or getattr(self, "_in_load", False):  # done meanwhile, or re-entered by _load
-                return
+                return True
             self._in_load = True
             try:
                 self._load()
@@ -275,13 +283,17 @@ class Backend:
             finally:  # an interrupt (KeyboardInterrupt) leaves it unloaded: the next use tries again
                 self._in_load = False
             self._loaded = True
+            return True
+        finally:
+            self._load_lock.release()
 
     def unavailable_reason(self) -> Optional[str]:
         """None if this backend can run on this machine, else why not (package, import, GPU).
         Imports the kernel package (once) when it is installed: a broken install is found here."""
         if self._declare()[1] is None and self.package is not None:  # not installed: nothing to import
             return self._declared[0]
-        self._ensure_loaded()
+        if not self._ensure_loaded():  # a background import ran past its deadline
+            return loading.late_reason(self)
         if self._unavailable is not None:
             return self._unavailable
         return self._machine_reason()
@@ -337,6 +349,9 @@ class Backend:
         if p.mask != MaskKind.NONE and p.mask not in self.masks:
             takes = " or ".join(sorted(self.masks)) + " masks" if self.masks else "no attn_mask"
             reasons.append(f"{p.mask} attn_mask not supported (takes {takes})")
+        elif p.requires_grad and p.mask in (MaskKind.ADDITIVE, MaskKind.ADDITIVE_FLOAT32) and not self.mask_grad:
+            reasons.append(f"{p.mask} attn_mask in a call that needs gradients not supported (its backward gives no "
+                           f"gradient for the mask, which may require one)")
         if p.causal and not self.causal:
             reasons.append("is_causal not supported")
         elif p.causal and not self.causal_any_lengths and p.seq_q != p.seq_kv:

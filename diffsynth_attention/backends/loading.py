@@ -15,8 +15,12 @@ that before its first result, so a load can run on a background thread:
   ``DIFFSYNTH_ATTENTION_PRELOAD=0``).
 
 A synchronous use of a backend (tuning, ``available_backends()``, a trace under
-``torch.compile``) that meets a background load waits for it (the backend's load lock): the
-package is imported once per process, on whichever thread comes first.
+``torch.compile``) that meets a background load waits for it (the backend's load lock), but
+never past ``DIFFSYNTH_ATTENTION_LOAD_WAIT`` seconds counted from the start of that import
+(:func:`lock_timeout`): an import that hangs leaves that backend out of this process (with the
+reason, :func:`late_reason`) instead of hanging the caller. Tuning a new key first starts the
+loads of its candidates' packages and waits for them, bounded, before it takes the key's lease
+(:func:`settle`): a hung import never holds a lease, and the next process imports it again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from typing import Callable, Iterable, Optional
 
@@ -35,6 +40,7 @@ PENDING = (LOADING, DEFERRED)  # states in which a decision is served by another
 
 _lock = threading.Lock()
 _threads: dict = {}  # backend name -> the thread importing it now
+_started: dict = {}  # backend name -> time.monotonic() when its background import started
 _listeners: list = []  # weak references (WeakMethod or ref) to callables(name, state)
 _preloaded: Optional[list] = None  # the names preload() started, once it ran
 
@@ -98,6 +104,7 @@ def _load(backend) -> None:
     finally:
         with _lock:
             _threads.pop(name, None)
+            _started.pop(name, None)
         _notify(name, result)
 
 
@@ -130,6 +137,7 @@ def start_loading(backend) -> str:
                                   daemon=True)
         thread.backend = backend
         _threads[backend.name] = thread
+        _started[backend.name] = time.monotonic()
     thread.start()
     return LOADING
 
@@ -140,6 +148,66 @@ def wait(backend, timeout: Optional[float] = None) -> str:
     if thread is not None:
         thread.join(timeout)
     return state(backend)
+
+
+def _deadline(name: str) -> float:
+    from .. import config
+
+    return _started.get(name, time.monotonic()) + config.load_wait()
+
+
+def lock_timeout(backend) -> Optional[float]:
+    """How long a synchronous use of ``backend`` may wait for its load lock: None (as long as it
+    takes) unless a background import of it is under way on another thread; then the seconds
+    left until ``DIFFSYNTH_ATTENTION_LOAD_WAIT`` after that import started (0 once past)."""
+    thread = _threads.get(backend.name)
+    if thread is None or thread is threading.current_thread():
+        return None
+    return max(0.0, _deadline(backend.name) - time.monotonic())
+
+
+def late_reason(backend) -> str:
+    """Why ``backend`` is left out while its import runs past the deadline."""
+    from .. import config
+
+    started = _started.get(backend.name)
+    since = "" if started is None else f" {time.monotonic() - started:.1f} s after it started"
+    return (f"not loaded: the import of its package {backend.package} was still running{since} "
+            f"({config.LOAD_WAIT}={config.load_wait():g}); left out in this process until it ends "
+            f"(a later process imports it again)")
+
+
+def settle(backends: Iterable) -> dict:
+    """Before tuning (never under a key's lease): start the background loads of ``backends``'
+    packages not loaded yet, then wait for every load under way, each until its deadline
+    (``DIFFSYNTH_ATTENTION_LOAD_WAIT`` after it started): no import competes with the timed
+    calls, and none hangs the tuning. Returns {name: reason} for the ``backends`` still loading."""
+    backends = list(backends)
+    for backend in backends:
+        if needs_loading(backend) and not backend._loaded:
+            start_loading(backend)
+    for name, thread in list(_threads.items()):
+        if thread is not threading.current_thread():
+            thread.join(max(0.0, _deadline(name) - time.monotonic()))
+    return {b.name: late_reason(b) for b in backends if state(b) == LOADING}
+
+
+def settle_candidates(usable: list, unsupported: dict, what: str) -> tuple:
+    """Before tuning ``what`` (and before its key's lease): :func:`settle` the candidates; those
+    still importing are moved from ``usable`` to ``unsupported`` with the reason (one warning
+    per backend). No import competes with the timed calls (issue 24), and none is waited for
+    while the key's lease is held (issue 31). Returns (usable, unsupported)."""
+    late = settle(usable)
+    if not late:
+        return usable, unsupported
+    for name, why in late.items():
+        if name not in _warned_late:
+            _warned_late.add(name)
+            logger.warning("backend %s is left out of tuning %s: %s", name, what, why)
+    return [b for b in usable if b.name not in late], {**unsupported, **{name: [why] for name, why in late.items()}}
+
+
+_warned_late: set = set()
 
 
 def wait_all(timeout: Optional[float] = None) -> None:
@@ -158,6 +226,7 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
     interrupted = [thread for thread in _threads.values()]
     _threads.clear()
+    _started.clear()
     for thread in interrupted:
         backend = getattr(thread, "backend", None)
         if backend is None:

@@ -116,6 +116,7 @@ class TorchSDPA(TorchBackend):
     max_head_dim = 1 << 20
     same_head_dim_v = False
     masks = frozenset({MaskKind.BOOL, MaskKind.ADDITIVE, MaskKind.ADDITIVE_FLOAT32})
+    mask_grad = True
     gqa = True
     window = True
     efficiency = 0.5  # picks cuDNN on an H200 (0.57 of peak)
@@ -161,6 +162,7 @@ class TorchMath(TorchBackend):
     max_head_dim = 1 << 20
     same_head_dim_v = False
     masks = frozenset({MaskKind.BOOL, MaskKind.ADDITIVE, MaskKind.ADDITIVE_FLOAT32})
+    mask_grad = True
     gqa = True
     efficiency = 0.05  # two matmuls in float32 and the scores through memory
     launch_ms = 0.03

@@ -324,7 +324,7 @@ class Dispatcher:
         if not may_tune:
             return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", PlanSource.FALLBACK, key, call, grad)
         if tune_on is None:
-            return self.tune_key(req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode)
+            return self.tune_key(req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode=mode)
         from torch.utils._python_dispatch import _disable_current_modes
 
         with _disable_current_modes():  # a trace: tune outside its fake modes, on real tensors of the call's shapes
@@ -334,21 +334,25 @@ class Dispatcher:
             call, qc, kc, vc = prepare(real.q, real.k, real.v, real.q_pattern, real.k_pattern, real.v_pattern,
                                        real.out_pattern, real.dims, real.attn_mask, real.scale, real.is_causal,
                                        real.window_size, grad, compatibility_mode=real.compatibility_mode)
-            return self.tune_key(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode,
-                                 evidence=SYNTHETIC)
+            return self.tune_key(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
+                                 mode=mode, evidence=SYNTHETIC)
 
-    def tune_key(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode: str = EAGER,
-                 make: Optional[Callable] = None, evidence: Optional[str] = None) -> Plan:
+    def tune_key(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
+                 make: Optional[Callable] = None, mode: str = EAGER, evidence: Optional[str] = None) -> Plan:
         """Tune ``key`` through :meth:`DecisionCache.get_or_tune` (under the key's lease; a decision
         another thread or process stored meanwhile, trusted under this problem's tolerance and with
         a backend usable here, is served instead: a hit). ``make(backend)``: the runner timed
         (default: the one a plan binds; the LSE path times its own). ``evidence``: recorded in the
         decision (``SYNTHETIC``: q, k, v are a trace's random stand-ins)."""
         problem = call.problem
+        usable, unsupported = loading.settle_candidates(usable, unsupported, problem.describe())  # before the lease
+        mask = req.attn_mask
+        if grad and mask is not None and mask.requires_grad:  # a learned mask: the timed backwards fill a
+            mask = mask.detach().requires_grad_()  # leaf of the tuner's own (same storage), never the caller's .grad
 
         def run_tuner() -> Decision:
             inputs = TuneInputs(
-                q=q, k=req.k, v=req.v, mask=req.attn_mask, mask4=mask_4d(req.attn_mask), canonical=(qc, kc, vc),
+                q=q, k=req.k, v=req.v, mask=mask, mask4=mask_4d(mask), canonical=(qc, kc, vc),
                 scale=call.scale, causal=problem.causal, window=problem.window, out_pattern=req.out_pattern,
                 heads_q=problem.heads_q, head_dim_v=problem.head_dim_v, requires_grad=grad,
                 to_canonical=call.layout.to_canonical,
@@ -356,8 +360,6 @@ class Dispatcher:
 
             def bound(backend):  # the runner a plan binds: timed as the hit path calls it
                 return make_runner(backend, call, grad)
-
-            loading.wait_all()  # no import competes with the timed calls (issue 24)
 
             decision = tune(inputs, usable, unsupported, key, make or bound, problem=problem, dev=dev, policy=self.policy,
                             tolerance=self.tolerance(problem))  # the one trust rule, not recomputed

@@ -82,10 +82,29 @@ def report_poisoned(backend: str, exc: BaseException) -> None:
     )
 
 
+def _plain(t):
+    """``t`` as a plain ``torch.Tensor`` (a tensor subclass's behaviour is the caller's input, never
+    the backend's): a view of its data for a ``__torch_function__`` subclass, else a copy."""
+    if t is None or type(t) is torch.Tensor:
+        return t
+    with torch._C.DisableTorchFunctionSubclass():
+        view = t.as_subclass(torch.Tensor)
+    if type(view) is torch.Tensor and not view.is_meta and view.untyped_storage().nbytes() > 0:
+        return view
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)  # a wrapper subclass: its values copied
+    with torch.no_grad():
+        out.copy_(t)
+    return out
+
+
 def _fresh_like(t):
+    """Random values in a plain ``torch.Tensor`` of ``t``'s shape, dtype, device and (dense) strides."""
     if t is None:
         return None
-    out = torch.empty_like(t)  # same shape, dtype, device and (dense) strides
+    with torch._C.DisableTorchFunctionSubclass():
+        out = torch.empty_like(t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t)
+    if type(out) is not torch.Tensor:  # a wrapper subclass answered: a dense plain one
+        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     if out.is_floating_point():
         out.normal_()
     return out
@@ -93,16 +112,18 @@ def _fresh_like(t):
 
 def fails_on_fresh_inputs(run: Callable, q, k, v, mask, scale, trials: int = FRESH_TRIALS) -> bool:
     """Whether ``run`` fails on each of ``trials`` calls with fresh random q, k and v of the
-    caller's shapes and layouts (the mask and scale kept: they were validated). Out-of-memory
-    errors and poisoning CUDA errors count as passes: they are not the backend's."""
+    caller's shapes and layouts, plain ``torch.Tensor``s (the mask and scale kept: they were
+    validated; the mask as a plain tensor too). Out-of-memory errors and poisoning CUDA errors
+    count as passes: they are not the backend's."""
     for _ in range(trials):
         try:
             fresh = [_fresh_like(t) for t in (q, k, v)]
+            plain_mask = _plain(mask)
         except Exception:  # cannot make inputs (overlapping strides...): do not blame the backend
             return False
         try:
             with torch.no_grad():
-                run(fresh[0], fresh[1], fresh[2], mask, scale)
+                run(fresh[0], fresh[1], fresh[2], plain_mask, scale)
         except torch.cuda.OutOfMemoryError:
             return False
         except Exception as exc:

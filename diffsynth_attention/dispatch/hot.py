@@ -86,7 +86,8 @@ def make_forward(d) -> Callable:
                                     is_causal, compatibility_mode, window_size)
         impl_raw = env_get(impl_key)
         try:
-            grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or attn_mask is not None and attn_mask.requires_grad)
             plan = plans_get((
                 scope_get(), impl_raw, compatibility_mode, type(compatibility_mode), q.shape, k.shape, v.shape,
                 q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.layout, k.layout, v.layout,

@@ -53,4 +53,4 @@ def regate(d, plan: Plan, req, call, qc, kc, vc, grad, key, usable, unsupported,
     d.store.put(decision.replace(candidates={**decision.candidates, **({name: failed} if failed else {})}))
     d.regate_epoch = str(int(d.regate_epoch) + 1)  # graphs that baked it: traced again at their next call
     d.warn_once(("regate", key.id, name), "%s: %s %s; tuning the key again on this call", problem.describe(), name, why)
-    return d.tune_key(req, req.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names - {name}, dev, mode)
+    return d.tune_key(req, req.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names - {name}, dev, mode=mode)

@@ -12,7 +12,7 @@ import os
 from typing import Callable, Optional
 
 from .. import config
-from . import codec, fs, migrate
+from . import codec, fs, group_index, migrate
 from .codec import MAX_ENTRY_BYTES, CacheFileError
 
 logger = logging.getLogger("diffsynth_attention")
@@ -125,13 +125,42 @@ class WholeCache:
 
     def neighbours(self, group: str, tolerance: Optional[float] = None) -> list:
         """The decisions of neighbour group ``group`` (:func:`.neighbours.neighbour_group`) that
-        pass the tolerance in force. An index kept per group: a call reads only entry files it
-        has not seen yet (the folder is listed, no known entry is read again)."""
+        pass the tolerance in force: those in memory, and the entries the persisted index
+        (:mod:`.group_index`) lists for the group, each read once. Where the folder has no complete
+        index (entries of an older version), one full read builds it first; where it cannot be
+        written, every entry not seen yet is read, as before the index."""
         self._ensure_loaded()
-        self._scan(only_new=True)
-        self._group_new()
         tol = config.tolerance() if tolerance is None else tolerance
+        if self._persistent and not self._from_index(group):
+            self._scan(only_new=True)
+            self._group_new()
+            with self._folder(create=False) as vfd:
+                if vfd is not None:
+                    with self._mutex:
+                        known = [(g, kid) for g, ds in self._groups.items() for kid in ds if kid in self._indexed]
+                    group_index.add(vfd, known, complete=True)
+        self._group_new()
         return [d for d in self._groups.get(group, {}).values() if d.trusted_under(tol)]
+
+    def _from_index(self, group: str) -> bool:
+        """Read the entries the index lists for ``group`` (not read yet); False without a complete index."""
+        with self._folder(create=False) as vfd:
+            if vfd is None:
+                return True  # no folder: nothing on disk
+            kids = group_index.members(vfd, group)
+            if kids is None:
+                return False
+            bad: list = []
+            for kid in kids:
+                if kid in self._indexed:
+                    continue
+                found = self._read_entry(vfd, kid, repair=False, bad=bad)
+                self._indexed.add(kid)
+                if found is not None:
+                    self._remember(found)
+                elif not os.path.lexists(self.path / f"{kid}.json"):
+                    group_index.remove(vfd, group, kid)  # its entry was cleared
+        return True
 
     def clear(self, predicate: Optional[Callable] = None) -> int:
         """Remove decisions (all, or those for which ``predicate(decision)`` is true) from memory and
@@ -145,6 +174,7 @@ class WholeCache:
                     removed.add(k)
                     del self._entries[k]
                     self._pending.pop(k, None)
+                    self._rendered.pop(k, None)
             self._groups.clear()
             self._indexed.clear()
             self._ungrouped = []
@@ -167,6 +197,8 @@ class WholeCache:
                     except OSError:
                         continue
                 fs.fsync_dir(vfd)
+                if predicate is None:
+                    group_index.drop(vfd)
         self._summarize_bad(bad, "left alone")
         self._changed()
         return len(removed)

@@ -3,7 +3,7 @@
 - Location (:mod:`.paths`): ``platformdirs.user_cache_dir("diffsynth_attention")``, or
   ``DIFFSYNTH_ATTENTION_CACHE_DIR``; decisions live in ``<cache>/v2/<key id>.json``
   (``cache_schema/`` documents the format, :mod:`.codec` reads and writes it). Folders are
-  created 0700, files written 0600, every file opened securely (:mod:`.fs`).
+  created 0700 by the first write (reading creates nothing), files written 0600, every file opened securely (:mod:`.fs`).
 - Reads are per key and lazy: a hit is a dict lookup in memory (no file I/O); a miss opens the
   one file of that key, so a decision another process saved since is found before tuning. A
   decision whose chosen backend's error does not pass the tolerance in force is a miss.
@@ -15,8 +15,9 @@
   directory, link, another owner) is a miss too, and is never overwritten.
 - An untrusted folder -> memory only for good (one warning). A write that fails (read-only,
   full, EFBIG, a temporary file removed) -> one warning; reads go on, decisions wait in memory
-  and writing is tried again after a backoff (1 s doubling to 60 s; at exit at once); one
-  warning when it works again. ``flush`` (run at exit) says how many are lost.
+  and writing is tried again on a timer (0.25 s doubling to 2 s, reset by a write that works;
+  at exit at once: every cache flushes); one warning when it works again. ``flush`` says how
+  many are lost (:mod:`.writes`).
 - Tuning is serialized per key by a lease (:mod:`.lock`); :meth:`DecisionCache.get_or_tune`.
 - A v1 ``decisions.json`` is migrated in the background (:mod:`.migrate`).
 """
@@ -28,7 +29,6 @@ import errno
 import logging
 import os
 import threading
-import time
 import weakref
 from pathlib import Path
 from typing import Iterable, Optional
@@ -41,13 +41,13 @@ from .codec import (  # noqa: F401 - the store's public names, kept importable f
 from .bulk import WholeCache
 from .decision import Decision
 from .leases import Leases
+from .writes import Writes
 from .fs import BAD_KEPT, LEFTOVER_AGE_S  # noqa: F401
 from .neighbours import group_of
 from .paths import FOLDER, LEGACY_FILE, LOCKS, MIGRATED_SUFFIX, cache_dir  # noqa: F401
 
 logger = logging.getLogger("diffsynth_attention")
 
-RETRY_S = (1.0, 60.0)  # after a failed write: first and longest wait before writing is tried again
 _SCHEMA_FILE = codec.SCHEMA_FILE
 _ID = codec.ID
 
@@ -58,13 +58,15 @@ _caches: "weakref.WeakSet" = weakref.WeakSet()
 def _after_fork_in_child() -> None:  # a thread of the parent may have held a cache's mutex at fork
     for cache in list(_caches):
         cache._mutex = threading.RLock()
+        cache._save_lock = threading.Lock()
+        cache._timer = None  # the parent's timer thread is not in the child: the next failure schedules one
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class DecisionCache(WholeCache, Leases):
+class DecisionCache(WholeCache, Leases, Writes):
     """Decisions in memory, backed by one file per decision. Thread-safe; one per process by default."""
 
     def __init__(self, directory: Optional[os.PathLike] = None):
@@ -72,6 +74,7 @@ class DecisionCache(WholeCache, Leases):
         self._mutex = threading.RLock()
         self._locks = lock.KeyLocks()
         _caches.add(self)
+        self._writes_init()
         self.listeners: list = []  # called with a key id (None: any key) when decisions change
         self._reset_state()
 
@@ -85,9 +88,7 @@ class DecisionCache(WholeCache, Leases):
         self._loaded = False
         self._loaded_from: Optional[Path] = None
         self._persistent = True  # False: the folder is not to be trusted, memory only for good
-        self._write_error: Optional[str] = None  # why the last write failed (reads go on; writes are retried)
-        self._retry_at = 0.0
-        self._backoff = RETRY_S[0]
+        self._reset_writes()
         self._migration: Optional[migrate.Migration] = None
         self._warned: set = set()
 
@@ -113,6 +114,14 @@ class DecisionCache(WholeCache, Leases):
         self._ensure_loaded()
         return self._persistent and self._write_error is None
 
+    def writable(self) -> bool:
+        """Whether decisions can be written now: creates the cache folder if missing (``warm``'s
+        preflight: it is about to write). Loading and reading never create it."""
+        self._ensure_loaded()
+        with self._folder(create=True) as vfd:
+            ok = vfd is not None
+        return ok and self.persistent
+
     def _warn_once(self, tag, message: str, *args) -> None:
         with self._mutex:
             if tag in self._warned:
@@ -124,25 +133,6 @@ class DecisionCache(WholeCache, Leases):
         self._persistent = False
         self._warn_once(tag, "diffsynth_attention cache: %s; decisions stay in memory for this process (%d not on disk now)",
                         reason, len(self._pending))
-
-    def _write_failed(self, reason: str) -> None:
-        """A write failed: keep the pending decisions, go on reading, try writing again later."""
-        with self._mutex:
-            first = self._write_error is None
-            self._write_error = reason
-            self._backoff = RETRY_S[0] if first else min(self._backoff * 2, RETRY_S[1])
-            self._retry_at = time.monotonic() + self._backoff
-            pending = len(self._pending)
-        if first:
-            logger.warning("diffsynth_attention cache: %s; decisions stay in memory for now (%d not on disk); reads go on, "
-                           "and writing is tried again (every %gs at most)", reason, pending, RETRY_S[1])
-
-    def _write_worked(self, written: int) -> None:
-        with self._mutex:
-            was, self._write_error, self._backoff = self._write_error, None, RETRY_S[0]
-        if was is not None:
-            logger.warning("diffsynth_attention cache: writing to %s works again (it failed: %s); %d decision(s) written",
-                           self.path, was, written)
 
     @contextlib.contextmanager
     def _folder(self, create: bool):
@@ -195,12 +185,12 @@ class DecisionCache(WholeCache, Leases):
             if self._loaded:
                 return
             self._loaded_from = self.directory
-            with self._folder(create=True) as vfd:
+            with self._folder(create=False) as vfd:  # reading creates nothing: the first write makes the folder
                 if vfd is not None:
                     fs.sweep(vfd, LOCKS)
-                    if migrate.legacy_present(self.directory):
-                        self._migration = migrate.Migration(self.directory, self._open_for_migration, self._warn_once)
-                        self._migration.start()
+            if self._persistent and migrate.legacy_present(self.directory):
+                self._migration = migrate.Migration(self.directory, self._open_for_migration, self._warn_once)
+                self._migration.start()
             self._loaded = True
 
     def _open_for_migration(self) -> Optional[int]:
@@ -318,6 +308,7 @@ class DecisionCache(WholeCache, Leases):
             self._pending[decision.key_id] = decision
             self._entries[decision.key_id] = decision
             self._remember(decision)
+        self._prerender(decision)
         self._changed([decision.key_id])
         if save:
             self.save()
@@ -333,75 +324,11 @@ class DecisionCache(WholeCache, Leases):
                 self._pending[d.key_id] = d
                 self._entries[d.key_id] = d
                 self._remember(d)
+            self._prerender(d)
             changed.append(d.key_id)
         self._changed(changed)
         self.save()
         return len(changed)
-
-    def save(self, force: bool = False) -> bool:
-        """Write pending decisions, one file each. False if some stay in memory (said once, with the
-        count). After a failed write, writing is tried again only after a backoff (``force``: now)."""
-        self._ensure_loaded()
-        with self._mutex:
-            pending = dict(self._pending)
-        if not pending:
-            return True
-        if not self._persistent:
-            return False
-        if self._write_error is not None and not force and time.monotonic() < self._retry_at:
-            return False
-        written, failure = [], None
-        with self._folder(create=True) as vfd:
-            if vfd is None:
-                return False
-            for kid, d in pending.items():
-                if kid in self._blocked:
-                    self._warn_once(("blocked", kid), "diffsynth_attention cache: the entry %s.json %s; it is not "
-                                    "overwritten, and its decision stays in memory", self.path / kid, self._blocked[kid])
-                    continue
-                try:
-                    try:  # never overwrite something that is not one of our readable entry files
-                        why = fs.unsafe(os.stat(f"{kid}.json", dir_fd=vfd, follow_symlinks=False), want_dir=False)
-                        if why:
-                            self._blocked[kid] = why
-                            continue
-                    except FileNotFoundError:
-                        pass
-                    fs.write_new(vfd, f"{kid}.json", render_entry(d).encode())
-                    written.append((kid, d))
-                except CacheFileError as exc:
-                    with self._mutex:
-                        if self._pending.get(kid) is d:
-                            del self._pending[kid]
-                    self._warn_once(("invalid", kid), "diffsynth_attention cache: the decision for %s is not saved: %s",
-                                    kid, exc.reason)
-                except OSError as exc:
-                    failure = exc
-                    break
-            if written:
-                fs.fsync_dir(vfd)
-        with self._mutex:
-            for kid, d in written:
-                self._indexed.add(kid)
-                if self._pending.get(kid) is d:
-                    del self._pending[kid]
-        if failure is not None:
-            self._write_failed(f"cannot write {self.path} ({failure.strerror or failure})")
-            return False
-        self._write_worked(len(written))
-        return not any(k in self._pending for k in pending)
-
-    def flush(self) -> bool:
-        """Write what is still pending (run at exit); if some cannot be written, say how many are lost."""
-        if not self._pending:
-            return True
-        if self._persistent:
-            self.save(force=True)
-        left = len(self._pending)
-        if left:
-            logger.warning("diffsynth_attention cache: %d decision(s) could not be written to %s and are lost "
-                           "when this process exits", left, self.path)
-        return not left
 
     def forget_memory(self) -> None:
         """Drop the in-memory copy; files are read again on next use (tests, cache-dir change)."""

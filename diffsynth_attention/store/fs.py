@@ -131,6 +131,51 @@ def write_new(dfd: int, name: str, data: bytes, replace: bool = True, durable: b
             os.unlink(tmp, dir_fd=dfd)
 
 
+def write_batch(dfd: int, items: list) -> tuple:
+    """Write many ``(name, data)`` as :func:`write_new` does, with one ``os.sync`` for them all:
+    every temporary file is written, then synced at once, then renamed over its entry (a
+    process killed, or a power cut, at any moment leaves each entry old or new). Returns (the
+    names written, the OSError that stopped the batch or None): the temporary files written
+    before a failure are still synced and renamed."""
+    temps, failure = [], None
+    try:
+        for name, data in items:
+            tmp = f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                fd = open_temp(tmp, dfd)
+            except OSError as exc:
+                failure = exc
+                break
+            temps.append((tmp, name))
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError as exc:
+                failure = exc
+                temps.pop()
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                break
+            finally:
+                os.close(fd)
+        if temps:
+            os.sync()  # every temporary file's data reaches the disk before any rename
+        written = []
+        for tmp, name in temps:
+            try:
+                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except OSError as exc:
+                failure = failure or exc
+                continue
+            written.append(name)
+        return written, failure
+    finally:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+
+
 def fsync_dir(dfd: int) -> None:
     with contextlib.suppress(OSError):
         os.fsync(dfd)

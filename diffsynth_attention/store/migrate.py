@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Optional
 
-from . import codec, fs
+from . import codec, fs, group_index
 from .paths import LEGACY_FILE, MIGRATED_SUFFIX
 
 logger = logging.getLogger("diffsynth_attention")
@@ -113,6 +113,7 @@ class Migration:
                                    where, exc.strerror or exc)
                         return
                 if self.moved:
+                    group_index.incomplete(vfd)  # entries without markers: the next lookup indexes them
                     os.sync()  # once for every migrated entry, before the old file is renamed
                 fs.fsync_dir(vfd)
             finally:

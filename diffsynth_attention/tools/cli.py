@@ -101,7 +101,7 @@ def _warm_preflight(store) -> Optional[str]:
     if not config.tuning_enabled():
         raise Failure(f"{config.TUNING}={config._raw(config.TUNING)!r} turns tuning off, and warm's only job is to tune; "
                       f"unset it (or set it to on) to warm the cache")
-    if not store.persistent:
+    if not store.writable():
         raise Failure(f"the cache at {store.directory} cannot be written (see the warning above); nothing would be stored")
     impl = config.implementation()
     if impl != "auto":

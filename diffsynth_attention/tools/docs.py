@@ -43,6 +43,10 @@ ENV_MEANINGS = {
                                      "relative path is taken from the working directory when first read, and stays there",
     "DIFFSYNTH_ATTENTION_TUNE_WAIT": "seconds a process waits for another one tuning the same key; a tuner that is "
                                      "stopped or hung (no heartbeat for 5 s) or dead ends the wait at once",
+    "DIFFSYNTH_ATTENTION_LOAD_WAIT": "seconds, counted from the start of a kernel package's import, that tuning a new "
+                                     "key (or a trace) waits for it; after that the backend is left out of that tuning "
+                                     "(its candidate's reason says so) and the key is tuned without it. Never waited "
+                                     "under a key's lease; the next process imports it again",
     "DIFFSYNTH_ATTENTION_NEW_SHAPES": "`tune`: every new problem is tuned. `nearest`: a problem that differs from a known "
                                       "decision only in sequence lengths in the same bucket (4 per octave of s_q and of "
                                       "s_kv) uses that decision at once (`explain`: source `neighbour`, `neighbour_of`)",

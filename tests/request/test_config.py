@@ -18,6 +18,8 @@ BAD = [
     ("DIFFSYNTH_ATTENTION_TUNING_BUDGET", "nan", "out of range"),
     ("DIFFSYNTH_ATTENTION_TUNE_WAIT", "abc", "not a number"),
     ("DIFFSYNTH_ATTENTION_TUNE_WAIT", "inf", "out of range"),
+    ("DIFFSYNTH_ATTENTION_LOAD_WAIT", "soon", "not a number"),
+    ("DIFFSYNTH_ATTENTION_LOAD_WAIT", "-1", "out of range"),
     ("DIFFSYNTH_ATTENTION_STRICT", "2", "not a boolean"),
     ("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "flash9", "not a backend"),
 ]

@@ -595,6 +595,7 @@ def test_leftovers_are_removed_and_bounded(isolated, caplog):
     c = DecisionCache(isolated)
     assert c.persistent
     v2 = isolated / "v2"
+    v2.mkdir(parents=True, mode=0o700)  # (loading creates no folder: the first write does)
     old, new = v2 / ".tmp-old", v2 / ".tmp-new"
     for p in (old, new):
         p.write_text("x")

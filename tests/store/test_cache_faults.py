@@ -15,6 +15,7 @@ from diffsynth_attention import config
 from diffsynth_attention.dispatch import default_dispatcher
 from diffsynth_attention.store import cache as cache_mod
 from diffsynth_attention.store import fs as fs_mod
+from diffsynth_attention.store import writes as writes_mod
 from diffsynth_attention.store.cache import DecisionCache
 
 from support.helpers import qkv
@@ -49,7 +50,7 @@ def _failing_writes(monkeypatch, how):
 
 @pytest.mark.parametrize("how", ["read-only", "full", "EFBIG", "temp removed"])
 def test_reads_go_on_after_a_failed_write_and_writing_is_retried(how, isolated, monkeypatch, caplog):
-    monkeypatch.setattr(cache_mod, "RETRY_S", (0.0, 0.0))  # retry at the next write
+    monkeypatch.setattr(writes_mod, "RETRY_S", (0.0, 0.0))  # retry at the next write
     c = DecisionCache(isolated)
     other = DecisionCache(isolated)  # another process sharing the folder
     saved = make_decision(0)
@@ -71,7 +72,7 @@ def test_reads_go_on_after_a_failed_write_and_writing_is_retried(how, isolated, 
 
 
 def test_after_a_failed_write_the_next_try_waits_for_the_backoff_and_flush_tries_now(isolated, monkeypatch, caplog):
-    monkeypatch.setattr(cache_mod, "RETRY_S", (3600.0, 3600.0))
+    monkeypatch.setattr(writes_mod, "RETRY_S", (3600.0, 3600.0))
     c = DecisionCache(isolated)
     with monkeypatch.context() as m:
         _failing_writes(m, "full")
@@ -189,7 +190,8 @@ def test_why_the_lease_is_not_filelocks_soft_lease(isolated, tmp_path, caplog):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     c = DecisionCache(isolated)
-    assert c.persistent  # loaded: v2/ exists
+    assert c.persistent
+    (isolated / "v2").mkdir(parents=True, mode=0o700)  # (loading creates no folder: the first write does)
     kid = make_decision(3).key_id
     os.symlink(elsewhere, isolated / "v2" / "locks")
     with c.tuning_lock(kid) as held:

@@ -20,6 +20,7 @@ ROOT = TESTS.parent
 # Cleared for every test and every child (conftest.isolated): a caller's setting must not leak in.
 ENV = ("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "DIFFSYNTH_ATTENTION_STRICT", "DIFFSYNTH_ATTENTION_TUNING",
        "DIFFSYNTH_ATTENTION_TOLERANCE", "DIFFSYNTH_ATTENTION_TUNE_WAIT",
+       "DIFFSYNTH_ATTENTION_LOAD_WAIT",
        "DIFFSYNTH_ATTENTION_NEW_SHAPES", "DIFFSYNTH_FLASH_ATTN_KERNEL_REPO_ID", "DIFFSYNTH_FLASH_ATTN_KERNEL_VERSION")
 
 _REGISTERED: dict = {}  # module name -> (key of an item, {key: job(env)})

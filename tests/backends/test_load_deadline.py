@@ -1,0 +1,120 @@
+"""A kernel package whose import never returns hangs nothing (issue 31, item 2).
+
+Tuning a new problem starts its candidates' imports in the background and waits for them at most
+``DIFFSYNTH_ATTENTION_LOAD_WAIT`` seconds, before it takes the key's lease: the call returns, the
+backend is recorded as not loaded (its candidate's reason), and another process waiting on the
+same key gets the decision instead of waiting on a lease whose holder is stuck in an import.
+Fresh processes with a generous outer timeout: no timing asserts."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from diffsynth_attention import config
+from diffsynth_attention.backends import REGISTRY, flash_attention, loading
+
+from support.subprocesses import ROOT
+
+HUNG_FA3 = "import threading\nthreading.Event().wait()  # an import that never returns\n"
+
+CHILD = textwrap.dedent('''
+    import json, os, sys, time
+    sys.path.insert(0, SITE)
+    sys.path.insert(0, TESTS)
+    import torch
+    import diffsynth_attention as da
+    from diffsynth_attention.backends import REGISTRY, flash_attention, loading
+    from diffsynth_attention.backends.flash_attention import FlashAttention3
+    from support.helpers import qkv
+    cls = FlashAttention3
+    REGISTRY["flash_attention_3"] = type(cls.__name__, (cls,), {"devices": frozenset({"cpu", "cuda"}),
+                                                                "dtypes": cls.dtypes | {torch.float32}})()
+    flash_attention.package_version = lambda d: "3.0.0b1" if d == "flash_attn_3" else None
+    q, k, v = qkv(d=16)
+    out = da.attention_forward(q, k, v)  # a new problem: tuned
+    info = da.explain(q, k, v)
+    fa3 = info.decision.candidates["flash_attention_3"]
+    print(json.dumps({"state": loading.state(REGISTRY["flash_attention_3"]), "source": info.source,
+                      "backend": info.backend, "fa3": [fa3.status, fa3.reason], "finite": bool(out.isfinite().all())}))
+    sys.stdout.flush()
+    os._exit(0)  # the loading thread is stuck in its import for good
+''')
+
+
+@pytest.fixture
+def hung_site(tmp_path):
+    site = tmp_path / "site"
+    (site / "flash_attn_interface").mkdir(parents=True)
+    (site / "flash_attn_interface" / "__init__.py").write_text(HUNG_FA3)
+    return site
+
+
+def _start(site, env, load_wait: str) -> subprocess.Popen:
+    code = f"SITE = {str(site)!r}\nTESTS = {str(ROOT / 'tests')!r}\n" + CHILD
+    env = dict(env, DIFFSYNTH_ATTENTION_LOAD_WAIT=load_wait, DIFFSYNTH_ATTENTION_TUNE_WAIT="600",
+               DIFFSYNTH_ATTENTION_PRELOAD="1")
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    try:
+        out, err = proc.communicate(timeout=240)  # generous: the hang this guards against is forever
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the call did not return (a hung import held it): {err[-2000:]}")
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_hung_import_leaves_its_backend_out_and_the_call_returns(hung_site, subprocess_env):
+    got = _result(_start(hung_site, subprocess_env, "1"))
+    assert got["state"] == loading.LOADING  # recorded as not loaded: its import still runs
+    status, reason = got["fa3"]
+    assert status == "unsupported" and "not loaded" in reason and config.LOAD_WAIT in reason
+    assert got["backend"] != "flash_attention_3" and got["finite"] and got["source"] == "cache"  # (explain, after the call)
+
+
+def test_another_process_on_the_same_key_is_not_held_by_the_hang(hung_site, subprocess_env):
+    """Two processes tune the same new key at once, each with the import hung: neither waits on the
+    other's lease for good (the lease is never held during the wait for the import)."""
+    first = _start(hung_site, subprocess_env, "1")
+    second = _start(hung_site, subprocess_env, "3")  # takes the lease later: it finds the first's decision or tunes
+    results = [_result(first), _result(second)]
+    assert {r["source"] for r in results} == {"cache"}
+    for r in results:
+        assert r["fa3"][0] == "unsupported" and "not loaded" in r["fa3"][1] and r["finite"]
+
+
+def test_a_synchronous_use_waits_for_a_background_import_only_until_its_deadline(tmp_path, monkeypatch):
+    """In-process: ``unavailable_reason`` (what tuning's gate, a trace and a demotion ask) returns the
+    reason instead of blocking on the load lock of a background import past its deadline; once
+    that import ends, the backend is loaded as usual."""
+    gate = threading.Event()
+    site = tmp_path / "site"
+    (site / "flash_attn_interface").mkdir(parents=True)
+    (site / "flash_attn_interface" / "__init__.py").write_text(
+        "import builtins\nbuiltins._da_hung_gate.wait(60)\ndef flash_attn_func(*a, **k):\n    raise RuntimeError\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "flash_attn_interface", raising=False)
+    import builtins
+
+    monkeypatch.setattr(builtins, "_da_hung_gate", gate, raising=False)
+    monkeypatch.setattr(flash_attention, "package_version", lambda d: "3.0.0b1" if d == "flash_attn_3" else None)
+    fa3 = type("FlashAttention3", (flash_attention.FlashAttention3,), {"devices": frozenset({"cpu", "cuda"})})()
+    monkeypatch.setitem(REGISTRY, "flash_attention_3", fa3)
+    monkeypatch.setenv(config.LOAD_WAIT, "0.2")
+    try:
+        assert loading.start_loading(fa3) == loading.LOADING
+        late = loading.settle([fa3])
+        assert set(late) == {"flash_attention_3"} and "not loaded" in late["flash_attention_3"]
+        why = fa3.unavailable_reason()  # returns (bounded by the deadline, already past)
+        assert why is not None and "not loaded" in why and not fa3.is_loaded()
+    finally:
+        gate.set()
+    assert loading.wait(fa3, 30) == loading.READY and fa3.unavailable_reason() is None

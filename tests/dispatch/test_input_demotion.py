@@ -1,0 +1,83 @@
+"""Inputs cannot demote a backend (issue 31, item 6).
+
+- A failure is confirmed on plain tensors: a tensor subclass whose attention raises is the
+  caller's input, not the backend's fault, and never rewrites the decision every process reads.
+- A call that needs gradients with a float mask (a learned bias) is part of the capabilities: a
+  backend whose backward gives no gradient for the mask (SDPA's CPU flash kernel) is not a
+  candidate, so the tuner never picks one that then fails on every such call.
+"""
+import dataclasses
+import logging
+
+import torch
+
+from diffsynth_attention.dispatch import Dispatcher
+from diffsynth_attention.store.cache import DecisionCache
+from diffsynth_attention.store.decision import ACCEPTED, CHOSEN
+
+from support.helpers import full_reference, qkv, rel
+
+
+class Hostile(torch.Tensor):
+    """A tensor subclass whose attention raises (any function named for attention)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if "attention" in getattr(func, "__name__", "") or "attention" in str(func):
+            raise RuntimeError("Hostile tensors refuse attention")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _decide(folder, q, k, v, backend: str) -> str:
+    """Tune the key, then make ``backend`` its decision (as a previous process might have)."""
+    disp = Dispatcher(DecisionCache(folder))
+    info = disp.explain(q, k, v)
+    d = disp.store.get(info.key_id)
+    cands = {n: (dataclasses.replace(c, status=ACCEPTED, reason=None) if c.status == CHOSEN else c)
+             for n, c in d.candidates.items()}
+    cands[backend] = dataclasses.replace(cands[backend], status=CHOSEN, reason=None)
+    disp.store.put(d.replace(backend=backend, candidates=cands))
+    assert disp.store.flush()
+    return info.key_id
+
+
+def test_a_subclass_whose_attention_raises_never_rewrites_the_decision(tmp_path, caplog):
+    folder = tmp_path / "cache"
+    q, k, v = qkv(sq=24)
+    kid = _decide(folder, q, k, v, "torch_math")
+    disp = Dispatcher(DecisionCache(folder))
+    hq, hk, hv = (t.as_subclass(Hostile) for t in (q, k, v))
+    try:
+        disp.forward(hq, hk, hv)
+    except RuntimeError as exc:  # every backend refuses these inputs: the caller's error, as is
+        assert "Hostile" in str(exc)
+    assert DecisionCache(folder).get(kid).backend == "torch_math"  # the decision on disk is unchanged
+    assert "from now on" not in caplog.text
+    out = Dispatcher(DecisionCache(folder)).forward(q, k, v)  # plain inputs: the decided backend still serves
+    assert rel(out, full_reference(q, k, v)) < 1e-4
+
+
+def test_a_mask_that_requires_grad_is_never_served_by_a_backend_without_its_gradient(disp, caplog):
+    caplog.set_level(logging.WARNING, logger="diffsynth_attention")
+    q, k, v = qkv(b=1, hq=2, sq=32, d=16)
+    mask = torch.randn(1, 1, 32, 32, requires_grad=True)
+    info = disp.explain(q, k, v, attn_mask=mask)
+    flash = info.decision.candidates["torch_flash"]
+    assert flash.status == "unsupported" and "needs gradients" in flash.reason
+    assert info.backend != "torch_flash" and info.decision.key["problem"]["requires_grad"] is True
+    assert mask.grad is None  # tuning's backward passes filled a leaf of its own, not the caller's
+    out = disp.forward(q, k, v, attn_mask=mask)
+    out.sum().backward()
+    assert mask.grad is not None and torch.isfinite(mask.grad).all()
+    assert "failed at run time" not in caplog.text
+    ref_mask = mask.detach().clone().requires_grad_()
+    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=ref_mask).sum().backward()
+    assert rel(mask.grad, ref_mask.grad) < 1e-4
+
+
+def test_a_constant_float_mask_without_gradients_keeps_every_candidate(disp):
+    q, k, v = qkv(b=1, hq=2, sq=32, d=16)
+    mask = torch.randn(1, 1, 32, 32)
+    info = disp.explain(q, k, v, attn_mask=mask)
+    assert info.decision.candidates["torch_flash"].status != "unsupported"
+    assert info.decision.key["problem"]["requires_grad"] is False
