@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .. import overrides
+from .. import overrides, tiers
 from ..request import Request
 from .compiled import attention_op
 from .tokens import lookup_dispatcher
@@ -145,10 +145,12 @@ def _plan(token, q, k, v, mask, patterns, dims, scale, is_causal, window_size, c
 @torch.compiler.assume_constant_result
 def bake(token: int, q, k, v, mask, q_pattern: str, k_pattern: str, v_pattern: str, out_pattern: str, dims: Optional[str],
          scale: Optional[float], is_causal: bool, window_size: Optional[int], compatibility_mode: bool, grad_enabled: bool,
-         backend: Optional[str], epoch: str = "0") -> Optional[str]:
+         backend: Optional[str], epoch: str = "0", quality: Optional[str] = None) -> Optional[str]:
     """The identity of the decision a call with these sizes gets (:func:`identity`), taken while
     Dynamo traces, in the thread that compiles; None where the graph dispatches at run time (a
-    masked call whose key has no decision yet: its mask values matter for tuning)."""
+    masked call whose key has no decision yet: its mask values matter for tuning; a low-precision
+    quality tier, gated on the first real call's own data). ``epoch`` and ``quality`` (the calling
+    context's quality scope) are arguments so that Dynamo guards on them (the trace reads the tier itself)."""
     d, plan = _plan(token, q, k, v, mask, (q_pattern, k_pattern, v_pattern, out_pattern), dims, scale, is_causal,
                     window_size, compatibility_mode, grad_enabled, backend)
     if plan is None:
@@ -186,7 +188,7 @@ def _recompile_limit() -> int:
 @torch.compiler.assume_constant_result
 def bake_bucket(token: int, q, k, v, q_pattern: str, k_pattern: str, v_pattern: str, out_pattern: str, dims: Optional[str],
                 scale: Optional[float], is_causal: bool, compatibility_mode: bool, grad_enabled: bool,
-                backend: Optional[str], epoch: str = "0") -> Optional[tuple]:
+                backend: Optional[str], epoch: str = "0", quality: Optional[str] = None) -> Optional[tuple]:
     """For a call whose sequence lengths are symbolic (metas from :func:`_hinted`): ``(identity,
     checks)`` where one backend serves every length of the bucket the traced lengths fall in (a
     forced backend; else the traced lengths' own decision, tuned now if need be, and every stored
@@ -260,14 +262,16 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     token = int(d.trace_key)  # a constant: dynamic=True makes an int attribute symbolic, never a str
     backend = overrides.trace_scope()
     epoch = d.regate_epoch  # an argument of the bakes, so Dynamo guards on it (dispatch/regate.py)
+    quality = tiers.TRACE.scoped  # read here so Dynamo guards on the calling context's quality scope
     decision = None
     if _static(q, k, v, attn_mask):
         decision = bake(token, _meta(q), _meta(k), _meta(v), _meta(attn_mask), q_pattern, k_pattern, v_pattern, out_pattern,
                         dims_text, scale, is_causal, window_size, compatibility_mode, torch.is_grad_enabled(), backend,
-                        epoch)
+                        epoch, quality)
     elif _hint is not None and attn_mask is None and window_size is None:  # symbolic lengths: baked per bucket
         got = bake_bucket(token, _hinted(q), _hinted(k), _hinted(v), q_pattern, k_pattern, v_pattern, out_pattern,
-                          dims_text, scale, is_causal, compatibility_mode, torch.is_grad_enabled(), backend, epoch)
+                          dims_text, scale, is_causal, compatibility_mode, torch.is_grad_enabled(), backend, epoch,
+                          quality)
         if got is not None and _within((q, k, v), got[1]):
             decision = got[0]
     return attention_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, attn_mask, scale, is_causal,

@@ -22,6 +22,8 @@ graph (there is no process-wide epoch). ``torch.compiler.reset()`` after a chang
 
 This module is imported when a trace first reaches ``attention_forward`` (or when the operators
 are used), so eager programs never import ``torch._dynamo`` through it.
+A low-precision quality tier (``DIFFSYNTH_ATTENTION_QUALITY``, ``quality()``) is served by the
+run-time operator, whose first real call gates it on its own data (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Optional
 import torch
 from einops import rearrange
 
-from .. import overrides
+from .. import overrides, tiers
 from ..backends import REGISTRY, TORCH_FAMILY
 from ..problem import CANONICAL, mask_4d, prepare
 from .tokens import lookup_dispatcher

@@ -123,6 +123,7 @@ class Decision:
     provisional: bool = False  # too noisy to confirm: served, re-timed at a quiet opportunity or by `cache verify`
     confirmation: Optional[str] = None  # what the re-time against the default found (text)
     evidence: Optional[str] = None  # SYNTHETIC: gated at trace time on random inputs (re-gated on the first real call)
+    quality: Optional[dict] = None  # low-precision tiers only: tier, bound, gate evidence, fallback (dispatch/lowprec.py)
 
     def __post_init__(self):
         object.__setattr__(self, "candidates", _frozen_map(self.candidates))
@@ -149,6 +150,8 @@ class Decision:
             out["confirmation"] = self.confirmation
         if self.evidence is not None:
             out["evidence"] = self.evidence
+        if self.quality is not None:  # absent in the exact tier: its entries are as before tiers existed
+            out["quality"] = self.quality
         return out
 
     @classmethod
@@ -166,6 +169,7 @@ class Decision:
             provisional=bool(data.get("provisional", False)),
             confirmation=data.get("confirmation"),
             evidence=data.get("evidence"),
+            quality=data.get("quality"),
         )
 
     # -- the one trust rule ------------------------------------------------------------------

@@ -78,3 +78,16 @@ def relative_l1(out: torch.Tensor, ref: torch.Tensor) -> float:
     if denom == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return num / denom
+
+
+def cosine(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Cosine similarity of the flattened ``out`` and ``ref`` (the SageAttention papers' second
+    metric), accumulated in float64: 1.0 when both are zero, 0.0 when only one is, NaN-free (a
+    NaN or Inf gives -1)."""
+    a, b = out.double().flatten(), ref.double().flatten()  # fp32 sums over millions of elements drift by 1e-4
+    if not bool(torch.isfinite(a).all()):
+        return -1.0
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return float((a @ b) / (na * nb))
