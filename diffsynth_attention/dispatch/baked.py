@@ -17,6 +17,10 @@ operator decomposes into that backend, and nothing else, so:
   one in every process: :mod:`.tokens`), so a second process compiling against the same
   decisions hits both caches.
 
+With symbolic sequence lengths, :func:`bake_bucket` bakes the backend that every stored decision
+of the traced lengths' neighbour bucket agrees on, behind size comparisons Dynamo turns into
+guards on the bucket (:func:`_within`); the run-time operator stays where nothing is known.
+
 The innermost ``use_backend`` is guarded per thread and per task: ``overrides.TRACE.scope`` is a
 property that reads the calling context's scope, and Dynamo evaluates the guard in the thread
 that calls the compiled code. A scope opened inside the compiled function exists only in the
@@ -36,15 +40,25 @@ from ..request import Request
 from .compiled import attention_op
 from .tokens import lookup_dispatcher
 
-try:  # a size Dynamo made symbolic: has_static_value is False for it (isinstance sees an int)
-    from torch.fx.experimental.symbolic_shapes import has_static_value as _static_value
-except ImportError:  # pragma: no cover - older torch
-    def _static_value(s) -> bool:
-        return type(s) is int
-try:  # the value a symbolic size has in the call being traced (Dynamo hands it over as a constant)
-    from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as _hint
-except ImportError:  # pragma: no cover - older torch: symbolic sizes dispatch at run time
-    _hint = None
+
+def _dynamo_handles(name: str):
+    """``torch.fx.experimental.symbolic_shapes.<name>`` where Dynamo evaluates it while tracing
+    (it has a handler for it), else None."""
+    try:
+        from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
+        from torch.fx.experimental import symbolic_shapes
+
+        fn = getattr(symbolic_shapes, name, None)
+        return fn if fn is not None and fn in TorchInGraphFunctionVariable._get_handlers() else None
+    except Exception:  # noqa: BLE001 - another torch's internals
+        return None
+
+
+# has_static_value: False for a size Dynamo made symbolic (isinstance and type() see an int there).
+# guarding_hint_or_throw: the value a symbolic size has in the call being traced, as a constant.
+# Where a torch lacks either, every size counts as symbolic, or symbolic sizes dispatch at run time.
+_static_value = _dynamo_handles("has_static_value") or (lambda s: False)
+_hint = _dynamo_handles("guarding_hint_or_throw")
 
 
 def _static(*tensors) -> bool:
@@ -92,11 +106,6 @@ def identity(plan, tolerance: float) -> str:
         blob = json.dumps(plan.decision.to_dict(), sort_keys=True, default=str)
         digest = plan.decision.key_id + ":" + hashlib.sha256(blob.encode()).hexdigest()[:16]
     return f"{plan.backend}|{plan.source}|{plan.key.id}|{digest}|{tolerance!r}"
-
-
-def backend_of(decision: str) -> str:
-    """The backend named by a decision's identity."""
-    return decision.split("|", 1)[0]
 
 
 def _compile_mode() -> str:
