@@ -49,6 +49,8 @@ def parse_args(argv=None):
                                                  "torch_math on a CPU)")
     p.add_argument("--second", default="torch_flash", help="backend B of the item-1 sequence")
     p.add_argument("--small", action="store_true", help="a tiny Wan (CPU smoke test)")
+    p.add_argument("--only", choices=("sequence", "cross"), default=None,
+                   help="one of the two measurements (a device call is limited to 10 minutes)")
     p.add_argument("--work", default=None, help="folder for the caches (default: a new temporary one)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default="")
@@ -158,17 +160,22 @@ def run_child(args, kind: str, env: dict) -> dict:
 def markdown(result: dict) -> str:
     seq, cross = result["sequence"], result["cross_process"]
     lines = [f"# Compiled graphs carry their decision ({result['device']})", "",
-             f"Wan {result['blocks']} blocks, {result['tokens']} tokens, default torch.compile, inductor caches on.", "",
-             "## The item-1 sequence", "", "| compile | variable | attention kernels | AOT hit | FX hit |", "|---|---|---|---|---|"]
-    for name in ("first", "second"):
-        s = seq[name]
-        lines.append(f"| {name} | {s['implementation']} | {', '.join(s['kernels'])} | {s['aot_cache_hit']} | {s['fx_cache_hit']} |")
-    lines += ["", f"Recompile runs the new decision: **{result['sequence_pass']}**", "", "## Cross-process compile time", "",
-              "| process | first call (s) | AOT hit/miss | FX hit/miss | tunings |", "|---|---|---|---|---|"]
-    for i, c in enumerate(cross, 1):
-        lines.append(f"| {i} | {c['first_call_s']:.2f} | {c['aot_cache_hit']}/{c['aot_cache_miss']} | "
-                     f"{c['fx_cache_hit']}/{c['fx_cache_miss']} | {c['tunings']} |")
-    lines += ["", f"Second / first: **{result['cross_ratio']:.3f}** (target <= 0.5)", ""]
+             f"Wan {result['blocks']} blocks, {result['tokens']} tokens, default torch.compile, inductor caches on.", ""]
+    if seq is not None:
+        lines += ["## The item-1 sequence", "", "| compile | variable | attention kernels | AOT hit | FX hit |",
+                  "|---|---|---|---|---|"]
+        for name in ("first", "second"):
+            s = seq[name]
+            lines.append(f"| {name} | {s['implementation']} | {', '.join(s['kernels'])} | {s['aot_cache_hit']} | "
+                         f"{s['fx_cache_hit']} |")
+        lines += ["", f"Recompile runs the new decision: **{result['sequence_pass']}**", ""]
+    if cross is not None:
+        lines += ["## Cross-process compile time", "", "| process | first call (s) | AOT hit/miss | FX hit/miss | tunings |",
+                  "|---|---|---|---|---|"]
+        for i, c in enumerate(cross, 1):
+            lines.append(f"| {i} | {c['first_call_s']:.2f} | {c['aot_cache_hit']}/{c['aot_cache_miss']} | "
+                         f"{c['fx_cache_hit']}/{c['fx_cache_miss']} | {c['tunings']} |")
+        lines += ["", f"Second / first: **{result['cross_ratio']:.3f}** (target <= 0.5)", ""]
     return "\n".join(lines)
 
 
@@ -191,17 +198,19 @@ def main(argv=None):
         return {**base, "TORCHINDUCTOR_CACHE_DIR": str(work / name / "inductor"),
                 "DIFFSYNTH_ATTENTION_CACHE_DIR": str(work / name / "decisions")}
 
-    sequence = run_child(args, "sequence", env("sequence"))
-    warm = run_child(args, "warm", env("cross"))
-    cross = [run_child(args, "cross", env("cross"))["cross"] for _ in range(2)]
-    second_kernels = set(sequence["second"]["kernels"])
+    sequence = run_child(args, "sequence", env("sequence")) if args.only != "cross" else None
+    warm = run_child(args, "warm", env("cross")) if args.only != "sequence" else {"tunings": None}
+    cross = [run_child(args, "cross", env("cross"))["cross"] for _ in range(2)] if args.only != "sequence" else None
+    second_kernels = set(sequence["second"]["kernels"]) if sequence else set()
     from diffsynth_attention.tools.bench import environment, save_result
 
     result = {"environment": environment(torch.device(args.device)),
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU", "tokens": args.tokens, "blocks": args.blocks, "sequence": sequence, "cross_process": cross, "warm_tunings": warm["tunings"],
-              "sequence_pass": bool(second_kernels) and second_kernels != set(sequence["first"]["kernels"]),
-              "cross_ratio": cross[1]["first_call_s"] / cross[0]["first_call_s"]}
-    suffix = "-compile-caches" + (f"-{args.tag}" if args.tag else "") + ("-smoke" if args.small else "")
+              "sequence_pass": None if sequence is None else bool(second_kernels) and second_kernels != set(
+                  sequence["first"]["kernels"]),
+              "cross_ratio": None if cross is None else cross[1]["first_call_s"] / cross[0]["first_call_s"]}
+    suffix = ("-compile-caches" + (f"-{args.only}" if args.only else "") + (f"-{args.tag}" if args.tag else "")
+              + ("-smoke" if args.small else ""))
     stem = save_result(result, Path(args.out), "", suffix, lambda r, path: path.write_text(markdown(r)))
     print(markdown(result))
     print(stem)
