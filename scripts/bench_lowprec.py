@@ -10,10 +10,12 @@ fuzz suite each quality tier admits, with the error figures.
    included) over the best exact backend. Each problem's FP8 error on random activations and on
    fuzz activations of the same shape (rotary; and outlier channels 20x with a mean-offset K)
    against fp32, on a slice (batch 0, the first and last heads, 1,024 query rows).
-2. **decisions**: a fresh dispatcher at the ``fast`` tier on each problem's benign (rotary)
+2. **e2e**: diffusers' Wan (Wan 2.1 1.3B geometry, 4 blocks, 32,760 tokens, random weights) through
+   ``diffsynth_auto``: the forward at the ``fast`` tier against ``exact``, time and output rel-L1/cosine.
+3. **decisions**: a fresh dispatcher at the ``fast`` tier on each problem's benign (rotary)
    activations: the backend it chooses, the gate's evidence, and the time against the exact
    tier's decision.
-3. **fuzz suite**: every case of ``tools/fuzz.py`` (``--fuzz-seq`` tokens, 8 heads, d128, bf16, two
+4. **fuzz suite**: every case of ``tools/fuzz.py`` (``--fuzz-seq`` tokens, 8 heads, d128, bf16, two
    seeds) through each low-precision kernel (on CPU, ``--emulate``: the kernels' arithmetic
    emulated); per tier, the share of cases the gate admits (on its slice) and the share of heads
    within the bound, with relative L1 and cosine per case.
@@ -138,6 +140,42 @@ def decisions(args, device) -> list:
     return rows
 
 
+def e2e(args, device) -> dict:
+    """diffusers' WanTransformer3DModel with Wan 2.1 1.3B's geometry, ``--blocks`` blocks, random
+    weights, 32,760 video tokens (21 x 60 x 104 latent, 81 frames at 480x832) and 512 text tokens,
+    through the ``diffsynth_auto`` backend: the forward at the fast tier against the exact tier."""
+    import diffsynth_attention as da
+    from diffusers import WanTransformer3DModel
+
+    bench.register_diffusers()
+    cfg = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=args.blocks, cross_attn_norm=True, eps=1e-6)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanTransformer3DModel(**cfg)
+    model = model.to(dtype=torch.bfloat16).eval()
+    model.set_attention_backend("diffsynth_auto")
+    x = torch.randn(1, 16, 21, 60, 104, device=device, dtype=torch.bfloat16)
+    t = torch.tensor([500], device=device)
+    text = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+
+    def exact():
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+    def fast():
+        with da.quality("fast"):
+            return exact()
+    out_exact, out_fast = exact(), fast()  # the first call of each tier tunes its keys
+    times = bench.interleaved({"exact": exact, "fast": fast}, device, samples=args.samples)
+    err = bench.fuzz_errors(out_fast.float(), out_exact.float())
+    decisions = [{"tier": dd.key.get("quality", "exact"), "backend": dd.backend, "seq_q": dd.key["problem"]["seq_q"],
+                  "seq_kv": dd.key["problem"]["seq_kv"], "gate": (dd.quality or {}).get("gate")}
+                 for dd in bench.default_dispatcher().store.entries().values()
+                 if dd.key["problem"]["heads_q"] == 12 and dd.key["problem"]["seq_q"] == 32760]
+    return {"config": cfg, "tokens": 32760, "times_ms": times, "speedup": times["exact"] / times["fast"],
+            "rel_l1": err["rel_l1"], "cosine": err["cosine"], "decisions": decisions}
+
+
 def fuzz(args, device) -> dict:
     bounds = bench.QUALITY_BOUNDS
     kernels = {}
@@ -198,6 +236,12 @@ def write_md(result: dict, path: Path) -> None:
                          f"{f(t.get(FP8))} | {f(r.get('fp8_speedup'))} | {f(r.get('fp8_kernel_speedup'))} | "
                          f"{f(t.get('fp8_quantize_only'))} | {f(t.get(SAGE))} | {errs} |")
         lines.append("")
+    if result.get("e2e"):
+        r = result["e2e"]
+        lines += [f"## diffusers Wan ({r['config']['num_layers']} blocks, {r['tokens']} tokens), fast tier against exact", "",
+                  f"exact {r['times_ms']['exact']:.4g} ms, fast {r['times_ms']['fast']:.4g} ms: x{r['speedup']:.3f}; "
+                  f"output rel-L1 {r['rel_l1']:.3g}, cosine {r['cosine']:.6f} (fast against exact)", ""]
+        lines += [f"- {x['tier']}: {x['seq_q']}x{x['seq_kv']} -> {x['backend']}; gate {x['gate']}" for x in r["decisions"]] + [""]
     if result.get("decisions"):
         lines += ["## Decisions on benign (rotary) activations, fresh caches", "",
                   "| problem | exact tier | ms | fast tier | ms | gate evidence |", "|---|---|---|---|---|---|"]
@@ -227,19 +271,20 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default=None, help="file name stem (default <device>-<date>-lowprec)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", default=None, help="comma-separated video problems (default all)")
-    ap.add_argument("--parts", default="speed,decisions,fuzz", help="comma-separated: speed, decisions, fuzz")
+    ap.add_argument("--parts", default="speed,decisions,e2e,fuzz", help="comma-separated: speed, decisions, e2e, fuzz")
+    ap.add_argument("--blocks", type=int, default=4, help="e2e: transformer blocks")
     ap.add_argument("--fuzz-seq", type=int, default=4096)
     ap.add_argument("--samples", type=int, default=11)
     ap.add_argument("--emulate", action="store_true", help="fuzz part: the CPU emulations instead of the kernels")
     args = ap.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    bad = parts - {"speed", "decisions", "fuzz"}
+    bad = parts - {"speed", "decisions", "e2e", "fuzz"}
     known = {v[0] for v in VIDEO}
     unknown = [n for n in (args.only or "").split(",") if n and n not in known]
     if bad or unknown:
         ap.error(f"unknown part(s) {sorted(bad)}" if bad else f"unknown problem name(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     device = torch.device(args.device)
-    if device.type != "cuda" and parts & {"speed", "decisions"}:
+    if device.type != "cuda" and parts & {"speed", "decisions", "e2e"}:
         print("no CUDA device: only the fuzz part runs", file=sys.stderr)
         parts &= {"fuzz"}
     result = {"environment": bench.environment(device), "args": vars(args)}
@@ -248,6 +293,8 @@ def main(argv=None) -> int:
             result["speed"] = speed(args, device)
         if "decisions" in parts:
             result["decisions"] = decisions(args, device)
+        if "e2e" in parts:
+            result["e2e"] = e2e(args, device)
         if "fuzz" in parts:
             result["fuzz"] = fuzz(args, device)
     stem = bench.save_result(result, args.out, args.tag, "-lowprec", write_md)

@@ -1,6 +1,7 @@
 """The step schedule (exact for the first and last N steps, a low-precision tier between) on the
 real schedulers of DiffSynth-Studio and diffusers, driven the way their pipelines drive them;
 and the per-module tier for diffusers models."""
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 
@@ -24,10 +25,14 @@ class Transformer(torch.nn.Module):
 
 
 def diffsynth_scheduler():
-    spec = importlib.util.find_spec("diffsynth")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("DiffSynth-Studio is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "diffusion" / "flow_match.py"
+    """DiffSynth-Studio's FlowMatchScheduler, loaded from its installed file (the package's import
+    needs its heavy dependencies; other tests may have put a stand-in ``diffsynth`` in sys.modules)."""
+    try:
+        path = Path(importlib.metadata.distribution("diffsynth").locate_file("diffsynth/diffusion/flow_match.py"))
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("DiffSynth-Studio is not installed (pip install --no-deps diffsynth==2.1.12)")
+    if not path.is_file():
+        pytest.skip(f"DiffSynth-Studio has no {path}")
     mod_spec = importlib.util.spec_from_file_location("_diffsynth_flow_match", path)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
