@@ -17,6 +17,10 @@ operator decomposes into that backend, and nothing else, so:
   one in every process: :mod:`.tokens`), so a second process compiling against the same
   decisions hits both caches.
 
+With symbolic sequence lengths, :func:`bake_bucket` bakes the backend that every stored decision
+of the traced lengths' neighbour bucket agrees on, behind size comparisons Dynamo turns into
+guards on the bucket (:func:`_within`); the run-time operator stays where nothing is known.
+
 The innermost ``use_backend`` is guarded per thread and per task: ``overrides.TRACE.scope`` is a
 property that reads the calling context's scope, and Dynamo evaluates the guard in the thread
 that calls the compiled code. A scope opened inside the compiled function exists only in the
@@ -36,11 +40,25 @@ from ..request import Request
 from .compiled import attention_op
 from .tokens import lookup_dispatcher
 
-try:  # a size Dynamo made symbolic: has_static_value is False for it (isinstance sees an int)
-    from torch.fx.experimental.symbolic_shapes import has_static_value as _static_value
-except ImportError:  # pragma: no cover - older torch
-    def _static_value(s) -> bool:
-        return type(s) is int
+
+def _dynamo_handles(name: str):
+    """``torch.fx.experimental.symbolic_shapes.<name>`` where Dynamo evaluates it while tracing
+    (it has a handler for it), else None."""
+    try:
+        from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
+        from torch.fx.experimental import symbolic_shapes
+
+        fn = getattr(symbolic_shapes, name, None)
+        return fn if fn is not None and fn in TorchInGraphFunctionVariable._get_handlers() else None
+    except Exception:  # noqa: BLE001 - another torch's internals
+        return None
+
+
+# has_static_value: False for a size Dynamo made symbolic (isinstance and type() see an int there).
+# guarding_hint_or_throw: the value a symbolic size has in the call being traced, as a constant.
+# Where a torch lacks either, every size counts as symbolic, or symbolic sizes dispatch at run time.
+_static_value = _dynamo_handles("has_static_value") or (lambda s: False)
+_hint = _dynamo_handles("guarding_hint_or_throw")
 
 
 def _static(*tensors) -> bool:
@@ -63,13 +81,20 @@ def _meta(t) -> Optional[tuple]:
     return tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t.requires_grad
 
 
+def _hinted(t) -> tuple:
+    """:func:`_meta` of a tensor with symbolic sizes: each symbolic size or stride as minus the
+    value it has in the call being traced."""
+    return (tuple(s if _static_value(s) else -_hint(s) for s in t.shape),
+            tuple(s if _static_value(s) else -_hint(s) for s in t.stride()), t.dtype, t.device, t.requires_grad)
+
+
 def _stand_in(meta, mode):
-    """A fake tensor of ``meta``'s shape, strides, dtype, device and ``requires_grad``."""
+    """A fake tensor of ``meta``'s shape, strides (their absolute values), dtype, device and ``requires_grad``."""
     if meta is None:
         return None
     shape, stride, dtype, device, requires_grad = meta
     with mode:
-        t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        t = torch.empty_strided(tuple(abs(n) for n in shape), tuple(abs(n) for n in stride), dtype=dtype, device=device)
     return t.requires_grad_(True) if requires_grad else t
 
 
@@ -83,20 +108,36 @@ def identity(plan, tolerance: float) -> str:
     return f"{plan.backend}|{plan.source}|{plan.key.id}|{digest}|{tolerance!r}"
 
 
-def backend_of(decision: str) -> str:
-    """The backend named by a decision's identity."""
-    return decision.split("|", 1)[0]
+def _compile_mode() -> str:
+    """The mode the graph Dynamo is tracing will run in: ``cudagraph`` where its backend captures
+    CUDA graphs (``mode="reduce-overhead"``, or inductor's ``triton.cudagraphs`` set), else
+    ``compiled``. Read from Dynamo's backend: inductor applies the mode's options only later."""
+    import sys
+
+    from ..store.decision import COMPILED, CUDAGRAPH
+
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None and getattr(getattr(inductor, "triton", None), "cudagraphs", False):
+        return CUDAGRAPH
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        fn = InstructionTranslator.current_tx().output.compiler_fn
+    except Exception:  # noqa: BLE001 - another torch's internals: the compiled price
+        return COMPILED
+    for _ in range(8):  # through Dynamo's wrappers to torch.compile's inductor wrapper
+        options = getattr(fn, "config", None)
+        if isinstance(options, dict) and options.get("triton.cudagraphs"):
+            return CUDAGRAPH
+        inner = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
+        if inner is None or inner is fn:
+            break
+        fn = inner
+    return COMPILED
 
 
-@torch.compiler.assume_constant_result
-def bake(token: int, q, k, v, mask, q_pattern: str, k_pattern: str, v_pattern: str, out_pattern: str, dims: Optional[str],
-         scale: Optional[float], is_causal: bool, window_size: Optional[int], compatibility_mode: bool, grad_enabled: bool,
-         backend: Optional[str], quality: Optional[str] = None) -> Optional[str]:
-    """The identity of the decision a call with these sizes gets (:func:`identity`), taken while
-    Dynamo traces, in the thread that compiles; None where the graph dispatches at run time (a
-    masked call whose key has no decision yet: its mask values matter for tuning; a low-precision
-    quality tier, gated on the first real call's own data). ``quality``: the calling context's
-    quality scope, an argument so that Dynamo guards on it (the trace reads the tier itself)."""
+def _plan(token, q, k, v, mask, patterns, dims, scale, is_causal, window_size, compatibility_mode, grad_enabled, backend):
+    """The dispatcher and its :meth:`Dispatcher.trace_plan` for a call of these metas (fake tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .compiled import Scope, dims_dict
@@ -104,14 +145,117 @@ def bake(token: int, q, k, v, mask, q_pattern: str, k_pattern: str, v_pattern: s
     d = lookup_dispatcher(token)
     mode = FakeTensorMode()
     qf, kf, vf, mf = (_stand_in(m, mode) for m in (q, k, v, mask))
-    req = Request(qf, kf, vf, q_pattern, k_pattern, v_pattern, out_pattern, dims_dict(dims), mf, scale, is_causal,
-                  compatibility_mode, window_size)
+    req = Request(qf, kf, vf, *patterns, dims_dict(dims), mf, scale, is_causal, compatibility_mode, window_size)
     grad = grad_enabled and (q[4] or k[4] or v[4])
     with Scope(backend):
-        plan = d.trace_plan(req, grad)
+        return d, d.trace_plan(req, grad, _compile_mode())
+
+
+@torch.compiler.assume_constant_result
+def bake(token: int, q, k, v, mask, q_pattern: str, k_pattern: str, v_pattern: str, out_pattern: str, dims: Optional[str],
+         scale: Optional[float], is_causal: bool, window_size: Optional[int], compatibility_mode: bool, grad_enabled: bool,
+         backend: Optional[str], epoch: str = "0", quality: Optional[str] = None) -> Optional[str]:
+    """The identity of the decision a call with these sizes gets (:func:`identity`), taken while
+    Dynamo traces, in the thread that compiles; None where the graph dispatches at run time (a
+    masked call whose key has no decision yet: its mask values matter for tuning; a low-precision
+    quality tier, gated on the first real call's own data). ``epoch`` and ``quality`` (the calling
+    context's quality scope) are arguments so that Dynamo guards on them (the trace reads the tier itself)."""
+    d, plan = _plan(token, q, k, v, mask, (q_pattern, k_pattern, v_pattern, out_pattern), dims, scale, is_causal,
+                    window_size, compatibility_mode, grad_enabled, backend)
     if plan is None:
         return None
     return identity(plan, d.tolerance(plan.problem))
+
+
+def _seq_dim(pattern: str) -> Optional[int]:
+    """The dimension of a tensor in ``pattern`` that is the sequence axis alone (None if packed)."""
+    tokens, depth, current = [], 0, ""
+    for ch in pattern:
+        if ch == " " and depth == 0:
+            if current:
+                tokens.append(current)
+            current = ""
+            continue
+        depth += ch == "("
+        depth -= ch == ")"
+        current += ch
+    tokens.append(current)
+    return tokens.index("s") if "s" in tokens else None
+
+
+def _frame_compiles() -> int:
+    """How many times Dynamo has compiled the frame being traced (0 for its first graph)."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    return 0 if compile_id is None else int(getattr(compile_id, "frame_compile_id", 0) or 0)
+
+
+def _recompile_limit() -> int:
+    config = torch._dynamo.config
+    return int(getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", 8))
+
+
+@torch.compiler.assume_constant_result
+def bake_bucket(token: int, q, k, v, q_pattern: str, k_pattern: str, v_pattern: str, out_pattern: str, dims: Optional[str],
+                scale: Optional[float], is_causal: bool, compatibility_mode: bool, grad_enabled: bool,
+                backend: Optional[str], epoch: str = "0", quality: Optional[str] = None) -> Optional[tuple]:
+    """For a call whose sequence lengths are symbolic (metas from :func:`_hinted`): ``(identity,
+    checks)`` where one backend serves every length of the bucket the traced lengths fall in (a
+    forced backend; else the traced lengths' own decision, tuned now if need be, and every stored
+    decision of that bucket agree), else None (the run-time operator). ``checks``: the size
+    comparisons that keep the graph to that bucket (``("range", tensor, dim, lo, hi)``, and
+    ``("same", tensor, dim, tensor, dim, equal)`` for whether seq_q == seq_kv), which Dynamo turns
+    into guards. None too where a symbolic size is not a sequence length, and where the frame
+    has used all but one of Dynamo's recompiles (the last graph serves every length)."""
+    from ..states import PlanSource
+    from ..store.neighbours import bucket_bounds, neighbour_distance, neighbour_group, seq_bucket
+
+    if _frame_compiles() >= _recompile_limit() - 2:
+        return None
+    metas, patterns = (q, k, v), (q_pattern, k_pattern, v_pattern)
+    symbolic = [(ti, di) for ti, m in enumerate(metas) for di, n in enumerate(m[0]) if n < 0]
+    if any(di != _seq_dim(patterns[ti]) for ti, di in symbolic):  # a batch, head or head-dim size: run time
+        return None
+    d, plan = _plan(token, q, k, v, None, patterns + (out_pattern,), dims, scale, is_causal, None, compatibility_mode,
+                    grad_enabled, backend)
+    if plan is None or plan.source in (PlanSource.FALLBACK, PlanSource.LOADING):  # nothing known for it
+        return None
+    tolerance = d.tolerance(plan.problem)
+    if plan.source == PlanSource.OVERRIDE:  # forced: the same backend for every length
+        return identity(plan, tolerance), ()
+    fields = plan.key.fields
+    for other in d.store.neighbours(neighbour_group(fields), tolerance):
+        try:
+            same_bucket = neighbour_distance(fields, other.key) is not None
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a foreign entry
+            continue
+        if same_bucket and other.backend != plan.backend:  # the bucket has no single winner
+            return None
+    checks = tuple(("range", ti, di) + bucket_bounds(seq_bucket(-metas[ti][0][di])) for ti, di in symbolic)
+    bounds = ",".join(f"{lo}-{hi}" for *_, lo, hi in checks)
+    q_dim, k_dim = _seq_dim(q_pattern), _seq_dim(k_pattern)
+    if q_dim is not None and k_dim is not None:  # causal and window alignment depend on it
+        checks += (("same", 0, q_dim, 1, k_dim, plan.problem.seq_q == plan.problem.seq_kv),)
+    return identity(plan, tolerance) + "|" + bounds, checks
+
+
+def _within(tensors, checks) -> bool:
+    """Traced by Dynamo: each comparison becomes a guard (they all hold for the traced sizes)."""
+    ok = True
+    for c in checks:
+        if c[0] == "range":
+            n = tensors[c[1]].shape[c[2]]
+            if n < c[3]:
+                ok = False
+            if n > c[4]:
+                ok = False
+        else:
+            a, b = tensors[c[1]].shape[c[2]], tensors[c[3]].shape[c[4]]
+            if c[5]:
+                if a != b:
+                    ok = False
+            elif a == b:
+                ok = False
+    return ok
 
 
 def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
@@ -124,13 +268,20 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
         f"{a}={n if isinstance(n, (bool, float, str)) else int(n)}" for a, n in dims.items())
     scale = None if scale is None else float(scale)
     is_causal, compatibility_mode = bool(is_causal), bool(compatibility_mode)
-    token = d.trace_token
+    token = int(d.trace_key)  # a constant: dynamic=True makes an int attribute symbolic, never a str
     backend = overrides.trace_scope()
+    epoch = d.regate_epoch  # an argument of the bakes, so Dynamo guards on it (dispatch/regate.py)
     quality = tiers.TRACE.scoped  # read here so Dynamo guards on the calling context's quality scope
     decision = None
     if _static(q, k, v, attn_mask):
         decision = bake(token, _meta(q), _meta(k), _meta(v), _meta(attn_mask), q_pattern, k_pattern, v_pattern, out_pattern,
                         dims_text, scale, is_causal, window_size, compatibility_mode, torch.is_grad_enabled(), backend,
-                        quality)
+                        epoch, quality)
+    elif _hint is not None and attn_mask is None and window_size is None:  # symbolic lengths: baked per bucket
+        got = bake_bucket(token, _hinted(q), _hinted(k), _hinted(v), q_pattern, k_pattern, v_pattern, out_pattern,
+                          dims_text, scale, is_causal, compatibility_mode, torch.is_grad_enabled(), backend, epoch,
+                          quality)
+        if got is not None and _within((q, k, v), got[1]):
+            decision = got[0]
     return attention_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, attn_mask, scale, is_causal,
                         window_size, compatibility_mode, token, backend, decision)

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from einops import rearrange
 
-from .. import overrides, tiers
+from .. import overrides
 from ..backends import REGISTRY, TORCH_FAMILY
 from ..problem import CANONICAL, mask_4d, prepare
 from .tokens import lookup_dispatcher
@@ -184,16 +184,20 @@ def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, 
         return dispatch_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                            window_size, compatibility_mode, dispatcher, backend)
     name = decision.split("|", 1)[0]
-    problem = prepare(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal,
-                      window_size, grad, compatibility_mode=compatibility_mode)[0].problem
+    if _concrete(q, k, v, attn_mask):
+        problem = prepare(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal,
+                          window_size, grad, compatibility_mode=compatibility_mode)[0].problem
+        causal, window = problem.causal, problem.window
+    else:  # baked for a bucket of lengths (dispatch/baked.py): no mask, no window
+        causal, window = bool(is_causal), window_size
     qc, kc, vc = (_to(t, p, CANONICAL, dims_d) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
     mask4 = mask_4d(attn_mask)
     if name in TORCH_FAMILY:
-        out = REGISTRY[name].forward(qc, kc, vc, mask4, scale, problem.causal, problem.window, grad)
+        out = REGISTRY[name].forward(qc, kc, vc, mask4, scale, causal, window, grad)
         return _to(out, CANONICAL, out_pattern, dims_d)
     native = _native_layout(name)  # the package's own layout: a b s n d caller's tensors reach it as they are
     qn, kn, vn = (_to(t, CANONICAL, native, None) for t in (qc, kc, vc))
-    out = kernel_op(name, qn, kn, vn, mask4, scale, problem.causal, problem.window)
+    out = kernel_op(name, qn, kn, vn, mask4, scale, causal, window)
     return _to(_to(out, native, CANONICAL, None), CANONICAL, out_pattern, dims_d)
 
 

@@ -24,7 +24,7 @@ from ..problem import mask_4d, prepare
 from ..request import Request
 from ..store.cache import DecisionCache, all_rejected
 from ..states import PlanSource
-from ..store.decision import ACCEPTED, CHOSEN, EAGER, SLOWER, Decision, decision_filter
+from ..store.decision import ACCEPTED, CHOSEN, EAGER, SLOWER, SYNTHETIC, Decision, decision_filter
 from ..store.leases import Outcome
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import TuningPolicy, tolerance_for
@@ -64,6 +64,8 @@ class Dispatcher(ModePlans):
         self.sentinels: dict = {}  # key id -> lowprec.Sentinel: low-precision decisions watched in this process
         self.store.listeners.append(self.invalidate)
         self.trace_token = tokens.new_token(self)  # how compiled graphs name this dispatcher (never reused)
+        self.trace_key = str(self.trace_token)  # what Dynamo reads: a str is never made symbolic (dynamic=True)
+        self.regate_epoch = "0"  # moves on when a trace-time decision fails on real data (dispatch/regate.py)
         loading.add_listener(self._backend_loaded)  # held weakly
         self.forward = make_forward(self)
 
@@ -284,6 +286,11 @@ class Dispatcher(ModePlans):
         usable_names = {b.name for b in usable}
         plan = self.resolve(call, grad, key, usable_names, dev, requested, source_name, provisional=tune_on is None,
                             mode=mode)
+        if plan is not None and tune_on is None and plan.source == PlanSource.CACHE and plan.decision is not None \
+                and plan.decision.evidence == SYNTHETIC and self._can_tune(q):  # gated on random inputs: check real ones
+            from .regate import regate
+
+            return regate(self, plan, req, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode)
         if plan is not None:
             return plan
         if may_tune is None:
@@ -302,14 +309,15 @@ class Dispatcher(ModePlans):
                                        real.out_pattern, real.dims, real.attn_mask, real.scale, real.is_causal,
                                        real.window_size, grad, compatibility_mode=real.compatibility_mode)
             return self.tune_key(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
-                                 mode=mode)
+                                 mode=mode, gated_on=SYNTHETIC)
 
     def tune_key(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
-                 make: Optional[Callable] = None, mode: str = EAGER) -> Plan:
+                 make: Optional[Callable] = None, mode: str = EAGER, gated_on: Optional[str] = None) -> Plan:
         """Tune ``key`` through :meth:`DecisionCache.get_or_tune` (under the key's lease; a decision
         another thread or process stored meanwhile, trusted under this problem's tolerance and with
         a backend usable here, is served instead: a hit). ``make(backend)``: the runner timed
-        (default: the one a plan binds; the LSE path times its own)."""
+        (default: the one a plan binds; the LSE path times its own). ``gated_on``: recorded as the
+        decision's ``evidence`` (``SYNTHETIC``: q, k, v are a trace's random stand-ins)."""
         problem = call.problem
         usable, unsupported = loading.settle_candidates(usable, unsupported, problem.describe())  # before the lease
         mask = req.attn_mask
@@ -333,6 +341,8 @@ class Dispatcher(ModePlans):
             decision = tune(inputs, usable, unsupported, key, make or bound, problem=problem, dev=dev, policy=self.policy,
                             tolerance=self.tolerance(problem), bounds=bounds)  # the one trust rule, not recomputed
             decision = lowprec.annotate(decision, tier, evidence)
+            if gated_on is not None:
+                decision = decision.replace(evidence=gated_on)
             self.counters["tunings"] += 1
             self.counters["tuning_seconds"] += decision.tuning_seconds
             logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)

@@ -67,7 +67,7 @@ class ModePlans:
         logger.info("re-timing the provisional decision for %s (%s) now that the host is quiet", key.id, decision.backend)
         return True
 
-    def trace_plan(self, req: Request, grad: bool) -> Optional[Plan]:
+    def trace_plan(self, req: Request, grad: bool, mode: Optional[str] = None) -> Optional[Plan]:
         """The plan a compiled graph bakes for a call whose sizes are concrete, taken while the
         graph is traced (``req`` holds fake tensors): :meth:`resolve`, and for a key with no
         decision a tuning on random tensors of the call's shapes (not for masked calls, whose
@@ -80,7 +80,7 @@ class ModePlans:
         if tiers.current() != tiers.EXACT:
             return None
         impl_raw = overrides.implementation_raw()
-        mode = _trace_mode()
+        mode = mode or _trace_mode()  # given by a caller that knows it (dispatch/baked.py: the compile's own mode)
         try:
             sig = (mode, req.signature(overrides.scope_get(), impl_raw, grad, tiers.scope_get(), tiers.raw()))
             plan = self.plans.get(sig)

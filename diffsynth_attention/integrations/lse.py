@@ -30,6 +30,7 @@ from ..backends import REGISTRY, TORCH_FAMILY, device_info
 from ..problem import prepare
 from ..request import Request
 from ..states import PlanSource
+from ..store.decision import SYNTHETIC
 from ..store.decision import key_id
 from ..store.key import Key, make_key
 
@@ -248,7 +249,7 @@ class LseSelector:
                 return lambda q_, k_, v_, mask, scale_: run(q_, k_, v_)[0]
 
             tuned = d.tune_key(req, rq, dataclasses.replace(rcall, problem=problem), qc, kc, vc, False, key, usable,
-                               unsupported, names, dev, make=make)
+                               unsupported, names, dev, make=make, gated_on=SYNTHETIC if tracing else None)
         if tuned.source == PlanSource.FALLBACK or tuned.backend not in names:  # every candidate rejected: exact, here
             logger.warning("no backend returning the log-sum-exp passed the gate for %s; using float32 math",
                            problem.describe())

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Callable, Optional
 
-from .decision import ACCEPTED, CHOSEN, SLOWER, Decision, key_id as hash_key
+from .decision import CHOSEN, Decision, key_id as hash_key
 
 logger = logging.getLogger("diffsynth_attention")
 

@@ -29,6 +29,10 @@ CHOSEN, ACCEPTED, SLOWER, SKIPPED, REJECTED, UNSUPPORTED = (
     CandidateStatus.CHOSEN, CandidateStatus.ACCEPTED, CandidateStatus.SLOWER, CandidateStatus.SKIPPED,
     CandidateStatus.REJECTED, CandidateStatus.UNSUPPORTED)
 
+# Decision.evidence: the numeric gate ran on random tensors of the call's shapes (a trace's
+# tuning), not on a caller's data. The first real eager call of the key re-gates it on its slice.
+SYNTHETIC = "synthetic"
+
 # The execution modes a decision serves (Decision.backend_for).
 EAGER, COMPILED, CUDAGRAPH = "eager", "compiled", "cudagraph"
 MODES = (EAGER, COMPILED, CUDAGRAPH)
@@ -118,6 +122,7 @@ class Decision:
     modes: Mapping = field(default_factory=dict)  # "compiled"/"cudagraph" -> backend, where not ``backend``
     provisional: bool = False  # too noisy to confirm: served, re-timed at a quiet opportunity or by `cache verify`
     confirmation: Optional[str] = None  # what the re-time against the default found (text)
+    evidence: Optional[str] = None  # SYNTHETIC: gated at trace time on random inputs (re-gated on the first real call)
     quality: Optional[dict] = None  # low-precision tiers only: tier, bound, gate evidence, fallback (dispatch/lowprec.py)
 
     def __post_init__(self):
@@ -143,6 +148,8 @@ class Decision:
             out["provisional"] = True
         if self.confirmation is not None:
             out["confirmation"] = self.confirmation
+        if self.evidence is not None:
+            out["evidence"] = self.evidence
         if self.quality is not None:  # absent in the exact tier: its entries are as before tiers existed
             out["quality"] = self.quality
         return out
@@ -161,6 +168,7 @@ class Decision:
             modes=data.get("modes") or {},
             provisional=bool(data.get("provisional", False)),
             confirmation=data.get("confirmation"),
+            evidence=data.get("evidence"),
             quality=data.get("quality"),
         )
 

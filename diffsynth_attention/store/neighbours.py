@@ -64,3 +64,18 @@ def nearest(fields: dict, decisions, exclude: Optional[str] = None):
         if distance is not None:
             found.append((distance, d.key_id, d))
     return min(found, key=lambda f: (f[0], f[1]))[2] if found else None
+
+
+def bucket_bounds(bucket: int, per_octave: int = BUCKETS_PER_OCTAVE) -> tuple:
+    """The smallest and largest sequence length of a bucket (:func:`seq_bucket`)."""
+    lo = max(1, int(math.floor(2 ** ((bucket - 0.5) / per_octave))))
+    while lo > 1 and seq_bucket(lo - 1, per_octave) == bucket:
+        lo -= 1
+    while seq_bucket(lo, per_octave) < bucket:
+        lo += 1
+    hi = max(lo, int(math.ceil(2 ** ((bucket + 0.5) / per_octave))))
+    while seq_bucket(hi, per_octave) > bucket:
+        hi -= 1
+    while seq_bucket(hi + 1, per_octave) == bucket:
+        hi += 1
+    return lo, hi

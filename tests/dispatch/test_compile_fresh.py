@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from diffsynth_attention.store.neighbours import seq_bucket
+
 from support.subprocesses import prespawn, results
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,14 +131,68 @@ def test_ten_sequence_lengths_compile_like_plain_sdpa_and_never_run_uncompiled(m
     got = children["mode", mode].get()
     calls = 2 * len(LENGTHS)
     assert got["runs"] == calls, got  # every call served by a compiled graph
-    assert got["compiles"] == got["plain_compiles"], got  # a new decision recompiles nothing
-    assert got["tunings"] == len(LENGTHS), got  # one tuning per key, at trace time or at its first call
-    assert {"default": got["compiles"] <= 2, "static": got["compiles"] == len(LENGTHS),
-            "dynamic": got["compiles"] == 1}[mode], got
+    assert got["tunings"] <= len(LENGTHS), got  # at most one tuning per key, at trace time or at its first call
+    if mode == "default":  # symbolic lengths baked per bucket (issue 30): a graph per bucket, within the recompile limit
+        buckets = len({seq_bucket(s) for s in LENGTHS})
+        assert got["plain_compiles"] < got["compiles"] <= min(got["plain_compiles"] + buckets, 8), got
+    else:  # static: a graph per length, as plain SDPA; dynamic=True: every size symbolic, the run-time operator
+        assert got["compiles"] == got["plain_compiles"], got  # a new decision recompiles nothing
+        assert got["tunings"] == len(LENGTHS), got
+        assert {"static": got["compiles"] == len(LENGTHS), "dynamic": got["compiles"] == 1}[mode], got
+    assert got["err"] < 1e-5, got
+
+
+RESOLUTIONS = [40, 64, 96, 160, 256, 400]  # six buckets apart: a pipeline rendering several resolutions
+
+
+def buckets_code(tuning: str) -> str:
+    return f"""
+import os
+os.environ["DIFFSYNTH_ATTENTION_TUNING"] = {tuning!r}
+BSND = ("b s n d",) * 4
+rec, plain = Recorder(), Recorder()
+ours = torch.compile(lambda q, k, v: da.attention_forward(q, k, v, *BSND), fullgraph=True, backend=rec)
+sdpa = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                     v.transpose(1, 2)).transpose(1, 2),
+                     fullgraph=True, backend=plain)
+err = 0.0
+with torch.no_grad():
+    for rounds in range(2):  # the second pass over the same lengths compiles nothing more
+        for s in {RESOLUTIONS!r}:
+            q, k, v = (torch.randn(1, s, 2, 8) for _ in range(3))
+            err = max(err, float((ours(q, k, v) - sdpa(q, k, v)).abs().max()))
+        if rounds == 0:
+            first_pass = rec.compiles
+print(json.dumps({{"compiles": rec.compiles, "first_pass": first_pass, "runs": rec.runs, "plain_compiles": plain.compiles,
+                  "runtime_op": ["diffsynth_attention.dispatch" in str(g.code) for g in rec.forward_graphs],
+                  "tunings": da.stats()["tunings"], "err": err}}))
+"""
+
+
+def test_resolutions_under_the_default_compile_bake_a_backend_per_bucket(children):
+    """Six resolutions under the default compile: every graph after the first (symbolic lengths)
+    holds a backend baked for its bucket, behind a guard on the bucket; none holds the run-time
+    operator (before: all of them did)."""
+    got = children["buckets", "on"].get()
+    assert got["runs"] == 2 * len(RESOLUTIONS), got
+    assert got["compiles"] == got["first_pass"] <= got["plain_compiles"] + len(RESOLUTIONS), got
+    assert not any(got["runtime_op"]), got
+    assert got["tunings"] == len(RESOLUTIONS), got  # each traced length tuned once, at trace time
+    assert got["err"] < 1e-5, got
+
+
+def test_where_nothing_is_known_symbolic_lengths_keep_the_run_time_operator(children):
+    got = children["buckets", "off"].get()  # tuning off, an empty cache: no decision for any bucket
+    assert got["runs"] == 2 * len(RESOLUTIONS) and got["tunings"] == 0, got
+    assert got["compiles"] == got["plain_compiles"], got  # no bucket guards: one symbolic graph, as plain
+    assert got["runtime_op"][-1], got
     assert got["err"] < 1e-5, got
 
 
 # One fresh process per case, each with a cache folder of its own, started when collection ends.
-prespawn(__name__, lambda item: next(iter(item.callspec.params.items())),
+UNPARAMETRIZED = {"test_resolutions_under_the_default_compile_bake_a_backend_per_bucket": ("buckets", "on"),
+                  "test_where_nothing_is_known_symbolic_lengths_keep_the_run_time_operator": ("buckets", "off")}
+prespawn(__name__, lambda item: UNPARAMETRIZED.get(item.name) or next(iter(item.callspec.params.items())),
          {**{("form", f): (lambda env, f=f: run(form_code(f), env)) for f in FORMS},
-          **{("mode", m): (lambda env, m=m: run(lengths_code(m), env)) for m in MODES}})
+          **{("mode", m): (lambda env, m=m: run(lengths_code(m), env)) for m in MODES},
+          **{("buckets", t): (lambda env, t=t: run(buckets_code({"on": "1", "off": "0"}[t]), env)) for t in ("on", "off")}})

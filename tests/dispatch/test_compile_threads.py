@@ -1,5 +1,5 @@
-"""Compiling in several threads (issue 30, item 3): a trace reads the scope of the thread that
-compiles, never a process-wide mirror of another thread's ``use_backend``."""
+"""What a trace reads while Dynamo traces (issue 30): the scope of the thread that compiles, never a
+process-wide mirror of another thread's ``use_backend`` (item 3); the mode the compile runs in."""
 import threading
 
 import torch
@@ -95,3 +95,33 @@ def test_two_threads_compiling_under_different_scopes_each_bake_their_own():
     assert shared_rec.compiles == 2  # one version per scope, guarded per thread
     kinds = {FLASH_CPU in [str(n.target) for n in g.graph.nodes] for g in shared_rec.forward_graphs}
     assert kinds == {True, False}, kinds
+
+
+def test_the_bake_picks_the_decisions_backend_for_the_compiles_own_mode():
+    """A decision whose compiled and CUDA-graph picks differ from its eager one: the default
+    compile bakes the compiled pick, ``mode="reduce-overhead"`` the CUDA-graph pick (read from
+    Dynamo's backend while Dynamo traces: inductor applies the mode's options only later)."""
+    import torch._inductor.config as inductor_config
+
+    from diffsynth_attention.dispatch import default_dispatcher
+    from diffsynth_attention.store.decision import Candidate
+
+    q, k, v = qkv()
+    with torch.no_grad():
+        explained = da.explain(q, k, v)
+    exact = {n: Candidate("chosen" if n == "torch" else "accepted", 1.0, 1e-7, reps=3)
+             for n in ("torch", "torch_math", "torch_flash")}
+    default_dispatcher().store.put(explained.decision.replace(
+        backend="torch", candidates=exact, modes={"compiled": "torch_math", "cudagraph": "torch_flash"}))
+    rec = Recorder()
+    with torch.no_grad():
+        torch.compile(attn, fullgraph=True, backend=rec)(q, k, v)
+    assert any("bmm" in t for t in rec.targets()) and FLASH_CPU not in rec.targets(), rec.targets()
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(pattern_matcher=False, fx_graph_cache=False):
+        fn = torch.compile(attn, fullgraph=True, mode="reduce-overhead")
+        fn(q, k, v)
+        with torch.profiler.profile() as prof:
+            fn(q, k, v)
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names and "aten::bmm" not in names, names
