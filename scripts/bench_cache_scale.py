@@ -28,10 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffsynth_attention.tools.bench import Candidate, Decision, key_id  # noqa: E402
-from diffsynth_attention.store import group_index  # noqa: E402
-from diffsynth_attention.store.codec import render_entry  # noqa: E402
-from diffsynth_attention.store.neighbours import group_of  # noqa: E402
+from diffsynth_attention.tools.bench import (  # noqa: E402
+    Candidate, Decision, group_of, index_neighbours, key_id, render_entry)
 
 BACKENDS = ["torch", "torch_cudnn", "torch_flash", "torch_efficient", "flash_attention_4", "flash_attention_3",
             "flash_attention_2", "xformers", "sage_attention", "torch_math"]
@@ -83,7 +81,7 @@ def populate(folder: Path, n: int, kind: str = "valid") -> list:
     if kind == "valid":  # the neighbour index, as this version's writes keep it (store/group_index.py)
         vfd = os.open(v2, os.O_RDONLY)
         try:
-            group_index.add(vfd, [(group_of(fleet_decision(i)), kid) for i, kid in enumerate(ids)], complete=True)
+            index_neighbours(vfd, [(group_of(fleet_decision(i)), kid) for i, kid in enumerate(ids)], complete=True)
         finally:
             os.close(vfd)
     return ids
