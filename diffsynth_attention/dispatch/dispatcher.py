@@ -135,7 +135,7 @@ class Dispatcher:
         falling in the same buckets (store/key.py), and whose backend can serve this call."""
         group = neighbour_group(key.fields)
         found = []
-        for key_id, decision in ((d.key_id, d) for d in self.store.neighbours(group, tolerance)):  # the group's index
+        for key_id, decision in ((d.key_id, d) for d in self.store.neighbours(group, tolerance, key.fields)):  # its cell
             if key_id == key.id or decision.backend not in usable_names:
                 continue
             try:
