@@ -8,6 +8,8 @@ from . import config
 from .backends import available_backends
 from .dispatch import default_dispatcher
 from .overrides import current_implementation, use_backend
+from .tiers import current as current_quality
+from .tiers import quality
 
 config.validate_all()  # a bad environment variable stops the program here, before its first call
 
@@ -32,5 +34,5 @@ def clear_cache(backend: Optional[str] = None, gpu: Optional[str] = None) -> int
     return _dispatcher.clear_cache(backend, gpu)
 
 
-__all__ = ["attention_forward", "available_backends", "clear_cache", "current_implementation", "explain", "stats",
-           "use_backend"]
+__all__ = ["attention_forward", "available_backends", "clear_cache", "current_implementation", "current_quality", "explain",
+           "quality", "stats", "use_backend"]

@@ -3,7 +3,7 @@
 The order of :class:`BackendName` is the preference order: it breaks near-ties in the tuner
 (candidates within the measured noise of the fastest, 2% to 3%, in the same interleaved rounds):
 exact, dependency-free PyTorch kernels first, then the kernel packages, then the quantized
-kernel, then the reference math kernel. Fresh processes therefore choose the same backend for
+kernels (admitted only in the low-precision quality tiers), then the reference math kernel. Fresh processes therefore choose the same backend for
 the same timings.
 
 Adding a backend: one line here, and one module in ``backends/`` whose class carries
@@ -30,6 +30,7 @@ class BackendName(str, Enum):
     FLASH_ATTENTION_2 = "flash_attention_2"
     XFORMERS = "xformers"
     SAGE_ATTENTION = "sage_attention"
+    FLASH_ATTENTION_3_FP8 = "flash_attention_3_fp8"
     TORCH_MATH = "torch_math"
 
     __str__ = str.__str__

@@ -164,6 +164,32 @@ def preload() -> bool:
     return _flag(PRELOAD, True)
 
 
+QUALITY = "DIFFSYNTH_ATTENTION_QUALITY"
+
+
+def quality() -> str:
+    """DIFFSYNTH_ATTENTION_QUALITY: ``exact`` (default, also when empty), ``balanced`` or ``fast``
+    (:mod:`diffsynth_attention.tiers`)."""
+    from .tiers import from_environment
+
+    return from_environment()
+
+
+SENTINEL_EVERY = "DIFFSYNTH_ATTENTION_SENTINEL_EVERY"
+DEFAULT_SENTINEL_EVERY = 200
+SENTINEL_EVERY_RANGE = (0.0, 1e9, True)
+
+
+def sentinel_every() -> int:
+    """Every how many calls a low-precision decision re-checks one slice against the fp32
+    reference (default 200; 0: never)."""
+    value = _number(SENTINEL_EVERY, DEFAULT_SENTINEL_EVERY, SENTINEL_EVERY_RANGE)
+    if value != int(value):
+        raise ValueError(f"{SENTINEL_EVERY}={_raw(SENTINEL_EVERY)!r} is not a whole number of calls; allowed: an "
+                         f"integer >= 0 (default {DEFAULT_SENTINEL_EVERY}; 0: never)")
+    return int(value)
+
+
 READERS = {
     IMPLEMENTATION: implementation,
     STRICT: strict,
@@ -175,6 +201,8 @@ READERS = {
     LOAD_WAIT: load_wait,
     NEW_SHAPES: new_shapes,
     PRELOAD: preload,
+    QUALITY: quality,
+    SENTINEL_EVERY: sentinel_every,
 }
 
 

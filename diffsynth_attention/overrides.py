@@ -25,15 +25,31 @@ scope_get = scope.get
 
 
 class TraceState:
-    """What ``torch.compile`` guards on (Dynamo guards the attributes a traced function reads;
-    it cannot read contextvars). ``scope``: the innermost ``use_backend`` of the process, a
-    mirror of the contextvar."""
+    """What ``torch.compile`` guards on (Dynamo guards the attributes a traced function reads; it
+    cannot read a contextvar). No mirror of the scope: ``scope`` is a property whose getter is the
+    contextvar's own (C) ``get``, so Dynamo reads it, and evaluates its guard, in the calling thread
+    and task. It is this object itself where no scope is set (the getter's default argument).
+    ``inner``: a ``use_backend`` opened inside a function being compiled (Dynamo traces no
+    contextvar): set only while Dynamo traces that block, as a side effect of the trace."""
+
+    scope = property(scope.get)
 
     def __init__(self) -> None:
-        self.scope = None
+        self.inner = None
 
 
 TRACE = TraceState()
+
+
+def trace_scope():
+    """The ``use_backend`` scope a trace runs under: one opened inside the compiled code, else the
+    calling context's (read through :data:`TRACE`, so Dynamo guards on it per thread), else None."""
+    inner = TRACE.inner
+    if inner is not None:
+        return inner
+    value = TRACE.scope
+    return None if value is TRACE else value
+
 
 _env_data = getattr(os.environ, "_data", None)
 if isinstance(_env_data, dict) and hasattr(os.environ, "encodekey"):
@@ -101,19 +117,14 @@ def use_backend(name: str) -> Iterator[str]:
     restored on exit even after an exception. The scope wins over the environment variable."""
     value = normalize(name, "use_backend(name)")
     if _is_compiling():  # inside a function being compiled: Dynamo traces no ContextVar; the graph
-        outer, TRACE.scope = TRACE.scope, value  # takes the scope as an argument (dispatch/compiled.py)
+        outer, TRACE.inner = TRACE.inner, value  # takes the scope as an argument (dispatch/baked.py)
         try:
             yield value
         finally:
-            TRACE.scope = outer
+            TRACE.inner = outer
         return
     token = scope.set(value)
-    TRACE.scope = value
     try:
         yield value
     finally:
         scope.reset(token)
-        # The mirror follows this context's scope, not the value it saw on entry: scopes of
-        # interleaved async tasks exit in any order, and the last one must not leave its entry
-        # value behind for every later trace.
-        TRACE.scope = scope_get()

@@ -37,12 +37,13 @@ class Request(NamedTuple):
     compatibility_mode: bool = False
     window_size: Optional[int] = None
 
-    def signature(self, scoped, impl_raw, grad: bool) -> tuple:
+    def signature(self, scoped, impl_raw, grad: bool, tier_scoped=None, tier_raw=None) -> tuple:
         """The plan-table key. Raises (AttributeError, TypeError, ...) for arguments that are not
         tensors or not hashable: validation then explains what is wrong. Everything a first
         call's validation looks at is here, so that a repeated call is checked as strictly:
         devices (meta included) and layouts (sparse) of every tensor, the types of the flags
-        and of the window and dims (``3.0 == 3``), and whether the scale is finite."""
+        and of the window and dims (``3.0 == 3``), and whether the scale is finite. ``tier_scoped``
+        and ``tier_raw``: the quality scope and DIFFSYNTH_ATTENTION_QUALITY's raw value."""
         q, k, v, m, dims, scale = self.q, self.k, self.v, self.attn_mask, self.dims, self.scale
         return (
             scoped, impl_raw, self.compatibility_mode, type(self.compatibility_mode), q.shape, k.shape, v.shape,
@@ -51,7 +52,7 @@ class Request(NamedTuple):
             None if dims is None else tuple((a, n, type(n)) for a, n in dims.items()),
             None if m is None else (m.shape, m.dtype, m.device, m.layout),
             self.is_causal, type(self.is_causal), self.window_size, type(self.window_size),
-            type(scale), scale is None or -FLOAT_MAX <= scale <= FLOAT_MAX, grad,
+            type(scale), scale is None or -FLOAT_MAX <= scale <= FLOAT_MAX, grad, tier_scoped, tier_raw,
         )
 
     def needs_grad(self, grad_enabled: bool) -> bool:

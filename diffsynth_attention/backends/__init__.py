@@ -65,8 +65,24 @@ def candidates(problem, dev: Optional[DeviceInfo]) -> tuple:
     return usable, reasons
 
 
+LOW_PRECISION_REASON = ("low precision (8-bit/FP8): a candidate only in the balanced and fast quality tiers "
+                        "(DIFFSYNTH_ATTENTION_QUALITY, quality(...)), where the gate admits it on the caller's data")
+
+
+def for_tier(usable: list, reasons: dict, tier: str) -> tuple:
+    """``candidates``' answer for quality ``tier``: in ``exact`` the low-precision backends leave the
+    usable list (with the reason), so they are never gated, timed or chosen; other tiers keep all."""
+    if tier != "exact":
+        return usable, reasons
+    reasons = dict(reasons)
+    for backend in usable:
+        if backend.low_precision:
+            reasons[backend.name] = [LOW_PRECISION_REASON]
+    return [b for b in usable if not b.low_precision], reasons
+
+
 __all__ = [
     "Backend", "DeviceInfo", "REGISTRY", "PREFERENCE", "DIFFSYNTH_PRIORITY", "TORCH_FAMILY", "register",
-    "available_backends", "candidates", "clear_compiled", "device_info", "enable_fa4_compile_cache",
+    "available_backends", "candidates", "for_tier", "clear_compiled", "device_info", "enable_fa4_compile_cache",
     "fa4_compile_dir", "loading", "normalize", "package_version",
 ]

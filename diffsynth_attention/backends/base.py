@@ -182,6 +182,9 @@ class Backend:
     capabilities: ClassVar[Optional[frozenset]] = None  # allowed major versions, if restricted
     output_layout: ClassVar[str] = "b n s d"  # the layout of the tensor behind forward's b n s d result
     exact: ClassVar[bool] = True  # False for quantized kernels (documented, not used to select)
+    # 8-bit / FP8 kernels: candidates only in the balanced and fast quality tiers, gated there
+    # by the tier's bound (quality.py); the exact tier never gates, times or chooses them.
+    low_precision: ClassVar[bool] = False
     # The module that ``_load`` imports (found without importing it to tell "installed"); None:
     # nothing to import (PyTorch's own kernels).
     module: ClassVar[Optional[str]] = None

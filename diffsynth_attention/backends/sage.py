@@ -33,6 +33,7 @@ class SageAttention(Backend):
     backward = False
     min_capability = (8, 0)
     exact = False
+    low_precision = True  # the balanced and fast tiers only (the exact tolerance rejected it everywhere)
     module = "sageattention"
     efficiency = 0.9  # 8-bit QK: can pass the 16-bit peak on its native parts (0.43 measured on an H200)
     launch_ms = 0.05  # 0.19-0.31 ms per call on small problems (H200)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import atexit
 
-from . import tokens as _tokens
 from .dispatcher import BackendNotSupportedError, Dispatcher, Explanation, Plan
 
 # Made when this package is imported, not on first use: ``default_dispatcher()`` is traced by
 # Dynamo when the first thing a process does is a compiled call (patch_sdpa + torch.compile), and
-# a lazy construction would put a lock on the traced path. Building it reads no file.
+# a lazy construction would put a lock on the traced path. Building it reads no file. Made first,
+# it has trace token 0 in every process (dispatch/tokens.py).
 _default = Dispatcher()
-_tokens.set_default(_default)  # what a compiled graph falls back to (tokens.lookup_dispatcher)
 atexit.register(_default.store.flush)  # decisions kept in memory after a lock timeout still reach the disk
 
 

@@ -1,34 +1,29 @@
-"""``attention_forward`` under ``torch.compile``: the decision taken where sizes are concrete.
+"""The operators a compiled ``attention_forward`` records and decomposes into.
 
-Dynamo does not decide anything. It records one operator, ``diffsynth_attention::attention``,
-with the caller's tensors and patterns, and guards only on the innermost ``use_backend``
-(``overrides.TRACE.scope``). That operator is ``CompositeImplicitAutograd``: when the graph is
-traced for real (Dynamo's fake propagation, then AOTAutograd, with every compile mode and
-backend that lowers through AOTAutograd, inductor included) its Python body runs on fake
-tensors and decomposes into what the call needs:
+Dynamo records one operator, ``diffsynth_attention::attention``, with the caller's tensors and
+patterns, the dispatcher's token, the innermost ``use_backend`` and the identity of the decision
+taken while Dynamo traced (:mod:`.baked`; None where the sizes are symbolic or a masked key has
+no decision). That operator is ``CompositeImplicitAutograd``: when the graph is traced for real
+(AOTAutograd, with every compile mode and backend that lowers through it, inductor included) its
+Python body runs on fake tensors and decomposes into what its arguments say:
 
-- **concrete sizes** (the default ``torch.compile`` on a first shape, ``dynamic=False``, and the
-  sizes ``mark_dynamic``/``dynamic=True`` leave static): the dispatcher resolves the call with the
-  same rule as an eager call (:meth:`Dispatcher.trace_plan`: override, cache, dropped/demoted,
-  neighbour, fallback). A key with no decision yet is tuned there and then, on random tensors of
-  the call's shapes, strides, dtype and device (compilation already takes seconds). The graph
-  then holds the backend itself: ``F.scaled_dot_product_attention`` or the ATen
-  ``_scaled_dot_product_*_attention`` operator for the ``torch_*`` backends (with their own
-  backward), or the thin operator ``diffsynth_attention::kernel`` for a kernel package, on views
-  of the caller's tensors;
-- **symbolic sizes** (after Dynamo made a dimension dynamic): the run-time operator
-  ``diffsynth_attention::dispatch``, whose body is the eager hot path (a plan-table lookup and the
-  bound backend: no validation, no key, no file I/O per call). Its output has the strides the
-  fast kernels produce (``b s n d`` in memory, viewed in ``out_pattern``), so it copies nothing
-  for them.
+- **a decision**: the backend it names, and nothing read anywhere else (so the compile caches,
+  which key on the operator's arguments, key on the decision): ``F.scaled_dot_product_attention``
+  or the ATen ``_scaled_dot_product_*_attention`` operator for the ``torch_*`` backends (with their
+  own backward), or the thin operator ``diffsynth_attention::kernel`` for a kernel package, on
+  views of the caller's tensors;
+- **no decision**: the run-time operator ``diffsynth_attention::dispatch``, whose body is the eager
+  hot path (a plan-table lookup and the bound backend: no validation, no key, no file I/O per
+  call). Its output has the strides the fast kernels produce (``b s n d`` in memory, viewed in
+  ``out_pattern``), so it copies nothing for them.
 
-A graph never reads anything a later decision changes: a new decision for one key recompiles
-no graph (there is no process-wide epoch). The environment variable
-``DIFFSYNTH_ATTENTION_IMPLEMENTATION`` is read when a graph is traced: change it before
-compiling, or call ``torch.compiler.reset()`` after changing it.
+A graph never reads anything a later decision changes: a new decision for one key recompiles no
+graph (there is no process-wide epoch). ``torch.compiler.reset()`` after a change traces again.
 
 This module is imported when a trace first reaches ``attention_forward`` (or when the operators
 are used), so eager programs never import ``torch._dynamo`` through it.
+A low-precision quality tier (``DIFFSYNTH_ATTENTION_QUALITY``, ``quality()``) is served by the
+run-time operator, whose first real call gates it on its own data (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -39,10 +34,9 @@ from typing import Optional
 import torch
 from einops import rearrange
 
-from .. import overrides
+from .. import overrides, tiers
 from ..backends import REGISTRY, TORCH_FAMILY
-from ..problem import CANONICAL, mask_4d
-from ..request import Request
+from ..problem import CANONICAL, mask_4d, prepare
 from .tokens import lookup_dispatcher
 
 _BSND = "b s n d"
@@ -55,7 +49,7 @@ _SCHEMA_ARGS = ("(Tensor q, Tensor k, Tensor v, str q_pattern, str k_pattern, st
                 "Tensor? attn_mask, float? scale, bool is_causal, int? window_size, bool compatibility_mode, int dispatcher, "
                 "str? backend=None)")
 _LIB = torch.library.Library("diffsynth_attention", "DEF")
-_LIB.define("attention" + _SCHEMA_ARGS + " -> Tensor")
+_LIB.define("attention" + _SCHEMA_ARGS[:-1] + ", str? decision=None) -> Tensor")
 _LIB.define("dispatch" + _SCHEMA_ARGS + " -> Tensor")
 _KERNEL_ARGS = "(str backend, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float? scale, bool is_causal, int? window_size)"
 _LIB.define("kernel" + _KERNEL_ARGS + " -> Tensor")
@@ -72,7 +66,7 @@ def _parse_dims(text: Optional[str]) -> Optional[tuple]:
     return None if text is None else tuple((a, int(n)) for a, n in (kv.split("=") for kv in text.split(",") if kv))
 
 
-def _dims_dict(text: Optional[str]) -> Optional[dict]:
+def dims_dict(text: Optional[str]) -> Optional[dict]:
     parsed = _parse_dims(text)
     return None if parsed is None else dict(parsed)
 
@@ -146,7 +140,7 @@ def _concrete(*tensors) -> bool:
     return True
 
 
-class _Scope:
+class Scope:
     """The ``use_backend`` scope a graph was traced under (its ``backend`` argument), made the
     current one while the operator decides or runs: a scope opened inside the compiled function
     exists only in the trace (Dynamo traces no ContextVar), so the graph carries it."""
@@ -167,45 +161,46 @@ class _Scope:
 
 
 def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
-                         window_size, compatibility_mode, dispatcher, backend=None):
-    """The decomposition: the backend the call resolves to, or the run-time operator."""
-    d = lookup_dispatcher(dispatcher)
-    dims_d = _dims_dict(dims)
+                         window_size, compatibility_mode, dispatcher, backend=None, decision=None):
+    """The decomposition: the backend ``decision`` names (taken while Dynamo traced: dispatch/baked.py),
+    else the run-time operator."""
+    dims_d = dims_dict(dims)
     if not _tracing(q):  # called eagerly, or by a graph compiled without AOTAutograd (backend="eager")
-        with _Scope(backend):
-            return d.forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal,
-                             compatibility_mode, window_size)
-    req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal,
-                  compatibility_mode, window_size)
+        with Scope(backend):
+            return lookup_dispatcher(dispatcher).forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d,
+                                                         attn_mask, scale, is_causal, compatibility_mode, window_size)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    with _Scope(backend):
-        plan = d.trace_plan(req, grad) if _concrete(q, k, v, attn_mask) else None
-    if plan is None and attn_mask is not None and torch.is_grad_enabled() and attn_mask.requires_grad:
-        # A learned mask (its gradient needed): the run-time operator differentiates q, k and v
-        # only, so the call decomposes into PyTorch's SDPA (a mask excludes windows), as eager's
-        # torch backend runs it, with the mask's gradient.
-        qc, kc, vc = (_to(t, p, CANONICAL, dims_d) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
-        out = REGISTRY["torch"].forward(qc, kc, vc, mask_4d(attn_mask), scale, bool(is_causal), None, True)
-        return _to(out, CANONICAL, out_pattern, dims_d)
-    if plan is None:
+    if decision is None:
+        if _concrete(q, k, v, attn_mask):  # validation raises here, at trace time, naming the argument
+            prepare(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal, window_size,
+                    grad, compatibility_mode=compatibility_mode)
+        if attn_mask is not None and torch.is_grad_enabled() and attn_mask.requires_grad:
+            # A learned mask (its gradient needed): the run-time operator differentiates q, k and v
+            # only, so the call decomposes into PyTorch's SDPA (a mask excludes windows), as eager's
+            # torch backend runs it, with the mask's gradient.
+            qc, kc, vc = (_to(t, p, CANONICAL, dims_d) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
+            out = REGISTRY["torch"].forward(qc, kc, vc, mask_4d(attn_mask), scale, bool(is_causal), None, True)
+            return _to(out, CANONICAL, out_pattern, dims_d)
         return dispatch_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                            window_size, compatibility_mode, dispatcher, backend)
-    problem = plan.problem
+    name = decision.split("|", 1)[0]
+    problem = prepare(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal,
+                      window_size, grad, compatibility_mode=compatibility_mode)[0].problem
     qc, kc, vc = (_to(t, p, CANONICAL, dims_d) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
     mask4 = mask_4d(attn_mask)
-    if plan.backend in TORCH_FAMILY:
-        out = REGISTRY[plan.backend].forward(qc, kc, vc, mask4, scale, problem.causal, problem.window, grad)
+    if name in TORCH_FAMILY:
+        out = REGISTRY[name].forward(qc, kc, vc, mask4, scale, problem.causal, problem.window, grad)
         return _to(out, CANONICAL, out_pattern, dims_d)
-    native = _native_layout(plan.backend)  # the package's own layout: a b s n d caller's tensors reach it as they are
+    native = _native_layout(name)  # the package's own layout: a b s n d caller's tensors reach it as they are
     qn, kn, vn = (_to(t, CANONICAL, native, None) for t in (qc, kc, vc))
-    out = kernel_op(plan.backend, qn, kn, vn, mask4, scale, problem.causal, problem.window)
+    out = kernel_op(name, qn, kn, vn, mask4, scale, problem.causal, problem.window)
     return _to(_to(out, native, CANONICAL, None), CANONICAL, out_pattern, dims_d)
 
 
 @functools.lru_cache(maxsize=1024)
 def _out_strides(shape: tuple, out_pattern: str, dims: Optional[str], heads_inner: bool) -> tuple:
     """The strides :func:`_out_like` declares for an output of ``shape`` in ``out_pattern``."""
-    dims_d = _dims_dict(dims)
+    dims_d = dims_dict(dims)
     canon = _to(torch.empty(shape, device="meta"), out_pattern, CANONICAL, dims_d)
     b, n, s, dv = canon.shape
     out = canon.new_empty((b, s, n, dv)).transpose(1, 2) if heads_inner else canon.new_empty((b, n, s, dv))
@@ -221,16 +216,16 @@ def _dispatch_impl(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, 
     """The run-time operator: the eager hot path on the caller's tensors and patterns (so its key
     is the one eager calls use), returning the layout the fake declares."""
     if backend is not None and backend != overrides.scope_get():  # a use_backend opened inside the compiled code
-        with _Scope(backend):
+        with Scope(backend):
             return _dispatch_impl(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                                   window_size, compatibility_mode, dispatcher, backend)
     forward = lookup_dispatcher(dispatcher).forward
     if torch.is_grad_enabled():
         with torch.no_grad():
-            out = forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, _dims_dict(dims), attn_mask, scale,
+            out = forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_dict(dims), attn_mask, scale,
                           is_causal, compatibility_mode, window_size)
     else:
-        out = forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, _dims_dict(dims), attn_mask, scale, is_causal,
+        out = forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_dict(dims), attn_mask, scale, is_causal,
                       compatibility_mode, window_size)
     want = _out_strides(tuple(out.shape), out_pattern, dims, _heads_inner(q, q_pattern))
     if out.stride() != want and not _same_layout(out, want):
@@ -240,7 +235,7 @@ def _dispatch_impl(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, 
 
 def _dispatch_fake(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size,
                    compatibility_mode, dispatcher, backend=None):
-    return _out_like(q, v, q_pattern, v_pattern, out_pattern, _dims_dict(dims))
+    return _out_like(q, v, q_pattern, v_pattern, out_pattern, dims_dict(dims))
 
 
 def _native_layout(name: str) -> str:
@@ -331,10 +326,10 @@ def _dispatch_backward_impl(grad_out, q, k, v, q_pattern, k_pattern, v_pattern, 
                             is_causal, window_size, compatibility_mode, dispatcher, backend=None):
     """Differentiates the backend the dispatcher chooses for the gradient-needing key (its
     forward recomputed: the run-time operator does not know its backend at trace time)."""
-    with torch.enable_grad(), _Scope(backend):
+    with torch.enable_grad(), Scope(backend):
         qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
         out = lookup_dispatcher(dispatcher).forward(qd, kd, vd, q_pattern, k_pattern, v_pattern, out_pattern,
-                                                    _dims_dict(dims), attn_mask, scale, is_causal, compatibility_mode,
+                                                    dims_dict(dims), attn_mask, scale, is_causal, compatibility_mode,
                                                     window_size)
         return torch.autograd.grad(out, (qd, kd, vd), grad_out)
 
@@ -429,22 +424,3 @@ def _dispatch_autograd(*args):
 
 _LIB.impl("kernel", _kernel_autograd, "Autograd")
 _LIB.impl("dispatch", _dispatch_autograd, "Autograd")
-
-
-
-
-# --------------------------------------------------------------------------------------------
-# What Dynamo traces
-# --------------------------------------------------------------------------------------------
-def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
-                     compatibility_mode, window_size):
-    """What Dynamo traces for ``attention_forward``: one operator call. Passing
-    ``overrides.TRACE.scope`` makes Dynamo guard on the innermost ``use_backend`` (one opened
-    around the compiled call) and hands the operator a scope opened inside the compiled code."""
-    # int(n): a head count Dynamo made symbolic (an int argument under dynamic=True) is specialized;
-    # anything else is written as it is, so validation rejects what eager rejects
-    dims_text = None if dims is None else ",".join(
-        f"{a}={n if isinstance(n, (bool, float, str)) else int(n)}" for a, n in dims.items())
-    return attention_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, attn_mask,
-                        None if scale is None else float(scale), bool(is_causal), window_size, bool(compatibility_mode),
-                        d.trace_token, overrides.TRACE.scope)

@@ -17,9 +17,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import config, overrides
+from .. import config, overrides, tiers
 from ..backend_names import check_backend
-from ..backends import REGISTRY, candidates, device_info, loading
+from ..backends import REGISTRY, candidates, device_info, for_tier, loading
 from ..problem import mask_4d, prepare
 from ..request import Request
 from ..store.cache import DecisionCache, all_rejected
@@ -30,7 +30,7 @@ from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import DEFAULT_POLICY, TuningPolicy, tolerance_for
 from ..tuning.trial import decision_timings
 from ..tuning.tuner import TuneInputs, tune
-from . import faults, tokens
+from . import faults, lowprec, tokens
 from .hot import _synthetic, make_forward
 from .plan import BackendNotSupportedError, Explanation, Plan, explanation  # noqa: F401 (re-exported)
 from .runners import make_runner
@@ -72,9 +72,9 @@ class Dispatcher:
         self.warned: set = set()
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
         self.retimed: dict = {}  # key id -> the provisional decision this process re-times (once a key)
+        self.sentinels: dict = {}  # key id -> lowprec.Sentinel: low-precision decisions watched in this process
         self.store.listeners.append(self.invalidate)
-        self.trace_token = id(self)  # how compiled graphs name this dispatcher
-        tokens.register(self.trace_token, self)
+        self.trace_token = tokens.new_token(self)  # how compiled graphs name this dispatcher (never reused)
         loading.add_listener(self._backend_loaded)  # held weakly
         self.forward = make_forward(self)
 
@@ -99,6 +99,7 @@ class Dispatcher:
         self.warned.clear()
         self.dropped.clear()
         self.retimed.clear()
+        self.sentinels.clear()
 
     def stats(self) -> dict:
         """This dispatcher's counters: ``hits`` (calls served by a known decision), ``tunings``,
@@ -129,6 +130,14 @@ class Dispatcher:
         """The gate's tolerance in force for ``problem`` (per dtype: tuning/policy.py): a stored
         decision serves only where its chosen backend's error passes it."""
         return tolerance_for(problem, self.policy)
+
+    def _decided_runner(self, name: str, decision: Optional[Decision], key, call, grad):
+        """The runner of a decided backend: a low-precision one of a quality tier is watched by its
+        sentinel (dispatch/lowprec.py); every other one is bound as it is (no added cost)."""
+        run = make_runner(REGISTRY[name], call, grad)
+        if decision is not None and REGISTRY[name].low_precision and "quality" in key.fields:
+            return lowprec.watched(self, run, decision, key, call, grad)
+        return run
 
     def _neighbour(self, key, usable_names: set, tolerance: Optional[float] = None) -> Optional[Decision]:
         """The known decision nearest to ``key`` that differs from it only in sequence lengths
@@ -227,11 +236,11 @@ class Dispatcher:
         backend for CUDA graphs checks, per call, whether a graph is being captured and runs that
         one then (one C call; plans whose modes agree pay nothing)."""
         name = decision.backend_for(mode)
-        run = make_runner(REGISTRY[name], call, grad)
+        run = self._decided_runner(name, decision, key, call, grad)
         graph_name = decision.backend_for(CUDAGRAPH)
         if mode == EAGER and graph_name != name and call.problem.device_type == "cuda" and \
                 REGISTRY[graph_name].unavailable_reason() is None:
-            eager_run, graph_run = run, make_runner(REGISTRY[graph_name], call, grad)
+            eager_run, graph_run = run, self._decided_runner(graph_name, decision, key, call, grad)
             capturing = torch.cuda.is_current_stream_capturing
 
             def run(q, k, v, mask, scale):
@@ -261,7 +270,8 @@ class Dispatcher:
         if requested != "auto":
             return self._override_plan(requested, source_name, call, grad, key, dev)
         dropped = self.dropped.get(key.id, {})
-        tolerance = self.tolerance(call.problem)
+        tier = lowprec.tier_of_key(key)
+        tolerance = lowprec.tolerance(self.tolerance(call.problem), tier)
         decision = self.store.get(key.id, tolerance=tolerance)
         if decision is not None and all_rejected(decision):  # never trusted: tune again
             decision = None
@@ -276,7 +286,7 @@ class Dispatcher:
             dropped = self.dropped[key.id]
         if decision is not None and decision.backend_for(mode) in dropped:  # failed here at run time: the next best
             return self._demoted_plan(decision, key, call, grad, dropped)
-        if decision is None and config.new_shapes() == "nearest":
+        if decision is None and config.new_shapes() == "nearest" and tier == tiers.EXACT:  # a tier gates on its own data
             near = self._neighbour(key, usable_names, tolerance)
             waiting = provisional and near and self._loading_plan(near, key, call, grad, usable_names, PlanSource.NEIGHBOUR)
             if waiting:
@@ -304,8 +314,10 @@ class Dispatcher:
         requested, source_name = overrides.requested(impl_raw, req.compatibility_mode)
         problem = call.problem
         dev = device_info(q.device)
+        tier = tiers.current()  # the scope's or the variable's: part of the call's signature
         usable, unsupported = candidates(problem, dev)
-        key = make_key(problem, dev, usable)
+        key = make_key(problem, dev, usable, tier)  # over every backend declared able, whatever the tier
+        usable, unsupported = for_tier(usable, unsupported, tier)
         dropped = self.dropped.get(key.id, {})
         usable = [b for b in usable if b.name not in dropped]
         usable_names = {b.name for b in usable}
@@ -318,7 +330,7 @@ class Dispatcher:
         if not may_tune:
             return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", PlanSource.FALLBACK, key, call, grad)
         if tune_on is None:
-            return self._tune(req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode)
+            return self.tune_key(req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode=mode)
         from torch.utils._python_dispatch import _disable_current_modes
 
         with _disable_current_modes():  # a trace: tune outside its fake modes, on real tensors of the call's shapes
@@ -328,17 +340,23 @@ class Dispatcher:
             call, qc, kc, vc = prepare(real.q, real.k, real.v, real.q_pattern, real.k_pattern, real.v_pattern,
                                        real.out_pattern, real.dims, real.attn_mask, real.scale, real.is_causal,
                                        real.window_size, grad, compatibility_mode=real.compatibility_mode)
-            return self._tune(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode)
+            return self.tune_key(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
+                                 mode=mode)
 
-    def _tune(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode: str = EAGER) -> Plan:
+    def tune_key(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
+                 make: Optional[Callable] = None, mode: str = EAGER) -> Plan:
         """Tune ``key`` through :meth:`DecisionCache.get_or_tune` (under the key's lease; a decision
         another thread or process stored meanwhile, trusted under this problem's tolerance and with
-        a backend usable here, is served instead: a hit)."""
+        a backend usable here, is served instead: a hit). ``make(backend)``: the runner timed
+        (default: the one a plan binds; the LSE path times its own)."""
         problem = call.problem
         usable, unsupported = loading.settle_candidates(usable, unsupported, problem.describe())  # before the lease
         mask = req.attn_mask
         if grad and mask is not None and mask.requires_grad:  # a learned mask: the timed backwards fill a
             mask = mask.detach().requires_grad_()  # leaf of the tuner's own (same storage), never the caller's .grad
+        tier = lowprec.tier_of_key(key)
+        bounds, evidence, usable, unsupported = lowprec.gate_checks(tier, usable, unsupported, (qc, kc, vc), call,
+                                                                    mask_4d(req.attn_mask))
 
         def run_tuner() -> Decision:
             inputs = TuneInputs(
@@ -348,11 +366,12 @@ class Dispatcher:
                 to_canonical=call.layout.to_canonical,
             )
 
-            def make(backend):  # the runner a plan binds: timed as the hit path calls it
+            def bound(backend):  # the runner a plan binds: timed as the hit path calls it
                 return make_runner(backend, call, grad)
 
-            decision = tune(inputs, usable, unsupported, key, make, problem=problem, dev=dev, policy=self.policy,
-                            tolerance=self.tolerance(problem))  # the one trust rule, not recomputed
+            decision = tune(inputs, usable, unsupported, key, make or bound, problem=problem, dev=dev, policy=self.policy,
+                            tolerance=self.tolerance(problem), bounds=bounds)  # the one trust rule, not recomputed
+            decision = lowprec.annotate(decision, tier, evidence)
             self.counters["tunings"] += 1
             self.counters["tuning_seconds"] += decision.tuning_seconds
             logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
@@ -363,7 +382,7 @@ class Dispatcher:
         def accept(found: Decision) -> bool:
             return found.backend in usable_names and not (stale is not None and found.provisional and found == stale)
 
-        got = self.store.get_or_tune(key.id, run_tuner, self.tolerance(problem), accept=accept,
+        got = self.store.get_or_tune(key.id, run_tuner, lowprec.tolerance(self.tolerance(problem), tier), accept=accept,
                                      read_first=False)  # resolve() has just read the key
         # NOT_STORED: every candidate rejected, never persisted: used for this call only, the next one tunes again
         source = {Outcome.REREAD: PlanSource.CACHE, Outcome.TUNED: PlanSource.TUNED}.get(got.outcome, PlanSource.FALLBACK)
@@ -384,7 +403,7 @@ class Dispatcher:
     def plan_for(self, req: Request, impl_raw, grad: bool) -> Plan:
         """The plan for a call: from the table, else built (and stored, unless provisional)."""
         try:
-            sig = req.signature(overrides.scope_get(), impl_raw, grad)
+            sig = req.signature(overrides.scope_get(), impl_raw, grad, tiers.scope_get(), tiers.raw())
             plan = self.plans.get(sig)
             if plan is None:
                 plan = self._provisional.get(sig)
@@ -419,11 +438,16 @@ class Dispatcher:
         decision a tuning on random tensors of the call's shapes (not for masked calls, whose
         mask values matter: None then, and the graph dispatches at run time). Validation errors
         raise here, at trace time. The decision's backend for the graph's mode (``compiled``, or
-        ``cudagraph`` under inductor's CUDA graphs); these plans are kept apart from eager ones."""
+        ``cudagraph`` under inductor's CUDA graphs); these plans are kept apart from eager ones.
+        In a low-precision quality tier: None (the run-time operator), so the first real call gates
+        the low-precision candidates on its own q, k, v, and the sentinel watches the decision;
+        nothing is tuned on random data."""
+        if tiers.current() != tiers.EXACT:
+            return None
         impl_raw = overrides.implementation_raw()
         mode = _trace_mode()
         try:
-            sig = (mode, req.signature(overrides.scope_get(), impl_raw, grad))
+            sig = (mode, req.signature(overrides.scope_get(), impl_raw, grad, tiers.scope_get(), tiers.raw()))
             plan = self.plans.get(sig)
         except (AttributeError, TypeError):
             sig, plan = None, None

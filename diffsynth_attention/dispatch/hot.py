@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import overrides
+from .. import overrides, tiers
 from ..request import FLOAT_MAX, Request
 
 _grad_enabled = torch.is_grad_enabled
@@ -45,6 +45,7 @@ def make_forward(d) -> Callable:
     slow = d.call
     failed = d.failed
     env_get, impl_key, scope_get = overrides._env_get, overrides._IMPL_KEY, overrides.scope_get
+    tier_scope_get, tier_env_get, tier_key = tiers.scope_get, tiers._env_get, tiers._KEY
 
     def attention_forward(
         q: torch.Tensor,
@@ -80,7 +81,7 @@ def make_forward(d) -> Callable:
             return flex_attention_forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                           is_causal, window_size, score_mod)
         if _is_compiling():
-            from .compiled import traced_attention
+            from .baked import traced_attention
 
             return traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                     is_causal, compatibility_mode, window_size)
@@ -96,6 +97,7 @@ def make_forward(d) -> Callable:
                 None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.layout),
                 is_causal, type(is_causal), window_size, type(window_size),
                 type(scale), scale is None or -FLOAT_MAX <= scale <= FLOAT_MAX, grad,
+                tier_scope_get(), tier_env_get(tier_key),
             ))
         except Exception:  # not tensors, unhashable dims, an incomparable scale...: validation explains
             grad, plan = False, None

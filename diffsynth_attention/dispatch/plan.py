@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..states import PlanSource
 from ..store.decision import UNSUPPORTED, Decision
+from .lowprec import explain_quality
 
 
 class BackendNotSupportedError(ValueError):
@@ -29,12 +30,13 @@ class Explanation:
     dropped: dict = field(default_factory=dict)  # backend -> why this process stopped using it
     neighbour_of: Optional[str] = None  # source "neighbour": the key id whose decision serves this call
     reason: Optional[str] = None  # why ``backend`` serves the call when it is not the decided one (e.g. "loading")
+    quality: Optional[dict] = None  # a low-precision tier: tier, bound, gate evidence, fallback, sentinel (lowprec.py)
 
     def as_dict(self) -> dict:
         return {"backend": self.backend, "source": self.source, "key": self.key, "key_id": self.key_id,
                 "candidates": self.candidates, "problem": self.problem, "dropped": dict(self.dropped),
                 "decision": None if self.decision is None else self.decision.to_dict(),
-                "neighbour_of": self.neighbour_of, "reason": self.reason}
+                "neighbour_of": self.neighbour_of, "reason": self.reason, "quality": self.quality}
 
     def __getitem__(self, item):
         return self.as_dict()[item]
@@ -100,4 +102,5 @@ def explanation(d, plan: Plan, tunings_before: int) -> Explanation:
         cands = {}
     neighbour_of = plan.decision.key_id if source == PlanSource.NEIGHBOUR and plan.decision is not None else None
     return Explanation(plan.backend, source, plan.key.fields, cands, plan.problem.describe(), plan.key.id,
-                       plan.decision, dropped, neighbour_of, plan.reasons[0] if plan.reasons else None)
+                       plan.decision, dropped, neighbour_of, plan.reasons[0] if plan.reasons else None,
+                       explain_quality(d, plan))

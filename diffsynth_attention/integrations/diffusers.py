@@ -311,3 +311,32 @@ def register_from_environment() -> bool:
 
 
 __all__ = ["BACKEND_NAME", "DiffusersNotSupportedError", "diffsynth_auto_attention", "register"]
+
+
+def set_quality(module, tier: Optional[str]):
+    """Serve every attention call made inside ``module``'s forward (a diffusers ``Attention``, a
+    transformer block, a whole model) at quality ``tier`` (``exact``, ``balanced``, ``fast``; None
+    removes an earlier setting). A forward pre-hook opens the :func:`~diffsynth_attention.tiers.quality`
+    scope and a forward hook closes it, on this module only. Returns the module. Eager forwards
+    (a ``torch.compile``d model: open ``quality(...)`` around the compiled call instead)."""
+    from .. import tiers
+
+    old = getattr(module, "_diffsynth_quality_hooks", None)
+    if old is not None:
+        for handle in old:
+            handle.remove()
+        module._diffsynth_quality_hooks = None
+    if tier is None:
+        return module
+    value = tiers.check_tier(tier, "set_quality(tier)")
+    tokens = []
+
+    def pre(_module, _args):
+        tokens.append(tiers.enter(value))
+
+    def post(_module, _args, _out):
+        if tokens:
+            tiers.leave(tokens.pop())
+    module._diffsynth_quality_hooks = (module.register_forward_pre_hook(pre),
+                                       module.register_forward_hook(post, always_call=True))
+    return module

@@ -26,8 +26,10 @@ from typing import Optional
 import torch
 
 from .. import config, overrides
-from ..backends import REGISTRY, device_info
+from ..backends import REGISTRY, TORCH_FAMILY, device_info
 from ..problem import prepare
+from ..request import Request
+from ..states import PlanSource
 from ..store.decision import key_id
 from ..store.key import Key, make_key
 
@@ -154,8 +156,13 @@ def _bsnd_runner(name: str, scale, causal):
 
 
 class LseSelector:
-    """Chooses, per problem, the backend that serves calls needing the LSE (tuned once per key,
-    in the dispatcher's decision store) and remembers it per signature."""
+    """Chooses, per problem, the backend that serves calls needing the LSE and remembers it per
+    signature. The choice is the dispatcher's own (:meth:`Dispatcher.resolve`: its overrides,
+    its tolerance per dtype, its cached, demoted and neighbour decisions), on the LSE key and its
+    candidates; an undecided key is tuned by the dispatcher (:meth:`Dispatcher.tune_key`: its
+    policy, the key's lease, the gate), timed as the call runs (the LSE kernel). Under
+    ``torch.compile`` the choice is made while Dynamo traces, by the same rule, and an undecided
+    key is tuned there on random tensors of the call's shapes, as an ordinary key is."""
 
     def __init__(self, dispatcher=None):
         from ..dispatch import default_dispatcher
@@ -193,61 +200,96 @@ class LseSelector:
         base = make_key(problem, dev, usable)
         return Key(base.fields, key_id(base.fields)), usable, unsupported, call, problem, dev
 
-    def choose(self, q, k, v, scale, causal) -> str:
+    def choose(self, q, k, v, scale, causal, tune_on=None) -> str:
+        """The backend for a call (``MATH``: none can serve it). ``tune_on``: where q, k, v are not
+        real (a trace), a function that gives real ones of their shapes to tune on."""
         sig = (q.shape, k.shape, v.shape, q.dtype, q.device, type(scale), causal, overrides.implementation_raw(),
                overrides.scope_get())
         hit = self.plans.get(sig)
         if hit is not None:
             return hit[0]
-        key, usable, unsupported, call, problem, dev = self.key_for(q, k, v, scale, causal)
-        name = self._decide(q, k, v, scale, causal, key, usable, unsupported, call, problem, dev)
+        name, kid = self._decide(q, k, v, scale, causal, tune_on)
         with self._lock:
-            self.plans[sig] = (name, key.id)
+            self.plans[sig] = (name, kid)
         return name
 
-    def _decide(self, q, k, v, scale, causal, key, usable, unsupported, call, problem, dev) -> str:
-        names = {b.name for b in usable if b.unavailable_reason() is None} if not _is_compiling() else \
-            {b.name for b in usable}
+    def _decide(self, q, k, v, scale, causal, tune_on) -> tuple:
+        d = self.dispatcher
+        key, usable, unsupported, call, problem, dev = self.key_for(q, k, v, scale, causal)
+        names = {b.name for b in usable}
         requested, source = overrides.requested(overrides.implementation_raw(), False)
-        if requested != "auto":
-            if requested in names:
-                return requested
-            self.dispatcher.warn_once(("lse", requested), "%s=%r cannot return the log-sum-exp for %s; choosing among %s",
-                                      source, requested, problem.describe(), sorted(names) or [MATH])
-        decision = self.store.get(key.id)
-        if decision is not None and decision.backend in names:
-            return decision.backend
+        if requested != "auto" and requested not in names:
+            d.warn_once(("lse", requested), "%s=%r cannot return the log-sum-exp for %s; choosing among %s",
+                        source, requested, problem.describe(), sorted(names) or [MATH])
+            requested, source = "auto", None
+        lse_call = dataclasses.replace(call, problem=problem)
+        plan = d.resolve(lse_call, False, key, names, dev, requested, source, provisional=False)
+        if plan is not None and plan.backend not in names:  # forced, but it cannot run here (warned): as auto
+            plan = d.resolve(lse_call, False, key, names, dev, "auto", None, provisional=False)
+        if plan is not None and plan.backend in names:
+            return plan.backend, key.id
         if not names:
-            return MATH
-        if not config.tuning_enabled() or _is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return next(iter(b.name for b in usable if b.name in names))  # preference order, untimed
-        from ..tuning.tuner import TuneInputs, tune
+            return MATH, key.id
+        tracing = tune_on is not None
+        if not config.tuning_enabled() or (not tracing and (_is_compiling() or (
+                q.is_cuda and torch.cuda.is_current_stream_capturing()))):
+            own = [b.name for b in usable if b.name in TORCH_FAMILY]  # PyTorch's own kernels, as `torch` is elsewhere
+            return (own[0] if own else MATH), key.id
+        from torch.utils._python_dispatch import _disable_current_modes
 
-        def run_tuner():
-            qc, kc, vc = (x.transpose(1, 2) for x in (q, k, v))
-            inputs = TuneInputs(q=q, k=k, v=v, mask=None, mask4=None, canonical=(qc, kc, vc), scale=call.scale,
-                                causal=causal, window=None, out_pattern="b s n d", heads_q=problem.heads_q,
-                                head_dim_v=problem.head_dim_v, requires_grad=False,
-                                to_canonical=call.layout.to_canonical)
+        with _disable_current_modes():  # a trace: tune outside its fake modes, on real tensors
+            rq, rk, rv = tune_on() if tracing else (q, k, v)
+            rcall, qc, kc, vc = prepare(rq, rk, rv, "b s n d", "b s n d", "b s n d", "b s n d", None, None, scale, causal,
+                                        None, False)
+            req = Request(rq, rk, rv, "b s n d", "b s n d", "b s n d", "b s n d", None, None, scale, causal)
 
-            def make(backend):
-                run = _bsnd_runner(backend.name, call.scale, causal)
+            def make(backend):  # timed as the call runs: the kernel that returns the LSE
+                run = _bsnd_runner(backend.name, rcall.scale, causal)
                 return lambda q_, k_, v_, mask, scale_: run(q_, k_, v_)[0]
 
-            decision = tune(inputs, [b for b in usable if b.name in names], unsupported, key, make, problem, dev)
-            self.dispatcher.counters["tunings"] += 1
-            self.dispatcher.counters["tuning_seconds"] += decision.tuning_seconds
-            return decision
-
-        got = self.store.get_or_tune(key.id, run_tuner, accept=lambda d: d.backend in names, read_first=False)
-        decision = got.decision
-        if got.tuned and decision.backend not in names:  # every candidate rejected (not stored): exact, here
+            tuned = d.tune_key(req, rq, dataclasses.replace(rcall, problem=problem), qc, kc, vc, False, key, usable,
+                               unsupported, names, dev, make=make)
+        if tuned.source == PlanSource.FALLBACK or tuned.backend not in names:  # every candidate rejected: exact, here
             logger.warning("no backend returning the log-sum-exp passed the gate for %s; using float32 math",
                            problem.describe())
-            return MATH
-        if got.tuned:
-            logger.info("tuned %s (needs LSE): %s", problem.describe(), decision.backend)
-        return decision.backend
+            return MATH, key.id
+        return tuned.backend, key.id
+
+
+def _synthetic(q, k, v):
+    """Real random tensors of fake ``q, k, v``'s shapes, strides, dtypes and devices."""
+    def real(t):
+        out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
+        return out.normal_() if out.is_contiguous() or out.transpose(1, 2).is_contiguous() else torch.randn_like(out)
+    return real(q), real(k), real(v)
+
+
+def _meta(t) -> tuple:
+    """A tensor's sizes, strides, dtype and device as constants for :func:`_traced_choice` (a size
+    Dynamo made symbolic is specialized: the LSE path has no run-time operator)."""
+    return tuple(int(s) for s in t.shape), tuple(int(s) for s in t.stride()), t.dtype, t.device
+
+
+@torch.compiler.assume_constant_result
+def _traced_choice(q, k, v, scale, causal, backend) -> str:
+    """The backend a traced call bakes, chosen while Dynamo traces, in the compiling thread and
+    under the scope the trace runs under (``backend``), by :meth:`LseSelector.choose`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+
+    def fake(meta):
+        shape, stride, dtype, device = meta
+        with mode:
+            return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
+    qf, kf, vf = fake(q), fake(k), fake(v)
+    token = overrides.scope.set(backend) if backend is not None and backend != overrides.scope_get() else None
+    try:
+        return selector().choose(qf, kf, vf, scale, causal, tune_on=lambda: _synthetic(qf, kf, vf))
+    finally:
+        if token is not None:
+            overrides.scope.reset(token)
 
 
 _selector: Optional[LseSelector] = None
@@ -271,7 +313,11 @@ def attention_with_lse(q, k, v, scale=None, is_causal=False):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor in b s n d layout, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    name = selector().choose(q, k, v, scale, bool(is_causal))
+    if _is_compiling():  # decided while Dynamo traces (guarded on the calling context's use_backend)
+        name = _traced_choice(_meta(q), _meta(k), _meta(v), None if scale is None else float(scale), bool(is_causal),
+                              overrides.trace_scope())
+    else:
+        name = selector().choose(q, k, v, scale, bool(is_causal))
     run = _bsnd_runner(name, scale, bool(is_causal))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _LseAttention.apply(q, k, v, run, scale, bool(is_causal))

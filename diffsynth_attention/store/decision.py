@@ -118,6 +118,7 @@ class Decision:
     modes: Mapping = field(default_factory=dict)  # "compiled"/"cudagraph" -> backend, where not ``backend``
     provisional: bool = False  # too noisy to confirm: served, re-timed at a quiet opportunity or by `cache verify`
     confirmation: Optional[str] = None  # what the re-time against the default found (text)
+    quality: Optional[dict] = None  # low-precision tiers only: tier, bound, gate evidence, fallback (dispatch/lowprec.py)
 
     def __post_init__(self):
         object.__setattr__(self, "candidates", _frozen_map(self.candidates))
@@ -142,6 +143,8 @@ class Decision:
             out["provisional"] = True
         if self.confirmation is not None:
             out["confirmation"] = self.confirmation
+        if self.quality is not None:  # absent in the exact tier: its entries are as before tiers existed
+            out["quality"] = self.quality
         return out
 
     @classmethod
@@ -158,6 +161,7 @@ class Decision:
             modes=data.get("modes") or {},
             provisional=bool(data.get("provisional", False)),
             confirmation=data.get("confirmation"),
+            quality=data.get("quality"),
         )
 
     # -- the one trust rule ------------------------------------------------------------------

@@ -77,7 +77,10 @@ def problem_fields(p: Problem) -> dict:
     }
 
 
-def make_key(problem: Problem, dev: DeviceInfo, candidates) -> Key:
+def make_key(problem: Problem, dev: DeviceInfo, candidates, tier: str = "exact") -> Key:
+    """The key of ``problem`` on ``dev`` over ``candidates`` (every backend declared able to serve
+    it, whatever the quality tier). A low-precision tier (``balanced``, ``fast``) is a field of
+    the key; the exact tier adds none, so its keys are those made before tiers existed."""
     versions = {name: value for name, value in _runtime_versions() if value is not None}
     if dev.type != "cuda":
         for name in ("cuda", "cuda_driver", "cudnn"):
@@ -86,6 +89,8 @@ def make_key(problem: Problem, dev: DeviceInfo, candidates) -> Key:
         if backend.package:
             versions[backend.package] = backend.declared_version() or "unknown"
     fields = {"problem": problem_fields(problem), "device": dev.as_dict(), "versions": versions}
+    if tier != "exact":
+        fields["quality"] = tier
     return Key(fields, key_id(fields))
 
 

@@ -66,6 +66,15 @@ _REEXPORTS = {
     "index_neighbours": ("..store.group_index", "add"),  # the persisted neighbour index's markers
     "neighbour_distance": ("..store.key", "neighbour_distance"),
     "BUCKETS_PER_OCTAVE": ("..store.key", "BUCKETS_PER_OCTAVE"),
+    "QUALITY_BOUNDS": ("..tiers", "BOUNDS"),  # the quality tiers' bounds (docs/quality.md)
+    "quantize_fp8": ("..backends.fa3_fp8", "fused_quantize"),  # FlashAttention-3 FP8's quantisation, as it runs
+    "fuzz_cases": (".fuzz", "cases"),  # the fuzz suite of realistic activations (tools/fuzz.py)
+    "fuzz_case": (".fuzz", "make_case"),
+    "FUZZ_SUITE": (".fuzz", "SUITE"),
+    "fuzz_errors": (".fuzz", "errors"),  # relative L1 and cosine, overall and per head
+    "fuzz_reference": (".fuzz", "reference"),
+    "EMULATIONS": (".fuzz", "EMULATIONS"),  # CPU emulations of the low-precision kernels' arithmetic
+    "gate_head_errors": ("..dispatch.lowprec", "head_errors"),  # the low-precision gate's per-head check
 }
 
 __all__ = ["CompileRecorder", "Timer", "backend_call", "diffsynth_fixed", "direct_call", "environment", "fresh_dispatcher",

@@ -22,7 +22,8 @@ from typing import Optional
 from .._version import __version__
 from ..states import CandidateStatus, PlanSource
 
-from .cli_common import EXPECTED, PROG, Failure, Usage, _console, _escape, _table  # noqa: F401
+from .cli_common import EXPECTED, PROG, Failure, Usage, _console, _escape, _key_prefix, _table  # noqa: F401
+from .verify import cmd_cache_verify
 from .cli_cache import (_store, cmd_cache_clear, cmd_cache_export, cmd_cache_import, cmd_cache_migrate, cmd_cache_path,
                         cmd_cache_show, decision_row, decisions_table, tie_note)
 
@@ -299,10 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = csub.add_parser("clear", help="remove decisions (all, or by --gpu / --backend)")
     p.add_argument("--gpu", help="only decisions for devices whose name contains this text (case-insensitive)")
     p.add_argument("--backend", type=_backend_name, help="only decisions that chose this backend")
+    p.add_argument("--key", type=_key_prefix, help="only the decision whose key id starts with this (e.g. from cache show --json)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--compiled", action="store_true",
                    help="also remove FlashAttention-4's compile cache kept under the cache folder (left alone otherwise)")
     p.set_defaults(func=cmd_cache_clear)
+    p = csub.add_parser("verify", help="re-time stored decisions against the default and the runner-up; --fix tunes "
+                                       "those that no longer hold (and provisional ones) again")
+    p.add_argument("--key", type=_key_prefix, help="only the decision whose key id starts with this")
+    p.add_argument("--shapes", help="only the decisions of the problems in this JSON file (the shape suite's format)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--fix", action="store_true", help="tune again what no longer holds or is provisional")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.set_defaults(func=cmd_cache_verify)
     p = csub.add_parser("migrate", help="migrate a version-1 decisions.json now (otherwise done in the background)")
     p.set_defaults(func=cmd_cache_migrate)
     p = csub.add_parser("export", help="write every decision to FILE")

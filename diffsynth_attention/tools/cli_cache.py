@@ -138,7 +138,7 @@ def cmd_cache_clear(args) -> int:
     store = _store()
     from ..store.decision import decision_filter
 
-    match = decision_filter(args.backend, args.gpu)
+    match = decision_filter(args.backend, args.gpu, getattr(args, "key", None))
     if not args.yes and not sys.stdin.isatty():  # a missing flag: a usage error, before any work
         raise Usage("cache clear needs --yes when there is no terminal to ask for confirmation")
     if not args.yes:

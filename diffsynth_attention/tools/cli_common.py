@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 from typing import Optional
 
@@ -36,3 +38,9 @@ def _escape(text) -> str:
     from rich.markup import escape
 
     return escape(str(text))
+
+
+def _key_prefix(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{4,24}", text or ""):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a key id (4 to 24 hex digits of one, from `cache show --json`)")
+    return text

@@ -53,6 +53,12 @@ ENV_MEANINGS = {
     "DIFFSYNTH_ATTENTION_PRELOAD": "off: do not start loading, at `import diffsynth_attention`, the kernel packages this "
                                    "machine's cached decisions name (only once torch is imported, by the caller or by the "
                                    "first public name used); the first call that needs one then starts its load",
+    "DIFFSYNTH_ATTENTION_QUALITY": "quality tier: `exact` (today's kernels only), `balanced` or `fast` (8-bit/FP8 "
+                                   "kernels admitted where their error on the caller's own q, k, v is within the tier's "
+                                   "bound); `quality(...)` scopes win over it ([docs/quality.md](docs/quality.md))",
+    "DIFFSYNTH_ATTENTION_SENTINEL_EVERY": "every how many calls a low-precision decision re-checks a slice against the "
+                                          "fp32 reference (0: never); drift beyond the tier's bound falls back to the "
+                                          "best exact backend",
 }
 # Shown instead of the reader's value where unset means something the reader cannot return.
 ENV_DEFAULTS = {"DIFFSYNTH_ATTENTION_TOLERANCE": "per dtype", "DIFFSYNTH_ATTENTION_CACHE_DIR": "per user"}

@@ -52,6 +52,8 @@ def render_explanation(info, console, chosen_reason: Optional[str] = None) -> No
         console.print(_escape(head + f"{info.backend} ({info.source})"))
     if info.neighbour_of:
         console.print(_escape(f"decision of the neighbour key {info.neighbour_of}"))
+    for line in quality_lines(getattr(info, "quality", None)):
+        console.print(_escape(line))
     decision = info.decision
     if decision is not None:
         if decision.modes:  # the modes that picked another backend than eager calls
@@ -92,6 +94,33 @@ def render_explanation(info, console, chosen_reason: Optional[str] = None) -> No
 def _split(info) -> bool:
     """Whether any candidate carries host and device time (a GPU tuning of schema version 3)."""
     return any(c.get("host_ms") is not None for c in info.candidates.values())
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def quality_lines(q: Optional[dict]) -> list:
+    """The quality tier's lines of an explanation: the tier and its bound, the gate's and the
+    sentinel's last measured errors, the sentinel's count and a fallback (none for ``exact``)."""
+    if not q:
+        return []
+    b = q.get("bound") or {}
+    lines = [f"quality {q.get('tier')}: low precision within rel-L1 {_num(b.get('rel_l1'), 'g')}, "
+             f"cosine {_num(b.get('cosine'), 'g')}"]
+    for name, ev in (q.get("gate") or {}).items():
+        worst = (f"; worst head {ev['worst_head']}: {_num(ev.get('worst_head_rel_l1'), '.3g')}, "
+                 f"{_num(ev.get('worst_head_cosine'), '.6f')}") if ev.get("worst_head") is not None else ""
+        lines.append(f"gate {name}: rel-L1 {_num(ev.get('rel_l1'), '.3g')}, cosine {_num(ev.get('cosine'), '.6f')}{worst}")
+    s = q.get("sentinel")
+    if s:
+        lines.append(f"sentinel: {s.get('checks')} checks in {s.get('calls')} calls (every {s.get('every')}), last "
+                     f"rel-L1 {_num(s.get('last_rel_l1'), '.3g')}, cosine {_num(s.get('last_cosine'), '.6f')}")
+    f = q.get("fallback")
+    if f:
+        lines.append(f"fell back from {f.get('from')} to {f.get('to')} after {f.get('after_calls')} calls: rel-L1 "
+                     f"{_num(f.get('rel_l1'), '.3g')}, cosine {_num(f.get('cosine'), '.6f')}")
+    return lines
 
 
 def explanation_text(info, width: int = WIDTH) -> str:

@@ -124,11 +124,12 @@ def round_order(names: list, i: int, seed: str = "") -> list:
     return order
 
 
-def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0) -> dict:
+def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0,
+                clock: Callable[[], float] = time.perf_counter) -> dict:
     """Median ms per call of each of ``methods`` ({name: fn}): samples of back-to-back calls
     (about ``target_ms`` each), interleaved, in a new order every round (:func:`round_order`).
     The benchmarks' timer."""
-    timer = Timer(device)
+    timer = Timer(device, clock)
     calls = {name: Timer.calls_for(timer.sample(fn, 1), target_ms) for name, fn in methods.items()}
     names = list(methods)
     times: dict = {name: [] for name in names}

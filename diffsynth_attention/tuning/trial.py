@@ -114,6 +114,10 @@ class Trial:
     runs: dict = field(default_factory=dict)  # name -> Run, those that passed the gate and warmed up
     setup_s: float = 0.0  # imports, compilation (first calls, a backward's first call) and warm-up: outside the budget
     timing_from: Optional[float] = None  # policy.clock() when the probe step began: the budget counts from here
+    # Low-precision candidates of a quality tier: name -> check(output slice, reference, whole output
+    # as b n s d) -> None or why it fails the tier's bound; it replaces the dtype's tolerance for them
+    # (dispatch/lowprec.py).
+    bounds: dict = field(default_factory=dict)
 
     @property
     def grad(self) -> bool:

@@ -163,6 +163,8 @@ def gate(trial: Trial, backend) -> Optional[Run]:
         trial.setup_s += cand.first_call_ms / 1e3
         out_c = rearrange(out.detach(), f"{inputs.out_pattern} -> b n s d", n=inputs.heads_q, d=inputs.head_dim_v)
         cand.error = relative_l1(out_c[0, trial.heads], trial.ref)
+        check = trial.bounds.get(name)  # a low-precision candidate: its tier's bound instead of the tolerance
+        beyond = check(out_c[0, trial.heads], trial.ref, out_c) if check is not None else None
         del out, out_c
     except Exception as exc:  # a failing candidate is rejected; the others go on
         cand.reason = describe_exception(exc)
@@ -177,7 +179,10 @@ def gate(trial: Trial, backend) -> Optional[Run]:
     if cand.error != cand.error or cand.error == float("inf"):
         cand.reason = "output has NaN or Inf"
         return None
-    if cand.error > trial.tolerance:
+    if check is not None and beyond is not None:
+        cand.reason = beyond
+        return None
+    if check is None and cand.error > trial.tolerance:
         cand.reason = f"error {cand.error:.3g} above tolerance {trial.tolerance:g}"
         return None
     cand.reps = 1
@@ -450,10 +455,12 @@ def tune(
     dev=None,
     policy: Optional[TuningPolicy] = None,
     tolerance: Optional[float] = None,
+    bounds: Optional[dict] = None,
 ) -> Decision:
     """Tune one key. ``make_runner(backend)`` gives the runner a plan would bind,
     ``run(q, k, v, mask, scale) -> output`` in the caller's out_pattern, conversions included:
-    what the caller pays. ``problem`` and ``dev`` feed the cost models (no skipping without them)."""
+    what the caller pays. ``problem`` and ``dev`` feed the cost models (no skipping without them).
+    ``bounds``: name -> check for the low-precision candidates of a quality tier (Trial.bounds)."""
     policy = policy or DEFAULT_POLICY
     started = policy.clock()
     inputs = finite_inputs(inputs)
@@ -467,7 +474,7 @@ def tune(
                   started=started,
                   tolerance=policy.tolerance(dtype_name, device.type) if tolerance is None else tolerance, floor_s=policy.budget_floor(),
                   ref=ref, heads=heads, copies=[copy_input(t, inputs.requires_grad) for t in (inputs.q, inputs.k, inputs.v)],
-                  problem=problem, dev=dev)
+                  problem=problem, dev=dev, bounds=dict(bounds or {}))
     for name, reasons in unsupported.items():
         trial.results[name] = Result(UNSUPPORTED, reason="; ".join(reasons))
 

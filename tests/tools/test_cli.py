@@ -18,7 +18,9 @@ def test_backends_lists_all(subprocess_env):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     rows = {x["backend"]: x for x in doc["backends"]}
-    assert rows["torch"]["status"] == "usable" and len(rows) == 11
+    from diffsynth_attention.backend_names import BACKEND_NAMES
+
+    assert rows["torch"]["status"] == "usable" and len(rows) == len(BACKEND_NAMES) == 12
     settings = {x["variable"]: x for x in doc["configuration"]}
     assert settings["DIFFSYNTH_ATTENTION_TUNING_BUDGET"] == {"variable": "DIFFSYNTH_ATTENTION_TUNING_BUDGET", "value": 0.05, "source": "set"}
     assert settings["DIFFSYNTH_ATTENTION_IMPLEMENTATION"]["value"] == "auto"

@@ -231,8 +231,8 @@ def test_the_graph_sees_every_kind_of_import(tree_modules):
     assert "diffsynth_attention.tuning.timing" in top["diffsynth_attention.tools.bench"]  # from ..tuning.timing
     assert "diffsynth_attention.dispatch" in top["tests.conftest"]  # absolute, from a test
     assert "diffsynth_attention.tools.cli" in top["scripts.warm_cache"]
-    lazy = "diffsynth_attention.dispatch.hot"  # attention_forward: ``from .compiled import traced_attention``
-    assert "diffsynth_attention.dispatch.compiled" in every[lazy] and "diffsynth_attention.dispatch.compiled" not in top[lazy]
+    lazy = "diffsynth_attention.dispatch.hot"  # attention_forward: ``from .baked import traced_attention``
+    assert "diffsynth_attention.dispatch.baked" in every[lazy] and "diffsynth_attention.dispatch.baked" not in top[lazy]
     assert "tests.support.flaky" in top["tests.dispatch.test_faults"]
     assert "tests.support.virtual" in set(every["tests.tuning.test_tuner"]) - set(top["tests.tuning.test_tuner"])
 

@@ -2,9 +2,12 @@
 warm-up before timing, a second look, >= 3 samples per long call, a tolerance per dtype, and
 the tuner's rules as an injected policy with a listener. Fakes spend virtual time (support/virtual.py)
 with realistic warm-up: compilation, then a few slow calls."""
+import threading
+
 import pytest
 import torch
 
+import diffsynth_attention as da
 from diffsynth_attention.tuning import reference
 from diffsynth_attention.tuning.policy import DEFAULT_POLICY, DEFAULT_TOLERANCES, TF32_TOLERANCE, TuningPolicy
 
@@ -166,14 +169,40 @@ def test_the_tolerance_table_and_its_overrides(monkeypatch, matmul_precision):
     assert TuningPolicy(tolerances={"float32": 0.3}).tolerance("float32") == 0.3  # a policy's own table wins
 
 
-def test_the_reference_is_full_fp32_even_where_tf32_is_allowed(monkeypatch, matmul_precision):
-    torch.set_float32_matmul_precision("high")
-    seen = []
-    real = reference._fill
-    monkeypatch.setattr(reference, "_fill", lambda *a: (seen.append(torch.get_float32_matmul_precision()), real(*a)))
+def test_the_reference_is_exact_whatever_fp32_matmul_precision_the_process_allows(matmul_precision):
     q, k, v = qkv(sq=8)
-    reference.reference_slice(q, k, v, None, None, False, None, [0])
-    assert seen == ["highest"] and torch.get_float32_matmul_precision() == "high"
+    exact = torch.softmax(q[0, :1].double() @ k[0, :1].double().transpose(-1, -2) / 4.0, -1) @ v[0, :1].double()
+    for precision in ("highest", "high", "medium"):
+        torch.set_float32_matmul_precision(precision)
+        ref = reference.reference_slice(q, k, v, None, None, False, None, [0])
+        assert float((ref.double() - exact).abs().max()) < 1e-6, precision
+        assert torch.get_float32_matmul_precision() == precision
+
+
+def test_fp32_matmuls_in_another_thread_keep_their_precision_while_a_key_tunes(monkeypatch, matmul_precision):
+    """Before: the reference set the process-wide fp32 matmul precision to "highest" while it ran,
+    and every other thread's matmuls saw it."""
+    torch.set_float32_matmul_precision("high")
+    inside, release = threading.Event(), threading.Event()
+    real = reference._fill
+
+    def fill(*args):  # the reference is under way: let this test's thread look
+        inside.set()
+        release.wait(60)
+        return real(*args)
+
+    monkeypatch.setattr(reference, "_fill", fill)
+    q, k, v = qkv(sq=16)
+    tuner = threading.Thread(target=lambda: da.explain(q, k, v))
+    tuner.start()
+    try:
+        assert inside.wait(60)
+        seen = torch.get_float32_matmul_precision()
+    finally:
+        release.set()
+        tuner.join(60)
+    assert seen == "high"
+    assert da.stats()["tunings"] == 1
 
 
 # -- the policy, the clock and the listener --------------------------------------------------------

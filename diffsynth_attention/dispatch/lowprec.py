@@ -1,0 +1,252 @@
+"""Low-precision quality tiers in the dispatcher (docs/quality.md): the gate's bounds on the
+caller's own activations, the evidence a decision records, and the sentinel that keeps
+watching a low-precision decision and falls back to the best exact backend on drift.
+
+Nothing here runs for the ``exact`` tier: its plans are bound as before, with no wrapper on the
+hot path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import math
+import threading
+import time
+from typing import Optional
+
+import torch
+from einops import rearrange
+
+from .. import config, tiers
+from ..backends import REGISTRY
+from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision
+from ..tuning.reference import cosine, gate_heads, reference_slice, relative_l1
+from .runners import make_runner
+
+logger = logging.getLogger("diffsynth_attention")
+
+SENTINEL_ROWS = 256  # query rows of each checked head (all rows for causal and windowed calls)
+
+
+def tier_of_key(key) -> str:
+    return key.fields.get("quality", tiers.EXACT)
+
+
+def tolerance(base: float, tier: str) -> float:
+    """The tolerance a stored decision of ``tier`` is trusted under: the tier's relative-L1 bound
+    for a low-precision choice (exact candidates pass it too: theirs is below ``base``)."""
+    b = tiers.bound(tier)
+    return base if b is None else max(base, b.rel_l1)
+
+
+GATE_ROWS = 1024  # query rows per head of the gate's all-heads check (every row when causal or windowed)
+
+
+def head_errors(out_b0, qc, kc, vc, mask4, scale, causal: bool, window, rows: int = GATE_ROWS) -> list:
+    """[(relative L1, cosine)] per query head of batch 0: ``out_b0`` (n, s_q, d_v), against the fp32
+    reference on ``rows`` query rows spread over the sequence (every row when causal or windowed,
+    whose rows depend on their position). Rows are independent: a spread sample estimates each
+    head's error without the full reference's cost."""
+    n, s_q = out_b0.shape[0], out_b0.shape[1]
+    with torch.no_grad():
+        q0, m4 = qc[:1], mask4
+        if not causal and window is None and s_q > rows:
+            idx = torch.linspace(0, s_q - 1, rows, device=qc.device).round().long()
+            q0, out_b0 = q0[:, :, idx], out_b0[:, idx]
+            if m4 is not None and m4.shape[2] > 1:
+                m4 = m4[:1, :, idx]
+        ref = reference_slice(q0, kc[:1], vc[:1], m4 if m4 is None else m4[:1], scale, causal, window, list(range(n)))
+        return [(relative_l1(out_b0[h], ref[h]), cosine(out_b0[h], ref[h])) for h in range(n)]
+
+
+def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple, call=None, mask4=None) -> tuple:
+    """(``bounds`` for :func:`tuning.tuner.tune`, the evidence dict they fill, the usable backends
+    and the unsupported ones' reasons). A check passes a low-precision candidate when, on the
+    caller's own q, k, v, both the gate's slice (batch 0, the first and last heads, every row)
+    and every head of batch 0 (on :data:`GATE_ROWS` spread rows) are within the tier's bound.
+    Where q, k, v are not finite (the tuner then gates on random stand-ins), the low-precision
+    candidates are refused."""
+    b = tiers.bound(tier)
+    evidence, bounds, refused = {}, {}, {}
+    if b is None:
+        return bounds, evidence, usable, unsupported
+    inputs_finite = all(bool(torch.isfinite(t.detach()).all()) for t in qkv)
+    p = None if call is None else call.problem
+    for backend in usable:
+        if not backend.low_precision:
+            continue
+        if not inputs_finite:  # the tuner would gate on random stand-ins: never for a low-precision kernel
+            refused[backend.name] = ["the tuning call's q/k/v are not finite: a low-precision kernel is gated only "
+                                     "on the caller's own activations"]
+            continue
+
+        def check(out, ref, out_all=None, name=backend.name):
+            rel, cos = relative_l1(out, ref), cosine(out, ref)
+            ev = evidence[name] = {"rel_l1": rel if rel == rel and rel != float("inf") else None, "cosine": cos,
+                                   "on": "the caller's q, k, v: batch 0, the first and last query heads, every row"}
+            why = b.violation(rel, cos)
+            if why is not None or out_all is None or p is None:
+                return why
+            per = head_errors(out_all[0], qkv[0], qkv[1], qkv[2], mask4, call.scale, p.causal, p.window)
+            worst = max(range(len(per)), key=lambda h: (b.violation(*per[h]) is not None, per[h][0]))
+            ev.update(worst_head=worst, worst_head_rel_l1=per[worst][0], worst_head_cosine=per[worst][1])
+            why = b.violation(*per[worst])
+            return None if why is None else f"head {worst}: {why}"
+        bounds[backend.name] = check
+    return bounds, evidence, [u for u in usable if u.name not in refused], {**unsupported, **refused}
+
+
+def annotate(decision: Decision, tier: str, evidence: dict) -> Decision:
+    """Record the tier, its bound and the gate's evidence in a decision of a low-precision tier."""
+    b = tiers.bound(tier)
+    if b is None:
+        return decision
+    return dataclasses.replace(decision, quality={"tier": tier, "bound": b.as_dict(), "gate": dict(evidence), "fallback": None})
+
+
+# -- the sentinel -------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Sentinel:
+    """What one key's sentinel saw in this process. ``every``: the period in force (calls per
+    check); ``next_check``: the call count at which the next check runs."""
+
+    every: int
+    calls: int = 0
+    checks: int = 0
+    last_rel_l1: Optional[float] = None
+    last_cosine: Optional[float] = None
+    last_check_ms: Optional[float] = None
+    fell_back: bool = False
+    next_check: int = 0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# With DIFFSYNTH_ATTENTION_SENTINEL_EVERY unset, a check costs at most this share of the
+# attention time of the calls between two checks: the period stretches after each check to
+# max(default, check time / (share x the decision's time per call)).
+SENTINEL_SHARE = 0.01
+
+
+def _canonical_out(out, call) -> torch.Tensor:
+    p = call.problem
+    return rearrange(out.detach(), f"{call.layout.out_pattern} -> b n s d", n=p.heads_q, d=p.head_dim_v)
+
+
+def measure(call, q, k, v, mask, scale, out, check: int = 0) -> tuple:
+    """(relative L1, cosine) of ``out`` against the fp32 reference on one slice of this call:
+    batch 0, two query heads (the first and last at check 0, then the next pair at each check, so
+    that every head is watched in turn), up to SENTINEL_ROWS query rows spread over the sequence
+    (every row when causal or windowed: those depend on the row's position)."""
+    from ..problem import mask_4d
+
+    p = call.problem
+    to_q, to_k, to_v = call.layout.to_canonical
+    with torch.no_grad():
+        qc, kc, vc = to_q(q.detach()), to_k(k.detach()), to_v(v.detach())
+        oc = _canonical_out(out, call)
+        heads = gate_heads(p.heads_q) if check == 0 else sorted({(2 * check) % p.heads_q, (2 * check + 1) % p.heads_q})
+        m4 = mask_4d(mask)
+        if not p.causal and p.window is None and p.seq_q > SENTINEL_ROWS:
+            rows = torch.linspace(0, p.seq_q - 1, SENTINEL_ROWS, device=qc.device).round().long()
+            qc, oc = qc[:1, :, rows], oc[:1, :, rows]
+            if m4 is not None and m4.shape[2] > 1:
+                m4 = m4[:1, :, rows]
+        ref = reference_slice(qc, kc, vc, m4, scale if scale is not None else call.scale, p.causal, p.window, heads)
+        got = oc[0, heads]
+        return relative_l1(got, ref), cosine(got, ref)
+
+
+def best_exact(decision: Decision) -> str:
+    """The fastest exact candidate that passed the gate in ``decision`` (``torch`` if none)."""
+    timed = sorted((c.time_ms, n) for n, c in decision.candidates.items()
+                   if n in REGISTRY and not REGISTRY[n].low_precision and c.status in (ACCEPTED, SLOWER, CHOSEN)
+                   and c.time_ms is not None)
+    return timed[0][1] if timed else "torch"
+
+
+_fallback_lock = threading.Lock()
+
+
+def fall_back(d, decision: Decision, state: Sentinel, rel: float, cos: float, why: str) -> Decision:
+    """Store ``decision`` with the best exact backend chosen instead of its low-precision one, the
+    measured error recorded; one warning. The store's listeners drop the key's plans."""
+    low, exact = decision.backend, best_exact(decision)
+    cands = dict(decision.candidates)
+    tier = (decision.quality or {}).get("tier")
+    cands[low] = dataclasses.replace(
+        cands[low], status=REJECTED, reason=f"sentinel: {why} on the caller's data after {state.calls} calls; fell back to {exact}")
+    if exact in cands:
+        cands[exact] = dataclasses.replace(
+            cands[exact], status=CHOSEN, reason=f"the best exact candidate: {low} drifted beyond the {tier} bound")
+    record = dict(decision.quality or {})
+    record["fallback"] = {"from": low, "to": exact, "rel_l1": rel if rel == rel and rel != float("inf") else None,
+                          "cosine": cos, "after_calls": state.calls, "checks": state.checks,
+                          "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    new = dataclasses.replace(decision, backend=exact, candidates=cands, quality=record, modes={})
+    d.warn_once(("sentinel", decision.key_id),
+                "quality sentinel: %s drifted on key %s (%s after %d calls); falling back to %s for this key",
+                low, decision.key_id, why, state.calls, exact)
+    try:
+        d.store.put(new)
+    except Exception:  # a store that cannot write keeps the fallback in memory (put's memory step ran)
+        logger.warning("quality sentinel: the fallback of key %s could not be saved", decision.key_id, exc_info=True)
+    return new
+
+
+def watched(d, run, decision: Decision, key, call, grad: bool):
+    """``run`` of a low-precision decision with its sentinel: every Nth call measures one slice
+    against the reference (DIFFSYNTH_ATTENTION_SENTINEL_EVERY when set; else 200, stretched so
+    that checks cost at most 1% of the attention time); on drift beyond the tier's bound the key
+    falls back to the best exact backend, and this call's output is the exact backend's. Other
+    plans are never wrapped."""
+    b = tiers.bound(tier_of_key(key))
+    every = config.sentinel_every()
+    adaptive = config._raw(config.SENTINEL_EVERY) is None
+    chosen = decision.candidates.get(decision.backend)
+    call_ms = chosen.time_ms if chosen is not None and chosen.time_ms else None
+    state = d.sentinels.get(key.id)
+    if state is None or (not adaptive and state.every != every):
+        state = d.sentinels[key.id] = Sentinel(every, next_check=every)
+    if b is None or every == 0:
+        return run
+
+    def checked(q, k, v, mask, scale):
+        out = run(q, k, v, mask, scale)
+        state.calls += 1
+        if state.calls < state.next_check or state.fell_back:
+            return out
+        t0 = time.perf_counter()
+        rel, cos = measure(call, q, k, v, mask, scale, out, state.checks)  # reads two floats: the device is synchronised
+        state.last_check_ms = (time.perf_counter() - t0) * 1e3
+        state.checks += 1
+        state.last_rel_l1, state.last_cosine = rel, cos
+        if adaptive and call_ms:
+            state.every = max(every, math.ceil(state.last_check_ms / (SENTINEL_SHARE * call_ms)))
+        state.next_check = state.calls + state.every
+        why = b.violation(rel, cos)
+        if why is None:
+            return out
+        with _fallback_lock:
+            if state.fell_back:
+                return out
+            state.fell_back = True
+        new = fall_back(d, decision, state, rel, cos, why)
+        return make_runner(REGISTRY[new.backend], call, grad)(q, k, v, mask, scale)
+    return checked
+
+
+def explain_quality(d, plan) -> Optional[dict]:
+    """What ``explain`` shows of the tier: the tier, its bound, the gate's and the sentinel's
+    last measured errors and the sentinel's counts (None in the exact tier)."""
+    tier = tier_of_key(plan.key)
+    b = tiers.bound(tier)
+    if b is None:
+        return None
+    record = (plan.decision.quality if plan.decision is not None else None) or {}
+    state = d.sentinels.get(plan.key.id)
+    return {"tier": tier, "bound": b.as_dict(), "gate": record.get("gate", {}), "fallback": record.get("fallback"),
+            "sentinel": None if state is None else state.as_dict()}

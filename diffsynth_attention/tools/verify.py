@@ -1,0 +1,130 @@
+"""``diffsynth-attention cache verify``: re-time stored decisions against the default and the
+runner-up, list the ones that no longer hold, and (``--fix``) tune those again.
+
+A decision is re-timed on random inputs of its key's problem, on this machine's device, through
+the hot path with each backend forced (the same host cost for every candidate), interleaved in a
+new order every round (:func:`~diffsynth_attention.tuning.timing.interleaved`). It *holds* when no
+re-timed candidate is more than ``margin`` (3%) faster than the stored choice. A provisional
+decision (too noisy when it was tuned) is listed as such; ``--fix`` tunes it again, like one that
+no longer holds, with the confirmation step of the tuner deciding what is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from .cli_common import Failure
+
+logger = logging.getLogger("diffsynth_attention")
+
+MARGIN = 0.03
+
+
+def _shape_of(key: dict) -> tuple:
+    """(shape-suite row, layout) rebuilding ``key``'s calls, or (None, why not)."""
+    p = key["problem"]
+    if p.get("mask") != "none":
+        return None, "masked problems are verified by the pipeline's own calls (the mask's values matter)"
+    if p.get("head_dim_v") != p.get("head_dim"):
+        return None, "head_dim_v differs from head_dim"
+    patterns = [x.strip() for x in p["layout"].replace("->", ",").split(",")]
+    if len(set(patterns)) != 1 or "(" in patterns[0]:
+        return None, f"layout {p['layout']!r} is not one plain pattern"
+    shape = {f: p[f] for f in ("batch", "heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim", "dtype", "causal", "window")}
+    return shape, patterns[0]
+
+
+def verify(dispatcher, decisions: list, device, fix: bool = False, samples: int = 15, clock=None) -> list:
+    """One row per decision of ``decisions`` (those tuned on ``device``'s kind of device):
+    {key_id, problem, backend, provisional, times, verdict, holds, fixed}."""
+    import torch
+
+    from ..backends import device_info
+    from ..overrides import use_backend
+    from ..store.decision import DEFAULT_BACKEND, decision_filter
+    from ..tuning.timing import interleaved
+    from .inputs import make_inputs
+
+    here = device_info(device)
+    rows = []
+    for decision in decisions:
+        row = {"key_id": decision.key_id, "backend": decision.backend, "provisional": decision.provisional,
+               "times": {}, "holds": None, "fixed": None}
+        rows.append(row)
+        dev = decision.key.get("device", {})
+        if dev.get("type") != here.type or dev.get("name") != here.name:
+            row["verdict"] = f"skipped: tuned on {dev.get('name')}, not this {here.name}"
+            continue
+        shape, layout = _shape_of(decision.key)
+        if shape is None:
+            row["verdict"] = f"skipped: {layout}"
+            continue
+        q, k, v, kwargs = make_inputs(shape, device, None, layout)
+        row["problem"] = f"{shape['batch']}x{shape['heads_q']}x{shape['seq_q']}x{shape['seq_kv']} d{shape['head_dim']} {shape['dtype']}"
+        names = [decision.backend] + [n for n in (DEFAULT_BACKEND, decision.runner_up()) if n and n != decision.backend]
+
+        def forced(name):
+            def call():
+                with use_backend(name):
+                    return dispatcher.forward(q, k, v, **kwargs)
+            return call
+        try:
+            with torch.no_grad():
+                times = interleaved({n: forced(n) for n in names}, device, samples=samples,
+                                    **({} if clock is None else {"clock": clock}))
+        except Exception as exc:  # a backend that cannot run here now: that is the finding
+            row["verdict"] = f"no longer holds: re-timing raised {type(exc).__name__}: {str(exc)[:200]}"
+            row["holds"] = False
+        else:
+            row["times"] = times
+            chosen = times[decision.backend]
+            best = min(times, key=times.get)
+            if times[best] < chosen / (1 + MARGIN):
+                row["holds"] = False
+                row["verdict"] = f"no longer holds: {best} {chosen / times[best]:.2f}x faster"
+            else:
+                row["holds"] = True
+                row["verdict"] = "holds" + (" (provisional)" if decision.provisional else "")
+        if fix and (row["holds"] is False or decision.provisional):
+            dispatcher.store.clear(decision_filter(key=decision.key_id))
+            dispatcher.invalidate(decision.key_id)
+            info = dispatcher.explain(q, k, v, **kwargs)
+            row["fixed"] = info.backend + (" (provisional)" if info.decision is not None and info.decision.provisional else "")
+    return rows
+
+
+def cmd_cache_verify(args) -> int:
+    from ..dispatch import default_dispatcher
+    from ..store.decision import decision_filter
+    from .devices import resolve_device
+    from .verify import verify
+
+    device = resolve_device(args.device)
+    dispatcher = default_dispatcher()
+    if args.shapes:
+        from .shapes import load_shapes_file
+        from .warm import known
+
+        found = [known(s, device) for s in load_shapes_file(args.shapes)]
+        decisions = [info.decision for info in found if info is not None]
+    else:
+        match = decision_filter(key=args.key)
+        decisions = [d for d in dispatcher.store.entries().values() if match is None or match(d)]
+    if args.key and not decisions:
+        raise Failure(f"no decision has a key id starting with {args.key}")
+    rows = verify(dispatcher, decisions, device, fix=args.fix)
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+    else:
+        for r in rows:
+            times = ", ".join(f"{n} {ms:.4g}" for n, ms in r["times"].items())
+            print(f"{r['key_id']} {r.get('problem', '')}: {r['backend']}: {r['verdict']}" + (f" [{times} ms]" if times else "")
+                  + (f" -> tuned again: {r['fixed']}" if r["fixed"] else ""))
+    failing = sum(1 for r in rows if r["holds"] is False)
+    provisional = sum(1 for r in rows if r["provisional"])
+    print(f"{len(rows)} decision(s) verified: {sum(1 for r in rows if r['holds'])} hold, {failing} no longer hold, "
+          f"{provisional} provisional" + (f"; {sum(1 for r in rows if r['fixed'])} tuned again" if args.fix else ""),
+          file=sys.stderr if args.json else sys.stdout)
+    return 0

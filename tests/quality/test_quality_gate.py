@@ -1,0 +1,116 @@
+"""The gate on the caller's own activations, over the fuzz suite: a low-precision candidate is
+admitted where its error on the caller's q, k, v is within the tier's bound, rejected where it
+is not, and no low-precision decision exceeds its bound on the data it serves."""
+import pytest
+import torch
+
+import diffsynth_attention as da
+from diffsynth_attention import tiers
+from diffsynth_attention.tools import fuzz
+
+from support.lowprec import NAME, install_fp8
+
+PASSED = ("chosen", "accepted", "slower")
+
+
+def case(name, seq, heads=2):
+    return fuzz.make_case(name, seq=seq, heads=heads, **fuzz.SUITE[name])
+
+
+def gated(c, tier):
+    with da.quality(tier):
+        return da.explain(c.q, c.k, c.v)
+
+
+def test_fast_admits_fp8_on_benign_activations(isolated, monkeypatch):
+    install_fp8(monkeypatch)
+    e = gated(case("rotary", 200), "fast")
+    assert e.candidates[NAME]["status"] in PASSED
+    ev = e.quality["gate"][NAME]
+    bound = tiers.BOUNDS["fast"]
+    assert ev["rel_l1"] <= bound.rel_l1 and ev["cosine"] >= bound.cosine
+    assert ev["rel_l1"] == e.candidates[NAME]["error"]  # the evidence is the gate's own measurement
+
+
+@pytest.mark.parametrize("name", ["outliers_10x", "outliers_50x", "peaked_4x_outliers_20x"])
+def test_fast_rejects_fp8_where_the_callers_activations_make_it_exceed_the_bound(isolated, monkeypatch, name):
+    install_fp8(monkeypatch)
+    e = gated(case(name, 208), "fast")
+    cand = e.candidates[NAME]
+    assert cand["status"] == "rejected" and "bound" in cand["reason"] and e.backend != NAME
+    ev = e.quality["gate"][NAME]
+    assert ev["rel_l1"] > tiers.BOUNDS["fast"].rel_l1 or ev["cosine"] < tiers.BOUNDS["fast"].cosine
+
+
+def test_balanced_rejects_fp8_even_on_benign_activations(isolated, monkeypatch):
+    install_fp8(monkeypatch)
+    e = gated(case("randn", 216), "balanced")
+    assert e.candidates[NAME]["status"] == "rejected"
+
+
+def test_the_gate_is_on_the_callers_data_not_random_data(isolated, monkeypatch):
+    """Random data of the same shape would pass the fast bound; the caller's outlier data must not."""
+    install_fp8(monkeypatch)
+    bad = case("outliers_20x_k_mean", 224)
+    assert gated(bad, "fast").candidates[NAME]["status"] == "rejected"
+    rand = fuzz.make_case("randn", seq=232, heads=2)
+    assert gated(rand, "fast").candidates[NAME]["status"] in PASSED
+
+
+def test_non_finite_inputs_refuse_low_precision_candidates(isolated, monkeypatch):
+    install_fp8(monkeypatch)
+    c = case("randn", 240)
+    q = c.q.clone()
+    q[0, 0, 3, 1] = float("nan")
+    e = gated(fuzz.FuzzCase("nan", q, c.k, c.v, {}), "fast")
+    assert e.candidates[NAME]["status"] == "unsupported" and "not finite" in e.candidates[NAME]["reason"]
+
+
+def test_no_low_precision_decision_exceeds_its_bound_on_the_fuzz_suite(isolated, monkeypatch):
+    """The guard target: over every case of the suite (each a key of its own), wherever the FP8
+    candidate passed the gate, its error on every head of the caller's data is within the bound."""
+    install_fp8(monkeypatch)
+    bound = tiers.BOUNDS["fast"]
+    admitted = rejected = 0
+    for i, name in enumerate(fuzz.SUITE):
+        c = case(name, 128 + 8 * i, heads=3)
+        e = gated(c, "fast")
+        if e.candidates[NAME]["status"] not in PASSED:
+            rejected += 1
+            continue
+        admitted += 1
+        with da.use_backend(NAME):
+            out = da.attention_forward(c.q, c.k, c.v)
+        err = fuzz.errors(out, fuzz.reference(c.q, c.k, c.v))
+        assert max(err["per_head_rel_l1"]) <= bound.rel_l1 * 1.1, (name, err)
+        assert min(err["per_head_cosine"]) >= bound.cosine - 1e-3, (name, err)
+    assert admitted and rejected  # the suite has both sides
+
+
+def test_fuzz_cases_have_the_hazards_they_name():
+    c = fuzz.make_case("x", seq=64, heads=2, head_dim=32, dtype=torch.float32, outlier_channels=3, outlier_scale=30.0,
+                       k_mean=5.0)
+    per_channel = c.q.abs().mean(dim=(0, 1, 2))
+    assert (per_channel > 10 * per_channel.median()).sum() == 3
+    assert c.k.mean(dim=2).abs().mean() > 2  # a large shared component over the sequence
+    r = fuzz.make_case("r", seq=64, heads=1, head_dim=32, dtype=torch.float32, rotary=True)
+    plain = fuzz.make_case("p", seq=64, heads=1, head_dim=32, dtype=torch.float32)
+    assert torch.allclose(r.q.norm(dim=-1), plain.q.norm(dim=-1), rtol=1e-4)  # a rotation: norms kept
+    assert not torch.allclose(r.q, plain.q)
+    peaked = fuzz.make_case("k", seq=64, heads=1, head_dim=32, dtype=torch.float32, peak=4.0)
+    top = lambda t: torch.softmax(t.q @ t.k.transpose(-1, -2) / 32 ** 0.5, -1).amax(-1).mean()  # noqa: E731
+    assert top(peaked) > 2 * top(plain)
+
+
+def test_every_head_is_checked_not_only_the_slice(isolated, monkeypatch):
+    """A middle head with outlier channels (the slice's first and last heads are benign) is found."""
+    install_fp8(monkeypatch)
+    good = fuzz.make_case("g", seq=248, heads=3, rotary=True)
+    bad = fuzz.make_case("b", seq=248, heads=3, **fuzz.SUITE["outliers_20x_k_mean"])
+    q, k, v = (torch.cat([g[:, :1], b[:, 1:2], g[:, 2:]], dim=1) for g, b in
+               ((good.q, bad.q), (good.k, bad.k), (good.v, bad.v)))
+    e = gated(fuzz.FuzzCase("mixed", q, k, v, {}), "fast")
+    ev = e.quality["gate"][NAME]
+    assert ev["rel_l1"] <= tiers.BOUNDS["fast"].rel_l1  # the slice alone would pass
+    assert e.candidates[NAME]["status"] == "rejected" and e.candidates[NAME]["reason"].startswith("head 1:")
+    assert ev["worst_head"] == 1

@@ -1,0 +1,146 @@
+"""The sentinel: every Nth call of a low-precision decision re-checks one slice against the fp32
+reference; drift beyond the tier's bound falls back to the best exact backend within one
+period, recorded in the decision with the measured error, one warning, not revisited."""
+import dataclasses
+import logging
+
+import diffsynth_attention as da
+from diffsynth_attention import tiers
+from diffsynth_attention.dispatch import default_dispatcher, lowprec
+from diffsynth_attention.store.cache import DecisionCache
+from diffsynth_attention.tools import fuzz
+
+from support.lowprec import NAME, Calls, install_fp8
+
+EVERY = 5
+
+
+def case(name, seq=192):
+    return fuzz.make_case(name, seq=seq, heads=2, **fuzz.SUITE[name])
+
+
+def choose_fp8(c):
+    """Tune the key at the fast tier, then let the FP8 candidate (which passed the gate) be the
+    choice, as it is on a GPU where it is the fastest (on this CPU the emulation is slow)."""
+    with da.quality("fast"):
+        e = da.explain(c.q, c.k, c.v)
+    assert e.candidates[NAME]["status"] in ("chosen", "accepted", "slower")
+    d = default_dispatcher()
+    cands = {n: dataclasses.replace(x, status="accepted") if x.status == "chosen" else x
+             for n, x in e.decision.candidates.items()}
+    cands[NAME] = dataclasses.replace(cands[NAME], status="chosen")
+    d.store.put(dataclasses.replace(e.decision, backend=NAME, candidates=cands))
+    return e.decision.key_id
+
+
+def test_drift_falls_back_within_one_period(isolated, monkeypatch, caplog):
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", str(EVERY))
+    install_fp8(monkeypatch)
+    benign, drifted = case("rotary"), case("outliers_20x_k_mean")
+    key_id = choose_fp8(benign)
+    with da.quality("fast"):
+        for _ in range(2 * EVERY + 2):
+            da.attention_forward(benign.q, benign.k, benign.v)
+        e = da.explain(benign.q, benign.k, benign.v)
+        assert e.backend == NAME and e.source == "cache"
+        assert e.quality["sentinel"]["checks"] == 2 and e.quality["sentinel"]["calls"] == 2 * EVERY + 2
+        assert e.quality["sentinel"]["last_rel_l1"] <= tiers.BOUNDS["fast"].rel_l1
+        caplog.set_level(logging.WARNING, "diffsynth_attention")
+        fp8_calls = len(Calls.log)
+        for i in range(EVERY):  # the activations change distribution: the next check sees it
+            out = da.attention_forward(drifted.q, drifted.k, drifted.v)
+            if da.explain(drifted.q, drifted.k, drifted.v).backend != NAME:
+                break
+        else:
+            raise AssertionError("no fallback within one sentinel period")
+        # the call that found the drift got the exact backend's output
+        assert fuzz.errors(out, fuzz.reference(drifted.q, drifted.k, drifted.v))["rel_l1"] < 5e-3
+        e = da.explain(drifted.q, drifted.k, drifted.v)
+        fb = e.decision.quality["fallback"]
+        assert fb["from"] == NAME and fb["to"] == e.backend == lowprec.best_exact(e.decision)
+        assert fb["rel_l1"] > tiers.BOUNDS["fast"].rel_l1 or fb["cosine"] < tiers.BOUNDS["fast"].cosine
+        assert e.candidates[NAME]["status"] == "rejected" and "sentinel" in e.candidates[NAME]["reason"]
+        n = len(Calls.log)
+        for _ in range(3 * EVERY):  # not revisited
+            da.attention_forward(benign.q, benign.k, benign.v)
+        assert len(Calls.log) == n and n <= fp8_calls + EVERY
+    warnings = [r for r in caplog.records if "quality sentinel" in r.getMessage()]
+    assert len(warnings) == 1
+    on_disk = DecisionCache(isolated).get(key_id)  # recorded in the stored decision
+    assert on_disk.backend != NAME and on_disk.quality["fallback"]["from"] == NAME
+
+
+def test_explain_shows_tier_bound_gate_and_sentinel(isolated, monkeypatch):
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "2")
+    install_fp8(monkeypatch)
+    c = case("randn", 176)
+    choose_fp8(c)
+    with da.quality("fast"):
+        for _ in range(4):
+            da.attention_forward(c.q, c.k, c.v)
+        text = str(da.explain(c.q, c.k, c.v))
+    assert "quality fast" in text and "sentinel: 2 checks in 4 calls (every 2)" in text and f"gate {NAME}" in text
+
+
+def test_exact_decisions_are_never_watched(isolated, monkeypatch):
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    measured = []
+    monkeypatch.setattr(lowprec, "measure", lambda *a: measured.append(1) or (0.0, 1.0))
+    c = case("randn", 168)
+    for _ in range(5):
+        da.attention_forward(c.q, c.k, c.v)
+    with da.quality("fast"):  # a tier whose decision is an exact backend: no sentinel either
+        for _ in range(5):
+            da.attention_forward(c.q, c.k, c.v)
+    assert measured == [] and default_dispatcher().sentinels == {}
+
+
+def test_sentinel_off_with_zero(isolated, monkeypatch):
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "0")
+    install_fp8(monkeypatch)
+    measured = []
+    monkeypatch.setattr(lowprec, "measure", lambda *a: measured.append(1) or (1.0, 0.0))
+    c = case("randn", 160)
+    choose_fp8(c)
+    with da.quality("fast"):
+        for _ in range(6):
+            da.attention_forward(c.q, c.k, c.v)
+        assert da.explain(c.q, c.k, c.v).backend == NAME
+    assert measured == []
+
+
+def test_the_sentinel_watches_every_head_in_turn(isolated, monkeypatch):
+    """Drift in one middle head only (the gate's first and last heads stay benign) is found once
+    the checks have rotated to it."""
+    import torch
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    good = fuzz.make_case("g", seq=152, heads=4, rotary=True)
+    bad = fuzz.make_case("b", seq=152, heads=4, **fuzz.SUITE["outliers_20x_k_mean"])
+    choose_fp8(good)
+    mixed = [torch.cat([g[:, :1], b[:, 1:2], g[:, 2:]], dim=1) for g, b in
+             ((good.q, bad.q), (good.k, bad.k), (good.v, bad.v))]
+    with da.quality("fast"):
+        for _ in range(4):  # checks of heads {0, 3}, {2, 3}, {0, 1}: the third one sees head 1
+            da.attention_forward(*mixed)
+        e = da.explain(*mixed)
+    assert e.backend != NAME and e.decision.quality["fallback"]["checks"] == 3
+
+
+def test_unset_period_stretches_to_keep_checks_under_one_percent(isolated, monkeypatch):
+    install_fp8(monkeypatch)
+    c = case("randn", 40)
+    choose_fp8(c)
+    d = default_dispatcher()
+    with da.quality("fast"):
+        e = da.explain(c.q, c.k, c.v)
+        cands = dict(e.decision.candidates)
+        cands[NAME] = dataclasses.replace(cands[NAME], time_ms=1e-3)  # a very fast kernel: checks are dear
+        d.store.put(dataclasses.replace(e.decision, candidates=cands))
+        for _ in range(200):  # DIFFSYNTH_ATTENTION_SENTINEL_EVERY unset: the first check at call 200
+            da.attention_forward(c.q, c.k, c.v)
+        s = da.explain(c.q, c.k, c.v).quality["sentinel"]
+    assert s["checks"] == 1 and s["calls"] == 200
+    assert s["every"] >= s["last_check_ms"] / (lowprec.SENTINEL_SHARE * 1e-3) > 200

@@ -1,0 +1,124 @@
+"""The step schedule (exact for the first and last N steps, a low-precision tier between) on the
+real schedulers of DiffSynth-Studio and diffusers, driven the way their pipelines drive them;
+and the per-module tier for diffusers models."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffsynth_attention as da
+from diffsynth_attention.integrations.diffusers import set_quality
+
+
+class Transformer(torch.nn.Module):
+    """A denoiser whose forward records the tier its attention calls run at."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(da.current_quality())
+        return x * 0.5
+
+
+def diffsynth_scheduler():
+    spec = importlib.util.find_spec("diffsynth")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("DiffSynth-Studio is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "diffusion" / "flow_match.py"
+    mod_spec = importlib.util.spec_from_file_location("_diffsynth_flow_match", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.FlowMatchScheduler("Wan")
+
+
+def run_diffsynth(pipe, steps, cfg=True):
+    """DiffSynth-Studio's denoising loop (pipelines/wan_video.py with BasePipeline.step)."""
+    pipe.scheduler.set_timesteps(steps)
+    latents = torch.randn(1, 4)
+    for progress_id, timestep in enumerate(pipe.scheduler.timesteps):
+        noise_pred = pipe.dit(latents)
+        if cfg:  # classifier-free guidance: a second forward in the same step
+            noise_pred = noise_pred + (noise_pred - pipe.dit(latents))
+        latents = pipe.scheduler.step(noise_pred, pipe.scheduler.timesteps[progress_id], latents)
+    return latents
+
+
+def run_diffusers(pipe, steps):
+    """diffusers' loop (e.g. WanPipeline.__call__)."""
+    pipe.scheduler.set_timesteps(steps)
+    latents = torch.randn(1, 4)
+    for t in pipe.scheduler.timesteps:
+        noise_pred = pipe.transformer(latents)
+        latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+    return latents
+
+
+class Pipe:
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.dit = self.transformer = Transformer()
+
+
+def expected(steps, first, last, tier="fast"):
+    return ["exact" if i < first or i >= steps - last else tier for i in range(steps)]
+
+
+def test_diffsynth_pipeline_schedule():
+    pipe = Pipe(diffsynth_scheduler())
+    with da.step_schedule(pipe, exact_first=2, exact_last=3) as state:
+        run_diffsynth(pipe, 10)
+        assert state.total == 10
+        run_diffsynth(pipe, 8)  # a second generation starts over at set_timesteps
+    per_step = pipe.dit.seen[::2]  # two forwards a step (CFG)
+    assert per_step == expected(10, 2, 3) + expected(8, 2, 3)
+    assert pipe.dit.seen[1::2] == per_step
+    assert da.current_quality() == "exact"
+    assert "step" not in vars(pipe.scheduler) and "set_timesteps" not in vars(pipe.scheduler)  # restored
+
+
+def test_diffusers_pipeline_schedule():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = Pipe(FlowMatchEulerDiscreteScheduler())
+    with da.quality("balanced"):
+        with da.step_schedule(pipe, exact_first=1, exact_last=1, tier="fast"):
+            run_diffusers(pipe, 6)
+        assert da.current_quality() == "balanced"  # the enclosing scope comes back
+    assert pipe.transformer.seen == expected(6, 1, 1)
+
+
+def test_schedule_restores_on_error_and_checks_its_arguments():
+    pipe = Pipe(diffsynth_scheduler())
+    with pytest.raises(RuntimeError):
+        with da.step_schedule(pipe, exact_first=0, exact_last=1):
+            pipe.scheduler.set_timesteps(4)
+            assert da.current_quality() == "fast"
+            raise RuntimeError("boom")
+    assert da.current_quality() == "exact" and "step" not in vars(pipe.scheduler)
+    with pytest.raises(ValueError, match="exact_first"):
+        with da.step_schedule(pipe, exact_first=-1):
+            pass
+    with pytest.raises(ValueError, match="tier"):
+        with da.step_schedule(pipe, tier="fastest"):
+            pass
+    with pytest.raises(TypeError, match="scheduler"):
+        with da.step_schedule(object()):
+            pass
+
+
+def test_set_quality_per_module():
+    outer, inner = Transformer(), Transformer()
+    model = torch.nn.Sequential(outer, inner)
+    set_quality(inner, "fast")
+    model(torch.ones(2))
+    assert (outer.seen, inner.seen) == (["exact"], ["fast"])
+    set_quality(inner, None)
+    set_quality(model, "balanced")
+    model(torch.ones(2))
+    assert (outer.seen[-1], inner.seen[-1]) == ("balanced", "balanced")
+    assert da.current_quality() == "exact"
+    with pytest.raises(ValueError):
+        set_quality(model, "quick")

@@ -1,0 +1,63 @@
+"""`cache verify` (issue 29): stored decisions re-timed against the default and the runner-up; the
+ones that no longer hold are listed, and --fix tunes them again; `cache clear --key` removes one."""
+import json
+import subprocess
+import sys
+
+import torch
+
+import diffsynth_attention as da
+from diffsynth_attention.store.cache import DecisionCache
+from diffsynth_attention.tools.verify import verify
+
+from support.helpers import qkv
+from support.store_helpers import decided_for
+from support.virtual import VirtualClock, only, virtual_policy
+
+
+def test_a_decision_that_no_longer_holds_is_listed_and_fixed(isolated, monkeypatch):
+    clock = VirtualClock()
+    made = only(monkeypatch, clock, torch={"cost": 1.0}, torch_math={"cost": 3.0})
+    disp = da.Dispatcher(DecisionCache(isolated), policy=virtual_policy(clock))
+    q, k, v = qkv(sq=16)
+    good = disp.explain(q, k, v).decision
+    assert good.backend == "torch"
+    rows = verify(disp, [good], torch.device("cpu"), clock=clock.perf_counter)
+    assert rows[0]["holds"] is True and rows[0]["verdict"] == "holds" and set(rows[0]["times"]) == {"torch", "torch_math"}
+
+    stale = decided_for(good, "torch_math")  # stored when torch_math looked faster (a loaded host, say)
+    disp.store.put(stale)
+    rows = verify(disp, [stale], torch.device("cpu"), clock=clock.perf_counter)
+    assert rows[0]["holds"] is False and "torch 3.00x faster" in rows[0]["verdict"], rows
+    assert disp.store.get(good.key_id, tolerance=1.0).backend == "torch_math"  # listed, not changed
+    rows = verify(disp, [stale], torch.device("cpu"), fix=True, clock=clock.perf_counter)
+    assert rows[0]["fixed"] == "torch" and DecisionCache(isolated).get(good.key_id, tolerance=1.0).backend == "torch"
+    assert made["torch"].calls > 0
+
+
+def test_verify_skips_what_it_cannot_rebuild_here(isolated):
+    q, k, v = qkv(sq=16)
+    disp = da.Dispatcher(DecisionCache(isolated))
+    d = disp.explain(q, k, v).decision
+    elsewhere = d.replace(key={**d.key, "device": {"type": "cuda", "name": "NVIDIA H200"}})
+    masked = d.replace(key={**d.key, "problem": {**d.key["problem"], "mask": "bool"}})
+    rows = verify(disp, [elsewhere, masked], torch.device("cpu"))
+    assert rows[0]["verdict"].startswith("skipped: tuned on NVIDIA H200") and rows[0]["holds"] is None
+    assert rows[1]["verdict"].startswith("skipped: masked") and rows[1]["holds"] is None
+
+
+def test_cache_clear_key_removes_one_decision_and_verify_names_a_bad_key(isolated, subprocess_env):
+    disp = da.Dispatcher(DecisionCache(isolated))
+    ids = [disp.explain(*qkv(sq=s)).key_id for s in (16, 24)]
+    disp.store.flush()
+    env = dict(subprocess_env, DIFFSYNTH_ATTENTION_CACHE_DIR=str(isolated))
+    cli = [sys.executable, "-m", "diffsynth_attention"]
+    r = subprocess.run(cli + ["cache", "clear", "--key", ids[0][:8], "--yes"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "cleared 1 decision" in r.stdout, r.stderr
+    assert set(DecisionCache(isolated).entries()) == {ids[1]}
+    r = subprocess.run(cli + ["cache", "verify", "--key", "xyz"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "--key" in r.stderr and "not a key id" in r.stderr
+    r = subprocess.run(cli + ["cache", "verify", "--key", ids[1][:10], "--json"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["key_id"] == ids[1] and row["holds"] in (True, False) and "1 decision(s) verified" in r.stderr
