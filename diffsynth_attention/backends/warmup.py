@@ -60,13 +60,18 @@ def _cuda_started(torch) -> bool:
 def _launch(backend, p: dict, torch) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if p["device"] == "cuda" else torch.device(p["device"])
     dtype = getattr(torch, p["dtype"])
-    shape_q = (p["batch"], p["heads_q"], p["seq_q"], p["head_dim"])
-    shape_kv = (p["batch"], p["heads_kv"], p["seq_kv"], p["head_dim"])
-    shape_v = (p["batch"], p["heads_kv"], p["seq_kv"], p["head_dim_v"])
+    native = getattr(backend, "forward_native", None)  # FlashAttention: its own b s n d layout, contiguous
+    shapes = [(p["batch"], p["heads_q"], p["seq_q"], p["head_dim"]), (p["batch"], p["heads_kv"], p["seq_kv"], p["head_dim"]),
+              (p["batch"], p["heads_kv"], p["seq_kv"], p["head_dim_v"])]
+    if native is not None:
+        shapes = [(b, s, n, d) for b, n, s, d in shapes]
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
-        q, k, v = (torch.randn(s, dtype=dtype, device=device) for s in (shape_q, shape_kv, shape_v))
-        backend.forward(q, k, v, None, None, bool(p["causal"]), p["window"], False)
+        q, k, v = (torch.randn(s, dtype=dtype, device=device) for s in shapes)
+        if native is not None:
+            native(q, k, v, None, bool(p["causal"]), p["window"])
+        else:
+            backend.forward(q, k, v, None, None, bool(p["causal"]), p["window"], False)
         del q, k, v
     if stream is not None:
         stream.synchronize()
