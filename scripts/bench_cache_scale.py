@@ -28,10 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffsynth_attention.tools.bench import Candidate, Decision, key_id  # noqa: E402
-from diffsynth_attention.store import group_index  # noqa: E402
-from diffsynth_attention.store.codec import render_entry  # noqa: E402
-from diffsynth_attention.store.neighbours import group_of  # noqa: E402
+from diffsynth_attention.tools.bench import (  # noqa: E402
+    Candidate, Decision, index_neighbours, key_id, neighbour_cell, render_entry)
 
 BACKENDS = ["torch", "torch_cudnn", "torch_flash", "torch_efficient", "flash_attention_4", "flash_attention_3",
             "flash_attention_2", "xformers", "sage_attention", "torch_math"]
@@ -83,7 +81,7 @@ def populate(folder: Path, n: int, kind: str = "valid") -> list:
     if kind == "valid":  # the neighbour index, as this version's writes keep it (store/group_index.py)
         vfd = os.open(v2, os.O_RDONLY)
         try:
-            group_index.add(vfd, [(group_of(fleet_decision(i)), kid) for i, kid in enumerate(ids)], complete=True)
+            index_neighbours(vfd, [(neighbour_cell(fleet_decision(i).key), kid) for i, kid in enumerate(ids)], complete=True)
         finally:
             os.close(vfd)
     return ids
@@ -123,7 +121,7 @@ for label, i in (("first new shape", 5), ("second new shape", 9)):
         fields["problem"]["seq_kv"] += 1
     fields["problem"]["seq_q"] += 1  # a new length, same bucket
     t0 = time.perf_counter()
-    found = c.neighbours(neighbour_group(fields))
+    found = c.neighbours(neighbour_group(fields), fields=fields)  # as the dispatcher asks: the new key's cell
     out[label] = {"seconds": round(time.perf_counter() - t0, 3), "group size": len(found)}
 print(json.dumps(out))
 """

@@ -24,6 +24,10 @@ the issue measured it with, and for a baseline problem decided as tuning decides
 
 Writes ``<out>/<device>-<date>-first-result.{json,md}``. Without a GPU (or a package) the rows
 say why they were skipped; ``--device cpu`` runs the baseline on a CPU-sized problem.
+5. with ``--window-seconds S`` (default 20): after its first result each process keeps calling
+   for S seconds, every call synchronised, and reports the calls above 5x its median (issue 31:
+   no stall after the first result while a package loads and takes over).
+
 Usage: PYTHONPATH=$PWD python scripts/bench_first_result.py --out benchmarks/results [--runs 5]
 """
 
@@ -97,7 +101,28 @@ def child_seed(p: dict, device: str, target) -> dict:
     return {"key_id": info.key_id, "tuned": tuned, "decided": decision.backend}
 
 
-def child_first(p: dict, device: str, mode: str, max_s: float) -> dict:
+STALL_FACTOR = 5.0  # target: in the first window of calls, none after the first above 5x the median
+
+
+def call_window(call, torch, device: str, window_s: float) -> dict:
+    """Call (synchronised) for ``window_s`` seconds; every call's ms, and those above
+    STALL_FACTOR x the median (index counted from the process's first call, which is not here)."""
+    times, end = [], time.perf_counter() + window_s
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        call()
+        _sync(torch, device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    if not times:
+        return {"seconds": window_s, "calls": 0}
+    median = statistics.median(times)
+    stalls = [(i + 2, round(ms, 2)) for i, ms in enumerate(times) if ms > STALL_FACTOR * median]
+    return {"seconds": window_s, "calls": len(times), "median_ms": round(median, 3), "max_ms": round(max(times), 2),
+            "max_over_median": round(max(times) / median, 2) if median else None, "stalls": len(stalls),
+            "stall_calls": stalls[:20]}
+
+
+def child_first(p: dict, device: str, mode: str, max_s: float, window_s: float = 0.0) -> dict:
     import torch
 
     started = _since_start()
@@ -105,11 +130,17 @@ def child_first(p: dict, device: str, mode: str, max_s: float) -> dict:
         import torch.nn.functional as F
 
         q, k, v = _inputs(torch, p, device)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         with torch.no_grad():
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-        _sync(torch, device)
-        return {"first_s": _since_start(), "torch_imported_s": started, "backend": "sdpa",
-                "dynamo": "torch._dynamo" in sys.modules}
+            sdpa()
+            _sync(torch, device)
+            result = {"first_s": _since_start(), "torch_imported_s": started, "backend": "sdpa",
+                      "dynamo": "torch._dynamo" in sys.modules}
+            if window_s:
+                result["window"] = call_window(sdpa, torch, device, window_s)
+        return result
     import diffsynth_attention as da
 
     pats = dict(q_pattern=LAYOUT, k_pattern=LAYOUT, v_pattern=LAYOUT, out_pattern=LAYOUT)
@@ -118,6 +149,8 @@ def child_first(p: dict, device: str, mode: str, max_s: float) -> dict:
         first = da.attention_forward(q, k, v, **pats)
         _sync(torch, device)
         result = {"first_s": _since_start(), "torch_imported_s": started, "dynamo": "torch._dynamo" in sys.modules}
+        if window_s:  # the first seconds of calls, as a pipeline makes them (the takeover happens in here)
+            result["window"] = call_window(lambda: da.attention_forward(q, k, v, **pats), torch, device, window_s)
         info = da.explain(q, k, v, **pats)
         decided = info.decision.backend if info.decision is not None else info.backend
         result.update(backend=info.backend, source=info.source, decided=decided, reason=info.reason)
@@ -204,7 +237,7 @@ def summary(values: list) -> dict:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
-def run_row(row, target, module, problem, device, runs, max_s, base_env, unusable) -> dict:
+def run_row(row, target, module, problem, device, runs, max_s, base_env, unusable, window_s: float = 0.0) -> dict:
     out = {"row": row, "decided_for": target, "problem": problem, "layout": LAYOUT}
     if target is not None and unusable.get(target):
         out["skipped"] = unusable[target]
@@ -222,10 +255,18 @@ def run_row(row, target, module, problem, device, runs, max_s, base_env, unusabl
     for _ in range(runs):  # interleaved: drift (page cache, clocks) hits every variant alike
         for name, extra in variants.items():
             mode = "sdpa" if name == "sdpa" else "dispatcher"
-            res, _ = spawn(["--child", "first", json.dumps(problem), device, mode, str(max_s)], dict(env, **extra))
+            res, _ = spawn(["--child", "first", json.dumps(problem), device, mode, str(max_s), str(window_s)],
+                           dict(env, **extra))
             samples[name].append(res)
     out["samples"] = samples
     out["first_s"] = {name: summary([r.get("first_s") for r in rs]) for name, rs in samples.items()}
+    if window_s:  # per variant: the most stalls of a process, and the worst call against its median
+        out["window"] = {name: {"stalls_max": max((r.get("window", {}).get("stalls", 0) for r in rs), default=None),
+                                "max_over_median": max((r.get("window", {}).get("max_over_median") or 0 for r in rs),
+                                                       default=None),
+                                "median_ms": summary([r.get("window", {}).get("median_ms") for r in rs])}
+                         for name, rs in samples.items()}
+        out["window_target_met"] = out["window"]["dispatcher"]["stalls_max"] == 0
     sdpa = out["first_s"]["sdpa"]["median"]
     for name in ("dispatcher", "dispatcher_no_preload"):
         med = out["first_s"][name]["median"]
@@ -293,6 +334,16 @@ def write_md(result: dict, path: Path) -> None:
         lines.append(f"| {r['row']} | {prob} | {fmt(f['sdpa'])} | {fmt(f['dispatcher'])} | "
                      f"{'-' if delta is None else f'{delta:+.2f}'} | {fmt(f['dispatcher_no_preload'])} | {take} | "
                      f"{', '.join(r['dispatcher_served_first_by'])} | {'yes' if r['target_met'] else 'no'} |")
+    if any("window" in r for r in result["rows"]):
+        lines += ["", f"## The first {result.get('window_seconds', 20):g} s of calls (every call synchronised)", "",
+                  f"Stalls: calls after the first above {STALL_FACTOR:g}x the process's median (most of any process); "
+                  "target: none for the dispatcher.", "",
+                  "| row | variant | median ms | worst call / median | stalls | met |", "|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            for name, w in r.get("window", {}).items():
+                met = "" if name != "dispatcher" else ("yes" if r.get("window_target_met") else "no")
+                lines.append(f"| {r['row']} | {name} | {fmt(w['median_ms'])} | {w['max_over_median']} | "
+                             f"{w['stalls_max']} | {met} |")
     lines += ["", "## Where a package's first use goes (one fresh process each)", ""]
     for r in result["rows"]:
         b = r.get("import_breakdown")
@@ -318,6 +369,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per variant (default 3)")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="how long a process calls before giving up on a takeover")
+    parser.add_argument("--window-seconds", type=float, default=20.0,
+                        help="after the first result, call for this long and report calls above 5x the median (0: off)")
     parser.add_argument("--only", help="comma-separated rows: flash_attention_3, flash_attention_4, baseline (default all)")
     parser.add_argument("--tag", help="file name stem instead of <device>-<date>-first-result")
     parser.add_argument("--no-warm", action="store_true", help="skip timing `warm --preset all` run again")
@@ -329,7 +382,7 @@ def main(argv=None) -> int:
         if mode == "seed":
             res = child_seed(problem, device, rest[0] or None)
         elif mode == "first":
-            res = child_first(problem, device, rest[0], float(rest[1]))
+            res = child_first(problem, device, rest[0], float(rest[1]), float(rest[2]) if len(rest) > 2 else 0.0)
         else:
             res = child_import(problem, device, rest[0])
         print(json.dumps(res))
@@ -350,11 +403,12 @@ def main(argv=None) -> int:
     env.pop("DIFFSYNTH_ATTENTION_IMPLEMENTATION", None)
     from diffsynth_attention.tools.bench import environment, save_result
 
-    result = {"environment": environment(device), "runs": args.runs, "rows": []}
+    result = {"environment": environment(device), "runs": args.runs, "window_seconds": args.window_seconds, "rows": []}
     only = set(args.only.split(",")) if args.only else {r[0] for r in ROWS}
     for row, target, module, problem in (r for r in ROWS if r[0] in only):
         problem = CPU_PROBLEM if device == "cpu" else problem
-        result["rows"].append(run_row(row, target, module, problem, device, args.runs, args.max_seconds, env, unusable))
+        result["rows"].append(run_row(row, target, module, problem, device, args.runs, args.max_seconds, env, unusable,
+                                      args.window_seconds))
         print(f"{row}: done", file=sys.stderr)
     if not args.no_warm:
         result["warm"] = warm_again(device, env, args.runs)

@@ -171,6 +171,7 @@ class Backend:
     # Its backward gives a float attn_mask's gradient. A call that needs gradients with a float mask
     # is served only by such a backend: its key does not tell a learned mask from a constant one.
     mask_grad: ClassVar[bool] = False
+    warm_devices: ClassVar[frozenset] = frozenset({"cuda"})  # first launches on the loading thread (.warmup)
     causal: ClassVar[bool] = True
     causal_any_lengths: ClassVar[bool] = True  # False: causal only when seq_q == seq_kv
     gqa: ClassVar[bool] = False

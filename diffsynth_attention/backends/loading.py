@@ -51,9 +51,12 @@ def needs_loading(backend) -> bool:
 
 
 def state(backend) -> str:
-    """``ready``, ``loading``, ``failed`` or ``unloaded``; imports nothing, takes no lock."""
+    """``ready``, ``loading`` (importing, or launching its kernels for the first time: see
+    :mod:`.warmup`), ``failed`` or ``unloaded``; imports nothing, takes no lock."""
     if not needs_loading(backend):
         return READY
+    if backend.name in _threads:
+        return LOADING
     if backend._loaded:
         return READY if backend._unavailable is None and backend._machine_reason() is None else FAILED
     if backend.name in _threads:
@@ -61,6 +64,11 @@ def state(backend) -> str:
     if backend.declared_reason() is not None:  # not installed, or not for this machine: nothing to load
         return FAILED
     return UNLOADED
+
+
+def done(backend) -> bool:
+    """Whether ``backend``'s load (import and first launches) has ended; a dict lookup (a call's check)."""
+    return backend._loaded and backend.name not in _threads
 
 
 def is_ready(backend) -> bool:
@@ -89,7 +97,7 @@ def _notify(name: str, result: str) -> None:
             logger.debug("a load listener for %s failed", name, exc_info=True)
 
 
-def _load(backend) -> None:
+def _load(backend, keys=()) -> None:
     name = backend.name
     result = FAILED
     try:
@@ -97,6 +105,9 @@ def _load(backend) -> None:
         result = READY if reason is None else FAILED
         if reason is None:
             logger.info("backend %s loaded on a background thread", name)
+            from .warmup import warm
+
+            warm(backend, keys)  # its kernels' first launches for the decided variants, still "loading"
         else:
             logger.info("backend %s did not load: %s", name, reason)
     except BaseException:  # never escapes the thread
@@ -121,10 +132,11 @@ def defer(on: bool = True) -> bool:
     return previous
 
 
-def start_loading(backend) -> str:
+def start_loading(backend, keys=()) -> str:
     """Start importing ``backend``'s package on a background thread unless it is loaded, being
-    loaded or cannot load here. Returns the state after the call (``deferred`` after
-    :func:`defer`)."""
+    loaded or cannot load here; after the import, the thread launches its kernel once for each
+    variant that ``keys`` (decisions' keys) name (:mod:`.warmup`). Returns the state after the
+    call (``deferred`` after :func:`defer`)."""
     current = state(backend)
     if current != UNLOADED:
         return current
@@ -133,8 +145,8 @@ def start_loading(backend) -> str:
     with _lock:
         if backend.name in _threads or backend._loaded:
             return state(backend)
-        thread = threading.Thread(target=_load, args=(backend,), name=f"diffsynth-attention-load-{backend.name}",
-                                  daemon=True)
+        thread = threading.Thread(target=_load, args=(backend, list(keys)), daemon=True,
+                                  name=f"diffsynth-attention-load-{backend.name}")
         thread.backend = backend
         _threads[backend.name] = thread
         _started[backend.name] = time.monotonic()
@@ -279,9 +291,11 @@ def preload(decisions: Iterable, registry: dict) -> list:
         if _preloaded is not None:
             return list(_preloaded)
         _preloaded = []
+    decisions = list(decisions)
     names = decided_packages(decisions, registry)
     for name in names:
-        if start_loading(registry[name]) in (LOADING, READY):
+        keys = [d.key for d in decisions if d.backend == name and isinstance(d.key, dict)]
+        if start_loading(registry[name], keys) in (LOADING, READY):
             _preloaded.append(name)
     if names:
         logger.info("loading %s on background threads (cached decisions name them)", ", ".join(names))

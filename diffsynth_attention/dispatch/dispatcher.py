@@ -135,7 +135,7 @@ class Dispatcher(ModePlans):
         falling in the same buckets (store/key.py), and whose backend can serve this call."""
         group = neighbour_group(key.fields)
         found = []
-        for key_id, decision in ((d.key_id, d) for d in self.store.neighbours(group, tolerance)):  # the group's index
+        for key_id, decision in ((d.key_id, d) for d in self.store.neighbours(group, tolerance, key.fields)):  # its cell
             if key_id == key.id or decision.backend not in usable_names:
                 continue
             try:
@@ -165,10 +165,10 @@ class Dispatcher(ModePlans):
         with source "loading". None when the package is loaded (or failed: the caller drops it),
         and while tracing or capturing, where the load is waited for instead."""
         decided = REGISTRY[decision.backend]
-        if not loading.needs_loading(decided) or decided.is_loaded() or _is_compiling() or (
+        if not loading.needs_loading(decided) or loading.done(decided) or _is_compiling() or (
                 call.problem.device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return None
-        pending = loading.start_loading(decided)
+        pending = loading.start_loading(decided, [decision.key])  # import, then first launches (off this thread)
         if pending not in loading.PENDING:
             return None
         order = sorted((c.time_ms, n) for n, c in decision.candidates.items()
@@ -186,7 +186,7 @@ class Dispatcher(ModePlans):
         invalidate, key_id = self.invalidate, key.id
 
         def run(q, k, v, mask, scale):
-            if decided._loaded:  # the load ended: the next call plans again (on the decided backend)
+            if loading.done(decided):  # the load ended: the next call plans again (on the decided backend)
                 invalidate(key_id)
             return inner(q, k, v, mask, scale)
         return Plan(run, name, PlanSource.LOADING, key, call, grad, decision, counts_hit=True, reasons=[reason])

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 from .. import config
 from . import codec, fs, group_index, migrate
 from .codec import MAX_ENTRY_BYTES, CacheFileError
+from .neighbours import cell, cell_of
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -123,27 +124,31 @@ class WholeCache:
                     ids.update(fs.entry_ids(vfd))
         return len(ids)
 
-    def neighbours(self, group: str, tolerance: Optional[float] = None) -> list:
+    def neighbours(self, group: str, tolerance: Optional[float] = None, fields: Optional[dict] = None) -> list:
         """The decisions of neighbour group ``group`` (:func:`.neighbours.neighbour_group`) that
         pass the tolerance in force: those in memory, and the entries the persisted index
-        (:mod:`.group_index`) lists for the group, each read once. Where the folder has no complete
-        index (entries of an older version), one full read builds it first; where it cannot be
+        (:mod:`.group_index`) lists for the cell of ``fields`` (the new key's: a neighbour is always
+        in it), each read once. Where the folder has no complete index (entries of an older
+        version), one full read builds it first; without ``fields``, or where the index cannot be
         written, every entry not seen yet is read, as before the index."""
         self._ensure_loaded()
         tol = config.tolerance() if tolerance is None else tolerance
-        if self._persistent and not self._from_index(group):
+        where = None if fields is None else cell(fields)
+        if self._persistent and (where is None or not self._from_index(where)):
             self._scan(only_new=True)
             self._group_new()
-            with self._folder(create=False) as vfd:
-                if vfd is not None:
-                    with self._mutex:
-                        known = [(g, kid) for g, ds in self._groups.items() for kid in ds if kid in self._indexed]
-                    group_index.add(vfd, known, complete=True)
+            if where is not None:  # no complete index: built from this full read, once per folder
+                with self._folder(create=False) as vfd:
+                    if vfd is not None:
+                        with self._mutex:
+                            known = [(cell_of(d), kid) for ds in self._groups.values() for kid, d in ds.items()
+                                     if kid in self._indexed]
+                        group_index.add(vfd, known, complete=True)
         self._group_new()
         return [d for d in self._groups.get(group, {}).values() if d.trusted_under(tol)]
 
     def _from_index(self, group: str) -> bool:
-        """Read the entries the index lists for ``group`` (not read yet); False without a complete index."""
+        """Read the entries the index lists for cell ``group`` (not read yet); False without a complete index."""
         with self._folder(create=False) as vfd:
             if vfd is None:
                 return True  # no folder: nothing on disk

@@ -1,7 +1,8 @@
-"""The persisted neighbour index: ``<cache>/v2/groups/<neighbour group>/<key id>``, one empty
-marker file per entry, so that ``DIFFSYNTH_ATTENTION_NEW_SHAPES=nearest`` reads a new length's
-few neighbours instead of every entry of the cache (60,000 entries: a listing of one small
-folder, not 60,000 files parsed).
+"""The persisted neighbour index: ``<cache>/v2/groups/<cell>/<key id>``, one empty marker file per
+entry, where a cell is a neighbour group and the buckets of the two sequence lengths
+(:func:`.neighbours.cell`: every neighbour of a key is in its cell), so that
+``DIFFSYNTH_ATTENTION_NEW_SHAPES=nearest`` reads a new length's few neighbours instead of every
+entry of the cache (60,000 entries: a listing of one small folder, not 60,000 files parsed).
 
 - Every write of an entry adds its marker (:func:`add`; creating an empty file never races with
   another writer). A marker whose entry is gone (cleared) is skipped and removed at lookup.
@@ -25,6 +26,7 @@ from . import fs
 GROUPS = "groups"
 COMPLETE = ".complete"
 _NAME = re.compile(r"^[0-9a-f]{24}$")
+_CELL = re.compile(r"^[0-9a-f]{24}-\d{1,4}-\d{1,4}$")
 
 
 def _groups_dir(vfd: int, create: bool) -> Optional[int]:
@@ -74,7 +76,7 @@ def add(vfd: int, members: Iterable, complete: bool = False) -> None:
         made: dict = {}
         try:
             for group, kid in members:
-                if group is None or not _NAME.match(group) or not _NAME.match(kid):
+                if group is None or not _CELL.match(group) or not _NAME.match(kid):
                     continue
                 sub = made.get(group)
                 if sub is None:

@@ -51,6 +51,20 @@ def group_of(decision) -> Optional[str]:
         return None
 
 
+def cell(fields: dict) -> Optional[str]:
+    """The persisted index's cell of a key: its neighbour group and the buckets of its sequence
+    lengths (``<group>-<bucket of s_q>-<bucket of s_kv>``): a neighbour is always in the same cell."""
+    try:
+        problem = fields["problem"]
+        return f"{neighbour_group(fields)}-{seq_bucket(problem['seq_q'])}-{seq_bucket(problem['seq_kv'])}"
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
+def cell_of(decision) -> Optional[str]:
+    return cell(decision.key) if isinstance(decision.key, dict) else None
+
+
 def nearest(fields: dict, decisions, exclude: Optional[str] = None):
     """The decision among ``decisions`` (of ``fields``' group) nearest to ``fields``, or None."""
     found = []

@@ -25,7 +25,7 @@ import weakref
 
 from . import fs, group_index
 from .codec import CacheFileError, render_entry
-from .neighbours import group_of
+from .neighbours import cell_of
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -181,7 +181,7 @@ class Writes:
                     written.append((kid, d))
             if written:
                 fs.fsync_dir(vfd)
-                group_index.add(vfd, [(group_of(d), kid) for kid, d in written])  # the neighbour index
+                group_index.add(vfd, [(cell_of(d), kid) for kid, d in written])  # the neighbour index
         with self._mutex:
             for kid, d in written:
                 self._indexed.add(kid)

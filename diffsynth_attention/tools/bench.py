@@ -61,6 +61,9 @@ _REEXPORTS = {
     "Decision": ("..store.decision", "Decision"),
     "key_id": ("..store.decision", "key_id"),
     "neighbour_group": ("..store.neighbours", "neighbour_group"),
+    "neighbour_cell": ("..store.neighbours", "cell"),  # the neighbour index's cell of a key
+    "render_entry": ("..store.codec", "render_entry"),  # an entry file's text, in the current schema
+    "index_neighbours": ("..store.group_index", "add"),  # the persisted neighbour index's markers
     "neighbour_distance": ("..store.key", "neighbour_distance"),
     "BUCKETS_PER_OCTAVE": ("..store.key", "BUCKETS_PER_OCTAVE"),
     "QUALITY_BOUNDS": ("..tiers", "BOUNDS"),  # the quality tiers' bounds (docs/quality.md)

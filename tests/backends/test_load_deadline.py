@@ -85,7 +85,13 @@ def test_another_process_on_the_same_key_is_not_held_by_the_hang(hung_site, subp
     other's lease for good (the lease is never held during the wait for the import)."""
     first = _start(hung_site, subprocess_env, "1")
     second = _start(hung_site, subprocess_env, "3")  # takes the lease later: it finds the first's decision or tunes
-    results = [_result(first), _result(second)]
+    try:
+        results = [_result(first), _result(second)]
+    finally:
+        for proc in (first, second):  # a child held by a hang is never left behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert {r["source"] for r in results} == {"cache"}
     for r in results:
         assert r["fa3"][0] == "unsupported" and "not loaded" in r["fa3"][1] and r["finite"]

@@ -15,7 +15,7 @@ def test_the_baseline_row_measures_fresh_processes_and_the_package_rows_are_skip
     monkeypatch.setenv("PYTHONPATH", subprocess_env["PYTHONPATH"])
     out = tmp_path / "results"
     assert bench_first_result.main(["--out", str(out), "--runs", "1", "--device", "cpu",
-                                    "--only", "baseline,flash_attention_3", "--no-warm"]) == 0
+                                    "--only", "baseline,flash_attention_3", "--no-warm", "--window-seconds", "0.5"]) == 0
     files = sorted(out.glob("*-first-result.json"))
     assert len(files) == 1 and files[0].with_suffix(".md").exists()
     rows = {r["row"]: r for r in json.loads(files[0].read_text())["rows"]}
@@ -28,7 +28,12 @@ def test_the_baseline_row_measures_fresh_processes_and_the_package_rows_are_skip
         assert 0 < sample["torch_imported_s"] <= sample["first_s"]
     assert base["dispatcher_takeover_call"]["median"] == 1 and base["dispatcher_served_first_by"] == [
         f"{base['seed']['decided']} (cache)"]
+    for variant in ("sdpa", "dispatcher", "dispatcher_no_preload"):  # the first seconds of calls, each timed
+        window = base["samples"][variant][0]["window"]
+        assert window["calls"] >= 1 and window["median_ms"] > 0 and len(window["stall_calls"]) == min(window["stalls"], 20)
+        assert base["window"][variant]["stalls_max"] == window["stalls"]
     assert "| baseline |" in files[0].with_suffix(".md").read_text()
+    assert "worst call / median" in files[0].with_suffix(".md").read_text()
 
 
 def test_the_import_breakdown_reads_the_modules_between_the_markers():
