@@ -22,7 +22,7 @@ from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
 from ..problem import mask_4d, prepare
 from ..request import Request
-from ..store.cache import DecisionCache, all_rejected
+from ..store.cache import DecisionCache
 from ..states import PlanSource
 from ..store.decision import ACCEPTED, CHOSEN, EAGER, SLOWER, SYNTHETIC, Decision, decision_filter
 from ..store.leases import Outcome
@@ -236,7 +236,7 @@ class Dispatcher(ModePlans):
         tier = lowprec.tier_of_key(key)
         tolerance = lowprec.tolerance(self.tolerance(call.problem), tier)
         decision = self.store.get(key.id, tolerance=tolerance)
-        if decision is not None and all_rejected(decision):  # never trusted: tune again
+        if decision is not None and decision.all_rejected():  # never trusted: tune again
             decision = None
         if decision is not None and self._retime_now(decision, key, mode, call):
             return None
@@ -388,7 +388,7 @@ class Dispatcher(ModePlans):
         if plan.counts_hit and plan.decision is not None and self.policy is not None:  # a known decision planned
             self.policy.notify(plan.key, plan.decision, decision_timings(plan.decision), True)
         if sig is not None:
-            if plan.source == PlanSource.FALLBACK and plan.requested is None and (plan.decision is None or all_rejected(plan.decision)):
+            if plan.source == PlanSource.FALLBACK and plan.requested is None and (plan.decision is None or plan.decision.all_rejected()):
                 with self._lock:  # no decision yet (tuning off, capture, tracing): plan again when tuning can run
                     self._provisional[sig] = plan
                     self._sigs_by_key.setdefault(plan.key.id, set()).add(sig)

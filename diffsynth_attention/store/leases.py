@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from .. import config
 from . import fs, lock
-from .codec import ID, all_rejected
+from .codec import ID
 from .decision import Decision
 from .paths import LOCKS
 
@@ -97,7 +97,7 @@ class Leases:
         unless it is None or no candidate passed the gate (used by the caller for that call
         only). An exception from ``tune()`` propagates, the lease released and nothing stored."""
         def usable(found: Optional[Decision]) -> bool:
-            return found is not None and not all_rejected(found) and (accept is None or accept(found))
+            return found is not None and not found.all_rejected() and (accept is None or accept(found))
 
         if read_first:
             found = self.get(key_id, tolerance)
@@ -108,7 +108,7 @@ class Leases:
             if usable(found):
                 return TuneResult(found, Outcome.REREAD, lease)
             decision = tune()
-            if decision is None or all_rejected(decision):
+            if decision is None or decision.all_rejected():
                 return TuneResult(decision, Outcome.NOT_STORED, lease)
             self.put(decision)
             return TuneResult(decision, Outcome.TUNED, lease)
