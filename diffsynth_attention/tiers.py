@@ -73,6 +73,13 @@ class TraceState:
 TRACE = TraceState()
 
 
+def trace_scoped() -> Optional[str]:
+    """The calling context's quality scope as a trace reads it (through :data:`TRACE`, so Dynamo
+    guards on it), or None (the property's getter returns ``TRACE`` itself where no scope is set)."""
+    value = TRACE.scoped
+    return None if value is TRACE else value
+
+
 def enter(tier: str):
     """Make ``tier`` the current scope's (a token for :func:`leave`)."""
     return scope.set(tier)

@@ -34,6 +34,7 @@ Usage: PYTHONPATH=$PWD python scripts/bench_first_result.py --out benchmarks/res
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -91,11 +92,10 @@ def child_seed(p: dict, device: str, target) -> dict:
         if cand is None or cand.status not in ("chosen", "accepted", "slower"):
             why = "not a candidate" if cand is None else f"{cand.status}: {cand.reason}"
             return {"error": f"{target} cannot be decided for this problem ({why})"}
-        for c in decision.candidates.values():
-            if c.status == "chosen":
-                c.status = "accepted"
-        cand.status, cand.reason = "chosen", "seeded by bench_first_result.py"
-        decision.backend = target
+        candidates = {n: dataclasses.replace(c, status="accepted") if c.status == "chosen" else c
+                      for n, c in decision.candidates.items()}  # decisions are frozen: a new one
+        candidates[target] = dataclasses.replace(cand, status="chosen", reason="seeded by bench_first_result.py")
+        decision = decision.replace(backend=target, candidates=candidates)
         store.put(decision)
     store.flush()
     return {"key_id": info.key_id, "tuned": tuned, "decided": decision.backend}

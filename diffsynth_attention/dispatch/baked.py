@@ -271,7 +271,7 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     token = int(d.trace_key)  # a constant: dynamic=True makes an int attribute symbolic, never a str
     backend = overrides.trace_scope()
     epoch = d.regate_epoch  # an argument of the bakes, so Dynamo guards on it (dispatch/regate.py)
-    quality = tiers.TRACE.scoped  # read here so Dynamo guards on the calling context's quality scope
+    quality = tiers.trace_scoped()  # read here so Dynamo guards on the calling context's quality scope
     decision = None
     if _static(q, k, v, attn_mask):
         decision = bake(token, _meta(q), _meta(k), _meta(v), _meta(attn_mask), q_pattern, k_pattern, v_pattern, out_pattern,
