@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
-from typing import Iterator, Optional
+from typing import Iterator
 
 from . import config
 from .backends import normalize
+from .environ import raw_reader
 
 IMPLEMENTATION = config.IMPLEMENTATION
 _is_compiling = getattr(getattr(__import__("torch"), "compiler", None), "is_compiling", None) or (lambda: False)
@@ -51,15 +51,7 @@ def trace_scope():
     return None if value is TRACE else value
 
 
-_env_data = getattr(os.environ, "_data", None)
-if isinstance(_env_data, dict) and hasattr(os.environ, "encodekey"):
-    _IMPL_KEY = os.environ.encodekey(IMPLEMENTATION)
-    _env_get = _env_data.get
-    _decode = os.environ.decodevalue
-else:  # pragma: no cover - other Python implementations
-    _IMPL_KEY = IMPLEMENTATION
-    _env_get = os.environ.get
-    _decode = str
+_IMPL_KEY, _env_get, _decode = raw_reader(IMPLEMENTATION)
 
 
 def implementation_raw():

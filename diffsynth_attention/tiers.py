@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
+
+from .environ import raw_reader
 
 QUALITY = "DIFFSYNTH_ATTENTION_QUALITY"
 EXACT, BALANCED, FAST = "exact", "balanced", "fast"
@@ -88,15 +89,8 @@ def enter(tier: str):
 def leave(token) -> None:
     scope.reset(token)
 
-_env_data = getattr(os.environ, "_data", None)
-if isinstance(_env_data, dict) and hasattr(os.environ, "encodekey"):
-    _KEY = os.environ.encodekey(QUALITY)
-    _env_get = _env_data.get
-    _decode = os.environ.decodevalue
-else:  # pragma: no cover - other Python implementations
-    _KEY = QUALITY
-    _env_get = os.environ.get
-    _decode = str
+
+_KEY, _env_get, _decode = raw_reader(QUALITY)
 
 
 def raw() -> object:
