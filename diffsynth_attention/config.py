@@ -164,6 +164,16 @@ def preload() -> bool:
     return _flag(PRELOAD, True)
 
 
+RETIME = "DIFFSYNTH_ATTENTION_RETIME"
+
+
+def retime() -> bool:
+    """Whether a provisional decision (too noisy to confirm when it was tuned) is re-timed by the
+    first eager call of a process that finds the host quiet (default on; off: only `cache verify
+    --fix` re-times them)."""
+    return _flag(RETIME, True)
+
+
 QUALITY = "DIFFSYNTH_ATTENTION_QUALITY"
 
 
@@ -201,6 +211,7 @@ READERS = {
     LOAD_WAIT: load_wait,
     NEW_SHAPES: new_shapes,
     PRELOAD: preload,
+    RETIME: retime,
     QUALITY: quality,
     SENTINEL_EVERY: sentinel_every,
 }

@@ -24,6 +24,9 @@ def isolated(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_CACHE_DIR", str(cache))
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_TUNING_BUDGET", "0.05")
+    # a decision tuned here may be provisional (a loaded machine); whether a later dispatcher
+    # re-times it would then depend on the load average: only tests that ask for it re-time
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_RETIME", "off")
     default = default_dispatcher()
     default.store.forget_memory()
     default.reset()

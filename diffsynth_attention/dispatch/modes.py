@@ -59,6 +59,7 @@ class ModePlans:
         """Whether a provisional ``decision`` is re-timed by this call: eager, tuning allowed, not
         yet re-timed in this process, and the host quiet (the policy's ``quiet``)."""
         if not decision.provisional or mode != EAGER or key.id in self.retimed or not config.tuning_enabled() \
+                or not config.retime() \
                 or _is_compiling() or (call.problem.device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return False
         if not (self.policy or DEFAULT_POLICY).quiet():

@@ -53,6 +53,10 @@ ENV_MEANINGS = {
     "DIFFSYNTH_ATTENTION_PRELOAD": "off: do not start loading, at `import diffsynth_attention`, the kernel packages this "
                                    "machine's cached decisions name (only once torch is imported, by the caller or by the "
                                    "first public name used); the first call that needs one then starts its load",
+    "DIFFSYNTH_ATTENTION_RETIME": "off: a provisional decision (timings too noisy to confirm it, e.g. on a loaded host) "
+                                  "is served as it is until `cache verify --fix`; on: the first eager call of a process "
+                                  "that finds the host quiet re-times it, once per process "
+                                  "([docs/tuning.md](docs/tuning.md#confirmed-before-stored-priced-per-mode-re-checked-when-in-doubt))",
     "DIFFSYNTH_ATTENTION_QUALITY": "quality tier: `exact` (today's kernels only), `balanced` or `fast` (8-bit/FP8 "
                                    "kernels admitted where their error on the caller's own q, k, v is within the tier's "
                                    "bound); `quality(...)` scopes win over it ([docs/quality.md](docs/quality.md))",

@@ -34,9 +34,12 @@ def _provisional(folder, q, k, v):
     return decision.key_id
 
 
-def test_a_provisional_decision_is_re_timed_once_by_a_later_process_on_a_quiet_host(isolated):
+def test_a_provisional_decision_is_re_timed_once_by_a_later_process_on_a_quiet_host(isolated, monkeypatch):
     q, k, v = qkv(sq=20)
     key_id = _provisional(isolated, q, k, v)
+    off = da.Dispatcher(DecisionCache(isolated), policy=TuningPolicy(quiet=lambda: True))
+    assert off.explain(q, k, v).source == "cache" and off.stats()["tunings"] == 0  # DIFFSYNTH_ATTENTION_RETIME=off
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_RETIME", "on")
     busy = da.Dispatcher(DecisionCache(isolated), policy=TuningPolicy(quiet=lambda: False))
     assert busy.explain(q, k, v).source == "cache" and busy.stats()["tunings"] == 0  # served as it is
 
