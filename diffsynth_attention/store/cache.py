@@ -48,7 +48,6 @@ from .paths import FOLDER, LEGACY_FILE, LOCKS, MIGRATED_SUFFIX, cache_dir  # noq
 
 logger = logging.getLogger("diffsynth_attention")
 
-_SCHEMA_FILE = codec.SCHEMA_FILE
 _ID = codec.ID
 
 

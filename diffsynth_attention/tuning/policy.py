@@ -58,9 +58,6 @@ def host_quiet() -> bool:
         return False
 
 
-Listener = Callable[[object, object, dict, bool], None]
-
-
 @dataclass(frozen=True)
 class TuningPolicy:
     """How one key is tuned. See :mod:`diffsynth_attention.tuning.tuner` for the steps."""

@@ -66,7 +66,6 @@ from .reference import gate_heads, reference_slice, relative_l1
 from .confirm import choose, confirm, confirm_reserve_s, mode_winners, relative_spread
 from .timing import Timer, round_order
 from .trial import Result, Run, Trial, TuneInputs, copy_input, describe_exception, finite_inputs, free_memory, gib, recover, restore
-from .trial import random_like as _random_like  # noqa: F401  (tests)
 from .trial import same as _same
 
 logger = logging.getLogger("diffsynth_attention")

@@ -22,6 +22,7 @@ import torch
 import diffsynth_attention as da
 from diffsynth_attention.dispatch import default_dispatcher
 from diffsynth_attention.store import cache as cache_mod
+from diffsynth_attention.store import codec
 from diffsynth_attention.store import fs as fs_mod
 from diffsynth_attention.store import lock as lock_mod
 from diffsynth_attention.store.cache import CacheFileError, DecisionCache, parse_document, render_document
@@ -90,7 +91,7 @@ def test_entry_file_matches_schema_and_keeps_every_field(isolated):
     q, k, v = qkv()
     da.explain(q, k, v)
     doc = json.loads(_only_entry(isolated).read_text())
-    jsonschema.Draft202012Validator(json.loads(cache_mod._SCHEMA_FILE.read_text())).validate(doc)
+    jsonschema.Draft202012Validator(json.loads(codec.SCHEMA_FILE.read_text())).validate(doc)
     assert doc["schema_version"] == 3 and doc["id"] == key_id(doc["entry"]["key"])
     entry = doc["entry"]
     assert set(entry) >= {"key", "backend", "candidates", "tolerance", "created", "tuning_seconds"}
@@ -647,7 +648,7 @@ def test_documents_refuse_bad_ids_nan_and_oversize():
 
 def test_one_schema_and_its_documentation_agree():
     assert not (ROOT / "cache_schema" / "decisions.schema.json").exists()  # one copy: the package's
-    schema = json.loads(cache_mod._SCHEMA_FILE.read_text())["$defs"]
+    schema = json.loads(codec.SCHEMA_FILE.read_text())["$defs"]
     doc = (ROOT / "cache_schema" / "README.md").read_text()
     documented = set(re.findall(r"`entry\.([a-z_]+)", doc))
     assert documented | {"compile_seconds"} == set(schema["entry"]["properties"]) and "`compile_seconds`" in doc

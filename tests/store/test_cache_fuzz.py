@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import diffsynth_attention as da
 from diffsynth_attention.dispatch import default_dispatcher
 from diffsynth_attention.store import cache as cache_mod
+from diffsynth_attention.store import codec
 from diffsynth_attention.store.cache import DecisionCache
 from diffsynth_attention.store.decision import key_id
 
@@ -40,7 +41,7 @@ def no_hang(seconds=20):
         signal.signal(signal.SIGALRM, old)
 
 
-_SCHEMA = json.loads(cache_mod._SCHEMA_FILE.read_text())
+_SCHEMA = json.loads(codec.SCHEMA_FILE.read_text())
 _ENTRY = jsonschema.Draft202012Validator({"$schema": _SCHEMA["$schema"], "$defs": _SCHEMA["$defs"], "$ref": "#/$defs/entry"})
 
 

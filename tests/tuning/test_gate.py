@@ -9,6 +9,7 @@ from diffsynth_attention.dispatch import default_dispatcher
 from diffsynth_attention.store import cache as cache_mod
 from diffsynth_attention.store.cache import DecisionCache
 from diffsynth_attention.tuning import tuner
+from diffsynth_attention.tuning import trial
 
 from support.helpers import full_reference, qkv, rel
 
@@ -43,7 +44,7 @@ def test_mutation_check_treats_nan_as_equal():
 
 def test_random_gate_inputs_keep_shape_dtype_and_strides():
     t = torch.randn(2, 8, 3, 4).permute(0, 2, 1, 3)
-    r = tuner._random_like(t)
+    r = trial.random_like(t)
     assert r.shape == t.shape and r.dtype == t.dtype and r.stride() == t.stride() and torch.isfinite(r).all()
 
 
