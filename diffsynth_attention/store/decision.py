@@ -90,10 +90,6 @@ class Candidate:
         return cls(get("status"), get("time_ms"), get("error"), get("reason"), get("first_call_ms"), get("reps") or 0,
                    get("predicted_ms"), get("host_ms"), get("device_ms"))
 
-    @property
-    def timed(self) -> bool:
-        return self.status in TIMED and self.time_ms is not None
-
     def cost(self, mode: str = EAGER) -> Optional[float]:
         return mode_cost(self.time_ms, self.host_ms, self.device_ms, mode)
 

@@ -88,8 +88,7 @@ def verify(dispatcher, decisions: list, device, fix: bool = False, samples: int 
                 row["holds"] = True
                 row["verdict"] = "holds" + (" (provisional)" if decision.provisional else "")
         if fix and (row["holds"] is False or decision.provisional):
-            dispatcher.store.clear(decision_filter(key=decision.key_id))
-            dispatcher.invalidate(decision.key_id)
+            dispatcher.store.clear(decision_filter(key=decision.key_id))  # its listeners drop the plans
             info = dispatcher.explain(q, k, v, **kwargs)
             row["fixed"] = info.backend + (" (provisional)" if info.decision is not None and info.decision.provisional else "")
     return rows

@@ -55,7 +55,7 @@ def confirm_reserve_s(trial: Trial, names: list) -> float:
     return trial.policy.confirm_min * _paired_cost_s(trial, [DEFAULT_BACKEND, worst])
 
 
-def mode_winners(trial: Trial, timed: list, eager: str) -> dict:
+def mode_winners(trial: Trial, timed: list) -> dict:
     """{mode: backend} for the compiled and CUDA-graph modes, from the round medians of host and
     device time (:func:`~diffsynth_attention.store.decision.mode_cost`), by the same tie rule as
     eager. Empty where the rounds have no host/device split (a CPU) or fewer than two candidates."""

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..store.decision import Candidate
 from .policy import TuningPolicy
 from .timing import Timer
 
@@ -52,9 +53,7 @@ class Result:
     host_ms: Optional[float] = None
     device_ms: Optional[float] = None
 
-    def freeze(self):
-        from ..store.decision import Candidate
-
+    def freeze(self) -> Candidate:
         return Candidate(**dataclasses.asdict(self))
 
 

@@ -97,9 +97,9 @@ def test_each_mode_prices_candidates_from_host_and_device_time():
     # a host-heavy kernel package: fastest on the device, slowest to issue
     runs = {"torch": run("torch", 0.030, 0.020, 0.028), "flash_attention_4": run("flash_attention_4", 0.095, 0.090, 0.020)}
     trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY)
-    assert tuner.mode_winners(trial, list(runs), "torch") == {"compiled": "torch", "cudagraph": "flash_attention_4"}
+    assert tuner.mode_winners(trial, list(runs)) == {"compiled": "torch", "cudagraph": "flash_attention_4"}
     runs["torch"] = Run(backend=SimpleNamespace(name="torch"), cand=None, call=None, rounds=[0.03] * 5)  # CPU: no split
-    assert tuner.mode_winners(trial, list(runs), "torch") == {}
+    assert tuner.mode_winners(trial, list(runs)) == {}
     d = Decision("0" * 24, {}, "torch", {}, modes={"cudagraph": "flash_attention_4", "compiled": "torch"})
     assert d.modes == {"cudagraph": "flash_attention_4"}  # only where it differs from the eager choice
     assert (d.backend_for("eager"), d.backend_for("compiled"), d.backend_for("cudagraph")) == ("torch", "torch", "flash_attention_4")
