@@ -176,7 +176,35 @@ def parse_entry(data, kid: str, where="<entry>") -> Decision:
 
 def parse_entry_raw(data, kid: str, where="<entry>") -> dict:
     """One entry file's validated ``entry`` object (for documents: no Decision round trip). CacheFileError."""
-    doc = loads(decode(data, where), where)
+    return parse_entry_text(data, kid, where, compact=False)[0]
+
+
+# An entry file as render_entry writes it: the entry first, then the id and the version.
+_HEAD = '{\n "entry": '
+_TAIL = re.compile(r',\n "id": "([0-9a-f]{24})",\n "schema_version": (0|[1-9][0-9]{0,8})\n}\n?\Z')
+_INDENT = re.compile(r"\n *")
+_ENTRY_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def parse_entry_text(data, kid: str, where="<entry>", compact: bool = True) -> tuple:
+    """(entry, text): :func:`parse_entry_raw`'s validated ``entry`` object, and (``compact``) its
+    JSON text without whitespace, cut from the file where it is laid out as :func:`render_entry`
+    writes it and holds no escape (so ``": "`` and line breaks occur nowhere but between
+    tokens), else None (the caller encodes the object). Where render_entry wrote the file, the
+    text is what ``json.dumps(entry, sort_keys=True, separators=(",", ":"))`` gives, with no
+    float formatted again (an export of 60,000 entries). CacheFileError."""
+    text = decode(data, where)
+    doc, span = None, None
+    if text.startswith(_HEAD):  # one decode of the entry, its end found by the decoder
+        try:
+            entry, end = _ENTRY_DECODER.raw_decode(text, len(_HEAD))
+        except (ValueError, RecursionError):
+            entry, end = None, 0  # json.loads below words the error
+        tail = _TAIL.match(text, end) if isinstance(entry, dict) else None
+        if tail is not None:
+            doc, span = {"entry": entry, "id": tail.group(1), "schema_version": int(tail.group(2))}, (len(_HEAD), end)
+    if doc is None:
+        doc = loads(text, where)
     if not isinstance(doc, dict):
         raise CacheFileError(where, "not a JSON object")
     if doc.get("schema_version") not in READS or isinstance(doc.get("schema_version"), bool):
@@ -187,7 +215,10 @@ def parse_entry_raw(data, kid: str, where="<entry>") -> dict:
     if doc["id"] != kid:
         raise CacheFileError(where, f"id {str(doc['id'])[:40]!r} does not match the file name {kid}")
     validate_entry(kid, doc["entry"], where)
-    return doc["entry"]
+    out = None
+    if compact and span is not None and "\\" not in text:
+        out = _INDENT.sub("", text[span[0]:span[1]]).replace('": ', '":')
+    return doc["entry"], out
 
 
 def parse_document(text, path="<data>") -> dict:
@@ -207,24 +238,46 @@ def parse_document(text, path="<data>") -> dict:
     return {kid: check_entry(kid, entry, path, imported=True) for kid, entry in doc["entries"].items()}
 
 
+DOCUMENT_HEAD = '{"entries":{'  # an export document, as json.dumps(sort_keys=True, separators=(",", ":")) writes it
+DOCUMENT_TAIL = '},"schema_version":%d}\n' % SCHEMA_VERSION
+
+
+def document_member(kid: str, entry: dict, first: bool, text: Optional[str] = None) -> str:
+    """One ``"<key id>":<entry>`` member of a document's entries (after :data:`DOCUMENT_HEAD`);
+    ``text``: the entry's compact JSON text where known (:func:`parse_entry_text`)."""
+    if text is None:  # compact: tens of thousands of entries are written by the C encoder (indent is pure Python)
+        text = json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return ("" if first else ",") + json.dumps(kid) + ":" + text
+
+
+def exportable(kid: str, decision: Decision, invalid: list) -> Optional[dict]:
+    """``decision``'s entry for a document, or None (``"<kid>: <reason>"`` added to ``invalid``) if it does not validate."""
+    entry = finite(decision.to_dict())
+    try:
+        validate_entry(kid, entry, "export")
+    except CacheFileError as exc:
+        invalid.append(f"{kid}: {exc.reason}")
+        return None
+    return entry
+
+
+def warn_left_out(invalid: list) -> None:
+    if invalid:
+        logger.warning("diffsynth_attention cache: left %d decision(s) out of the export (first: %s)", len(invalid), invalid[0])
+
+
 def render_document(entries: dict, raw: Optional[dict] = None) -> str:
     """An export document of ``entries`` ({key_id: Decision}) and ``raw`` ({key_id: entry} already
     validated, as :func:`parse_entry_raw` gives them); decisions that do not validate are left
     out (one warning with the count and the first reason)."""
-    out, left_out = dict(raw or {}), []
+    out, invalid = dict(raw or {}), []
     for kid, d in sorted(entries.items()):
-        entry = finite(d.to_dict())
-        try:
-            validate_entry(kid, entry, "export")
-        except CacheFileError as exc:
-            left_out.append(f"{kid}: {exc.reason}")
-            continue
-        out[kid] = entry
-    if left_out:
-        logger.warning("diffsynth_attention cache: left %d decision(s) out of the export (first: %s)", len(left_out), left_out[0])
-    # compact: a document of tens of thousands of entries is written by the C encoder (indent is pure Python)
-    return json.dumps({"schema_version": SCHEMA_VERSION, "entries": out}, sort_keys=True, separators=(",", ":"),
-                      allow_nan=False) + "\n"
+        entry = exportable(kid, d, invalid)
+        if entry is not None:
+            out[kid] = entry
+    warn_left_out(invalid)
+    parts = [DOCUMENT_HEAD] + [document_member(kid, out[kid], first=i == 0) for i, kid in enumerate(sorted(out))]
+    return "".join(parts + [DOCUMENT_TAIL])
 
 
 _WS = re.compile(r"[ \t\n\r]*")
