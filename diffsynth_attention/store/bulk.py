@@ -86,6 +86,7 @@ class WholeCache:
         entries are counted in one warning."""
         self._ensure_loaded()
         self._migrated()
+        self.replay_journals()
         self._summarize_bad(self._scan(only_new=False), "ignored")
         return dict(self._entries)
 
@@ -122,6 +123,7 @@ class WholeCache:
         counted in one warning."""
         self._ensure_loaded()
         self._migrated()
+        self.replay_journals()
         with self._mutex:
             memory = dict(self._entries)
         out = [fn(kid, d.to_dict()) for kid, d in memory.items()]
@@ -152,6 +154,7 @@ class WholeCache:
         is :func:`.codec.render_document`'s."""
         self._ensure_loaded()
         self._migrated()
+        self.replay_journals()
         with self._mutex:
             memory, pending = dict(self._entries), set(self._pending)
         bad: list = []
@@ -181,6 +184,7 @@ class WholeCache:
         ``predicate``, how many valid ones it matches (as :meth:`clear` would remove)."""
         self._ensure_loaded()
         self._migrated()
+        self.replay_journals()
         if predicate is not None:
             return len(self._matching(predicate, [], remove=False))
         ids = set(self._entries)
@@ -249,6 +253,7 @@ class WholeCache:
                         del self._entries[k]
                         self._pending.pop(k, None)
                         self._rendered.pop(k, None)
+                        self._journaled.pop(k, None)
         with self._folder(create=False) as vfd, _no_gc():
             if vfd is None:
                 return found
@@ -281,6 +286,8 @@ class WholeCache:
                 unlinked = True
             if unlinked:
                 fs.fsync_dir(vfd)
+            if remove:
+                self._release_done(vfd)  # a journal of ours holding only cleared decisions
         return found
 
     def clear(self, predicate: Optional[Callable] = None) -> int:
@@ -288,6 +295,7 @@ class WholeCache:
         disk. With a predicate, entries that cannot be read are left alone (counted in one warning)."""
         self._ensure_loaded()
         self._migrated()
+        self.replay_journals()
         bad: list = []
         if predicate is not None:
             removed = self._matching(predicate, bad, remove=True)
@@ -304,6 +312,7 @@ class WholeCache:
             self._entries.clear()
             self._pending.clear()
             self._rendered.clear()
+            self._journaled.clear()
             self._groups.clear()
             self._indexed.clear()
             self._ungrouped = []
@@ -322,5 +331,6 @@ class WholeCache:
                         continue
                 fs.fsync_dir(vfd)
                 group_index.drop(vfd)
+                self._release_done(vfd)
         self._changed()
         return len(removed)

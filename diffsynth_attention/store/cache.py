@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .. import config
-from . import codec, fs, lock, migrate
+from . import codec, fs, journal, lock, migrate
 from .codec import (  # noqa: F401 - the store's public names, kept importable from here
     MAX_DOCUMENT_BYTES, MAX_ENTRY_BYTES, MAX_LEGACY_BYTES, SCHEMA_VERSION, CacheFileError, all_rejected, parse_document,
     parse_entry, render_document, render_entry)
@@ -185,12 +185,14 @@ class DecisionCache(WholeCache, Leases, Writes):
                 return
             self._loaded_from = self.directory
             with self._folder(create=False) as vfd:  # reading creates nothing: the first write makes the folder
-                if vfd is not None:
-                    fs.sweep(vfd, LOCKS)
+                if vfd is not None and journal.names(fs.sweep(vfd, LOCKS)):
+                    self._replay_due = True  # a process ended before writing out its journal: the timer does
             if self._persistent and migrate.legacy_present(self.directory):
                 self._migration = migrate.Migration(self.directory, self._open_for_migration, self._warn_once)
                 self._migration.start()
             self._loaded = True
+            if self._replay_due:
+                self._schedule_retry(0)
 
     def _open_for_migration(self) -> Optional[int]:
         with self._folder(create=True) as vfd:
