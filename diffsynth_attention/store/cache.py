@@ -15,9 +15,10 @@
   directory, link, another owner) is a miss too, and is never overwritten.
 - An untrusted folder -> memory only for good (one warning). A write that fails (read-only,
   full, EFBIG, a temporary file removed) -> one warning; reads go on, decisions wait in memory
-  and writing is tried again on a timer (0.25 s doubling to 2 s, reset by a write that works;
-  at exit at once: every cache flushes); one warning when it works again. ``flush`` says how
-  many are lost (:mod:`.writes`).
+  and writing is tried again on a timer (0.25 s doubling to 1 s, reset by a write that works;
+  at exit at once: every cache flushes); one warning when it works again. Many pending decisions
+  go into one journal file first (:mod:`.journal`), replayed by the next process if this one is
+  killed before their entry files are written. ``flush`` says how many are lost (:mod:`.writes`).
 - Tuning is serialized per key by a lease (:mod:`.lock`); :meth:`DecisionCache.get_or_tune`.
 - A v1 ``decisions.json`` is migrated in the background (:mod:`.migrate`).
 """
