@@ -1,5 +1,4 @@
-"""The hot path: ``attention_forward`` of one dispatcher (a closure over its plan table), and the
-random stand-ins a trace tunes on."""
+"""The hot path: ``attention_forward`` of one dispatcher (a closure over its plan table)."""
 
 from __future__ import annotations
 
@@ -8,30 +7,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import overrides, tiers
+from ..callsite import is_compiling as _is_compiling, needs_grad
 from ..request import FLOAT_MAX, Request
-
-_grad_enabled = torch.is_grad_enabled
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
-
-
-def _synthetic(req: Request) -> Request:
-    """``req`` with real random tensors of its fake tensors' shapes, strides, dtype, device and
-    ``requires_grad`` (a gradient-needing key is tuned with its backward, which needs it)."""
-    def real(t):
-        out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
-        out = out.normal_() if _dense(out) else torch.randn(out.shape, dtype=t.dtype, device=t.device)
-        return out.requires_grad_(t.requires_grad)
-    return req._replace(q=real(req.q), k=real(req.k), v=real(req.v))
-
-
-def _dense(t) -> bool:
-    """Whether no two elements of ``t`` share memory (so it can be filled in place)."""
-    size = 1
-    for n, st in sorted(zip(t.shape, t.stride()), key=lambda x: x[1]):
-        if n > 1 and st < size:
-            return False
-        size = max(size, st * n)
-    return True
 
 
 def make_forward(d) -> Callable:
@@ -87,8 +64,7 @@ def make_forward(d) -> Callable:
                                     is_causal, compatibility_mode, window_size)
         impl_raw = env_get(impl_key)
         try:
-            grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                        or attn_mask is not None and attn_mask.requires_grad)
+            grad = needs_grad(q, k, v, attn_mask)
             plan = plans_get((
                 scope_get(), impl_raw, compatibility_mode, type(compatibility_mode), q.shape, k.shape, v.shape,
                 q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.layout, k.layout, v.layout,

@@ -58,25 +58,6 @@ def _runtime_versions() -> tuple:
     )
 
 
-def problem_fields(p: Problem) -> dict:
-    return {
-        "batch": p.batch,
-        "heads_q": p.heads_q,
-        "heads_kv": p.heads_kv,
-        "seq_q": p.seq_q,
-        "seq_kv": p.seq_kv,
-        "head_dim": p.head_dim,
-        "head_dim_v": p.head_dim_v,
-        "dtype": p.dtype_name,
-        "layout": p.layout,
-        "mask": p.mask,
-        "mask_shape": None if p.mask_shape is None else list(p.mask_shape),
-        "causal": p.causal,
-        "window": p.window,
-        "requires_grad": p.requires_grad,
-    }
-
-
 def make_key(problem: Problem, dev: DeviceInfo, candidates, tier: str = "exact") -> Key:
     """The key of ``problem`` on ``dev`` over ``candidates`` (every backend declared able to serve
     it, whatever the quality tier). A low-precision tier (``balanced``, ``fast``) is a field of
@@ -88,7 +69,7 @@ def make_key(problem: Problem, dev: DeviceInfo, candidates, tier: str = "exact")
     for backend in candidates:  # from package metadata: building a key imports no kernel package
         if backend.package:
             versions[backend.package] = backend.declared_version() or "unknown"
-    fields = {"problem": problem_fields(problem), "device": dev.as_dict(), "versions": versions}
+    fields = {"problem": problem.fields(), "device": dev.as_dict(), "versions": versions}
     if tier != "exact":
         fields["quality"] = tier
     return Key(fields, key_id(fields))

@@ -53,10 +53,10 @@ def _call(q, k, v, kw: dict, canonical: bool = False):
     with ``canonical``, ``(call, qc, kc, vc)``: q, k, v as ``b n s d`` views too."""
     from ..problem import prepare
 
-    call, *qkv = prepare(q, k, v, kw.get("q_pattern", _BNSD), kw.get("k_pattern", _BNSD), kw.get("v_pattern", _BNSD),
-                       kw.get("out_pattern", _BNSD), kw.get("dims"), kw.get("attn_mask"), kw.get("scale"),
-                       kw.get("is_causal", False), kw.get("window_size"), False)
-    return (call, *qkv) if canonical else call
+    call = prepare(q, k, v, kw.get("q_pattern", _BNSD), kw.get("k_pattern", _BNSD), kw.get("v_pattern", _BNSD),
+                   kw.get("out_pattern", _BNSD), kw.get("dims"), kw.get("attn_mask"), kw.get("scale"),
+                   kw.get("is_causal", False), kw.get("window_size"), False)
+    return (call, *call.canonical) if canonical else call
 
 
 def backend_call(name: str, q, k, v, **attention_kwargs) -> Optional[Callable]:
