@@ -58,6 +58,10 @@ def _runtime_versions() -> tuple:
     )
 
 
+def problem_fields(p: Problem) -> dict:
+    return p.fields()
+
+
 def make_key(problem: Problem, dev: DeviceInfo, candidates, tier: str = "exact") -> Key:
     """The key of ``problem`` on ``dev`` over ``candidates`` (every backend declared able to serve
     it, whatever the quality tier). A low-precision tier (``balanced``, ``fast``) is a field of
@@ -69,7 +73,7 @@ def make_key(problem: Problem, dev: DeviceInfo, candidates, tier: str = "exact")
     for backend in candidates:  # from package metadata: building a key imports no kernel package
         if backend.package:
             versions[backend.package] = backend.declared_version() or "unknown"
-    fields = {"problem": problem.fields(), "device": dev.as_dict(), "versions": versions}
+    fields = {"problem": problem_fields(problem), "device": dev.as_dict(), "versions": versions}
     if tier != "exact":
         fields["quality"] = tier
     return Key(fields, key_id(fields))

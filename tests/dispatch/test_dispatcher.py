@@ -46,7 +46,9 @@ def _variants():
     yield {**base, "window_size": 2}
     yield {**base, "compatibility_mode": True}
     yield dict(q=q.double(), k=k.double(), v=v.double())
+    yield dict(q=qs.transpose(1, 2), k=ks.transpose(1, 2), v=vs.transpose(1, 2))  # b n s d views of b s n d memory
     yield dict(q=q.clone().requires_grad_(), k=k, v=v)
+    yield {**base, "attn_mask": torch.zeros(1, 1, 8, 8).requires_grad_()}  # a learned bias: its gradient is needed
 
 
 @pytest.mark.parametrize("kwargs", list(_variants()))
