@@ -60,6 +60,10 @@ def _after_fork_in_child() -> None:  # a thread of the parent may have held a ca
         cache._mutex = threading.RLock()
         cache._save_lock = threading.Lock()
         cache._timer = None  # the parent's timer thread is not in the child: the next failure schedules one
+        for fd in cache._journals.values():  # the parent's journals: it writes them out (their lock stays its own)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        cache._journals, cache._journaled = {}, {}
 
 
 if hasattr(os, "register_at_fork"):

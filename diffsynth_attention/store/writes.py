@@ -264,7 +264,7 @@ class Writes:
             for kid in [k for k in self._journaled if k in self._pending]:  # a newer decision: written instead
                 del self._journaled[kid]
             entries = {kid: d for kid, (d, _, _) in self._journaled.items()}
-        todo = self._entries_to_write(vfd, entries, lambda kid, d: self._journaled[kid][1]) if entries else []
+        todo = self._entries_to_write(vfd, entries, lambda kid, d: self._journaled.get(kid, (d, None))[1]) if entries else []
         with self._mutex:  # a blocked file is never overwritten: its decision waits in memory, as pending
             for kid in [k for k in self._journaled if k in self._blocked]:
                 self._pending.setdefault(kid, self._journaled.pop(kid)[0])
