@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,9 +105,12 @@ def test_sigkill_after_the_journal_loses_nothing_the_next_process_writes_it_out(
 def test_the_next_process_timer_writes_out_a_journal_without_a_whole_cache_read(isolated, subprocess_env):
     _killed_writer(isolated, subprocess_env)
     c = DecisionCache(isolated)
-    assert c.get(make_decision(1).key_id) is None  # not written yet: a miss (loading schedules the replay)
-    c._timer.join(60)  # the retry timer, scheduled at load, replays it
-    assert _on_disk(isolated) == {make_decision(i).key_id for i in range(N)} and _journals(isolated) == []
+    c._ensure_loaded()  # (what a call's first lookup does) finds the journal and schedules the replay
+    want = {make_decision(i).key_id for i in range(N)}
+    end = time.monotonic() + 60  # the retry timer replays it: no save, no whole-cache read (a state, polled)
+    while (_on_disk(isolated) != want or _journals(isolated)) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert _on_disk(isolated) == want and _journals(isolated) == []
     assert c.get(make_decision(1).key_id) is not None
 
 
