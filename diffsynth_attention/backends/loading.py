@@ -26,11 +26,12 @@ loads of its candidates' packages and waits for them, bounded, before it takes t
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import weakref
 from typing import Callable, Iterable, Optional
+
+from .. import process
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -38,7 +39,7 @@ READY, LOADING, FAILED, UNLOADED = "ready", "loading", "failed", "unloaded"
 DEFERRED = "deferred"  # not loaded, and not to be loaded in the background (see defer())
 PENDING = (LOADING, DEFERRED)  # states in which a decision is served by another backend meanwhile
 
-_lock = threading.Lock()
+_lock = process.new_lock()
 _threads: dict = {}  # backend name -> the thread importing it now
 _started: dict = {}  # backend name -> time.monotonic() when its background import started
 _listeners: list = []  # weak references (WeakMethod or ref) to callables(name, state)
@@ -229,13 +230,13 @@ def wait_all(timeout: Optional[float] = None) -> None:
         thread.join(timeout)
 
 
+@process.after_fork
 def _after_fork_in_child() -> None:
     """A fork while a package loads leaves the child without the loading thread, with that
     backend's load lock (and the package's half-imported modules) held by a thread that does not
     exist there: the backend becomes unavailable in the child, with the reason, instead of
-    waiting forever. The parent is untouched."""
-    global _lock
-    _lock = threading.Lock()
+    waiting forever (:mod:`diffsynth_attention.process` has unlocked every lock by now). The
+    parent is untouched."""
     interrupted = [thread for thread in _threads.values()]
     _threads.clear()
     _started.clear()
@@ -243,13 +244,8 @@ def _after_fork_in_child() -> None:
         backend = getattr(thread, "backend", None)
         if backend is None:
             continue
-        backend._load_lock = threading.RLock()
         backend._unavailable = "its package was loading on a background thread when this process was forked"
         backend._loaded = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def decided_packages(decisions: Iterable, registry: dict) -> list:

@@ -12,11 +12,11 @@ signatures planned for that key are dropped.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Callable, Optional
 
 import torch
 
+from .. import process
 from .. import config, overrides, tiers
 from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
@@ -31,6 +31,7 @@ from ..tuning.policy import TuningPolicy, tolerance_for
 from ..tuning.trial import decision_timings
 from ..tuning.tuner import TuneInputs, tune
 from . import faults, lowprec, tokens
+from .counters import Counters
 from .hot import make_forward
 from .modes import ModePlans
 from .plan import BackendNotSupportedError, Explanation, Plan, explanation  # noqa: F401 (re-exported)
@@ -56,8 +57,8 @@ class Dispatcher(ModePlans):
         self.plans: dict = {}  # signature -> Plan; never rebound (the hot path holds its .get)
         self._provisional: dict = {}  # signature -> Plan used while tuning is impossible
         self._sigs_by_key: dict = {}  # key id -> {signature}
-        self._lock = threading.RLock()
-        self.counters = {"hits": 0, "tunings": 0, "tuning_seconds": 0.0}
+        self._lock = process.new_rlock()
+        self.counters = Counters()  # safe across threads (dispatch/counters.py)
         self.warned: set = set()
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
         self.retimed: dict = {}  # key id -> the provisional decision this process re-times (once a key)
@@ -86,7 +87,7 @@ class Dispatcher(ModePlans):
     def reset(self) -> None:
         """Forget plans, counters, warnings and dropped backends (the store is left as it is)."""
         self.invalidate()
-        self.counters.update(hits=0, tunings=0, tuning_seconds=0.0)
+        self.counters.reset()
         self.warned.clear()
         self.dropped.clear()
         self.retimed.clear()
@@ -95,7 +96,7 @@ class Dispatcher(ModePlans):
     def stats(self) -> dict:
         """This dispatcher's counters: ``hits`` (calls served by a known decision), ``tunings``,
         ``tuning_seconds``."""
-        return dict(self.counters)
+        return self.counters.snapshot()
 
     def warn_once(self, tag, message, *args) -> None:
         if tag not in self.warned:
@@ -343,8 +344,7 @@ class Dispatcher(ModePlans):
             decision = lowprec.annotate(decision, tier, evidence)
             if gated_on is not None:
                 decision = decision.replace(evidence=gated_on)
-            self.counters["tunings"] += 1
-            self.counters["tuning_seconds"] += decision.tuning_seconds
+            self.counters.tuned(decision.tuning_seconds)
             logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
             return decision
 
@@ -408,7 +408,7 @@ class Dispatcher(ModePlans):
         """A call whose signature has no plan yet (or whose plan is provisional)."""
         plan = self.plan_for(req, impl_raw, grad)
         if plan.counts_hit:
-            self.counters["hits"] += 1
+            self.counters.hit()
         return self.run(plan, req, impl_raw, grad)
 
     def run(self, plan: Plan, req: Request, impl_raw, grad: bool):
@@ -438,6 +438,4 @@ class Dispatcher(ModePlans):
                       compatibility_mode, window_size)
         impl_raw = overrides.implementation_raw()
         grad = req.needs_grad(torch.is_grad_enabled())
-        before = self.counters["tunings"]
-        plan = self.plan_for(req, impl_raw, grad)
-        return explanation(self, plan, before)
+        return explanation(self, self.plan_for(req, impl_raw, grad))

@@ -12,13 +12,13 @@ import dataclasses
 import datetime
 import logging
 import math
-import threading
 import time
 from typing import Optional
 
 import torch
 from einops import rearrange
 
+from .. import process
 from .. import config, tiers
 from ..backends import REGISTRY
 from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision
@@ -168,7 +168,7 @@ def best_exact(decision: Decision) -> str:
     return timed[0][1] if timed else "torch"
 
 
-_fallback_lock = threading.Lock()
+_fallback_lock = process.new_lock()
 
 
 def fall_back(d, decision: Decision, state: Sentinel, rel: float, cos: float, why: str) -> Decision:

@@ -12,12 +12,13 @@ processes)."""
 from __future__ import annotations
 
 import itertools
-import threading
 import weakref
+
+from .. import process
 
 _DISPATCHERS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 _NEXT = itertools.count()
-_LOCK = threading.Lock()
+_LOCK = process.new_lock()
 
 
 class DispatcherGoneError(RuntimeError):

@@ -37,15 +37,16 @@ import importlib.abc
 import importlib.machinery
 import logging
 import sys
-import threading
 from typing import Optional
+
+from .. import process
 
 logger = logging.getLogger("diffsynth_attention")
 
 BACKEND_NAME = "diffsynth_auto"
 _MEMBER_NAME = "DIFFSYNTH_AUTO"
 _TARGET = "diffusers.models.attention_dispatch"
-_lock = threading.RLock()
+_lock = process.new_rlock()
 
 
 class DiffusersNotSupportedError(RuntimeError):

@@ -23,6 +23,7 @@ import threading
 import time
 import weakref
 
+from .. import process
 from . import fs, group_index
 from .codec import CacheFileError, render_entry
 from .neighbours import cell_of
@@ -63,7 +64,7 @@ class Writes:
     """Mixed into DecisionCache (which sets ``_mutex``, ``_pending``, ``_blocked``, ... )."""
 
     def _writes_init(self) -> None:
-        self._save_lock = threading.Lock()
+        self._save_lock = process.new_lock()
         self._timer = None
         _live.add(self)
 
