@@ -51,7 +51,8 @@ class Dispatcher(ModePlans):
     """One plan table over one :class:`DecisionCache`. ``Dispatcher(DecisionCache(path))`` is a
     dispatcher of its own (tests build one each); the public functions use a default instance."""
 
-    def __init__(self, store: Optional[DecisionCache] = None, policy: Optional[TuningPolicy] = None):
+    def __init__(self, store: Optional[DecisionCache] = None, policy: Optional[TuningPolicy] = None,
+                 token: Optional[int] = None):
         self.store = store if store is not None else DecisionCache()
         self.policy = policy  # the tuner's rules and listeners (tuning/policy.py); None: the defaults
         self.plans: dict = {}  # signature -> Plan; never rebound (the hot path holds its .get)
@@ -64,7 +65,7 @@ class Dispatcher(ModePlans):
         self.retimed: dict = {}  # key id -> the provisional decision this process re-times (once a key)
         self.sentinels: dict = {}  # key id -> lowprec.Sentinel: low-precision decisions watched in this process
         self.store.listeners.append(self.invalidate)
-        self.trace_token = tokens.new_token(self)  # how compiled graphs name this dispatcher (never reused)
+        self.trace_token = tokens.new_token(self, token)  # how compiled graphs name this dispatcher (never reused)
         self.trace_key = str(self.trace_token)  # what Dynamo reads: a str is never made symbolic (dynamic=True)
         self.regate_epoch = "0"  # moves on when a trace-time decision fails on real data (dispatch/regate.py)
         loading.add_listener(self._backend_loaded)  # held weakly

@@ -179,6 +179,9 @@ def _add_member(enum_cls, name: str):
 
 
 def _register_into(module, activate: bool = False):
+    from ..dispatch import default_dispatcher
+
+    default_dispatcher()  # made now, before a compiled model's trace reaches the backend
     registry = getattr(module, "_AttentionBackendRegistry", None)
     names = getattr(module, "AttentionBackendName", None)
     if registry is None or names is None or not hasattr(registry, "register"):
