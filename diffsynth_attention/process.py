@@ -50,11 +50,6 @@ def after_fork(fn: Callable[[], None]) -> Callable[[], None]:
     return fn
 
 
-def owned_locks() -> list:
-    """The live locks made here (tests check that a forked child can take each one)."""
-    return list(_locks)
-
-
 def _reinit(lock) -> None:
     is_owned = getattr(lock, "_is_owned", None)
     if is_owned is not None and is_owned():  # an RLock held by the thread that forked: it releases it

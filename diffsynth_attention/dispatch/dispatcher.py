@@ -16,15 +16,14 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import process
-from .. import config, overrides, tiers
+from .. import config, overrides, process, tiers
 from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
 from ..problem import mask_4d, prepare
 from ..request import Request
 from ..store.cache import DecisionCache
-from ..states import PlanSource
-from ..store.decision import ACCEPTED, CHOSEN, EAGER, SLOWER, SYNTHETIC, Decision, decision_filter
+from ..states import TIMED, PlanSource
+from ..store.decision import EAGER, SYNTHETIC, Decision, decision_filter
 from ..store.leases import Outcome
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import TuningPolicy, tolerance_for
@@ -175,7 +174,7 @@ class Dispatcher(ModePlans):
             return None
         order = sorted((c.time_ms, n) for n, c in decision.candidates.items()
                        if n != decided.name and n in usable_names and n in REGISTRY and c.time_ms is not None
-                       and c.status in (ACCEPTED, SLOWER, CHOSEN) and loading.is_ready(REGISTRY[n]))
+                       and c.status in TIMED and loading.is_ready(REGISTRY[n]))
         name = order[0][1] if order else "torch"
         chosen = decision.candidates.get(decided.name)
         reason = (f"{decided.name} ({source}"
@@ -366,7 +365,7 @@ class Dispatcher(ModePlans):
     def _demoted_plan(self, decision: Decision, key, call, grad, dropped: dict) -> Plan:
         order = sorted(
             (c.time_ms, n) for n, c in decision.candidates.items()
-            if c.status in (ACCEPTED, SLOWER, CHOSEN) and c.time_ms is not None and n not in dropped
+            if c.status in TIMED and c.time_ms is not None and n not in dropped
             and REGISTRY[n].unavailable_reason() is None
         )
         name = order[0][1] if order else "torch"

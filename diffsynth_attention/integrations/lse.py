@@ -24,8 +24,7 @@ from typing import Optional
 
 import torch
 
-from .. import process
-from .. import config, overrides
+from .. import config, overrides, process
 from ..backends import REGISTRY, TORCH_FAMILY, device_info
 from ..problem import prepare
 from ..request import Request

@@ -22,8 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import process
-from .. import config
+from .. import config, process
 from ..dispatch import default_dispatcher
 
 logger = logging.getLogger("diffsynth_attention")
