@@ -11,18 +11,14 @@ from einops import rearrange
 
 import diffsynth_attention as da
 from diffsynth_attention.backends import REGISTRY, flash_attention, thin, warmup
-from diffsynth_attention.backends.flash_attention import FlashAttention3, FlashAttention4
+from diffsynth_attention.backends.flash_attention import FlashAttention3
 
 from support import fake_kernels as fk
 from support import fake_thin as ft
+from support.fake_thin import install_fa4, on_cpu
 from support.helpers import full_reference, qkv, rel
 
 FA3_VERSION = "3.0.0.post20260810"
-
-
-def on_cpu(cls):
-    return type(cls.__name__, (cls,), {"devices": frozenset({"cpu", "cuda"}), "dtypes": cls.dtypes | {torch.float32},
-                                       "warm_devices": frozenset({"cpu", "cuda"})})()
 
 
 @pytest.fixture(autouse=True)
@@ -169,18 +165,6 @@ def test_fa3_first_launch_on_the_loading_thread_takes_the_thin_path(fa3):
 
 
 # -- FlashAttention-4 ------------------------------------------------------------------------------------
-def install_fa4(monkeypatch, **kw):
-    pkg, cute, interface = ft.make_fa4_interface(**kw)
-    for name, module in (("flash_attn", pkg), ("flash_attn.cute", cute), ("flash_attn.cute.interface", interface)):
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(flash_attention, "package_version", lambda d: "4.0.0b36" if d == "flash-attn-4" else None)
-    monkeypatch.setattr(flash_attention, "enable_fa4_compile_cache", lambda: None)
-    backend = on_cpu(FlashAttention4)
-    monkeypatch.setitem(REGISTRY, "flash_attention_4", backend)
-    assert backend.unavailable_reason() is None
-    return backend, interface
-
-
 def kernel_calls(interface):
     return sum(k.calls for k in interface._flash_attn_fwd.compile_cache.cache.values())
 

@@ -7,10 +7,14 @@
   ``_flash_attn_fwd.compile_cache`` (a JITCache-like object) on a miss and calling the compiled
   kernel with (q, k, v, out, lse, scale, ..., window left/right, AuxData), as 4.0.0b36 does.
 """
+import sys
 import types
 from typing import NamedTuple
 
 import torch
+
+from diffsynth_attention.backends import REGISTRY, flash_attention
+from diffsynth_attention.backends.flash_attention import FlashAttention4
 
 from support.fake_kernels import _attend_bsnd
 
@@ -125,3 +129,22 @@ def make_fa4_interface(copies=False, kernel_calls=1, lse_always=False):
     cute.interface = interface
     cute.flash_attn_func = flash_attn_func
     return pkg, cute, interface
+
+
+def on_cpu(cls):
+    """A backend instance allowed to run (and warm) on CPU float32 tensors."""
+    return type(cls.__name__, (cls,), {"devices": frozenset({"cpu", "cuda"}), "dtypes": cls.dtypes | {torch.float32},
+                                       "warm_devices": frozenset({"cpu", "cuda"})})()
+
+
+def install_fa4(monkeypatch, **kw):
+    """FlashAttention-4 4.0.0b36 on the CPU over :func:`make_fa4_interface`: (backend, interface)."""
+    pkg, cute, interface = make_fa4_interface(**kw)
+    for name, module in (("flash_attn", pkg), ("flash_attn.cute", cute), ("flash_attn.cute.interface", interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(flash_attention, "package_version", lambda d: "4.0.0b36" if d == "flash-attn-4" else None)
+    monkeypatch.setattr(flash_attention, "enable_fa4_compile_cache", lambda: None)
+    backend = on_cpu(FlashAttention4)
+    monkeypatch.setitem(REGISTRY, "flash_attention_4", backend)
+    assert backend.unavailable_reason() is None
+    return backend, interface
