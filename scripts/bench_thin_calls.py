@@ -76,7 +76,7 @@ def stats(values: list) -> dict:
 
 
 def measure(name: str, shape: tuple, calls: int, rounds: int, torch, da, device: str = "cuda", warmup: int = 50) -> dict:
-    from diffsynth_attention.backends import REGISTRY
+    from diffsynth_attention.tools.bench import REGISTRY
 
     backend = REGISTRY[name]
     row = {"backend": name, "shape": list(shape)}
