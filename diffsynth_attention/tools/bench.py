@@ -56,6 +56,9 @@ _REEXPORTS = {
     "sdpa_wrapper": ("..integrations.patching", "scaled_dot_product_attention"),  # the patch's SDPA
     "original_sdpa": ("..integrations.patching", "_ORIGINAL_SDPA"),  # PyTorch's, before any patch
     "scale_for_cpu": (".shapes", "scale_for_cpu"),  # a problem cut to CPU size
+    "call_window": (".stalls", "call_window"),  # the first seconds of calls, as a distribution
+    "load_done": (".stalls", "load_done"),  # whether a backend's load has ended (for call_window)
+    "distribution_md": (".stalls", "distribution_md"),
     "DecisionCache": ("..store.cache", "DecisionCache"),
     "Candidate": ("..store.decision", "Candidate"),
     "Decision": ("..store.decision", "Decision"),
