@@ -89,8 +89,12 @@ class _FlashBase(Backend):
     _thin = None
     thin_reason: Optional[str] = "not loaded"
 
+    thin_launch_ms: Optional[float] = None  # the cost model's launch floor with the thin path on
+
     def _set_thin(self, built: tuple) -> None:
         self._thin, self.thin_reason = built
+        if self._thin is not None and self.thin_launch_ms is not None:
+            self.launch_ms = self.thin_launch_ms
         if self.thin_reason is not None:
             logger.info("%s: thin kernel calls off (the package's interface serves every call): %s", self.name,
                         self.thin_reason)
@@ -323,6 +327,7 @@ class FlashAttention4(_FlashBase):
     module = "flash_attn.cute"
     efficiency = 0.75  # 668 TFLOP/s of 989 on an H200 at 32,760 tokens
     launch_ms = 0.08  # its Python interface: 0.11-0.12 ms per call on small problems (H100, H200)
+    thin_launch_ms = 0.03  # the thin call (thin.py): SDPA-like host cost, not measured yet (kept generous)
 
     def _metadata_version(self) -> Optional[str]:
         return package_version(self.package)

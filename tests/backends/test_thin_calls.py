@@ -11,7 +11,7 @@ from einops import rearrange
 
 import diffsynth_attention as da
 from diffsynth_attention.backends import REGISTRY, flash_attention, thin, warmup
-from diffsynth_attention.backends.flash_attention import FlashAttention3
+from diffsynth_attention.backends.flash_attention import FlashAttention3, FlashAttention4
 
 from support import fake_kernels as fk
 from support import fake_thin as ft
@@ -288,3 +288,11 @@ def test_fa4_signatures_kept_are_bounded(monkeypatch):
     for s in range(8, 14):
         fa4.forward_native(qs[:, :s], ks, vs, None, False, None)
     assert len(fa4._thin.entries) == 3
+
+
+def test_fa4_cost_model_launch_floor_follows_the_thin_path(monkeypatch):
+    fa4, _ = install_fa4(monkeypatch)
+    assert fa4.launch_ms == FlashAttention4.thin_launch_ms < FlashAttention4.launch_ms
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_THIN_CALLS", "0")
+    off, _ = install_fa4(monkeypatch)
+    assert off._thin is None and off.launch_ms == FlashAttention4.launch_ms
