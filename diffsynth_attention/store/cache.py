@@ -28,12 +28,11 @@ import contextlib
 import errno
 import logging
 import os
-import threading
 import weakref
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .. import config
+from .. import config, process
 from . import codec, fs, lock, migrate
 from .codec import (  # noqa: F401 - the store's public names, kept importable from here
     MAX_DOCUMENT_BYTES, MAX_ENTRY_BYTES, MAX_LEGACY_BYTES, SCHEMA_VERSION, CacheFileError, all_rejected, parse_document,
@@ -54,15 +53,10 @@ _ID = codec.ID
 _caches: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def _after_fork_in_child() -> None:  # a thread of the parent may have held a cache's mutex at fork
+@process.after_fork
+def _after_fork_in_child() -> None:  # the parent's timer thread is not in the child: the next failure schedules one
     for cache in list(_caches):
-        cache._mutex = threading.RLock()
-        cache._save_lock = threading.Lock()
-        cache._timer = None  # the parent's timer thread is not in the child: the next failure schedules one
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+        cache._timer = None
 
 
 class DecisionCache(WholeCache, Leases, Writes):
@@ -70,7 +64,7 @@ class DecisionCache(WholeCache, Leases, Writes):
 
     def __init__(self, directory: Optional[os.PathLike] = None):
         self._directory = Path(directory) if directory is not None else None
-        self._mutex = threading.RLock()
+        self._mutex = process.new_rlock()
         self._locks = lock.KeyLocks()
         _caches.add(self)
         self._writes_init()
