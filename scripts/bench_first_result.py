@@ -27,7 +27,7 @@ say why they were skipped; ``--device cpu`` runs the baseline on a CPU-sized pro
 5. with ``--window-seconds S`` (default 20): after its first result each process keeps calling
    for S seconds, every call synchronised, and reports the calls above 5x its median (issue 31:
    no stall after the first result while a package loads and takes over), with their
-   distribution (diffsynth_attention/tools/stalls.py): percentiles, counts above 2/5/10/100x and
+   distribution (scripts/harness/stalls.py): percentiles, counts above 2/5/10/100x and
    above the median + 0.1/1/10 ms, when they came, how many while the decided backend was still
    loading and how many after, and the garbage collections in the window.
 
@@ -81,7 +81,7 @@ def child_seed(p: dict, device: str, target) -> dict:
     import torch
 
     import diffsynth_attention as da
-    from diffsynth_attention.tools.bench import default_dispatcher
+    from harness.bench import default_dispatcher
 
     q, k, v = _inputs(torch, p, device)
     pats = dict(q_pattern=LAYOUT, k_pattern=LAYOUT, v_pattern=LAYOUT, out_pattern=LAYOUT)
@@ -104,7 +104,7 @@ def child_seed(p: dict, device: str, target) -> dict:
     return {"key_id": info.key_id, "tuned": tuned, "decided": decision.backend}
 
 
-STALL_FACTOR = 5.0  # target: in the first window of calls, none after the first above 5x the median (tools/stalls.py)
+STALL_FACTOR = 5.0  # target: in the first window of calls, none after the first above 5x the median (harness/stalls.py)
 
 
 def child_first(p: dict, device: str, mode: str, max_s: float, window_s: float = 0.0) -> dict:
@@ -124,7 +124,7 @@ def child_first(p: dict, device: str, mode: str, max_s: float, window_s: float =
             result = {"first_s": _since_start(), "torch_imported_s": started, "backend": "sdpa",
                       "dynamo": "torch._dynamo" in sys.modules}
             if window_s:
-                from diffsynth_attention.tools.bench import call_window
+                from harness.stalls import call_window
 
                 result["window"] = call_window(sdpa, lambda: _sync(torch, device), window_s)
         return result
@@ -138,7 +138,7 @@ def child_first(p: dict, device: str, mode: str, max_s: float, window_s: float =
         result = {"first_s": _since_start(), "torch_imported_s": started, "dynamo": "torch._dynamo" in sys.modules}
         info = da.explain(q, k, v, **pats)  # the plan of the next call, and the decided backend
         if window_s:  # the first seconds of calls, as a pipeline makes them (the takeover happens in here)
-            from diffsynth_attention.tools.bench import call_window, load_done
+            from harness.stalls import call_window, load_done
 
             decided = info.decision.backend if info.decision is not None else info.backend
             loaded = load_done(decided)
@@ -177,7 +177,7 @@ def child_import(p: dict, device: str, module: str) -> dict:
     _sync(torch, device)
     out["cuda_ready_s"] = _since_start()
     if module == "flash_attn.cute":
-        from diffsynth_attention.tools.bench import enable_fa4_compile_cache
+        from harness.bench import enable_fa4_compile_cache
 
         enable_fa4_compile_cache()  # as the backend does: the seeding process's compilations
     print("@@import-start", file=sys.stderr, flush=True)
@@ -339,7 +339,7 @@ def write_md(result: dict, path: Path) -> None:
                 met = "" if name != "dispatcher" else ("yes" if r.get("window_target_met") else "no")
                 lines.append(f"| {r['row']} | {name} | {fmt(w['median_ms'])} | {w['max_over_median']} | "
                              f"{w['stalls_max']} | {met} |")
-        from diffsynth_attention.tools.bench import distribution_md
+        from harness.stalls import distribution_md
 
         lines += ["", "Per process: the distribution of those calls (ms); slow calls while the decided backend was "
                   "still loading (import, first launches) and after; Python garbage collections in the window.", ""]
@@ -395,14 +395,14 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sys.path.insert(0, str(ROOT))
-    from diffsynth_attention.tools.bench import REGISTRY
+    from harness.bench import REGISTRY
 
     unusable = {name: REGISTRY[name].declared_reason() for name in ("flash_attention_3", "flash_attention_4")}
     if device == "cpu":
         unusable = {name: "no GPU: --device cpu" for name in unusable}
     env = dict(os.environ, DIFFSYNTH_ATTENTION_PRELOAD="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env.pop("DIFFSYNTH_ATTENTION_IMPLEMENTATION", None)
-    from diffsynth_attention.tools.bench import environment, save_result
+    from harness.bench import environment, save_result
 
     result = {"environment": environment(device), "runs": args.runs, "window_seconds": args.window_seconds, "rows": []}
     only = set(args.only.split(",")) if args.only else {r[0] for r in ROWS}

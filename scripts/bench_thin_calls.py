@@ -76,7 +76,7 @@ def stats(values: list) -> dict:
 
 
 def measure(name: str, shape: tuple, calls: int, rounds: int, torch, da, device: str = "cuda", warmup: int = 50) -> dict:
-    from diffsynth_attention.tools.bench import REGISTRY
+    from harness.bench import REGISTRY
 
     backend = REGISTRY[name]
     row = {"backend": name, "shape": list(shape)}
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         return 2
     sys.path.insert(0, str(ROOT))
     import diffsynth_attention as da
-    from diffsynth_attention.tools.bench import environment
+    from harness.bench import environment
 
     shapes = [tuple(int(x) for x in s.split(",")) for s in (args.shape or ["1,16,2,64"])]
     env = environment("cuda")

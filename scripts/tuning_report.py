@@ -92,7 +92,7 @@ def device_label(device) -> str:
 
 
 def problems(args) -> list:
-    from diffsynth_attention.tools import bench
+    from harness import bench
 
     shapes = bench.shapes(args.preset, args.shapes, default=["cpu"] if args.device == "cpu" else ["all"])
     if getattr(args, "extra", False):
@@ -115,26 +115,26 @@ def fmt(x, spec: str = ".4g") -> str:
 
 
 def sync(device) -> None:
-    from diffsynth_attention.tools.bench import sync as run
+    from harness.bench import sync as run
 
     run(device)
 
 
 def fresh_dispatcher(policy=None):
-    from diffsynth_attention.tools.bench import fresh_dispatcher as fresh
+    from harness.bench import fresh_dispatcher as fresh
 
     return fresh(policy, prefix="da-tuning-report-")
 
 
 def inputs(shape, device, seed=0):
-    from diffsynth_attention.tools import bench
+    from harness import bench
 
     return bench.inputs(shape, device, generator=_torch().Generator(device=device).manual_seed(seed))
 
 
 def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0) -> dict:
     """The benchmarks' interleaved timing, without autograd."""
-    from diffsynth_attention.tools.bench import interleaved as run
+    from harness.bench import interleaved as run
 
     with _torch().no_grad():
         return run(methods, device, samples, target_ms)
@@ -142,7 +142,8 @@ def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0
 
 def decision_summary(info) -> dict:
     d = info.decision
-    out = {"backend": info.backend, "source": info.source, "key_id": info.key_id}
+    out = {"backend": info.backend, "source": info.source, "key_id": info.key_id,
+           "cudagraph_backend": info.backend if d is None else d.backend_for("cudagraph")}
     if d is not None:
         out.update(tuning_seconds=d.tuning_seconds, compile_seconds=d.compile_seconds,
                    candidates={n: {"status": c.status, "time_ms": c.time_ms, "predicted_ms": c.predicted_ms,
@@ -161,7 +162,7 @@ def write(result: dict, lines: list, out_dir: Path, stem: str) -> tuple:
 
 
 def environment(device) -> dict:
-    from diffsynth_attention.tools.bench import environment as env
+    from harness.bench import environment as env
 
     return env(device)
 
@@ -202,7 +203,7 @@ def child_tune(args) -> dict:
     every servable backend timed directly in this same process right after (N interleaved samples),
     so a decision can be judged against the conditions it was taken in."""
     import diffsynth_attention as da
-    from diffsynth_attention.tools import bench
+    from harness import bench
 
     torch = _torch()
     device = torch.device(args.device)
@@ -240,7 +241,7 @@ def child_first_calls(args) -> dict:
     torch.zeros(1, device=device)  # the device context, outside the timings
     sync(device)
     import diffsynth_attention as da
-    from diffsynth_attention.tools import bench
+    from harness import bench
 
     rows = []
     for shape in bench.shapes(file=args.shapes):
@@ -264,7 +265,7 @@ def child_first_result(args) -> dict:
     t_torch = time.perf_counter()
     device = torch.device(args.device)
     import diffsynth_attention as da
-    from diffsynth_attention.tools import bench
+    from harness import bench
 
     shape = bench.shapes(file=args.shapes)[0]
     q, k, v, kw = inputs(shape, device)
@@ -284,13 +285,13 @@ def extra_problems(device) -> list:
     """REPEAT_EXTRA (cut to CPU size on a CPU, plus REPEAT_CPU_EXTRA)."""
     if device.type != "cpu":
         return [dict(s) for s in REPEAT_EXTRA]
-    from diffsynth_attention.tools.bench import scale_for_cpu
+    from harness.bench import scale_for_cpu
 
     return [dict(s) for s in REPEAT_CPU_EXTRA] + [scale_for_cpu(s) for s in REPEAT_EXTRA]
 
 
 def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15, stem=None, own_samples: int = 7) -> dict:
-    from diffsynth_attention.tools.bench import DEFAULT_POLICY, backend_call, servable
+    from harness.bench import DEFAULT_POLICY, backend_call, servable
 
     torch = _torch()
     path = shapes_file(shapes)
@@ -310,6 +311,17 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
             if fn is not None:
                 methods[name] = fn
         times = interleaved(methods, device, samples)
+        graph_row = {}
+        if device.type == "cuda":  # the same decisions, under CUDA graphs: each process's cudagraph pick, device time
+            from harness.graph_timing import graph_times
+
+            g_decided = [r["problems"][j].get("cudagraph_backend", r["problems"][j]["backend"]) for r in runs]
+            g_times, g_failed = graph_times(methods, device, samples)
+            if g_times:
+                g_best = min(g_times, key=g_times.get)
+                g_worst = max(g_times.get(d, float("inf")) for d in g_decided)
+                graph_row = {"graph": {"decisions": g_decided, "times_ms": g_times, "not_captured": g_failed, "best": g_best,
+                                       "worst_vs_best": g_worst / g_times[g_best]}}
         del q, k, v, methods
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -325,7 +337,7 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
                      "own_vs_best": [own_process_ratio(r["problems"][j]) for r in runs],
                      "tuning_seconds": [r["problems"][j].get("tuning_seconds") for r in runs],
                      "compile_seconds": [r["problems"][j].get("compile_seconds") for r in runs],
-                     "candidates": [r["problems"][j].get("candidates", {}) for r in runs]})
+                     "candidates": [r["problems"][j].get("candidates", {}) for r in runs], **graph_row})
     return write_repeat(rows, device, n, samples, out_dir, stem)
 
 
@@ -359,6 +371,19 @@ def write_repeat(rows: list, device, n: int, samples: int, out_dir: Path, stem=N
     for r in rows:
         timed = ", ".join(f"{b} {t:.4f}" for b, t in sorted(r["times_ms"].items(), key=lambda x: x[1]))
         lines.append(f"- {r['name']}: {timed}")
+    graphed = [r for r in rows if "graph" in r]
+    if graphed:
+        result["graph_met"] = all(r["graph"]["worst_vs_best"] <= 1.03 for r in graphed)
+        lines += ["", "## Under CUDA graphs", "", "Each process's CUDA-graph pick (`Decision.backend_for(\"cudagraph\")`); every "
+                  "backend captured once and replayed, interleaved, device time per call (ms).", "",
+                  "| problem | picks | best backend (ms) | worst pick / best | not captured |", "|---|---|---|---|---|"]
+        for r in graphed:
+            g = r["graph"]
+            picks = ", ".join(f"{b} x{g['decisions'].count(b)}" for b in sorted(set(g["decisions"])))
+            flag = "**" if g["worst_vs_best"] > 1.03 else ""
+            lines.append(f"| {r['name']} | {picks} | {g['best']} ({g['times_ms'][g['best']]:.4f}) | {flag}{g['worst_vs_best']:.3f}{flag} | "
+                         f"{', '.join(sorted(g['not_captured'])) or '-'} |")
+        lines += ["", f"Target under CUDA graphs (worst pick within 3% of the best): {'met' if result['graph_met'] else '**not met**'}."]
     stem = stem or f"{device_label(device)}-{datetime.date.today().isoformat()}-tuning-repeat"
     write(result, lines, out_dir, stem)
     return result
@@ -366,7 +391,7 @@ def write_repeat(rows: list, device, n: int, samples: int, out_dir: Path, stem=N
 
 # -- cost (issue 15, items 1-2) ---------------------------------------------------------------------------------
 def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=None) -> dict:
-    from diffsynth_attention.tools.bench import DEFAULT_POLICY
+    from harness.bench import DEFAULT_POLICY
 
     torch = _torch()
     floor = DEFAULT_POLICY.budget_floor()
@@ -430,7 +455,7 @@ def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=
 
 # -- first calls (issue 15, items 3-4) ---------------------------------------------------------------------------
 def first_calls(shapes: list, device, out_dir: Path, warm_cli: bool = True, stem=None) -> dict:
-    from diffsynth_attention.tools.bench import FA4_CACHE_DIR, FA4_CACHE_ENABLED
+    from harness.bench import FA4_CACHE_DIR, FA4_CACHE_ENABLED
 
     for name in (FA4_CACHE_ENABLED, FA4_CACHE_DIR):
         os.environ.pop(name, None)  # the library's own setting is what is measured
@@ -510,7 +535,7 @@ def first_calls(shapes: list, device, out_dir: Path, warm_cli: bool = True, stem
 
 # -- neighbours (issue 15, item 5) ---------------------------------------------------------------------------------
 def neighbours(shapes: list, device, out_dir: Path, offsets=OFFSETS, samples: int = 11, stem=None) -> dict:
-    from diffsynth_attention.tools.bench import BUCKETS_PER_OCTAVE, backend_call, neighbour_distance
+    from harness.bench import BUCKETS_PER_OCTAVE, backend_call, neighbour_distance
 
     torch = _torch()
     disp = fresh_dispatcher()

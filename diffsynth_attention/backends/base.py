@@ -24,13 +24,14 @@ import importlib.util
 import logging
 import os
 import sys
-import threading
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
 
+from .. import process
 from . import loading
+from ..callsite import dtype_name
 from ..problem import Problem
 from ..states import MaskKind
 
@@ -204,7 +205,7 @@ class Backend:
         self._unavailable: Optional[str] = None
         self._version: Optional[str] = None
         self._declared: Optional[tuple] = None  # (reason or None, version or None), no import
-        self._load_lock = threading.RLock()  # one import per backend, also with a background load (loading.py)
+        self._load_lock = process.new_rlock()  # one import per backend, also with a background load (loading.py)
 
     # -- availability -------------------------------------------------------------------
     def _load(self) -> None:
@@ -333,7 +334,7 @@ class Backend:
         if p.device_type not in self.devices:
             reasons.append(f"runs on {'/'.join(sorted(self.devices))}, not {p.device_type}")
         if p.dtype not in self.dtypes:
-            names = ", ".join(sorted(str(t).replace("torch.", "") for t in self.dtypes))
+            names = ", ".join(sorted(dtype_name(t) for t in self.dtypes))
             reasons.append(f"dtype {p.dtype_name} not supported (supports {names})")
         dims = {p.head_dim, p.head_dim_v}
         if self.head_dims is not None:

@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from .. import process
+
 logger = logging.getLogger("diffsynth_attention")
 
 # The operator's arguments (tokenspeed-fa3 3.0.0.post20260810, hopper/flash_api.cpp), in order.
@@ -127,7 +129,7 @@ def build_fa3(module, version: Optional[str], ops=None) -> tuple:
 
 
 # -- FlashAttention-4 ------------------------------------------------------------------------------------
-_capture_lock = threading.RLock()
+_capture_lock = process.new_rlock()  # one capture at a time (a forked child finds it unlocked)
 _NO_THIN = ("no thin path for this signature",)
 
 

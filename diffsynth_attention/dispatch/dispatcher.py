@@ -11,26 +11,28 @@ signatures planned for that key are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import threading
 from typing import Callable, Optional
 
 import torch
 
-from .. import config, overrides, tiers
+from .. import config, overrides, process, tiers
 from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
-from ..problem import mask_4d, prepare
+from ..callsite import in_graph, needs_grad
+from ..problem import prepare_request
 from ..request import Request
 from ..store.cache import DecisionCache
-from ..states import PlanSource
-from ..store.decision import ACCEPTED, CHOSEN, EAGER, SLOWER, SYNTHETIC, Decision, decision_filter
+from ..states import TIMED, PlanSource
+from ..store.decision import EAGER, SYNTHETIC, Decision, decision_filter
 from ..store.leases import Outcome
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import TuningPolicy, tolerance_for
 from ..tuning.trial import decision_timings
-from ..tuning.tuner import TuneInputs, tune
+from ..tuning.tuner import tune
 from . import faults, lowprec, tokens
+from .counters import Counters
 from .hot import make_forward
 from .modes import ModePlans
 from .plan import BackendNotSupportedError, Explanation, Plan, explanation  # noqa: F401 (re-exported)
@@ -38,32 +40,26 @@ from .runners import make_runner
 
 logger = logging.getLogger("diffsynth_attention")
 
-_grad_enabled = torch.is_grad_enabled
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
 
 class Dispatcher(ModePlans):
     """One plan table over one :class:`DecisionCache`. ``Dispatcher(DecisionCache(path))`` is a
     dispatcher of its own (tests build one each); the public functions use a default instance."""
 
-    def __init__(self, store: Optional[DecisionCache] = None, policy: Optional[TuningPolicy] = None):
+    def __init__(self, store: Optional[DecisionCache] = None, policy: Optional[TuningPolicy] = None,
+                 token: Optional[int] = None):
         self.store = store if store is not None else DecisionCache()
         self.policy = policy  # the tuner's rules and listeners (tuning/policy.py); None: the defaults
         self.plans: dict = {}  # signature -> Plan; never rebound (the hot path holds its .get)
         self._provisional: dict = {}  # signature -> Plan used while tuning is impossible
         self._sigs_by_key: dict = {}  # key id -> {signature}
-        self._lock = threading.RLock()
-        self.counters = {"hits": 0, "tunings": 0, "tuning_seconds": 0.0}
+        self._lock = process.new_rlock()
+        self.counters = Counters()  # safe across threads (dispatch/counters.py)
         self.warned: set = set()
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
         self.retimed: dict = {}  # key id -> the provisional decision this process re-times (once a key)
         self.sentinels: dict = {}  # key id -> lowprec.Sentinel: low-precision decisions watched in this process
         self.store.listeners.append(self.invalidate)
-        self.trace_token = tokens.new_token(self)  # how compiled graphs name this dispatcher (never reused)
+        self.trace_token = tokens.new_token(self, token)  # how compiled graphs name this dispatcher (never reused)
         self.trace_key = str(self.trace_token)  # what Dynamo reads: a str is never made symbolic (dynamic=True)
         self.regate_epoch = "0"  # moves on when a trace-time decision fails on real data (dispatch/regate.py)
         loading.add_listener(self._backend_loaded)  # held weakly
@@ -86,7 +82,7 @@ class Dispatcher(ModePlans):
     def reset(self) -> None:
         """Forget plans, counters, warnings and dropped backends (the store is left as it is)."""
         self.invalidate()
-        self.counters.update(hits=0, tunings=0, tuning_seconds=0.0)
+        self.counters.reset()
         self.warned.clear()
         self.dropped.clear()
         self.retimed.clear()
@@ -95,7 +91,7 @@ class Dispatcher(ModePlans):
     def stats(self) -> dict:
         """This dispatcher's counters: ``hits`` (calls served by a known decision), ``tunings``,
         ``tuning_seconds``."""
-        return dict(self.counters)
+        return self.counters.snapshot()
 
     def warn_once(self, tag, message, *args) -> None:
         if tag not in self.warned:
@@ -165,15 +161,14 @@ class Dispatcher(ModePlans):
         with source "loading". None when the package is loaded (or failed: the caller drops it),
         and while tracing or capturing, where the load is waited for instead."""
         decided = REGISTRY[decision.backend]
-        if not loading.needs_loading(decided) or loading.done(decided) or _is_compiling() or (
-                call.problem.device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if not loading.needs_loading(decided) or loading.done(decided) or in_graph(call.problem.device_type):
             return None
         pending = loading.start_loading(decided, [decision.key])  # import, then first launches (off this thread)
         if pending not in loading.PENDING:
             return None
         order = sorted((c.time_ms, n) for n, c in decision.candidates.items()
                        if n != decided.name and n in usable_names and n in REGISTRY and c.time_ms is not None
-                       and c.status in (ACCEPTED, SLOWER, CHOSEN) and loading.is_ready(REGISTRY[n]))
+                       and c.status in TIMED and loading.is_ready(REGISTRY[n]))
         name = order[0][1] if order else "torch"
         chosen = decision.candidates.get(decided.name)
         reason = (f"{decided.name} ({source}"
@@ -270,13 +265,11 @@ class Dispatcher(ModePlans):
         returns a :class:`Request` of real tensors to tune on, or None, in which case an
         undecided key returns None."""
         config.validate_all()  # a bad environment variable raises at the first call, naming it
-        q = req.q
-        call, qc, kc, vc = prepare(q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
-                                   req.attn_mask, req.scale, req.is_causal, req.window_size, grad,
-                                   compatibility_mode=req.compatibility_mode)
+        call = prepare_request(req, grad)  # the call's one value, from here to the tuner
+        plain = call.bare()  # what plans keep: no tensors
         requested, source_name = overrides.requested(impl_raw, req.compatibility_mode)
         problem = call.problem
-        dev = device_info(q.device)
+        dev = device_info(call.q.device)
         tier = tiers.current()  # the scope's or the variable's: part of the call's signature
         usable, unsupported = candidates(problem, dev)
         key = make_key(problem, dev, usable, tier)  # over every backend declared able, whatever the tier
@@ -284,67 +277,58 @@ class Dispatcher(ModePlans):
         dropped = self.dropped.get(key.id, {})
         usable = [b for b in usable if b.name not in dropped]
         usable_names = {b.name for b in usable}
-        plan = self.resolve(call, grad, key, usable_names, dev, requested, source_name, provisional=tune_on is None,
+        plan = self.resolve(plain, grad, key, usable_names, dev, requested, source_name, provisional=tune_on is None,
                             mode=mode)
         if plan is not None and tune_on is None and plan.source == PlanSource.CACHE and plan.decision is not None \
-                and plan.decision.evidence == SYNTHETIC and self._can_tune(q):  # gated on random inputs: check real ones
+                and plan.decision.evidence == SYNTHETIC and self._can_tune(call.q):  # gated on random inputs: check real ones
             from .regate import regate
 
-            return regate(self, plan, req, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode)
+            return regate(self, plan, call, key, usable, unsupported, usable_names, dev, mode)
         if plan is not None:
             return plan
         if may_tune is None:
-            may_tune = config.tuning_enabled() and not _capturing(q.device) and not _is_compiling()
+            may_tune = self._can_tune(call.q)
         if not may_tune:
-            return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", PlanSource.FALLBACK, key, call, grad)
+            return Plan(make_runner(REGISTRY["torch"], plain, grad), "torch", PlanSource.FALLBACK, key, plain, grad)
         if tune_on is None:
-            return self.tune_key(req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode=mode)
+            return self.tune_key(call, key, usable, unsupported, usable_names, dev, mode=mode)
         from torch.utils._python_dispatch import _disable_current_modes
 
-        with _disable_current_modes():  # a trace: tune outside its fake modes, on real tensors of the call's shapes
+        with _disable_current_modes():  # a trace: tune outside its fake modes, on random tensors of the call's shapes
             real = tune_on()
             if real is None:
                 return None
-            call, qc, kc, vc = prepare(real.q, real.k, real.v, real.q_pattern, real.k_pattern, real.v_pattern,
-                                       real.out_pattern, real.dims, real.attn_mask, real.scale, real.is_causal,
-                                       real.window_size, grad, compatibility_mode=real.compatibility_mode)
-            return self.tune_key(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
-                                 mode=mode, gated_on=SYNTHETIC)
+            return self.tune_key(call.on(real.q, real.k, real.v, real.attn_mask), key, usable, unsupported, usable_names,
+                                 dev, mode=mode)
 
-    def tune_key(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
-                 make: Optional[Callable] = None, mode: str = EAGER, gated_on: Optional[str] = None) -> Plan:
-        """Tune ``key`` through :meth:`DecisionCache.get_or_tune` (under the key's lease; a decision
-        another thread or process stored meanwhile, trusted under this problem's tolerance and with
-        a backend usable here, is served instead: a hit). ``make(backend)``: the runner timed
-        (default: the one a plan binds; the LSE path times its own). ``gated_on``: recorded as the
-        decision's ``evidence`` (``SYNTHETIC``: q, k, v are a trace's random stand-ins)."""
-        problem = call.problem
+    def tune_key(self, call, key, usable, unsupported, usable_names, dev, make: Optional[Callable] = None,
+                 mode: str = EAGER) -> Plan:
+        """Tune ``key`` on ``call`` (its tensors: the caller's, or random stand-ins) through
+        :meth:`DecisionCache.get_or_tune` (under the key's lease; a decision another thread or
+        process stored meanwhile, trusted under this problem's tolerance and with a backend usable
+        here, is served instead: a hit). ``make(backend)``: the runner timed (default: the one a
+        plan binds; the LSE path times its own). A synthetic call's decision records
+        ``evidence="synthetic"`` (gated on random inputs: its first real call gates it again)."""
+        problem, grad = call.problem, call.grad
         usable, unsupported = loading.settle_candidates(usable, unsupported, problem.describe())  # before the lease
-        mask = req.attn_mask
+        mask = call.mask
         if grad and mask is not None and mask.requires_grad:  # a learned mask: the timed backwards fill a
-            mask = mask.detach().requires_grad_()  # leaf of the tuner's own (same storage), never the caller's .grad
+            call = dataclasses.replace(call, mask=mask.detach().requires_grad_())  # leaf of the tuner's own, never the caller's .grad
         tier = lowprec.tier_of_key(key)
-        bounds, evidence, usable, unsupported = lowprec.gate_checks(tier, usable, unsupported, (qc, kc, vc), call,
-                                                                    mask_4d(req.attn_mask))
+        bounds, evidence, usable, unsupported = lowprec.gate_checks(tier, usable, unsupported, call.canonical, call,
+                                                                    call.mask4)
+        plain = call.bare()
 
         def run_tuner() -> Decision:
-            inputs = TuneInputs(
-                q=q, k=req.k, v=req.v, mask=mask, mask4=mask_4d(mask), canonical=(qc, kc, vc),
-                scale=call.scale, causal=problem.causal, window=problem.window, out_pattern=req.out_pattern,
-                heads_q=problem.heads_q, head_dim_v=problem.head_dim_v, requires_grad=grad,
-                to_canonical=call.layout.to_canonical,
-            )
-
             def bound(backend):  # the runner a plan binds: timed as the hit path calls it
-                return make_runner(backend, call, grad)
+                return make_runner(backend, plain, grad)
 
-            decision = tune(inputs, usable, unsupported, key, make or bound, problem=problem, dev=dev, policy=self.policy,
-                            tolerance=self.tolerance(problem), bounds=bounds)  # the one trust rule, not recomputed
+            decision = tune(call, usable, unsupported, key, make or bound, dev, self.tolerance(problem), policy=self.policy,
+                            bounds=bounds)  # the one trust rule, not recomputed
             decision = lowprec.annotate(decision, tier, evidence)
-            if gated_on is not None:
-                decision = decision.replace(evidence=gated_on)
-            self.counters["tunings"] += 1
-            self.counters["tuning_seconds"] += decision.tuning_seconds
+            if call.synthetic:
+                decision = decision.replace(evidence=SYNTHETIC)
+            self.counters.tuned(decision.tuning_seconds)
             logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
             return decision
 
@@ -357,15 +341,14 @@ class Dispatcher(ModePlans):
                                      read_first=False)  # resolve() has just read the key
         # NOT_STORED: every candidate rejected, never persisted: used for this call only, the next one tunes again
         source = {Outcome.REREAD: PlanSource.CACHE, Outcome.TUNED: PlanSource.TUNED}.get(got.outcome, PlanSource.FALLBACK)
-        decision = got.decision
-        plan = self._decided_plan(decision, mode, key, call, grad, source)
+        plan = self._decided_plan(got.decision, mode, key, plain, grad, source)
         plan.counts_hit = source == PlanSource.CACHE
         return plan
 
     def _demoted_plan(self, decision: Decision, key, call, grad, dropped: dict) -> Plan:
         order = sorted(
             (c.time_ms, n) for n, c in decision.candidates.items()
-            if c.status in (ACCEPTED, SLOWER, CHOSEN) and c.time_ms is not None and n not in dropped
+            if c.status in TIMED and c.time_ms is not None and n not in dropped
             and REGISTRY[n].unavailable_reason() is None
         )
         name = order[0][1] if order else "torch"
@@ -400,7 +383,7 @@ class Dispatcher(ModePlans):
 
     @staticmethod
     def _can_tune(q) -> bool:
-        return config.tuning_enabled() and not _capturing(q.device) and not _is_compiling()
+        return config.tuning_enabled() and not in_graph(q.device.type)
 
     # -- under torch.compile -----------------------------------------------------------------
     # -- the slow path ----------------------------------------------------------------------
@@ -408,7 +391,7 @@ class Dispatcher(ModePlans):
         """A call whose signature has no plan yet (or whose plan is provisional)."""
         plan = self.plan_for(req, impl_raw, grad)
         if plan.counts_hit:
-            self.counters["hits"] += 1
+            self.counters.hit()
         return self.run(plan, req, impl_raw, grad)
 
     def run(self, plan: Plan, req: Request, impl_raw, grad: bool):
@@ -437,7 +420,8 @@ class Dispatcher(ModePlans):
         req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                       compatibility_mode, window_size)
         impl_raw = overrides.implementation_raw()
-        grad = req.needs_grad(torch.is_grad_enabled())
-        before = self.counters["tunings"]
-        plan = self.plan_for(req, impl_raw, grad)
-        return explanation(self, plan, before)
+        try:
+            grad = needs_grad(q, k, v, attn_mask)
+        except AttributeError:  # not tensors: validation explains
+            grad = False
+        return explanation(self, self.plan_for(req, impl_raw, grad))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from einops import rearrange
 
+from ..callsite import convert
 from .shapes import DTYPE_NAMES
 
 
@@ -27,9 +27,7 @@ def make_inputs(shape: dict, device, dtype=None, layout: str = "b n s d", genera
     if shape.get("window") is not None:
         kwargs["window_size"] = int(shape["window"])
     if layout != "b n s d":
-        q = rearrange(q, f"b n s d -> {layout}").contiguous()
-        k = rearrange(k, f"b n s d -> {layout}").contiguous()
-        v = rearrange(v, f"b n s d -> {layout}").contiguous()
+        q, k, v = (convert(t, "b n s d", layout).contiguous() for t in (q, k, v))
         kwargs.update(q_pattern=layout, k_pattern=layout, v_pattern=layout, out_pattern=layout)
         if "(" in layout:
             kwargs["dims"] = {"d": d}

@@ -1,7 +1,8 @@
-"""tools/stalls.py: the distribution of the first seconds of calls (issue 31, item 1)."""
+"""scripts/harness/stalls.py: the distribution of the first seconds of calls (issue 31, item 1)."""
 import gc
 
-from diffsynth_attention.tools import stalls
+from support.harness import bench  # noqa: F401  (scripts/ on sys.path)
+from harness import stalls  # noqa: E402
 
 
 def test_summary_counts_slow_calls_by_factor_margin_phase_and_time():

@@ -1,6 +1,6 @@
-"""The first seconds of calls of a process, as a distribution (issue 31, item 1): what
-``scripts/bench_first_result.py`` reports after the first result, so that one GPU run tells
-where slow calls come from.
+"""The first seconds of calls of a process, as a distribution (issue 31, item 1; part of the
+benchmark harness, not installed): what ``scripts/bench_first_result.py`` reports after the first
+result, so that one GPU run tells where slow calls come from.
 
 :func:`call_window` calls (synchronised) for a number of seconds and returns, besides the median
 and the calls above ``STALL_FACTOR`` x the median (the target: none), the percentiles, counts
@@ -29,7 +29,7 @@ MARGINS_MS = (0.1, 1.0, 10.0)  # calls above the median plus these
 def load_done(name: str) -> Callable[[], bool]:
     """``() -> bool``: whether backend ``name``'s load (import and first launches) has ended
     (always True for a backend with nothing to load); a dict lookup per call."""
-    from ..backends import REGISTRY, loading
+    from diffsynth_attention.backends import REGISTRY, loading
 
     backend = REGISTRY[name]
     if not loading.needs_loading(backend):
