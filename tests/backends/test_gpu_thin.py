@@ -60,7 +60,7 @@ def _served(backend, spec, q):
     k_shape = (spec["b"], spec["hk"], spec["skv"], spec["d"])
     qc = torch.empty(spec["b"], spec["hq"], spec["sq"], spec["d"], device="cuda", dtype=q.dtype)
     kc = torch.empty(k_shape, device="cuda", dtype=q.dtype)
-    call, *_ = prepare(qc, kc, kc, "b n s d", "b n s d", "b n s d", "b n s d", None, None, spec.get("scale"),
+    call = prepare(qc, kc, kc, "b n s d", "b n s d", "b n s d", "b n s d", None, None, spec.get("scale"),
                        spec.get("causal", False), spec.get("window"), False)
     reasons = backend.not_supported_reasons(call.problem, device_info(q.device))
     if reasons:
