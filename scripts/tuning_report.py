@@ -313,7 +313,7 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
         times = interleaved(methods, device, samples)
         graph_row = {}
         if device.type == "cuda":  # the same decisions, under CUDA graphs: each process's cudagraph pick, device time
-            from graph_timing import graph_times
+            from harness.graph_timing import graph_times
 
             g_decided = [r["problems"][j].get("cudagraph_backend", r["problems"][j]["backend"]) for r in runs]
             g_times, g_failed = graph_times(methods, device, samples)

@@ -33,11 +33,7 @@ def tier_of_key(key) -> str:
     return key.fields.get("quality", tiers.EXACT)
 
 
-def tolerance(base: float, tier: str) -> float:
-    """The tolerance a stored decision of ``tier`` is trusted under: the tier's relative-L1 bound
-    for a low-precision choice (exact candidates pass it too: theirs is below ``base``)."""
-    b = tiers.bound(tier)
-    return base if b is None else max(base, b.rel_l1)
+from ..tolerance import with_tier as tolerance  # noqa: E402,F401 - the tier's tolerance (one rule)
 
 
 GATE_ROWS = 1024  # query rows per head of the gate's all-heads check (every row when causal or windowed)

@@ -32,7 +32,8 @@ import weakref
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .. import config, process
+from .. import process
+from ..tolerance import for_key
 from . import codec, fs, lock, migrate
 from .codec import (  # noqa: F401 - the store's public names, kept importable from here
     MAX_DOCUMENT_BYTES, MAX_ENTRY_BYTES, MAX_LEGACY_BYTES, SCHEMA_VERSION, CacheFileError, all_rejected, parse_document,
@@ -243,7 +244,8 @@ class DecisionCache(WholeCache, Leases, Writes):
     def get(self, key_id: str, tolerance: Optional[float] = None) -> Optional[Decision]:
         """The decision for ``key_id``: from memory, else (a miss) from its one file (or, during a
         migration, the old file). A decision whose chosen backend's error does not pass
-        ``tolerance`` (default: ``DIFFSYNTH_ATTENTION_TOLERANCE`` in force) is a miss."""
+        ``tolerance`` (default: :func:`diffsynth_attention.tolerance.for_key` of its own key, the
+        rule the tuner gated it by) is a miss."""
         self._ensure_loaded()
         decision = self._entries.get(key_id)
         if decision is None and self._persistent:
@@ -285,8 +287,8 @@ class DecisionCache(WholeCache, Leases, Writes):
     def _trusted(self, decision: Optional[Decision], tolerance: Optional[float]) -> Optional[Decision]:
         if decision is None:
             return None
-        tol = config.tolerance() if tolerance is None else tolerance
-        if decision.trusted_under(tol):
+        tol = for_key(decision.key) if tolerance is None else tolerance  # the one rule, from the decision's own key
+        if tol is not None and decision.trusted_under(tol):
             return decision
         chosen = decision.candidates.get(decision.backend)
         logger.info("diffsynth_attention cache: the decision for %s (%s, error %s, tuned with tolerance %g) does not pass "
