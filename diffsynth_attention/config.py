@@ -3,9 +3,10 @@
 Every reader looks at ``os.environ`` when it is called, so changing a variable between calls
 takes effect (the dispatcher reads ``DIFFSYNTH_ATTENTION_IMPLEMENTATION`` on every call). A bad
 value is a ``ValueError`` that names the variable, the value and what is allowed.
-:func:`validate_all` checks every variable at once; the package calls it when its public
-functions are first imported and the command line calls it before any work, so a bad value
-stops a pipeline before its first call instead of partway through.
+:func:`validate_all` checks every variable at once; a dispatcher calls it when it plans a call
+(the first call), ``patch_sdpa``/``patch_diffsynth`` when they patch, and the command line before
+any work, so a bad value stops a pipeline at its first call instead of partway through. Importing
+the package reads no variable strictly: it never raises for a bad value.
 
 An empty value means the default for every variable. This module imports nothing heavy (no
 torch): the command line reads it on its fast paths.
@@ -200,6 +201,16 @@ def sentinel_every() -> int:
     return int(value)
 
 
+THIN_CALLS = "DIFFSYNTH_ATTENTION_THIN_CALLS"
+
+
+def thin_calls() -> bool:
+    """Whether FlashAttention-3 and -4 calls go straight to the kernel the package compiled
+    (its operator, its compiled-kernel cache) instead of through its Python interface, for the
+    package versions this was checked against (default on; off: always the interface)."""
+    return _flag(THIN_CALLS, True)
+
+
 READERS = {
     IMPLEMENTATION: implementation,
     STRICT: strict,
@@ -214,6 +225,7 @@ READERS = {
     RETIME: retime,
     QUALITY: quality,
     SENTINEL_EVERY: sentinel_every,
+    THIN_CALLS: thin_calls,
 }
 
 

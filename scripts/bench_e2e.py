@@ -354,7 +354,7 @@ def problem_inputs(p, device):
 
 
 def interleaved(methods: dict, device, samples: int, target_ms: float = 2.0) -> dict:
-    from diffsynth_attention.tools.bench import interleaved as run
+    from harness.bench import interleaved as run
 
     return run(methods, device, samples, target_ms)
 
@@ -383,7 +383,7 @@ def time_problems_eager(problems, da, patch, device, samples):
         except Exception as exc:
             p["decision"] = {"error": f"{type(exc).__name__}: {exc}"}
         patched = F.scaled_dot_product_attention  # the patch's wrapper while the handle is on
-        from diffsynth_attention.tools.bench import sdpa_routable
+        from harness.bench import sdpa_routable
         p["routed"] = bool(sdpa_routable(q, k, v, kw["attn_mask"], kw["dropout_p"], kw["is_causal"], kw["scale"], kw["enable_gqa"]))
         with torch.no_grad():
             patched(q, k, v, **kw)  # tunes if the key is new (not timed)
@@ -571,7 +571,7 @@ def run_compiled(mode, model, forward, inputs, ref, patch, device, args, da):
     default), then timed interleaved: plain, routed, routed, plain, ... one forward each."""
     from torch._dynamo.utils import counters
 
-    from diffsynth_attention.tools.bench import sdpa_wrapper
+    from harness.bench import sdpa_wrapper
 
     patch.set(False)
     torch._dynamo.reset()
@@ -621,7 +621,7 @@ def run_compiled(mode, model, forward, inputs, ref, patch, device, args, da):
 def resolution_loop(args, device, dtype, da) -> dict:
     """One process renders 6 Wan resolutions (twice each) with the default torch.compile, plain
     and routed: compiles, compiled-graph runs, and the dispatcher's tunings."""
-    from diffsynth_attention.tools.bench import sdpa_wrapper
+    from harness.bench import sdpa_wrapper
 
     token_sets = [64, 96, 128, 160, 192, 256] if args.small else [1560, 2340, 3120, 3600, 4680, 6240]
     out = {"tokens": token_sets}

@@ -92,7 +92,7 @@ def device_label(device) -> str:
 
 
 def problems(args) -> list:
-    from diffsynth_attention.tools import bench
+    from harness import bench
 
     shapes = bench.shapes(args.preset, args.shapes, default=["cpu"] if args.device == "cpu" else ["all"])
     if getattr(args, "extra", False):
@@ -115,26 +115,26 @@ def fmt(x, spec: str = ".4g") -> str:
 
 
 def sync(device) -> None:
-    from diffsynth_attention.tools.bench import sync as run
+    from harness.bench import sync as run
 
     run(device)
 
 
 def fresh_dispatcher(policy=None):
-    from diffsynth_attention.tools.bench import fresh_dispatcher as fresh
+    from harness.bench import fresh_dispatcher as fresh
 
     return fresh(policy, prefix="da-tuning-report-")
 
 
 def inputs(shape, device, seed=0):
-    from diffsynth_attention.tools import bench
+    from harness import bench
 
     return bench.inputs(shape, device, generator=_torch().Generator(device=device).manual_seed(seed))
 
 
 def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0) -> dict:
     """The benchmarks' interleaved timing, without autograd."""
-    from diffsynth_attention.tools.bench import interleaved as run
+    from harness.bench import interleaved as run
 
     with _torch().no_grad():
         return run(methods, device, samples, target_ms)
@@ -162,7 +162,7 @@ def write(result: dict, lines: list, out_dir: Path, stem: str) -> tuple:
 
 
 def environment(device) -> dict:
-    from diffsynth_attention.tools.bench import environment as env
+    from harness.bench import environment as env
 
     return env(device)
 
@@ -203,7 +203,7 @@ def child_tune(args) -> dict:
     every servable backend timed directly in this same process right after (N interleaved samples),
     so a decision can be judged against the conditions it was taken in."""
     import diffsynth_attention as da
-    from diffsynth_attention.tools import bench
+    from harness import bench
 
     torch = _torch()
     device = torch.device(args.device)
@@ -241,7 +241,7 @@ def child_first_calls(args) -> dict:
     torch.zeros(1, device=device)  # the device context, outside the timings
     sync(device)
     import diffsynth_attention as da
-    from diffsynth_attention.tools import bench
+    from harness import bench
 
     rows = []
     for shape in bench.shapes(file=args.shapes):
@@ -265,7 +265,7 @@ def child_first_result(args) -> dict:
     t_torch = time.perf_counter()
     device = torch.device(args.device)
     import diffsynth_attention as da
-    from diffsynth_attention.tools import bench
+    from harness import bench
 
     shape = bench.shapes(file=args.shapes)[0]
     q, k, v, kw = inputs(shape, device)
@@ -285,13 +285,13 @@ def extra_problems(device) -> list:
     """REPEAT_EXTRA (cut to CPU size on a CPU, plus REPEAT_CPU_EXTRA)."""
     if device.type != "cpu":
         return [dict(s) for s in REPEAT_EXTRA]
-    from diffsynth_attention.tools.bench import scale_for_cpu
+    from harness.bench import scale_for_cpu
 
     return [dict(s) for s in REPEAT_CPU_EXTRA] + [scale_for_cpu(s) for s in REPEAT_EXTRA]
 
 
 def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15, stem=None, own_samples: int = 7) -> dict:
-    from diffsynth_attention.tools.bench import DEFAULT_POLICY, backend_call, servable
+    from harness.bench import DEFAULT_POLICY, backend_call, servable
 
     torch = _torch()
     path = shapes_file(shapes)
@@ -313,7 +313,7 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
         times = interleaved(methods, device, samples)
         graph_row = {}
         if device.type == "cuda":  # the same decisions, under CUDA graphs: each process's cudagraph pick, device time
-            from graph_timing import graph_times
+            from harness.graph_timing import graph_times
 
             g_decided = [r["problems"][j].get("cudagraph_backend", r["problems"][j]["backend"]) for r in runs]
             g_times, g_failed = graph_times(methods, device, samples)
@@ -391,7 +391,7 @@ def write_repeat(rows: list, device, n: int, samples: int, out_dir: Path, stem=N
 
 # -- cost (issue 15, items 1-2) ---------------------------------------------------------------------------------
 def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=None) -> dict:
-    from diffsynth_attention.tools.bench import DEFAULT_POLICY
+    from harness.bench import DEFAULT_POLICY
 
     torch = _torch()
     floor = DEFAULT_POLICY.budget_floor()
@@ -455,7 +455,7 @@ def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=
 
 # -- first calls (issue 15, items 3-4) ---------------------------------------------------------------------------
 def first_calls(shapes: list, device, out_dir: Path, warm_cli: bool = True, stem=None) -> dict:
-    from diffsynth_attention.tools.bench import FA4_CACHE_DIR, FA4_CACHE_ENABLED
+    from harness.bench import FA4_CACHE_DIR, FA4_CACHE_ENABLED
 
     for name in (FA4_CACHE_ENABLED, FA4_CACHE_DIR):
         os.environ.pop(name, None)  # the library's own setting is what is measured
@@ -535,7 +535,7 @@ def first_calls(shapes: list, device, out_dir: Path, warm_cli: bool = True, stem
 
 # -- neighbours (issue 15, item 5) ---------------------------------------------------------------------------------
 def neighbours(shapes: list, device, out_dir: Path, offsets=OFFSETS, samples: int = 11, stem=None) -> dict:
-    from diffsynth_attention.tools.bench import BUCKETS_PER_OCTAVE, backend_call, neighbour_distance
+    from harness.bench import BUCKETS_PER_OCTAVE, backend_call, neighbour_distance
 
     torch = _torch()
     disp = fresh_dispatcher()
