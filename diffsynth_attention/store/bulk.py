@@ -93,37 +93,107 @@ class WholeCache:
         entries are counted in one warning."""
         self._ensure_loaded()
         self._migrated()
+        self.replay_journals()
         self._summarize_bad(self._scan(only_new=False), "ignored")
         return dict(self._entries)
 
-    def export_document(self) -> tuple:
-        """(text, count): an export document of every decision (``cache export``). Entries on disk
-        go through unchanged (validated, never turned into Decisions and back); bad ones are
-        counted in one warning; a decision still waiting in memory is taken from memory."""
+    def _raw(self, vfd: int, kid: str, bad: list, compact: bool = False):
+        """The validated ``entry`` object of ``kid``'s file (no Decision built), or None: missing,
+        or bad (``(kid, reason)`` added to ``bad``; a file that is not ours to read is blocked, as
+        by ``_read_entry``). ``compact``: (entry, its compact text or None) instead
+        (:func:`.codec.parse_entry_text`). Changes no file."""
+        try:
+            data, _ = fs.read_secure(vfd, f"{kid}.json", MAX_ENTRY_BYTES)
+        except FileNotFoundError:
+            self._blocked.pop(kid, None)
+            return None
+        except fs.Refused as exc:
+            if not exc.corrupt:
+                self._blocked[kid] = exc.reason
+            bad.append((kid, exc.reason))
+            return None
+        self._blocked.pop(kid, None)
+        try:
+            entry, text = codec.parse_entry_text(data, kid, f"{kid}.json", compact=compact)
+            return (entry, text) if compact else entry
+        except CacheFileError as exc:
+            bad.append((kid, exc.reason))
+        except Exception as exc:  # a validator bug: a bad entry like any other
+            bad.append((kid, f"{type(exc).__name__}: {str(exc)[:200]}"))
+        return None
+
+    def map_entries(self, fn: Callable) -> list:
+        """``[fn(key id, entry) ...]`` over every decision, as :meth:`entries` finds them (memory
+        first, then every valid entry on disk not in memory), where ``entry`` is the decision's
+        validated JSON object (``Decision.to_dict``'s form). No Decision is built for an entry on
+        disk, and none is kept: ``cache show`` of 60,000 entries. Changes no file; bad entries are
+        counted in one warning."""
         self._ensure_loaded()
         self._migrated()
-        raw, bad = {}, []
+        self.replay_journals()
+        with self._mutex:
+            memory = dict(self._entries)
+        out = [fn(kid, d.to_dict()) for kid, d in memory.items()]
+        bad: list = []
         with self._folder(create=False) as vfd, _no_gc():
             if vfd is not None:
                 with contextlib.suppress(OSError):
                     for kid in fs.entry_ids(vfd):
-                        if kid in self._pending:
+                        if kid in memory:
                             continue
-                        try:
-                            data, _ = fs.read_secure(vfd, f"{kid}.json", MAX_ENTRY_BYTES)
-                            raw[kid] = codec.parse_entry_raw(data, kid, f"{kid}.json")
-                        except FileNotFoundError:
-                            continue
-                        except (fs.Refused, CacheFileError) as exc:
-                            bad.append((kid, exc.reason))
-        self._summarize_bad(bad, "left out")
-        memory = {k: d for k, d in self._entries.items() if k not in raw}
-        return codec.render_document(memory, raw), len(raw) + len(memory)
+                        entry = self._raw(vfd, kid, bad)
+                        if entry is not None:
+                            out.append(fn(kid, entry))
+        self._summarize_bad(bad, "ignored")
+        return out
 
-    def count(self) -> int:
-        """How many decisions there are, bad entries included (names only: reads no entry)."""
+    def export_document(self) -> tuple:
+        """(text, count): an export document of every decision (``cache export``; see :meth:`export_to`)."""
+        parts: list = []
+        count = self.export_to(parts.append)
+        return "".join(parts), count
+
+    def export_to(self, write: Callable) -> int:
+        """Write an export document of every decision, piece by piece, with ``write(text)``;
+        returns how many. Entries on disk go through unchanged (validated, never turned into
+        Decisions and back) one at a time, so 60,000 never sit in memory at once; bad ones are
+        counted in one warning; a decision still waiting in memory is taken from memory. The text
+        is :func:`.codec.render_document`'s."""
         self._ensure_loaded()
         self._migrated()
+        self.replay_journals()
+        with self._mutex:
+            memory, pending = dict(self._entries), set(self._pending)
+        bad: list = []
+        invalid: list = []
+        count = 0
+        with self._folder(create=False) as vfd, _no_gc():
+            ids = set()
+            if vfd is not None:
+                with contextlib.suppress(OSError):
+                    ids.update(fs.entry_ids(vfd))
+            write(codec.DOCUMENT_HEAD)
+            for kid in sorted(ids | memory.keys()):
+                found = self._raw(vfd, kid, bad, compact=True) if kid in ids and kid not in pending else None
+                entry, text = found if found is not None else (None, None)
+                if entry is None and kid in memory:  # waiting in memory, or its file is gone or bad
+                    entry = codec.exportable(kid, memory[kid], invalid)
+                if entry is not None:
+                    write(codec.document_member(kid, entry, count == 0, text))
+                    count += 1
+            write(codec.DOCUMENT_TAIL)
+        codec.warn_left_out(invalid)
+        self._summarize_bad(bad, "left out")
+        return count
+
+    def count(self, predicate: Optional[Callable] = None) -> int:
+        """How many decisions there are, bad entries included (names only: reads no entry); with
+        ``predicate``, how many valid ones it matches (as :meth:`clear` would remove)."""
+        self._ensure_loaded()
+        self._migrated()
+        self.replay_journals()
+        if predicate is not None:
+            return len(self._matching(predicate, [], remove=False))
         ids = set(self._entries)
         with self._folder(create=False) as vfd:
             if vfd is not None:
@@ -173,23 +243,85 @@ class WholeCache:
                     group_index.remove(vfd, group, kid)  # its entry was cleared
         return True
 
+    def _matching(self, predicate: Callable, bad: list, remove: bool) -> set:
+        """The key ids that ``predicate`` matches, in memory and on disk (``remove``: dropped from
+        memory and their files unlinked). An entry on disk is tested on its validated JSON object
+        where the predicate has ``on_entry`` (:func:`.decision.decision_filter`; no Decision is
+        built), and only if its id starts with the predicate's ``key_prefix``."""
+        on_entry = getattr(predicate, "on_entry", None)
+        prefix = getattr(predicate, "key_prefix", "") or ""
+        found = set()
+        with self._mutex:
+            for k, d in list(self._entries.items()):
+                if predicate(d):
+                    found.add(k)
+                    if remove:
+                        del self._entries[k]
+                        self._pending.pop(k, None)
+                        self._rendered.pop(k, None)
+                        self._journaled.pop(k, None)
+        with self._folder(create=False) as vfd, _no_gc():
+            if vfd is None:
+                return found
+            try:
+                ids = fs.entry_ids(vfd)
+            except OSError as exc:
+                if remove:
+                    self._write_failed(f"cannot list {self.path} ({exc.strerror or exc})")
+                return found
+            unlinked = False
+            for kid in ids:
+                if not kid.startswith(prefix) or (kid in found and not remove):
+                    continue
+                if on_entry is not None:
+                    entry = self._raw(vfd, kid, bad)
+                    if entry is None or not on_entry(kid, entry):
+                        continue
+                else:
+                    d = self._read_entry(vfd, kid, repair=False, bad=bad)
+                    if d is None or not predicate(d):
+                        continue
+                if not remove:
+                    found.add(kid)
+                    continue
+                try:
+                    os.unlink(f"{kid}.json", dir_fd=vfd)
+                except OSError:
+                    continue
+                found.add(kid)
+                unlinked = True
+            if unlinked:
+                fs.fsync_dir(vfd)
+            if remove:
+                self._release_done(vfd)  # a journal of ours holding only cleared decisions
+        return found
+
     def clear(self, predicate: Optional[Callable] = None) -> int:
         """Remove decisions (all, or those for which ``predicate(decision)`` is true) from memory and
         disk. With a predicate, entries that cannot be read are left alone (counted in one warning)."""
         self._ensure_loaded()
         self._migrated()
+        self.replay_journals()
+        bad: list = []
+        if predicate is not None:
+            removed = self._matching(predicate, bad, remove=True)
+            with self._mutex:
+                self._groups.clear()
+                self._indexed.clear()
+                self._ungrouped = []
+            self._summarize_bad(bad, "left alone")
+            self._changed()
+            return len(removed)
         removed = set()
         with self._mutex:
-            for k, d in list(self._entries.items()):
-                if predicate is None or predicate(d):
-                    removed.add(k)
-                    del self._entries[k]
-                    self._pending.pop(k, None)
-                    self._rendered.pop(k, None)
+            removed.update(self._entries)
+            self._entries.clear()
+            self._pending.clear()
+            self._rendered.clear()
+            self._journaled.clear()
             self._groups.clear()
             self._indexed.clear()
             self._ungrouped = []
-        bad: list = []
         with self._folder(create=False) as vfd:
             if vfd is not None:
                 try:
@@ -198,19 +330,13 @@ class WholeCache:
                     self._write_failed(f"cannot list {self.path} ({exc.strerror or exc})")
                     ids = []
                 for kid in ids:
-                    if predicate is not None:
-                        d = self._read_entry(vfd, kid, repair=False, bad=bad)
-                        if d is None or not predicate(d):
-                            continue
                     try:
                         os.unlink(f"{kid}.json", dir_fd=vfd)
                         removed.add(kid)
                     except OSError:
                         continue
                 fs.fsync_dir(vfd)
-                if predicate is None:
-                    group_index.drop(vfd)
-        self._summarize_bad(bad, "left alone")
+                group_index.drop(vfd)
+                self._release_done(vfd)
         self._changed()
         return len(removed)
-

@@ -15,9 +15,10 @@
   directory, link, another owner) is a miss too, and is never overwritten.
 - An untrusted folder -> memory only for good (one warning). A write that fails (read-only,
   full, EFBIG, a temporary file removed) -> one warning; reads go on, decisions wait in memory
-  and writing is tried again on a timer (0.25 s doubling to 2 s, reset by a write that works;
-  at exit at once: every cache flushes); one warning when it works again. ``flush`` says how
-  many are lost (:mod:`.writes`).
+  and writing is tried again on a timer (0.25 s doubling to 1 s, reset by a write that works;
+  at exit at once: every cache flushes); one warning when it works again. Many pending decisions
+  go into one journal file first (:mod:`.journal`), replayed by the next process if this one is
+  killed before their entry files are written. ``flush`` says how many are lost (:mod:`.writes`).
 - Tuning is serialized per key by a lease (:mod:`.lock`); :meth:`DecisionCache.get_or_tune`.
 - A v1 ``decisions.json`` is migrated in the background (:mod:`.migrate`).
 """
@@ -34,7 +35,7 @@ from typing import Iterable, Optional
 
 from .. import process
 from ..tolerance import for_key
-from . import codec, fs, lock, migrate
+from . import codec, fs, journal, lock, migrate
 from .codec import (  # noqa: F401 - the store's public names, kept importable from here
     MAX_DOCUMENT_BYTES, MAX_ENTRY_BYTES, MAX_LEGACY_BYTES, SCHEMA_VERSION, CacheFileError, all_rejected, parse_document,
     parse_entry, render_document, render_entry)
@@ -58,6 +59,10 @@ _caches: "weakref.WeakSet" = weakref.WeakSet()
 def _after_fork_in_child() -> None:  # the parent's timer thread is not in the child: the next failure schedules one
     for cache in list(_caches):
         cache._timer = None
+        for fd in cache._journals.values():  # the parent's journals: it writes them out (their lock stays its own)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        cache._journals, cache._journaled = {}, {}
 
 
 class DecisionCache(WholeCache, Leases, Writes):
@@ -180,12 +185,14 @@ class DecisionCache(WholeCache, Leases, Writes):
                 return
             self._loaded_from = self.directory
             with self._folder(create=False) as vfd:  # reading creates nothing: the first write makes the folder
-                if vfd is not None:
-                    fs.sweep(vfd, LOCKS)
+                if vfd is not None and journal.names(fs.sweep(vfd, LOCKS)):
+                    self._replay_due = True  # a process ended before writing out its journal: the timer does
             if self._persistent and migrate.legacy_present(self.directory):
                 self._migration = migrate.Migration(self.directory, self._open_for_migration, self._warn_once)
                 self._migration.start()
             self._loaded = True
+            if self._replay_due:
+                self._schedule_retry(0)
 
     def _open_for_migration(self) -> Optional[int]:
         with self._folder(create=True) as vfd:

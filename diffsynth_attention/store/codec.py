@@ -2,7 +2,7 @@
 
 - The schema is ONE packaged file, ``diffsynth_attention/data/decisions.schema.json``
   (``cache_schema/`` documents it; a test checks the two agree).
-- Validation is the schema's: a small compiler turns the keywords the schema uses into a fast
+- Validation is the schema's: a small compiler (:mod:`.schema_check`) turns the keywords the schema uses into a fast
   check (tens of microseconds an entry, where ``jsonschema`` takes about 0.6 ms), and
   ``jsonschema`` itself words the error of an entry that fails. A schema keyword the compiler does
   not know makes every check go through ``jsonschema``; a property test checks the two agree.
@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Callable, Optional
 
+from . import schema_check
 from .decision import CHOSEN, Decision, key_id as hash_key
 
 logger = logging.getLogger("diffsynth_attention")
@@ -45,11 +46,6 @@ class CacheFileError(ValueError):
 _schema_doc: dict = {}
 _validators: dict = {}
 _fast: dict = {}
-_ANNOTATIONS = {"$schema", "$id", "$defs", "title", "description", "format"}  # format: not asserted (no checker)
-
-
-class _Unknown(Exception):
-    """A schema keyword the compiler does not know: use jsonschema for everything."""
 
 
 def schema() -> dict:
@@ -72,142 +68,12 @@ def schema_validator(part: str = "entry"):
     return _validators[part]
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _json_equal(a, b) -> bool:
-    """Equality as JSON Schema means it: booleans are not numbers, 1 == 1.0."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, str) or isinstance(b, str):
-        return isinstance(a, str) and isinstance(b, str) and a == b
-    if _is_number(a) and _is_number(b):
-        return a == b
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
-    return a is None and b is None
-
-
-_TYPE_EXPR = {
-    "object": "isinstance({v}, dict)",
-    "array": "isinstance({v}, list)",
-    "string": "isinstance({v}, str)",
-    "boolean": "isinstance({v}, bool)",
-    "null": "{v} is None",
-    "number": "(isinstance({v}, (int, float)) and not isinstance({v}, bool))",
-    "integer": "((isinstance({v}, int) and not isinstance({v}, bool)) or (isinstance({v}, float) and {v}.is_integer()))",
-}
-
-
-class _Compiler:
-    """Python source equal to validating against the schema (the keywords it uses), as
-    fastjsonschema does: one function per ``$defs`` entry, straight-line checks, no closures."""
-
-    def __init__(self, defs: dict):
-        self.defs, self.consts, self.lines, self.done, self.todo, self.n = defs, [], [], set(), [], 0
-
-    def const(self, value) -> str:
-        self.consts.append(value)
-        return f"C[{len(self.consts) - 1}]"
-
-    def var(self) -> str:
-        self.n += 1
-        return f"x{self.n}"
-
-    def ref(self, arg) -> str:
-        if not isinstance(arg, str) or not arg.startswith("#/$defs/") or arg[8:] not in self.defs:
-            raise _Unknown(repr(arg))
-        name = arg[8:]
-        if name not in self.done:
-            self.done.add(name)
-            self.todo.append(name)
-        return f"d_{re.sub(r'[^0-9A-Za-z_]', '_', name)}"
-
-    def body(self, node, v: str, ind: str) -> list:
-        if node is True:
-            return []
-        if node is False:
-            return [f"{ind}return False"]
-        if not isinstance(node, dict):
-            raise _Unknown(repr(node))
-        out = []
-        for word, arg in node.items():
-            if word in _ANNOTATIONS:
-                continue
-            if word == "$ref":
-                out.append(f"{ind}if not {self.ref(arg)}({v}): return False")
-            elif word == "type":
-                names = [arg] if isinstance(arg, str) else list(arg)
-                if any(t not in _TYPE_EXPR for t in names):
-                    raise _Unknown(f"type {arg}")
-                out.append(f"{ind}if not ({' or '.join(_TYPE_EXPR[t].format(v=v) for t in names)}): return False")
-            elif word == "enum" and all(isinstance(a, str) for a in arg):
-                out.append(f"{ind}if not (isinstance({v}, str) and {v} in {self.const(frozenset(arg))}): return False")
-            elif word in ("enum", "const"):
-                options = self.const(list(arg) if word == "enum" else [arg])
-                out.append(f"{ind}if not any(_eq({v}, a) for a in {options}): return False")
-            elif word == "pattern":
-                out.append(f"{ind}if isinstance({v}, str) and {self.const(re.compile(arg))}.search({v}) is None: return False")
-            elif word in ("minimum", "exclusiveMinimum"):
-                op = ">=" if word == "minimum" else ">"
-                out.append(f"{ind}if isinstance({v}, (int, float)) and not isinstance({v}, bool) and not {v} {op} {arg!r}: return False")
-            elif word in ("minItems", "maxItems"):
-                op = ">=" if word == "minItems" else "<="
-                out.append(f"{ind}if isinstance({v}, list) and not len({v}) {op} {int(arg)}: return False")
-            elif word == "items":
-                item = self.var()
-                inner = self.body(arg, item, ind + "        ")
-                if inner:
-                    out += [f"{ind}if isinstance({v}, list):", f"{ind}    for {item} in {v}:"] + inner
-            elif word == "required":
-                out.append(f"{ind}if isinstance({v}, dict) and not {self.const(frozenset(arg))} <= {v}.keys(): return False")
-            elif word == "properties":
-                checks = []
-                for name, sub in arg.items():
-                    item = self.var()
-                    inner = self.body(sub, item, ind + "        ")
-                    if inner:
-                        checks += [f"{ind}    if {name!r} in {v}:", f"{ind}        {item} = {v}[{name!r}]"] + inner
-                if checks:
-                    out += [f"{ind}if isinstance({v}, dict):"] + checks
-            elif word == "additionalProperties":
-                known = self.const(frozenset(node.get("properties", {})))
-                if arg is False:
-                    out.append(f"{ind}if isinstance({v}, dict) and not {v}.keys() <= {known}: return False")
-                else:
-                    k, item = self.var(), self.var()
-                    inner = self.body(arg, item, ind + "            ")
-                    if inner:
-                        out += [f"{ind}if isinstance({v}, dict):", f"{ind}    for {k}, {item} in {v}.items():",
-                                f"{ind}        if {k} not in {known}:"] + inner
-            elif word == "propertyNames":
-                k = self.var()
-                inner = self.body(arg, k, ind + "        ")
-                if inner:
-                    out += [f"{ind}if isinstance({v}, dict):", f"{ind}    for {k} in {v}:"] + inner
-            else:
-                raise _Unknown(word)
-        return out
-
-    def compile(self, part: str) -> Callable:
-        entry = self.ref(f"#/$defs/{part}")
-        while self.todo:
-            name = self.todo.pop()
-            self.lines += [f"def {self.ref('#/$defs/' + name)}(x0):"] + self.body(self.defs[name], "x0", "    ") + ["    return True"]
-        namespace = {"C": self.consts, "_eq": _json_equal}
-        exec(compile("\n".join(self.lines), f"<schema check of {part}>", "exec"), namespace)  # noqa: S102 - our own schema
-        return namespace[entry]
-
-
 def fast_check(part: str = "entry") -> Optional[Callable]:
     """The compiled check of ``$defs/<part>``, or None if the schema uses a keyword it does not know."""
     if part not in _fast:
         try:
-            _fast[part] = _Compiler(schema()["$defs"]).compile(part)
-        except (_Unknown, KeyError, TypeError, ValueError, re.error, SyntaxError) as exc:
+            _fast[part] = schema_check.compile_check(schema()["$defs"], part)
+        except (schema_check.Unknown, KeyError, TypeError, ValueError, re.error, SyntaxError) as exc:
             logger.debug("schema check not compiled (%s): using jsonschema", exc)
             _fast[part] = None
     return _fast[part]
@@ -310,7 +176,35 @@ def parse_entry(data, kid: str, where="<entry>") -> Decision:
 
 def parse_entry_raw(data, kid: str, where="<entry>") -> dict:
     """One entry file's validated ``entry`` object (for documents: no Decision round trip). CacheFileError."""
-    doc = loads(decode(data, where), where)
+    return parse_entry_text(data, kid, where, compact=False)[0]
+
+
+# An entry file as render_entry writes it: the entry first, then the id and the version.
+_HEAD = '{\n "entry": '
+_TAIL = re.compile(r',\n "id": "([0-9a-f]{24})",\n "schema_version": (0|[1-9][0-9]{0,8})\n}\n?\Z')
+_INDENT = re.compile(r"\n *")
+_ENTRY_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def parse_entry_text(data, kid: str, where="<entry>", compact: bool = True) -> tuple:
+    """(entry, text): :func:`parse_entry_raw`'s validated ``entry`` object, and (``compact``) its
+    JSON text without whitespace, cut from the file where it is laid out as :func:`render_entry`
+    writes it and holds no escape (so ``": "`` and line breaks occur nowhere but between
+    tokens), else None (the caller encodes the object). Where render_entry wrote the file, the
+    text is what ``json.dumps(entry, sort_keys=True, separators=(",", ":"))`` gives, with no
+    float formatted again (an export of 60,000 entries). CacheFileError."""
+    text = decode(data, where)
+    doc, span = None, None
+    if text.startswith(_HEAD):  # one decode of the entry, its end found by the decoder
+        try:
+            entry, end = _ENTRY_DECODER.raw_decode(text, len(_HEAD))
+        except (ValueError, RecursionError):
+            entry, end = None, 0  # json.loads below words the error
+        tail = _TAIL.match(text, end) if isinstance(entry, dict) else None
+        if tail is not None:
+            doc, span = {"entry": entry, "id": tail.group(1), "schema_version": int(tail.group(2))}, (len(_HEAD), end)
+    if doc is None:
+        doc = loads(text, where)
     if not isinstance(doc, dict):
         raise CacheFileError(where, "not a JSON object")
     if doc.get("schema_version") not in READS or isinstance(doc.get("schema_version"), bool):
@@ -321,7 +215,10 @@ def parse_entry_raw(data, kid: str, where="<entry>") -> dict:
     if doc["id"] != kid:
         raise CacheFileError(where, f"id {str(doc['id'])[:40]!r} does not match the file name {kid}")
     validate_entry(kid, doc["entry"], where)
-    return doc["entry"]
+    out = None
+    if compact and span is not None and "\\" not in text:
+        out = _INDENT.sub("", text[span[0]:span[1]]).replace('": ', '":')
+    return doc["entry"], out
 
 
 def parse_document(text, path="<data>") -> dict:
@@ -341,24 +238,46 @@ def parse_document(text, path="<data>") -> dict:
     return {kid: check_entry(kid, entry, path, imported=True) for kid, entry in doc["entries"].items()}
 
 
+DOCUMENT_HEAD = '{"entries":{'  # an export document, as json.dumps(sort_keys=True, separators=(",", ":")) writes it
+DOCUMENT_TAIL = '},"schema_version":%d}\n' % SCHEMA_VERSION
+
+
+def document_member(kid: str, entry: dict, first: bool, text: Optional[str] = None) -> str:
+    """One ``"<key id>":<entry>`` member of a document's entries (after :data:`DOCUMENT_HEAD`);
+    ``text``: the entry's compact JSON text where known (:func:`parse_entry_text`)."""
+    if text is None:  # compact: tens of thousands of entries are written by the C encoder (indent is pure Python)
+        text = json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return ("" if first else ",") + json.dumps(kid) + ":" + text
+
+
+def exportable(kid: str, decision: Decision, invalid: list) -> Optional[dict]:
+    """``decision``'s entry for a document, or None (``"<kid>: <reason>"`` added to ``invalid``) if it does not validate."""
+    entry = finite(decision.to_dict())
+    try:
+        validate_entry(kid, entry, "export")
+    except CacheFileError as exc:
+        invalid.append(f"{kid}: {exc.reason}")
+        return None
+    return entry
+
+
+def warn_left_out(invalid: list) -> None:
+    if invalid:
+        logger.warning("diffsynth_attention cache: left %d decision(s) out of the export (first: %s)", len(invalid), invalid[0])
+
+
 def render_document(entries: dict, raw: Optional[dict] = None) -> str:
     """An export document of ``entries`` ({key_id: Decision}) and ``raw`` ({key_id: entry} already
     validated, as :func:`parse_entry_raw` gives them); decisions that do not validate are left
     out (one warning with the count and the first reason)."""
-    out, left_out = dict(raw or {}), []
+    out, invalid = dict(raw or {}), []
     for kid, d in sorted(entries.items()):
-        entry = finite(d.to_dict())
-        try:
-            validate_entry(kid, entry, "export")
-        except CacheFileError as exc:
-            left_out.append(f"{kid}: {exc.reason}")
-            continue
-        out[kid] = entry
-    if left_out:
-        logger.warning("diffsynth_attention cache: left %d decision(s) out of the export (first: %s)", len(left_out), left_out[0])
-    # compact: a document of tens of thousands of entries is written by the C encoder (indent is pure Python)
-    return json.dumps({"schema_version": SCHEMA_VERSION, "entries": out}, sort_keys=True, separators=(",", ":"),
-                      allow_nan=False) + "\n"
+        entry = exportable(kid, d, invalid)
+        if entry is not None:
+            out[kid] = entry
+    warn_left_out(invalid)
+    parts = [DOCUMENT_HEAD] + [document_member(kid, out[kid], first=i == 0) for i, kid in enumerate(sorted(out))]
+    return "".join(parts + [DOCUMENT_TAIL])
 
 
 _WS = re.compile(r"[ \t\n\r]*")

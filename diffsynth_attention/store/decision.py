@@ -203,16 +203,24 @@ class Decision:
 def decision_filter(backend: Optional[str] = None, gpu: Optional[str] = None, key: Optional[str] = None):
     """``match(decision)`` for decisions that chose ``backend``, were tuned on a device whose
     name contains ``gpu`` (case-insensitive) and whose key id starts with ``key``; None when none
-    is given (every decision)."""
+    is given (every decision). ``match.on_entry(key_id, entry)`` is the same test on an entry's
+    JSON object (``Decision.to_dict``'s form: whole-cache commands build no Decision), and
+    ``match.key_prefix`` the ``key`` (entries of other ids need not be read)."""
     if backend is None and gpu is None and key is None:
         return None
+    needle = None if gpu is None else gpu.lower()
 
-    def match(decision) -> bool:
-        if backend is not None and decision.backend != backend:
+    def on_entry(kid: str, entry: Mapping) -> bool:
+        if backend is not None and entry.get("backend") != backend:
             return False
-        if gpu is not None and gpu.lower() not in decision.key.get("device", {}).get("name", "").lower():
+        if needle is not None and needle not in entry.get("key", {}).get("device", {}).get("name", "").lower():
             return False
-        if key is not None and not decision.key_id.startswith(key):
+        if key is not None and not kid.startswith(key):
             return False
         return True
+
+    def match(decision) -> bool:
+        return on_entry(decision.key_id, {"backend": decision.backend, "key": decision.key})
+    match.on_entry = on_entry
+    match.key_prefix = key or ""
     return match

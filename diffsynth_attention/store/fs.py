@@ -252,13 +252,14 @@ def trim_bad(dfd: int, names=None) -> None:
                 os.unlink(name, dir_fd=dfd)
 
 
-def sweep(vfd: int, locks: str) -> None:
-    """Remove leftovers: temporary files and abandoned lock files older than LEFTOVER_AGE_S; trim set-aside copies."""
+def sweep(vfd: int, locks: str) -> list:
+    """Remove leftovers: temporary files and abandoned lock files older than LEFTOVER_AGE_S; trim set-aside
+    copies. Returns the folder's listing (empty if it cannot be listed)."""
     now = time.time()
     try:
         names = os.listdir(vfd)
     except OSError:
-        return
+        return []
     for name in names:
         if name.startswith(".tmp-"):
             with contextlib.suppress(OSError):
@@ -267,11 +268,11 @@ def sweep(vfd: int, locks: str) -> None:
                     os.unlink(name, dir_fd=vfd)
     trim_bad(vfd, names)
     if fcntl is None:
-        return
+        return names
     try:
         ldfd = open_subdir(vfd, locks, create=False)
     except (OSError, Refused):
-        return
+        return names
     try:
         for name in os.listdir(ldfd):
             with contextlib.suppress(OSError):
@@ -287,6 +288,7 @@ def sweep(vfd: int, locks: str) -> None:
                     os.close(fd)
     finally:
         os.close(ldfd)
+    return names
 
 
 def entry_ids(vfd: int) -> list:

@@ -3,16 +3,21 @@
 - ``save`` writes every pending decision, one file each (:func:`.fs.write_new`: a temporary
   file, fsync, rename); many at once go in one batch (:func:`.fs.write_batch`: every temporary
   file written, one ``os.sync``, then the renames), so tens of thousands take seconds, not one
-  fsync each.
+  fsync each. More than ``JOURNAL_MIN`` go first into one journal file (:mod:`.journal`: one
+  write and one fsync, a fraction of a second for 50,000): from then on they are on disk, not
+  pending, and a process killed before their entry files are written loses none (the next
+  process replays the journal). Then their entry files are written, as always.
 - A write that fails (read-only, full, EFBIG, a temporary file removed) keeps the decisions in
   memory (one warning) and is tried again on a timer (a daemon ``threading.Timer`` holding the
   cache weakly) while any are pending: after ``RETRY_S[0]``, doubling to ``RETRY_S[1]``; the
-  back-off resets once a write succeeds. A call's own ``save`` between two tries does not write
-  (no call waits on a failing disk). So a fault that clears leaves nothing pending for more than
-  about ``RETRY_S[1]`` plus the time the writes take, and a SIGKILL after that loses nothing.
+  back-off resets once a write succeeds. A try on a failing disk costs one failed open (the
+  journal's, or the first entry's), so the cap is short. A call's own ``save`` between two tries
+  does not write (no call waits on a failing disk). So a fault that clears leaves nothing pending
+  for more than about ``RETRY_S[1]`` plus one journal write (50,000 decisions: about 1.5 s), and
+  a SIGKILL after that loses nothing.
 - Every cache flushes at exit (``atexit``, registered when a first decision is stored, not at
   import; caches are held weakly): ``flush`` says how many decisions are lost if some still
-  cannot be written.
+  cannot be written (a journaled decision is not lost: the next process writes it out).
 """
 
 from __future__ import annotations
@@ -23,16 +28,18 @@ import os
 import threading
 import time
 import weakref
+from typing import Optional
 
 from .. import process
-from . import fs, group_index
+from . import fs, group_index, journal
 from .codec import CacheFileError, render_entry
 from .neighbours import cell_of
 
 logger = logging.getLogger("diffsynth_attention")
 
-RETRY_S = (0.25, 2.0)  # after a failed write: first and longest wait before the timer tries again
+RETRY_S = (0.25, 1.0)  # after a failed write: first and longest wait before the timer tries again
 BATCH = 32  # more pending decisions than this: written as one batch with one sync
+JOURNAL_MIN = 256  # more pending decisions than this: made durable in one journal first (:mod:`.journal`)
 
 _live: "weakref.WeakSet" = weakref.WeakSet()  # every cache, flushed at exit
 
@@ -40,7 +47,7 @@ _live: "weakref.WeakSet" = weakref.WeakSet()  # every cache, flushed at exit
 def _flush_all() -> None:
     for cache in list(_live):
         try:
-            if cache._pending:
+            if cache._pending or cache._journaled:
                 cache.flush()
         except Exception:  # never breaks the interpreter's exit
             logger.debug("flushing a decision cache at exit failed", exc_info=True)
@@ -75,6 +82,10 @@ class Writes:
     def _writes_init(self) -> None:
         self._save_lock = process.new_lock()
         self._timer = None
+        # in a journal of this process's (durable), entry file not written yet: key id -> (decision, bytes, journal)
+        self._journaled: dict = {}
+        self._journals: dict = {}  # this process's journals: name -> locked descriptor
+        self._replay_due = False  # a journal of a process that is gone may be in the folder
         _live.add(self)
 
     def _prerender(self, decision) -> None:
@@ -130,7 +141,7 @@ class Writes:
         (``force``: now); the timer tries meanwhile. A save under way elsewhere is not waited for
         (the timer comes back for what it did not write), except by ``force``."""
         self._ensure_loaded()
-        if not self._pending:
+        if not self._pending and not self._journaled and not self._journals and not self._replay_due:
             return True
         if not self._persistent:
             return False
@@ -146,68 +157,172 @@ class Writes:
 
     def _save_pending(self) -> bool:
         with self._mutex:
-            pending = dict(self._pending)
-        if not pending:
-            return True
-        todo, written, failure = [], [], None
+            pending = first = dict(self._pending)
+            journaled = len(self._journaled)
+        failure = None
         with self._folder(create=True) as vfd:
             if vfd is None:
                 return False
             group_index.start_if_empty(vfd)
-            for kid, d in pending.items():
-                if kid in self._blocked:
-                    self._warn_once(("blocked", kid), "diffsynth_attention cache: the entry %s.json %s; it is not "
-                                    "overwritten, and its decision stays in memory", self.path / kid, self._blocked[kid])
+            if len(pending) > JOURNAL_MIN and journal.available():
+                failure = self._journal(vfd, pending)
+            if failure is None and (self._journaled or self._journals):
+                failure = self._expand(vfd)
+            if failure is None and self._replay_due:
+                self._replay(vfd)
+            with self._mutex:
+                pending = dict(self._pending)
+            written = []
+            if failure is None and pending:
+                written, failure = self._write_entries(vfd, self._entries_to_write(vfd, pending))
+        if failure is not None:
+            self._write_failed(f"cannot write {self.path} ({failure.strerror or failure})")
+            return False
+        self._write_worked(sum(k not in self._pending for k in first) + journaled)
+        return not any(k in self._pending for k in pending)
+
+    def _entries_to_write(self, vfd: int, pending: dict, data_of=None) -> list:
+        """``(key id, decision, bytes)`` of the ``pending`` decisions whose entry file may be written
+        (never over something that is not one of our readable entry files: that one stays in memory);
+        ``data_of(key id, decision)``: their bytes (default: as rendered when stored)."""
+        data_of = data_of or self._data
+        todo = []
+        for kid, d in pending.items():
+            if kid in self._blocked:
+                self._warn_once(("blocked", kid), "diffsynth_attention cache: the entry %s.json %s; it is not "
+                                "overwritten, and its decision stays in memory", self.path / kid, self._blocked[kid])
+                continue
+            try:
+                why = fs.unsafe(os.stat(f"{kid}.json", dir_fd=vfd, follow_symlinks=False), want_dir=False)
+                if why:
+                    self._blocked[kid] = why
                     continue
-                try:  # never overwrite something that is not one of our readable entry files
-                    why = fs.unsafe(os.stat(f"{kid}.json", dir_fd=vfd, follow_symlinks=False), want_dir=False)
-                    if why:
-                        self._blocked[kid] = why
-                        continue
-                except FileNotFoundError:
-                    pass
+            except OSError:  # missing (or the write below says why)
+                pass
+            data = data_of(kid, d)
+            if data is not None:
+                todo.append((kid, d, data))
+        return todo
+
+    def _data(self, kid: str, d) -> Optional[bytes]:
+        """The entry bytes of pending decision ``d`` (rendered when stored), or None if it does not
+        validate (then it is dropped, with a warning: it can never be written)."""
+        rendered = self._rendered.get(kid)
+        if rendered is not None and rendered[0] is d:
+            return rendered[1]
+        try:
+            return render_entry(d).encode()
+        except CacheFileError as exc:
+            with self._mutex:
+                if self._pending.get(kid) is d:
+                    del self._pending[kid]
+            self._warn_once(("invalid", kid), "diffsynth_attention cache: the decision for %s is not saved: %s",
+                            kid, exc.reason)
+            return None
+
+    def _write_entries(self, vfd: int, todo: list) -> tuple:
+        """Write entry files (one batch with one sync if many) and their index markers; (written, failure)."""
+        written, failure = [], None
+        if len(todo) > BATCH:
+            names, failure = fs.write_batch(vfd, [(f"{kid}.json", data) for kid, _, data in todo])
+            done = set(names)
+            written = [(kid, d) for kid, d, _ in todo if f"{kid}.json" in done]
+        else:
+            for kid, d, data in todo:
+                try:
+                    fs.write_new(vfd, f"{kid}.json", data)
                 except OSError as exc:
                     failure = exc
                     break
-                rendered = self._rendered.get(kid)
-                try:
-                    todo.append((kid, d, rendered[1] if rendered is not None and rendered[0] is d else render_entry(d).encode()))
-                except CacheFileError as exc:
-                    with self._mutex:
-                        if self._pending.get(kid) is d:
-                            del self._pending[kid]
-                    self._warn_once(("invalid", kid), "diffsynth_attention cache: the decision for %s is not saved: %s",
-                                    kid, exc.reason)
-            if failure is None and len(todo) > BATCH:
-                names, failure = fs.write_batch(vfd, [(f"{kid}.json", data) for kid, _, data in todo])
-                done = set(names)
-                written = [(kid, d) for kid, d, _ in todo if f"{kid}.json" in done]
-            elif failure is None:
-                for kid, d, data in todo:
-                    try:
-                        fs.write_new(vfd, f"{kid}.json", data)
-                    except OSError as exc:
-                        failure = exc
-                        break
-                    written.append((kid, d))
-            if written:
-                fs.fsync_dir(vfd)
-                group_index.add(vfd, [(cell_of(d), kid) for kid, d in written])  # the neighbour index
+                written.append((kid, d))
+        if written:
+            fs.fsync_dir(vfd)
+            group_index.add(vfd, [(cell_of(d), kid) for kid, d in written])  # the neighbour index
         with self._mutex:
             for kid, d in written:
                 self._indexed.add(kid)
                 if self._pending.get(kid) is d:
                     del self._pending[kid]
                     self._rendered.pop(kid, None)
-        if failure is not None:
-            self._write_failed(f"cannot write {self.path} ({failure.strerror or failure})")
-            return False
-        self._write_worked(len(written))
-        return not any(k in self._pending for k in pending)
+                if kid in self._journaled and self._journaled[kid][0] is d:
+                    del self._journaled[kid]
+        return written, failure
+
+    def _journal(self, vfd: int, pending: dict) -> Optional[OSError]:
+        """Write the ``pending`` decisions into one journal: from then on they are on disk (not
+        pending); their entry files are written next (:meth:`_expand`). The OSError if it failed."""
+        items = [(kid, d, data) for kid, d in pending.items() if kid not in self._blocked
+                 for data in [self._data(kid, d)] if data is not None]
+        if not items:
+            return None
+        try:
+            name, fd = journal.write(vfd, [(kid, data) for kid, _, data in items])
+        except OSError as exc:
+            return exc
+        with self._mutex:
+            self._journals[name] = fd
+            for kid, d, data in items:
+                if self._pending.get(kid) is d:  # (a newer one stored meanwhile stays pending)
+                    del self._pending[kid]
+                    self._rendered.pop(kid, None)
+                    self._journaled[kid] = (d, data, name)
+        return None
+
+    def _expand(self, vfd: int) -> Optional[OSError]:
+        """Write the entry files of the journaled decisions; remove each journal of ours once all
+        its entries are written. The OSError if a write failed (the rest is tried again later)."""
+        with self._mutex:
+            for kid in [k for k in self._journaled if k in self._pending]:  # a newer decision: written instead
+                del self._journaled[kid]
+            entries = {kid: d for kid, (d, _, _) in self._journaled.items()}
+        todo = self._entries_to_write(vfd, entries, lambda kid, d: self._journaled.get(kid, (d, None))[1]) if entries else []
+        with self._mutex:  # a blocked file is never overwritten: its decision waits in memory, as pending
+            for kid in [k for k in self._journaled if k in self._blocked]:
+                self._pending.setdefault(kid, self._journaled.pop(kid)[0])
+        _, failure = self._write_entries(vfd, todo)
+        self._release_done(vfd)
+        return failure
+
+    def _release_done(self, vfd: int) -> None:
+        """Remove each journal of ours none of whose decisions is still waiting for its entry file."""
+        with self._mutex:
+            busy = {name for _, _, name in self._journaled.values()}
+            done = [(name, fd) for name, fd in self._journals.items() if name not in busy]
+            for name, _ in done:
+                del self._journals[name]
+        for name, fd in done:
+            journal.release(vfd, name, fd, done=True)
+
+    def _replay(self, vfd: int) -> None:
+        """Replay the journals of processes that are gone (found when the folder was loaded)."""
+        self._replay_due = False
+        try:
+            found = journal.names(os.listdir(vfd))
+        except OSError:
+            return
+        for name in found:
+            if name in self._journals:
+                continue
+
+            def write(todo):
+                written, failure = self._write_entries(vfd, todo)
+                for kid, d in written:
+                    self._remember(d)
+                return failure is None
+            replayed = journal.replay(vfd, name, write)
+            if replayed:
+                logger.info("diffsynth_attention cache: wrote %d decision(s) from the journal %s of a process that ended "
+                            "before writing them", replayed, name)
+
+    def replay_journals(self) -> None:
+        """Before a whole-cache read or clear: the journals of processes that are gone are written out."""
+        if self._replay_due and self._persistent:
+            self.save(force=True)
 
     def flush(self) -> bool:
-        """Write what is still pending (run at exit); if some cannot be written, say how many are lost."""
-        if not self._pending:
+        """Write what is still pending (run at exit); if some cannot be written, say how many are lost
+        (a journaled decision is not lost: the next process writes it)."""
+        if not self._pending and not self._journaled:
             return True
         if self._persistent:
             self.save(force=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 from ..states import CandidateStatus
@@ -28,14 +27,23 @@ def cmd_cache_path(args) -> int:
 def tie_note(d) -> Optional[str]:
     """The chosen candidate's reason: the tuner's, else (for decisions saved before the tuner
     recorded it) the tie rule, when the chosen one is not the fastest of those timed."""
-    chosen = d.candidates.get(d.backend)
+    return entry_tie_note(d.backend, {n: c.to_dict() for n, c in d.candidates.items()})
+
+
+_TIMED_LOSERS = (CandidateStatus.ACCEPTED, CandidateStatus.SLOWER)
+
+
+def entry_tie_note(backend: str, candidates: dict) -> Optional[str]:
+    """:func:`tie_note` of an entry's ``backend`` and ``candidates`` (JSON objects)."""
+    chosen = candidates.get(backend)
     if chosen is None:
         return None
-    if chosen.reason:
-        return chosen.reason
-    faster = [(c.time_ms, n) for n, c in d.candidates.items()
-              if n != d.backend and c.status in (CandidateStatus.ACCEPTED, CandidateStatus.SLOWER) and c.time_ms is not None
-              and chosen.time_ms is not None and c.time_ms < chosen.time_ms]
+    if chosen.get("reason"):
+        return chosen["reason"]
+    mine = chosen.get("time_ms")
+    faster = [(c.get("time_ms"), n) for n, c in candidates.items()
+              if n != backend and c.get("status") in _TIMED_LOSERS and c.get("time_ms") is not None
+              and mine is not None and c.get("time_ms") < mine]
     if not faster:
         return None
     time_ms, name = min(faster)
@@ -43,24 +51,33 @@ def tie_note(d) -> Optional[str]:
 
 
 def decision_row(key_id: str, d) -> dict:
+    return entry_row(key_id, d.to_dict())
+
+
+def entry_row(key_id: str, entry: dict) -> dict:
+    """One decision's row of ``cache show`` from its entry (``Decision.to_dict``'s form; no Decision is built)."""
     from ..describe import describe_problem
 
-    chosen = d.candidates.get(d.backend)
-    torch_c = d.candidates.get("torch")
-    time_ms = chosen.time_ms if chosen else None
+    candidates, backend = entry["candidates"], entry["backend"]
+    chosen = candidates.get(backend)
+    torch_c = candidates.get("torch")
+    time_ms = chosen.get("time_ms") if chosen else None
     speedup = None
-    if time_ms and torch_c is not None and torch_c.time_ms:
-        speedup = torch_c.time_ms / time_ms
+    if time_ms and torch_c is not None and torch_c.get("time_ms"):
+        speedup = torch_c["time_ms"] / time_ms
+    eager = (entry.get("modes") or {}).get("eager", backend)  # Decision.runner_up(): the eager choice's runner-up
+    timed = [(c.get("time_ms"), n) for n, c in candidates.items()
+             if n != eager and c.get("status") in _TIMED_LOSERS and c.get("time_ms") is not None]
     return {
         "key_id": key_id,
-        "problem": describe_problem(d.key["problem"], layout=True),
-        "device": d.key["device"]["name"],
-        "backend": d.backend,
+        "problem": describe_problem(entry["key"]["problem"], layout=True),
+        "device": entry["key"]["device"]["name"],
+        "backend": backend,
         "time_ms": time_ms,
         "speedup_vs_torch": speedup,
-        "runner_up": d.runner_up(),
-        "reason": tie_note(d),
-        "created": d.created,
+        "runner_up": min(timed)[1] if timed else None,
+        "reason": entry_tie_note(backend, candidates),
+        "created": entry["created"],
     }
 
 
@@ -122,7 +139,7 @@ def plain_decisions(rows: list, title: str) -> str:
 
 def cmd_cache_show(args) -> int:
     store = _store()
-    rows = [decision_row(k, d) for k, d in sorted(store.entries().items(), key=lambda kv: (kv[1].created, kv[0]))]
+    rows = sorted(store.map_entries(entry_row), key=lambda r: (r["created"], r["key_id"]))  # no Decision built
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -142,7 +159,7 @@ def cmd_cache_clear(args) -> int:
     if not args.yes and not sys.stdin.isatty():  # a missing flag: a usage error, before any work
         raise Usage("cache clear needs --yes when there is no terminal to ask for confirmation")
     if not args.yes:
-        count = store.count() if match is None else sum(1 for d in store.entries().values() if match(d))
+        count = store.count(match)
         answer = input(f"Clear {count} decision(s) from {store.path}? [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
             print("nothing cleared")
@@ -171,9 +188,9 @@ def cmd_cache_migrate(args) -> int:
 
 def cmd_cache_export(args) -> int:
     store = _store()
-    text, count = store.export_document()
     try:
-        Path(args.file).write_text(text)
+        with open(args.file, "w") as fh:  # streamed: 60,000 entries never sit in memory as one document
+            count = store.export_to(fh.write)
     except OSError as exc:
         raise Failure(f"cannot write {args.file}: {exc.strerror or exc}") from None
     print(f"exported {count} decision(s) to {args.file}")

@@ -37,6 +37,10 @@ def _on_disk(folder):
     return {p.stem for p in (folder / "v2").glob("*.json")}
 
 
+def _journals(folder):
+    return sorted(p.name for p in (folder / "v2").glob("journal-*"))
+
+
 def _poll(predicate, deadline_s: float = 60.0) -> bool:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
@@ -131,4 +135,6 @@ def test_sigkill_after_the_fault_clears_loses_nothing(isolated, subprocess_env):
     env = dict(subprocess_env, DA_ROOT=str(ROOT))
     r = subprocess.run([sys.executable, "-c", KILL, str(isolated)], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == -signal.SIGKILL, (r.stdout, r.stderr[-2000:])
-    assert _on_disk(isolated) == {make_decision(i).key_id for i in range(301)}
+    want = {make_decision(i).key_id for i in range(301)}
+    assert set(DecisionCache(isolated).entries()) == want  # a fresh process: a journal left behind is written out
+    assert _on_disk(isolated) == want and not _journals(isolated)
