@@ -30,6 +30,8 @@ TUNE_WAIT = "DIFFSYNTH_ATTENTION_TUNE_WAIT"
 LOAD_WAIT = "DIFFSYNTH_ATTENTION_LOAD_WAIT"
 
 DEFAULT_TOLERANCE = 0.005
+# What an unset DIFFSYNTH_ATTENTION_TOLERANCE means: the tuning policy's tolerance per dtype.
+TOLERANCE_DEFAULT_TEXT = "unset: a tolerance per dtype, see docs/tuning.md"
 DEFAULT_TUNING_BUDGET = 1.5
 DEFAULT_TUNE_WAIT = 300.0
 DEFAULT_LOAD_WAIT = 10.0  # above flash_attn.cute's import (6.7-8 s on an H100), under the 15 s a hung import may cost
@@ -65,12 +67,12 @@ def _flag(name: str, default: bool) -> bool:
                      f"{'on' if default else 'off'})")
 
 
-def _number(name: str, default: float, bounds: tuple) -> float:
+def _number(name: str, default: float, bounds: tuple, default_text: Optional[str] = None) -> float:
     raw = _raw(name)
     if raw is None:
         return default
     low, high, low_ok = bounds
-    allowed = f"a number {'>=' if low_ok else '>'} {low:g} and <= {high:g} (default {default:g})"
+    allowed = f"a number {'>=' if low_ok else '>'} {low:g} and <= {high:g} (default {default_text or f'{default:g}'})"
     try:
         value = float(raw)
     except ValueError:
@@ -89,7 +91,7 @@ def tuning_enabled() -> bool:
 
 
 def tolerance() -> float:
-    return _number(TOLERANCE, DEFAULT_TOLERANCE, TOLERANCE_RANGE)
+    return _number(TOLERANCE, DEFAULT_TOLERANCE, TOLERANCE_RANGE, TOLERANCE_DEFAULT_TEXT)
 
 
 def tuning_budget() -> float:

@@ -29,6 +29,25 @@ from .cli_cache import (_store, cmd_cache_clear, cmd_cache_export, cmd_cache_imp
 
 
 # -- backends ---------------------------------------------------------------------------------
+def _in_force(name: str, value, source: str):
+    """What a variable means now where unset says less than the reader's value: the tolerance per
+    dtype, and the cache folder in use."""
+    from .. import config
+
+    if source != "default":
+        return value
+    if name == config.TOLERANCE:
+        from ..tuning.policy import DEFAULT_TOLERANCES, TF32_TOLERANCE
+
+        per = ", ".join(f"{dtype} {tol:g}" for dtype, tol in DEFAULT_TOLERANCES.items())
+        return f"per dtype: {per} (float32 {TF32_TOLERANCE:g} on CUDA with TF32 on)"
+    if name == config.CACHE_DIR:
+        from ..store.paths import cache_dir
+
+        return str(cache_dir())
+    return value
+
+
 def cmd_backends(args) -> int:
     from .. import config
     from ..backends import REGISTRY
@@ -43,7 +62,7 @@ def cmd_backends(args) -> int:
             row["build"] = summary()
             row["status"] += f" [build: {row['build']}]"
         rows.append(row)
-    settings = [{"variable": n, "value": v, "source": s} for n, v, s in config.describe()]
+    settings = [{"variable": n, "value": _in_force(n, v, s), "source": s} for n, v, s in config.describe()]
     if args.json:
         print(json.dumps({"backends": rows, "configuration": settings}, indent=1))
         return 0

@@ -143,7 +143,7 @@ def identity(shape: dict, dtype=None) -> tuple:
 
 def distinct(shapes: list, dtype=None) -> list:
     """``shapes`` without repeats of one problem; a kept problem lists the names it stands for
-    under ``also`` (e.g. five suite problems that are one problem at CPU size)."""
+    under ``also`` (e.g. four suite problems that are one problem at CPU size)."""
     out, seen = [], {}
     for s in shapes:
         ident = identity(s, dtype)

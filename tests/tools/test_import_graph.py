@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "diffsynth_attention"
-FOLDERS = (PACKAGE, "scripts", "tests")
+FOLDERS = (PACKAGE, "scripts", "devtools", "tests")  # devtools: development tools, not installed
 
 
 class Module:
@@ -74,8 +74,8 @@ def _candidates(mod: Module, name: str) -> list:
     """Tree modules an absolute import of ``name`` may mean, from ``mod``'s point of view."""
     if name == PACKAGE or name.startswith(PACKAGE + "."):
         return [name]
-    if mod.folder == "scripts":
-        return ["scripts." + name]
+    if mod.folder in ("scripts", "devtools"):
+        return [f"{mod.folder}.{name}"]  # run from their folder: it is on sys.path
     if mod.folder == "tests":
         own = mod.name.rsplit(".", 1)[0] if not mod.is_package else mod.name
         return ["tests." + name, own + "." + name]  # tests/ on sys.path, and the test's own folder
@@ -287,6 +287,21 @@ def test_no_import_cycle_in_the_tree(tree_modules, top_level_only):
 def test_scripts_import_no_script_no_test_and_nothing_private(tree_modules):
     bad = script_violations(tree_modules)
     assert not bad, "\n".join(bad)
+
+
+def test_nothing_installed_or_scripted_imports_the_development_tools(tree_modules):
+    """devtools/ (the docs generator) is not in the installed package: neither the package nor a
+    script may import it, and pyproject.toml does not ship it."""
+    import tomllib
+
+    edges = graph(tree_modules, top_level_only=False)
+    bad = [f"{name} imports {t}" for name, mod in tree_modules.items() if mod.folder in (PACKAGE, "scripts")
+           for t in edges[name] if t.startswith("devtools.")]
+    assert not bad, "\n".join(bad)
+    assert any(name.startswith("devtools.") for name in tree_modules)
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        shipped = tomllib.load(fh)["tool"]["setuptools"]["packages"]
+    assert all(p == PACKAGE or p.startswith(PACKAGE + ".") for p in shipped)
 
 
 def test_tests_share_helpers_only_through_support(tree_modules):
