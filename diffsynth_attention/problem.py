@@ -19,6 +19,7 @@ from einops import EinopsError, rearrange
 from einops.parsing import ParsedExpression
 
 from .describe import describe_problem
+from .request import cublas_tf32
 from .states import MaskKind
 
 CANONICAL = "b n s d"
@@ -48,6 +49,10 @@ class Problem:
     causal: bool = False
     window: Optional[int] = None
     requires_grad: bool = False
+    # The memory order of q, k and v where any differs from what its pattern says (contiguous in the
+    # pattern's order), e.g. "q=bnsd k=bsnd v=bsnd"; None in the common case (see memory_order).
+    memory: Optional[str] = None
+    tf32: bool = False  # float32 on CUDA with TF32 matmuls allowed (a looser tolerance, other timings)
 
     @property
     def dtype_name(self) -> str:
@@ -60,6 +65,11 @@ class Problem:
             "seq_kv": self.seq_kv, "head_dim": self.head_dim, "head_dim_v": self.head_dim_v, "dtype": self.dtype_name,
             "layout": self.layout, "mask": self.mask, "mask_shape": None if self.mask_shape is None else list(self.mask_shape),
             "causal": self.causal, "window": self.window, "requires_grad": self.requires_grad,
+            # Only where set, so that every key made before these fields existed (contiguous
+            # tensors, no TF32) is still the key of the same problem: existing entries need no
+            # rewrite, and a call in another memory order or with TF32 gets a key of its own.
+            **({"memory": self.memory} if self.memory is not None else {}),
+            **({"tf32": True} if self.tf32 else {}),
         }
 
     def describe(self) -> str:
@@ -198,6 +208,30 @@ def _to_canonical(arg: str, pattern: str, convert: Callable, t: torch.Tensor) ->
         ) from None
 
 
+def _order(t: torch.Tensor) -> Optional[str]:
+    """The memory order of a ``b n s d`` view: "bsnd" where heads are inner to the sequence
+    (FlashAttention's native layout), "bnsd" where the sequence is inner; None where one of
+    the two axes has length 1 (both orders are the same memory)."""
+    if t.shape[1] == 1 or t.shape[2] == 1:
+        return None
+    return "bsnd" if t.stride(1) < t.stride(2) else "bnsd"
+
+
+def _pattern_order(pattern: str) -> str:
+    """The memory order a pattern implies for a contiguous tensor: "bsnd" where s comes before n."""
+    flat = pattern.replace("(", " ").replace(")", " ").split()
+    return "bsnd" if flat.index("s") < flat.index("n") else "bnsd"
+
+
+def memory_order(patterns: tuple, views: tuple) -> Optional[str]:
+    """The problem's ``memory`` field: None where every tensor lies in its pattern's own order
+    (the common case, and every key made before the field existed), else each tensor's order."""
+    orders = [_order(t) for t in views]
+    if all(o is None or o == _pattern_order(p) for o, p in zip(orders, patterns)):
+        return None
+    return " ".join(f"{name}={o or _pattern_order(p)}" for name, o, p in zip("qkv", orders, patterns))
+
+
 def _broadcasts(shape: tuple, target: tuple) -> bool:
     if len(shape) > len(target):
         return False
@@ -289,10 +323,12 @@ def prepare(
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (b, n, s_q, s_kv) = {target}")
         mask_shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
     layout_text = layout.text
+    memory = memory_order((q_pattern, k_pattern, v_pattern), (qc, kc, vc))
+    tf32 = q.dtype == torch.float32 and q.device.type == "cuda" and bool(cublas_tf32())
     problem = Problem(
         batch=b, heads_q=hq, heads_kv=hk, seq_q=sq, seq_kv=skv, head_dim=d, head_dim_v=dv,
         dtype=q.dtype, device_type=q.device.type, layout=layout_text, mask=mask_kind, mask_shape=mask_shape,
-        causal=bool(is_causal), window=window_size, requires_grad=bool(requires_grad),
+        causal=bool(is_causal), window=window_size, requires_grad=bool(requires_grad), memory=memory, tf32=tf32,
     )
     return Call(problem, layout, None if scale is None else float(scale), 0 if attn_mask is None else attn_mask.dim()), qc, kc, vc
 

@@ -7,10 +7,14 @@ in :meth:`Request.signature`; the hot path of :mod:`diffsynth_attention.dispatch
 same tuple inline (a method call costs more than the lookup), and a test proves the two agree
 on every argument.
 
-Devices are ``torch.device`` values (``get_device()`` is -1 for both the CPU and the meta
-device); layouts tell sparse tensors from dense ones; a NaN, infinite or overflowing scale
-gives another signature than a finite one. A repeated call is therefore checked exactly as
-strictly as its first call, for a few scalar reads and comparisons.
+q's device is a ``torch.device`` (``get_device()`` is -1 for both the CPU and the meta device);
+k's and v's are their ``get_device()`` indices (a k or v of another device type with the same
+index reaches a backend that raises, and a failure is validated before anything else). Strides
+give the memory order (a ``b n s d`` view of ``b s n d`` memory is another problem) and tell
+sparse tensors, which have none, from dense ones. For float32 queries, whether cuBLAS may use
+TF32 is part of it. A NaN, infinite or overflowing scale gives another signature than a finite
+one. A repeated call is therefore checked exactly as strictly as its first call, for a few
+scalar reads and comparisons.
 """
 
 from __future__ import annotations
@@ -18,8 +22,14 @@ from __future__ import annotations
 import sys
 from typing import NamedTuple, Optional
 
+import torch
+
 CANONICAL = "b n s d"
 FLOAT_MAX = sys.float_info.max  # -FLOAT_MAX <= scale <= FLOAT_MAX: False for NaN, +-inf and 10**400
+FLOAT32 = torch.float32
+# Whether cuBLAS may run float32 matmuls in TF32 (``torch.backends.cuda.matmul.allow_tf32``,
+# ``set_float32_matmul_precision("high")``): a C call, read for float32 queries only.
+cublas_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None) or (lambda: False)
 
 
 class Request(NamedTuple):
@@ -41,13 +51,15 @@ class Request(NamedTuple):
         """The plan-table key. Raises (AttributeError, TypeError, ...) for arguments that are not
         tensors or not hashable: validation then explains what is wrong. Everything a first
         call's validation looks at is here, so that a repeated call is checked as strictly:
-        devices (meta included) and layouts (sparse) of every tensor, the types of the flags
+        devices (meta included), strides (memory order; sparse tensors have none), the types of the flags
         and of the window and dims (``3.0 == 3``), and whether the scale is finite. ``tier_scoped``
         and ``tier_raw``: the quality scope and DIFFSYNTH_ATTENTION_QUALITY's raw value."""
         q, k, v, m, dims, scale = self.q, self.k, self.v, self.attn_mask, self.dims, self.scale
+        qd = q.dtype
         return (
             scoped, impl_raw, self.compatibility_mode, type(self.compatibility_mode), q.shape, k.shape, v.shape,
-            q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.layout, k.layout, v.layout,
+            q.stride(), k.stride(), v.stride(), qd, k.dtype, v.dtype, qd is FLOAT32 and cublas_tf32(),
+            q.device, k.get_device(), v.get_device(),
             self.q_pattern, self.k_pattern, self.v_pattern, self.out_pattern,
             None if dims is None else tuple((a, n, type(n)) for a, n in dims.items()),
             None if m is None else (m.shape, m.dtype, m.device, m.layout),

@@ -8,10 +8,15 @@ from typing import Callable, Optional
 import torch
 
 from .. import overrides, tiers
-from ..request import FLOAT_MAX, Request
+from ..request import FLOAT32, FLOAT_MAX, Request, cublas_tf32
 
 _grad_enabled = torch.is_grad_enabled
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+_compiler = getattr(torch, "compiler", None)
+_is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)
+# Dynamo folds is_dynamo_compiling() to True while it traces; outside Dynamo (torch.export's
+# non-strict mode, make_fx) torch.compiler's module flag says so. One trivial call and one
+# attribute read, where is_compiling() costs two Python frames on every eager call.
+_dynamo_compiling = getattr(_compiler, "is_dynamo_compiling", None)
 
 
 def _synthetic(req: Request) -> Request:
@@ -46,6 +51,7 @@ def make_forward(d) -> Callable:
     failed = d.failed
     env_get, impl_key, scope_get = overrides._env_get, overrides._IMPL_KEY, overrides.scope_get
     tier_scope_get, tier_env_get, tier_key = tiers.scope_get, tiers._env_get, tiers._KEY
+    fast_compiling = _dynamo_compiling is not None and hasattr(_compiler, "_is_compiling_flag")
 
     def attention_forward(
         q: torch.Tensor,
@@ -80,7 +86,7 @@ def make_forward(d) -> Callable:
 
             return flex_attention_forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                           is_causal, window_size, score_mod)
-        if _is_compiling():
+        if (_dynamo_compiling() or _compiler._is_compiling_flag) if fast_compiling else _is_compiling():
             from .baked import traced_attention
 
             return traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
@@ -89,9 +95,11 @@ def make_forward(d) -> Callable:
         try:
             grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or attn_mask is not None and attn_mask.requires_grad)
+            qd = q.dtype
             plan = plans_get((
                 scope_get(), impl_raw, compatibility_mode, type(compatibility_mode), q.shape, k.shape, v.shape,
-                q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.layout, k.layout, v.layout,
+                q.stride(), k.stride(), v.stride(), qd, k.dtype, v.dtype, qd is FLOAT32 and cublas_tf32(),
+                q.device, k.get_device(), v.get_device(),
                 q_pattern, k_pattern, v_pattern, out_pattern,
                 None if dims is None else tuple((a, n, type(n)) for a, n in dims.items()),
                 None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.layout),

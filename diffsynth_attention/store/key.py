@@ -59,22 +59,7 @@ def _runtime_versions() -> tuple:
 
 
 def problem_fields(p: Problem) -> dict:
-    return {
-        "batch": p.batch,
-        "heads_q": p.heads_q,
-        "heads_kv": p.heads_kv,
-        "seq_q": p.seq_q,
-        "seq_kv": p.seq_kv,
-        "head_dim": p.head_dim,
-        "head_dim_v": p.head_dim_v,
-        "dtype": p.dtype_name,
-        "layout": p.layout,
-        "mask": p.mask,
-        "mask_shape": None if p.mask_shape is None else list(p.mask_shape),
-        "causal": p.causal,
-        "window": p.window,
-        "requires_grad": p.requires_grad,
-    }
+    return p.fields()
 
 
 def make_key(problem: Problem, dev: DeviceInfo, candidates, tier: str = "exact") -> Key:

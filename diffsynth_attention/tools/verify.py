@@ -25,6 +25,8 @@ MARGIN = 0.03
 def _shape_of(key: dict) -> tuple:
     """(shape-suite row, layout) rebuilding ``key``'s calls, or (None, why not)."""
     p = key["problem"]
+    if p.get("memory") is not None or p.get("tf32"):
+        return None, "tensors in another memory order, or TF32 on: verified by the pipeline's own calls"
     if p.get("mask") != "none":
         return None, "masked problems are verified by the pipeline's own calls (the mask's values matter)"
     if p.get("head_dim_v") != p.get("head_dim"):

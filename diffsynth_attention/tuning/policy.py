@@ -108,13 +108,14 @@ class TuningPolicy:
         return dataclasses.replace(self, **changes)
 
     # -- the rules ------------------------------------------------------------------------
-    def tolerance(self, dtype_name: str, device_type: str = "cpu") -> float:
-        """The gate's tolerance for a problem of this dtype on this device type."""
+    def tolerance(self, dtype_name: str, device_type: str = "cpu", tf32: Optional[bool] = None) -> float:
+        """The gate's tolerance for a problem of this dtype on this device type (``tf32``: whether
+        TF32 matmuls are allowed for it; None: read the process's setting now)."""
         if self.tolerances is not None:
             return self.tolerances.get(dtype_name, DEFAULT_TOLERANCES["bfloat16"])
         if config._raw(config.TOLERANCE) is not None:
             return config.tolerance()  # the user's one value, for every dtype
-        if dtype_name == "float32" and tf32_allowed(device_type):
+        if dtype_name == "float32" and (tf32_allowed(device_type) if tf32 is None else tf32):
             return TF32_TOLERANCE
         return DEFAULT_TOLERANCES.get(dtype_name, DEFAULT_TOLERANCES["bfloat16"])
 
@@ -153,4 +154,4 @@ def tolerance_for(problem, policy: Optional[TuningPolicy] = None) -> float:
     """The one trust rule: the gate's tolerance for ``problem`` (its dtype and device type) under
     ``policy`` (default: the documented one). Every store read of a decision for a problem, and
     the tuner, use this value."""
-    return (policy or DEFAULT_POLICY).tolerance(problem.dtype_name, problem.device_type)
+    return (policy or DEFAULT_POLICY).tolerance(problem.dtype_name, problem.device_type, getattr(problem, "tf32", None))

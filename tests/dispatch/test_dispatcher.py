@@ -45,6 +45,7 @@ def _variants():
     yield {**base, "window_size": 2}
     yield {**base, "compatibility_mode": True}
     yield dict(q=q.double(), k=k.double(), v=v.double())
+    yield dict(q=qs.transpose(1, 2), k=ks.transpose(1, 2), v=vs.transpose(1, 2))  # b n s d views of b s n d memory
     yield dict(q=q.clone().requires_grad_(), k=k, v=v)
 
 
