@@ -64,9 +64,14 @@ ENV_MEANINGS = {
     "DIFFSYNTH_ATTENTION_SENTINEL_EVERY": "every how many calls a low-precision decision re-checks a slice against the "
                                           "fp32 reference (0: never); drift beyond the tier's bound falls back to the "
                                           "best exact backend",
+    "DIFFSYNTH_ATTENTION_RECORD": "a file: the problems this process calls (shapes, dtype, layout and memory order, "
+                                  "mask, causal/window, gradients), written at its exit, merged with a recording "
+                                  "already there; `warm --shapes FILE` tunes them elsewhere. `with da.record(FILE):` "
+                                  "records one scope",
 }
 # Shown instead of the reader's value where unset means something the reader cannot return.
-ENV_DEFAULTS = {"DIFFSYNTH_ATTENTION_TOLERANCE": "per dtype", "DIFFSYNTH_ATTENTION_CACHE_DIR": "per user"}
+ENV_DEFAULTS = {"DIFFSYNTH_ATTENTION_TOLERANCE": "per dtype", "DIFFSYNTH_ATTENTION_CACHE_DIR": "per user",
+                "DIFFSYNTH_ATTENTION_RECORD": "unset"}
 
 STATUS_MEANINGS = {
     "chosen": "the backend used",

@@ -134,6 +134,28 @@ def cache_dir_override() -> Optional[str]:
     return _absolute[raw]
 
 
+RECORD = "DIFFSYNTH_ATTENTION_RECORD"
+
+
+def record_path() -> Optional[str]:
+    """DIFFSYNTH_ATTENTION_RECORD as an absolute path, or None: the file this process records the
+    problems it plans to, at its exit (:mod:`diffsynth_attention.recording`)."""
+    raw = _raw(RECORD)
+    if raw is None:
+        return None
+    if "\x00" in raw:
+        raise ValueError(f"{RECORD}={raw!r} is not a path (it has a NUL byte)")
+    try:
+        path = Path(raw).expanduser()
+    except (RuntimeError, KeyError):
+        raise ValueError(f"{RECORD}={raw!r}: cannot expand its '~'; give an absolute path") from None
+    if not path.is_absolute():
+        if raw not in _absolute:
+            _absolute[raw] = str(Path.cwd() / path)
+        return _absolute[raw]
+    return str(path)
+
+
 def implementation() -> str:
     """DIFFSYNTH_ATTENTION_IMPLEMENTATION: ``auto`` (also when unset or empty) or a backend name."""
     raw = _raw(IMPLEMENTATION)
@@ -216,6 +238,7 @@ READERS = {
     RETIME: retime,
     QUALITY: quality,
     SENTINEL_EVERY: sentinel_every,
+    RECORD: record_path,
 }
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import config, overrides, tiers
+from .. import config, overrides, recording, tiers
 from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
 from ..problem import mask_4d, prepare
@@ -276,6 +276,7 @@ class Dispatcher(ModePlans):
                                    compatibility_mode=req.compatibility_mode)
         requested, source_name = overrides.requested(impl_raw, req.compatibility_mode)
         problem = call.problem
+        recording.note(problem)  # where a plan is built: once per call signature, never on the hit path
         dev = device_info(q.device)
         tier = tiers.current()  # the scope's or the variable's: part of the call's signature
         usable, unsupported = candidates(problem, dev)
