@@ -64,6 +64,13 @@ def write_markdown(result, path: Path):
         lines += ["", f"6-resolution loop (default torch.compile, tokens {loop['tokens']}, two forwards each): "
                   + "; ".join(f"{v}: {loop[v]['compiles']} compiles, {loop[v]['graph_runs']} compiled-graph runs, "
                               f"{loop[v]['tunings']} tunings" for v in ("plain", "dispatcher") if v in loop), ""]
+        if "plain" in loop and "dispatcher" in loop:
+            lines += ["| tokens | plain ms | dispatcher ms | plain / dispatcher | run-time operator calls |", "|---|---|---|---|---|"]
+            for a, b in zip(loop["plain"]["per_resolution"], loop["dispatcher"]["per_resolution"]):
+                if "median_ms" in a and "median_ms" in b:
+                    lines.append(f"| {a['tokens']} | {a['median_ms']:.3f} | {b['median_ms']:.3f} | "
+                                 f"{a['median_ms'] / b['median_ms']:.3f} | {b['runtime_dispatch_calls']} |")
+            lines.append("")
     for m in result["models"]:
         for mode, e in m.get("explanation", {}).items():
             lines.append(f"| {m['name']} | {mode} | {fmt(e.get('plain_ms'))} | {fmt(e.get('dispatcher_ms'))} | "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -53,6 +53,9 @@ class Problem:
     # pattern's order), e.g. "q=bnsd k=bsnd v=bsnd"; None in the common case (see memory_order).
     memory: Optional[str] = None
     tf32: bool = False  # float32 on CUDA with TF32 matmuls allowed (a looser tolerance, other timings)
+    # Whether q, k and v (as b n s d views) have a unit last stride. Not part of the key: a plan
+    # is bound to one signature, whose strides fix it, so a runner can skip the per-call check.
+    dense_last: bool = field(default=False, compare=False)
 
     @property
     def dtype_name(self) -> str:
@@ -329,6 +332,7 @@ def prepare(
         batch=b, heads_q=hq, heads_kv=hk, seq_q=sq, seq_kv=skv, head_dim=d, head_dim_v=dv,
         dtype=q.dtype, device_type=q.device.type, layout=layout_text, mask=mask_kind, mask_shape=mask_shape,
         causal=bool(is_causal), window=window_size, requires_grad=bool(requires_grad), memory=memory, tf32=tf32,
+        dense_last=qc.stride(-1) == 1 and kc.stride(-1) == 1 and vc.stride(-1) == 1,
     )
     return Call(problem, layout, None if scale is None else float(scale), 0 if attn_mask is None else attn_mask.dim()), qc, kc, vc
 

@@ -7,9 +7,8 @@ in :meth:`Request.signature`; the hot path of :mod:`diffsynth_attention.dispatch
 same tuple inline (a method call costs more than the lookup), and a test proves the two agree
 on every argument.
 
-q's device is a ``torch.device`` (``get_device()`` is -1 for both the CPU and the meta device);
-k's and v's are their ``get_device()`` indices (a k or v of another device type with the same
-index reaches a backend that raises, and a failure is validated before anything else). Strides
+Devices are ``torch.device`` values (``get_device()`` is -1 for both the CPU and the meta
+device, and a meta tensor must be refused before any backend sees it). Strides
 give the memory order (a ``b n s d`` view of ``b s n d`` memory is another problem) and tell
 sparse tensors, which have none, from dense ones. For float32 queries, whether cuBLAS may use
 TF32 is part of it. A NaN, infinite or overflowing scale gives another signature than a finite
@@ -59,7 +58,7 @@ class Request(NamedTuple):
         return (
             scoped, impl_raw, self.compatibility_mode, type(self.compatibility_mode), q.shape, k.shape, v.shape,
             q.stride(), k.stride(), v.stride(), qd, k.dtype, v.dtype, qd is FLOAT32 and cublas_tf32(),
-            q.device, k.get_device(), v.get_device(),
+            q.device, k.device, v.device,
             self.q_pattern, self.k_pattern, self.v_pattern, self.out_pattern,
             None if dims is None else tuple((a, n, type(n)) for a, n in dims.items()),
             None if m is None else (m.shape, m.dtype, m.device, m.layout),

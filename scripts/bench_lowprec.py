@@ -29,6 +29,7 @@ Writes ``<out>/<device>-<date>-lowprec.{json,md}`` (``--tag`` names the files).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -287,6 +288,13 @@ def main(argv=None) -> int:
     if device.type != "cuda" and parts & {"speed", "decisions", "e2e"}:
         print("no CUDA device: only the fuzz part runs", file=sys.stderr)
         parts &= {"fuzz"}
+    if "e2e" in parts:
+        # diffusers before the kernel packages: flash-attn-4's bare `flash_attn` namespace makes
+        # diffusers import FlashAttention-2 modules that are not there (see bench_e2e.py); the
+        # kernel packages come from DA_LATE_PATH, appended once diffusers is imported.
+        import diffusers.models.attention_dispatch  # noqa: F401
+        for extra in filter(None, os.environ.get("DA_LATE_PATH", "").split(":")):
+            sys.path.append(extra)
     result = {"environment": bench.environment(device), "args": vars(args)}
     with torch.no_grad():
         if "speed" in parts:

@@ -27,6 +27,11 @@ for phase in "$@"; do
     cp) PYTHONPATH="/tmp/diff-site:$nodiff" DA_LATE_PATH=$late timeout "${T_CP:-600}" \
           torchrun --nproc_per_node=2 scripts/bench_cp.py --out "$res" > "$res/cp.log" 2>&1 ;;
     pwarm) timeout "${T_PWARM:-600}" python3 scripts/parallel_warm.py "$res/H200x2-$day-parallel-warm.json" > "$res/pwarm.log" 2>&1 ;;
+    hitpath) python3 scripts/bench_hit_path.py --out "$res" > "$res/hitpath.log" 2>&1 ;;
+    ccross) PYTHONPATH="/tmp/diff-site:$nodiff" DA_LATE_PATH=$late timeout "${T_CC:-600}" \
+              python3 scripts/bench_compile_caches.py --only cross --out "$res" ${CC_ARGS:-} > "$res/ccross.log" 2>&1 ;;
+    lowprec) PYTHONPATH="/tmp/diff-site:$nodiff" DA_LATE_PATH=$late timeout "${T_LOWPREC:-600}" \
+               python3 scripts/bench_lowprec.py --out "$res" ${LOWPREC_ARGS:-} > "$res/lowprec.log" 2>&1 ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
   echo "phase $phase: rc $?" | tee -a "$res/phases.log"

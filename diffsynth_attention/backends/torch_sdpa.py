@@ -42,12 +42,21 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def _bind_aten(backend, cls, op, fixed: tuple, p: Problem, need_grad: bool, scale_is_none: bool):
     """A runner for an ATen SDPA kernel on unmasked calls: the overload resolved once
-    (``.default``), positional arguments decided at plan time, only the last-dim contiguity
-    check left per call. Masked, GQA and windowed calls keep the generic runner."""
+    (``.default``), positional arguments decided at plan time, and the last-dim contiguity
+    check only where the problem's tensors are not all dense in their last dim. Masked, GQA and windowed calls keep the generic runner."""
     if type(backend).forward is not cls.forward or p.mask != MaskKind.NONE \
             or p.heads_q != p.heads_kv or p.window is not None:
         return None
     default = op.default
+    if p.dense_last:  # the plan's signature fixes the strides: no per-call check
+        if scale_is_none:
+            def run_dense(q, k, v, mask, scale):
+                return default(q, k, v, *fixed)[0]
+            return run_dense
+
+        def run_dense_scaled(q, k, v, mask, scale):
+            return default(q, k, v, *fixed, scale=scale)[0]
+        return run_dense_scaled
 
     def contiguous(x):
         return x if x.stride(-1) == 1 else x.contiguous()

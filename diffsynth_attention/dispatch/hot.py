@@ -99,7 +99,7 @@ def make_forward(d) -> Callable:
             plan = plans_get((
                 scope_get(), impl_raw, compatibility_mode, type(compatibility_mode), q.shape, k.shape, v.shape,
                 q.stride(), k.stride(), v.stride(), qd, k.dtype, v.dtype, qd is FLOAT32 and cublas_tf32(),
-                q.device, k.get_device(), v.get_device(),
+                q.device, k.device, v.device,
                 q_pattern, k_pattern, v_pattern, out_pattern,
                 None if dims is None else tuple((a, n, type(n)) for a, n in dims.items()),
                 None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.layout),

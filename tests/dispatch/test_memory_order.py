@@ -90,3 +90,21 @@ def test_tf32_is_a_key_field_with_its_own_tolerance():
     plain, tf32 = Problem(**base), Problem(**base, tf32=True)
     assert "tf32" not in plain.fields() and tf32.fields()["tf32"] is True
     assert tolerance_for(plain) == DEFAULT_TOLERANCES["float32"] and tolerance_for(tf32) == TF32_TOLERANCE
+
+
+def test_runner_skips_the_contiguity_check_only_for_dense_last_dims(tmp_path):
+    """The plan's signature fixes the strides, so an ATen kernel's runner checks the last dim's
+    stride per call only where the call's tensors are not dense in it."""
+    import diffsynth_attention as da
+    from diffsynth_attention.problem import prepare
+
+    q, k, v = qkv(b=1, hq=2, sq=16, d=16)
+    wide = [torch.stack([t, t], dim=-1)[..., 0] for t in (q, k, v)]  # last stride 2, same values
+    assert all(t.stride(-1) == 2 and torch.equal(t, s) for t, s in zip(wide, (q, k, v)))
+    args = ("b n s d",) * 4 + (None, None, None, False, None, False)
+    assert prepare(q, k, v, *args)[0].problem.dense_last
+    assert not prepare(*wide, *args)[0].problem.dense_last
+    disp = Dispatcher(DecisionCache(tmp_path))
+    with da.use_backend("torch_flash"):
+        for inputs in ((q, k, v), wide, (q, k, v), wide):
+            assert rel(disp.forward(*inputs), full_reference(q, k, v)) < 1e-4

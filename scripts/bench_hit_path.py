@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Where the hit path's host time goes (issue 29, item 6): ``attention_forward`` on a cache hit
+against the backend's cheapest direct call, and its parts timed alone, interleaved in one process.
+
+Rows: for each backend forced by ``use_backend`` (torch, torch_efficient, torch_flash on CUDA;
+torch on CPU), direct call vs dispatched; then the parts: a Python function of the same 15
+parameters doing nothing, the compiling check, the signature tuple built and looked up, and the
+plan's runner called directly. Host microseconds per call, median over interleaved blocks.
+
+Usage: python scripts/bench_hit_path.py --out DIR [--device cuda] [--tag NAME]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import diffsynth_attention as da  # noqa: E402
+from diffsynth_attention.request import Request  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_us(fns: dict, device, calls: int, blocks: int, warmup: int = 300) -> dict:
+    per = max(1, calls // blocks)
+    out = {n: [] for n in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    names = list(fns)
+    for i in range(blocks):
+        for name in names if i % 2 == 0 else names[::-1]:
+            fn = fns[name]
+            t0 = time.perf_counter()
+            for _ in range(per):
+                fn()
+            out[name].append((time.perf_counter() - t0) / per * 1e6)
+            sync(device)
+    return {n: statistics.median(v) for n, v in out.items()}
+
+
+def direct(name, q, k, v):
+    aten = torch.ops.aten
+    if name == "torch":
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return lambda: sdpa(q, k, v)
+    if name == "torch_efficient":
+        return lambda: aten._scaled_dot_product_efficient_attention(q, k, v, None, False)
+    if name == "torch_flash":
+        return lambda: aten._scaled_dot_product_flash_attention(q, k, v)
+    raise ValueError(name)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--calls", type=int, default=20000)
+    ap.add_argument("--blocks", type=int, default=40)
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.randn(1, 2, 16, 64, device=device, dtype=dt)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    backends = ["torch", "torch_efficient", "torch_flash"] if device.type == "cuda" else ["torch"]
+    rows = []
+    torch.set_grad_enabled(False)
+    f = da.attention_forward
+    for name in backends:
+        with da.use_backend(name):
+            f(q, k, v)
+            t = host_us({"direct": direct(name, q, k, v), "dispatched": lambda: f(q, k, v)}, device, a.calls, a.blocks)
+        rows.append({"backend": name, "direct_us": t["direct"], "dispatched_us": t["dispatched"],
+                     "overhead_us": t["dispatched"] - t["direct"]})
+
+    # The parts, on the torch backend's hit.
+    from diffsynth_attention import overrides, tiers
+    from diffsynth_attention.dispatch.hot import _dynamo_compiling, _is_compiling
+
+    from diffsynth_attention.dispatch import default_dispatcher
+
+    disp = default_dispatcher()
+    f(q, k, v)
+    req = Request(q, k, v)
+    sig = req.signature(overrides.scope_get(), overrides.implementation_raw(), False, tiers.scope_get(), tiers.raw())
+    plans = getattr(disp, "plans", None)
+    plan = plans.get(sig) if plans is not None else None
+
+    def empty(q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_pattern="b n s d", out_pattern="b n s d", dims=None,
+              attn_mask=None, scale=None, is_causal=False, compatibility_mode=False, window_size=None, use_flex=False,
+              score_mod=None):
+        return q
+
+    cm = torch.compiler
+    parts = {
+        "python call, 15 parameters": lambda: empty(q, k, v),
+        "is_compiling()": _is_compiling,
+        "is_dynamo_compiling() or flag": (lambda: _dynamo_compiling() or cm._is_compiling_flag) if _dynamo_compiling else _is_compiling,
+        "signature tuple": lambda: req.signature(None, None, False, None, None),
+    }
+    if plan is not None:
+        get = plans.get
+        parts["signature + plan lookup"] = lambda: get(req.signature(overrides.scope_get(), overrides.implementation_raw(), False,
+                                                                     tiers.scope_get(), tiers.raw()))
+        parts["plan.run (runner alone)"] = lambda: plan.run(q, k, v, None, None)
+        parts["direct torch"] = direct("torch", q, k, v)
+    pt = host_us(parts, device, a.calls // 2, a.blocks)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows, "parts_us": pt,
+              "plan_found": plan is not None}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = a.tag or f"{result['device'].replace(' ', '-')}-{result['date']}-hit-path"
+    (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Hit path on {result['device']} (torch {result['torch']}, {result['date']})", "",
+             "Host us per call, median of interleaved blocks (`scripts/bench_hit_path.py`).", "",
+             "| backend | direct | dispatched | overhead |", "|---|---|---|---|"]
+    lines += [f"| {r['backend']} | {r['direct_us']:.2f} | {r['dispatched_us']:.2f} | **{r['overhead_us']:.2f}** |" for r in rows]
+    lines += ["", "| part | us |", "|---|---|"] + [f"| {n} | {u:.3f} |" for n, u in pt.items()]
+    (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
