@@ -14,8 +14,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "tuning_report.py"  # the hidden children are its sub-commands
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 OFFSETS = (-0.40, -0.15, -0.05, 0.05, 0.15, 0.40)
 # Problems the issue measured beyond the suite (``--extra``).
@@ -110,7 +108,8 @@ def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0
 
 def decision_summary(info) -> dict:
     d = info.decision
-    out = {"backend": info.backend, "source": info.source, "key_id": info.key_id}
+    out = {"backend": info.backend, "source": info.source, "key_id": info.key_id,
+           "cudagraph_backend": info.backend if d is None else d.backend_for("cudagraph")}
     if d is not None:
         out.update(tuning_seconds=d.tuning_seconds, compile_seconds=d.compile_seconds,
                    candidates={n: {"status": c.status, "time_ms": c.time_ms, "predicted_ms": c.predicted_ms,
@@ -247,7 +246,6 @@ def child_first_result(args) -> dict:
             "kernel_modules_imported": kernel_modules, "stats": da.stats()}
 
 
-# -- repeat (issue 14 item 2, issue 21 item 6) ---------------------------------------------------------------
 def extra_problems(device) -> list:
     """REPEAT_EXTRA (cut to CPU size on a CPU, plus REPEAT_CPU_EXTRA)."""
     if device.type != "cpu":

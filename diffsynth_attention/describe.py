@@ -1,4 +1,4 @@
-"""One description of a problem, from a key's problem dict (``store.key.problem_fields``):
+"""One description of a problem, from a key's problem dict (``Problem.fields``):
 ``Problem.describe``, ``explain``, the logs and the command line's tables all use it. No torch
 here: ``cache show`` describes decisions without importing it."""
 

@@ -24,7 +24,8 @@ import threading
 from typing import Callable, Optional
 
 import torch
-from einops import rearrange
+
+from .callsite import convert, is_compiling
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -48,8 +49,7 @@ def _run(q, k, v, block_mask, scale, score_mod, enable_gqa):
     kwargs = {"block_mask": block_mask, "scale": scale, "score_mod": score_mod}
     if enable_gqa:
         kwargs["enable_gqa"] = True
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
-    if compiling or not _state["compile"] or _state["failed"]:
+    if is_compiling() or not _state["compile"] or _state["failed"]:
         return flex(q, k, v, **kwargs)
     with _lock:
         if _state["compiled"] is None:
@@ -109,9 +109,7 @@ def flex_attention_forward(q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_
     if not isinstance(dims, dict):
         raise TypeError(f"dims must be a dict of axis lengths, got {type(dims).__name__}")
     canon = "b n s d"
-    qc = q if q_pattern == canon else rearrange(q, f"{q_pattern} -> {canon}", **dims)
-    kc = k if k_pattern == canon else rearrange(k, f"{k_pattern} -> {canon}", **dims)
-    vc = v if v_pattern == canon else rearrange(v, f"{v_pattern} -> {canon}", **dims)
+    qc, kc, vc = (convert(t, p, canon, dims) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
     block_mask, tensor_mask = None, None
     if isinstance(attn_mask, torch.Tensor):
         if attn_mask.dtype != torch.bool and attn_mask.dtype != qc.dtype:
@@ -122,4 +120,4 @@ def flex_attention_forward(q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_
     mod = _compose(score_mod, tensor_mask, bool(is_causal), window_size)
     enable_gqa = qc.shape[1] != kc.shape[1]
     out = _run(qc, kc, vc, block_mask, scale, mod, enable_gqa)
-    return out if out_pattern == canon else rearrange(out, f"{canon} -> {out_pattern}", **dims)
+    return convert(out, canon, out_pattern, dims)

@@ -15,10 +15,10 @@ from typing import Iterator
 
 from . import config
 from .backends import normalize
+from .callsite import is_compiling as _is_compiling
 from .environ import raw_reader
 
 IMPLEMENTATION = config.IMPLEMENTATION
-_is_compiling = getattr(getattr(__import__("torch"), "compiler", None), "is_compiling", None) or (lambda: False)
 
 scope: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention_backend", default=None)
 scope_get = scope.get

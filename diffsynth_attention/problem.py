@@ -8,6 +8,7 @@ caller's einops patterns and the canonical ``"b n s d"`` layout.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -15,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-from einops import EinopsError, rearrange
+from einops import EinopsError
 from einops.parsing import ParsedExpression
 
+from .callsite import converter, dtype_name
 from .describe import describe_problem
 from .request import cublas_tf32
 from .states import MaskKind
@@ -59,7 +61,7 @@ class Problem:
 
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
+        return dtype_name(self.dtype)
 
     def fields(self) -> dict:
         """The problem as the key stores it (JSON types)."""
@@ -102,10 +104,53 @@ class Layout:
 
 @dataclass(frozen=True)
 class Call:
+    """One validated call: the one value that goes from :func:`prepare` to a plan and to the tuner.
+
+    Its problem, layout, scale and mask rank describe every call of its signature; its tensors
+    are this call's (the caller's q, k, v and attn_mask, or random stand-ins of a trace's shapes),
+    with ``canonical``, q, k and v as ``b n s d`` views. A plan keeps :meth:`bare` (no tensors:
+    a plan outlives its first call). ``synthetic``: the tensors were made for this call (random
+    stand-ins), so the tuner works on them directly, with no second copy."""
+
     problem: Problem
     layout: Layout
     scale: Optional[float]
     mask_ndim: int = 0  # the caller's attn_mask.dim() (0: no mask)
+    q: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)  # in the caller's layout
+    k: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    v: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    mask: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)  # the caller's attn_mask
+    canonical: tuple = field(default=(), compare=False, repr=False)  # q, k, v as b n s d views
+    synthetic: bool = field(default=False, compare=False)
+
+    @property
+    def grad(self) -> bool:
+        """Whether the call needs gradients (part of its problem)."""
+        return self.problem.requires_grad
+
+    @property
+    def mask4(self) -> Optional[torch.Tensor]:
+        return mask_4d(self.mask)
+
+    def bare(self) -> "Call":
+        """The call without its tensors: what a plan keeps."""
+        if self.q is None and self.mask is None:
+            return self
+        return dataclasses.replace(self, q=None, k=None, v=None, mask=None, canonical=(), synthetic=False)
+
+    def on(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+           synthetic: bool = True) -> "Call":
+        """The same call on other tensors of the same shapes, strides, dtype and device (random
+        stand-ins: ``synthetic``), without validating it again."""
+        to_q, to_k, to_v = self.layout.to_canonical
+        return dataclasses.replace(self, q=q, k=k, v=v, mask=mask, canonical=(to_q(q), to_k(k), to_v(v)),
+                                   synthetic=synthetic)
+
+    def out_canonical(self, out: torch.Tensor) -> torch.Tensor:
+        """An output of this call (in its ``out_pattern``) as a ``b n s d`` view."""
+        p = self.problem
+        lengths = (("b", p.batch), ("d", p.head_dim_v), ("n", p.heads_q), ("s", p.seq_q))
+        return converter(self.layout.out_pattern, CANONICAL, lengths)(out)
 
 
 def _parse_pattern(arg: str, pattern) -> list:
@@ -135,15 +180,6 @@ def _parse_pattern(arg: str, pattern) -> list:
 
 def _converter(arg: str, pattern: str, dims: dict, to_canonical: bool) -> Callable:
     composition = _parse_pattern(arg, pattern)
-    if pattern.split() == list(_AXES) and not any(len(g) != 1 for g in composition):
-        return lambda x: x
-    if all(len(group) == 1 for group in composition):
-        order = [group[0] for group in composition]
-        if to_canonical:
-            perm = tuple(order.index(a) for a in _AXES)
-        else:
-            perm = tuple(_AXES.index(a) for a in order)
-        return lambda x: x.permute(perm)
     for group in composition:
         if len(group) > 1:
             unknown = [a for a in group if a not in dims]
@@ -152,9 +188,8 @@ def _converter(arg: str, pattern: str, dims: dict, to_canonical: bool) -> Callab
                     f"{arg}={pattern!r} packs ({' '.join(group)}) but dims gives the length of none of "
                     f"{', '.join(repr(a) for a in unknown)}; pass e.g. dims={{{unknown[0]!r}: ...}}"
                 )
-    used = {a: n for a, n in dims.items() if a in _AXES and any(a in g for g in composition)}
-    expr = f"{pattern} -> {CANONICAL}" if to_canonical else f"{CANONICAL} -> {pattern}"
-    return lambda x: rearrange(x, expr, **used)
+    used = tuple(sorted((a, n) for a, n in dims.items() if a in _AXES))
+    return converter(pattern, CANONICAL, used) if to_canonical else converter(CANONICAL, pattern, used)
 
 
 @functools.lru_cache(maxsize=256)
@@ -247,8 +282,8 @@ def _broadcasts(shape: tuple, target: tuple) -> bool:
 def prepare(
     q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size, requires_grad,
     compatibility_mode=False, allow_meta: bool = False,
-) -> tuple[Call, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate a call; return its :class:`Call` and q, k, v as ``b n s d`` views.
+) -> Call:
+    """Validate a call; return its :class:`Call` (with q, k, v as ``b n s d`` views).
     (``allow_meta``: the trace-time check under torch.compile validates meta stand-ins.)"""
     if not isinstance(compatibility_mode, (bool, int)) or isinstance(compatibility_mode, int) and compatibility_mode not in (0, 1):
         raise TypeError(f"compatibility_mode must be a bool, got {compatibility_mode!r}")
@@ -303,8 +338,7 @@ def prepare(
             raise ValueError("window_size cannot be combined with is_causal=True")
         if attn_mask is not None:
             raise ValueError("window_size cannot be combined with attn_mask")
-        if window_size >= max(sq, skv) - 1:  # every |i - j| is within it: no window (and no overflow downstream)
-            window_size = None
+        window_size = effective_window(window_size, sq, skv)
     mask_kind, mask_shape = MaskKind.NONE, None
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
@@ -334,7 +368,20 @@ def prepare(
         causal=bool(is_causal), window=window_size, requires_grad=bool(requires_grad), memory=memory, tf32=tf32,
         dense_last=qc.stride(-1) == 1 and kc.stride(-1) == 1 and vc.stride(-1) == 1,
     )
-    return Call(problem, layout, None if scale is None else float(scale), 0 if attn_mask is None else attn_mask.dim()), qc, kc, vc
+    return Call(problem, layout, None if scale is None else float(scale), 0 if attn_mask is None else attn_mask.dim(),
+                q, k, v, attn_mask, (qc, kc, vc))
+
+
+def prepare_request(req, grad: bool) -> Call:
+    """:func:`prepare` of a :class:`~diffsynth_attention.request.Request` (``grad``: whether it needs gradients)."""
+    return prepare(req.q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
+                   req.attn_mask, req.scale, req.is_causal, req.window_size, grad, compatibility_mode=req.compatibility_mode)
+
+
+def effective_window(window: Optional[int], seq_q: int, seq_kv: int) -> Optional[int]:
+    """``window`` as the problem holds it: None where every ``|i - j|`` is within it (no window,
+    and no overflow downstream)."""
+    return None if window is None or window >= max(seq_q, seq_kv) - 1 else window
 
 
 def mask_4d(attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

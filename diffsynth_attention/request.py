@@ -65,7 +65,3 @@ class Request(NamedTuple):
             self.is_causal, type(self.is_causal), self.window_size, type(self.window_size),
             type(scale), scale is None or -FLOAT_MAX <= scale <= FLOAT_MAX, grad, tier_scoped, tier_raw,
         )
-
-    def needs_grad(self, grad_enabled: bool) -> bool:
-        """Whether the call needs gradients: of q, k or v, or of a float attn_mask (a learned bias)."""
-        return bool(grad_enabled and any(getattr(t, "requires_grad", False) for t in (self.q, self.k, self.v, self.attn_mask)))

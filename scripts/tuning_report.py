@@ -46,16 +46,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "devtools"))  # this script's parts
 
 from tuning_parts import (  # noqa: E402
     OFFSETS, REPEAT_CPU_EXTRA, REPEAT_EXTRA, _torch, child_env, child_first_calls, child_first_result,
-    child_tune, decision_summary, device_label, environment, fmt, fresh_dispatcher, inputs, interleaved,
-    own_process_ratio, problems, run_child, shapes_file, write)
+    child_tune, decision_summary, device_label, environment, fmt, fresh_dispatcher, inputs,
+    interleaved, own_process_ratio, problems, run_child, shapes_file, write)
 
 
-
-
+# -- repeat (issue 14 item 2, issue 21 item 6) ---------------------------------------------------------------
 def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15, stem=None, own_samples: int = 7) -> dict:
     from diffsynth_attention.tools.bench import DEFAULT_POLICY, backend_call, servable
 
@@ -77,6 +78,17 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
             if fn is not None:
                 methods[name] = fn
         times = interleaved(methods, device, samples)
+        graph_row = {}
+        if device.type == "cuda":  # the same decisions, under CUDA graphs: each process's cudagraph pick, device time
+            from graph_timing import graph_times
+
+            g_decided = [r["problems"][j].get("cudagraph_backend", r["problems"][j]["backend"]) for r in runs]
+            g_times, g_failed = graph_times(methods, device, samples)
+            if g_times:
+                g_best = min(g_times, key=g_times.get)
+                g_worst = max(g_times.get(d, float("inf")) for d in g_decided)
+                graph_row = {"graph": {"decisions": g_decided, "times_ms": g_times, "not_captured": g_failed, "best": g_best,
+                                       "worst_vs_best": g_worst / g_times[g_best]}}
         del q, k, v, methods
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -92,7 +104,7 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
                      "own_vs_best": [own_process_ratio(r["problems"][j]) for r in runs],
                      "tuning_seconds": [r["problems"][j].get("tuning_seconds") for r in runs],
                      "compile_seconds": [r["problems"][j].get("compile_seconds") for r in runs],
-                     "candidates": [r["problems"][j].get("candidates", {}) for r in runs]})
+                     "candidates": [r["problems"][j].get("candidates", {}) for r in runs], **graph_row})
     return write_repeat(rows, device, n, samples, out_dir, stem)
 
 
@@ -126,6 +138,19 @@ def write_repeat(rows: list, device, n: int, samples: int, out_dir: Path, stem=N
     for r in rows:
         timed = ", ".join(f"{b} {t:.4f}" for b, t in sorted(r["times_ms"].items(), key=lambda x: x[1]))
         lines.append(f"- {r['name']}: {timed}")
+    graphed = [r for r in rows if "graph" in r]
+    if graphed:
+        result["graph_met"] = all(r["graph"]["worst_vs_best"] <= 1.03 for r in graphed)
+        lines += ["", "## Under CUDA graphs", "", "Each process's CUDA-graph pick (`Decision.backend_for(\"cudagraph\")`); every "
+                  "backend captured once and replayed, interleaved, device time per call (ms).", "",
+                  "| problem | picks | best backend (ms) | worst pick / best | not captured |", "|---|---|---|---|---|"]
+        for r in graphed:
+            g = r["graph"]
+            picks = ", ".join(f"{b} x{g['decisions'].count(b)}" for b in sorted(set(g["decisions"])))
+            flag = "**" if g["worst_vs_best"] > 1.03 else ""
+            lines.append(f"| {r['name']} | {picks} | {g['best']} ({g['times_ms'][g['best']]:.4f}) | {flag}{g['worst_vs_best']:.3f}{flag} | "
+                         f"{', '.join(sorted(g['not_captured'])) or '-'} |")
+        lines += ["", f"Target under CUDA graphs (worst pick within 3% of the best): {'met' if result['graph_met'] else '**not met**'}."]
     stem = stem or f"{device_label(device)}-{datetime.date.today().isoformat()}-tuning-repeat"
     write(result, lines, out_dir, stem)
     return result

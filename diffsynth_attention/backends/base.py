@@ -31,6 +31,7 @@ from typing import ClassVar, Optional
 import torch
 
 from . import loading
+from ..callsite import dtype_name
 from ..problem import Problem
 from ..states import MaskKind
 
@@ -333,7 +334,7 @@ class Backend:
         if p.device_type not in self.devices:
             reasons.append(f"runs on {'/'.join(sorted(self.devices))}, not {p.device_type}")
         if p.dtype not in self.dtypes:
-            names = ", ".join(sorted(str(t).replace("torch.", "") for t in self.dtypes))
+            names = ", ".join(sorted(dtype_name(t) for t in self.dtypes))
             reasons.append(f"dtype {p.dtype_name} not supported (supports {names})")
         dims = {p.head_dim, p.head_dim_v}
         if self.head_dims is not None:

@@ -32,11 +32,11 @@ import functools
 from typing import Optional
 
 import torch
-from einops import rearrange
 
 from .. import overrides
 from ..backends import REGISTRY, TORCH_FAMILY
-from ..problem import CANONICAL, mask_4d, prepare
+from ..callsite import convert, is_compiling, needs_grad
+from ..problem import CANONICAL, effective_window, mask_4d, prepare
 from .tokens import lookup_dispatcher
 
 _BSND = "b s n d"
@@ -79,12 +79,7 @@ def _dims_for(pattern: str, dims: Optional[dict]) -> dict:
 
 
 def _to(x, pattern: str, target: str, dims):
-    if pattern == target:
-        return x
-    if "(" not in pattern and "(" not in target:
-        src = pattern.split()
-        return x.permute(*[src.index(a) for a in target.split()])
-    return rearrange(x, f"{pattern} -> {target}", **_dims_for(pattern if "(" in pattern else target, dims))
+    return convert(x, pattern, target, _dims_for(pattern if "(" in pattern else target, dims))
 
 
 @functools.lru_cache(maxsize=256)
@@ -124,7 +119,7 @@ def _out_like(q, v, q_pattern, v_pattern, out_pattern, dims):
 
 def _tracing(q) -> bool:
     """Whether the operator runs on fake/functional tensors (a trace), not on a real call."""
-    return type(q) is not torch.Tensor and not isinstance(q, torch.nn.Parameter) or torch.compiler.is_compiling()
+    return type(q) is not torch.Tensor and not isinstance(q, torch.nn.Parameter) or is_compiling()
 
 
 def _concrete(*tensors) -> bool:
@@ -169,7 +164,7 @@ def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, 
         with Scope(backend):
             return lookup_dispatcher(dispatcher).forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d,
                                                          attn_mask, scale, is_causal, compatibility_mode, window_size)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = needs_grad(q, k, v)
     if decision is None:
         if _concrete(q, k, v, attn_mask):  # validation raises here, at trace time, naming the argument
             prepare(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal, window_size,
@@ -183,14 +178,11 @@ def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, 
             return _to(out, CANONICAL, out_pattern, dims_d)
         return dispatch_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                            window_size, compatibility_mode, dispatcher, backend)
-    name = decision.split("|", 1)[0]
-    if _concrete(q, k, v, attn_mask):
-        problem = prepare(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_d, attn_mask, scale, is_causal,
-                          window_size, grad, compatibility_mode=compatibility_mode)[0].problem
-        causal, window = problem.causal, problem.window
-    else:  # baked for a bucket of lengths (dispatch/baked.py): no mask, no window
-        causal, window = bool(is_causal), window_size
+    name = decision.split("|", 1)[0]  # validated when it was taken, while Dynamo traced (dispatch/baked.py)
     qc, kc, vc = (_to(t, p, CANONICAL, dims_d) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
+    causal, window = bool(is_causal), window_size
+    if _concrete(q, k, v, attn_mask):  # else baked for a bucket of lengths: no mask, no window
+        window = effective_window(window_size, qc.shape[2], kc.shape[2])
     mask4 = mask_4d(attn_mask)
     if name in TORCH_FAMILY:
         out = REGISTRY[name].forward(qc, kc, vc, mask4, scale, causal, window, grad)
@@ -202,8 +194,10 @@ def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, 
 
 
 @functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=1024)
 def _out_strides(shape: tuple, out_pattern: str, dims: Optional[str], heads_inner: bool) -> tuple:
-    """The strides :func:`_out_like` declares for an output of ``shape`` in ``out_pattern``."""
+    """The strides :func:`_out_like` declares for an output of ``shape`` in ``out_pattern``
+    (cached: the run-time operator asks on every call, and meta tensors plus einops cost ~10 us)."""
     dims_d = dims_dict(dims)
     canon = _to(torch.empty(shape, device="meta"), out_pattern, CANONICAL, dims_d)
     b, n, s, dv = canon.shape
@@ -365,10 +359,6 @@ dispatch_backward_op = torch.ops.diffsynth_attention.dispatch_backward.default
 # Autograd. Our own kernels at the Autograd key rather than torch.library.register_autograd,
 # whose generic wrapper costs ~10 us of host time per call: a call that needs no gradient goes
 # straight to the implementation (a real call) or below autograd (a trace).
-def _needs_grad(q, k, v) -> bool:
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-
-
 class _KernelGrad(torch.autograd.Function):
     """Training through a kernel package: the forward saves the output and the log-sum-exp, and
     the backward is the package's own backward on them (no second forward)."""
@@ -390,7 +380,7 @@ class _KernelGrad(torch.autograd.Function):
 
 
 def _kernel_autograd(backend, q, k, v, attn_mask, scale, is_causal, window_size):
-    if _needs_grad(q, k, v):
+    if needs_grad(q, k, v):
         return _KernelGrad.apply(backend, q, k, v, attn_mask, scale, is_causal, window_size)
     with torch._C._AutoDispatchBelowAutograd():
         if type(q) is torch.Tensor:
@@ -418,7 +408,7 @@ class _DispatchGrad(torch.autograd.Function):
 
 def _dispatch_autograd(*args):
     q, k, v = args[:3]
-    if _needs_grad(q, k, v):
+    if needs_grad(q, k, v):
         return _DispatchGrad.apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         if type(q) is torch.Tensor:

@@ -11,6 +11,7 @@ signatures planned for that key are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Callable, Optional
@@ -20,7 +21,8 @@ import torch
 from .. import config, overrides, recording, tiers
 from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
-from ..problem import mask_4d, prepare
+from ..callsite import in_graph, needs_grad
+from ..problem import prepare_request
 from ..request import Request
 from ..store.cache import DecisionCache
 from ..states import PlanSource
@@ -29,7 +31,7 @@ from ..store.leases import Outcome
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import TuningPolicy, tolerance_for
 from ..tuning.trial import decision_timings
-from ..tuning.tuner import TuneInputs, tune
+from ..tuning.tuner import tune
 from . import faults, lowprec, tokens
 from .hot import make_forward
 from .modes import ModePlans
@@ -37,13 +39,6 @@ from .plan import BackendNotSupportedError, Explanation, Plan, explanation  # no
 from .runners import make_runner
 
 logger = logging.getLogger("diffsynth_attention")
-
-_grad_enabled = torch.is_grad_enabled
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class Dispatcher(ModePlans):
@@ -165,8 +160,7 @@ class Dispatcher(ModePlans):
         with source "loading". None when the package is loaded (or failed: the caller drops it),
         and while tracing or capturing, where the load is waited for instead."""
         decided = REGISTRY[decision.backend]
-        if not loading.needs_loading(decided) or loading.done(decided) or _is_compiling() or (
-                call.problem.device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if not loading.needs_loading(decided) or loading.done(decided) or in_graph(call.problem.device_type):
             return None
         pending = loading.start_loading(decided, [decision.key])  # import, then first launches (off this thread)
         if pending not in loading.PENDING:
@@ -270,14 +264,12 @@ class Dispatcher(ModePlans):
         returns a :class:`Request` of real tensors to tune on, or None, in which case an
         undecided key returns None."""
         config.validate_all()  # a bad environment variable raises at the first call, naming it
-        q = req.q
-        call, qc, kc, vc = prepare(q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
-                                   req.attn_mask, req.scale, req.is_causal, req.window_size, grad,
-                                   compatibility_mode=req.compatibility_mode)
+        call = prepare_request(req, grad)  # the call's one value, from here to the tuner
+        plain = call.bare()  # what plans keep: no tensors
         requested, source_name = overrides.requested(impl_raw, req.compatibility_mode)
         problem = call.problem
         recording.note(problem)  # where a plan is built: once per call signature, never on the hit path
-        dev = device_info(q.device)
+        dev = device_info(call.q.device)
         tier = tiers.current()  # the scope's or the variable's: part of the call's signature
         usable, unsupported = candidates(problem, dev)
         key = make_key(problem, dev, usable, tier)  # over every backend declared able, whatever the tier
@@ -285,65 +277,57 @@ class Dispatcher(ModePlans):
         dropped = self.dropped.get(key.id, {})
         usable = [b for b in usable if b.name not in dropped]
         usable_names = {b.name for b in usable}
-        plan = self.resolve(call, grad, key, usable_names, dev, requested, source_name, provisional=tune_on is None,
+        plan = self.resolve(plain, grad, key, usable_names, dev, requested, source_name, provisional=tune_on is None,
                             mode=mode)
         if plan is not None and tune_on is None and plan.source == PlanSource.CACHE and plan.decision is not None \
-                and plan.decision.evidence == SYNTHETIC and self._can_tune(q):  # gated on random inputs: check real ones
+                and plan.decision.evidence == SYNTHETIC and self._can_tune(call.q):  # gated on random inputs: check real ones
             from .regate import regate
 
-            return regate(self, plan, req, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode)
+            return regate(self, plan, call, key, usable, unsupported, usable_names, dev, mode)
         if plan is not None:
             return plan
         if may_tune is None:
-            may_tune = config.tuning_enabled() and not _capturing(q.device) and not _is_compiling()
+            may_tune = self._can_tune(call.q)
         if not may_tune:
-            return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", PlanSource.FALLBACK, key, call, grad)
+            return Plan(make_runner(REGISTRY["torch"], plain, grad), "torch", PlanSource.FALLBACK, key, plain, grad)
         if tune_on is None:
-            return self.tune_key(req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode=mode)
+            return self.tune_key(call, key, usable, unsupported, usable_names, dev, mode=mode)
         from torch.utils._python_dispatch import _disable_current_modes
 
-        with _disable_current_modes():  # a trace: tune outside its fake modes, on real tensors of the call's shapes
+        with _disable_current_modes():  # a trace: tune outside its fake modes, on random tensors of the call's shapes
             real = tune_on()
             if real is None:
                 return None
-            call, qc, kc, vc = prepare(real.q, real.k, real.v, real.q_pattern, real.k_pattern, real.v_pattern,
-                                       real.out_pattern, real.dims, real.attn_mask, real.scale, real.is_causal,
-                                       real.window_size, grad, compatibility_mode=real.compatibility_mode)
-            return self.tune_key(real, real.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
-                                 mode=mode, gated_on=SYNTHETIC)
+            return self.tune_key(call.on(real.q, real.k, real.v, real.attn_mask), key, usable, unsupported, usable_names,
+                                 dev, mode=mode)
 
-    def tune_key(self, req, q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev,
-                 make: Optional[Callable] = None, mode: str = EAGER, gated_on: Optional[str] = None) -> Plan:
-        """Tune ``key`` through :meth:`DecisionCache.get_or_tune` (under the key's lease; a decision
-        another thread or process stored meanwhile, trusted under this problem's tolerance and with
-        a backend usable here, is served instead: a hit). ``make(backend)``: the runner timed
-        (default: the one a plan binds; the LSE path times its own). ``gated_on``: recorded as the
-        decision's ``evidence`` (``SYNTHETIC``: q, k, v are a trace's random stand-ins)."""
-        problem = call.problem
+    def tune_key(self, call, key, usable, unsupported, usable_names, dev, make: Optional[Callable] = None,
+                 mode: str = EAGER) -> Plan:
+        """Tune ``key`` on ``call`` (its tensors: the caller's, or random stand-ins) through
+        :meth:`DecisionCache.get_or_tune` (under the key's lease; a decision another thread or
+        process stored meanwhile, trusted under this problem's tolerance and with a backend usable
+        here, is served instead: a hit). ``make(backend)``: the runner timed (default: the one a
+        plan binds; the LSE path times its own). A synthetic call's decision records
+        ``evidence="synthetic"`` (gated on random inputs: its first real call gates it again)."""
+        problem, grad = call.problem, call.grad
         usable, unsupported = loading.settle_candidates(usable, unsupported, problem.describe())  # before the lease
-        mask = req.attn_mask
+        mask = call.mask
         if grad and mask is not None and mask.requires_grad:  # a learned mask: the timed backwards fill a
-            mask = mask.detach().requires_grad_()  # leaf of the tuner's own (same storage), never the caller's .grad
+            call = dataclasses.replace(call, mask=mask.detach().requires_grad_())  # leaf of the tuner's own, never the caller's .grad
         tier = lowprec.tier_of_key(key)
-        bounds, evidence, usable, unsupported = lowprec.gate_checks(tier, usable, unsupported, (qc, kc, vc), call,
-                                                                    mask_4d(req.attn_mask))
+        bounds, evidence, usable, unsupported = lowprec.gate_checks(tier, usable, unsupported, call.canonical, call,
+                                                                    call.mask4)
+        plain = call.bare()
 
         def run_tuner() -> Decision:
-            inputs = TuneInputs(
-                q=q, k=req.k, v=req.v, mask=mask, mask4=mask_4d(mask), canonical=(qc, kc, vc),
-                scale=call.scale, causal=problem.causal, window=problem.window, out_pattern=req.out_pattern,
-                heads_q=problem.heads_q, head_dim_v=problem.head_dim_v, requires_grad=grad,
-                to_canonical=call.layout.to_canonical,
-            )
-
             def bound(backend):  # the runner a plan binds: timed as the hit path calls it
-                return make_runner(backend, call, grad)
+                return make_runner(backend, plain, grad)
 
-            decision = tune(inputs, usable, unsupported, key, make or bound, problem=problem, dev=dev, policy=self.policy,
-                            tolerance=self.tolerance(problem), bounds=bounds)  # the one trust rule, not recomputed
+            decision = tune(call, usable, unsupported, key, make or bound, dev, self.tolerance(problem), policy=self.policy,
+                            bounds=bounds)  # the one trust rule, not recomputed
             decision = lowprec.annotate(decision, tier, evidence)
-            if gated_on is not None:
-                decision = decision.replace(evidence=gated_on)
+            if call.synthetic:
+                decision = decision.replace(evidence=SYNTHETIC)
             self.counters["tunings"] += 1
             self.counters["tuning_seconds"] += decision.tuning_seconds
             logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
@@ -358,8 +342,7 @@ class Dispatcher(ModePlans):
                                      read_first=False)  # resolve() has just read the key
         # NOT_STORED: every candidate rejected, never persisted: used for this call only, the next one tunes again
         source = {Outcome.REREAD: PlanSource.CACHE, Outcome.TUNED: PlanSource.TUNED}.get(got.outcome, PlanSource.FALLBACK)
-        decision = got.decision
-        plan = self._decided_plan(decision, mode, key, call, grad, source)
+        plan = self._decided_plan(got.decision, mode, key, plain, grad, source)
         plan.counts_hit = source == PlanSource.CACHE
         return plan
 
@@ -401,7 +384,7 @@ class Dispatcher(ModePlans):
 
     @staticmethod
     def _can_tune(q) -> bool:
-        return config.tuning_enabled() and not _capturing(q.device) and not _is_compiling()
+        return config.tuning_enabled() and not in_graph(q.device.type)
 
     # -- under torch.compile -----------------------------------------------------------------
     # -- the slow path ----------------------------------------------------------------------
@@ -438,7 +421,10 @@ class Dispatcher(ModePlans):
         req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                       compatibility_mode, window_size)
         impl_raw = overrides.implementation_raw()
-        grad = req.needs_grad(torch.is_grad_enabled())
+        try:
+            grad = needs_grad(q, k, v, attn_mask)
+        except AttributeError:  # not tensors: validation explains
+            grad = False
         before = self.counters["tunings"]
         plan = self.plan_for(req, impl_raw, grad)
         return explanation(self, plan, before)

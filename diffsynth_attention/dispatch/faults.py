@@ -23,7 +23,7 @@ import torch
 
 from .. import config
 from ..backends import REGISTRY
-from ..problem import prepare
+from ..problem import prepare_request
 from ..states import PlanSource
 from ..store.decision import CHOSEN, REJECTED
 from .plan import BackendNotSupportedError, Plan, _first_line
@@ -141,9 +141,7 @@ def failed(d, plan, exc: Exception, req, impl_raw, grad: bool):
     if isinstance(exc, (torch.cuda.OutOfMemoryError, BackendNotSupportedError)):
         raise exc
     try:  # an input error is the caller's, never the backend's: raise it, change nothing
-        prepare(req.q, req.k, req.v, req.q_pattern, req.k_pattern, req.v_pattern, req.out_pattern, req.dims,
-                req.attn_mask, req.scale, req.is_causal, req.window_size, grad,
-                compatibility_mode=req.compatibility_mode)
+        prepare_request(req, grad)
     except (TypeError, ValueError) as bad:
         raise bad from None
     if poisons_context(exc) or context_broken(req.q.device):  # nothing can run after it

@@ -1,5 +1,4 @@
-"""The hot path: ``attention_forward`` of one dispatcher (a closure over its plan table), and the
-random stand-ins a trace tunes on."""
+"""The hot path: ``attention_forward`` of one dispatcher (a closure over its plan table)."""
 
 from __future__ import annotations
 
@@ -8,35 +7,15 @@ from typing import Callable, Optional
 import torch
 
 from .. import overrides, tiers
+from ..callsite import is_compiling as _is_compiling
 from ..request import FLOAT32, FLOAT_MAX, Request, cublas_tf32
 
 _grad_enabled = torch.is_grad_enabled
 _compiler = getattr(torch, "compiler", None)
-_is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)
 # Dynamo folds is_dynamo_compiling() to True while it traces; outside Dynamo (torch.export's
 # non-strict mode, make_fx) torch.compiler's module flag says so. One trivial call and one
 # attribute read, where is_compiling() costs two Python frames on every eager call.
 _dynamo_compiling = getattr(_compiler, "is_dynamo_compiling", None)
-
-
-def _synthetic(req: Request) -> Request:
-    """``req`` with real random tensors of its fake tensors' shapes, strides, dtype, device and
-    ``requires_grad`` (a gradient-needing key is tuned with its backward, which needs it)."""
-    def real(t):
-        out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
-        out = out.normal_() if _dense(out) else torch.randn(out.shape, dtype=t.dtype, device=t.device)
-        return out.requires_grad_(t.requires_grad)
-    return req._replace(q=real(req.q), k=real(req.k), v=real(req.v))
-
-
-def _dense(t) -> bool:
-    """Whether no two elements of ``t`` share memory (so it can be filled in place)."""
-    size = 1
-    for n, st in sorted(zip(t.shape, t.stride()), key=lambda x: x[1]):
-        if n > 1 and st < size:
-            return False
-        size = max(size, st * n)
-    return True
 
 
 def make_forward(d) -> Callable:
@@ -93,6 +72,7 @@ def make_forward(d) -> Callable:
                                     is_causal, compatibility_mode, window_size)
         impl_raw = env_get(impl_key)
         try:
+            # callsite.needs_grad, inlined (a frame per call): the signature test checks they agree
             grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or attn_mask is not None and attn_mask.requires_grad)
             qd = q.dtype

@@ -17,7 +17,6 @@ import time
 from typing import Optional
 
 import torch
-from einops import rearrange
 
 from .. import config, tiers
 from ..backends import REGISTRY
@@ -132,8 +131,7 @@ SENTINEL_SHARE = 0.01
 
 
 def _canonical_out(out, call) -> torch.Tensor:
-    p = call.problem
-    return rearrange(out.detach(), f"{call.layout.out_pattern} -> b n s d", n=p.heads_q, d=p.head_dim_v)
+    return call.out_canonical(out.detach())
 
 
 def measure(call, q, k, v, mask, scale, out, check: int = 0) -> tuple:

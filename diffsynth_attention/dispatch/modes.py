@@ -13,15 +13,15 @@ import torch
 
 from .. import config, overrides, tiers
 from ..backends import REGISTRY
+from ..callsite import in_graph
 from ..request import Request
 from ..states import PlanSource
 from ..store.decision import COMPILED, CUDAGRAPH, EAGER, Decision
 from ..tuning.policy import DEFAULT_POLICY
-from .hot import _synthetic
+from ..tuning.trial import random_like
 from .plan import Plan
 
 logger = logging.getLogger("diffsynth_attention")
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
 def _trace_mode() -> str:
@@ -59,8 +59,7 @@ class ModePlans:
         """Whether a provisional ``decision`` is re-timed by this call: eager, tuning allowed, not
         yet re-timed in this process, and the host quiet (the policy's ``quiet``)."""
         if not decision.provisional or mode != EAGER or key.id in self.retimed or not config.tuning_enabled() \
-                or not config.retime() \
-                or _is_compiling() or (call.problem.device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                or not config.retime() or in_graph(call.problem.device_type):
             return False
         if not (self.policy or DEFAULT_POLICY).quiet():
             return False
@@ -90,8 +89,10 @@ class ModePlans:
         if plan is not None and plan.source != PlanSource.LOADING:  # an eager stand-in is not baked: the trace waits
             return plan
 
-        def tune_on():
-            return None if req.attn_mask is not None else _synthetic(req)
+        def tune_on():  # random stand-ins of the fake tensors' shapes, strides, dtype, device and requires_grad
+            if req.attn_mask is not None:
+                return None
+            return req._replace(q=random_like(req.q), k=random_like(req.k), v=random_like(req.v))
 
         plan = self.build_plan(req, impl_raw, grad, may_tune=config.tuning_enabled(), tune_on=tune_on, mode=mode)
         if plan is None:

@@ -16,9 +16,7 @@ import dataclasses
 import logging
 
 import torch
-from einops import rearrange
 
-from ..problem import mask_4d
 from ..store.decision import REJECTED
 from ..tuning.reference import gate_heads, reference_slice, relative_l1
 from .plan import Plan
@@ -26,16 +24,16 @@ from .plan import Plan
 logger = logging.getLogger("diffsynth_attention")
 
 
-def regate(d, plan: Plan, req, call, qc, kc, vc, grad, key, usable, unsupported, usable_names, dev, mode) -> Plan:
-    """``plan`` (a stored decision gated on synthetic inputs) checked on this call's data; the
-    plan to serve the call with."""
+def regate(d, plan: Plan, call, key, usable, unsupported, usable_names, dev, mode) -> Plan:
+    """``plan`` (a stored decision gated on synthetic inputs) checked on ``call``'s own data (the
+    :class:`~diffsynth_attention.problem.Call` with the caller's tensors); the plan to serve it with."""
     decision, name, problem = plan.decision, plan.backend, call.problem
     heads = gate_heads(problem.heads_q)
     tolerance = d.tolerance(problem)
     with torch.no_grad():
-        ref = reference_slice(qc, kc, vc, mask_4d(req.attn_mask), call.scale, problem.causal, problem.window, heads)
-        out = plan.run(req.q, req.k, req.v, req.attn_mask, req.scale)
-        out_c = rearrange(out, f"{req.out_pattern} -> b n s d", n=problem.heads_q, d=problem.head_dim_v)
+        ref = reference_slice(*call.canonical, call.mask4, call.scale, problem.causal, problem.window, heads)
+        out = plan.run(call.q, call.k, call.v, call.mask, call.scale)
+        out_c = call.out_canonical(out)
         error = relative_l1(out_c[0, heads], ref)
     del out, out_c, ref
     chosen = decision.candidates.get(name)
@@ -53,4 +51,4 @@ def regate(d, plan: Plan, req, call, qc, kc, vc, grad, key, usable, unsupported,
     d.store.put(decision.replace(candidates={**decision.candidates, **({name: failed} if failed else {})}))
     d.regate_epoch = str(int(d.regate_epoch) + 1)  # graphs that baked it: traced again at their next call
     d.warn_once(("regate", key.id, name), "%s: %s %s; tuning the key again on this call", problem.describe(), name, why)
-    return d.tune_key(req, req.q, call, qc, kc, vc, grad, key, usable, unsupported, usable_names - {name}, dev, mode=mode)
+    return d.tune_key(call, key, usable, unsupported, usable_names - {name}, dev, mode=mode)

@@ -27,20 +27,18 @@ import torch
 
 from .. import config, overrides
 from ..backends import REGISTRY, TORCH_FAMILY, device_info
+from ..callsite import in_graph, is_compiling, needs_grad
 from ..problem import prepare
-from ..request import Request
 from ..states import PlanSource
-from ..store.decision import SYNTHETIC
 from ..store.decision import key_id
 from ..store.key import Key, make_key
+from ..tuning.trial import random_like
 
 logger = logging.getLogger("diffsynth_attention")
 
 LSE_LAYOUT_SUFFIX = " + lse"
 MATH = "math"  # the float32 computation here, when no backend returning the LSE can serve a call
 _BLOCK_BYTES = 256 << 20  # the float32 score block of the math paths
-
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
 def lse_backends() -> list:
@@ -183,9 +181,11 @@ class LseSelector:
                     self.plans.pop(sig, None)
 
     def key_for(self, q, k, v, scale, causal):
-        """(key, usable LSE backends, {name: reasons} of the others) for a ``b s n d`` call."""
-        call, *_ = prepare(q, k, v, "b s n d", "b s n d", "b s n d", "b s n d", None, None, scale, causal, None, False)
+        """(key, usable LSE backends, {name: reasons} of the others, the call (its problem the LSE
+        one), its problem, the device) for a ``b s n d`` call."""
+        call = prepare(q, k, v, "b s n d", "b s n d", "b s n d", "b s n d", None, None, scale, causal, None, False)
         problem = dataclasses.replace(call.problem, layout=call.problem.layout + LSE_LAYOUT_SUFFIX)
+        call = dataclasses.replace(call, problem=problem)
         dev = device_info(q.device)
         usable, unsupported = [], {}
         for backend in REGISTRY.values():
@@ -223,46 +223,34 @@ class LseSelector:
             d.warn_once(("lse", requested), "%s=%r cannot return the log-sum-exp for %s; choosing among %s",
                         source, requested, problem.describe(), sorted(names) or [MATH])
             requested, source = "auto", None
-        lse_call = dataclasses.replace(call, problem=problem)
-        plan = d.resolve(lse_call, False, key, names, dev, requested, source, provisional=False)
+        plain = call.bare()
+        plan = d.resolve(plain, False, key, names, dev, requested, source, provisional=False)
         if plan is not None and plan.backend not in names:  # forced, but it cannot run here (warned): as auto
-            plan = d.resolve(lse_call, False, key, names, dev, "auto", None, provisional=False)
+            plan = d.resolve(plain, False, key, names, dev, "auto", None, provisional=False)
         if plan is not None and plan.backend in names:
             return plan.backend, key.id
         if not names:
             return MATH, key.id
         tracing = tune_on is not None
-        if not config.tuning_enabled() or (not tracing and (_is_compiling() or (
-                q.is_cuda and torch.cuda.is_current_stream_capturing()))):
+        if not config.tuning_enabled() or (not tracing and in_graph(q.device.type)):
             own = [b.name for b in usable if b.name in TORCH_FAMILY]  # PyTorch's own kernels, as `torch` is elsewhere
             return (own[0] if own else MATH), key.id
         from torch.utils._python_dispatch import _disable_current_modes
 
-        with _disable_current_modes():  # a trace: tune outside its fake modes, on real tensors
-            rq, rk, rv = tune_on() if tracing else (q, k, v)
-            rcall, qc, kc, vc = prepare(rq, rk, rv, "b s n d", "b s n d", "b s n d", "b s n d", None, None, scale, causal,
-                                        None, False)
-            req = Request(rq, rk, rv, "b s n d", "b s n d", "b s n d", "b s n d", None, None, scale, causal)
+        with _disable_current_modes():  # a trace: tune outside its fake modes, on random stand-ins of its shapes
+            if tracing:
+                call = call.on(*tune_on())
 
             def make(backend):  # timed as the call runs: the kernel that returns the LSE
-                run = _bsnd_runner(backend.name, rcall.scale, causal)
+                run = _bsnd_runner(backend.name, call.scale, causal)
                 return lambda q_, k_, v_, mask, scale_: run(q_, k_, v_)[0]
 
-            tuned = d.tune_key(req, rq, dataclasses.replace(rcall, problem=problem), qc, kc, vc, False, key, usable,
-                               unsupported, names, dev, make=make, gated_on=SYNTHETIC if tracing else None)
+            tuned = d.tune_key(call, key, usable, unsupported, names, dev, make=make)
         if tuned.source == PlanSource.FALLBACK or tuned.backend not in names:  # every candidate rejected: exact, here
             logger.warning("no backend returning the log-sum-exp passed the gate for %s; using float32 math",
                            problem.describe())
             return MATH, key.id
         return tuned.backend, key.id
-
-
-def _synthetic(q, k, v):
-    """Real random tensors of fake ``q, k, v``'s shapes, strides, dtypes and devices."""
-    def real(t):
-        out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
-        return out.normal_() if out.is_contiguous() or out.transpose(1, 2).is_contiguous() else torch.randn_like(out)
-    return real(q), real(k), real(v)
 
 
 def _meta(t) -> tuple:
@@ -287,7 +275,7 @@ def _traced_choice(q, k, v, scale, causal, backend) -> str:
     qf, kf, vf = fake(q), fake(k), fake(v)
     token = overrides.scope.set(backend) if backend is not None and backend != overrides.scope_get() else None
     try:
-        return selector().choose(qf, kf, vf, scale, causal, tune_on=lambda: _synthetic(qf, kf, vf))
+        return selector().choose(qf, kf, vf, scale, causal, tune_on=lambda: tuple(random_like(t) for t in (qf, kf, vf)))
     finally:
         if token is not None:
             overrides.scope.reset(token)
@@ -314,12 +302,12 @@ def attention_with_lse(q, k, v, scale=None, is_causal=False):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor in b s n d layout, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if _is_compiling():  # decided while Dynamo traces (guarded on the calling context's use_backend)
+    if is_compiling():  # decided while Dynamo traces (guarded on the calling context's use_backend)
         name = _traced_choice(_meta(q), _meta(k), _meta(v), None if scale is None else float(scale), bool(is_causal),
                               overrides.trace_scope())
     else:
         name = selector().choose(q, k, v, scale, bool(is_causal))
     run = _bsnd_runner(name, scale, bool(is_causal))
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if needs_grad(q, k, v):
         return _LseAttention.apply(q, k, v, run, scale, bool(is_causal))
     return run(q, k, v)

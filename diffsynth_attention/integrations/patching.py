@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
+from ..callsite import is_compiling as _is_compiling
 from ..dispatch import default_dispatcher
 
 logger = logging.getLogger("diffsynth_attention")
@@ -35,7 +36,6 @@ logger = logging.getLogger("diffsynth_attention")
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
 _route_scope: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention_sdpa", default=False)
 _state_lock = threading.Lock()
-_is_compiling = torch.compiler.is_compiling
 _forward = default_dispatcher().forward
 
 

@@ -53,10 +53,10 @@ def _call(q, k, v, kw: dict, canonical: bool = False):
     with ``canonical``, ``(call, qc, kc, vc)``: q, k, v as ``b n s d`` views too."""
     from ..problem import prepare
 
-    call, *qkv = prepare(q, k, v, kw.get("q_pattern", _BNSD), kw.get("k_pattern", _BNSD), kw.get("v_pattern", _BNSD),
-                       kw.get("out_pattern", _BNSD), kw.get("dims"), kw.get("attn_mask"), kw.get("scale"),
-                       kw.get("is_causal", False), kw.get("window_size"), False)
-    return (call, *qkv) if canonical else call
+    call = prepare(q, k, v, kw.get("q_pattern", _BNSD), kw.get("k_pattern", _BNSD), kw.get("v_pattern", _BNSD),
+                   kw.get("out_pattern", _BNSD), kw.get("dims"), kw.get("attn_mask"), kw.get("scale"),
+                   kw.get("is_causal", False), kw.get("window_size"), False)
+    return (call, *call.canonical) if canonical else call
 
 
 def backend_call(name: str, q, k, v, **attention_kwargs) -> Optional[Callable]:
@@ -91,8 +91,6 @@ def servable(q, k, v, **attention_kwargs) -> tuple:
     """``({name: fn}, {name: why not})``: every backend that can serve the call here and passes the
     tuner's accuracy gate on these inputs (its :func:`backend_call`), and why each other one is
     left out (unsupported, predicted not to fit, unavailable, raised, error above tolerance)."""
-    from einops import rearrange
-
     from ..backends import REGISTRY, device_info
     from ..problem import mask_4d
     from ..tuning.policy import DEFAULT_POLICY
@@ -102,7 +100,6 @@ def servable(q, k, v, **attention_kwargs) -> tuple:
     device = q.device
     call, qc, kc, vc = _call(q, k, v, attention_kwargs, canonical=True)
     problem, dev = call.problem, device_info(device)
-    out_pattern = attention_kwargs.get("out_pattern", _BNSD)
     tolerance = DEFAULT_POLICY.tolerance(problem.dtype_name, device.type)
     heads = gate_heads(problem.heads_q)
     with torch.no_grad():  # the tuner's gate: the call's own layout, mask and scale
@@ -124,7 +121,7 @@ def servable(q, k, v, **attention_kwargs) -> tuple:
             continue
         try:
             with torch.no_grad():
-                out = rearrange(fn(), f"{out_pattern} -> b n s d", n=problem.heads_q, d=problem.head_dim_v)
+                out = call.out_canonical(fn())
                 error = relative_l1(out[0, heads], ref)
         except Exception as exc:  # an out-of-memory error, a kernel that refuses the shape
             why[name] = f"raised {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"

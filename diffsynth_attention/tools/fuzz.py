@@ -31,6 +31,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..callsite import dtype_name
+
 FP8 = torch.float8_e4m3fn
 
 
@@ -82,7 +84,7 @@ def make_case(name: str, batch: int = 1, heads: int = 4, seq: int = 1024, head_d
     if rotary:
         q, k = rope(q), rope(k)
     params = {"batch": batch, "heads": heads, "seq": seq, "seq_kv": s_kv, "head_dim": head_dim,
-              "dtype": str(dtype).replace("torch.", ""), "outlier_channels": outlier_channels,
+              "dtype": dtype_name(dtype), "outlier_channels": outlier_channels,
               "outlier_scale": outlier_scale, "k_mean": k_mean, "rotary": rotary, "peak": peak, "seed": seed}
     return FuzzCase(name, q, k, v, params)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from einops import rearrange
 
+from ..callsite import convert
 from .shapes import DTYPE_NAMES, layout_patterns
 
 
@@ -22,9 +22,9 @@ def _laid_out(t: torch.Tensor, pattern: str, order: Optional[str], dims: dict) -
     if pattern == "b n s d" and order in (None, "bnsd"):
         return t
     if order is not None and "(" not in pattern and order != pattern.replace(" ", ""):
-        stored = rearrange(t, f"b n s d -> {' '.join(order)}").contiguous()
-        return rearrange(stored, f"{' '.join(order)} -> {pattern}")
-    return rearrange(t, f"b n s d -> {pattern}", **{a: n for a, n in dims.items() if a in pattern}).contiguous()
+        stored = convert(t, "b n s d", " ".join(order)).contiguous()
+        return convert(stored, " ".join(order), pattern)
+    return convert(t, "b n s d", pattern, {a: n for a, n in dims.items() if a in pattern}).contiguous()
 
 
 def _mask(shape: dict, kind: str, dt: torch.dtype, device, g) -> torch.Tensor:

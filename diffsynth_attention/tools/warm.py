@@ -33,8 +33,8 @@ def _problem(shape: dict, device: torch.device, dtype, layout: str):
 
     q, k, v, kw = make_inputs(shape, "meta", dtype, layout)
     pats = [kw.get(f"{x}_pattern", "b n s d") for x in ("q", "k", "v", "out")]
-    call, *_ = prepare(q, k, v, *pats, kw.get("dims"), kw.get("attn_mask"), None, kw["is_causal"], kw.get("window_size"),
-                       bool(shape.get("requires_grad")), allow_meta=True)
+    call = prepare(q, k, v, *pats, kw.get("dims"), kw.get("attn_mask"), None, kw["is_causal"], kw.get("window_size"),
+                   bool(shape.get("requires_grad")), allow_meta=True)
     return dataclasses.replace(call.problem, device_type=device.type), device_info(device)
 
 

@@ -1,6 +1,13 @@
 """The state one tuning works on: a :class:`Trial` (the call, the policy, the fp32 reference,
-private copies of the inputs, every candidate's result) and a :class:`Run` per candidate that
-passed the gate. The steps of :mod:`.tuner` read and fill these; nothing else is shared."""
+the inputs the candidates run on, every candidate's result) and a :class:`Run` per candidate
+that passed the gate. The steps of :mod:`.tuner` read and fill these; nothing else is shared.
+
+The call is the dispatcher's :class:`~diffsynth_attention.problem.Call`, as :func:`prepare` made
+it. Its tensors are the caller's: the candidates run on private copies (the caller's are never
+touched), and a change to a copy is found by comparing it with the caller's. Or they are random
+stand-ins made for the tuning (``Call.synthetic``: a trace's shapes, or a non-finite call's):
+then the candidates run on them, with no second copy, and a change is found from row sums taken
+before the first candidate ran (:func:`fingerprint`)."""
 
 from __future__ import annotations
 
@@ -13,29 +20,10 @@ import torch
 
 from ..store.decision import Candidate
 from .policy import TuningPolicy
+from .reference import reference_slice
 from .timing import Timer
 
 logger = logging.getLogger("diffsynth_attention")
-
-
-@dataclass
-class TuneInputs:
-    """What the tuner needs about the call that triggered it."""
-
-    q: torch.Tensor  # the caller's tensors, in the caller's layout
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: Optional[torch.Tensor]  # the caller's attn_mask
-    mask4: Optional[torch.Tensor]  # the same, viewed with 4 dims
-    canonical: tuple  # (q, k, v) as b n s d views of the caller's tensors
-    scale: Optional[float]
-    causal: bool
-    window: Optional[int]
-    out_pattern: str
-    heads_q: int
-    head_dim_v: int
-    requires_grad: bool
-    to_canonical: Optional[tuple] = None  # three callables: caller layout -> b n s d (to gate on random inputs)
 
 
 @dataclass
@@ -94,7 +82,7 @@ class Run:
 
 @dataclass
 class Trial:
-    inputs: TuneInputs
+    call: object  # the problem.Call being tuned: problem, layout, scale, its tensors
     key: object
     policy: TuningPolicy
     make_runner: Callable
@@ -104,9 +92,9 @@ class Trial:
     floor_s: float  # the budget's floor
     ref: torch.Tensor  # fp32 reference on the gate slice
     heads: list  # the gate slice's query heads
-    copies: list  # private copies of q, k, v (the caller's are never touched)
-    problem: object = None
+    copies: list  # what the candidates run on: private copies of q, k, v, or a synthetic call's own
     dev: object = None
+    fingerprints: Optional[list] = None  # a synthetic call: row sums of q, k, v before any candidate ran
     predictions: dict = field(default_factory=dict)  # name -> predicted ms
     memory_skips: dict = field(default_factory=dict)  # name -> reason
     results: dict = field(default_factory=dict)  # name -> Result, every candidate
@@ -119,12 +107,47 @@ class Trial:
     bounds: dict = field(default_factory=dict)
 
     @property
+    def problem(self):
+        return self.call.problem
+
+    @property
     def grad(self) -> bool:
-        return self.inputs.requires_grad
+        return self.call.grad
 
     @property
     def device(self) -> torch.device:
-        return self.inputs.q.device
+        return self.call.q.device
+
+    def changed(self) -> list:
+        """The names of the inputs a candidate modified in place (``"q"``, ``"k"``, ``"v"``)."""
+        if self.fingerprints is not None:
+            now = [fingerprint(c) for c in self.copies]
+            return [n for n, a, b in zip("qkv", now, self.fingerprints) if not same(a, b)]
+        originals = (self.call.q, self.call.k, self.call.v)
+        return [n for n, c, t in zip("qkv", self.copies, originals) if not same(c.detach(), t.detach())]
+
+    def restore(self) -> None:
+        """The inputs as they were before a candidate raised or modified them: the caller's values
+        copied back, or, for a synthetic call (whose values were never kept), new random values
+        and the reference computed again on them."""
+        with torch.no_grad():
+            if self.fingerprints is None:
+                for c, t in zip(self.copies, (self.call.q, self.call.k, self.call.v)):
+                    if not same(c, t):
+                        c.copy_(t)
+                return
+            if not self.changed():
+                return
+            for c in self.copies:
+                fill_random(c)
+            self.fingerprints = [fingerprint(c) for c in self.copies]
+            self.ref = self.reference()
+
+    def reference(self) -> torch.Tensor:
+        """The fp32 reference on the gate slice, from the inputs the candidates run on."""
+        c, p = self.call, self.call.problem
+        with torch.no_grad():
+            return reference_slice(*c.canonical, c.mask4, c.scale, p.causal, p.window, self.heads)
 
     def spent(self) -> float:
         """Seconds of tuning so far that count against the budget: the timing after every candidate
@@ -164,6 +187,12 @@ def copy_input(t: torch.Tensor, grad: bool) -> torch.Tensor:
     return c.requires_grad_(grad and t.requires_grad)
 
 
+def fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """Row sums of ``t`` (over its last dim, in its dtype): what tells a modified input from an
+    intact one where no copy of it is kept, at a fraction of its size."""
+    return t.detach().sum(dim=-1)
+
+
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``torch.equal`` with NaN equal to NaN (a candidate that leaves a NaN input alone did not modify it)."""
     if torch.equal(a, b):
@@ -175,24 +204,40 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def random_like(t: torch.Tensor) -> torch.Tensor:
-    """Random values of ``t``'s shape, dtype, device and strides."""
-    try:
-        r = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-        r.normal_()
-    except RuntimeError:  # overlapping strides (an expanded tensor): a dense one
-        r = torch.randn(t.shape, dtype=t.dtype, device=t.device)
+    """Random values of ``t``'s shape, dtype, device, strides and ``requires_grad`` (``t`` may be a
+    fake tensor of a trace: only its metadata is read). The random stand-ins of a trace and of a
+    non-finite call."""
+    shape, stride = tuple(t.shape), tuple(t.stride())
+    if _overlaps(shape, stride):  # an expanded tensor cannot be filled in place: a dense one
+        r = torch.randn(shape, dtype=t.dtype, device=t.device)
+    else:
+        r = torch.empty_strided(shape, stride, dtype=t.dtype, device=t.device).normal_()
     return r.requires_grad_(t.requires_grad)
 
 
-def finite_inputs(inputs: TuneInputs) -> TuneInputs:
-    """The inputs to gate on: the caller's if finite; else random ones of the same shape, dtype
-    and layout (a NaN or Inf in the caller's data would reject every candidate)."""
-    if inputs.to_canonical is None or all(bool(torch.isfinite(t.detach()).all()) for t in (inputs.q, inputs.k, inputs.v)):
-        return inputs
+def _overlaps(shape: tuple, stride: tuple) -> bool:
+    """Whether two elements of a tensor of ``shape`` and ``stride`` share memory."""
+    size = 1
+    for n, st in sorted(zip(shape, stride), key=lambda x: x[1]):
+        if n > 1 and st < size:
+            return True
+        size = max(size, st * n)
+    return False
+
+
+def fill_random(t: torch.Tensor) -> None:
+    with torch.no_grad():
+        t.normal_()
+
+
+def finite_inputs(call):
+    """The call to gate on: the caller's if its q, k, v are finite; else the same call on random
+    stand-ins of the same shape, dtype and layout (a NaN or Inf in the caller's data would reject
+    every candidate)."""
+    if call.synthetic or all(bool(torch.isfinite(t.detach()).all()) for t in (call.q, call.k, call.v)):
+        return call
     logger.info("the tuning call's q/k/v are not finite: gating the candidates on random inputs of the same layout")
-    q, k, v = (random_like(t) for t in (inputs.q, inputs.k, inputs.v))
-    canonical = tuple(f(t) for f, t in zip(inputs.to_canonical, (q, k, v)))
-    return dataclasses.replace(inputs, q=q, k=k, v=v, canonical=canonical)
+    return call.on(random_like(call.q), random_like(call.k), random_like(call.v), call.mask)
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -224,13 +269,6 @@ def free_memory(device: torch.device) -> Optional[int]:
     except Exception:  # no driver, no /proc: no memory skip
         return None
     return None
-
-
-def restore(copies: list, inputs: TuneInputs) -> None:
-    with torch.no_grad():
-        for c, t in zip(copies, (inputs.q, inputs.k, inputs.v)):
-            if not same(c, t):
-                c.copy_(t)
 
 
 def recover(device: torch.device) -> None:

@@ -44,7 +44,9 @@ reference, kernel-package imports, first calls and warm-up, never counts) stays 
 ``DIFFSYNTH_ATTENTION_TUNING_BUDGET`` (1.5 s) unless the policy sets one.
 
 Candidates run on private copies of the caller's tensors (same strides), so the caller's
-tensors are never modified, and only one candidate output is alive at a time. Every listener of
+tensors are never modified, and only one candidate output is alive at a time. A call on random
+stand-ins (a key first met while a graph is traced) is tuned on those stand-ins themselves: the
+tuning holds one set of q, k and v, never a second copy (:mod:`.trial`). Every listener of
 the policy hears of the decision: ``listener(key, decision, timings, cache_hit=False)``.
 """
 
@@ -57,20 +59,19 @@ import statistics
 from typing import Callable, Optional
 
 import torch
-from einops import rearrange
 
 from ..backends import PREFERENCE
 from ..store.decision import ACCEPTED, CHOSEN, EAGER, REJECTED, SKIPPED, SLOWER, UNSUPPORTED, Decision
 from .policy import DEFAULT_POLICY, TuningPolicy
-from .reference import gate_heads, reference_slice, relative_l1
+from .reference import gate_heads, relative_l1
 from .confirm import choose, confirm, confirm_reserve_s, mode_winners, relative_spread
 from .timing import Timer, round_order
-from .trial import Result, Run, Trial, TuneInputs, copy_input, describe_exception, finite_inputs, free_memory, gib, recover, restore
-from .trial import same as _same
+from .trial import Result, Run, Trial, copy_input, describe_exception, fingerprint, finite_inputs, free_memory, gib, recover
+from .trial import same as _same  # noqa: F401 (tests use tuner._same)
 
 logger = logging.getLogger("diffsynth_attention")
 
-__all__ = ["TuneInputs", "TuningPolicy", "tune", "choose", "plan_skips", "relative_spread"]
+__all__ = ["TuningPolicy", "tune", "choose", "plan_skips", "relative_spread"]
 
 
 def plan_skips(backends: list, problem, dev, free_bytes: Optional[int]) -> tuple:
@@ -90,9 +91,8 @@ def plan_skips(backends: list, problem, dev, free_bytes: Optional[int]) -> tuple
 # -- the steps ------------------------------------------------------------------------------------------------
 def plan(trial: Trial, backends: list) -> list:
     """Step 1: memory skips and predictions; the candidates to run, fastest prediction first."""
-    if trial.problem is not None:
-        free = free_memory(trial.device) if trial.policy.early_skip else None
-        trial.memory_skips, trial.predictions = plan_skips(backends, trial.problem, trial.dev, free)
+    free = free_memory(trial.device) if trial.policy.early_skip else None
+    trial.memory_skips, trial.predictions = plan_skips(backends, trial.problem, trial.dev, free)
     for backend in backends:
         if backend.name in trial.memory_skips:
             trial.results[backend.name] = Result(SKIPPED, reason=trial.memory_skips[backend.name],
@@ -121,7 +121,7 @@ def time_skips(trial: Trial) -> dict:
 
 def gate(trial: Trial, backend) -> Optional[Run]:
     """Step 2: import, one untimed call (setup), the numeric gate and the input check."""
-    name, inputs, clock = backend.name, trial.inputs, trial.policy.clock
+    name, call, clock = backend.name, trial.call, trial.policy.clock
     cand = Result(REJECTED, predicted_ms=trial.predictions.get(name))
     trial.results[name] = cand
     t_import = clock()
@@ -131,7 +131,7 @@ def gate(trial: Trial, backend) -> Optional[Run]:
         cand.status, cand.reason = UNSUPPORTED, why
         return None
     run = trial.make_runner(backend)
-    copies, mask, scale = trial.copies, inputs.mask, inputs.scale
+    copies, mask, scale = trial.copies, call.mask, call.scale
     try:
         trial.timer.sync()
         t0 = clock()
@@ -139,7 +139,7 @@ def gate(trial: Trial, backend) -> Optional[Run]:
         trial.timer.sync()
         cand.first_call_ms = (clock() - t0) * 1e3
         trial.setup_s += cand.first_call_ms / 1e3
-        out_c = rearrange(out.detach(), f"{inputs.out_pattern} -> b n s d", n=inputs.heads_q, d=inputs.head_dim_v)
+        out_c = call.out_canonical(out.detach())
         cand.error = relative_l1(out_c[0, trial.heads], trial.ref)
         check = trial.bounds.get(name)  # a low-precision candidate: its tier's bound instead of the tolerance
         beyond = check(out_c[0, trial.heads], trial.ref, out_c) if check is not None else None
@@ -147,12 +147,12 @@ def gate(trial: Trial, backend) -> Optional[Run]:
     except Exception as exc:  # a failing candidate is rejected; the others go on
         cand.reason = describe_exception(exc)
         recover(trial.device)
-        restore(copies, inputs)
+        trial.restore()
         return None
-    changed = [n for n, c, t in zip("qkv", copies, (inputs.q, inputs.k, inputs.v)) if not _same(c.detach(), t.detach())]
+    changed = trial.changed()
     if changed:
         cand.reason = f"modified its input tensor(s) {', '.join(changed)} in place"
-        restore(copies, inputs)
+        trial.restore()
         return None
     if cand.error != cand.error or cand.error == float("inf"):
         cand.reason = "output has NaN or Inf"
@@ -326,35 +326,36 @@ def choose_winner(trial: Trial, near: list, timed: list) -> tuple:
 
 # -- the pipeline -----------------------------------------------------------------------------------------------
 def tune(
-    inputs: TuneInputs,
+    call,
     backends: list,
     unsupported: dict,
     key,
     make_runner: Callable,
-    problem=None,
-    dev=None,
+    dev,
+    tolerance: float,
     policy: Optional[TuningPolicy] = None,
-    tolerance: Optional[float] = None,
     bounds: Optional[dict] = None,
 ) -> Decision:
-    """Tune one key. ``make_runner(backend)`` gives the runner a plan would bind,
-    ``run(q, k, v, mask, scale) -> output`` in the caller's out_pattern, conversions included:
-    what the caller pays. ``problem`` and ``dev`` feed the cost models (no skipping without them).
-    ``bounds``: name -> check for the low-precision candidates of a quality tier (Trial.bounds)."""
+    """Tune one key on ``call`` (a :class:`~diffsynth_attention.problem.Call` with its tensors).
+    ``make_runner(backend)`` gives the runner a plan would bind, ``run(q, k, v, mask, scale) ->
+    output`` in the caller's out_pattern, conversions included: what the caller pays. ``dev``
+    feeds the cost models; ``tolerance``: the gate's, the one trust rule (the dispatcher's,
+    never recomputed here). ``bounds``: name -> check for the low-precision candidates of a
+    quality tier (Trial.bounds)."""
     policy = policy or DEFAULT_POLICY
     started = policy.clock()
-    inputs = finite_inputs(inputs)
-    device = inputs.q.device
-    dtype_name = str(inputs.q.dtype).replace("torch.", "")
-    heads = gate_heads(inputs.heads_q)
-    qc, kc, vc = inputs.canonical
-    with torch.no_grad():
-        ref = reference_slice(qc, kc, vc, inputs.mask4, inputs.scale, inputs.causal, inputs.window, heads)
-    trial = Trial(inputs=inputs, key=key, policy=policy, make_runner=make_runner, timer=Timer(device, policy.clock),
-                  started=started,
-                  tolerance=policy.tolerance(dtype_name, device.type) if tolerance is None else tolerance, floor_s=policy.budget_floor(),
-                  ref=ref, heads=heads, copies=[copy_input(t, inputs.requires_grad) for t in (inputs.q, inputs.k, inputs.v)],
-                  problem=problem, dev=dev, bounds=dict(bounds or {}))
+    call = finite_inputs(call)
+    device = call.q.device
+    if call.synthetic:  # random stand-ins made for this tuning: the candidates run on them, no second copy
+        copies = [t.detach().requires_grad_(call.grad and t.requires_grad) for t in (call.q, call.k, call.v)]
+    else:
+        copies = [copy_input(t, call.grad) for t in (call.q, call.k, call.v)]
+    trial = Trial(call=call, key=key, policy=policy, make_runner=make_runner, timer=Timer(device, policy.clock),
+                  started=started, tolerance=tolerance, floor_s=policy.budget_floor(), ref=None,
+                  heads=gate_heads(call.problem.heads_q), copies=copies, dev=dev, bounds=dict(bounds or {}))
+    if call.synthetic:
+        trial.fingerprints = [fingerprint(c) for c in copies]
+    trial.ref = trial.reference()
     for name, reasons in unsupported.items():
         trial.results[name] = Result(UNSUPPORTED, reason="; ".join(reasons))
 

@@ -49,7 +49,8 @@ def test_backend_matches_fp32_reference(name, problem):
         pytest.skip(f"{name} unavailable: {why}")
     spec = PROBLEMS[problem]
     q, k, v = _inputs(spec)
-    call, qc, kc, vc = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, spec["causal"], None, False)
+    call = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, spec["causal"], None, False)
+    qc, kc, vc = call.canonical
     reasons = backend.not_supported_reasons(call.problem, device_info(q.device))
     if reasons:
         pytest.skip(f"{name} does not serve {problem}: {'; '.join(reasons)}")
@@ -120,7 +121,7 @@ def test_gradients_match_fp32(name):
         pytest.skip(f"{name} unavailable: {backend.unavailable_reason()}")
     spec = PROBLEMS["self_d128"]
     q, k, v = (t.requires_grad_(True) for t in _inputs(spec))
-    call, *_ = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, True)
+    call = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, True)
     reasons = backend.not_supported_reasons(call.problem, device_info(q.device))
     if reasons:
         pytest.skip("; ".join(reasons))
@@ -162,7 +163,8 @@ def test_compiled_backend_matches_fp32_forward_and_backward(name, mode, monkeypa
     spec = PROBLEMS["self_d128"]
     q, k, v = (t.transpose(1, 2).contiguous() for t in _inputs(spec))
     pat = ("b s n d",) * 4
-    call, qc, kc, vc = prepare(q, k, v, *pat, None, None, None, False, None, False)
+    call = prepare(q, k, v, *pat, None, None, None, False, None, False)
+    qc, kc, vc = call.canonical
     reasons = backend.not_supported_reasons(call.problem, device_info(q.device))
     if reasons:
         pytest.skip("; ".join(reasons))
@@ -179,7 +181,7 @@ def test_compiled_backend_matches_fp32_forward_and_backward(name, mode, monkeypa
     assert relative_l1(out.transpose(1, 2)[0, [0, spec["hq"] - 1]], ref) <= 0.005
     if mode != "default":
         return
-    call_g, *_ = prepare(q, k, v, *pat, None, None, None, False, None, True)
+    call_g = prepare(q, k, v, *pat, None, None, None, False, None, True)
     if backend.not_supported_reasons(call_g.problem, device_info(q.device)):
         return
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))

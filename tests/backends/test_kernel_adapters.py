@@ -36,8 +36,8 @@ def install(monkeypatch, cls, name, modules):
 
 
 def problem(q, k, v, **kw):
-    call, *_ = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, kw.get("attn_mask"), None,
-                       kw.get("is_causal", False), kw.get("window_size"), False)
+    call = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, kw.get("attn_mask"), None,
+                   kw.get("is_causal", False), kw.get("window_size"), False)
     return call.problem
 
 
@@ -146,7 +146,7 @@ def test_sage_1x_never_modifies_the_callers_key_and_declares_its_limits(monkeypa
     assert any("head dim 80" in r for r in backend.not_supported_reasons(problem(*qkv(d=80, sq=4)), H100))
     assert any("attn_mask" in r for r in backend.not_supported_reasons(problem(*qkv(d=64, sq=4), attn_mask=torch.ones(4, 4, dtype=torch.bool)), H100))
     assert any("backward" in r for r in backend.not_supported_reasons(
-        prepare(*[t.requires_grad_(True) for t in qkv(d=64, sq=4)], "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, True)[0].problem, H100))
+        prepare(*[t.requires_grad_(True) for t in qkv(d=64, sq=4)], "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, True).problem, H100))
     assert backend.exact is False
 
 
@@ -209,7 +209,7 @@ def test_fa3_declares_what_its_build_supports(monkeypatch):
         assert any("HDIM96" in r for r in backend.not_supported_reasons(problem(*qkv(d=d, **bf16)), H100)), d
     assert any("9.x" in r for r in backend.not_supported_reasons(problem(*qkv(d=64, **bf16)), A100))
     q, k, v = qkv(d=64, **bf16)
-    call, *_ = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, True)
+    call = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, True)
     assert any("no backward" in r for r in backend.not_supported_reasons(call.problem, H100))
     assert "forward only" in backend.build_summary() and "96" not in backend.build_summary()
 

@@ -113,7 +113,7 @@ def test_the_key_comes_from_package_metadata_without_importing(fa3):
     import builtins
 
     q, k, v = qkv(d=16)
-    call, *_ = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, False)
+    call = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, False)
     dev = device_info(q.device)
     usable, _ = candidates(call.problem, dev)
     assert fa3 in usable
@@ -158,7 +158,7 @@ def test_a_broken_install_is_found_at_first_use_with_the_reason_and_the_call_fal
     c = info.candidates["flash_attention_3"]
     assert c["status"] == "unsupported" and c["reason"].startswith("installed but unusable") and "undefined symbol" in c["reason"]
     assert info.key["versions"][backend.package] == "3.0.0b1"
-    call, *_ = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, False)
+    call = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, False)
     dev = device_info(q.device)
     assert make_key(call.problem, dev, candidates(call.problem, dev)[0]).id == info.key_id  # same key as other processes
     # a decision for it, made where it worked, falls back here with the reason

@@ -15,10 +15,10 @@ import threading
 import pytest
 import torch
 
-from diffsynth_attention import config
+from diffsynth_attention import callsite, config
 from diffsynth_attention.backends import REGISTRY, flash_attention, loading
 from diffsynth_attention.backends.flash_attention import FlashAttention3
-from diffsynth_attention.dispatch import Dispatcher, dispatcher as dispatcher_module
+from diffsynth_attention.dispatch import Dispatcher
 from diffsynth_attention.request import Request
 from diffsynth_attention.store.cache import DecisionCache
 
@@ -169,7 +169,7 @@ def test_a_trace_waits_for_the_package_and_never_bakes_the_stand_in(slow_fa3):
 def test_eager_calls_under_is_compiling_wait_too(slow_fa3, monkeypatch):
     folder, q, k, v, _ = slow_fa3
     builtins._da_gate.set()
-    monkeypatch.setattr(dispatcher_module, "_is_compiling", lambda: True)
+    monkeypatch.setattr(callsite, "is_compiling", lambda: True)
     disp = Dispatcher(DecisionCache(folder))
     plan = disp.plan_for(Request(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, False, None),
                          None, False)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import diffsynth_attention as da
+from diffsynth_attention.callsite import needs_grad
 from diffsynth_attention.dispatch import Dispatcher
 from diffsynth_attention.request import Request
 from diffsynth_attention.store.cache import DecisionCache
@@ -47,6 +48,7 @@ def _variants():
     yield dict(q=q.double(), k=k.double(), v=v.double())
     yield dict(q=qs.transpose(1, 2), k=ks.transpose(1, 2), v=vs.transpose(1, 2))  # b n s d views of b s n d memory
     yield dict(q=q.clone().requires_grad_(), k=k, v=v)
+    yield {**base, "attn_mask": torch.zeros(1, 1, 8, 8).requires_grad_()}  # a learned bias: its gradient is needed
 
 
 @pytest.mark.parametrize("kwargs", list(_variants()))
@@ -68,13 +70,14 @@ def test_hot_path_signature_is_request_signature(disp, kwargs, monkeypatch):
         from diffsynth_attention import overrides
 
         req = Request(**kwargs)
-        grad = req.needs_grad(torch.is_grad_enabled())
+        grad = needs_grad(req.q, req.k, req.v, req.attn_mask)
         assert table.asked[0] == req.signature(scoped, overrides.implementation_raw(), grad)
 
 
 def test_signatures_differ_for_each_argument():
     """Every argument that changes a plan changes the signature (no two variants collide)."""
-    sigs = [Request(**kw).signature(None, None, Request(**kw).needs_grad(True)) for kw in _variants()]
+    reqs = [Request(**kw) for kw in _variants()]
+    sigs = [r.signature(None, None, needs_grad(r.q, r.k, r.v, r.attn_mask)) for r in reqs]
     assert len(set(sigs)) == len(sigs)
 
 

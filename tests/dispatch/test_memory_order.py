@@ -102,8 +102,8 @@ def test_runner_skips_the_contiguity_check_only_for_dense_last_dims(tmp_path):
     wide = [torch.stack([t, t], dim=-1)[..., 0] for t in (q, k, v)]  # last stride 2, same values
     assert all(t.stride(-1) == 2 and torch.equal(t, s) for t, s in zip(wide, (q, k, v)))
     args = ("b n s d",) * 4 + (None, None, None, False, None, False)
-    assert prepare(q, k, v, *args)[0].problem.dense_last
-    assert not prepare(*wide, *args)[0].problem.dense_last
+    assert prepare(q, k, v, *args).problem.dense_last
+    assert not prepare(*wide, *args).problem.dense_last
     disp = Dispatcher(DecisionCache(tmp_path))
     with da.use_backend("torch_flash"):
         for inputs in ((q, k, v), wide, (q, k, v), wide):

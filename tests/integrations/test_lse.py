@@ -134,7 +134,7 @@ def test_every_lse_backend_on_the_gpu(name):
     backend = REGISTRY[name]
     q, k, v = bsnd(s=256, n=4, d=64, dtype=torch.bfloat16, device="cuda")
     k, v = k[:, :256], v[:, :256]
-    call, *_ = prepare(q, k, v, "b s n d", "b s n d", "b s n d", "b s n d", None, None, None, False, None, False)
+    call = prepare(q, k, v, "b s n d", "b s n d", "b s n d", "b s n d", None, None, None, False, None, False)
     why = backend.unavailable_reason() or "; ".join(backend.not_supported_reasons(call.problem, device_info(q.device)))
     if why:
         pytest.skip(f"{name}: {why}")

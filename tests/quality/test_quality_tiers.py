@@ -35,7 +35,7 @@ def test_exact_key_is_the_key_made_before_tiers(isolated, monkeypatch):
     included, as before), with no tier field: entries stored before tiers keep matching."""
     install_fp8(monkeypatch)
     c = case(80)
-    call, *_ = prepare(c.q, c.k, c.v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, False)
+    call = prepare(c.q, c.k, c.v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, False)
     dev = device_info(c.q.device)
     before = make_key(call.problem, dev, candidates(call.problem, dev)[0])  # the old call: no tier argument
     assert da.explain(c.q, c.k, c.v).key_id == before.id

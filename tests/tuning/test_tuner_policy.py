@@ -280,8 +280,8 @@ def test_gpu_every_exact_kernel_passes_the_tolerance_of_its_dtype(dtype):
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(spec["b"], spec["hq"], spec["s"], spec["d"], device="cuda", dtype=dtype, generator=g)
         k, v = (torch.randn(spec["b"], spec["hk"], spec["s"], spec["d"], device="cuda", dtype=dtype, generator=g) for _ in "kv")
-        call, qc, kc, vc = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, spec["causal"], None,
-                                   False)
+        call = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, spec["causal"], None, False)
+        qc, kc, vc = call.canonical
         heads = [0, spec["hq"] - 1]
         ref = reference.reference_slice(qc, kc, vc, None, None, spec["causal"], None, heads)
         for name, backend in REGISTRY.items():

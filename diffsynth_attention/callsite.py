@@ -1,0 +1,74 @@
+"""The short questions a call site asks, each answered in one place: is Dynamo tracing, is a CUDA
+graph being captured, does this call need gradients, how does a tensor move from one einops
+pattern to another, and what is a dtype's name.
+
+They are one-liners, and they were written out at every call site that needed them; a rule that
+changes (a torch without ``torch.compiler``, a mask whose gradient counts) now changes here.
+``is_compiling`` is torch's own function, not a wrapper, so that Dynamo, which special-cases it,
+still reads it as a constant while tracing, and the hot path pays no extra frame.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from einops import rearrange
+
+is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+_grad_enabled = torch.is_grad_enabled
+_capturing = torch.cuda.is_current_stream_capturing
+
+
+def capturing(device_type: str) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (never on another device type)."""
+    return device_type == "cuda" and _capturing()
+
+
+def in_graph(device_type: str) -> bool:
+    """Whether the code runs inside a graph being built: traced by Dynamo, or captured into a CUDA
+    graph. Nothing may tune, wait for a kernel package or synchronise there."""
+    return is_compiling() or capturing(device_type)
+
+
+def needs_grad(q, k, v, mask=None) -> bool:
+    """Whether a call needs gradients: grad mode is on and q, k or v requires them, or ``mask`` does
+    (a learned additive bias; callers that differentiate q, k and v only pass no mask)."""
+    return _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                or mask is not None and mask.requires_grad)
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how keys, tolerances and messages name a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
+def _identity(x):
+    return x
+
+
+def _converter(source: str, target: str, dims: tuple = ()) -> Callable:
+    """A function taking a tensor laid out as einops pattern ``source`` to a view (or, for packed
+    axes that cannot be viewed, a copy) laid out as ``target``: itself when the patterns agree, a
+    ``permute`` when neither packs axes (``"b s n d" -> "b n s d"``), else einops' ``rearrange``
+    with the axis lengths of ``dims`` (``(axis, length)`` pairs, as ``"b s (n d)"`` needs).
+    Patterns are not validated here (:mod:`diffsynth_attention.problem` does that, naming the
+    argument)."""
+    if source.split() == target.split():
+        return _identity
+    if "(" not in source and "(" not in target:
+        src = source.split()
+        perm = tuple(src.index(a) for a in target.split())
+        return lambda x: x.permute(perm)
+    expr, lengths = f"{source} -> {target}", dict(dims)
+    return lambda x: rearrange(x, expr, **lengths)
+
+
+converter = functools.lru_cache(maxsize=512)(_converter)  # built once per patterns (plans, layouts)
+
+
+def convert(x, source: str, target: str, dims=None):
+    """``x`` from pattern ``source`` to ``target`` (:func:`converter`, not cached: Dynamo traces
+    it plainly); ``dims``: a dict of axis lengths."""
+    return _converter(source, target, tuple(dims.items()) if dims else ())(x)
