@@ -8,6 +8,14 @@ that every later call and process reads.
 The public names are loaded on first use (PEP 562), so ``import diffsynth_attention`` and the
 command line's cache commands do not import torch; ``from diffsynth_attention import X`` and
 ``diffsynth_attention.X`` work as usual.
+
+Importing the package has no side effect but one: once torch is imported, a background thread
+starts loading the kernel packages that this machine's cached decisions name (the preload,
+``DIFFSYNTH_ATTENTION_PRELOAD=0`` turns it off). It creates no folder or file, registers no exit
+handler, reads no environment variable strictly (a bad value raises at the first call, naming
+it) and makes no dispatcher; those come with the first use. With
+``DIFFUSERS_ATTN_BACKEND=diffsynth_auto`` (a request to do exactly this) it also installs the
+hook that registers the diffusers backend when diffusers loads (:mod:`.integrations.diffusers`).
 """
 
 import os as _os
@@ -90,7 +98,8 @@ def _start_preload() -> None:
     Every module of this package that the work needs is imported here, on the caller's thread:
     a background thread that imports a module while the caller imports the same package can make
     Python's import locks report a deadlock (``_DeadlockError``) in either thread. The thread only
-    reads the cache and starts the loads (:mod:`.backends.loading`)."""
+    reads the cache and starts the loads (:mod:`.backends.loading`). It reads the default
+    dispatcher's store (:func:`.dispatch.default_store`) without making the dispatcher."""
     global _preload_started
     import sys
 
@@ -110,12 +119,12 @@ def _start_preload() -> None:
     try:
         from .backends import REGISTRY
         from .backends.loading import preload
-        from .dispatch import default_dispatcher
+        from .dispatch import default_store
         from .store.codec import fast_check, schema_validator
 
         fast_check()  # the entry check, compiled here, and jsonschema (it words errors), imported here,
         schema_validator()  # rather than on the thread
-        store = default_dispatcher().store
+        store = default_store()
     except Exception:  # never breaks the import: the first call loads what it needs
         logging.getLogger(__name__).debug("preloading kernel packages failed", exc_info=True)
         return

@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 from typing import ContextManager, Dict, Optional, Union
 
-from . import config
 from .backends import available_backends
 from .dispatch import default_dispatcher
 from .overrides import current_implementation, use_backend
 from .tiers import current as current_quality
 from .tiers import quality
 
-config.validate_all()  # a bad environment variable stops the program here, before its first call
-
-_dispatcher = default_dispatcher()
+# No environment check here: importing never raises for a bad value; the first call (or patch)
+# does, naming the variable, the value and what is allowed (Dispatcher.build_plan, config.validate_all).
+_dispatcher = default_dispatcher()  # made when a public function is first loaded (dispatch/__init__.py)
 
 attention_forward = _dispatcher.forward
 attention_forward.__module__ = __name__

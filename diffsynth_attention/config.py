@@ -3,9 +3,10 @@
 Every reader looks at ``os.environ`` when it is called, so changing a variable between calls
 takes effect (the dispatcher reads ``DIFFSYNTH_ATTENTION_IMPLEMENTATION`` on every call). A bad
 value is a ``ValueError`` that names the variable, the value and what is allowed.
-:func:`validate_all` checks every variable at once; the package calls it when its public
-functions are first imported and the command line calls it before any work, so a bad value
-stops a pipeline before its first call instead of partway through.
+:func:`validate_all` checks every variable at once; a dispatcher calls it when it plans a call
+(the first call), ``patch_sdpa``/``patch_diffsynth`` when they patch, and the command line before
+any work, so a bad value stops a pipeline at its first call instead of partway through. Importing
+the package reads no variable strictly: it never raises for a bad value.
 
 An empty value means the default for every variable. This module imports nothing heavy (no
 torch): the command line reads it on its fast paths.

@@ -20,17 +20,18 @@ to eager flex once, with a warning. Tests switch compilation off with :func:`set
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Callable, Optional
 
 import torch
 
 from .callsite import convert, is_compiling
 
+from . import process
+
 logger = logging.getLogger("diffsynth_attention")
 
 _state = {"compile": True, "compiled": None, "failed": False}
-_lock = threading.Lock()
+_lock = process.new_lock()
 
 
 def set_compile(enabled: bool) -> None:

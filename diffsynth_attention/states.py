@@ -1,5 +1,5 @@
 """The library's named states, as string enums (torch-free): a candidate's status, a plan's
-source and an attention mask's kind.
+source, an attention mask's kind and a kernel package's load state.
 
 Each member equals, hashes, prints, formats and reprs as its text, so the on-disk format and
 every message are the same as with bare strings. The statuses and mask kinds are the decision
@@ -39,6 +39,16 @@ class PlanSource(_State):
     NEIGHBOUR = "neighbour"  # a decision of the same bucket (new_shapes=nearest, or while tuning)
     FALLBACK = "fallback"  # torch (or the best timed candidate) where nothing else may serve
     LOADING = "loading"  # torch while the decision's kernel package imports in the background
+
+
+class LoadState(_State):
+    """A kernel package's load state (``backends/loading.py``: ``state``, ``start_loading``, a load listener's argument)."""
+
+    READY = "ready"  # imported and usable (always, for PyTorch's own kernels)
+    LOADING = "loading"  # a background import, or its kernels' first launches, under way
+    FAILED = "failed"  # installed but unusable here, or not installed
+    UNLOADED = "unloaded"  # not imported yet
+    DEFERRED = "deferred"  # not imported, and no background load may start now (loading.defer())
 
 
 class MaskKind(_State):

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffsynth_attention.tools.bench import (  # noqa: E402
+from harness.bench import (  # noqa: E402
     Candidate, Decision, index_neighbours, key_id, neighbour_cell, render_entry)
 
 BACKENDS = ["torch", "torch_cudnn", "torch_flash", "torch_efficient", "flash_attention_4", "flash_attention_3",
@@ -110,8 +110,8 @@ def files(folder: Path) -> int:
 
 NEIGHBOUR = r"""
 import json, sys, time
-from diffsynth_attention.tools.bench import DecisionCache, neighbour_group
 sys.path.insert(0, sys.argv[2])
+from harness.bench import DecisionCache, neighbour_group
 from bench_cache_scale import fleet_decision
 c = DecisionCache(sys.argv[1])
 out = {}

@@ -202,7 +202,7 @@ def main(argv=None):
     warm = run_child(args, "warm", env("cross")) if args.only != "sequence" else {"tunings": None}
     cross = [run_child(args, "cross", env("cross"))["cross"] for _ in range(2)] if args.only != "sequence" else None
     second_kernels = set(sequence["second"]["kernels"]) if sequence else set()
-    from diffsynth_attention.tools.bench import environment, save_result
+    from harness.bench import environment, save_result
 
     result = {"environment": environment(torch.device(args.device)),
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU", "tokens": args.tokens, "blocks": args.blocks, "sequence": sequence, "cross_process": cross, "warm_tunings": warm["tunings"],

@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffsynth_attention.tools.bench import direct_call, environment, hit_overhead, host_us, interleaved, save_result  # noqa: E402
+from harness.bench import direct_call, environment, hit_overhead, host_us, interleaved, save_result  # noqa: E402
 
 
 def operator_overhead(device, calls: int = 10000, blocks: int = 20) -> list:
@@ -44,7 +44,7 @@ def operator_overhead(device, calls: int = 10000, blocks: int = 20) -> list:
     ``diffsynth_attention::kernel`` against the kernel package's own function, for every kernel
     package that is usable here. Caller layout ``b s n d``, small problem (host-bound)."""
     import diffsynth_attention as da
-    from diffsynth_attention.tools.bench import default_dispatcher, dispatch_op, kernel_op
+    from harness.bench import default_dispatcher, dispatch_op, kernel_op
 
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     qs = torch.randn(1, 16, 2, 64, device=device, dtype=dt)
@@ -115,7 +115,7 @@ class BackendModule(torch.nn.Module):
         self.name, self.bsnd, self.causal, self.window = name, layout == "b s n d", causal, window
 
     def forward(self, q, k, v):
-        from diffsynth_attention.tools.bench import REGISTRY
+        from harness.bench import REGISTRY
 
         if self.bsnd:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -139,7 +139,7 @@ def manual_graph(fn, q, k, v):
 
 def compiled_rows(shapes: list, device, layouts, samples: int, modes=("default", "reduce-overhead")) -> list:
     import diffsynth_attention as da
-    from diffsynth_attention.tools.bench import inputs
+    from harness.bench import inputs
 
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
@@ -285,7 +285,7 @@ def write_markdown(result: dict, path: Path) -> None:
 
 
 def run(args) -> dict:
-    from diffsynth_attention.tools import bench
+    from harness import bench
 
     device = torch.device(args.device)
     shapes = bench.shapes(args.preset, args.shapes)

@@ -118,7 +118,7 @@ def interleaved(clock, fns: dict, rounds: int, before=None) -> dict:
     """{name: median ms}: each round times every function once, in a new seeded order (the
     benchmarks' :func:`round_order`, the same on every rank: the collectives stay matched);
     ``before[name]()`` runs untimed ahead of each sample (switching the model's backend)."""
-    from diffsynth_attention.tools.bench import round_order
+    from harness.bench import round_order
 
     names = list(fns)
     samples = {n: [] for n in names}
@@ -140,7 +140,7 @@ def max_over_ranks(values: dict) -> dict:
 
 
 def decisions() -> dict:
-    from diffsynth_attention.tools.bench import default_dispatcher
+    from harness.bench import default_dispatcher
 
     return {kid: {"backend": d.backend, "problem": d.key["problem"]}
             for kid, d in sorted(default_dispatcher().store.entries().items())}
@@ -149,7 +149,7 @@ def decisions() -> dict:
 def environment(device) -> dict:
     import torch.distributed as dist
 
-    from diffsynth_attention.tools.bench import environment as bench_environment, package_version
+    from harness.bench import environment as bench_environment, package_version
 
     return {**bench_environment(device), "world_size": dist.get_world_size(), "diffusers": package_version("diffusers")}
 
@@ -168,7 +168,7 @@ def run(args) -> dict:
         dist.broadcast_object_list(folder, src=0)
         os.environ["DIFFSYNTH_ATTENTION_CACHE_DIR"] = folder[0]
 
-    from diffsynth_attention.tools.bench import register_diffusers
+    from harness.bench import register_diffusers
 
     register_diffusers()
     import diffsynth_attention as da
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
 
     result = run(args)
     if dist.get_rank() == 0:
-        from diffsynth_attention.tools.bench import save_result
+        from harness.bench import save_result
 
         stem = save_result(result, args.out, args.tag, f"-wan-cp-{result['environment']['world_size']}gpu", write_md)
         print(Path(f"{stem}.md").read_text())

@@ -72,14 +72,13 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "devtools"))  # this script's parts (models, attention timing, report)
 
-from e2e_attention import ORIGINAL_SDPA as _ORIGINAL_SDPA  # noqa: E402  (before anything can patch SDPA)
-from e2e_attention import (census, dynamo_counts, first_calls, Patch, profile_summary,  # noqa: E402
+from harness.e2e_attention import ORIGINAL_SDPA as _ORIGINAL_SDPA  # noqa: E402  (before anything can patch SDPA)
+from harness.e2e_attention import (census, dynamo_counts, first_calls, Patch, profile_summary,  # noqa: E402
                            rel_l1, time_problems_compiled, time_problems_eager, timed_forward)
-from e2e_models import build_flux, build_unet, build_wan, device_name, sync  # noqa: E402
-from e2e_loop import Routed, resolution_loop  # noqa: E402
-from e2e_report import explain_mode, fmt, write_markdown  # noqa: E402
+from harness.e2e_models import build_flux, build_unet, build_wan, device_name, sync  # noqa: E402
+from harness.e2e_loop import Routed, resolution_loop  # noqa: E402
+from harness.e2e_report import explain_mode, fmt, write_markdown  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +209,7 @@ def run_compiled(mode, model, forward, inputs, ref, patch, device, args, da):
     default), then timed interleaved: plain, routed, routed, plain, ... one forward each."""
     from torch._dynamo.utils import counters
 
-    from diffsynth_attention.tools.bench import sdpa_wrapper
+    from harness.bench import sdpa_wrapper
 
     patch.set(False)
     torch._dynamo.reset()

@@ -78,7 +78,7 @@ def child_seed(p: dict, device: str, target) -> dict:
     import torch
 
     import diffsynth_attention as da
-    from diffsynth_attention.tools.bench import default_dispatcher
+    from harness.bench import default_dispatcher
 
     q, k, v = _inputs(torch, p, device)
     pats = dict(q_pattern=LAYOUT, k_pattern=LAYOUT, v_pattern=LAYOUT, out_pattern=LAYOUT)
@@ -182,7 +182,7 @@ def child_import(p: dict, device: str, module: str) -> dict:
     _sync(torch, device)
     out["cuda_ready_s"] = _since_start()
     if module == "flash_attn.cute":
-        from diffsynth_attention.tools.bench import enable_fa4_compile_cache
+        from harness.bench import enable_fa4_compile_cache
 
         enable_fa4_compile_cache()  # as the backend does: the seeding process's compilations
     print("@@import-start", file=sys.stderr, flush=True)
@@ -394,14 +394,14 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sys.path.insert(0, str(ROOT))
-    from diffsynth_attention.tools.bench import REGISTRY
+    from harness.bench import REGISTRY
 
     unusable = {name: REGISTRY[name].declared_reason() for name in ("flash_attention_3", "flash_attention_4")}
     if device == "cpu":
         unusable = {name: "no GPU: --device cpu" for name in unusable}
     env = dict(os.environ, DIFFSYNTH_ATTENTION_PRELOAD="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env.pop("DIFFSYNTH_ATTENTION_IMPLEMENTATION", None)
-    from diffsynth_attention.tools.bench import environment, save_result
+    from harness.bench import environment, save_result
 
     result = {"environment": environment(device), "runs": args.runs, "window_seconds": args.window_seconds, "rows": []}
     only = set(args.only.split(",")) if args.only else {r[0] for r in ROWS}

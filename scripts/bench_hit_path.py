@@ -21,11 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
 import diffsynth_attention as da  # noqa: E402
-from diffsynth_attention.request import Request  # noqa: E402
+from harness.hit_path import hit_path_parts  # noqa: E402
 
 
 def sync(device):
@@ -87,41 +88,10 @@ def main():
         rows.append({"backend": name, "direct_us": t["direct"], "dispatched_us": t["dispatched"],
                      "overhead_us": t["dispatched"] - t["direct"]})
 
-    # The parts, on the torch backend's hit.
-    from diffsynth_attention import overrides, tiers
-    from diffsynth_attention.dispatch.hot import _dynamo_compiling, _is_compiling
-
-    from diffsynth_attention.dispatch import default_dispatcher
-
-    disp = default_dispatcher()
-    f(q, k, v)
-    req = Request(q, k, v)
-    sig = req.signature(overrides.scope_get(), overrides.implementation_raw(), False, tiers.scope_get(), tiers.raw())
-    plans = getattr(disp, "plans", None)
-    plan = plans.get(sig) if plans is not None else None
-
-    def empty(q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_pattern="b n s d", out_pattern="b n s d", dims=None,
-              attn_mask=None, scale=None, is_causal=False, compatibility_mode=False, window_size=None, use_flex=False,
-              score_mod=None):
-        return q
-
-    cm = torch.compiler
-    parts = {
-        "python call, 15 parameters": lambda: empty(q, k, v),
-        "is_compiling()": _is_compiling,
-        "is_dynamo_compiling() or flag": (lambda: _dynamo_compiling() or cm._is_compiling_flag) if _dynamo_compiling else _is_compiling,
-        "signature tuple": lambda: req.signature(None, None, False, None, None),
-    }
-    if plan is not None:
-        get = plans.get
-        parts["signature + plan lookup"] = lambda: get(req.signature(overrides.scope_get(), overrides.implementation_raw(), False,
-                                                                     tiers.scope_get(), tiers.raw()))
-        parts["plan.run (runner alone)"] = lambda: plan.run(q, k, v, None, None)
-        parts["direct torch"] = direct("torch", q, k, v)
-    pt = host_us(parts, device, a.calls // 2, a.blocks)
+    pt = hit_path_parts(q, k, v, device, a.calls // 2, a.blocks, host_us, direct("torch", q, k, v))
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows, "parts_us": pt,
-              "plan_found": plan is not None}
+              "plan_found": any(n.startswith("plan.run") for n in pt)}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = a.tag or f"{result['device'].replace(' ', '-')}-{result['date']}-hit-path"

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffsynth_attention.tools import bench  # noqa: E402
+from harness import bench  # noqa: E402
 
 FP8, SAGE = "flash_attention_3_fp8", "sage_attention"
 LOW = (SAGE, FP8)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 def run(args) -> dict:
     import diffsynth_attention as da
-    from diffsynth_attention.tools.bench import environment, inputs, interleaved, shapes as select
+    from harness.bench import environment, inputs, interleaved, shapes as select
 
     device = torch.device(args.device)
     shapes = select(["all"])
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--tag")
     args = p.parse_args(argv)
     os.environ.setdefault("DIFFSYNTH_ATTENTION_CACHE_DIR", tempfile.mkdtemp(prefix="da-bench-training-"))
-    from diffsynth_attention.tools.bench import save_result
+    from harness.bench import save_result
 
     path = save_result(run(args), args.out, args.tag, "-training", write_markdown)
     print(Path(f"{path}.md").read_text())

@@ -38,19 +38,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-from diffsynth_attention.tools.bench import environment, geomean, host_us, interleaved, save_result  # noqa: E402,F401
+from harness.bench import environment, geomean, host_us, interleaved, save_result  # noqa: E402,F401
 
 
 def select_shapes(args) -> list:
     """The problems of --shapes/--preset, narrowed by --only; a ValueError names what is unknown."""
-    from diffsynth_attention.tools import bench
+    from harness import bench
 
     return bench.shapes(args.preset, args.shapes, args.only)
 
 
 def run(args) -> dict:
     from diffsynth_attention import attention_forward, explain
-    from diffsynth_attention.tools.bench import Timer, backend_call, diffsynth_fixed, inputs
+    from harness.bench import Timer, backend_call, diffsynth_fixed, inputs
 
     device = torch.device(args.device)
     shapes = select_shapes(args)
@@ -104,7 +104,7 @@ def run(args) -> dict:
         del q, k, v
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    from diffsynth_attention.tools.bench import hit_overhead  # against the cheapest hand-written call of the kernel
+    from harness.bench import hit_overhead  # against the cheapest hand-written call of the kernel
 
     overhead = [hit_overhead(torch.device("cpu"))]
     if device.type == "cuda":

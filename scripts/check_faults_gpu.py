@@ -45,7 +45,7 @@ def child(scenario: str) -> dict:
     import torch
 
     import diffsynth_attention as da
-    from diffsynth_attention.tools.bench import context_broken, default_dispatcher, poisons_context
+    from harness.bench import context_broken, default_dispatcher, poisons_context
 
     records = []
 

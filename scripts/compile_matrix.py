@@ -45,13 +45,13 @@ TOLERANCE = 1e-3  # float32 on CPU; relative to the reference's largest magnitud
 # one variant (runs in the child process)
 # --------------------------------------------------------------------------------------------
 def _recorder():
-    from diffsynth_attention.tools.bench import CompileRecorder
+    from harness.bench import CompileRecorder
 
     return CompileRecorder()
 
 
 def _InductorCounter():
-    from diffsynth_attention.tools.bench import CompileRecorder
+    from harness.bench import CompileRecorder
 
     return CompileRecorder(inductor=True)
 
@@ -170,7 +170,7 @@ def run_one(model_name: str, mode: str, form: str, inductor: bool = False, plain
         return result
     # the same model compiled the same way with PyTorch's own SDPA: the compiles it needs anyway
     torch._dynamo.reset()
-    from diffsynth_attention.tools.bench import original_sdpa
+    from harness.bench import original_sdpa
 
     F.scaled_dot_product_attention = original_sdpa
     plain_rec = _InductorCounter() if inductor else _recorder()

@@ -17,7 +17,7 @@ import time
 import torch
 
 import diffsynth_attention as da
-from diffsynth_attention.tools import bench
+from harness import bench
 
 PROBLEMS = {  # name: (b, heads, seq, head_dim, dtype), layout b n s d
     "hd80_sd15_1024": (2, 8, 4096, 80, torch.float16),
@@ -101,7 +101,7 @@ def main() -> int:
         if not args.no_tune:
             import tempfile
 
-            from diffsynth_attention.tools.bench import TuningPolicy
+            from harness.bench import TuningPolicy
 
             disp = da.Dispatcher(da.DecisionCache(tempfile.mkdtemp(prefix="da-diag-")), policy=TuningPolicy(listeners=(listener,)))
             t0 = time.perf_counter()

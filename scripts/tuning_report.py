@@ -48,9 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "devtools"))  # this script's parts
 
-from tuning_parts import (  # noqa: E402
+from harness.tuning_parts import (  # noqa: E402
     OFFSETS, REPEAT_CPU_EXTRA, REPEAT_EXTRA, _torch, child_env, child_first_calls, child_first_result,
     child_tune, decision_summary, device_label, environment, fmt, fresh_dispatcher, inputs,
     interleaved, own_process_ratio, problems, run_child, shapes_file, write)
@@ -58,7 +57,7 @@ from tuning_parts import (  # noqa: E402
 
 # -- repeat (issue 14 item 2, issue 21 item 6) ---------------------------------------------------------------
 def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15, stem=None, own_samples: int = 7) -> dict:
-    from diffsynth_attention.tools.bench import DEFAULT_POLICY, backend_call, servable
+    from harness.bench import DEFAULT_POLICY, backend_call, servable
 
     torch = _torch()
     path = shapes_file(shapes)
@@ -80,7 +79,7 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
         times = interleaved(methods, device, samples)
         graph_row = {}
         if device.type == "cuda":  # the same decisions, under CUDA graphs: each process's cudagraph pick, device time
-            from graph_timing import graph_times
+            from harness.graph_timing import graph_times
 
             g_decided = [r["problems"][j].get("cudagraph_backend", r["problems"][j]["backend"]) for r in runs]
             g_times, g_failed = graph_times(methods, device, samples)
@@ -158,7 +157,7 @@ def write_repeat(rows: list, device, n: int, samples: int, out_dir: Path, stem=N
 
 # -- cost (issue 15, items 1-2) ---------------------------------------------------------------------------------
 def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=None) -> dict:
-    from diffsynth_attention.tools.bench import DEFAULT_POLICY
+    from harness.bench import DEFAULT_POLICY
 
     torch = _torch()
     floor = DEFAULT_POLICY.budget_floor()
@@ -222,7 +221,7 @@ def tuning_cost(shapes: list, device, out_dir: Path, compare: bool = True, stem=
 
 # -- first calls (issue 15, items 3-4) ---------------------------------------------------------------------------
 def first_calls(shapes: list, device, out_dir: Path, warm_cli: bool = True, stem=None) -> dict:
-    from diffsynth_attention.tools.bench import FA4_CACHE_DIR, FA4_CACHE_ENABLED
+    from harness.bench import FA4_CACHE_DIR, FA4_CACHE_ENABLED
 
     for name in (FA4_CACHE_ENABLED, FA4_CACHE_DIR):
         os.environ.pop(name, None)  # the library's own setting is what is measured
@@ -302,7 +301,7 @@ def first_calls(shapes: list, device, out_dir: Path, warm_cli: bool = True, stem
 
 # -- neighbours (issue 15, item 5) ---------------------------------------------------------------------------------
 def neighbours(shapes: list, device, out_dir: Path, offsets=OFFSETS, samples: int = 11, stem=None) -> dict:
-    from diffsynth_attention.tools.bench import BUCKETS_PER_OCTAVE, backend_call, neighbour_distance
+    from harness.bench import BUCKETS_PER_OCTAVE, backend_call, neighbour_distance
 
     torch = _torch()
     disp = fresh_dispatcher()

@@ -24,12 +24,12 @@ import importlib.util
 import logging
 import os
 import sys
-import threading
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
 
+from .. import process
 from . import loading
 from ..callsite import dtype_name
 from ..problem import Problem
@@ -205,7 +205,7 @@ class Backend:
         self._unavailable: Optional[str] = None
         self._version: Optional[str] = None
         self._declared: Optional[tuple] = None  # (reason or None, version or None), no import
-        self._load_lock = threading.RLock()  # one import per backend, also with a background load (loading.py)
+        self._load_lock = process.new_rlock()  # one import per backend, also with a background load (loading.py)
 
     # -- availability -------------------------------------------------------------------
     def _load(self) -> None:

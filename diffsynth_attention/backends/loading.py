@@ -4,9 +4,9 @@ A kernel package (FlashAttention-3/4, SageAttention, xFormers) costs from a frac
 to several seconds to import. A process whose cached decision names one should not wait for
 that before its first result, so a load can run on a background thread:
 
-- :func:`state` is ``"ready"`` (imported, usable; always for PyTorch's own kernels),
-  ``"loading"`` (a background import is under way), ``"failed"`` (installed but unusable, or not
-  installed) or ``"unloaded"``;
+- :func:`state` is a :class:`~diffsynth_attention.states.LoadState`: ``ready`` (imported, usable;
+  always for PyTorch's own kernels), ``loading`` (a background import is under way), ``failed``
+  (installed but unusable, or not installed) or ``unloaded``;
 - :func:`start_loading` starts the background import (once per backend; idempotent);
 - :func:`add_listener` registers ``listener(name, state)``, called on the loading thread when a
   load ends, ready or failed: the dispatcher drops the provisional plans of the keys that waited;
@@ -26,19 +26,21 @@ loads of its candidates' packages and waits for them, bounded, before it takes t
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import weakref
 from typing import Callable, Iterable, Optional
 
+from .. import process
+from ..states import LoadState
+
 logger = logging.getLogger("diffsynth_attention")
 
-READY, LOADING, FAILED, UNLOADED = "ready", "loading", "failed", "unloaded"
-DEFERRED = "deferred"  # not loaded, and not to be loaded in the background (see defer())
+READY, LOADING, FAILED, UNLOADED, DEFERRED = (
+    LoadState.READY, LoadState.LOADING, LoadState.FAILED, LoadState.UNLOADED, LoadState.DEFERRED)
 PENDING = (LOADING, DEFERRED)  # states in which a decision is served by another backend meanwhile
 
-_lock = threading.Lock()
+_lock = process.new_lock()
 _threads: dict = {}  # backend name -> the thread importing it now
 _started: dict = {}  # backend name -> time.monotonic() when its background import started
 _listeners: list = []  # weak references (WeakMethod or ref) to callables(name, state)
@@ -50,7 +52,7 @@ def needs_loading(backend) -> bool:
     return backend.package is not None
 
 
-def state(backend) -> str:
+def state(backend) -> LoadState:
     """``ready``, ``loading`` (importing, or launching its kernels for the first time: see
     :mod:`.warmup`), ``failed`` or ``unloaded``; imports nothing, takes no lock."""
     if not needs_loading(backend):
@@ -83,7 +85,7 @@ def add_listener(listener: Callable) -> None:
         _listeners.append(ref)
 
 
-def _notify(name: str, result: str) -> None:
+def _notify(name: str, result: LoadState) -> None:
     with _lock:
         alive = [r for r in _listeners if r() is not None]
         _listeners[:] = alive
@@ -132,7 +134,7 @@ def defer(on: bool = True) -> bool:
     return previous
 
 
-def start_loading(backend, keys=()) -> str:
+def start_loading(backend, keys=()) -> LoadState:
     """Start importing ``backend``'s package on a background thread unless it is loaded, being
     loaded or cannot load here; after the import, the thread launches its kernel once for each
     variant that ``keys`` (decisions' keys) name (:mod:`.warmup`). Returns the state after the
@@ -154,7 +156,7 @@ def start_loading(backend, keys=()) -> str:
     return LOADING
 
 
-def wait(backend, timeout: Optional[float] = None) -> str:
+def wait(backend, timeout: Optional[float] = None) -> LoadState:
     """Wait until ``backend``'s background load (if any) ends; returns its state."""
     thread = _threads.get(backend.name)
     if thread is not None:
@@ -222,20 +224,13 @@ def settle_candidates(usable: list, unsupported: dict, what: str) -> tuple:
 _warned_late: set = set()
 
 
-def wait_all(timeout: Optional[float] = None) -> None:
-    """Wait for every background load under way (tuning calls it before timing anything: an
-    import running meanwhile would hold the interpreter and slow the timed calls' launches)."""
-    for thread in list(_threads.values()):
-        thread.join(timeout)
-
-
+@process.after_fork
 def _after_fork_in_child() -> None:
     """A fork while a package loads leaves the child without the loading thread, with that
     backend's load lock (and the package's half-imported modules) held by a thread that does not
     exist there: the backend becomes unavailable in the child, with the reason, instead of
-    waiting forever. The parent is untouched."""
-    global _lock
-    _lock = threading.Lock()
+    waiting forever (:mod:`diffsynth_attention.process` has unlocked every lock by now). The
+    parent is untouched."""
     interrupted = [thread for thread in _threads.values()]
     _threads.clear()
     _started.clear()
@@ -243,13 +238,8 @@ def _after_fork_in_child() -> None:
         backend = getattr(thread, "backend", None)
         if backend is None:
             continue
-        backend._load_lock = threading.RLock()
         backend._unavailable = "its package was loading on a background thread when this process was forked"
         backend._loaded = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def decided_packages(decisions: Iterable, registry: dict) -> list:

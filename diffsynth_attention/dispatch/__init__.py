@@ -3,21 +3,46 @@ path under ``torch.compile`` (:mod:`.compiled`, imported when a trace first reac
 
 from __future__ import annotations
 
-import atexit
+from typing import Optional
 
+from .. import process
+from ..store.cache import DecisionCache
+from . import tokens
 from .dispatcher import BackendNotSupportedError, Dispatcher, Explanation, Plan
 
-# Made when this package is imported, not on first use: ``default_dispatcher()`` is traced by
-# Dynamo when the first thing a process does is a compiled call (patch_sdpa + torch.compile), and
-# a lazy construction would put a lock on the traced path. Building it reads no file. Made first,
-# it has trace token 0 in every process (dispatch/tokens.py).
-_default = Dispatcher()
-atexit.register(_default.store.flush)  # decisions kept in memory after a lock timeout still reach the disk
+# Made on first use, not when this package is imported (issue 33: importing creates nothing). The
+# public entry points make it before anything can be traced (``api`` when its names are first
+# loaded, ``patch_sdpa``/``patch_diffsynth``, the diffusers backend when it registers), so a
+# compiled call reads a module global. Building it reads no file. It has trace token 0 in every
+# process, whenever it is made (dispatch/tokens.py).
+_default: Optional[Dispatcher] = None
+_default_store: Optional[DecisionCache] = None
+_lock = process.new_rlock()
 
 
-def default_dispatcher() -> Dispatcher:
-    """The process's default dispatcher, behind the public functions."""
+def default_store() -> DecisionCache:
+    """The decision cache behind the default dispatcher (made on first use; reads no file). The
+    package's background preload reads it without making the dispatcher."""
+    global _default_store
+    if _default_store is None:
+        with _lock:
+            if _default_store is None:
+                _default_store = DecisionCache()
+    return _default_store
+
+
+def _make_default() -> Dispatcher:
+    global _default
+    with _lock:
+        if _default is None:
+            _default = Dispatcher(default_store(), token=tokens.DEFAULT)
     return _default
 
 
-__all__ = ["BackendNotSupportedError", "Dispatcher", "Explanation", "Plan", "default_dispatcher"]
+def default_dispatcher() -> Dispatcher:
+    """The process's default dispatcher, behind the public functions (made on first use)."""
+    d = _default
+    return d if d is not None else _make_default()
+
+
+__all__ = ["BackendNotSupportedError", "Dispatcher", "Explanation", "Plan", "default_dispatcher", "default_store"]

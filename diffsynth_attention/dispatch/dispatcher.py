@@ -13,26 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from typing import Callable, Optional
 
 import torch
 
-from .. import config, overrides, recording, tiers
+from .. import config, overrides, process, recording, tiers
 from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
 from ..callsite import in_graph, needs_grad
 from ..problem import prepare_request
 from ..request import Request
 from ..store.cache import DecisionCache
-from ..states import PlanSource
-from ..store.decision import ACCEPTED, CHOSEN, EAGER, SLOWER, SYNTHETIC, Decision, decision_filter
+from ..states import TIMED, PlanSource
+from ..store.decision import EAGER, SYNTHETIC, Decision, decision_filter
 from ..store.leases import Outcome
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import TuningPolicy, tolerance_for
 from ..tuning.trial import decision_timings
 from ..tuning.tuner import tune
 from . import faults, lowprec, tokens
+from .counters import Counters
 from .hot import make_forward
 from .modes import ModePlans
 from .plan import BackendNotSupportedError, Explanation, Plan, explanation  # noqa: F401 (re-exported)
@@ -45,20 +45,21 @@ class Dispatcher(ModePlans):
     """One plan table over one :class:`DecisionCache`. ``Dispatcher(DecisionCache(path))`` is a
     dispatcher of its own (tests build one each); the public functions use a default instance."""
 
-    def __init__(self, store: Optional[DecisionCache] = None, policy: Optional[TuningPolicy] = None):
+    def __init__(self, store: Optional[DecisionCache] = None, policy: Optional[TuningPolicy] = None,
+                 token: Optional[int] = None):
         self.store = store if store is not None else DecisionCache()
         self.policy = policy  # the tuner's rules and listeners (tuning/policy.py); None: the defaults
         self.plans: dict = {}  # signature -> Plan; never rebound (the hot path holds its .get)
         self._provisional: dict = {}  # signature -> Plan used while tuning is impossible
         self._sigs_by_key: dict = {}  # key id -> {signature}
-        self._lock = threading.RLock()
-        self.counters = {"hits": 0, "tunings": 0, "tuning_seconds": 0.0}
+        self._lock = process.new_rlock()
+        self.counters = Counters()  # safe across threads (dispatch/counters.py)
         self.warned: set = set()
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process
         self.retimed: dict = {}  # key id -> the provisional decision this process re-times (once a key)
         self.sentinels: dict = {}  # key id -> lowprec.Sentinel: low-precision decisions watched in this process
         self.store.listeners.append(self.invalidate)
-        self.trace_token = tokens.new_token(self)  # how compiled graphs name this dispatcher (never reused)
+        self.trace_token = tokens.new_token(self, token)  # how compiled graphs name this dispatcher (never reused)
         self.trace_key = str(self.trace_token)  # what Dynamo reads: a str is never made symbolic (dynamic=True)
         self.regate_epoch = "0"  # moves on when a trace-time decision fails on real data (dispatch/regate.py)
         loading.add_listener(self._backend_loaded)  # held weakly
@@ -81,7 +82,7 @@ class Dispatcher(ModePlans):
     def reset(self) -> None:
         """Forget plans, counters, warnings and dropped backends (the store is left as it is)."""
         self.invalidate()
-        self.counters.update(hits=0, tunings=0, tuning_seconds=0.0)
+        self.counters.reset()
         self.warned.clear()
         self.dropped.clear()
         self.retimed.clear()
@@ -90,7 +91,7 @@ class Dispatcher(ModePlans):
     def stats(self) -> dict:
         """This dispatcher's counters: ``hits`` (calls served by a known decision), ``tunings``,
         ``tuning_seconds``."""
-        return dict(self.counters)
+        return self.counters.snapshot()
 
     def warn_once(self, tag, message, *args) -> None:
         if tag not in self.warned:
@@ -167,7 +168,7 @@ class Dispatcher(ModePlans):
             return None
         order = sorted((c.time_ms, n) for n, c in decision.candidates.items()
                        if n != decided.name and n in usable_names and n in REGISTRY and c.time_ms is not None
-                       and c.status in (ACCEPTED, SLOWER, CHOSEN) and loading.is_ready(REGISTRY[n]))
+                       and c.status in TIMED and loading.is_ready(REGISTRY[n]))
         name = order[0][1] if order else "torch"
         chosen = decision.candidates.get(decided.name)
         reason = (f"{decided.name} ({source}"
@@ -328,8 +329,7 @@ class Dispatcher(ModePlans):
             decision = lowprec.annotate(decision, tier, evidence)
             if call.synthetic:
                 decision = decision.replace(evidence=SYNTHETIC)
-            self.counters["tunings"] += 1
-            self.counters["tuning_seconds"] += decision.tuning_seconds
+            self.counters.tuned(decision.tuning_seconds)
             logger.info("tuned %s: %s (%.3fs)", problem.describe(), decision.backend, decision.tuning_seconds)
             return decision
 
@@ -349,7 +349,7 @@ class Dispatcher(ModePlans):
     def _demoted_plan(self, decision: Decision, key, call, grad, dropped: dict) -> Plan:
         order = sorted(
             (c.time_ms, n) for n, c in decision.candidates.items()
-            if c.status in (ACCEPTED, SLOWER, CHOSEN) and c.time_ms is not None and n not in dropped
+            if c.status in TIMED and c.time_ms is not None and n not in dropped
             and REGISTRY[n].unavailable_reason() is None
         )
         name = order[0][1] if order else "torch"
@@ -392,7 +392,7 @@ class Dispatcher(ModePlans):
         """A call whose signature has no plan yet (or whose plan is provisional)."""
         plan = self.plan_for(req, impl_raw, grad)
         if plan.counts_hit:
-            self.counters["hits"] += 1
+            self.counters.hit()
         return self.run(plan, req, impl_raw, grad)
 
     def run(self, plan: Plan, req: Request, impl_raw, grad: bool):
@@ -425,6 +425,4 @@ class Dispatcher(ModePlans):
             grad = needs_grad(q, k, v, attn_mask)
         except AttributeError:  # not tensors: validation explains
             grad = False
-        before = self.counters["tunings"]
-        plan = self.plan_for(req, impl_raw, grad)
-        return explanation(self, plan, before)
+        return explanation(self, self.plan_for(req, impl_raw, grad))

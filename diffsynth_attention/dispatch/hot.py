@@ -25,7 +25,7 @@ def make_forward(d) -> Callable:
     :meth:`Request.signature`'s, inlined (a test proves that they agree on every argument).
     """
     plans_get = d.plans.get
-    counters = d.counters
+    hit = d.counters.hit  # thread-safe (dispatch/counters.py)
     slow = d.call
     failed = d.failed
     env_get, impl_key, scope_get = overrides._env_get, overrides._IMPL_KEY, overrides.scope_get
@@ -93,7 +93,7 @@ def make_forward(d) -> Callable:
             return slow(Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                                 compatibility_mode, window_size), impl_raw, grad)
         if plan.counts_hit:
-            counters["hits"] += 1
+            hit()
         try:
             return plan.run(q, k, v, attn_mask, scale)
         except Exception as exc:

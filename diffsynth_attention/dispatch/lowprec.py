@@ -12,15 +12,15 @@ import dataclasses
 import datetime
 import logging
 import math
-import threading
 import time
 from typing import Optional
 
 import torch
 
-from .. import config, tiers
+from .. import config, process, tiers
 from ..backends import REGISTRY
-from ..store.decision import ACCEPTED, CHOSEN, REJECTED, SLOWER, Decision
+from ..states import TIMED
+from ..store.decision import CHOSEN, REJECTED, Decision
 from ..tuning.reference import cosine, gate_heads, reference_slice, relative_l1
 from .runners import make_runner
 
@@ -33,11 +33,7 @@ def tier_of_key(key) -> str:
     return key.fields.get("quality", tiers.EXACT)
 
 
-def tolerance(base: float, tier: str) -> float:
-    """The tolerance a stored decision of ``tier`` is trusted under: the tier's relative-L1 bound
-    for a low-precision choice (exact candidates pass it too: theirs is below ``base``)."""
-    b = tiers.bound(tier)
-    return base if b is None else max(base, b.rel_l1)
+from ..tolerance import with_tier as tolerance  # noqa: E402,F401 - the tier's tolerance (one rule)
 
 
 GATE_ROWS = 1024  # query rows per head of the gate's all-heads check (every row when causal or windowed)
@@ -161,12 +157,12 @@ def measure(call, q, k, v, mask, scale, out, check: int = 0) -> tuple:
 def best_exact(decision: Decision) -> str:
     """The fastest exact candidate that passed the gate in ``decision`` (``torch`` if none)."""
     timed = sorted((c.time_ms, n) for n, c in decision.candidates.items()
-                   if n in REGISTRY and not REGISTRY[n].low_precision and c.status in (ACCEPTED, SLOWER, CHOSEN)
+                   if n in REGISTRY and not REGISTRY[n].low_precision and c.status in TIMED
                    and c.time_ms is not None)
     return timed[0][1] if timed else "torch"
 
 
-_fallback_lock = threading.Lock()
+_fallback_lock = process.new_lock()
 
 
 def fall_back(d, decision: Decision, state: Sentinel, rel: float, cos: float, why: str) -> Decision:

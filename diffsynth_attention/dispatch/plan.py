@@ -21,7 +21,7 @@ class Explanation:
     """Why a call goes where it goes (``diffsynth_attention.explain``)."""
 
     backend: str
-    source: str  # a PlanSource: override, cache, tuned, neighbour, loading or fallback
+    source: PlanSource  # override, cache, tuned, neighbour, loading or fallback (each equals its text)
     key: dict
     candidates: dict = field(default_factory=dict)  # name -> {"time_ms", "error", "reason", "status"}
     problem: str = ""
@@ -83,13 +83,11 @@ def candidate_rows(decision: Decision) -> dict:
                 "host_ms": c.host_ms, "device_ms": c.device_ms} for n, c in decision.candidates.items()}
 
 
-def explanation(d, plan: Plan, tunings_before: int) -> Explanation:
-    """The :class:`Explanation` of ``plan`` in dispatcher ``d`` (``tunings_before``: its tuning
-    count before the plan was made, to tell a decision tuned now from one tuned earlier)."""
-    before = tunings_before
+def explanation(d, plan: Plan) -> Explanation:
+    """The :class:`Explanation` of ``plan`` in dispatcher ``d``. Its source is the plan's own: a
+    plan is ``tuned`` only when the call that built it tuned (the plan table keeps it as
+    ``cache``), whatever other threads tune meanwhile."""
     source = plan.source
-    if source == PlanSource.TUNED and d.counters["tunings"] == before:
-        source = PlanSource.CACHE  # tuned earlier in this process: now a known decision
     dropped = dict(d.dropped.get(plan.key.id, {}))
     if plan.decision is not None:
         cands = candidate_rows(plan.decision)

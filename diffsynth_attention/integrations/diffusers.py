@@ -37,15 +37,16 @@ import importlib.abc
 import importlib.machinery
 import logging
 import sys
-import threading
 from typing import Optional
+
+from .. import process
 
 logger = logging.getLogger("diffsynth_attention")
 
 BACKEND_NAME = "diffsynth_auto"
 _MEMBER_NAME = "DIFFSYNTH_AUTO"
 _TARGET = "diffusers.models.attention_dispatch"
-_lock = threading.RLock()
+_lock = process.new_rlock()
 
 
 class DiffusersNotSupportedError(RuntimeError):
@@ -178,6 +179,9 @@ def _add_member(enum_cls, name: str):
 
 
 def _register_into(module, activate: bool = False):
+    from ..dispatch import default_dispatcher
+
+    default_dispatcher()  # made now, before a compiled model's trace reaches the backend
     registry = getattr(module, "_AttentionBackendRegistry", None)
     names = getattr(module, "AttentionBackendName", None)
     if registry is None or names is None or not hasattr(registry, "register"):

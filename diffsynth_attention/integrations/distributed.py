@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from ..store.decision import ACCEPTED, CHOSEN, SLOWER, Decision
+from ..states import TIMED
+from ..store.decision import ACCEPTED, CHOSEN, Decision
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -29,9 +30,6 @@ def merge_rank_entries(per_rank: list) -> dict:
     for entries in reversed(per_rank):
         merged.update(entries or {})
     return merged
-
-
-_USABLE = (CHOSEN, ACCEPTED, SLOWER)
 
 
 def merge_rank_entries_max(per_rank: list) -> dict:
@@ -49,7 +47,7 @@ def merge_rank_entries_max(per_rank: list) -> dict:
         times = {}
         for name in names:
             cands = [e["candidates"][name] for e in entries]
-            if all(c["status"] in _USABLE and c["time_ms"] is not None for c in cands):
+            if all(c["status"] in TIMED and c["time_ms"] is not None for c in cands):
                 times[name] = max(c["time_ms"] for c in cands)
         if not times:
             continue

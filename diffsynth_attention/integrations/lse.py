@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from typing import Optional
 
 import torch
 
-from .. import config, overrides
+from .. import config, overrides, process
 from ..backends import REGISTRY, TORCH_FAMILY, device_info
 from ..callsite import in_graph, is_compiling, needs_grad
 from ..problem import prepare
@@ -169,7 +168,7 @@ class LseSelector:
         self.dispatcher = dispatcher or default_dispatcher()
         self.store = self.dispatcher.store
         self.plans: dict = {}  # signature -> (backend name, key id)
-        self._lock = threading.Lock()
+        self._lock = process.new_lock()
         self.store.listeners.append(self._invalidate)
 
     def _invalidate(self, kid: Optional[str] = None) -> None:
@@ -282,7 +281,7 @@ def _traced_choice(q, k, v, scale, causal, backend) -> str:
 
 
 _selector: Optional[LseSelector] = None
-_selector_lock = threading.Lock()
+_selector_lock = process.new_lock()
 
 
 def selector() -> LseSelector:

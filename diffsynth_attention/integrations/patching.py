@@ -17,13 +17,12 @@ import functools
 import importlib
 import logging
 import sys
-import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .. import config
+from .. import config, process
 from ..callsite import is_compiling as _is_compiling
 from ..dispatch import default_dispatcher
 
@@ -35,7 +34,7 @@ logger = logging.getLogger("diffsynth_attention")
 # --------------------------------------------------------------------------------------------
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
 _route_scope: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention_sdpa", default=False)
-_state_lock = threading.Lock()
+_state_lock = process.new_lock()
 _forward = default_dispatcher().forward
 
 

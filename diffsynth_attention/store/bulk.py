@@ -11,10 +11,17 @@ import logging
 import os
 from typing import Callable, Optional
 
-from .. import config
+from ..tolerance import for_key
 from . import codec, fs, group_index, migrate
 from .codec import MAX_ENTRY_BYTES, CacheFileError
 from .neighbours import cell, cell_of
+
+
+
+def _trusted(decision, tolerance) -> bool:
+    tol = for_key(decision.key) if tolerance is None else tolerance
+    return tol is not None and decision.trusted_under(tol)
+
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -126,13 +133,12 @@ class WholeCache:
 
     def neighbours(self, group: str, tolerance: Optional[float] = None, fields: Optional[dict] = None) -> list:
         """The decisions of neighbour group ``group`` (:func:`.neighbours.neighbour_group`) that
-        pass the tolerance in force: those in memory, and the entries the persisted index
+        pass ``tolerance`` (default: each one's own key's, :func:`diffsynth_attention.tolerance.for_key`): those in memory, and the entries the persisted index
         (:mod:`.group_index`) lists for the cell of ``fields`` (the new key's: a neighbour is always
         in it), each read once. Where the folder has no complete index (entries of an older
         version), one full read builds it first; without ``fields``, or where the index cannot be
         written, every entry not seen yet is read, as before the index."""
         self._ensure_loaded()
-        tol = config.tolerance() if tolerance is None else tolerance
         where = None if fields is None else cell(fields)
         if self._persistent and (where is None or not self._from_index(where)):
             self._scan(only_new=True)
@@ -145,7 +151,7 @@ class WholeCache:
                                      if kid in self._indexed]
                         group_index.add(vfd, known, complete=True)
         self._group_new()
-        return [d for d in self._groups.get(group, {}).values() if d.trusted_under(tol)]
+        return [d for d in self._groups.get(group, {}).values() if _trusted(d, tolerance)]
 
     def _from_index(self, group: str) -> bool:
         """Read the entries the index lists for cell ``group`` (not read yet); False without a complete index."""

@@ -28,12 +28,12 @@ import contextlib
 import errno
 import logging
 import os
-import threading
 import weakref
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .. import config
+from .. import process
+from ..tolerance import for_key
 from . import codec, fs, lock, migrate
 from .codec import (  # noqa: F401 - the store's public names, kept importable from here
     MAX_DOCUMENT_BYTES, MAX_ENTRY_BYTES, MAX_LEGACY_BYTES, SCHEMA_VERSION, CacheFileError, all_rejected, parse_document,
@@ -54,15 +54,10 @@ _ID = codec.ID
 _caches: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def _after_fork_in_child() -> None:  # a thread of the parent may have held a cache's mutex at fork
+@process.after_fork
+def _after_fork_in_child() -> None:  # the parent's timer thread is not in the child: the next failure schedules one
     for cache in list(_caches):
-        cache._mutex = threading.RLock()
-        cache._save_lock = threading.Lock()
-        cache._timer = None  # the parent's timer thread is not in the child: the next failure schedules one
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+        cache._timer = None
 
 
 def untrusted_fix(exc: "fs.Refused", directory: Path) -> str:
@@ -80,7 +75,7 @@ class DecisionCache(WholeCache, Leases, Writes):
 
     def __init__(self, directory: Optional[os.PathLike] = None):
         self._directory = Path(directory) if directory is not None else None
-        self._mutex = threading.RLock()
+        self._mutex = process.new_rlock()
         self._locks = lock.KeyLocks()
         _caches.add(self)
         self._writes_init()
@@ -259,7 +254,8 @@ class DecisionCache(WholeCache, Leases, Writes):
     def get(self, key_id: str, tolerance: Optional[float] = None) -> Optional[Decision]:
         """The decision for ``key_id``: from memory, else (a miss) from its one file (or, during a
         migration, the old file). A decision whose chosen backend's error does not pass
-        ``tolerance`` (default: ``DIFFSYNTH_ATTENTION_TOLERANCE`` in force) is a miss."""
+        ``tolerance`` (default: :func:`diffsynth_attention.tolerance.for_key` of its own key, the
+        rule the tuner gated it by) is a miss."""
         self._ensure_loaded()
         decision = self._entries.get(key_id)
         if decision is None and self._persistent:
@@ -301,8 +297,8 @@ class DecisionCache(WholeCache, Leases, Writes):
     def _trusted(self, decision: Optional[Decision], tolerance: Optional[float]) -> Optional[Decision]:
         if decision is None:
             return None
-        tol = config.tolerance() if tolerance is None else tolerance
-        if decision.trusted_under(tol):
+        tol = for_key(decision.key) if tolerance is None else tolerance  # the one rule, from the decision's own key
+        if tol is not None and decision.trusted_under(tol):
             return decision
         chosen = decision.candidates.get(decision.backend)
         logger.info("diffsynth_attention cache: the decision for %s (%s, error %s, tuned with tolerance %g) does not pass "

@@ -67,7 +67,7 @@ def _frozen_map(d) -> Mapping:
 class Candidate:
     """One backend's result for one key (a small value object, as in Triton's autotuner)."""
 
-    status: str  # a CandidateStatus (its text, as read from a file)
+    status: CandidateStatus  # equals its text, as read from a file
     time_ms: Optional[float] = None  # median of the timed calls (back to back: the eager cost); None if never timed
     error: Optional[float] = None  # relative L1 error against the fp32 reference
     reason: Optional[str] = None  # why it was rejected, unsupported or dropped; None otherwise
@@ -87,7 +87,7 @@ class Candidate:
     @classmethod
     def from_dict(cls, data: dict) -> "Candidate":
         get = data.get
-        return cls(get("status"), get("time_ms"), get("error"), get("reason"), get("first_call_ms"), get("reps") or 0,
+        return cls(CandidateStatus(get("status")), get("time_ms"), get("error"), get("reason"), get("first_call_ms"), get("reps") or 0,
                    get("predicted_ms"), get("host_ms"), get("device_ms"))
 
     def cost(self, mode: str = EAGER) -> Optional[float]:

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
 from .._version import __version__
-from ..backends import DeviceInfo
 from ..problem import Problem
 from .decision import key_id  # noqa: F401 - the hash lives with decisions (the store checks ids without torch)
 
@@ -62,9 +59,10 @@ def problem_fields(p: Problem) -> dict:
     return p.fields()
 
 
-def make_key(problem: Problem, dev: DeviceInfo, candidates, tier: str = "exact") -> Key:
-    """The key of ``problem`` on ``dev`` over ``candidates`` (every backend declared able to serve
-    it, whatever the quality tier). A low-precision tier (``balanced``, ``fast``) is a field of
+def make_key(problem: Problem, dev, candidates, tier: str = "exact") -> Key:
+    """The key of ``problem`` on ``dev`` (a :class:`~diffsynth_attention.backends.DeviceInfo`,
+    read through its ``type`` and ``as_dict()``: the store does not import the backends) over
+    ``candidates`` (every backend declared able to serve it, whatever the quality tier). A low-precision tier (``balanced``, ``fast``) is a field of
     the key; the exact tier adds none, so its keys are those made before tiers existed."""
     versions = {name: value for name, value in _runtime_versions() if value is not None}
     if dev.type != "cuda":

@@ -5,9 +5,9 @@
   every HEARTBEAT_S (its mtime is the heartbeat); a waiter that sees no touch for STALE_S (a
   stopped or hung tuner) stops waiting and tunes itself. A holder removes its lock file on
   release, so lock files do not pile up; a waiter that finds the file replaced opens it again.
-- After ``fork`` (:func:`os.register_at_fork`), a child starts with fresh per-key thread locks
-  and closes its copies of the parent's held lock files: it never waits on a lock that only a
-  thread of its parent could release, and never keeps its parent's lock alive.
+- After ``fork`` (:mod:`diffsynth_attention.process`), a child finds the per-key thread locks
+  unlocked and closes its copies of the parent's held lock files: it never waits on a lock that
+  only a thread of its parent could release, and never keeps its parent's lock alive.
 
 Every wait ends: :class:`Lease` says how (``held`` or why not); a lease that is not held means
 "tune without the lock" (at worst a key is tuned twice, never lost or hung).
@@ -23,6 +23,7 @@ import time
 import weakref
 from typing import Callable, Optional
 
+from .. import process
 from . import fs
 
 HEARTBEAT_S = 0.5  # a lock holder touches its lock file this often
@@ -51,36 +52,26 @@ class Lease:
 
 
 _held: "weakref.WeakSet" = weakref.WeakSet()  # every file lock held by this process
-_owners: "weakref.WeakSet" = weakref.WeakSet()  # every KeyLocks of this process
 
 
+@process.after_fork
 def _after_fork_in_child() -> None:
     for held in list(_held):
         held.forked()
-    for owner in list(_owners):
-        owner.reset()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class KeyLocks:
-    """The in-process half: a lock per key (reset in a forked child)."""
+    """The in-process half: a lock per key (unlocked in a forked child: :mod:`diffsynth_attention.process`)."""
 
     def __init__(self):
-        self.reset()
-        _owners.add(self)
-
-    def reset(self) -> None:
-        self._mutex = threading.Lock()
+        self._mutex = process.new_lock()
         self._locks: dict = {}
 
     def get(self, key_id: str) -> threading.Lock:
         with self._mutex:
             lock = self._locks.get(key_id)
             if lock is None:
-                lock = self._locks[key_id] = threading.Lock()
+                lock = self._locks[key_id] = process.new_lock()
             return lock
 
 

@@ -10,8 +10,9 @@
   back-off resets once a write succeeds. A call's own ``save`` between two tries does not write
   (no call waits on a failing disk). So a fault that clears leaves nothing pending for more than
   about ``RETRY_S[1]`` plus the time the writes take, and a SIGKILL after that loses nothing.
-- Every cache flushes at exit (``atexit``; caches are held weakly): ``flush`` says how many
-  decisions are lost if some still cannot be written.
+- Every cache flushes at exit (``atexit``, registered when a first decision is stored, not at
+  import; caches are held weakly): ``flush`` says how many decisions are lost if some still
+  cannot be written.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import threading
 import time
 import weakref
 
+from .. import process
 from . import fs, group_index
 from .codec import CacheFileError, render_entry
 from .neighbours import cell_of
@@ -44,7 +46,15 @@ def _flush_all() -> None:
             logger.debug("flushing a decision cache at exit failed", exc_info=True)
 
 
-atexit.register(_flush_all)
+_exit_registered = False
+
+
+def _flush_at_exit() -> None:
+    """Register the exit flush, once: when the process first stores a decision (importing registers nothing)."""
+    global _exit_registered
+    if not _exit_registered:
+        _exit_registered = True
+        atexit.register(_flush_all)
 
 
 def _retry(ref) -> None:
@@ -63,13 +73,14 @@ class Writes:
     """Mixed into DecisionCache (which sets ``_mutex``, ``_pending``, ``_blocked``, ... )."""
 
     def _writes_init(self) -> None:
-        self._save_lock = threading.Lock()
+        self._save_lock = process.new_lock()
         self._timer = None
         _live.add(self)
 
     def _prerender(self, decision) -> None:
         """Render a decision's entry when it is stored (a tuning took seconds; this takes a fraction
         of a millisecond), so that writing, and every retry after a fault, is file I/O alone."""
+        _flush_at_exit()  # a decision is pending from here on
         try:
             data = render_entry(decision).encode()
         except Exception:  # an invalid decision: save says so

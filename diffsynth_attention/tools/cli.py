@@ -37,7 +37,7 @@ def _in_force(name: str, value, source: str):
     if source != "default":
         return value
     if name == config.TOLERANCE:
-        from ..tuning.policy import DEFAULT_TOLERANCES, TF32_TOLERANCE
+        from ..tolerance import DEFAULT_TOLERANCES, TF32_TOLERANCE
 
         per = ", ".join(f"{dtype} {tol:g}" for dtype, tol in DEFAULT_TOLERANCES.items())
         return f"per dtype: {per} (float32 {TF32_TOLERANCE:g} on CUDA with TF32 on)"

@@ -15,39 +15,16 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Callable, Mapping, Optional
 
 from .. import config
 
 logger = logging.getLogger("diffsynth_attention")
 
-# Relative L1 error allowed against the fp32 reference, by the problem's dtype. About 2-3x what
-# an exact kernel of that dtype shows (CPU SDPA against the reference: bf16 2.2e-3, fp16 2.8e-4,
-# fp32 4e-7), so a kernel that computes in a narrower type than the caller's fails: an fp32
-# problem is not served by a bf16 kernel, nor an fp16 one by an 8-bit one.
-DEFAULT_TOLERANCES = MappingProxyType({
-    "bfloat16": 5e-3,
-    "float16": 2e-3,
-    "float32": 1e-4,
-    "float64": 1e-5,  # the reference is fp32: an fp64 kernel is held to what fp32 can tell
-})
-# fp32 on a CUDA device where the process lets matmuls use TF32 (``torch.backends.cuda.matmul.
-# allow_tf32``, or ``torch.set_float32_matmul_precision("high")``): TF32 keeps fp16's 10-bit
-# mantissa (4.2e-4 measured in simulation), so the caller has asked for that precision.
-TF32_TOLERANCE = 1e-3
-
-
-def tf32_allowed(device_type: str) -> bool:
-    """Whether fp32 matmuls on this device may run in TF32 in this process."""
-    if device_type != "cuda":
-        return False
-    try:
-        import torch
-
-        return bool(torch.backends.cuda.matmul.allow_tf32)
-    except Exception:  # an unusual build: assume the strict rule
-        return False
+# The rule's tables and function live in diffsynth_attention/tolerance.py (the store reads with
+# them too); re-exported here for the tuner's callers.
+from ..tolerance import DEFAULT_TOLERANCES, TF32_TOLERANCE, tf32_allowed  # noqa: E402,F401
+from ..tolerance import tolerance as _rule  # noqa: E402
 
 
 def host_quiet() -> bool:
@@ -111,13 +88,7 @@ class TuningPolicy:
     def tolerance(self, dtype_name: str, device_type: str = "cpu", tf32: Optional[bool] = None) -> float:
         """The gate's tolerance for a problem of this dtype on this device type (``tf32``: whether
         TF32 matmuls are allowed for it; None: read the process's setting now)."""
-        if self.tolerances is not None:
-            return self.tolerances.get(dtype_name, DEFAULT_TOLERANCES["bfloat16"])
-        if config._raw(config.TOLERANCE) is not None:
-            return config.tolerance()  # the user's one value, for every dtype
-        if dtype_name == "float32" and (tf32_allowed(device_type) if tf32 is None else tf32):
-            return TF32_TOLERANCE
-        return DEFAULT_TOLERANCES.get(dtype_name, DEFAULT_TOLERANCES["bfloat16"])
+        return _rule(dtype_name, device_type, tf32, self.tolerances)
 
     def budget_floor(self) -> float:
         return config.tuning_budget() if self.budget_s is None else self.budget_s

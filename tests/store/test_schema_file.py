@@ -24,7 +24,7 @@ def standalone() -> dict:
 
 def test_the_written_schema_is_the_packaged_one_with_the_catalogue_filled_in():
     written, packaged = standalone(), json.loads(codec.SCHEMA_FILE.read_text())
-    assert written["$defs"]["backend"]["enum"] == list(BACKEND_NAMES)  # run python devtools/gen_docs.py if not
+    assert written["$defs"]["backend"]["enum"] == list(BACKEND_NAMES)  # run python scripts/gen_docs.py if not
     assert "enum" not in packaged["$defs"]["backend"]  # the package's copy names no backend
     for doc in (written, packaged):
         doc["$defs"].pop("backend")

@@ -3,7 +3,9 @@ forward graphs (where diffsynth_attention::attention has been decomposed into wh
 import pytest
 import torch
 
-from diffsynth_attention.tools.bench import CompileRecorder
+from support.harness import bench
+
+CompileRecorder = bench.CompileRecorder
 
 
 Recorder = CompileRecorder  # counts compiles and compiled runs, keeps AOTAutograd's forward graphs

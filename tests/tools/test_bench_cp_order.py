@@ -2,6 +2,7 @@
 the tuner and the benchmarks' timer do: a rotation keeps each function behind the same one."""
 import importlib.util
 
+from support.harness import bench  # scripts/ on sys.path: bench_cp.py imports the harness
 from support.subprocesses import ROOT
 
 
@@ -19,6 +20,4 @@ def test_bench_cp_rounds_are_not_a_rotation():
     names = ["a", "b", "c", "d"]
     mod.interleaved(Clock(), {n: (lambda n=n: seen.append(n)) for n in names}, rounds=8)
     rounds = [seen[i:i + 4] for i in range(0, len(seen), 4)]
-    from diffsynth_attention.tools.bench import round_order
-
-    assert rounds == [round_order(names, i) for i in range(8)]
+    assert rounds == [bench.round_order(names, i) for i in range(8)]

@@ -1,9 +1,9 @@
-"""The benchmark harness's script-facing helpers (``tools/bench.py``), on the CPU."""
+"""The benchmark harness's script-facing helpers (``scripts/harness/bench.py``, not installed), on the CPU."""
 import pytest
 import torch
 
 import diffsynth_attention as da
-from diffsynth_attention.tools import bench
+from support.harness import bench
 
 SHAPE = {"name": "tiny", "batch": 1, "heads_q": 2, "heads_kv": 2, "seq_q": 16, "seq_kv": 16, "head_dim": 32,
          "dtype": "float32", "causal": True}

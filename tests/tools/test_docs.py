@@ -1,5 +1,5 @@
 """The docs' tables and figures are generated from the code and the committed results
-(``devtools/gen_docs.py``), and one that disagrees fails here."""
+(``scripts/gen_docs.py``), and one that disagrees fails here."""
 import enum
 import json
 import re
@@ -11,17 +11,15 @@ import pytest
 from diffsynth_attention import config
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "devtools"))
-
-import doc_results  # noqa: E402
-import doc_tables  # noqa: E402
+import support.harness  # noqa: E402,F401  (scripts/ on the path)
 import gen_docs as docs  # noqa: E402
+from harness import doc_results, doc_tables  # noqa: E402
 
 
 @pytest.mark.parametrize("rel", docs.files())
 def test_every_generated_table_matches_the_code(rel):
     text = (ROOT / rel).read_text()
-    assert docs.render(text) == text, f"{rel} is out of date: run python devtools/gen_docs.py"
+    assert docs.render(text) == text, f"{rel} is out of date: run python scripts/gen_docs.py"
 
 
 def test_every_table_is_in_the_docs():
@@ -87,7 +85,7 @@ def test_check_mode_writes_nothing_and_reports(tmp_path, monkeypatch, capsys):
 
 
 def test_the_schema_file_is_up_to_date():
-    assert (ROOT / docs.SCHEMA).read_text() == docs.schema_text(), "run python devtools/gen_docs.py"
+    assert (ROOT / docs.SCHEMA).read_text() == docs.schema_text(), "run python scripts/gen_docs.py"
 
 
 def test_every_source_extra_and_command_has_a_meaning_and_no_meaning_is_orphaned():

@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "diffsynth_attention"
-FOLDERS = (PACKAGE, "scripts", "devtools", "tests")  # devtools: development tools, not installed
+FOLDERS = (PACKAGE, "scripts", "tests")
 
 
 class Module:
@@ -74,10 +74,8 @@ def _candidates(mod: Module, name: str) -> list:
     """Tree modules an absolute import of ``name`` may mean, from ``mod``'s point of view."""
     if name == PACKAGE or name.startswith(PACKAGE + "."):
         return [name]
-    if mod.folder == "scripts":  # run from their folder (on sys.path), which puts devtools/ there too
-        return ["scripts." + name, "devtools." + name]
-    if mod.folder == "devtools":
-        return ["devtools." + name]
+    if mod.folder == "scripts":
+        return ["scripts." + name]
     if mod.folder == "tests":
         own = mod.name.rsplit(".", 1)[0] if not mod.is_package else mod.name
         return ["tests." + name, own + "." + name]  # tests/ on sys.path, and the test's own folder
@@ -178,15 +176,8 @@ def describe(edges: dict, cycle: list) -> str:
     return " -> ".join(cycle) + "\n" + "\n".join(steps)
 
 
-SCRIPT_FACING = (PACKAGE, f"{PACKAGE}.tools.bench", f"{PACKAGE}.tools.cli")
-# The development tools that document the package's internals (they read its catalogues): exempt
-# from the scripts' rule, and no script imports them. Every other devtools/ module is a part of a
-# script (a benchmark's models or timing), held to the scripts' rule, and scripts may import it.
-DOCS_TOOLS = ("devtools.gen_docs", "devtools.doc_tables", "devtools.doc_results")
-
-
-def _script_like(name: str, mod) -> bool:
-    return mod.folder == "scripts" or (mod.folder == "devtools" and name not in DOCS_TOOLS)
+HARNESS = "scripts.harness"  # the benchmark harness: a development module, not installed
+SCRIPT_FACING = (PACKAGE, HARNESS, f"{HARNESS}.bench", f"{PACKAGE}.tools.cli")
 
 
 def _public_names(root: Path) -> set:
@@ -200,19 +191,18 @@ def _public_names(root: Path) -> set:
 
 def script_violations(tree_modules: dict) -> list:
     """A script imports only the public API (``diffsynth_attention`` and the names of its
-    ``__all__``), the benchmark harness ``diffsynth_attention.tools.bench`` and the command line
+    ``__all__``), the benchmark harness ``scripts/harness/bench.py`` and the command line
     ``diffsynth_attention.tools.cli`` (whose ``main`` the thin CLI scripts call), at top level or
     inside a function; never another package module, another script or a test helper, and no
-    name with a leading underscore. A script may import the parts of scripts in ``devtools/``,
-    which are held to the same rule."""
+    name with a leading underscore. The harness itself (``scripts/harness/``) is the one surface
+    that reaches into the package for them."""
     edges = graph(tree_modules, top_level_only=False)
     public = _public_names(next(iter(tree_modules.values())).root)
     bad = []
     for name, mod in sorted(tree_modules.items()):
-        if not _script_like(name, mod):
+        if mod.folder != "scripts" or name == HARNESS or name.startswith(HARNESS + "."):
             continue
-        allowed = [t for t in edges[name] if t.startswith("devtools.") and t not in DOCS_TOOLS]  # parts of scripts
-        bad += [f"{name} imports {t}" for t in edges[name] if t not in SCRIPT_FACING and t not in allowed]
+        bad += [f"{name} imports {t}" for t in edges[name] if t not in SCRIPT_FACING and not t.startswith(HARNESS + ".")]
         for node, _ in _imports(ast.parse(mod.path.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
@@ -240,7 +230,9 @@ def test_the_graph_sees_every_kind_of_import(tree_modules):
     every = graph(tree_modules, top_level_only=False)
     top = graph(tree_modules, top_level_only=True)
     assert len(tree_modules) > 100 and sum(map(len, top.values())) > 200
-    assert "diffsynth_attention.tuning.timing" in top["diffsynth_attention.tools.bench"]  # from ..tuning.timing
+    assert "diffsynth_attention.tuning.timing" in top["scripts.harness.bench"]  # the harness, absolute
+    assert "scripts.harness.bench_calls" in top["scripts.harness.bench"]  # relative, inside scripts/harness
+    assert "scripts.harness.bench" in every["scripts.benchmark"]
     assert "diffsynth_attention.dispatch" in top["tests.conftest"]  # absolute, from a test
     assert "diffsynth_attention.tools.cli" in top["scripts.warm_cache"]
     lazy = "diffsynth_attention.dispatch.hot"  # attention_forward: ``from .baked import traced_attention``
@@ -261,21 +253,19 @@ def test_a_cycle_and_a_script_importing_a_script_are_found(tmp_path):
     (pkg / "b.py").write_text("def f():\n    from diffsynth_attention.c import x\n")
     (pkg / "c.py").write_text("from .a import *\nx = 1\n")
     (pkg / "_private.py").write_text("")
-    for name in ("__init__", "bench", "cli"):
+    for name in ("__init__", "cli"):
         (pkg / "tools" / f"{name}.py").write_text("")
-    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "harness").mkdir(parents=True)
+    (tmp_path / "scripts" / "harness" / "__init__.py").write_text("")
+    (tmp_path / "scripts" / "harness" / "bench.py").write_text("from diffsynth_attention.a import b\n")  # the harness reaches in
     (tmp_path / "scripts" / "one.py").write_text("import two\nfrom diffsynth_attention import _private\n")
     (tmp_path / "scripts" / "two.py").write_text("from diffsynth_attention.a import b\n"
                                                  "def f():\n    import diffsynth_attention.tools\n")
     (tmp_path / "scripts" / "three.py").write_text("from diffsynth_attention import explain, hidden\n")
     (tmp_path / "scripts" / "fine.py").write_text(
         "import diffsynth_attention as da\nfrom diffsynth_attention import explain\n"
-        "from diffsynth_attention.tools import bench\nfrom diffsynth_attention.tools.bench import x\n"
+        "from harness import bench\nfrom harness.bench import x\n"
         "def main():\n    from diffsynth_attention.tools.cli import main\n")
-    (tmp_path / "devtools").mkdir()  # a part of a script (held to the rule) and the docs generator (exempt)
-    (tmp_path / "devtools" / "part.py").write_text("from diffsynth_attention.a import b\n")
-    (tmp_path / "devtools" / "gen_docs.py").write_text("from diffsynth_attention.a import b\n")
-    (tmp_path / "scripts" / "parts.py").write_text("import part\nimport gen_docs\n")
     (tmp_path / "tests").mkdir()
     found = modules(tmp_path)
     assert cycles(graph(found, top_level_only=True)) == []  # b -> c only inside a function
@@ -283,11 +273,9 @@ def test_a_cycle_and_a_script_importing_a_script_are_found(tmp_path):
     (cycle,) = cycles(every)
     assert cycle[0] == cycle[-1] and set(cycle) == {f"{PACKAGE}.{m}" for m in "abc"}
     assert "b.py:2" in describe(every, cycle)
-    assert script_violations(found) == ["devtools.part imports diffsynth_attention.a",
-                                        "scripts.one imports scripts.two",
+    assert script_violations(found) == ["scripts.one imports scripts.two",
                                         "scripts.one imports diffsynth_attention._private",
                                         "scripts.one:2 imports the private diffsynth_attention._private",
-                                        "scripts.parts imports devtools.gen_docs",
                                         "scripts.three:1 imports diffsynth_attention.hidden, not in its __all__",
                                         "scripts.two imports diffsynth_attention.a",
                                         "scripts.two imports diffsynth_attention.tools"]
@@ -305,22 +293,6 @@ def test_no_import_cycle_in_the_tree(tree_modules, top_level_only):
 def test_scripts_import_no_script_no_test_and_nothing_private(tree_modules):
     bad = script_violations(tree_modules)
     assert not bad, "\n".join(bad)
-
-
-def test_nothing_installed_or_scripted_imports_the_development_tools(tree_modules):
-    """devtools/ (the docs generator, the parts of scripts) is not in the installed package: the
-    package imports none of it, no script imports the docs generator, and pyproject.toml does not
-    ship it."""
-    import tomllib
-
-    edges = graph(tree_modules, top_level_only=False)
-    bad = [f"{name} imports {t}" for name, mod in tree_modules.items() if mod.folder in (PACKAGE, "scripts")
-           for t in edges[name] if t.startswith("devtools.") and (mod.folder == PACKAGE or t in DOCS_TOOLS)]
-    assert not bad, "\n".join(bad)
-    assert any(name.startswith("devtools.") for name in tree_modules)
-    with open(ROOT / "pyproject.toml", "rb") as fh:
-        shipped = tomllib.load(fh)["tool"]["setuptools"]["packages"]
-    assert all(p == PACKAGE or p.startswith(PACKAGE + ".") for p in shipped)
 
 
 def test_tests_share_helpers_only_through_support(tree_modules):

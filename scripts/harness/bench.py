@@ -1,5 +1,7 @@
 """The benchmark harness: what every script under ``scripts/`` measures with, the one surface
-scripts use besides the public API (no script imports another, or any other package module).
+scripts use besides the public API (no script imports another script or a package module).
+A development module: it lives in ``scripts/harness/`` and is not installed with the package
+(a script runs with ``scripts/`` on ``sys.path``: ``from harness import bench``).
 
 - :func:`environment`: the machine, torch, the kernel packages and what is usable;
 - :func:`interleaved` (and :class:`Timer`, :func:`round_order`): the timer the tuner uses too,
@@ -34,47 +36,47 @@ from typing import Callable, Optional
 
 import torch
 
-from ..tuning.timing import Timer, interleaved, round_order
+from diffsynth_attention.tuning.timing import Timer, interleaved, round_order
 from .bench_calls import backend_call, diffsynth_fixed, fresh_dispatcher, inputs, servable, shapes, sync
 
 # name here: (module, name there), imported on first use (some of them import a lot, or patch).
 _REEXPORTS = {
-    "REGISTRY": ("..backends", "REGISTRY"),  # every backend, by name
-    "package_version": ("..backends", "package_version"),  # an installed distribution's version
-    "enable_fa4_compile_cache": ("..backends.flash_attention", "enable_fa4_compile_cache"),
-    "FA4_CACHE_ENABLED": ("..backends.flash_attention", "FA4_CACHE_ENABLED"),  # the variables that configure it
-    "FA4_CACHE_DIR": ("..backends.flash_attention", "FA4_CACHE_DIR"),
-    "TuningPolicy": ("..tuning.policy", "TuningPolicy"),
-    "DEFAULT_POLICY": ("..tuning.policy", "DEFAULT_POLICY"),
-    "default_dispatcher": ("..dispatch", "default_dispatcher"),  # what attention_forward uses
-    "dispatch_op": ("..dispatch.compiled", "dispatch_op"),  # diffsynth_attention::dispatch
-    "kernel_op": ("..dispatch.compiled", "kernel_op"),  # diffsynth_attention::kernel
-    "poisons_context": ("..dispatch.faults", "poisons_context"),
-    "context_broken": ("..dispatch.faults", "context_broken"),
-    "register_diffusers": ("..integrations.diffusers", "register"),  # the diffsynth_auto backend
-    "sdpa_routable": ("..integrations.patching", "routable"),  # would the SDPA patch route this call
-    "sdpa_wrapper": ("..integrations.patching", "scaled_dot_product_attention"),  # the patch's SDPA
-    "original_sdpa": ("..integrations.patching", "_ORIGINAL_SDPA"),  # PyTorch's, before any patch
-    "scale_for_cpu": (".shapes", "scale_for_cpu"),  # a problem cut to CPU size
-    "DecisionCache": ("..store.cache", "DecisionCache"),
-    "Candidate": ("..store.decision", "Candidate"),
-    "Decision": ("..store.decision", "Decision"),
-    "key_id": ("..store.decision", "key_id"),
-    "neighbour_group": ("..store.neighbours", "neighbour_group"),
-    "neighbour_cell": ("..store.neighbours", "cell"),  # the neighbour index's cell of a key
-    "render_entry": ("..store.codec", "render_entry"),  # an entry file's text, in the current schema
-    "index_neighbours": ("..store.group_index", "add"),  # the persisted neighbour index's markers
-    "neighbour_distance": ("..store.key", "neighbour_distance"),
-    "BUCKETS_PER_OCTAVE": ("..store.key", "BUCKETS_PER_OCTAVE"),
-    "QUALITY_BOUNDS": ("..tiers", "BOUNDS"),  # the quality tiers' bounds (docs/quality.md)
-    "quantize_fp8": ("..backends.fa3_fp8", "fused_quantize"),  # FlashAttention-3 FP8's quantisation, as it runs
-    "fuzz_cases": (".fuzz", "cases"),  # the fuzz suite of realistic activations (tools/fuzz.py)
-    "fuzz_case": (".fuzz", "make_case"),
-    "FUZZ_SUITE": (".fuzz", "SUITE"),
-    "fuzz_errors": (".fuzz", "errors"),  # relative L1 and cosine, overall and per head
-    "fuzz_reference": (".fuzz", "reference"),
-    "EMULATIONS": (".fuzz", "EMULATIONS"),  # CPU emulations of the low-precision kernels' arithmetic
-    "gate_head_errors": ("..dispatch.lowprec", "head_errors"),  # the low-precision gate's per-head check
+    "REGISTRY": ("diffsynth_attention.backends", "REGISTRY"),  # every backend, by name
+    "package_version": ("diffsynth_attention.backends", "package_version"),  # an installed distribution's version
+    "enable_fa4_compile_cache": ("diffsynth_attention.backends.flash_attention", "enable_fa4_compile_cache"),
+    "FA4_CACHE_ENABLED": ("diffsynth_attention.backends.flash_attention", "FA4_CACHE_ENABLED"),  # the variables that configure it
+    "FA4_CACHE_DIR": ("diffsynth_attention.backends.flash_attention", "FA4_CACHE_DIR"),
+    "TuningPolicy": ("diffsynth_attention.tuning.policy", "TuningPolicy"),
+    "DEFAULT_POLICY": ("diffsynth_attention.tuning.policy", "DEFAULT_POLICY"),
+    "default_dispatcher": ("diffsynth_attention.dispatch", "default_dispatcher"),  # what attention_forward uses
+    "dispatch_op": ("diffsynth_attention.dispatch.compiled", "dispatch_op"),  # diffsynth_attention::dispatch
+    "kernel_op": ("diffsynth_attention.dispatch.compiled", "kernel_op"),  # diffsynth_attention::kernel
+    "poisons_context": ("diffsynth_attention.dispatch.faults", "poisons_context"),
+    "context_broken": ("diffsynth_attention.dispatch.faults", "context_broken"),
+    "register_diffusers": ("diffsynth_attention.integrations.diffusers", "register"),  # the diffsynth_auto backend
+    "sdpa_routable": ("diffsynth_attention.integrations.patching", "routable"),  # would the SDPA patch route this call
+    "sdpa_wrapper": ("diffsynth_attention.integrations.patching", "scaled_dot_product_attention"),  # the patch's SDPA
+    "original_sdpa": ("diffsynth_attention.integrations.patching", "_ORIGINAL_SDPA"),  # PyTorch's, before any patch
+    "scale_for_cpu": ("diffsynth_attention.tools.shapes", "scale_for_cpu"),  # a problem cut to CPU size
+    "DecisionCache": ("diffsynth_attention.store.cache", "DecisionCache"),
+    "Candidate": ("diffsynth_attention.store.decision", "Candidate"),
+    "Decision": ("diffsynth_attention.store.decision", "Decision"),
+    "key_id": ("diffsynth_attention.store.decision", "key_id"),
+    "neighbour_group": ("diffsynth_attention.store.neighbours", "neighbour_group"),
+    "neighbour_cell": ("diffsynth_attention.store.neighbours", "cell"),  # the neighbour index's cell of a key
+    "render_entry": ("diffsynth_attention.store.codec", "render_entry"),  # an entry file's text, in the current schema
+    "index_neighbours": ("diffsynth_attention.store.group_index", "add"),  # the persisted neighbour index's markers
+    "neighbour_distance": ("diffsynth_attention.store.key", "neighbour_distance"),
+    "BUCKETS_PER_OCTAVE": ("diffsynth_attention.store.key", "BUCKETS_PER_OCTAVE"),
+    "QUALITY_BOUNDS": ("diffsynth_attention.tiers", "BOUNDS"),  # the quality tiers' bounds (docs/quality.md)
+    "quantize_fp8": ("diffsynth_attention.backends.fa3_fp8", "fused_quantize"),  # FlashAttention-3 FP8's quantisation, as it runs
+    "fuzz_cases": ("diffsynth_attention.tools.fuzz", "cases"),  # the fuzz suite of realistic activations (tools/fuzz.py)
+    "fuzz_case": ("diffsynth_attention.tools.fuzz", "make_case"),
+    "FUZZ_SUITE": ("diffsynth_attention.tools.fuzz", "SUITE"),
+    "fuzz_errors": ("diffsynth_attention.tools.fuzz", "errors"),  # relative L1 and cosine, overall and per head
+    "fuzz_reference": ("diffsynth_attention.tools.fuzz", "reference"),
+    "EMULATIONS": ("diffsynth_attention.tools.fuzz", "EMULATIONS"),  # CPU emulations of the low-precision kernels' arithmetic
+    "gate_head_errors": ("diffsynth_attention.dispatch.lowprec", "head_errors"),  # the low-precision gate's per-head check
 }
 
 __all__ = ["CompileRecorder", "Timer", "backend_call", "diffsynth_fixed", "direct_call", "environment", "fresh_dispatcher",
@@ -89,7 +91,7 @@ def __getattr__(name: str):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(where[0], __package__), where[1])
+    value = getattr(importlib.import_module(where[0]), where[1])
     globals()[name] = value
     return value
 
@@ -104,7 +106,7 @@ def geomean(xs) -> Optional[float]:
 def environment(device) -> dict:
     """The machine and software a result was measured with."""
     import diffsynth_attention as da
-    from ..backends import REGISTRY
+    from diffsynth_attention.backends import REGISTRY
 
     device = torch.device(device)
     env = {
@@ -141,8 +143,8 @@ def direct_call(name: str, q, k, v) -> Callable:
     """The cheapest hand-written call of backend ``name`` on ``b n s d`` tensors (no mask, not
     causal): PyTorch's SDPA for ``torch``, the ATen operator for the ``torch_*`` backends, the
     package's own function (on ``b s n d`` views) for kernel packages."""
-    from ..backends import REGISTRY
-    from ..backends.torch_sdpa import _SDPA
+    from diffsynth_attention.backends import REGISTRY
+    from diffsynth_attention.backends.torch_sdpa import _SDPA
 
     if name == "torch":
         return lambda: _SDPA(q, k, v)

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "tuning_report.py"  # the hidden children are its sub-commands
 
 OFFSETS = (-0.40, -0.15, -0.05, 0.05, 0.15, 0.40)
@@ -58,7 +58,7 @@ def device_label(device) -> str:
 
 
 def problems(args) -> list:
-    from diffsynth_attention.tools import bench
+    from . import bench
 
     shapes = bench.shapes(args.preset, args.shapes, default=["cpu"] if args.device == "cpu" else ["all"])
     if getattr(args, "extra", False):
@@ -81,26 +81,26 @@ def fmt(x, spec: str = ".4g") -> str:
 
 
 def sync(device) -> None:
-    from diffsynth_attention.tools.bench import sync as run
+    from .bench import sync as run
 
     run(device)
 
 
 def fresh_dispatcher(policy=None):
-    from diffsynth_attention.tools.bench import fresh_dispatcher as fresh
+    from .bench import fresh_dispatcher as fresh
 
     return fresh(policy, prefix="da-tuning-report-")
 
 
 def inputs(shape, device, seed=0):
-    from diffsynth_attention.tools import bench
+    from . import bench
 
     return bench.inputs(shape, device, generator=_torch().Generator(device=device).manual_seed(seed))
 
 
 def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0) -> dict:
     """The benchmarks' interleaved timing, without autograd."""
-    from diffsynth_attention.tools.bench import interleaved as run
+    from .bench import interleaved as run
 
     with _torch().no_grad():
         return run(methods, device, samples, target_ms)
@@ -128,7 +128,7 @@ def write(result: dict, lines: list, out_dir: Path, stem: str) -> tuple:
 
 
 def environment(device) -> dict:
-    from diffsynth_attention.tools.bench import environment as env
+    from .bench import environment as env
 
     return env(device)
 
@@ -169,7 +169,7 @@ def child_tune(args) -> dict:
     every servable backend timed directly in this same process right after (N interleaved samples),
     so a decision can be judged against the conditions it was taken in."""
     import diffsynth_attention as da
-    from diffsynth_attention.tools import bench
+    from . import bench
 
     torch = _torch()
     device = torch.device(args.device)
@@ -207,7 +207,7 @@ def child_first_calls(args) -> dict:
     torch.zeros(1, device=device)  # the device context, outside the timings
     sync(device)
     import diffsynth_attention as da
-    from diffsynth_attention.tools import bench
+    from . import bench
 
     rows = []
     for shape in bench.shapes(file=args.shapes):
@@ -231,7 +231,7 @@ def child_first_result(args) -> dict:
     t_torch = time.perf_counter()
     device = torch.device(args.device)
     import diffsynth_attention as da
-    from diffsynth_attention.tools import bench
+    from . import bench
 
     shape = bench.shapes(file=args.shapes)[0]
     q, k, v, kw = inputs(shape, device)
@@ -250,6 +250,6 @@ def extra_problems(device) -> list:
     """REPEAT_EXTRA (cut to CPU size on a CPU, plus REPEAT_CPU_EXTRA)."""
     if device.type != "cpu":
         return [dict(s) for s in REPEAT_EXTRA]
-    from diffsynth_attention.tools.bench import scale_for_cpu
+    from .bench import scale_for_cpu
 
     return [dict(s) for s in REPEAT_CPU_EXTRA] + [scale_for_cpu(s) for s in REPEAT_EXTRA]

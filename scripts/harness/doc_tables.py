@@ -1,5 +1,5 @@
-"""The docs' tables that come from the code (``devtools/gen_docs.py`` writes them; the tables
-from committed result files are in ``devtools/doc_results.py``).
+"""The docs' tables that come from the code (``scripts/gen_docs.py`` writes them; the tables
+from committed result files are in ``scripts/harness/doc_results.py``).
 
 Each table lies in a Markdown file between ``<!-- generated: NAME -->`` and ``<!-- end -->``:
 
@@ -26,7 +26,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 ENV_MEANINGS = {
     "DIFFSYNTH_ATTENTION_IMPLEMENTATION": "`auto` or a backend, case-insensitive, read on every call; `use_backend` wins over "

@@ -9,8 +9,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from e2e_attention import ORIGINAL_SDPA
-from e2e_models import build_wan, sync
+from .e2e_attention import ORIGINAL_SDPA
+from .e2e_models import build_wan, sync
 
 
 class Routed(torch.nn.Module):
@@ -29,7 +29,7 @@ class Routed(torch.nn.Module):
 def resolution_loop(args, device, dtype, da) -> dict:
     """One process renders 6 Wan resolutions (twice each) with the default torch.compile, plain
     and routed: compiles, compiled-graph runs, and the dispatcher's tunings."""
-    from diffsynth_attention.tools.bench import sdpa_wrapper
+    from .bench import sdpa_wrapper
 
     token_sets = [64, 96, 128, 160, 192, 256] if args.small else [1560, 2340, 3120, 3600, 4680, 6240]
     out = {"tokens": token_sets}

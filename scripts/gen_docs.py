@@ -1,4 +1,4 @@
-"""Write what the docs take from the code and from committed results: ``python devtools/gen_docs.py``
+"""Write what the docs take from the code and from committed results: ``python scripts/gen_docs.py``
 (``--check``: write nothing, exit 1 if anything is out of date).
 
 - Every Markdown block between ``<!-- generated: NAME -->`` and ``<!-- end -->`` in README.md and
@@ -8,7 +8,7 @@
   from the catalogue, so that a JSON Schema validator alone gives the answer ``cache import``
   gives on the schema's part.
 
-A development tool: not part of the installed package. ``tests/tools/test_docs.py`` fails when a
+A development tool (with its tables in ``scripts/harness/``): not part of the installed package. ``tests/tools/test_docs.py`` fails when a
 file differs from what this renders.
 """
 
@@ -19,10 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import doc_results  # noqa: E402
-import doc_tables  # noqa: E402
+from harness import doc_results, doc_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("README.md",)  # and every docs/*.md
@@ -54,7 +51,7 @@ def schema_text() -> str:
 
     doc = json.loads(json.dumps(codec.schema()))
     doc["$defs"]["backend"] = {"description": "A backend name: diffsynth_attention.backend_names.BackendName "
-                                              "(written by devtools/gen_docs.py from the catalogue).",
+                                              "(written by scripts/gen_docs.py from the catalogue).",
                                **doc["$defs"]["backend"]}
     return json.dumps(doc, indent=1) + "\n"
 

@@ -1,4 +1,4 @@
-"""The docs' figures that come from committed result files (``devtools/gen_docs.py`` writes them):
+"""The docs' figures that come from committed result files (``scripts/gen_docs.py`` writes them):
 
 - ``headline`` (README.md): the eager speed-ups over the shape suite;
 - ``measured`` (docs/measurements.md): the same run's environment, per-problem table and
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEADLINE = "benchmarks/results/H200-2026-11-30-s2-eager.json"
 
 

@@ -26,7 +26,7 @@ def sync(device) -> None:
 def shapes(presets=None, file=None, only: Optional[str] = None, default=("all",)) -> list:
     """The problems of a shapes ``file``, else of the named ``presets`` (else ``default``),
     narrowed to the comma-separated names of ``only``; a ValueError names what is unknown."""
-    from .shapes import load_shapes_file, select_presets
+    from diffsynth_attention.tools.shapes import load_shapes_file, select_presets
 
     found = load_shapes_file(file) if file else select_presets(presets or list(default))
     if not only:
@@ -43,7 +43,7 @@ def shapes(presets=None, file=None, only: Optional[str] = None, default=("all",)
 def inputs(shape: dict, device, layout: str = _BNSD, generator: Optional[torch.Generator] = None, dtype=None):
     """Random q, k, v for a problem of the shape suite, laid out as ``layout``; returns
     ``(q, k, v, kwargs)``, the keyword arguments ``attention_forward`` takes for them."""
-    from .inputs import make_inputs
+    from diffsynth_attention.tools.inputs import make_inputs
 
     return make_inputs(shape, device, dtype, layout, generator)
 
@@ -51,7 +51,7 @@ def inputs(shape: dict, device, layout: str = _BNSD, generator: Optional[torch.G
 def _call(q, k, v, kw: dict, canonical: bool = False):
     """The validated call ``attention_forward(q, k, v, **kw)`` would make (its problem, layout...);
     with ``canonical``, ``(call, qc, kc, vc)``: q, k, v as ``b n s d`` views too."""
-    from ..problem import prepare
+    from diffsynth_attention.problem import prepare
 
     call = prepare(q, k, v, kw.get("q_pattern", _BNSD), kw.get("k_pattern", _BNSD), kw.get("v_pattern", _BNSD),
                    kw.get("out_pattern", _BNSD), kw.get("dims"), kw.get("attn_mask"), kw.get("scale"),
@@ -63,8 +63,8 @@ def backend_call(name: str, q, k, v, **attention_kwargs) -> Optional[Callable]:
     """Backend ``name`` called as a plan would call it on ``attention_forward(q, k, v,
     **attention_kwargs)`` (layout conversions included, no autograd), bound to q, k, v: a function
     of no argument; None where the backend is unavailable here."""
-    from ..backends import REGISTRY
-    from ..dispatch.runners import make_runner
+    from diffsynth_attention.backends import REGISTRY
+    from diffsynth_attention.dispatch.runners import make_runner
 
     backend = REGISTRY[name]
     if backend.unavailable_reason() is not None:
@@ -77,7 +77,7 @@ def backend_call(name: str, q, k, v, **attention_kwargs) -> Optional[Callable]:
 def diffsynth_fixed(q, k, v, **attention_kwargs) -> str:
     """The backend DiffSynth-Studio's fixed priority list picks for this call on this machine:
     the first that is usable and supports the problem, else ``torch``."""
-    from ..backends import DIFFSYNTH_PRIORITY, REGISTRY, device_info
+    from diffsynth_attention.backends import DIFFSYNTH_PRIORITY, REGISTRY, device_info
 
     problem, dev = _call(q, k, v, attention_kwargs).problem, device_info(q.device)
     for name in DIFFSYNTH_PRIORITY:
@@ -91,11 +91,11 @@ def servable(q, k, v, **attention_kwargs) -> tuple:
     """``({name: fn}, {name: why not})``: every backend that can serve the call here and passes the
     tuner's accuracy gate on these inputs (its :func:`backend_call`), and why each other one is
     left out (unsupported, predicted not to fit, unavailable, raised, error above tolerance)."""
-    from ..backends import REGISTRY, device_info
-    from ..problem import mask_4d
-    from ..tuning.policy import DEFAULT_POLICY
-    from ..tuning.reference import gate_heads, reference_slice, relative_l1
-    from ..tuning.trial import free_memory
+    from diffsynth_attention.backends import REGISTRY, device_info
+    from diffsynth_attention.problem import mask_4d
+    from diffsynth_attention.tuning.policy import DEFAULT_POLICY
+    from diffsynth_attention.tuning.reference import gate_heads, reference_slice, relative_l1
+    from diffsynth_attention.tuning.trial import free_memory
 
     device = q.device
     call, qc, kc, vc = _call(q, k, v, attention_kwargs, canonical=True)
@@ -139,7 +139,7 @@ def servable(q, k, v, **attention_kwargs) -> tuple:
 def fresh_dispatcher(policy=None, prefix: str = "da-bench-"):
     """A :class:`Dispatcher` on a new empty cache folder (a temporary one named ``prefix...``):
     every problem it sees is tuned afresh, under ``policy`` (the default policy if None)."""
-    from ..dispatch import Dispatcher
-    from ..store.cache import DecisionCache
+    from diffsynth_attention.dispatch import Dispatcher
+    from diffsynth_attention.store.cache import DecisionCache
 
     return Dispatcher(DecisionCache(tempfile.mkdtemp(prefix=prefix)), policy=policy)

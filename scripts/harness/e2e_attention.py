@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from e2e_models import sync
+from .e2e_models import sync
 
 ORIGINAL_SDPA = F.scaled_dot_product_attention  # captured before anything can patch it
 ATTENTION_KERNEL = re.compile(r"flash|fmha|attention|attn|sdpa|cudnn.*(mha|sdp)", re.IGNORECASE)
@@ -80,7 +80,7 @@ def problem_inputs(p, device):
 
 
 def interleaved(methods: dict, device, samples: int, target_ms: float = 2.0) -> dict:
-    from diffsynth_attention.tools.bench import interleaved as run
+    from .bench import interleaved as run
 
     return run(methods, device, samples, target_ms)
 
@@ -109,7 +109,7 @@ def time_problems_eager(problems, da, patch, device, samples):
         except Exception as exc:
             p["decision"] = {"error": f"{type(exc).__name__}: {exc}"}
         patched = F.scaled_dot_product_attention  # the patch's wrapper while the handle is on
-        from diffsynth_attention.tools.bench import sdpa_routable
+        from .bench import sdpa_routable
         p["routed"] = bool(sdpa_routable(q, k, v, kw["attn_mask"], kw["dropout_p"], kw["is_causal"], kw["scale"], kw["enable_gqa"]))
         with torch.no_grad():
             patched(q, k, v, **kw)  # tunes if the key is new (not timed)
