@@ -24,9 +24,10 @@ import contextlib
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Callable, Iterator, Optional
+
+from . import process
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -34,7 +35,7 @@ FORMAT = "diffsynth_attention recording"  # the document's "format"
 # The key's problem fields a shape file names as they are; the rest are renamed or derived.
 _SAME = ("batch", "heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim", "dtype", "causal", "window", "requires_grad")
 
-_lock = threading.Lock()
+_lock = process.new_lock()  # a forked child finds it unlocked
 _scopes: list = []  # the open record() scopes' sets of problems
 _env: dict = {}  # path -> the set of problems DIFFSYNTH_ATTENTION_RECORD collects for it
 
