@@ -14,7 +14,6 @@ file differs from what this renders.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from harness import doc_results, doc_tables
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("README.md",)  # and every docs/*.md
 SCHEMA = "cache_schema/decisions.schema.json"
+schema_text = doc_tables.schema_text  # the standalone schema's text
 _BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- end -->)", re.S)
 
 TABLES = {"env": doc_tables.env_table, "backends": doc_tables.backend_table, "preference": doc_tables.preference_list,
@@ -45,23 +45,12 @@ def files() -> list:
     return list(FILES) + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
 
 
-def schema_text() -> str:
-    """The standalone schema: the package's, with ``$defs/backend`` the catalogue's names."""
-    from diffsynth_attention.store import codec
-
-    doc = json.loads(json.dumps(codec.schema()))
-    doc["$defs"]["backend"] = {"description": "A backend name: diffsynth_attention.backend_names.BackendName "
-                                              "(written by scripts/gen_docs.py from the catalogue).",
-                               **doc["$defs"]["backend"]}
-    return json.dumps(doc, indent=1) + "\n"
-
-
 def outputs() -> dict:
     """{path relative to the root: its text as generated} for every generated file."""
     out = {}
     for rel in files():
         out[rel] = render((ROOT / rel).read_text())
-    out[SCHEMA] = schema_text()
+    out[SCHEMA] = doc_tables.schema_text()
     return out
 
 

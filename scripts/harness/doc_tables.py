@@ -310,3 +310,16 @@ def cli_table() -> str:
         text = CLI_MEANINGS[command].format(merged=merged_at_cpu_size()) + (". " + "; ".join(flags) if flags else "")
         rows.append(f"| `{head}` | {text.replace('|', chr(92) + '|')} |")
     return "\n".join(rows) + "\n"
+
+
+def schema_text() -> str:
+    """The standalone schema: the package's, with ``$defs/backend`` the catalogue's names."""
+    import json
+
+    from diffsynth_attention.store import codec
+
+    doc = json.loads(json.dumps(codec.schema()))
+    doc["$defs"]["backend"] = {"description": "A backend name: diffsynth_attention.backend_names.BackendName "
+                                              "(written by scripts/gen_docs.py from the catalogue).",
+                               **doc["$defs"]["backend"]}
+    return json.dumps(doc, indent=1) + "\n"
