@@ -8,8 +8,8 @@
   from the catalogue, so that a JSON Schema validator alone gives the answer ``cache import``
   gives on the schema's part.
 
-A development tool (with its tables in ``scripts/harness/``): not part of the installed package. ``tests/tools/test_docs.py`` fails when a
-file differs from what this renders.
+A development tool (its tables in ``scripts/harness/``), not part of the installed package.
+``tests/tools/test_docs.py`` fails when a file differs from what this renders.
 """
 
 from __future__ import annotations
