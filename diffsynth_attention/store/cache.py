@@ -32,7 +32,7 @@ import weakref
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .. import process
+from .. import config, process
 from ..tolerance import for_key
 from . import codec, fs, lock, migrate
 from .codec import (  # noqa: F401 - the store's public names, kept importable from here
