@@ -225,6 +225,16 @@ def sentinel_every() -> int:
     return int(value)
 
 
+THIN_CALLS = "DIFFSYNTH_ATTENTION_THIN_CALLS"
+
+
+def thin_calls() -> bool:
+    """Whether FlashAttention-3 and -4 calls go straight to the kernel the package compiled
+    (its operator, its compiled-kernel cache) instead of through its Python interface, for the
+    package versions this was checked against (default on; off: always the interface)."""
+    return _flag(THIN_CALLS, True)
+
+
 READERS = {
     IMPLEMENTATION: implementation,
     STRICT: strict,
@@ -240,6 +250,7 @@ READERS = {
     QUALITY: quality,
     SENTINEL_EVERY: sentinel_every,
     RECORD: record_path,
+    THIN_CALLS: thin_calls,
 }
 
 

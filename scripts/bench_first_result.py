@@ -26,7 +26,10 @@ Writes ``<out>/<device>-<date>-first-result.{json,md}``. Without a GPU (or a pac
 say why they were skipped; ``--device cpu`` runs the baseline on a CPU-sized problem.
 5. with ``--window-seconds S`` (default 20): after its first result each process keeps calling
    for S seconds, every call synchronised, and reports the calls above 5x its median (issue 31:
-   no stall after the first result while a package loads and takes over).
+   no stall after the first result while a package loads and takes over), with their
+   distribution (scripts/harness/stalls.py): percentiles, counts above 2/5/10/100x and
+   above the median + 0.1/1/10 ms, when they came, how many while the decided backend was still
+   loading and how many after, and the garbage collections in the window.
 
 Usage: PYTHONPATH=$PWD python scripts/bench_first_result.py --out benchmarks/results [--runs 5]
 """
@@ -101,25 +104,7 @@ def child_seed(p: dict, device: str, target) -> dict:
     return {"key_id": info.key_id, "tuned": tuned, "decided": decision.backend}
 
 
-STALL_FACTOR = 5.0  # target: in the first window of calls, none after the first above 5x the median
-
-
-def call_window(call, torch, device: str, window_s: float) -> dict:
-    """Call (synchronised) for ``window_s`` seconds; every call's ms, and those above
-    STALL_FACTOR x the median (index counted from the process's first call, which is not here)."""
-    times, end = [], time.perf_counter() + window_s
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        call()
-        _sync(torch, device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    if not times:
-        return {"seconds": window_s, "calls": 0}
-    median = statistics.median(times)
-    stalls = [(i + 2, round(ms, 2)) for i, ms in enumerate(times) if ms > STALL_FACTOR * median]
-    return {"seconds": window_s, "calls": len(times), "median_ms": round(median, 3), "max_ms": round(max(times), 2),
-            "max_over_median": round(max(times) / median, 2) if median else None, "stalls": len(stalls),
-            "stall_calls": stalls[:20]}
+STALL_FACTOR = 5.0  # target: in the first window of calls, none after the first above 5x the median (harness/stalls.py)
 
 
 def child_first(p: dict, device: str, mode: str, max_s: float, window_s: float = 0.0) -> dict:
@@ -139,7 +124,9 @@ def child_first(p: dict, device: str, mode: str, max_s: float, window_s: float =
             result = {"first_s": _since_start(), "torch_imported_s": started, "backend": "sdpa",
                       "dynamo": "torch._dynamo" in sys.modules}
             if window_s:
-                result["window"] = call_window(sdpa, torch, device, window_s)
+                from harness.stalls import call_window
+
+                result["window"] = call_window(sdpa, lambda: _sync(torch, device), window_s)
         return result
     import diffsynth_attention as da
 
@@ -149,9 +136,17 @@ def child_first(p: dict, device: str, mode: str, max_s: float, window_s: float =
         first = da.attention_forward(q, k, v, **pats)
         _sync(torch, device)
         result = {"first_s": _since_start(), "torch_imported_s": started, "dynamo": "torch._dynamo" in sys.modules}
+        info = da.explain(q, k, v, **pats)  # the plan of the next call, and the decided backend
         if window_s:  # the first seconds of calls, as a pipeline makes them (the takeover happens in here)
-            result["window"] = call_window(lambda: da.attention_forward(q, k, v, **pats), torch, device, window_s)
-        info = da.explain(q, k, v, **pats)
+            from harness.stalls import call_window, load_done
+
+            decided = info.decision.backend if info.decision is not None else info.backend
+            loaded = load_done(decided)
+            result.update(second_call_plan=f"{info.backend} ({info.source})", loaded_at_first_result=loaded())
+            result["window"] = call_window(lambda: da.attention_forward(q, k, v, **pats), lambda: _sync(torch, device),
+                                           window_s, loaded)
+            result["dynamo_after_window"] = "torch._dynamo" in sys.modules
+            info = da.explain(q, k, v, **pats)
         decided = info.decision.backend if info.decision is not None else info.backend
         result.update(backend=info.backend, source=info.source, decided=decided, reason=info.reason)
         # ``info`` is the plan for the next call: a call made on it is served by its backend.
@@ -344,6 +339,12 @@ def write_md(result: dict, path: Path) -> None:
                 met = "" if name != "dispatcher" else ("yes" if r.get("window_target_met") else "no")
                 lines.append(f"| {r['row']} | {name} | {fmt(w['median_ms'])} | {w['max_over_median']} | "
                              f"{w['stalls_max']} | {met} |")
+        from harness.stalls import distribution_md
+
+        lines += ["", "Per process: the distribution of those calls (ms); slow calls while the decided backend was "
+                  "still loading (import, first launches) and after; Python garbage collections in the window.", ""]
+        lines += distribution_md([(r["row"], name, s.get("window")) for r in result["rows"]
+                                  for name, rs in r.get("samples", {}).items() for s in rs])
     lines += ["", "## Where a package's first use goes (one fresh process each)", ""]
     for r in result["rows"]:
         b = r.get("import_breakdown")

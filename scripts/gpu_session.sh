@@ -7,6 +7,7 @@ set -uo pipefail
 res=${RES:-${OUT:-gpu-out}}; mkdir -p "$res"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 day=$(date -u +%F)
+DEV=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | sed 's/NVIDIA //; s/ /-/g')}
 late="/tmp/gpu-site:/tmp/gpu-site/nvidia_cutlass_dsl/dsl_packages"
 nodiff=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v gpu-site | paste -sd:)
 for phase in "$@"; do
@@ -27,7 +28,10 @@ for phase in "$@"; do
     cp) PYTHONPATH="/tmp/diff-site:$nodiff" DA_LATE_PATH=$late timeout "${T_CP:-600}" \
           torchrun --nproc_per_node=2 scripts/bench_cp.py --out "$res" > "$res/cp.log" 2>&1 ;;
     pwarm) timeout "${T_PWARM:-600}" python3 scripts/parallel_warm.py "$res/H200x2-$day-parallel-warm.json" > "$res/pwarm.log" 2>&1 ;;
-    hitpath) python3 scripts/bench_hit_path.py --out "$res" > "$res/hitpath.log" 2>&1 ;;
+    thin) timeout "${T_THIN:-200}" python3 -m pytest -q -p no:cacheprovider -rs tests/backends/test_gpu_thin.py > "$res/gpu-thin-tests.log" 2>&1
+          timeout 120 python3 scripts/bench_thin_calls.py "$res/${DEV:-GPU}-$day-thin-calls.md" --shape 1,16,2,64 --shape 1,1024,24,128 \
+            > "$res/thin-bench.log" 2>&1 ;;
+    hitpath) python3 scripts/bench_hit_path.py --out "$res" --tag "${DEV:-GPU}-$day-hit-path" > "$res/hitpath.log" 2>&1 ;;
     ccross) PYTHONPATH="/tmp/diff-site:$nodiff" DA_LATE_PATH=$late timeout "${T_CC:-600}" \
               python3 scripts/bench_compile_caches.py --only cross --out "$res" ${CC_ARGS:-} > "$res/ccross.log" 2>&1 ;;
     lowprec) PYTHONPATH="/tmp/diff-site:$nodiff" DA_LATE_PATH=$late timeout "${T_LOWPREC:-600}" \

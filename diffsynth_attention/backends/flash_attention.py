@@ -17,6 +17,7 @@ import torch
 
 from ..problem import Problem
 from ..backend_names import BackendName
+from . import thin
 from .base import Backend, DeviceInfo, module_present, package_version, register
 
 logger = logging.getLogger("diffsynth_attention")
@@ -83,6 +84,20 @@ class _FlashBase(Backend):
     gqa = True
     window = True
     window_any_lengths = False
+
+    # The direct call of the package's compiled kernel (thin.py), set at load; None: the interface.
+    _thin = None
+    thin_reason: Optional[str] = "not loaded"
+
+    thin_launch_ms: Optional[float] = None  # the cost model's launch floor with the thin path on
+
+    def _set_thin(self, built: tuple) -> None:
+        self._thin, self.thin_reason = built
+        if self._thin is not None and self.thin_launch_ms is not None:
+            self.launch_ms = self.thin_launch_ms
+        if self.thin_reason is not None:
+            logger.info("%s: thin kernel calls off (the package's interface serves every call): %s", self.name,
+                        self.thin_reason)
 
     def _call(self, q, k, v, scale, causal, window):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -238,10 +253,11 @@ class FlashAttention3(_FlashBase):
     def _load(self) -> None:
         # The first use costs the import of the extension and nothing else: the version and the
         # build flags were read when the backend was declared (no second metadata scan here).
-        self._import_kernel("flash_attn_interface", "flash_attn_func")
+        module = self._import_kernel("flash_attn_interface", "flash_attn_func")
         flags = fa3_build_flags() if self.build is None else None
         if flags is not None:
             self.declare_build(flags)
+        self._set_thin(thin.build_fa3(module, self._version))
 
     def declare_build(self, flags: dict) -> None:
         """Declare what a build with ``flags`` supports (instance attributes over the class's)."""
@@ -282,6 +298,11 @@ class FlashAttention3(_FlashBase):
         return []
 
     def _call(self, q, k, v, scale, causal, window):
+        if self._thin is not None:
+            return thin.call(self, q, k, v, scale, causal, window, lambda: self._package_call(q, k, v, scale, causal, window))
+        return self._package_call(q, k, v, scale, causal, window)
+
+    def _package_call(self, q, k, v, scale, causal, window):
         w = (window, window) if window is not None else (-1, -1)
         return self._func(q, k, v, softmax_scale=scale, causal=causal, window_size=w)
 
@@ -306,6 +327,7 @@ class FlashAttention4(_FlashBase):
     module = "flash_attn.cute"
     efficiency = 0.75  # 668 TFLOP/s of 989 on an H200 at 32,760 tokens
     launch_ms = 0.08  # its Python interface: 0.11-0.12 ms per call on small problems (H100, H200)
+    thin_launch_ms = 0.03  # the thin call (thin.py): SDPA-like host cost, not measured yet (kept generous)
 
     def _metadata_version(self) -> Optional[str]:
         return package_version(self.package)
@@ -314,9 +336,13 @@ class FlashAttention4(_FlashBase):
         enable_fa4_compile_cache()  # before the import: every process and rank shares the compilations
         self._import_kernel("flash_attn.cute", "flash_attn_func")
         try:  # the backward that takes the saved output and log-sum-exp (flash-attn-4 4.0.0b36)
-            self._bwd = getattr(importlib.import_module("flash_attn.cute.interface"), "_flash_attn_bwd", None)
-        except Exception:  # an older or changed layout: training recomputes the forward
-            self._bwd = None
+            interface = importlib.import_module("flash_attn.cute.interface")
+        except Exception as exc:  # an older or changed layout: training recomputes the forward
+            interface = None
+            self._set_thin((None, f"no flash_attn.cute.interface ({type(exc).__name__})"))
+        self._bwd = getattr(interface, "_flash_attn_bwd", None)
+        if interface is not None:
+            self._set_thin(thin.build_fa4(interface, self._func, self._version))
 
     def supports_lse_backward(self) -> bool:
         return self.unavailable_reason() is None and getattr(self, "_bwd", None) is not None
@@ -348,5 +374,10 @@ class FlashAttention4(_FlashBase):
         return []
 
     def _call(self, q, k, v, scale, causal, window):
+        if self._thin is not None:
+            return thin.call(self, q, k, v, scale, causal, window, lambda: self._package_call(q, k, v, scale, causal, window))
+        return self._package_call(q, k, v, scale, causal, window)
+
+    def _package_call(self, q, k, v, scale, causal, window):
         w = (window, window) if window is not None else (None, None)
         return self._func(q, k, v, softmax_scale=scale, causal=causal, window_size=w)

@@ -26,6 +26,7 @@ loads of its candidates' packages and waits for them, bounded, before it takes t
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -99,9 +100,38 @@ def _notify(name: str, result: LoadState) -> None:
             logger.debug("a load listener for %s failed", name, exc_info=True)
 
 
+# While a package loads on a background thread (FlashAttention-4's import: 6.7-8 s of Python), a
+# caller's thread that gives the GIL up (a synchronize, any blocking call) waits up to the
+# interpreter's switch interval (5 ms) to get it back, every time: ten times a 0.5 ms call. The
+# interval is lowered while any background load runs, and put back after the last one (unless
+# someone changed it meanwhile).
+LOAD_SWITCH_INTERVAL_S = 0.0005
+_switch: dict = {"loads": 0, "saved": None, "set": None}
+
+
+def _switch_begin() -> None:
+    with _lock:
+        if _switch["loads"] == 0:
+            current = sys.getswitchinterval()
+            if current > LOAD_SWITCH_INTERVAL_S:
+                sys.setswitchinterval(LOAD_SWITCH_INTERVAL_S)
+                _switch.update(saved=current, set=sys.getswitchinterval())
+        _switch["loads"] += 1
+
+
+def _switch_end() -> None:
+    with _lock:
+        _switch["loads"] = max(0, _switch["loads"] - 1)
+        if _switch["loads"] == 0 and _switch["saved"] is not None:
+            if sys.getswitchinterval() == _switch["set"]:
+                sys.setswitchinterval(_switch["saved"])
+            _switch.update(saved=None, set=None)
+
+
 def _load(backend, keys=()) -> None:
     name = backend.name
     result = FAILED
+    _switch_begin()
     try:
         reason = backend.unavailable_reason()  # the import, under the backend's load lock
         result = READY if reason is None else FAILED
@@ -118,6 +148,7 @@ def _load(backend, keys=()) -> None:
         with _lock:
             _threads.pop(name, None)
             _started.pop(name, None)
+        _switch_end()
         _notify(name, result)
 
 
@@ -230,7 +261,10 @@ def _after_fork_in_child() -> None:
     backend's load lock (and the package's half-imported modules) held by a thread that does not
     exist there: the backend becomes unavailable in the child, with the reason, instead of
     waiting forever (:mod:`diffsynth_attention.process` has unlocked every lock by now). The
-    parent is untouched."""
+    parent is untouched. No load runs in the child: the GIL switch interval is put back."""
+    if _switch["saved"] is not None and sys.getswitchinterval() == _switch["set"]:
+        sys.setswitchinterval(_switch["saved"])
+    _switch.update(loads=0, saved=None, set=None)
     interrupted = [thread for thread in _threads.values()]
     _threads.clear()
     _started.clear()

@@ -67,7 +67,9 @@ def _launch(backend, p: dict, torch) -> None:
         shapes = [(b, s, n, d) for b, n, s, d in shapes]
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
-        q, k, v = (torch.randn(s, dtype=dtype, device=device) for s in shapes)
+        # zeros, not random numbers: drawing them would advance the caller's default generator (a
+        # seeded pipeline would then depend on when this thread ran); the values do not matter here
+        q, k, v = (torch.zeros(s, dtype=dtype, device=device) for s in shapes)
         if native is not None:
             native(q, k, v, None, bool(p["causal"]), p["window"])
         else:

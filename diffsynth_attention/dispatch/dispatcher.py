@@ -45,8 +45,8 @@ class Dispatcher(ModePlans):
     """One plan table over one :class:`DecisionCache`. ``Dispatcher(DecisionCache(path))`` is a
     dispatcher of its own (tests build one each); the public functions use a default instance."""
 
-    def __init__(self, store: Optional[DecisionCache] = None, policy: Optional[TuningPolicy] = None,
-                 token: Optional[int] = None):
+    def __init__(self, store: Optional[DecisionCache] = None, policy: Optional[TuningPolicy] = None, *,
+                 token: Optional[int] = None):  # token: tokens.DEFAULT for the default dispatcher only
         self.store = store if store is not None else DecisionCache()
         self.policy = policy  # the tuner's rules and listeners (tuning/policy.py); None: the defaults
         self.plans: dict = {}  # signature -> Plan; never rebound (the hot path holds its .get)

@@ -142,7 +142,8 @@ def save_result(result: dict, out_dir, tag, suffix: str, write_md: Callable) -> 
 def direct_call(name: str, q, k, v) -> Callable:
     """The cheapest hand-written call of backend ``name`` on ``b n s d`` tensors (no mask, not
     causal): PyTorch's SDPA for ``torch``, the ATen operator for the ``torch_*`` backends, the
-    package's own function (on ``b s n d`` views) for kernel packages."""
+    thin kernel call where FlashAttention-3/-4 have one (else the package's own function), on
+    ``b s n d`` views, for kernel packages."""
     from diffsynth_attention.backends import REGISTRY
     from diffsynth_attention.backends.torch_sdpa import _SDPA
 
@@ -166,6 +167,9 @@ def direct_call(name: str, q, k, v) -> Callable:
     qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
     if name == "sage_attention":
         return lambda: func(q, k.clone(), v, tensor_layout="HND")
+    thin = getattr(backend, "_thin", None)  # FlashAttention-3/-4: the compiled kernel directly (backends/thin.py)
+    if thin is not None and thin(qs, ks, vs, None, False, None) is not None:  # (FA4: this first call records it)
+        return lambda: thin(qs, ks, vs, None, False, None)
     return lambda: func(qs, ks, vs)
 
 

@@ -120,3 +120,17 @@ def test_no_launch_before_the_caller_starts_cuda(monkeypatch):
                        "head_dim_v": 64, "dtype": "bfloat16", "mask": "none", "causal": False, "window": None},
            "device": {"type": "cuda"}}
     assert warmup.warm(warm_fa3(), [key]) == 0 and launched == []
+
+
+def test_first_launches_leave_the_callers_random_numbers_alone():
+    """A seeded pipeline gets the same random numbers whether or not the loading thread ran."""
+    backend = warm_fa3()
+    backend._func = lambda q, k, v, **kw: q.clone()
+    key = {"problem": {"batch": 1, "heads_q": 2, "heads_kv": 2, "seq_q": 8, "seq_kv": 8, "head_dim": 16,
+                       "head_dim_v": 16, "dtype": "float32", "mask": "none", "causal": False, "window": None},
+           "device": {"type": "cpu"}}
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    assert warmup.warm(backend, [key]) == 1
+    assert torch.equal(torch.rand(4), expected)
