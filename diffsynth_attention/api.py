@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import os
+from typing import ContextManager, Dict, Optional, Union
 
 from .backends import available_backends
 from .dispatch import default_dispatcher
@@ -27,6 +28,17 @@ def stats() -> Dict[str, float]:
     return _dispatcher.stats()
 
 
+def record(path: Union[str, "os.PathLike[str]"]) -> ContextManager[set]:
+    """``with da.record("problems.json"):`` around a pipeline records the problems it calls (in any
+    thread) and writes them to the file when the scope ends, merged with a recording already there;
+    ``diffsynth-attention warm --shapes problems.json`` tunes them elsewhere. Entering the scope
+    drops this process's plans, so that problems planned before it are recorded too (planned again
+    from the decisions in memory). ``DIFFSYNTH_ATTENTION_RECORD=path`` records a whole process."""
+    from .recording import scope
+
+    return scope(path, _dispatcher.invalidate)
+
+
 def clear_cache(backend: Optional[str] = None, gpu: Optional[str] = None) -> int:
     """Remove decisions from the cache (all, or those choosing ``backend`` / tuned on ``gpu``).
     Returns how many were removed."""
@@ -34,4 +46,4 @@ def clear_cache(backend: Optional[str] = None, gpu: Optional[str] = None) -> int
 
 
 __all__ = ["attention_forward", "available_backends", "clear_cache", "current_implementation", "current_quality", "explain",
-           "quality", "stats", "use_backend"]
+           "quality", "record", "stats", "use_backend"]

@@ -31,6 +31,8 @@ TUNE_WAIT = "DIFFSYNTH_ATTENTION_TUNE_WAIT"
 LOAD_WAIT = "DIFFSYNTH_ATTENTION_LOAD_WAIT"
 
 DEFAULT_TOLERANCE = 0.005
+# What an unset DIFFSYNTH_ATTENTION_TOLERANCE means: the tuning policy's tolerance per dtype.
+TOLERANCE_DEFAULT_TEXT = "unset: a tolerance per dtype, see docs/tuning.md"
 DEFAULT_TUNING_BUDGET = 1.5
 DEFAULT_TUNE_WAIT = 300.0
 DEFAULT_LOAD_WAIT = 10.0  # above flash_attn.cute's import (6.7-8 s on an H100), under the 15 s a hung import may cost
@@ -66,12 +68,12 @@ def _flag(name: str, default: bool) -> bool:
                      f"{'on' if default else 'off'})")
 
 
-def _number(name: str, default: float, bounds: tuple) -> float:
+def _number(name: str, default: float, bounds: tuple, default_text: Optional[str] = None) -> float:
     raw = _raw(name)
     if raw is None:
         return default
     low, high, low_ok = bounds
-    allowed = f"a number {'>=' if low_ok else '>'} {low:g} and <= {high:g} (default {default:g})"
+    allowed = f"a number {'>=' if low_ok else '>'} {low:g} and <= {high:g} (default {default_text or f'{default:g}'})"
     try:
         value = float(raw)
     except ValueError:
@@ -90,7 +92,7 @@ def tuning_enabled() -> bool:
 
 
 def tolerance() -> float:
-    return _number(TOLERANCE, DEFAULT_TOLERANCE, TOLERANCE_RANGE)
+    return _number(TOLERANCE, DEFAULT_TOLERANCE, TOLERANCE_RANGE, TOLERANCE_DEFAULT_TEXT)
 
 
 def tuning_budget() -> float:
@@ -131,6 +133,28 @@ def cache_dir_override() -> Optional[str]:
     if raw not in _absolute:
         _absolute[raw] = str(Path.cwd() / path)
     return _absolute[raw]
+
+
+RECORD = "DIFFSYNTH_ATTENTION_RECORD"
+
+
+def record_path() -> Optional[str]:
+    """DIFFSYNTH_ATTENTION_RECORD as an absolute path, or None: the file this process records the
+    problems it plans to, at its exit (:mod:`diffsynth_attention.recording`)."""
+    raw = _raw(RECORD)
+    if raw is None:
+        return None
+    if "\x00" in raw:
+        raise ValueError(f"{RECORD}={raw!r} is not a path (it has a NUL byte)")
+    try:
+        path = Path(raw).expanduser()
+    except (RuntimeError, KeyError):
+        raise ValueError(f"{RECORD}={raw!r}: cannot expand its '~'; give an absolute path") from None
+    if not path.is_absolute():
+        if raw not in _absolute:
+            _absolute[raw] = str(Path.cwd() / path)
+        return _absolute[raw]
+    return str(path)
 
 
 def implementation() -> str:
@@ -225,6 +249,7 @@ READERS = {
     RETIME: retime,
     QUALITY: quality,
     SENTINEL_EVERY: sentinel_every,
+    RECORD: record_path,
     THIN_CALLS: thin_calls,
 }
 

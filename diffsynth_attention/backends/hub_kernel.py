@@ -24,7 +24,7 @@ import os
 from typing import Optional
 
 from ..backend_names import BackendName
-from .base import package_version, register
+from .base import module_present, package_version, register
 from .flash_attention import _FlashBase
 
 REPO_ID = "DIFFSYNTH_FLASH_ATTN_KERNEL_REPO_ID"
@@ -80,7 +80,9 @@ class HubFlashAttention(_FlashBase):
         self._follow_settings()
         if self._declared is None:
             reason = settings_reason(*self._settings)
-            if reason is not None:  # no kernel named: nothing to install or import
+            if reason is not None:  # no kernel named: nothing to import; the package named if it is missing too
+                if package_version("kernels") is None and not module_present("kernels"):
+                    reason = f"package kernels is not installed ({self._install_hint()}), and {reason}"
                 self._declared = (reason, None)
         return super()._declare()
 

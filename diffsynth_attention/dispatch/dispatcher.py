@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import config, overrides, process, tiers
+from .. import config, overrides, process, recording, tiers
 from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
 from ..callsite import in_graph, needs_grad
@@ -269,6 +269,7 @@ class Dispatcher(ModePlans):
         plain = call.bare()  # what plans keep: no tensors
         requested, source_name = overrides.requested(impl_raw, req.compatibility_mode)
         problem = call.problem
+        recording.note(problem)  # where a plan is built: once per call signature, never on the hit path
         dev = device_info(call.q.device)
         tier = tiers.current()  # the scope's or the variable's: part of the call's signature
         usable, unsupported = candidates(problem, dev)

@@ -236,12 +236,49 @@ class DiffSynthPatch:
         self.undo()
 
 
+# torch's companion packages, each built for one torch release (its wheel pins ``torch==X``).
+_TORCH_BUILDS = ("torchvision", "torchaudio")
+
+
+def _build_mismatch(exc: BaseException) -> Optional[str]:
+    """Why importing DiffSynth failed where the cause is a torchvision (or torchaudio) built for
+    another torch (e.g. ``operator torchvision::nms does not exist``), else None."""
+    import importlib.metadata
+    import re
+    import traceback
+
+    where = str(exc) + "".join(f.filename for f in traceback.extract_tb(exc.__traceback__))
+    for dist in _TORCH_BUILDS:
+        if dist not in where:
+            continue
+        try:
+            version = importlib.metadata.version(dist)
+            pins = [re.match(r"torch\s*==\s*([\w.+]+)", r) for r in importlib.metadata.requires(dist) or []]
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        built_for = next((m.group(1) for m in pins if m), None)
+        here = torch.__version__
+        if built_for is not None and built_for.split("+")[0] != here.split("+")[0]:
+            return (f"{dist} {version} was built for torch {built_for}, but torch {here} is installed: the builds do "
+                    f"not match; install the {dist} built for torch {here.split('+')[0]}, from the index torch came "
+                    f"from (e.g. pip install {dist} --index-url <that index>)")
+        if built_for is None and re.search(r"operator \w+::\w+ does not exist|undefined symbol", str(exc)):
+            return (f"{dist} {version} does not match torch {here} (its compiled operators failed to load: "
+                    f"{str(exc).strip().splitlines()[0]}): the builds do not match; install the {dist} built for "
+                    f"this torch, from the index torch came from")
+    return None
+
+
 def _import_failure(exc: BaseException) -> str:
     """What went wrong importing DiffSynth-Studio, in the user's terms: DiffSynth itself missing,
-    or one of its own dependencies (e.g. torchvision after a ``--no-deps`` install)."""
+    one of its own dependencies (e.g. torchvision after a ``--no-deps`` install), or a torchvision
+    built for another torch."""
     import importlib.util
 
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    mismatch = _build_mismatch(exc)
+    if mismatch is not None:
+        return f"DiffSynth-Studio is installed, but importing it failed: {mismatch}"
     missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
     if missing is not None and missing.split(".")[0] == "diffsynth" and importlib.util.find_spec("diffsynth") is None:
         return "patch_diffsynth needs DiffSynth-Studio, which is not installed (pip install diffsynth)"

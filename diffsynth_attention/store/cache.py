@@ -33,7 +33,7 @@ import weakref
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .. import process
+from .. import config, process
 from ..tolerance import for_key
 from . import codec, fs, journal, lock, migrate
 from .codec import (  # noqa: F401 - the store's public names, kept importable from here
@@ -63,6 +63,16 @@ def _after_fork_in_child() -> None:  # the parent's timer thread is not in the c
             with contextlib.suppress(OSError):
                 os.close(fd)
         cache._journals, cache._journaled = {}, {}
+
+
+def untrusted_fix(exc: "fs.Refused", directory: Path) -> str:
+    """What to do about an untrusted cache folder: ``chmod 700`` it where only its mode is wrong,
+    else (or as well) name another folder."""
+    other = f"or set {config.CACHE_DIR} to a folder of your own"
+    if not exc.mode_only:
+        return f"fix: set {config.CACHE_DIR} to a folder of your own, mode 700"
+    path = directory if exc.reason.startswith(str(directory)) else directory / FOLDER
+    return f"fix: chmod 700 {path}, {other}"
 
 
 class DecisionCache(WholeCache, Leases, Writes):
@@ -159,7 +169,7 @@ class DecisionCache(WholeCache, Leases, Writes):
                     raise fs.Refused(f"{directory} is a symbolic link", False) from None
                 raise
         except fs.Refused as exc:
-            self._memory_only("untrusted", f"not trusted: {exc.reason}")
+            self._memory_only("untrusted", f"not trusted: {exc.reason} ({untrusted_fix(exc, directory)})")
             vfd = None
         except OSError as exc:
             if create:  # a write: tried again later; a folder that cannot be opened for a read is a miss

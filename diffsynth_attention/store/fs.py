@@ -35,9 +35,10 @@ LOCK_FLAGS = os.O_RDWR | os.O_CREAT | _O("O_NOFOLLOW") | _O("O_NONBLOCK") | _O("
 class Refused(Exception):
     """A file that exists but was not read. ``corrupt``: set it aside; else leave it alone."""
 
-    def __init__(self, reason: str, corrupt: bool, st=None):
+    def __init__(self, reason: str, corrupt: bool, st=None, mode_only: bool = False):
         super().__init__(reason)
         self.reason, self.corrupt, self.st = reason, corrupt, st
+        self.mode_only = mode_only  # a folder that only its permission bits make untrusted (chmod 700 fixes it)
 
 
 def _uid():
@@ -182,11 +183,14 @@ def fsync_dir(dfd: int) -> None:
 
 
 def _verified_dir(fd: int, name) -> int:
-    """``fd`` if it is a folder safe to use (see :func:`unsafe`), else closed and Refused."""
-    why = unsafe(os.fstat(fd), want_dir=True)
+    """``fd`` if it is a folder safe to use (see :func:`unsafe`), else closed and Refused
+    (``mode_only`` where its permission bits alone are wrong)."""
+    st = os.fstat(fd)
+    why = unsafe(st, want_dir=True)
     if why:
         os.close(fd)
-        raise Refused(f"{name} {why}", False)
+        mode_only = why.startswith(("is writable by group", "lacks owner permissions"))
+        raise Refused(f"{name} {why}", False, st, mode_only)
     return fd
 
 

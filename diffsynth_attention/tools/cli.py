@@ -20,7 +20,7 @@ import sys
 from typing import Optional
 
 from .._version import __version__
-from ..states import CandidateStatus, PlanSource
+from ..states import CandidateStatus, MaskKind, PlanSource
 
 from .cli_common import EXPECTED, PROG, Failure, Usage, _console, _escape, _key_prefix, _table  # noqa: F401
 from .verify import cmd_cache_verify
@@ -29,6 +29,25 @@ from .cli_cache import (_store, cmd_cache_clear, cmd_cache_export, cmd_cache_imp
 
 
 # -- backends ---------------------------------------------------------------------------------
+def _in_force(name: str, value, source: str):
+    """What a variable means now where unset says less than the reader's value: the tolerance per
+    dtype, and the cache folder in use."""
+    from .. import config
+
+    if source != "default":
+        return value
+    if name == config.TOLERANCE:
+        from ..tolerance import DEFAULT_TOLERANCES, TF32_TOLERANCE
+
+        per = ", ".join(f"{dtype} {tol:g}" for dtype, tol in DEFAULT_TOLERANCES.items())
+        return f"per dtype: {per} (float32 {TF32_TOLERANCE:g} on CUDA with TF32 on)"
+    if name == config.CACHE_DIR:
+        from ..store.paths import cache_dir
+
+        return str(cache_dir())
+    return value
+
+
 def cmd_backends(args) -> int:
     from .. import config
     from ..backends import REGISTRY
@@ -43,7 +62,7 @@ def cmd_backends(args) -> int:
             row["build"] = summary()
             row["status"] += f" [build: {row['build']}]"
         rows.append(row)
-    settings = [{"variable": n, "value": v, "source": s} for n, v, s in config.describe()]
+    settings = [{"variable": n, "value": _in_force(n, v, s), "source": s} for n, v, s in config.describe()]
     if args.json:
         print(json.dumps({"backends": rows, "configuration": settings}, indent=1))
         return 0
@@ -205,10 +224,13 @@ def check_explain(args) -> dict:
         raise Usage(f"--heads {args.heads} must be a multiple of --heads-kv {heads_kv}")
     if args.causal and args.window is not None:
         raise Usage("--causal and --window cannot be combined")
+    if args.mask != "none" and args.window is not None:
+        raise Usage("--mask and --window cannot be combined")
     return parse_shapes([{
         "name": "explain", "batch": args.batch, "heads_q": args.heads, "heads_kv": heads_kv,
         "seq_q": args.seq_q, "seq_kv": args.seq_kv or args.seq_q, "head_dim": args.head_dim, "dtype": args.dtype,
         "causal": args.causal, **({"window": args.window} if args.window is not None else {}),
+        **({"mask": args.mask} if args.mask != "none" else {}), "requires_grad": args.grad,
     }], "command line")[0]
 
 
@@ -225,7 +247,7 @@ def cmd_explain(args) -> int:
     q, k, v, kwargs = make_inputs(shape, device, None, args.layout)
     previous = loading.defer()  # a cached decision is reported without importing its package
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(args.grad):  # --grad: the key of a call that needs gradients
             info = explain(q, k, v, **kwargs)
     finally:
         loading.defer(previous)
@@ -327,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", action="append",
                    help="'all' (the suite at full size; cut to CPU size on a CPU), 'cpu' (the suite cut to CPU size), "
                         "or a problem name of the suite; repeatable, comma-separated")
-    p.add_argument("--shapes", help="a JSON file of problems in the shape suite's format")
+    p.add_argument("--shapes", help="a JSON file of problems: the shape suite's format, a recording (da.record, "
+                                    "DIFFSYNTH_ATTENTION_RECORD) or a cache export document")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", help="override the problems' dtypes (float16, bfloat16, float32, float64, fp16, bf16, ...)")
     p.add_argument("--layout", default="b n s d", help="the layout pipelines call with, e.g. 'b s n d' (default 'b n s d')")
@@ -346,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="default bfloat16")
     p.add_argument("--causal", action="store_true", help="causal (top-left aligned, as PyTorch)")
     p.add_argument("--window", type=_non_negative, help="sliding window: query i attends to keys with |i - j| <= W")
+    p.add_argument("--mask", default="none", choices=[m.value for m in MaskKind],
+                   help="the mask kind of the call: bool (True attends), additive (in the dtype), additive_float32 "
+                        "(a float32 bias with a 16-bit q); shape (batch, 1, seq-q, seq-kv) (default none)")
+    p.add_argument("--grad", action="store_true", help="the call needs gradients (its backward is tuned with it)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--layout", default="b n s d", help="the layout of q, k, v and the output (default 'b n s d')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -5,7 +5,11 @@ before any work starts.
 A problem is a dict with the fields of ``data/diffsynth_shapes.json`` (a copy of the shape
 suite of attention problems that DiffSynth-Studio pipelines issue): ``name``, ``batch``,
 ``heads_q``, ``heads_kv``, ``seq_q``, ``seq_kv``, ``head_dim``, and optionally ``causal``
-(default false), ``dtype`` (default bfloat16), ``window`` and ``model``.
+(default false), ``dtype`` (default bfloat16), ``window`` and ``model``; and, as a recording
+(:mod:`diffsynth_attention.recording`) writes them, ``head_dim_v``, ``mask`` (a mask kind),
+``mask_shape``, ``requires_grad``, ``layout`` (the key's layout text, or one pattern for q, k, v
+and the output: it wins over ``--layout``) and ``memory``. A shape file may also be an export
+document (``cache export``): its decisions' problems.
 
 Presets: ``all`` is the whole suite at its real size; ``cpu`` is the suite cut down to CPU
 size (:func:`scale_for_cpu`), without repeats; any other preset is one problem of the suite
@@ -91,8 +95,78 @@ def parse_shapes(doc, source: str) -> list:
         if not isinstance(dtype, str):
             raise ShapeFileError(f"{where}: dtype {dtype!r} is not one of {', '.join(sorted(DTYPE_NAMES))}")
         dtype_name(dtype, f"{where}: dtype")
+        _check_recorded_fields(s, where)
         out.append({**s, "dtype": dtype, "causal": causal})
     return out
+
+
+def _check_recorded_fields(s: dict, where: str) -> None:
+    """The optional fields a recording or an export adds: a mask kind and its shape, gradients,
+    a layout, a value head dim."""
+    from ..states import MaskKind
+
+    kinds = [m.value for m in MaskKind]
+    mask = s.get("mask", MaskKind.NONE)
+    if mask not in kinds:
+        raise ShapeFileError(f"{where}: mask={mask!r} is not one of {', '.join(kinds)}")
+    if mask != MaskKind.NONE and s.get("window") is not None:
+        raise ShapeFileError(f"{where}: a mask and a window cannot be combined")
+    shape = s.get("mask_shape")
+    if shape is not None:
+        target = (s["batch"], s["heads_q"], s["seq_q"], s["seq_kv"])
+        if mask == MaskKind.NONE or not isinstance(shape, list) or len(shape) != 4 or any(
+                isinstance(n, bool) or not isinstance(n, int) or n not in (1, t) for n, t in zip(shape, target)):
+            raise ShapeFileError(f"{where}: mask_shape={shape!r} must be 4 whole numbers, each 1 or the problem's "
+                                 f"(batch, heads_q, seq_q, seq_kv) = {list(target)}, with a mask")
+    if not isinstance(s.get("requires_grad", False), bool):
+        raise ShapeFileError(f"{where}: requires_grad={s['requires_grad']!r} must be true or false")
+    head_dim_v = s.get("head_dim_v", s["head_dim"])
+    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, int) or head_dim_v <= 0:
+        raise ShapeFileError(f"{where}: head_dim_v={head_dim_v!r} must be a positive whole number")
+    if "layout" in s:
+        layout_patterns(s["layout"], f"{where}: layout")
+
+
+def layout_patterns(text, what: str = "layout") -> tuple:
+    """(q, k, v, out patterns, dims) of a layout: one pattern for all four, or the key's text
+    ``"q, k, v -> out"`` with packed lengths after it (``"... -> b s (n d) d=64"``)."""
+    if not isinstance(text, str):
+        raise ShapeFileError(f"{what} {text!r} is not a layout")
+    if "->" not in text:
+        return (check_layout(text, what),) * 4 + ({},)
+    inputs, _, rest = text.partition("->")
+    dims = {}
+    out = rest.strip()
+    if "=" in out:
+        out, _, spec = out.rpartition(" ")
+        for item in spec.split(","):
+            axis, _, n = item.partition("=")
+            if axis not in AXES or not n.isdigit():
+                raise ShapeFileError(f"{what} {text!r}: {item!r} is not a packed length such as d=64")
+            dims[axis] = int(n)
+    patterns = [p.strip() for p in inputs.split(",")]
+    if len(patterns) != 3:
+        raise ShapeFileError(f"{what} {text!r}: expected 'q, k, v -> out'")
+    return tuple(check_layout(p, what) for p in (*patterns, out.strip())) + (dims,)
+
+
+def shapes_from_export(doc: dict, source: str) -> list:
+    """The problems of an export document's decisions (``cache export``), one per distinct problem."""
+    from ..recording import shape_from_fields
+
+    entries = doc.get("entries")
+    if not isinstance(entries, dict) or not entries:
+        raise ShapeFileError(f"{source}: an export document with no entries")
+    shapes = []
+    for kid, entry in sorted(entries.items()):
+        problem = entry.get("key", {}).get("problem") if isinstance(entry, dict) else None
+        if not isinstance(problem, dict):
+            raise ShapeFileError(f"{source}: entry {str(kid)[:24]!r} has no key.problem")
+        try:
+            shapes.append(shape_from_fields(problem, f"{str(kid)[:8]}"))
+        except (KeyError, TypeError):
+            raise ShapeFileError(f"{source}: entry {str(kid)[:24]!r}: its key.problem is not a problem") from None
+    return shapes
 
 
 def load_shapes_file(path) -> list:
@@ -104,6 +178,8 @@ def load_shapes_file(path) -> list:
         doc = json.loads(text)
     except ValueError as exc:
         raise ShapeFileError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(doc, dict) and "entries" in doc and "schema_version" in doc:  # a cache export
+        return parse_shapes(shapes_from_export(doc, str(path)), str(path))
     return parse_shapes(doc, str(path))
 
 
@@ -131,19 +207,25 @@ def scale_for_cpu(shape: dict) -> dict:
             seq_kv = max(1, seq_q // 4)
         else:
             seq_q = max(1, seq_kv // 4)
-    return {**shape, "name": shape["name"] + "@cpu", "batch": 1, "heads_q": heads_q, "heads_kv": heads_kv,
-            "seq_q": seq_q, "seq_kv": seq_kv}
+    out = {**shape, "name": shape["name"] + "@cpu", "batch": 1, "heads_q": heads_q, "heads_kv": heads_kv,
+           "seq_q": seq_q, "seq_kv": seq_kv}
+    if shape.get("mask_shape") is not None:  # the dims that were the problem's follow it
+        out["mask_shape"] = [1 if n == 1 else new for n, new in zip(shape["mask_shape"], (1, heads_q, seq_q, seq_kv))]
+    return out
 
 
 def identity(shape: dict, dtype=None) -> tuple:
     """What makes two problems the same problem (everything but the name and description)."""
+    mask_shape = shape.get("mask_shape")
     return (shape["batch"], shape["heads_q"], shape["heads_kv"], shape["seq_q"], shape["seq_kv"], shape["head_dim"],
-            bool(shape.get("causal", False)), shape.get("window"), dtype or DTYPE_NAMES[shape["dtype"]])
+            bool(shape.get("causal", False)), shape.get("window"), dtype or DTYPE_NAMES[shape["dtype"]],
+            shape.get("head_dim_v"), shape.get("mask", "none"), None if mask_shape is None else tuple(mask_shape),
+            bool(shape.get("requires_grad", False)), shape.get("layout"), shape.get("memory"))
 
 
 def distinct(shapes: list, dtype=None) -> list:
     """``shapes`` without repeats of one problem; a kept problem lists the names it stands for
-    under ``also`` (e.g. five suite problems that are one problem at CPU size)."""
+    under ``also`` (e.g. four suite problems that are one problem at CPU size)."""
     out, seen = [], {}
     for s in shapes:
         ident = identity(s, dtype)

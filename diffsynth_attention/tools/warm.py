@@ -33,8 +33,8 @@ def _problem(shape: dict, device: torch.device, dtype, layout: str):
 
     q, k, v, kw = make_inputs(shape, "meta", dtype, layout)
     pats = [kw.get(f"{x}_pattern", "b n s d") for x in ("q", "k", "v", "out")]
-    call = prepare(q, k, v, *pats, kw.get("dims"), None, None, kw["is_causal"], kw.get("window_size"), False,
-                   allow_meta=True)
+    call = prepare(q, k, v, *pats, kw.get("dims"), kw.get("attn_mask"), None, kw["is_causal"], kw.get("window_size"),
+                   bool(shape.get("requires_grad")), allow_meta=True)
     return dataclasses.replace(call.problem, device_type=device.type), device_info(device)
 
 
@@ -92,7 +92,7 @@ def warm(shapes: list, device: torch.device, dtype=None, layout: str = "b n s d"
                 if g is None:
                     g = torch.Generator(device=device).manual_seed(0)
                 q, k, v, kwargs = make_inputs(shape, device, dtype, layout, g)
-                with torch.no_grad():
+                with torch.set_grad_enabled(bool(shape.get("requires_grad"))):  # a recorded backward is tuned with it
                     info = explain(q, k, v, **kwargs)
                 del q, k, v
             results.append((shape, info))

@@ -85,6 +85,21 @@ def test_unset_variables_make_it_unavailable_without_importing_kernels(monkeypat
     assert VERSION in da.available_backends()["customized_fa_kernel"]
 
 
+def test_without_kernels_installed_the_reason_names_the_package_and_its_extra(monkeypatch):
+    from diffsynth_attention.backends import hub_kernel
+    from diffsynth_attention.tools.explain_table import split_hint
+
+    monkeypatch.setattr(hub_kernel, "package_version", lambda name: None)
+    monkeypatch.setattr(hub_kernel, "module_present", lambda name: False)
+    monkeypatch.delenv(REPO_ID, raising=False)
+    backend = REGISTRY["customized_fa_kernel"]
+    backend._settings = None  # forget what was declared
+    reason = backend.unavailable_reason()
+    assert "package kernels is not installed" in reason and REPO_ID in reason  # both things to do
+    assert split_hint(reason)[1] == "pip install 'diffsynth-attention[hf-kernels]'"  # listed under "to install"
+    backend._settings = None
+
+
 def test_local_kernel_serves_forced_and_is_tuned_like_the_others(tmp_path, monkeypatch):
     backend = _local_kernel(tmp_path, monkeypatch)
     assert da.available_backends()["customized_fa_kernel"] is None

@@ -121,3 +121,40 @@ def test_patch_diffsynth_routes_the_wan_dit_helper_everywhere(monkeypatch):
     finally:
         handle.undo()
     assert wan.flash_attention is flash_attention and user.flash_attention is flash_attention
+
+
+def _fail_diffsynth_import(monkeypatch, error, requires, version="0.15.2"):
+    """DiffSynth's import fails with ``error`` raised from torchvision; torchvision's metadata
+    pins ``requires``."""
+    import importlib
+    import importlib.metadata
+
+    real_import, real_version, real_requires = importlib.import_module, importlib.metadata.version, importlib.metadata.requires
+
+    def import_module(name, *a, **kw):
+        if name.startswith("diffsynth"):
+            raise error
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: version if d == "torchvision" else real_version(d))
+    monkeypatch.setattr(importlib.metadata, "requires", lambda d: requires if d == "torchvision" else real_requires(d))
+
+
+@pytest.mark.parametrize("requires, says", [
+    (["torch==2.0.1", "numpy"], "torchvision 0.15.2 was built for torch 2.0.1, but torch"),
+    (["torch", "numpy"], "torchvision 0.15.2 does not match torch"),
+])
+def test_patch_diffsynth_with_a_torchvision_of_another_torch_says_the_builds_do_not_match(monkeypatch, requires, says):
+    _fail_diffsynth_import(monkeypatch, RuntimeError("operator torchvision::nms does not exist"), requires)
+    with pytest.raises(ImportError) as info:
+        da.patch_diffsynth()
+    assert says in str(info.value) and "the builds do not match" in str(info.value)
+
+
+def test_a_torchvision_of_this_torch_is_not_called_a_mismatch(monkeypatch):
+    _fail_diffsynth_import(monkeypatch, RuntimeError("torchvision: something else broke"),
+                           [f"torch=={torch.__version__.split('+')[0]}"])
+    with pytest.raises(ImportError) as info:
+        da.patch_diffsynth()
+    assert "do not match" not in str(info.value) and "something else broke" in str(info.value)

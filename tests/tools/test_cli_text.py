@@ -68,3 +68,33 @@ def test_warm_last_line_counts_what_was_asked_tuned_and_cached(monkeypatch, caps
     assert cli.main(argv[:2] + ["seed_example"] + argv[3:]) == 0
     last = capsys.readouterr().out.rstrip("\n").splitlines()[-1]
     assert last == "1 problem asked, 1 distinct: 0 tuned now, 1 already cached; 1 decision stored"
+
+
+def test_backends_shows_what_unset_means_the_tolerance_per_dtype_and_the_cache_folder_in_use(monkeypatch, capsys):
+    import json
+
+    import platformdirs
+
+    from diffsynth_attention.tools import cli
+
+    monkeypatch.delenv("DIFFSYNTH_ATTENTION_TOLERANCE", raising=False)
+    monkeypatch.delenv("DIFFSYNTH_ATTENTION_CACHE_DIR", raising=False)
+    assert cli.main(["backends", "--json"]) == 0
+    settings = {x["variable"]: x for x in json.loads(capsys.readouterr().out)["configuration"]}
+    tolerance = settings["DIFFSYNTH_ATTENTION_TOLERANCE"]["value"]
+    assert tolerance.startswith("per dtype: bfloat16 0.005, float16 0.002, float32 0.0001"), tolerance
+    assert settings["DIFFSYNTH_ATTENTION_CACHE_DIR"]["value"] == platformdirs.user_cache_dir("diffsynth_attention")
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_TOLERANCE", "0.01")
+    assert cli.main(["backends", "--json"]) == 0
+    settings = {x["variable"]: x for x in json.loads(capsys.readouterr().out)["configuration"]}
+    assert settings["DIFFSYNTH_ATTENTION_TOLERANCE"] == {"variable": "DIFFSYNTH_ATTENTION_TOLERANCE", "value": 0.01,
+                                                         "source": "set"}
+
+
+def test_a_bad_tolerance_says_the_default_is_per_dtype(monkeypatch):
+    from diffsynth_attention import config
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_TOLERANCE", "abc")
+    with pytest.raises(ValueError) as info:
+        config.tolerance()
+    assert "tolerance per dtype" in str(info.value) and "0.005" not in str(info.value)
