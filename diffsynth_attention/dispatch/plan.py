@@ -43,7 +43,7 @@ class Explanation:
 
     def __str__(self) -> str:
         """The table ``diffsynth-attention explain`` prints (80 columns): ``print(da.explain(...))``."""
-        from ..tools.explain_table import explanation_text
+        from ..explain_text import explanation_text
 
         return explanation_text(self)
 

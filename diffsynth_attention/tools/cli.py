@@ -66,7 +66,7 @@ def cmd_backends(args) -> int:
     if args.json:
         print(json.dumps({"backends": rows, "configuration": settings}, indent=1))
         return 0
-    from .explain_table import split_hint, wrap_keeping_hints
+    from ..explain_text import split_hint, wrap_keeping_hints
 
     table = _table(f"{PROG} {__version__}: backends on this machine", ("backend", "package", "version", "status"))
     hints = []
@@ -259,7 +259,7 @@ def cmd_explain(args) -> int:
             chosen["reason"] = chosen_reason
         print(json.dumps(doc, indent=1))
         return 0
-    from .explain_table import render_explanation
+    from ..explain_text import render_explanation
 
     render_explanation(info, _console(), chosen_reason)
     return 0

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
-
-from ..states import CandidateStatus
+from ..describe import _TIMED_LOSERS, entry_tie_note, short_device, tie_note  # noqa: F401 - text of decisions, shared with explain's
 from .cli_common import Failure, Usage, _console, _escape, _table
 
 
@@ -22,32 +20,6 @@ def cmd_cache_path(args) -> int:
     print(f"directory: {store.directory}")
     print(f"entries: {store.path}")
     return 0
-
-
-def tie_note(d) -> Optional[str]:
-    """The chosen candidate's reason: the tuner's, else (for decisions saved before the tuner
-    recorded it) the tie rule, when the chosen one is not the fastest of those timed."""
-    return entry_tie_note(d.backend, {n: c.to_dict() for n, c in d.candidates.items()})
-
-
-_TIMED_LOSERS = (CandidateStatus.ACCEPTED, CandidateStatus.SLOWER)
-
-
-def entry_tie_note(backend: str, candidates: dict) -> Optional[str]:
-    """:func:`tie_note` of an entry's ``backend`` and ``candidates`` (JSON objects)."""
-    chosen = candidates.get(backend)
-    if chosen is None:
-        return None
-    if chosen.get("reason"):
-        return chosen["reason"]
-    mine = chosen.get("time_ms")
-    faster = [(c.get("time_ms"), n) for n, c in candidates.items()
-              if n != backend and c.get("status") in _TIMED_LOSERS and c.get("time_ms") is not None
-              and mine is not None and c.get("time_ms") < mine]
-    if not faster:
-        return None
-    time_ms, name = min(faster)
-    return (f"tie: within 2% of {name} ({time_ms:.4g} ms); a tie goes to the backend earlier in the preference order")
 
 
 def decision_row(key_id: str, d) -> dict:
@@ -79,17 +51,6 @@ def entry_row(key_id: str, entry: dict) -> dict:
         "reason": entry_tie_note(backend, candidates),
         "created": entry["created"],
     }
-
-
-def short_device(name: str) -> str:
-    """A device name without vendor marks and clock text, for narrow tables."""
-    import re
-
-    text = re.sub(r"\((R|TM|tm|r)\)", "", name)
-    text = re.sub(r"\s+(CPU\s+)?@\s*[\d.]+\s*GHz", "", text)
-    text = re.sub(r"\b(NVIDIA|Intel|AMD|Processor|CPU)\s+", "", text)
-    text = re.sub(r"\s+(\d+-Core|Processor)\b", "", text)
-    return re.sub(r"\s+", " ", text).strip()
 
 
 def decisions_table(rows: list, title: str):

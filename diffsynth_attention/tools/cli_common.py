@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Optional
+
+from ..describe import rich_escape, rich_table
 
 EXPECTED = (ValueError, TypeError, OSError, RuntimeError, TimeoutError, KeyError)
 PROG = "diffsynth-attention"
@@ -25,19 +26,8 @@ def _console(stream=None):
     return Console(file=stream or sys.stdout, soft_wrap=False, highlight=False)
 
 
-def _table(title: Optional[str] = None, columns=()):
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left", expand=False)
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    return table
-
-
-def _escape(text) -> str:
-    from rich.markup import escape
-
-    return escape(str(text))
+_table = rich_table  # one definition each, in describe.py (explain's text uses them too)
+_escape = rich_escape
 
 
 def _key_prefix(text: str) -> str:

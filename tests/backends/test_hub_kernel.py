@@ -87,7 +87,7 @@ def test_unset_variables_make_it_unavailable_without_importing_kernels(monkeypat
 
 def test_without_kernels_installed_the_reason_names_the_package_and_its_extra(monkeypatch):
     from diffsynth_attention.backends import hub_kernel
-    from diffsynth_attention.tools.explain_table import split_hint
+    from diffsynth_attention.explain_text import split_hint
 
     monkeypatch.setattr(hub_kernel, "package_version", lambda name: None)
     monkeypatch.setattr(hub_kernel, "module_present", lambda name: False)

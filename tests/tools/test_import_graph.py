@@ -301,3 +301,37 @@ def test_tests_share_helpers_only_through_support(tree_modules):
     bad = [f"{name} imports {t}" for name, mod in tree_modules.items() if mod.folder == "tests"
            for t in edges[name] if t.rsplit(".", 1)[-1].startswith("test_")]
     assert not bad, "\n".join(bad)
+
+
+# The package's layers, bottom up: a module of one may import its own layer, the layers below it and
+# the package's top-level modules, never a layer above (issue 33: store/key.py -> backends and
+# dispatch/plan.py -> tools were the last arrows running back up).
+LAYERS = ("store", "backends", "tuning", "dispatch", "integrations", "tools")
+
+
+def upward_arrows(tree_modules: dict) -> list:
+    edges = graph(tree_modules, top_level_only=False)
+
+    def layer(name: str):
+        parts = name.split(".")
+        return LAYERS.index(parts[1]) if parts[0] == PACKAGE and len(parts) > 1 and parts[1] in LAYERS else None
+
+    return [f"{a} ({LAYERS[layer(a)]}) imports {t} ({LAYERS[layer(t)]}), a layer above it"
+            for a, targets in sorted(edges.items()) if layer(a) is not None
+            for t in targets if layer(t) is not None and layer(t) > layer(a)]
+
+
+def test_no_arrow_runs_back_up_the_layers(tree_modules):
+    bad = upward_arrows(tree_modules)
+    assert not bad, "\n".join(bad)
+
+
+def test_an_upward_arrow_is_found(tmp_path):
+    for rel, text in {f"{PACKAGE}/__init__.py": "", f"{PACKAGE}/store/__init__.py": "",
+                      f"{PACKAGE}/store/key.py": f"from {PACKAGE}.backends import base\n",
+                      f"{PACKAGE}/backends/__init__.py": "", f"{PACKAGE}/backends/base.py": "",
+                      "scripts/.keep": "", "tests/.keep": ""}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    found = upward_arrows(modules(tmp_path))
+    assert found and "store.key (store) imports" in found[0] and "backends" in found[0]

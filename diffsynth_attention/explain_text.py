@@ -12,7 +12,7 @@ import re
 import textwrap
 from typing import Optional
 
-from ..states import CandidateStatus, PlanSource
+from .states import CandidateStatus, PlanSource
 
 WIDTH = 80
 _HINT = re.compile(r"pip install (?:--[\w-]+ )*'[^']*'")
@@ -38,8 +38,7 @@ def wrap_keeping_hints(text: str, width: int = WIDTH, indent: str = "  ", hangin
 
 def render_explanation(info, console, chosen_reason: Optional[str] = None) -> None:
     """Print ``info`` on a rich ``console``."""
-    from .cli_cache import short_device, tie_note
-    from .cli_common import _escape, _table
+    from .describe import rich_escape as _escape, rich_table as _table, short_device, tie_note
 
     if chosen_reason is None and info.decision is not None:
         chosen_reason = tie_note(info.decision)
