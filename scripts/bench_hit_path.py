@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,31 +25,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 
 import diffsynth_attention as da  # noqa: E402
+from harness.bench import host_us  # noqa: E402
 from harness.hit_path import hit_path_parts  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def host_us(fns: dict, device, calls: int, blocks: int, warmup: int = 300) -> dict:
-    per = max(1, calls // blocks)
-    out = {n: [] for n in fns}
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    names = list(fns)
-    for i in range(blocks):
-        for name in names if i % 2 == 0 else names[::-1]:
-            fn = fns[name]
-            t0 = time.perf_counter()
-            for _ in range(per):
-                fn()
-            out[name].append((time.perf_counter() - t0) / per * 1e6)
-            sync(device)
-    return {n: statistics.median(v) for n, v in out.items()}
 
 
 def direct(name, q, k, v):

@@ -49,6 +49,18 @@ def _sleep_cycles_per_ms() -> float:
     return _cycles_per_ms[dev]
 
 
+def _burst(fn: Callable, calls: int) -> tuple:
+    """``calls`` back-to-back calls between two CUDA events: (start, end, host seconds to issue them)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_s = time.perf_counter() - t0
+    end.record()
+    return start, end, host_s
+
+
 class Timer:
     """Samples on ``device``; on a CPU the time is read from ``clock`` (seconds; injected by the
     tuner's policy, so tests can run on a virtual clock)."""
@@ -68,11 +80,7 @@ class Timer:
         elif self.cuda:
             torch.cuda.synchronize()
         if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
+            start, end, _ = _burst(fn, calls)
             end.synchronize()
             return start.elapsed_time(end) / calls
         t0 = self.clock()
@@ -89,22 +97,11 @@ class Timer:
             fn()
         else:
             torch.cuda.synchronize()
-        perf = time.perf_counter
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        t0 = perf()
-        for _ in range(calls):
-            fn()
-        host_s = perf() - t0
-        end.record()
+        start, end, host_s = _burst(fn, calls)
         # the second burst: the GPU held long enough that the host issues every call before it runs
         hold_ms = host_s * 1e3 * 1.5 + 0.05
         torch.cuda._sleep(int(hold_ms * _sleep_cycles_per_ms()))
-        d_start, d_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        d_start.record()
-        for _ in range(calls):
-            fn()
-        d_end.record()
+        d_start, d_end, _ = _burst(fn, calls)
         d_end.synchronize()
         return Sample(start.elapsed_time(end) / calls, host_s * 1e3 / calls, d_start.elapsed_time(d_end) / calls)
 
