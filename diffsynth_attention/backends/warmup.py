@@ -12,7 +12,8 @@ CUDA is never initialised here (that would break a caller that forks later): the
 on the loading thread, until the caller has started CUDA (at most ``CUDA_WAIT_S``), and are
 skipped if it does not. A launch that fails is logged and skipped: the call that needs the kernel
 finds the failure as before. A backend warms the devices of ``warm_devices`` (CUDA; the tests'
-fake kernels add the CPU).
+fake kernels add the CPU), on the CUDA devices the process already uses (each with a primary
+context), never on the loading thread's own current device, which is GPU 0 in every rank.
 """
 
 from __future__ import annotations
@@ -57,8 +58,34 @@ def _cuda_started(torch) -> bool:
     return True
 
 
-def _launch(backend, p: dict, torch) -> None:
-    device = torch.device("cuda", torch.cuda.current_device()) if p["device"] == "cuda" else torch.device(p["device"])
+def cuda_devices(torch) -> list:
+    """The CUDA devices this process already uses: those with a primary context. Not the loading
+    thread's current device, which is device 0 whatever the caller chose (the current device is
+    per thread): warming it would create a context on GPU 0 in every rank of a node. Empty until
+    the caller has made one; where torch cannot tell, the current device."""
+    has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+    if has_context is None:
+        return [torch.cuda.current_device()]
+    return [i for i in range(torch.cuda.device_count()) if has_context(i)]
+
+
+def _used_devices(torch) -> list:
+    deadline = time.monotonic() + CUDA_WAIT_S
+    while True:
+        found = cuda_devices(torch)
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(_POLL_S)
+
+
+def _launch(backend, p: dict, torch, index=None) -> None:
+    if p["device"] == "cuda":
+        with torch.cuda.device(index):
+            return _launch_on(backend, p, torch, torch.device("cuda", index))
+    return _launch_on(backend, p, torch, torch.device(p["device"]))
+
+
+def _launch_on(backend, p: dict, torch, device) -> None:
     dtype = getattr(torch, p["dtype"])
     native = getattr(backend, "forward_native", None)  # FlashAttention: its own b s n d layout, contiguous
     shapes = [(p["batch"], p["heads_q"], p["seq_q"], p["head_dim"]), (p["batch"], p["heads_kv"], p["seq_kv"], p["head_dim"]),
@@ -87,13 +114,15 @@ def warm(backend, keys: Iterable) -> int:
         return 0
     import torch
 
-    if any(p["device"] == "cuda" for p in todo) and not _cuda_started(torch):
-        todo = [p for p in todo if p["device"] != "cuda"]
+    indices = []
+    if any(p["device"] == "cuda" for p in todo):
+        indices = _used_devices(torch) if _cuda_started(torch) else []
+    runs = [(p, i) for p in todo for i in (indices if p["device"] == "cuda" else [None])]
     done = 0
-    for p in todo:
+    for p, index in runs:
         t0 = time.perf_counter()
         try:
-            _launch(backend, p, torch)
+            _launch(backend, p, torch, index)
         except Exception as exc:  # the call that needs it finds the failure as before
             logger.debug("the first launch of %s for %s failed on the loading thread: %s", backend.name, p, exc)
             continue

@@ -134,3 +134,20 @@ def test_first_launches_leave_the_callers_random_numbers_alone():
     torch.manual_seed(5)
     assert warmup.warm(backend, [key]) == 1
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_first_launches_go_to_the_devices_the_process_uses_not_gpu_0():
+    """The loading thread's current device is device 0 in every rank of a node (the current device
+    is per thread): the launches go to the devices with a primary context instead."""
+    from types import SimpleNamespace
+
+    from diffsynth_attention.backends.warmup import cuda_devices
+
+    contexts = {3}
+    fake = SimpleNamespace(_C=SimpleNamespace(_cuda_hasPrimaryContext=lambda i: i in contexts),
+                           cuda=SimpleNamespace(device_count=lambda: 8, current_device=lambda: 0))
+    assert cuda_devices(fake) == [3]
+    contexts.clear()
+    assert cuda_devices(fake) == []  # none yet: nothing is warmed (no context made on GPU 0)
+    no_api = SimpleNamespace(_C=SimpleNamespace(), cuda=SimpleNamespace(device_count=lambda: 8, current_device=lambda: 5))
+    assert cuda_devices(no_api) == [5]
