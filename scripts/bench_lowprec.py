@@ -65,16 +65,23 @@ def _slice_error(out_bsnd, q, k, v) -> dict:
     return {"rel_l1": e["rel_l1"], "cosine": e["cosine"]}
 
 
+BSND = dict(q_pattern="b s n d", k_pattern="b s n d", v_pattern="b s n d", out_pattern="b s n d")
+
+
+def _problems(args) -> list:
+    """The VIDEO problems ``--only`` keeps (all without it)."""
+    keep = set(args.only.split(",")) if args.only else None
+    return [row for row in VIDEO if keep is None or row[0] in keep]
+
+
 def _bsnd(case):
     return tuple(t.transpose(1, 2).contiguous() for t in (case.q, case.k, case.v))
 
 
 def speed(args, device) -> list:
     rows = []
-    kw = dict(q_pattern="b s n d", k_pattern="b s n d", v_pattern="b s n d", out_pattern="b s n d")
-    for name, model, b, n, s, d in VIDEO:
-        if args.only and name not in args.only.split(","):
-            continue
+    kw = BSND
+    for name, model, b, n, s, d in _problems(args):
         row = {"name": name, "model": model, "shape": [b, n, s, d]}
         case = bench.fuzz_case("randn", batch=b, heads=n, seq=s, head_dim=d, device=device)
         q, k, v = _bsnd(case)
@@ -119,10 +126,8 @@ def decisions(args, device) -> list:
     import diffsynth_attention as da
 
     rows = []
-    kw = dict(q_pattern="b s n d", k_pattern="b s n d", v_pattern="b s n d", out_pattern="b s n d")
-    for name, model, b, n, s, d in VIDEO:
-        if args.only and name not in args.only.split(","):
-            continue
+    kw = BSND
+    for name, model, b, n, s, d in _problems(args):
         c = bench.fuzz_case("rotary", batch=b, heads=n, seq=s, head_dim=d, device=device, rotary=True)
         q, k, v = _bsnd(c)
         del c
