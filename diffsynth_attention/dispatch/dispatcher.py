@@ -35,7 +35,7 @@ from . import faults, lowprec, tokens
 from .counters import Counters
 from .hot import make_forward
 from .modes import ModePlans
-from .plan import BackendNotSupportedError, Explanation, Plan, explanation  # noqa: F401 (re-exported)
+from .plan import BackendNotSupportedError, Explanation, Plan, PlanTable, explanation  # noqa: F401 (re-exported)
 from .runners import make_runner
 
 logger = logging.getLogger("diffsynth_attention")
@@ -49,10 +49,10 @@ class Dispatcher(ModePlans):
                  token: Optional[int] = None):  # token: tokens.DEFAULT for the default dispatcher only
         self.store = store if store is not None else DecisionCache()
         self.policy = policy  # the tuner's rules and listeners (tuning/policy.py); None: the defaults
-        self.plans: dict = {}  # signature -> Plan; never rebound (the hot path holds its .get)
+        self._lock = process.new_rlock()
+        self.plans: dict = PlanTable(self._lock)  # signature -> Plan; never rebound (the hot path holds its .get)
         self._provisional: dict = {}  # signature -> Plan used while tuning is impossible
         self._sigs_by_key: dict = {}  # key id -> {signature}
-        self._lock = process.new_rlock()
         self.counters = Counters()  # safe across threads (dispatch/counters.py)
         self.warned: set = set()
         self.dropped: dict = {}  # key id -> {backend: reason}: run-time failures in this process

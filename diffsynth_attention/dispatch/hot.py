@@ -9,6 +9,7 @@ import torch
 from .. import overrides, tiers
 from ..callsite import is_compiling as _is_compiling
 from ..request import FLOAT32, FLOAT_MAX, Request, cublas_tf32
+from .guards import tensor_guard
 
 _grad_enabled = torch.is_grad_enabled
 _compiler = getattr(torch, "compiler", None)
@@ -23,8 +24,18 @@ def make_forward(d) -> Callable:
 
     A closure over the dispatcher's plan table: the signature tuple is
     :meth:`Request.signature`'s, inlined (a test proves that they agree on every argument).
+
+    The common call (no mask, no scale, no window, not compatibility mode) is first looked up by
+    its non-tensor state and ``k``'s shape in the table's guarded entries (``PlanTable.fast``): a
+    tensor guard (dispatch/guards.py) checks q, k and v in one C call where the signature reads
+    eleven of their attributes. A call no entry serves takes the signature, and a signature hit
+    of such a call adds an entry for the next one.
     """
-    plans_get = d.plans.get
+    plans = d.plans
+    plans_get = plans.get
+    fast = getattr(plans, "fast", None)  # a plain dict (a test's recording table) has no guarded entries
+    fast_get = fast.get if fast is not None else None
+    add_fast = getattr(plans, "add_fast", None)
     hit = d.counters.hit  # thread-safe (dispatch/counters.py)
     slow = d.call
     failed = d.failed
@@ -71,12 +82,32 @@ def make_forward(d) -> Callable:
             return traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                     is_causal, compatibility_mode, window_size)
         impl_raw = env_get(impl_key)
+        state = plan = None
+        if attn_mask is None and scale is None and window_size is None and compatibility_mode is False and fast_get is not None:
+            try:
+                state = (q_pattern, k_pattern, v_pattern, out_pattern, is_causal is True, is_causal is False, _grad_enabled(),
+                         scope_get(), impl_raw, tier_scope_get(), tier_env_get(tier_key), cublas_tf32(), k.shape)
+                for guard, snap, entry in fast_get(state, ()):
+                    if dims == snap and guard(q, k, v) and (dims is None or _int_values(dims)):
+                        plan = entry
+                        break
+            except Exception:  # not tensors, unhashable patterns...: the signature path (and validation) explains
+                state = None
+            if plan is not None:
+                if plan.counts_hit:
+                    hit()
+                try:
+                    return plan.run(q, k, v, None, None)
+                except Exception as exc:
+                    grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+                    return failed(plan, exc, Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, None, None,
+                                                     is_causal, False, None), impl_raw, grad)
         try:
             # callsite.needs_grad, inlined (a frame per call): the signature test checks they agree
             grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or attn_mask is not None and attn_mask.requires_grad)
             qd = q.dtype
-            plan = plans_get((
+            plan = plans_get(sig := (
                 scope_get(), impl_raw, compatibility_mode, type(compatibility_mode), q.shape, k.shape, v.shape,
                 q.stride(), k.stride(), v.stride(), qd, k.dtype, v.dtype, qd is FLOAT32 and cublas_tf32(),
                 q.device, k.device, v.device,
@@ -92,6 +123,10 @@ def make_forward(d) -> Callable:
         if plan is None:
             return slow(Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                                 compatibility_mode, window_size), impl_raw, grad)
+        if state is not None and len(fast) < plans.MAX_STATES and len(fast_get(state, ())) < plans.MAX_PER_STATE:
+            guard = tensor_guard(q, k, v)
+            if guard is not None and (dims is None or _int_values(dims)):
+                add_fast(state, sig, plan, guard, dims)
         if plan.counts_hit:
             hit()
         try:
@@ -101,3 +136,11 @@ def make_forward(d) -> Callable:
                                           is_causal, compatibility_mode, window_size), impl_raw, grad)
 
     return attention_forward
+
+
+def _int_values(dims: dict) -> bool:
+    """Whether every value of ``dims`` is an int (``2.0 == 2``, and validation refuses 2.0)."""
+    for n in dims.values():
+        if type(n) is not int:
+            return False
+    return True

@@ -52,6 +52,70 @@ class Explanation:
                 f"key_id={self.key_id!r})")
 
 
+class PlanTable(dict):
+    """signature -> :class:`Plan`, and the hit path's guarded entries (``fast``: dispatch/hot.py).
+
+    ``fast`` maps a call's non-tensor state (patterns, flags, modes, scopes and ``k``'s shape) to a
+    few ``(guard, dims, plan)`` entries whose tensor guard (dispatch/guards.py) stands in for the
+    signature's tensor properties. Every removal or replacement of a plan empties ``fast``, under
+    ``lock`` (the dispatcher's), and an entry is added under it only while its plan is still in the
+    table: a guarded entry never serves a plan the table no longer holds."""
+
+    MAX_STATES = 64  # distinct states with entries
+    MAX_PER_STATE = 4  # entries per state (layouts, dtypes, q lengths that share k's shape)
+
+    def __init__(self, lock):
+        super().__init__()
+        self.lock = lock
+        self.fast: dict = {}  # never rebound (the hot path holds its .get)
+
+    def __setitem__(self, sig, plan) -> None:
+        with self.lock:
+            if sig in self:
+                self.fast.clear()
+            super().__setitem__(sig, plan)
+
+    def __delitem__(self, sig) -> None:
+        with self.lock:
+            super().__delitem__(sig)
+            self.fast.clear()
+
+    def pop(self, sig, *default):
+        with self.lock:
+            self.fast.clear()
+            return super().pop(sig, *default)
+
+    def popitem(self):
+        with self.lock:
+            self.fast.clear()
+            return super().popitem()
+
+    def clear(self) -> None:
+        with self.lock:
+            self.fast.clear()
+            super().clear()
+
+    def update(self, *args, **kwargs) -> None:
+        with self.lock:
+            self.fast.clear()
+            super().update(*args, **kwargs)
+
+    def setdefault(self, sig, plan=None):
+        with self.lock:
+            return super().setdefault(sig, plan)
+
+    def add_fast(self, state: tuple, sig, plan, guard, dims) -> None:
+        """Serve later calls of ``state`` whose tensors pass ``guard`` (and whose ``dims`` equal
+        these, values of type int) by ``plan``, if the table still maps ``sig`` to it."""
+        with self.lock:
+            if super().get(sig) is not plan:
+                return
+            entries = self.fast.get(state, ())
+            if len(entries) >= self.MAX_PER_STATE or (not entries and len(self.fast) >= self.MAX_STATES):
+                return
+            self.fast[state] = entries + ((guard, None if dims is None else dict(dims), plan),)
+
+
 class Plan:
     __slots__ = ("run", "backend", "source", "key", "decision", "counts_hit", "reasons", "requested", "call", "grad")
 
