@@ -5,6 +5,7 @@ before stored; priced per mode; re-checked when in doubt")."""
 from __future__ import annotations
 
 import statistics
+from typing import Optional
 
 from ..backends import PREFERENCE
 from ..store.decision import COMPILED, CUDAGRAPH, DEFAULT_BACKEND, REJECTED, mode_cost
@@ -55,10 +56,18 @@ def confirm_reserve_s(trial: Trial, names: list) -> float:
     return trial.policy.confirm_min * _paired_cost_s(trial, [DEFAULT_BACKEND, worst])
 
 
-def mode_winners(trial: Trial, timed: list) -> dict:
+def mode_winners(trial: Trial, timed: list, eager: Optional[str] = None) -> dict:
     """{mode: backend} for the compiled and CUDA-graph modes, from the round medians of host and
     device time (:func:`~diffsynth_attention.store.decision.mode_cost`), by the same tie rule as
-    eager. Empty where the rounds have no host/device split (a CPU) or fewer than two candidates."""
+    eager. Empty where the rounds have no host/device split (a CPU) or fewer than two candidates.
+
+    The compiled price is a model: the host time measured is the eager call's, and inside a graph
+    another op runs in its place (``torch`` becomes the ATen kernel SDPA picked at trace time:
+    cuDNN's, for 16-bit inputs on Hopper, whose host cost in a graph is the highest). So the
+    compiled pick departs from ``eager`` (the eager winner) only where the model puts it more
+    than ``policy.compiled_margin`` ahead. (On an H100, seed_example: the model had ``torch``
+    6% ahead of ``torch_efficient``; baked, it ran 1.3x slower.) CUDA-graph prices are device
+    time, measured as such: no margin there."""
     runs, policy = trial.runs, trial.policy
     if len(timed) < 2 or not all(runs[n].host and runs[n].device for n in timed):
         return {}
@@ -67,7 +76,10 @@ def mode_winners(trial: Trial, timed: list) -> dict:
     for mode in (COMPILED, CUDAGRAPH):
         costs = {n: mode_cost(statistics.median(runs[n].rounds), statistics.median(runs[n].host),
                               statistics.median(runs[n].device), mode) for n in timed}
-        out[mode] = choose(costs, noise, policy)[0]
+        pick = choose(costs, noise, policy)[0]
+        if mode == COMPILED and eager in costs and pick != eager and costs[eager] <= costs[pick] * (1 + policy.compiled_margin):
+            pick = eager
+        out[mode] = pick
     return out
 
 

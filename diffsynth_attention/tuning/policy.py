@@ -57,6 +57,7 @@ class TuningPolicy:
     confirm_rounds: int = 9  # paired re-times of a non-default winner against the default (step 7) ...
     confirm_min: int = 3  # ... at least this many, fewer than confirm_rounds where the budget has no room
     noise_cap: float = 0.10  # re-time (or rounds) noise above this: the decision is stored provisional
+    compiled_margin: float = 0.10  # the compiled pick leaves the eager winner only where modelled this far ahead (confirm.py)
     quiet: Callable[[], bool] = host_quiet  # whether now is a quiet moment to re-time a provisional decision
     clock: Callable[[], float] = time.perf_counter  # seconds; the budget and the CPU timer read it
     listeners: tuple = ()  # listener(key, decision, timings, cache_hit) after every decision
@@ -67,7 +68,7 @@ class TuningPolicy:
                   "budget_winner_factor": self.budget_winner_factor >= 0, "budget_margin": 0 < self.budget_margin <= 1,
                   "min_rounds": self.min_rounds >= 1, "max_rounds": self.max_rounds >= self.min_rounds,
                   "warm_agree": self.warm_agree > 0, "confirm_min": self.confirm_min >= 1,
-                  "confirm_rounds": self.confirm_rounds >= self.confirm_min, "noise_cap": self.noise_cap > 0, "warm_cap": self.warm_cap >= 2, "sample_ms": self.sample_ms > 0,
+                  "confirm_rounds": self.confirm_rounds >= self.confirm_min, "noise_cap": self.noise_cap > 0, "compiled_margin": self.compiled_margin >= 0, "warm_cap": self.warm_cap >= 2, "sample_ms": self.sample_ms > 0,
                   "budget_s": self.budget_s is None or (math.isfinite(self.budget_s) and self.budget_s >= 0)}
         for name, ok in checks.items():
             if not ok:

@@ -2,7 +2,6 @@
 and decision, and run-time failures that demote a backend only when they repeat."""
 
 import pytest
-import torch
 
 import diffsynth_attention as da
 from diffsynth_attention.callsite import needs_grad
@@ -12,7 +11,7 @@ from diffsynth_attention.store.cache import DecisionCache
 from diffsynth_attention.store.key import key_id
 
 from support.flaky import force_flaky
-from support.helpers import full_reference, qkv, rel
+from support.helpers import call_variants, full_reference, qkv, rel
 
 
 class Recording(dict):
@@ -27,31 +26,7 @@ class Recording(dict):
         return super().get(sig, default)
 
 
-def _variants():
-    q, k, v = qkv(b=1, hq=2, sq=8, d=8)
-    base = dict(q=q, k=k, v=v)
-    yield base
-    yield {**base, "out_pattern": "b s n d"}
-    qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    yield dict(q=qs, k=ks, v=vs, q_pattern="b s n d", k_pattern="b s n d", v_pattern="b s n d", out_pattern="b s n d")
-    qp = qs.reshape(1, 8, 16)
-    yield dict(q=qp, k=ks.reshape(1, 8, 16), v=vs.reshape(1, 8, 16), q_pattern="b s (n d)", k_pattern="b s (n d)",
-               v_pattern="b s (n d)", out_pattern="b s (n d)", dims={"n": 2})
-    yield {**base, "attn_mask": torch.ones(8, 8, dtype=torch.bool)}
-    yield {**base, "attn_mask": torch.zeros(1, 1, 8, 8)}
-    yield {**base, "scale": 0.5}
-    yield {**base, "scale": 2}  # an int scale: another type, another signature
-    yield {**base, "is_causal": 1}  # valid, and not True's signature (1.0 would equal both)
-    yield {**base, "is_causal": True}
-    yield {**base, "window_size": 2}
-    yield {**base, "compatibility_mode": True}
-    yield dict(q=q.double(), k=k.double(), v=v.double())
-    yield dict(q=qs.transpose(1, 2), k=ks.transpose(1, 2), v=vs.transpose(1, 2))  # b n s d views of b s n d memory
-    yield dict(q=q.clone().requires_grad_(), k=k, v=v)
-    yield {**base, "attn_mask": torch.zeros(1, 1, 8, 8).requires_grad_()}  # a learned bias: its gradient is needed
-
-
-@pytest.mark.parametrize("kwargs", list(_variants()))
+@pytest.mark.parametrize("kwargs", list(call_variants()))
 def test_hot_path_signature_is_request_signature(disp, kwargs, monkeypatch):
     """The inlined tuple of the hot path equals Request.signature on every argument."""
     table = Recording()
@@ -76,7 +51,7 @@ def test_hot_path_signature_is_request_signature(disp, kwargs, monkeypatch):
 
 def test_signatures_differ_for_each_argument():
     """Every argument that changes a plan changes the signature (no two variants collide)."""
-    reqs = [Request(**kw) for kw in _variants()]
+    reqs = [Request(**kw) for kw in call_variants()]
     sigs = [r.signature(None, None, needs_grad(r.q, r.k, r.v, r.attn_mask)) for r in reqs]
     assert len(set(sigs)) == len(sigs)
 

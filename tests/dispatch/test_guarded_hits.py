@@ -12,9 +12,7 @@ from diffsynth_attention.callsite import needs_grad
 from diffsynth_attention.dispatch import guards
 from diffsynth_attention.request import Request
 
-from support.helpers import full_reference, qkv, rel
-
-from test_dispatcher import _variants
+from support.helpers import call_variants, full_reference, qkv, rel
 
 
 def _sig(kwargs) -> tuple:
@@ -47,7 +45,7 @@ def _warm(disp, kwargs, times=3):
         disp.forward(**kwargs)
 
 
-VARIANTS = list(_variants())
+VARIANTS = list(call_variants())
 
 
 @pytest.mark.parametrize("i", range(len(VARIANTS)))

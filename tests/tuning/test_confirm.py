@@ -103,3 +103,24 @@ def test_each_mode_prices_candidates_from_host_and_device_time():
     d = Decision("0" * 24, {}, "torch", {}, modes={"cudagraph": "flash_attention_4", "compiled": "torch"})
     assert d.modes == {"cudagraph": "flash_attention_4"}  # only where it differs from the eager choice
     assert (d.backend_for("eager"), d.backend_for("compiled"), d.backend_for("cudagraph")) == ("torch", "torch", "flash_attention_4")
+
+
+def test_the_compiled_pick_leaves_the_eager_winner_only_by_a_clear_margin():
+    """seed_example on an H100 (medians of the tuning, ms): the compiled model put torch 6% ahead
+    of torch_efficient, and baked it ran 1.3x slower (cuDNN's op in the graph). Within
+    compiled_margin the eager winner stays; under CUDA graphs (device time) torch's lead holds."""
+    import dataclasses as dc
+
+    def run(name, eager, host, device):
+        return Run(backend=SimpleNamespace(name=name), cand=None, call=None, rounds=[eager] * 5, host=[host] * 5,
+                   device=[device] * 5)
+    runs = {"torch": run("torch", 0.01663, 0.01652, 0.00871),
+            "torch_efficient": run("torch_efficient", 0.01398, 0.01389, 0.01286)}
+    trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY)
+    assert tuner.mode_winners(trial, list(runs), "torch_efficient") == {"compiled": "torch_efficient", "cudagraph": "torch"}
+    trial = SimpleNamespace(runs=runs, policy=dc.replace(DEFAULT_POLICY, compiled_margin=0.0))
+    assert tuner.mode_winners(trial, list(runs), "torch_efficient")["compiled"] == "torch"
+    # a clear lead (host-heavy eager winner, 3x its device time) still moves the compiled pick
+    runs["torch_efficient"] = run("torch_efficient", 0.01398, 0.01389, 0.030)
+    trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY)
+    assert tuner.mode_winners(trial, list(runs), "torch_efficient")["compiled"] == "torch"
