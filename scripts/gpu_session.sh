@@ -22,7 +22,7 @@ for phase in "$@"; do
     faults) timeout 120 python3 scripts/check_faults_gpu.py --out "$res" > "$res/faults.log" 2>&1 ;;
     first) timeout "${T_FIRST:-600}" python3 scripts/bench_first_result.py ${FIRST_ARGS:-} --out "$res" > "$res/first.log" 2>&1 ;;
     repeat) timeout "${T_REPEAT:-600}" python3 scripts/tuning_report.py repeat --n 5 ${REPEAT_ARGS:-} --out "$res" \
-              --tag "H200-$day-tuning-repeat${REPEAT_TAG:-}" > "$res/repeat.log" 2>&1 ;;
+              --tag "${DEV:-GPU}-$day-tuning-repeat${REPEAT_TAG:-}" > "$res/repeat.log" 2>&1 ;;
     e2e) PYTHONPATH="/tmp/diff-site:$nodiff" DA_LATE_PATH=$late \
            python3 scripts/bench_e2e.py --device cuda --out "$res" ${E2E_ARGS:-} > "$res/e2e.log" 2>&1 ;;
     cp) PYTHONPATH="/tmp/diff-site:$nodiff" DA_LATE_PATH=$late timeout "${T_CP:-600}" \

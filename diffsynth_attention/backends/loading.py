@@ -25,6 +25,7 @@ loads of its candidates' packages and waits for them, bounded, before it takes t
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import threading
@@ -105,8 +106,17 @@ def _notify(name: str, result: LoadState) -> None:
 # interpreter's switch interval (5 ms) to get it back, every time: ten times a 0.5 ms call. The
 # interval is lowered while any background load runs, and put back after the last one (unless
 # someone changed it meanwhile).
+#
+# The cyclic garbage collector is paused over the same span. FlashAttention-4's import creates
+# millions of objects (torch._dynamo, quack, the CuTe DSL), and each one that crosses a
+# generation's threshold starts a collection that scans the whole heap, on whichever thread
+# allocated: on an H100, 431 collections in its 6 s load, up to 147 ms each, stalled the
+# caller's 0.4 ms calls 639 times (benchmarks/results/H100-80GB-HBM3-2026-12-07-s3-first-result.md).
+# Reference counting still frees everything that is not in a cycle. The collector is switched
+# back on after the last load, if this module switched it off; an application that runs with it
+# off keeps it off.
 LOAD_SWITCH_INTERVAL_S = 0.0005
-_switch: dict = {"loads": 0, "saved": None, "set": None}
+_switch: dict = {"loads": 0, "saved": None, "set": None, "gc_paused": False}
 
 
 def _switch_begin() -> None:
@@ -116,6 +126,9 @@ def _switch_begin() -> None:
             if current > LOAD_SWITCH_INTERVAL_S:
                 sys.setswitchinterval(LOAD_SWITCH_INTERVAL_S)
                 _switch.update(saved=current, set=sys.getswitchinterval())
+            if gc.isenabled():
+                gc.disable()
+                _switch["gc_paused"] = True
         _switch["loads"] += 1
 
 
@@ -126,6 +139,10 @@ def _switch_end() -> None:
             if sys.getswitchinterval() == _switch["set"]:
                 sys.setswitchinterval(_switch["saved"])
             _switch.update(saved=None, set=None)
+        if _switch["loads"] == 0 and _switch["gc_paused"]:
+            _switch["gc_paused"] = False
+            if not gc.isenabled():
+                gc.enable()
 
 
 def _load(backend, keys=()) -> None:
@@ -261,10 +278,13 @@ def _after_fork_in_child() -> None:
     backend's load lock (and the package's half-imported modules) held by a thread that does not
     exist there: the backend becomes unavailable in the child, with the reason, instead of
     waiting forever (:mod:`diffsynth_attention.process` has unlocked every lock by now). The
-    parent is untouched. No load runs in the child: the GIL switch interval is put back."""
+    parent is untouched. No load runs in the child: the GIL switch interval and the garbage
+    collector are put back."""
     if _switch["saved"] is not None and sys.getswitchinterval() == _switch["set"]:
         sys.setswitchinterval(_switch["saved"])
-    _switch.update(loads=0, saved=None, set=None)
+    if _switch["gc_paused"] and not gc.isenabled():
+        gc.enable()
+    _switch.update(loads=0, saved=None, set=None, gc_paused=False)
     interrupted = [thread for thread in _threads.values()]
     _threads.clear()
     _started.clear()
