@@ -5,7 +5,6 @@ before stored; priced per mode; re-checked when in doubt")."""
 from __future__ import annotations
 
 import statistics
-from typing import Optional
 
 from ..backends import PREFERENCE
 from ..store.decision import COMPILED, CUDAGRAPH, DEFAULT_BACKEND, REJECTED, mode_cost
@@ -56,18 +55,20 @@ def confirm_reserve_s(trial: Trial, names: list) -> float:
     return trial.policy.confirm_min * _paired_cost_s(trial, [DEFAULT_BACKEND, worst])
 
 
-def mode_winners(trial: Trial, timed: list, eager: Optional[str] = None) -> dict:
+def mode_winners(trial: Trial, timed: list) -> dict:
     """{mode: backend} for the compiled and CUDA-graph modes, from the round medians of host and
     device time (:func:`~diffsynth_attention.store.decision.mode_cost`), by the same tie rule as
     eager. Empty where the rounds have no host/device split (a CPU) or fewer than two candidates.
 
     The compiled price is a model: the host time measured is the eager call's, and inside a graph
-    another op runs in its place (``torch`` becomes the ATen kernel SDPA picked at trace time:
-    cuDNN's, for 16-bit inputs on Hopper, whose host cost in a graph is the highest). So the
-    compiled pick departs from ``eager`` (the eager winner) only where the model puts it more
-    than ``policy.compiled_margin`` ahead. (On an H100, seed_example: the model had ``torch``
-    6% ahead of ``torch_efficient``; baked, it ran 1.3x slower.) CUDA-graph prices are device
-    time, measured as such: no margin there."""
+    another op runs in its place (``torch`` becomes the ATen kernel SDPA picks at trace time, a
+    kernel package goes through a custom operator). Measured on an H100, the model was off by more
+    than the gaps it ranked: seed_example's ``torch``, 6% ahead of ``torch_efficient`` in the
+    model, ran 1.3x slower baked; Wan's 1,560-token self-attention on FlashAttention-3, level with
+    ``torch`` in the model, ran 1.28x slower baked. So the compiled pick leaves ``torch`` (what a
+    plain ``torch.compile`` runs) only where the model puts another backend more than
+    ``policy.compiled_margin`` ahead: where it cannot tell, the graph matches plain compile.
+    CUDA-graph prices are device time, measured as such: no margin there."""
     runs, policy = trial.runs, trial.policy
     if len(timed) < 2 or not all(runs[n].host and runs[n].device for n in timed):
         return {}
@@ -77,8 +78,9 @@ def mode_winners(trial: Trial, timed: list, eager: Optional[str] = None) -> dict
         costs = {n: mode_cost(statistics.median(runs[n].rounds), statistics.median(runs[n].host),
                               statistics.median(runs[n].device), mode) for n in timed}
         pick = choose(costs, noise, policy)[0]
-        if mode == COMPILED and eager in costs and pick != eager and costs[eager] <= costs[pick] * (1 + policy.compiled_margin):
-            pick = eager
+        if mode == COMPILED and pick != DEFAULT_BACKEND and DEFAULT_BACKEND in costs \
+                and costs[DEFAULT_BACKEND] <= costs[pick] * (1 + policy.compiled_margin):
+            pick = DEFAULT_BACKEND
         out[mode] = pick
     return out
 

@@ -57,7 +57,7 @@ class TuningPolicy:
     confirm_rounds: int = 9  # paired re-times of a non-default winner against the default (step 7) ...
     confirm_min: int = 3  # ... at least this many, fewer than confirm_rounds where the budget has no room
     noise_cap: float = 0.10  # re-time (or rounds) noise above this: the decision is stored provisional
-    compiled_margin: float = 0.10  # the compiled pick leaves the eager winner only where modelled this far ahead (confirm.py)
+    compiled_margin: float = 0.10  # the compiled pick leaves torch (plain compile's) only where modelled this far ahead (confirm.py)
     quiet: Callable[[], bool] = host_quiet  # whether now is a quiet moment to re-time a provisional decision
     clock: Callable[[], float] = time.perf_counter  # seconds; the budget and the CPU timer read it
     listeners: tuple = ()  # listener(key, decision, timings, cache_hit) after every decision

@@ -388,7 +388,7 @@ def tune(
                 run = trial.runs[name]
                 if run.host and run.device:
                     run.cand.host_ms, run.cand.device_ms = statistics.median(run.host), statistics.median(run.device)
-            modes = {EAGER: winner, **mode_winners(trial, timed, winner)}
+            modes = {EAGER: winner, **mode_winners(trial, timed)}
             modes, provisional, confirmation = confirm(trial, modes)
             if modes[EAGER] != winner:
                 trial.results[winner].status = ACCEPTED

@@ -105,22 +105,22 @@ def test_each_mode_prices_candidates_from_host_and_device_time():
     assert (d.backend_for("eager"), d.backend_for("compiled"), d.backend_for("cudagraph")) == ("torch", "torch", "flash_attention_4")
 
 
-def test_the_compiled_pick_leaves_the_eager_winner_only_by_a_clear_margin():
-    """seed_example on an H100 (medians of the tuning, ms): the compiled model put torch 6% ahead
-    of torch_efficient, and baked it ran 1.3x slower (cuDNN's op in the graph). Within
-    compiled_margin the eager winner stays; under CUDA graphs (device time) torch's lead holds."""
+def test_the_compiled_pick_leaves_plain_sdpa_only_by_a_clear_margin():
+    """The compiled price is a model (host measured eagerly + device): on an H100 it was off by
+    more than the gaps it ranked. Within compiled_margin of torch the graph runs torch, as plain
+    torch.compile does; a clear lead still wins; CUDA graphs (device time) take no margin."""
     import dataclasses as dc
 
     def run(name, eager, host, device):
         return Run(backend=SimpleNamespace(name=name), cand=None, call=None, rounds=[eager] * 5, host=[host] * 5,
                    device=[device] * 5)
-    runs = {"torch": run("torch", 0.01663, 0.01652, 0.00871),
-            "torch_efficient": run("torch_efficient", 0.01398, 0.01389, 0.01286)}
+    # Wan 1,560-token self-attention: FlashAttention-3 faster on the device, 5% ahead in the model
+    runs = {"torch": run("torch", 0.050, 0.0175, 0.048), "flash_attention_3": run("flash_attention_3", 0.044, 0.0245, 0.038)}
     trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY)
-    assert tuner.mode_winners(trial, list(runs), "torch_efficient") == {"compiled": "torch_efficient", "cudagraph": "torch"}
+    assert tuner.mode_winners(trial, list(runs)) == {"compiled": "torch", "cudagraph": "flash_attention_3"}
     trial = SimpleNamespace(runs=runs, policy=dc.replace(DEFAULT_POLICY, compiled_margin=0.0))
-    assert tuner.mode_winners(trial, list(runs), "torch_efficient")["compiled"] == "torch"
-    # a clear lead (host-heavy eager winner, 3x its device time) still moves the compiled pick
-    runs["torch_efficient"] = run("torch_efficient", 0.01398, 0.01389, 0.030)
+    assert tuner.mode_winners(trial, list(runs))["compiled"] == "flash_attention_3"
+    # long video: FlashAttention-4 20% ahead on the device: the graph takes it
+    runs = {"torch": run("torch", 11.2, 0.0175, 11.2), "flash_attention_4": run("flash_attention_4", 9.4, 0.013, 9.4)}
     trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY)
-    assert tuner.mode_winners(trial, list(runs), "torch_efficient")["compiled"] == "torch"
+    assert tuner.mode_winners(trial, list(runs))["compiled"] == "flash_attention_4"
