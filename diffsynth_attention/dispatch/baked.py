@@ -18,8 +18,10 @@ operator decomposes into that backend, and nothing else, so:
   decisions hits both caches.
 
 With symbolic sequence lengths, :func:`bake_bucket` bakes the backend that every stored decision
-of the traced lengths' neighbour bucket agrees on, behind size comparisons Dynamo turns into
-guards on the bucket (:func:`_within`); the run-time operator stays where nothing is known.
+of the traced lengths' neighbour bucket agrees on (or, where their picks differ, one within
+``BUCKET_SLACK`` of each length's own: :func:`bucket_backend`), behind size comparisons Dynamo
+turns into guards on the bucket (:func:`_within`); the run-time operator stays where nothing is
+known.
 
 The innermost ``use_backend`` is guarded per thread and per task: ``overrides.TRACE.scope`` is a
 property that reads the calling context's scope, and Dynamo evaluates the guard in the thread
@@ -36,7 +38,9 @@ from typing import Optional
 import torch
 
 from .. import overrides, tiers
+from ..backends import REGISTRY
 from ..request import Request
+from ..states import TIMED
 from .compiled import attention_op
 from .tokens import lookup_dispatcher
 
@@ -223,19 +227,51 @@ def bake_bucket(token: int, q, k, v, q_pattern: str, k_pattern: str, v_pattern: 
     if plan.source == PlanSource.OVERRIDE:  # forced: the same backend for every length
         return identity(plan, tolerance), ()
     fields = plan.key.fields
+    bucket = [plan.decision] if plan.decision is not None else []
     for other in d.store.neighbours(neighbour_group(fields), tolerance):
         try:
             same_bucket = neighbour_distance(fields, other.key) is not None
         except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a foreign entry
             continue
-        if same_bucket and other.backend != plan.backend:  # the bucket has no single winner
-            return None
+        if same_bucket and other.key_id != plan.key.id:
+            bucket.append(other)
+    mode = _compile_mode()
+    name = bucket_backend(bucket, mode) if bucket else plan.backend
+    if name is None or name != plan.backend and REGISTRY[name].unavailable_reason() is not None:
+        return None  # the bucket has no backend near every length's own pick: the run-time operator
     checks = tuple(("range", ti, di) + bucket_bounds(seq_bucket(-metas[ti][0][di])) for ti, di in symbolic)
     bounds = ",".join(f"{lo}-{hi}" for *_, lo, hi in checks)
     q_dim, k_dim = _seq_dim(q_pattern), _seq_dim(k_pattern)
     if q_dim is not None and k_dim is not None:  # causal and window alignment depend on it
         checks += (("same", 0, q_dim, 1, k_dim, plan.problem.seq_q == plan.problem.seq_kv),)
-    return identity(plan, tolerance) + "|" + bounds, checks
+    return name + identity(plan, tolerance)[len(plan.backend):] + "|" + bounds, checks
+
+
+BUCKET_SLACK = 0.05  # a bucket's backend runs every known length within this of that length's own pick
+
+
+def bucket_backend(decisions: list, mode: str, slack: float = BUCKET_SLACK) -> Optional[str]:
+    """The backend one graph bakes for a bucket of lengths whose stored ``decisions`` are these:
+    their common pick for ``mode``; where the picks differ (near-ties between kernels, common on a
+    GPU), the backend whose worst cost over the decisions, each against its own pick's, is lowest,
+    if that worst is within ``slack`` and the backend passed the gate in every one of them (their
+    candidates were timed in the same rounds); else None (the run-time operator)."""
+    picks = {dd.backend_for(mode) for dd in decisions}
+    if len(picks) == 1:
+        return picks.pop()
+    best = None
+    for name in sorted(set.intersection(*(set(dd.candidates) for dd in decisions))):
+        worst = 0.0
+        for dd in decisions:
+            cand, own = dd.candidates[name], dd.candidates.get(dd.backend_for(mode))
+            cost, own_cost = cand.cost(mode), None if own is None else own.cost(mode)
+            if cand.status not in TIMED or cost is None or not own_cost:
+                break
+            worst = max(worst, cost / own_cost)
+        else:
+            if best is None or worst < best[0]:
+                best = (worst, name)
+    return best[1] if best is not None and best[0] <= 1 + slack else None
 
 
 def _within(tensors, checks) -> bool:
