@@ -61,8 +61,11 @@ def _dynamo_handles(name: str):
 # has_static_value: False for a size Dynamo made symbolic (isinstance and type() see an int there).
 # guarding_hint_or_throw: the value a symbolic size has in the call being traced, as a constant.
 # Where a torch lacks either, every size counts as symbolic, or symbolic sizes dispatch at run time.
+# torch 2.11 (the GPU machine's) has no handler for guarding_hint_or_throw; its Dynamo evaluates
+# size_hint instead (the same value for a size the call has: the observed one). Without that
+# fallback every symbolic trace there kept the run-time operator (H100, Wan's 6-resolution loop).
 _static_value = _dynamo_handles("has_static_value") or (lambda s: False)
-_hint = _dynamo_handles("guarding_hint_or_throw")
+_hint = _dynamo_handles("guarding_hint_or_throw") or _dynamo_handles("size_hint")
 
 
 def _static(*tensors) -> bool:

@@ -39,3 +39,12 @@ def test_a_backend_that_failed_the_gate_for_one_length_is_never_baked():
           _decision(1, "sage_attention", {"torch": 1.01, "sage_attention": 1.0}),
           _decision(2, "torch", {"torch": 1.0, "sage_attention": 0.5}, status={"sage_attention": "rejected"})]
     assert bucket_backend(ds, "eager") == "torch"
+
+
+def test_this_torch_lets_a_trace_read_a_symbolic_size():
+    """Bucket bakes need the traced value of a symbolic size: Dynamo evaluates
+    guarding_hint_or_throw (torch 2.13) or size_hint (torch 2.11). Where neither is handled every
+    symbolic graph keeps the run-time operator, silently: this test says so instead."""
+    from diffsynth_attention.dispatch import baked
+
+    assert baked._hint is not None
