@@ -50,7 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from harness.tuning_parts import (  # noqa: E402
-    OFFSETS, REPEAT_CPU_EXTRA, REPEAT_EXTRA, _torch, child_env, child_first_calls, child_first_result,
+    OFFSETS, REPEAT_CPU_EXTRA, REPEAT_EXTRA, REPEAT_NEW, _torch, child_env, child_first_calls, child_first_result,
     child_tune, decision_summary, device_label, environment, fmt, fresh_dispatcher, inputs,
     interleaved, own_process_ratio, problems, run_child, shapes_file, write)
 
@@ -108,7 +108,7 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
 
 
 def write_repeat(rows: list, device, n: int, samples: int, out_dir: Path, stem=None) -> dict:
-    extra = {s["name"] for s in REPEAT_EXTRA + REPEAT_CPU_EXTRA} | {s["name"] + "@cpu" for s in REPEAT_EXTRA}
+    extra = {s["name"] for s in REPEAT_EXTRA + REPEAT_CPU_EXTRA + REPEAT_NEW} | {s["name"] + "@cpu" for s in REPEAT_EXTRA + REPEAT_NEW}
     result = {"environment": environment(device), "kind": "repeat-tuning", "runs": n, "samples": samples, "problems": rows,
               "target": "worst of the fresh decisions within 3% of the best backend timed directly, on every problem",
               "met": all(r["worst_vs_best"] <= 1.03 for r in rows),
@@ -385,6 +385,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=5)
     p.add_argument("--samples", type=int, default=15)
     p.add_argument("--no-extra", action="store_true", help="leave out the problems the suite lacks (REPEAT_EXTRA)")
+    p.add_argument("--new", action="store_true", help="add issue 29's 8 new problems (REPEAT_NEW)")
     p.add_argument("--own-samples", type=int, default=7,
                    help="samples of each backend timed in every tuning process right after it tunes (0: none)")
     p = sub.add_parser("cost", help="tuning cost per problem, skipped candidates and their predictions")

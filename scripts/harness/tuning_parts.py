@@ -39,6 +39,26 @@ REPEAT_EXTRA = [
     {"name": "tiny_1tok", "model": "one query token over 4,096 keys", "batch": 1, "heads_q": 16, "heads_kv": 16,
      "seq_q": 1, "seq_kv": 4096, "head_dim": 128, "causal": False, "dtype": "bfloat16"},
 ]
+# Issue 29's "at least 8 new problems": self and cross, fp16 and bf16, head dims 64/80/96/128, long
+# video (``tuning_report.py repeat --new``).
+REPEAT_NEW = [
+    {"name": "wan22_5b_720p_self", "model": "Wan 2.2 5B, 720p: long video self-attention", "batch": 1, "heads_q": 24,
+     "heads_kv": 24, "seq_q": 27280, "seq_kv": 27280, "head_dim": 128, "causal": False, "dtype": "bfloat16"},
+    {"name": "wan22_5b_720p_cross", "model": "Wan 2.2 5B, 720p: text cross-attention", "batch": 1, "heads_q": 24,
+     "heads_kv": 24, "seq_q": 27280, "seq_kv": 512, "head_dim": 128, "causal": False, "dtype": "bfloat16"},
+    {"name": "sd3_1024_self", "model": "SD3 1024x1024, joint image + text tokens, CFG batch", "batch": 2, "heads_q": 24,
+     "heads_kv": 24, "seq_q": 4429, "seq_kv": 4429, "head_dim": 64, "causal": False, "dtype": "float16"},
+    {"name": "sdxl_1024_mid_cross", "model": "SDXL 1024x1024, 32x32 level: text cross-attention", "batch": 2, "heads_q": 20,
+     "heads_kv": 20, "seq_q": 1024, "seq_kv": 77, "head_dim": 64, "causal": False, "dtype": "float16"},
+    {"name": "hd80_sd15_1024_cross", "model": "head dim 80: SD 1.5 at 1024x1024, text cross-attention", "batch": 2,
+     "heads_q": 8, "heads_kv": 8, "seq_q": 4096, "seq_kv": 77, "head_dim": 80, "causal": False, "dtype": "float16"},
+    {"name": "hd96_4096_cross", "model": "head dim 96, bf16: 4,096 queries over 512 text tokens", "batch": 1, "heads_q": 16,
+     "heads_kv": 16, "seq_q": 4096, "seq_kv": 512, "head_dim": 96, "causal": False, "dtype": "bfloat16"},
+    {"name": "flux_512", "model": "FLUX.1 512x512 (1,024 image + 512 text)", "batch": 1, "heads_q": 24, "heads_kv": 24,
+     "seq_q": 1536, "seq_kv": 1536, "head_dim": 128, "causal": False, "dtype": "bfloat16"},
+    {"name": "ltx_video_self", "model": "LTX-Video-like: 6,144 video tokens, 32 heads of 64", "batch": 1, "heads_q": 32,
+     "heads_kv": 32, "seq_q": 6144, "seq_kv": 6144, "head_dim": 64, "causal": False, "dtype": "bfloat16"},
+]
 REPEAT_CPU_EXTRA = [{"name": "issue21_cpu", "model": "the issue's CPU problem: randn(1, 3, 41, 16) fp32", "batch": 1, "heads_q": 3,
               "heads_kv": 3, "seq_q": 41, "seq_kv": 41, "head_dim": 16, "causal": False, "dtype": "float32"}]
 
@@ -65,6 +85,14 @@ def problems(args) -> list:
         shapes = shapes + EXTRA
     if getattr(args, "cmd", None) == "repeat" and not args.no_extra:  # the problems the suite lacks (issue 21)
         shapes = shapes + extra_problems(_torch().device(args.device))
+    if getattr(args, "new", False):  # issue 29's new problems
+        device = _torch().device(args.device)
+        if device.type == "cpu":
+            from .bench import scale_for_cpu
+
+            shapes = shapes + [scale_for_cpu(s) for s in REPEAT_NEW]
+        else:
+            shapes = shapes + [dict(s) for s in REPEAT_NEW]
     if args.only:
         wanted = set(args.only.split(","))
         shapes = [s for s in shapes if s["name"] in wanted or s["name"].split("@")[0] in wanted]

@@ -65,6 +65,28 @@ def test_the_extra_problems_cover_what_the_suite_lacks():
     assert any(s["batch"] >= 64 and s["seq_q"] <= 512 for s in extra)
 
 
+def test_the_new_problems_are_new_and_cover_what_the_issue_asks():
+    """Issue 29: at least 8 new problems: self and cross, fp16 and bf16, head dims 64/80/96/128, long video."""
+    from diffsynth_attention.tools.shapes import builtin_shapes
+
+    new = tuning_report.REPEAT_NEW
+    known = {s["name"] for s in builtin_shapes() + tuning_report.REPEAT_EXTRA}
+    assert len(new) >= 8 and not {s["name"] for s in new} & known
+    assert any(s["seq_q"] == s["seq_kv"] for s in new) and any(s["seq_kv"] < s["seq_q"] for s in new)
+    assert {"float16", "bfloat16"} <= {s["dtype"] for s in new}
+    assert {64, 80, 96, 128} <= {s["head_dim"] for s in new}
+    assert any(s["seq_q"] >= 27000 for s in new)
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(cmd="repeat", device="cpu", preset=None, shapes=None, only=None, max_seq=None, max_heads=None,
+                           no_extra=True, new=True, extra=False)
+    got = {s["name"].split("@")[0]: s for s in tuning_report.problems(args)}
+    assert {s["name"] for s in new} <= set(got)
+    assert got["wan22_5b_720p_self"]["seq_q"] < 27280  # cut to CPU size on a CPU
+    without = tuning_report.problems(SimpleNamespace(**{**vars(args), "new": False}))
+    assert not {s["name"] for s in new} & {s["name"].split("@")[0] for s in without}
+
+
 def test_first_call_and_neighbours(out):
     tuning_report.main(["first-call", *TINY, "--out", str(out)])
     r = result(out, "first-call")
