@@ -105,14 +105,15 @@ def _stand_in(meta, mode):
     return t.requires_grad_(True) if requires_grad else t
 
 
-def identity(plan, tolerance: float) -> str:
-    """The decision a plan serves, as the graph carries it: its backend, where the choice came
-    from, the key, a digest of the decision (any new tuning changes it) and the tolerance."""
+def identity(plan, tolerance: float, backend: Optional[str] = None) -> str:
+    """The decision a plan serves, as the graph carries it: its backend (or ``backend``, a bucket's:
+    :func:`bucket_backend`), where the choice came from, the key, a digest of the decision (any new
+    tuning changes it) and the tolerance."""
     digest = ""
     if plan.decision is not None:
         blob = json.dumps(plan.decision.to_dict(), sort_keys=True, default=str)
         digest = plan.decision.key_id + ":" + hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return f"{plan.backend}|{plan.source}|{plan.key.id}|{digest}|{tolerance!r}"
+    return f"{backend or plan.backend}|{plan.source}|{plan.key.id}|{digest}|{tolerance!r}"
 
 
 def _compile_mode() -> str:
@@ -247,7 +248,7 @@ def bake_bucket(token: int, q, k, v, q_pattern: str, k_pattern: str, v_pattern: 
     q_dim, k_dim = _seq_dim(q_pattern), _seq_dim(k_pattern)
     if q_dim is not None and k_dim is not None:  # causal and window alignment depend on it
         checks += (("same", 0, q_dim, 1, k_dim, plan.problem.seq_q == plan.problem.seq_kv),)
-    return name + identity(plan, tolerance)[len(plan.backend):] + "|" + bounds, checks
+    return identity(plan, tolerance, name) + "|" + bounds, checks
 
 
 BUCKET_SLACK = 0.05  # a bucket's backend runs every known length within this of that length's own pick
