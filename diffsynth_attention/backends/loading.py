@@ -114,9 +114,26 @@ def _notify(name: str, result: LoadState) -> None:
 # caller's 0.4 ms calls 639 times (benchmarks/results/H100-80GB-HBM3-2026-12-07-s3-first-result.md).
 # Reference counting still frees everything that is not in a cycle. The collector is switched
 # back on after the last load, if this module switched it off; an application that runs with it
-# off keeps it off.
+# off keeps it off. A load that never ends (a hung import) holds it off for LOAD_GC_PAUSE_MAX_S at
+# most: a timer switches it back on then.
 LOAD_SWITCH_INTERVAL_S = 0.0005
-_switch: dict = {"loads": 0, "saved": None, "set": None, "gc_paused": False}
+LOAD_GC_PAUSE_MAX_S = 30.0
+_switch: dict = {"loads": 0, "saved": None, "set": None, "gc_paused": False, "pause": 0}
+
+
+def _gc_resume_locked(pause: Optional[int] = None) -> None:
+    """Switch the collector back on if this module paused it (``pause``: only that pause); under ``_lock``."""
+    if _switch["gc_paused"] and (pause is None or pause == _switch["pause"]):
+        _switch["gc_paused"] = False
+        if not gc.isenabled():
+            gc.enable()
+
+
+def _gc_pause_expired(pause: int) -> None:
+    with _lock:
+        if _switch["gc_paused"] and pause == _switch["pause"]:
+            logger.info("a background load has run %.0f s: the garbage collector is on again", LOAD_GC_PAUSE_MAX_S)
+        _gc_resume_locked(pause)
 
 
 def _switch_begin() -> None:
@@ -128,7 +145,11 @@ def _switch_begin() -> None:
                 _switch.update(saved=current, set=sys.getswitchinterval())
             if gc.isenabled():
                 gc.disable()
+                _switch["pause"] += 1
                 _switch["gc_paused"] = True
+                timer = threading.Timer(LOAD_GC_PAUSE_MAX_S, _gc_pause_expired, (_switch["pause"],))
+                timer.daemon = True
+                timer.start()
         _switch["loads"] += 1
 
 
@@ -139,10 +160,8 @@ def _switch_end() -> None:
             if sys.getswitchinterval() == _switch["set"]:
                 sys.setswitchinterval(_switch["saved"])
             _switch.update(saved=None, set=None)
-        if _switch["loads"] == 0 and _switch["gc_paused"]:
-            _switch["gc_paused"] = False
-            if not gc.isenabled():
-                gc.enable()
+        if _switch["loads"] == 0:
+            _gc_resume_locked()
 
 
 def _load(backend, keys=()) -> None:

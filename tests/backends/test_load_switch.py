@@ -98,3 +98,26 @@ def test_an_application_that_runs_without_the_collector_keeps_it_off(interval):
     finally:
         gate.set()
         gc.enable()
+
+
+def test_a_load_that_never_ends_holds_the_collector_off_for_a_bounded_time(interval, monkeypatch):
+    """A hung import must not leave the process without cyclic garbage collection: after
+    LOAD_GC_PAUSE_MAX_S the collector is on again, while the load still runs."""
+    import gc
+    import time
+
+    monkeypatch.setattr(loading, "LOAD_GC_PAUSE_MAX_S", 0.3)
+    gate = threading.Event()
+    try:
+        backend = _loading(gate)
+        assert not gc.isenabled()
+        deadline = time.monotonic() + 20
+        while not gc.isenabled() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gc.isenabled() and loading.state(backend) == loading.LOADING
+        gate.set()
+        loading.wait(backend, 20)
+        assert gc.isenabled()
+    finally:
+        gate.set()
+        gc.enable()
