@@ -83,6 +83,12 @@ def test_a_version_2_entry_serves_as_an_eager_only_measurement():
         codec.parse_entry(json.dumps(doc), d.key_id)
 
 
+def _run(name, eager, host, device):
+    """A candidate's rounds: five samples of its eager, host and device time (ms)."""
+    return Run(backend=SimpleNamespace(name=name), cand=None, call=None, rounds=[eager] * 5, host=[host] * 5,
+               device=[device] * 5)
+
+
 def test_each_mode_prices_candidates_from_host_and_device_time():
     assert mode_cost(0.10, 0.09, 0.03, "eager") == 0.10
     assert mode_cost(0.10, 0.09, 0.03, "compiled") == pytest.approx(0.12)
@@ -91,11 +97,8 @@ def test_each_mode_prices_candidates_from_host_and_device_time():
     with pytest.raises(ValueError, match="mode"):
         mode_cost(0.1, 0.1, 0.1, "graph")
 
-    def run(name, eager, host, device):
-        return Run(backend=SimpleNamespace(name=name), cand=None, call=None, rounds=[eager] * 5, host=[host] * 5,
-                   device=[device] * 5)
     # a host-heavy kernel package: fastest on the device, slowest to issue
-    runs = {"torch": run("torch", 0.030, 0.020, 0.028), "flash_attention_4": run("flash_attention_4", 0.095, 0.090, 0.020)}
+    runs = {"torch": _run("torch", 0.030, 0.020, 0.028), "flash_attention_4": _run("flash_attention_4", 0.095, 0.090, 0.020)}
     trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY)
     assert tuner.mode_winners(trial, list(runs)) == {"compiled": "torch", "cudagraph": "flash_attention_4"}
     runs["torch"] = Run(backend=SimpleNamespace(name="torch"), cand=None, call=None, rounds=[0.03] * 5)  # CPU: no split
@@ -111,16 +114,13 @@ def test_the_compiled_pick_leaves_plain_sdpa_only_by_a_clear_margin():
     torch.compile does; a clear lead still wins; CUDA graphs (device time) take no margin."""
     import dataclasses as dc
 
-    def run(name, eager, host, device):
-        return Run(backend=SimpleNamespace(name=name), cand=None, call=None, rounds=[eager] * 5, host=[host] * 5,
-                   device=[device] * 5)
     # Wan 1,560-token self-attention: FlashAttention-3 faster on the device, 5% ahead in the model
-    runs = {"torch": run("torch", 0.050, 0.0175, 0.048), "flash_attention_3": run("flash_attention_3", 0.044, 0.0245, 0.038)}
+    runs = {"torch": _run("torch", 0.050, 0.0175, 0.048), "flash_attention_3": _run("flash_attention_3", 0.044, 0.0245, 0.038)}
     trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY)
     assert tuner.mode_winners(trial, list(runs)) == {"compiled": "torch", "cudagraph": "flash_attention_3"}
     trial = SimpleNamespace(runs=runs, policy=dc.replace(DEFAULT_POLICY, compiled_margin=0.0))
     assert tuner.mode_winners(trial, list(runs))["compiled"] == "flash_attention_3"
     # long video: FlashAttention-4 20% ahead on the device: the graph takes it
-    runs = {"torch": run("torch", 11.2, 0.0175, 11.2), "flash_attention_4": run("flash_attention_4", 9.4, 0.013, 9.4)}
+    runs = {"torch": _run("torch", 11.2, 0.0175, 11.2), "flash_attention_4": _run("flash_attention_4", 9.4, 0.013, 9.4)}
     trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY)
     assert tuner.mode_winners(trial, list(runs))["compiled"] == "flash_attention_4"
