@@ -107,6 +107,13 @@ class _FlashBase(Backend):
         return self.forward_native(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, causal,
                                    window).transpose(1, 2)
 
+    @property
+    def binds_native(self) -> bool:
+        """Whether plans may call :meth:`forward_native` on tensors in ``b s n d`` (dispatch/runners.py):
+        this class's ``forward`` is that call between two transposes, and a subclass that
+        replaces ``forward`` keeps it."""
+        return type(self).forward is _FlashBase.forward
+
     def forward_native(self, q, k, v, scale, causal, window):
         """``b s n d`` in and out (the kernel operator's call under torch.compile)."""
         out = self._call(q, k, v, scale, causal, window)

@@ -248,3 +248,40 @@ def test_kernel_extras_name_installable_distributions():
         if backend.extra is not None:
             names = [re.split(r"[<>=!~ \[]", r)[0] for r in extras[backend.extra]]
             assert backend.package in names, backend.name
+
+
+def test_plans_call_a_flash_package_in_its_own_layout_without_going_through_b_n_s_d(fa2, monkeypatch):
+    """A b s n d caller's plan hands the kernel the caller's own tensors and returns the kernel's
+    output as it is; DiffSynth's b s (n d) gets views; a subclass that replaces forward keeps it."""
+    from diffsynth_attention.dispatch.runners import make_runner
+
+    assert fa2.unavailable_reason() is None  # loads the fake package
+    q, k, v = qkv(hq=4, d=16)
+    qs, ks, vs = (rearrange(t, "b n s d -> b s n d").contiguous() for t in (q, k, v))
+    bsnd = ("b s n d",) * 4
+    call = prepare(qs, ks, vs, *bsnd, None, None, None, False, None, False)
+    run = make_runner(fa2, call, False)
+    out = run(qs, ks, vs, None, None)
+    name, qa, ka, va, _ = fk.Recorder.calls[-1]
+    assert qa is qs and ka is ks and va is vs  # no view, no frame in between
+    assert rel(rearrange(out, "b s n d -> b n s d"), full_reference(q, k, v)) < 1e-5
+    packed = tuple(t.reshape(t.shape[0], t.shape[1], -1) for t in (qs, ks, vs))
+    pk = ("b s (n d)",) * 4
+    call = prepare(*packed, *pk, {"n": 4}, None, None, False, None, False)
+    out = make_runner(fa2, call, False)(*packed, None, None)
+    name, qa, ka, va, _ = fk.Recorder.calls[-1]
+    assert qa.data_ptr() == packed[0].data_ptr() and qa.shape == qs.shape
+    assert out.shape == packed[0].shape and rel(rearrange(out, "b s (n d) -> b n s d", n=4), full_reference(q, k, v)) < 1e-5
+
+    calls = []
+
+    class Own(type(fa2)):
+        def forward(self, *args):
+            calls.append(args)
+            return super().forward(*args)
+    assert fa2.binds_native
+    monkeypatch.setattr(fa2, "__class__", Own)  # the loaded instance, with forward replaced
+    assert not fa2.binds_native
+    call = prepare(qs, ks, vs, *bsnd, None, None, None, False, None, False)
+    make_runner(fa2, call, False)(qs, ks, vs, None, None)
+    assert len(calls) == 1
