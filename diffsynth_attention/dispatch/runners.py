@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..callsite import _identity, converter
-from ..problem import CANONICAL, Call, mask_4d
+from ..problem import _AXES, CANONICAL, Call, mask_4d
 
 
 def make_runner(backend, call: Call, need_grad: bool) -> Callable:
@@ -52,7 +52,7 @@ def _native_runner(backend, call: Call):
     if not getattr(backend, "binds_native", False) or forward_native is None or native == CANONICAL or call.mask_ndim:
         return None
     layout, p = call.layout, call.problem
-    dims = tuple(pair for pair in layout.dims if pair[0] in "bnsd")
+    dims = tuple(pair for pair in layout.dims if pair[0] in _AXES)  # as the layout's own converters (problem.py)
     to_q, to_k, to_v = (converter(pattern, native, dims) for pattern in (layout.q_pattern, layout.k_pattern, layout.v_pattern))
     back = converter(native, layout.out_pattern, dims)
     causal, window = p.causal, p.window
