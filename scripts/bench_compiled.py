@@ -44,7 +44,7 @@ def operator_overhead(device, calls: int = 10000, blocks: int = 20) -> list:
     ``diffsynth_attention::kernel`` against the kernel package's own function, for every kernel
     package that is usable here. Caller layout ``b s n d``, small problem (host-bound)."""
     import diffsynth_attention as da
-    from harness.bench import default_dispatcher, dispatch_op, kernel_op
+    from harness.bench import default_dispatcher, dispatch_op, kernel_op, pack_dispatch_call
 
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     qs = torch.randn(1, 16, 2, 64, device=device, dtype=dt)
@@ -52,13 +52,13 @@ def operator_overhead(device, calls: int = 10000, blocks: int = 20) -> list:
     q, k, v = (t.transpose(1, 2) for t in (qs, ks, vs))  # b n s d views of b s n d tensors
     pat = "b s n d"
     token = default_dispatcher().trace_token
+    call = pack_dispatch_call(pat, pat, pat, pat, None, False, None, False, None)
     rows = []
     with torch.no_grad():
         decision = da.explain(qs, ks, vs, pat, pat, pat, pat).backend
         direct = direct_call(decision, q, k, v)
         t = host_us({"direct": direct,
-                      "runtime_op": lambda: dispatch_op(qs, ks, vs, pat, pat, pat, pat, None, None, None, False,
-                                                                 None, False, token)}, device, calls, blocks)
+                      "runtime_op": lambda: dispatch_op(qs, ks, vs, None, None, call, token)}, device, calls, blocks)
         rows.append({"operator": "diffsynth_attention::dispatch", "device": str(device), "backend": decision,
                      "direct_us": t["direct"], "operator_us": t["runtime_op"], "overhead_us": t["runtime_op"] - t["direct"]})
         for name, why in da.available_backends().items():

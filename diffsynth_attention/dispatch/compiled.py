@@ -29,6 +29,7 @@ run-time operator, whose first real call gates it on its own data (docs/quality.
 from __future__ import annotations
 
 import functools
+import json
 from typing import Optional
 
 import torch
@@ -45,20 +46,34 @@ _AXES = ("b", "n", "s", "d")
 # --------------------------------------------------------------------------------------------
 # Operators
 # --------------------------------------------------------------------------------------------
-_SCHEMA_ARGS = ("(Tensor q, Tensor k, Tensor v, str q_pattern, str k_pattern, str v_pattern, str out_pattern, str? dims, "
-                "Tensor? attn_mask, float? scale, bool is_causal, int? window_size, bool compatibility_mode, int dispatcher, "
-                "str? backend=None)")
 _LIB = torch.library.Library("diffsynth_attention", "DEF")
-_LIB.define("attention" + _SCHEMA_ARGS[:-1] + ", str? decision=None) -> Tensor")
-_LIB.define("dispatch" + _SCHEMA_ARGS + " -> Tensor")
+_LIB.define("attention(Tensor q, Tensor k, Tensor v, str q_pattern, str k_pattern, str v_pattern, str out_pattern, str? dims, "
+            "Tensor? attn_mask, float? scale, bool is_causal, int? window_size, bool compatibility_mode, int dispatcher, "
+            "str? backend=None, str? decision=None) -> Tensor")
+# The run-time operator takes its non-tensor arguments packed in one string, ``call`` (pack_call):
+# each argument of a Python operator costs host time to box and unbox on every call.
+_LIB.define("dispatch(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float? scale, str call, int dispatcher) -> Tensor")
 _KERNEL_ARGS = "(str backend, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float? scale, bool is_causal, int? window_size)"
 _LIB.define("kernel" + _KERNEL_ARGS + " -> Tensor")
 _LIB.define("kernel_lse" + _KERNEL_ARGS + " -> (Tensor, Tensor)")
 _LIB.define("kernel_backward(str backend, Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor out, "
             "Tensor lse, float? scale, bool is_causal, int? window_size) -> (Tensor, Tensor, Tensor)")
-_LIB.define("dispatch_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, str q_pattern, str k_pattern, str v_pattern, "
-            "str out_pattern, str? dims, Tensor? attn_mask, float? scale, bool is_causal, int? window_size, "
-            "bool compatibility_mode, int dispatcher, str? backend=None) -> (Tensor, Tensor, Tensor)")
+_LIB.define("dispatch_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float? scale, str call, "
+            "int dispatcher) -> (Tensor, Tensor, Tensor)")
+
+
+def pack_call(q_pattern: str, k_pattern: str, v_pattern: str, out_pattern: str, dims: Optional[str], is_causal: bool,
+              window_size: Optional[int], compatibility_mode: bool, backend: Optional[str]) -> str:
+    """The run-time operator's ``call`` argument: its non-tensor arguments as one JSON list (the
+    same text in every process, so the compile caches key on it)."""
+    return json.dumps([q_pattern, k_pattern, v_pattern, out_pattern, dims, is_causal, window_size, compatibility_mode, backend])
+
+
+@functools.lru_cache(maxsize=1024)
+def unpack_call(call: str) -> tuple:
+    """``(q_pattern, k_pattern, v_pattern, out_pattern, dims, is_causal, window_size,
+    compatibility_mode, backend)`` from :func:`pack_call`'s text."""
+    return tuple(json.loads(call))
 
 
 @functools.lru_cache(maxsize=256)
@@ -100,10 +115,14 @@ def _heads_vs_sequence(pattern: str) -> tuple:
 def _heads_inner(q, q_pattern: str) -> bool:
     """Whether the query has heads inside sequence in memory (``b s n d``, as projections reshaped
     to heads give it, and as FlashAttention-style kernels write their output)."""
+    return _heads_inner_at(q.stride(), q_pattern)
+
+
+def _heads_inner_at(q_stride: tuple, q_pattern: str) -> bool:
     where = _heads_vs_sequence(q_pattern)
     if len(where) == 1:
         return where[0]
-    return q.stride(where[0]) < q.stride(where[1])
+    return q_stride[where[0]] < q_stride[where[1]]
 
 
 def _out_like(q, v, q_pattern, v_pattern, out_pattern, dims):
@@ -176,8 +195,8 @@ def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, 
             qc, kc, vc = (_to(t, p, CANONICAL, dims_d) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
             out = REGISTRY["torch"].forward(qc, kc, vc, mask_4d(attn_mask), scale, bool(is_causal), None, True)
             return _to(out, CANONICAL, out_pattern, dims_d)
-        return dispatch_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
-                           window_size, compatibility_mode, dispatcher, backend)
+        return dispatch_op(q, k, v, attn_mask, scale, pack_call(q_pattern, k_pattern, v_pattern, out_pattern, dims, is_causal,
+                                                                window_size, compatibility_mode, backend), dispatcher)
     name = decision.split("|", 1)[0]  # validated when it was taken, while Dynamo traced (dispatch/baked.py)
     qc, kc, vc = (_to(t, p, CANONICAL, dims_d) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
     causal, window = bool(is_causal), window_size
@@ -194,45 +213,40 @@ def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, 
 
 
 @functools.lru_cache(maxsize=1024)
-@functools.lru_cache(maxsize=1024)
-def _out_strides(shape: tuple, out_pattern: str, dims: Optional[str], heads_inner: bool) -> tuple:
-    """The strides :func:`_out_like` declares for an output of ``shape`` in ``out_pattern``
-    (cached: the run-time operator asks on every call, and meta tensors plus einops cost ~10 us)."""
+def _restride(shape: tuple, stride: tuple, q_stride: tuple, q_pattern: str, out_pattern: str, dims: Optional[str]):
+    """None where an output of ``shape`` and ``stride`` already has the layout :func:`_out_like`
+    declares (for a query of ``q_stride`` in ``q_pattern``), else the strides it must be copied to.
+    One cached call per run-time call: meta tensors and the pattern converters cost ~10 us."""
     dims_d = dims_dict(dims)
     canon = _to(torch.empty(shape, device="meta"), out_pattern, CANONICAL, dims_d)
     b, n, s, dv = canon.shape
+    heads_inner = _heads_inner_at(q_stride, q_pattern)
     out = canon.new_empty((b, s, n, dv)).transpose(1, 2) if heads_inner else canon.new_empty((b, n, s, dv))
-    return _to(out, CANONICAL, out_pattern, dims_d).stride()
+    want = _to(out, CANONICAL, out_pattern, dims_d).stride()
+    if stride == want or all(size == 1 or have == w for size, have, w in zip(shape, stride, want)):
+        return None
+    return want
 
 
-def _same_layout(t, strides) -> bool:
-    return all(size == 1 or have == want for size, have, want in zip(t.shape, t.stride(), strides))
-
-
-def _dispatch_impl(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size,
-                   compatibility_mode, dispatcher, backend=None):
+def _dispatch_impl(q, k, v, attn_mask, scale, call, dispatcher):
     """The run-time operator: the eager hot path on the caller's tensors and patterns (so its key
-    is the one eager calls use), returning the layout the fake declares."""
+    is the one eager calls use), returning the layout the fake declares. Called with no gradient
+    to record (``_dispatch_autograd``; ``_DispatchGrad.forward`` runs with gradients off), so it
+    opens no ``no_grad`` scope (~1.8 us a call on the 2-core CPU)."""
+    q_pattern, k_pattern, v_pattern, out_pattern, dims, is_causal, window_size, compatibility_mode, backend = unpack_call(call)
     if backend is not None and backend != overrides.scope_get():  # a use_backend opened inside the compiled code
         with Scope(backend):
-            return _dispatch_impl(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
-                                  window_size, compatibility_mode, dispatcher, backend)
-    forward = lookup_dispatcher(dispatcher).forward
-    if torch.is_grad_enabled():
-        with torch.no_grad():
-            out = forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_dict(dims), attn_mask, scale,
-                          is_causal, compatibility_mode, window_size)
-    else:
-        out = forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_dict(dims), attn_mask, scale, is_causal,
-                      compatibility_mode, window_size)
-    want = _out_strides(tuple(out.shape), out_pattern, dims, _heads_inner(q, q_pattern))
-    if out.stride() != want and not _same_layout(out, want):
+            return _dispatch_impl(q, k, v, attn_mask, scale, call, dispatcher)
+    out = lookup_dispatcher(dispatcher).forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_dict(dims),
+                                                attn_mask, scale, is_causal, compatibility_mode, window_size)
+    want = _restride(out.shape, out.stride(), q.stride(), q_pattern, out_pattern, dims)
+    if want is not None:
         out = torch.empty_strided(out.shape, want, dtype=out.dtype, device=out.device).copy_(out)
     return out
 
 
-def _dispatch_fake(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size,
-                   compatibility_mode, dispatcher, backend=None):
+def _dispatch_fake(q, k, v, attn_mask, scale, call, dispatcher):
+    q_pattern, _, v_pattern, out_pattern, dims = unpack_call(call)[:5]
     return _out_like(q, v, q_pattern, v_pattern, out_pattern, dims_dict(dims))
 
 
@@ -320,10 +334,10 @@ def _kernel_backward_fake(backend, grad_out, q, k, v, attn_mask, out, lse, scale
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _dispatch_backward_impl(grad_out, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
-                            is_causal, window_size, compatibility_mode, dispatcher, backend=None):
+def _dispatch_backward_impl(grad_out, q, k, v, attn_mask, scale, call, dispatcher):
     """Differentiates the backend the dispatcher chooses for the gradient-needing key (its
     forward recomputed: the run-time operator does not know its backend at trace time)."""
+    q_pattern, k_pattern, v_pattern, out_pattern, dims, is_causal, window_size, compatibility_mode, backend = unpack_call(call)
     with torch.enable_grad(), Scope(backend):
         qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
         out = lookup_dispatcher(dispatcher).forward(qd, kd, vd, q_pattern, k_pattern, v_pattern, out_pattern,
@@ -390,30 +404,28 @@ def _kernel_autograd(backend, q, k, v, attn_mask, scale, is_causal, window_size)
 
 class _DispatchGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, *args):
-        out = dispatch_op(*args)
-        q, k, v, *rest = args
-        ctx.save_for_backward(q, k, v, rest[5])
-        ctx.args = rest[:5] + rest[6:]
+    def forward(ctx, q, k, v, attn_mask, scale, call, dispatcher):
+        out = dispatch_op(q, k, v, attn_mask, scale, call, dispatcher)
+        ctx.save_for_backward(q, k, v, attn_mask)
+        ctx.args = (scale, call, dispatcher)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, attn_mask = ctx.saved_tensors
-        q_pattern, k_pattern, v_pattern, out_pattern, dims, scale, is_causal, window_size, compat, token, *backend = ctx.args
-        dq, dk, dv = dispatch_backward_op(grad_out.contiguous(), q, k, v, q_pattern, k_pattern, v_pattern, out_pattern,
-                                          dims, attn_mask, scale, is_causal, window_size, compat, token, *backend)
-        return (dq, dk, dv) + (None,) * (len(ctx.args) + 1)
+        dq, dk, dv = dispatch_backward_op(grad_out.contiguous(), q, k, v, attn_mask, *ctx.args)
+        return dq, dk, dv, None, None, None, None
 
 
-def _dispatch_autograd(*args):
-    q, k, v = args[:3]
+def _dispatch_autograd(q, k, v, attn_mask, scale, call, dispatcher):
     if needs_grad(q, k, v):
-        return _DispatchGrad.apply(*args)
+        return _DispatchGrad.apply(q, k, v, attn_mask, scale, call, dispatcher)
+    if type(q) is torch.Tensor and attn_mask is None:  # a real call, no mask: nothing below could record a gradient
+        return _dispatch_impl(q, k, v, attn_mask, scale, call, dispatcher)
     with torch._C._AutoDispatchBelowAutograd():
         if type(q) is torch.Tensor:
-            return _dispatch_impl(*args)
-        return dispatch_op(*args)
+            return _dispatch_impl(q, k, v, attn_mask, scale, call, dispatcher)
+        return dispatch_op(q, k, v, attn_mask, scale, call, dispatcher)
 
 
 _LIB.impl("kernel", _kernel_autograd, "Autograd")

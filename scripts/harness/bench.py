@@ -50,6 +50,7 @@ _REEXPORTS = {
     "DEFAULT_POLICY": ("diffsynth_attention.tuning.policy", "DEFAULT_POLICY"),
     "default_dispatcher": ("diffsynth_attention.dispatch", "default_dispatcher"),  # what attention_forward uses
     "dispatch_op": ("diffsynth_attention.dispatch.compiled", "dispatch_op"),  # diffsynth_attention::dispatch
+    "pack_dispatch_call": ("diffsynth_attention.dispatch.compiled", "pack_call"),  # its packed non-tensor arguments
     "kernel_op": ("diffsynth_attention.dispatch.compiled", "kernel_op"),  # diffsynth_attention::kernel
     "poisons_context": ("diffsynth_attention.dispatch.faults", "poisons_context"),
     "context_broken": ("diffsynth_attention.dispatch.faults", "context_broken"),

@@ -165,7 +165,7 @@ def test_runtime_operator_returns_the_declared_layout(pattern):
     (q, k, v), canon = bsnd()
     if pattern == "b n s d":
         q, k, v = canon
-    args = (q, k, v, pattern, pattern, pattern, pattern, None, None, None, False, None, False,
+    args = (q, k, v, None, None, compiled.pack_call(pattern, pattern, pattern, pattern, None, False, None, False, None),
             default_dispatcher().trace_token)
     out = compiled.dispatch_op(*args)
     fake = compiled._dispatch_fake(*args)
