@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from typing import Callable, Optional
 
@@ -142,4 +144,6 @@ def fresh_dispatcher(policy=None, prefix: str = "da-bench-"):
     from diffsynth_attention.dispatch import Dispatcher
     from diffsynth_attention.store.cache import DecisionCache
 
-    return Dispatcher(DecisionCache(tempfile.mkdtemp(prefix=prefix)), policy=policy)
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, True)  # a scratch cache: gone when the process ends
+    return Dispatcher(DecisionCache(folder), policy=policy)

@@ -4,6 +4,7 @@ in fresh processes (``python scripts/tuning_report.py _tune ...``)."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -188,7 +189,15 @@ def shapes_file(shapes: list) -> str:
     fd, path = tempfile.mkstemp(prefix="da-shapes-", suffix=".json")
     with os.fdopen(fd, "w") as fh:
         json.dump({"shapes": shapes}, fh)
+    atexit.register(_unlink, path)
     return path
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 # -- hidden children ---------------------------------------------------------------------------------------

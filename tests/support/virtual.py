@@ -7,7 +7,9 @@ tests assert on decisions without depending on this machine's speed or load. A f
 its output once per set of inputs and returns that prepared tensor afterwards, so a test that
 makes thousands of timed calls runs no attention at all after the first.
 """
+import atexit
 import random
+import shutil
 import tempfile
 
 from diffsynth_attention.backends import PREFERENCE, REGISTRY
@@ -143,7 +145,9 @@ def dispatcher(policy):
     """A dispatcher of its own with ``policy``, over a fresh cache folder."""
     import diffsynth_attention as da
 
-    return da.Dispatcher(da.DecisionCache(tempfile.mkdtemp(prefix="da-virtual-")), policy=policy)
+    folder = tempfile.mkdtemp(prefix="da-virtual-")
+    atexit.register(shutil.rmtree, folder, True)  # the suite makes ~80 of them: none left behind
+    return da.Dispatcher(da.DecisionCache(folder), policy=policy)
 
 
 def tune_virtual(monkeypatch, q, k, v, budget=5.0, policy=None, **fakes):
