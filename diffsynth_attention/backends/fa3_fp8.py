@@ -103,6 +103,7 @@ class FlashAttention3FP8(FlashAttention3):
     window = False
     efficiency = 0.95  # FP8 kernel 1.26-1.35x bf16 FlashAttention-3 (H100, issue 32), quantisation extra
     launch_ms = 0.06  # the quantisation's few kernels
+    head_dim_multiple = 16  # FP8 mha_fwd: "head_size should be a multiple of 16" (H100, d 40)
     forward_lse = None  # no log-sum-exp route: not an LSE backend (integrations/lse.py)
 
     def declare_build(self, flags: dict) -> None:

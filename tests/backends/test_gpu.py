@@ -12,6 +12,7 @@ import torch
 import diffsynth_attention as da
 from diffsynth_attention.backends import REGISTRY, device_info
 from diffsynth_attention.problem import prepare
+from diffsynth_attention.tiers import BOUNDS
 from diffsynth_attention.tuning.reference import reference_slice, relative_l1
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -29,6 +30,16 @@ PROBLEMS = {
 # it may be used. Here it must stay finite, and the known failure (0.29 with 77 keys on Hopper)
 # is recorded as an expected failure rather than hidden.
 TOL = {"sage_attention": 0.05}
+
+
+def _tolerance(name: str) -> float:
+    """The exact kernels' 5e-3; a low-precision kernel (FP8) is held to the bound of the most
+    permissive quality tier, the one that may admit it (tiers.BOUNDS; the exact tier never times it)."""
+    if name in TOL:
+        return TOL[name]
+    if REGISTRY[name].low_precision:
+        return max(b.rel_l1 for b in BOUNDS.values())
+    return 0.005
 
 
 def _inputs(spec, layout="b n s d"):
@@ -66,7 +77,7 @@ def test_backend_matches_fp32_reference(name, problem):
     assert err != float("inf"), f"{name} on {problem}: NaN or Inf in the output"
     if name == "sage_attention" and err > TOL[name]:
         pytest.xfail(f"sage_attention on {problem}: error {err:.3g} (the numeric gate rejects it)")
-    assert err <= TOL.get(name, 0.005), f"{name} on {problem}: error {err:.3g}"
+    assert err <= _tolerance(name), f"{name} on {problem}: error {err:.3g}"
 
 
 @pytest.mark.parametrize("layout", ["b s n d", "b s (n d)"])
@@ -85,7 +96,7 @@ def test_layouts_reach_every_backend(layout, monkeypatch, tmp_path):
         with da.use_backend(name), torch.no_grad():
             out = da.attention_forward(qs, ks, vs, layout, layout, layout, "b n s d", dims=dims)
         err = relative_l1(out[0], ref[0])
-        assert err < 0.005, (name, layout, err)
+        assert err < _tolerance(name), (name, layout, err)
 
 
 def test_cuda_graph_capture_never_tunes_and_replays_the_decision(monkeypatch, tmp_path):
@@ -93,8 +104,10 @@ def test_cuda_graph_capture_never_tunes_and_replays_the_decision(monkeypatch, tm
     spec = PROBLEMS["self_d128"]
     q, k, v = _inputs(spec)
     with torch.no_grad():
-        decided = da.explain(q, k, v).backend  # tuned before capture
-        eager = da.attention_forward(q, k, v)
+        decision = da.explain(q, k, v).decision  # tuned before capture
+        decided = decision.backend_for("cudagraph")  # a capture runs the decision's CUDA-graph pick
+        with da.use_backend(decided):
+            eager = da.attention_forward(q, k, v)
         tunings = da.stats()["tunings"]
         new_q = torch.randn(1, 8, 640, 128, device="cuda", dtype=torch.bfloat16)  # a key never seen
         s = torch.cuda.Stream()
@@ -195,10 +208,12 @@ def test_compiled_backend_matches_fp32_forward_and_backward(name, mode, monkeypa
 
 
 @pytest.mark.parametrize("pattern", ["b s n d", "b n s d"])
-def test_default_compile_bakes_then_runs_the_runtime_operator_without_copies(pattern, monkeypatch, tmp_path):
-    """On the GPU: the default torch.compile bakes its first shape's decision (tuned at
-    trace time), then with a symbolic sequence length calls the run-time operator, whose output
-    has the declared strides (no copy in the graph), for every later length without recompiling."""
+def test_default_compile_bakes_every_length_by_bucket_without_copies(pattern, monkeypatch, tmp_path):
+    """On the GPU: the default torch.compile bakes its first shape's decision (tuned at trace
+    time); once a second length makes the sizes symbolic, each new length bucket is traced once
+    and baked behind a guard on that bucket (dispatch/baked.py). No graph keeps the run-time
+    operator where decisions exist, none copies, and compiles stay within one per bucket."""
+    from diffsynth_attention.store.neighbours import seq_bucket
     from support.compile_helpers import Recorder
 
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_CACHE_DIR", str(tmp_path))
@@ -206,7 +221,8 @@ def test_default_compile_bakes_then_runs_the_runtime_operator_without_copies(pat
     rec = Recorder()
     pat = (pattern,) * 4
     f = torch.compile(lambda q, k, v: da.attention_forward(q, k, v, *pat), fullgraph=True, backend=rec)
-    for s in (1000, 1560, 2200, 3120):
+    lengths = (1000, 1560, 2200, 3120)
+    for s in lengths:
         g = torch.Generator(device="cuda").manual_seed(s)
         q, k, v = (torch.randn(1, s, 12, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         if pattern == "b n s d":
@@ -216,8 +232,8 @@ def test_default_compile_bakes_then_runs_the_runtime_operator_without_copies(pat
         bnsd = (lambda t: t) if pattern == "b n s d" else (lambda t: t.transpose(1, 2))
         ref = torch.nn.functional.scaled_dot_product_attention(*(bnsd(t).float() for t in (q, k, v)))
         assert relative_l1(bnsd(out).float(), ref) < 0.01
-    assert rec.compiles == 2 and rec.runs == 4
-    assert not any("diffsynth" in t for t in rec.targets(0))  # the first shape: the backend itself
-    names = rec.targets(-1)
-    assert "diffsynth_attention.dispatch.default" in names
-    assert not any("clone" in t or "copy" in t or "contiguous" in t for t in names)
+    assert rec.runs == len(lengths) and 2 <= rec.compiles <= 1 + len({seq_bucket(s) for s in lengths[1:]})
+    for i in range(rec.compiles):
+        names = rec.targets(i)
+        assert "diffsynth_attention.dispatch.default" not in names, (i, names)  # every length was decided
+        assert not any("clone" in t or "copy" in t or "contiguous" in t for t in names), (i, names)

@@ -285,9 +285,9 @@ def test_gpu_every_exact_kernel_passes_the_tolerance_of_its_dtype(dtype):
         heads = [0, spec["hq"] - 1]
         ref = reference.reference_slice(qc, kc, vc, None, None, spec["causal"], None, heads)
         for name, backend in REGISTRY.items():
-            if name == "sage_attention" or backend.unavailable_reason() or backend.not_supported_reasons(
+            if name == "sage_attention" or not backend.exact or backend.unavailable_reason() or backend.not_supported_reasons(
                     call.problem, device_info(q.device)):
-                continue  # the 8-bit kernel is meant to fail; the others must pass
+                continue  # the 8-bit and FP8 kernels are meant to fail; the exact ones must pass
             with torch.no_grad():
                 out = backend.forward(qc, kc, vc, None, None, spec["causal"], None, False)
             err = reference.relative_l1(out[0, heads], ref)
