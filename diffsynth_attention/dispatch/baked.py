@@ -37,7 +37,8 @@ from typing import Optional
 
 import torch
 
-from .. import overrides, tiers
+from ..overrides import trace_scope
+from ..tiers import trace_scoped
 from ..backends import REGISTRY
 from ..request import Request
 from ..states import TIMED
@@ -309,9 +310,9 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     scale = None if scale is None else float(scale)
     is_causal, compatibility_mode = bool(is_causal), bool(compatibility_mode)
     token = int(d.trace_key)  # a constant: dynamic=True makes an int attribute symbolic, never a str
-    backend = overrides.trace_scope()
+    backend = trace_scope()
     epoch = d.regate_epoch  # an argument of the bakes, so Dynamo guards on it (dispatch/regate.py)
-    quality = tiers.trace_scoped()  # read here so Dynamo guards on the calling context's quality scope
+    quality = trace_scoped()  # read here so Dynamo guards on the calling context's quality scope
     decision = None
     if _static(q, k, v, attn_mask):
         decision = bake(token, _meta(q), _meta(k), _meta(v), _meta(attn_mask), q_pattern, k_pattern, v_pattern, out_pattern,
