@@ -104,7 +104,11 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
                      "tuning_seconds": [r["problems"][j].get("tuning_seconds") for r in runs],
                      "compile_seconds": [r["problems"][j].get("compile_seconds") for r in runs],
                      "candidates": [r["problems"][j].get("candidates", {}) for r in runs], **graph_row})
-    return write_repeat(rows, device, n, samples, out_dir, stem)
+        # written after every problem: a run cut short by its time limit still leaves the problems scored so far
+        result = write_repeat(rows, device, n, samples, out_dir, stem)
+        print(f"scored {shape['name']}: worst/best {rows[-1]['worst_vs_best']:.3f}"
+              + (f", graphs {graph_row['graph']['worst_vs_best']:.3f}" if graph_row else ""), flush=True)
+    return result
 
 
 def write_repeat(rows: list, device, n: int, samples: int, out_dir: Path, stem=None) -> dict:
