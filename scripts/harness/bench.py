@@ -9,7 +9,8 @@ A development module: it lives in ``scripts/harness/`` and is not installed with
 - :func:`host_us`: host microseconds per call of several functions, interleaved blocks;
 - :func:`shapes`, :func:`inputs`: the problems of the shape suite, random q, k, v for one;
 - :func:`backend_call`: a backend called as a plan would call it (conversions included);
-  :func:`diffsynth_fixed`: the backend DiffSynth-Studio's fixed priority list picks;
+  :func:`diffsynth_fixed`: the backend DiffSynth-Studio's fixed priority list picks, and
+  :func:`diffsynth_call`: that backend called as DiffSynth-Studio calls it;
   :func:`servable`: the backends that serve a problem and pass the accuracy gate;
 - :func:`direct_call`: the cheapest hand-written call of a backend's kernel, the baseline of
   every overhead figure; :func:`hit_overhead`: ``attention_forward`` on a cache hit against it;
@@ -37,7 +38,7 @@ from typing import Callable, Optional
 import torch
 
 from diffsynth_attention.tuning.timing import Timer, interleaved, round_order
-from .bench_calls import backend_call, diffsynth_fixed, fresh_dispatcher, inputs, servable, shapes, sync
+from .bench_calls import backend_call, diffsynth_call, diffsynth_fixed, fresh_dispatcher, inputs, servable, shapes, sync
 
 # name here: (module, name there), imported on first use (some of them import a lot, or patch).
 _REEXPORTS = {
@@ -80,7 +81,7 @@ _REEXPORTS = {
     "gate_head_errors": ("diffsynth_attention.dispatch.lowprec", "head_errors"),  # the low-precision gate's per-head check
 }
 
-__all__ = ["CompileRecorder", "Timer", "backend_call", "diffsynth_fixed", "direct_call", "environment", "fresh_dispatcher",
+__all__ = ["CompileRecorder", "Timer", "backend_call", "diffsynth_call", "diffsynth_fixed", "direct_call", "environment", "fresh_dispatcher",
            "geomean", "hit_overhead", "host_us", "inputs", "interleaved", "round_order", "save_result", "servable",
            "shapes", "sync"]
 __all__ += sorted(_REEXPORTS)

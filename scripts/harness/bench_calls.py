@@ -3,6 +3,7 @@
 - :func:`shapes` and :func:`inputs`: the problems of the shape suite and random q, k, v for one;
 - :func:`backend_call`: a backend called as a plan would call it (layout conversions included);
 - :func:`diffsynth_fixed`: the backend DiffSynth-Studio's fixed priority list would pick;
+  :func:`diffsynth_call`: that backend called as DiffSynth-Studio calls it;
 - :func:`servable`: every backend that serves a problem here and passes the tuner's accuracy gate;
 - :func:`fresh_dispatcher`: a dispatcher on an empty cache folder of its own.
 """
@@ -74,6 +75,50 @@ def backend_call(name: str, q, k, v, **attention_kwargs) -> Optional[Callable]:
     mask, scale = attention_kwargs.get("attn_mask"), attention_kwargs.get("scale")
     run = make_runner(backend, _call(q, k, v, attention_kwargs), False)
     return lambda: run(q, k, v, mask, scale)
+
+
+# DiffSynth-Studio 2.1 (diffsynth/core/attention/attention.py): the layout each of its backend
+# functions rearranges q, k and v into, and how it calls the package's public function.
+_DIFFSYNTH_LAYOUT = {"torch": _BNSD, "sage_attention": _BNSD, "xformers": "b s n d", "flash_attention_2": "b s n d",
+                     "flash_attention_3": "b s n d", "flash_attention_4": "b s n d", "customized_fa_kernel": "b s n d"}
+
+
+def diffsynth_call(name: str, q, k, v, **attention_kwargs) -> Optional[Callable]:
+    """Backend ``name`` called as DiffSynth-Studio's ``attention_forward`` calls it: einops
+    ``rearrange`` of q, k and v into the package's layout (where the caller's differs), the
+    package's public function (``flash_attn_func``, ``sageattn``, ``memory_efficient_attention``,
+    or ``F.scaled_dot_product_attention``), the first element of a tuple result, and ``rearrange``
+    back. What the "DiffSynth fixed" column times: this library's own adapters call the kernels
+    more cheaply (thin calls), which would flatter DiffSynth's rule. None where ``name`` is
+    unavailable here or DiffSynth-Studio has no function for it."""
+    from einops import rearrange
+
+    from diffsynth_attention.backends import REGISTRY
+
+    layout = _DIFFSYNTH_LAYOUT.get(name)
+    backend = REGISTRY.get(name)
+    if layout is None or backend is None or backend.unavailable_reason() is not None:
+        return None
+    pats = [attention_kwargs.get(f"{t}_pattern", _BNSD) for t in "qkv"]
+    out_pattern, dims = attention_kwargs.get("out_pattern", _BNSD), attention_kwargs.get("dims") or {}
+    scale, causal, window = attention_kwargs.get("scale"), attention_kwargs.get("is_causal", False), attention_kwargs.get("window_size")
+    mask = attention_kwargs.get("attn_mask")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    func = getattr(backend, "_func", None)
+    win = (window, window) if window is not None else (-1, -1)
+    kernel = {"torch": lambda a, b, c: sdpa(a, b, c, mask, scale=scale, is_causal=causal,
+                                            **({"enable_gqa": True} if a.shape[1] != b.shape[1] else {})),
+              "sage_attention": lambda a, b, c: func(a, b, c, sm_scale=scale),
+              "xformers": lambda a, b, c: func(a, b, c, scale=scale)}.get(
+        name, lambda a, b, c: func(a, b, c, softmax_scale=scale, causal=causal, window_size=win))
+
+    def run():
+        a, b, c = (t if p == layout else rearrange(t, f"{p} -> {layout}", **dims) for t, p in zip((q, k, v), pats))
+        out = kernel(a, b, c)
+        if isinstance(out, tuple):
+            out = out[0]
+        return out if out_pattern == layout else rearrange(out, f"{layout} -> {out_pattern}", **dims)
+    return run
 
 
 def diffsynth_fixed(q, k, v, **attention_kwargs) -> str:

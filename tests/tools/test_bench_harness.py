@@ -54,3 +54,30 @@ def test_servable_gates_against_the_call_it_was_given(layout, scale):
         kw["scale"] = scale
     methods, why = bench.servable(q, k, v, **kw)
     assert "torch" in methods, why.get("torch")
+
+
+@pytest.mark.parametrize("layout", ["b n s d", "b s n d"])
+def test_diffsynth_call_calls_the_package_as_diffsynth_studio_does(layout, monkeypatch):
+    """The "DiffSynth fixed" column's call: q, k and v rearranged into the package's layout
+    (b s n d for FlashAttention), the package's own function with DiffSynth-Studio's keywords, the
+    first element of a tuple, and the output rearranged back; SDPA for ``torch``."""
+    q, k, v, kw = bench.inputs(SHAPE, "cpu", layout, torch.Generator().manual_seed(0))
+    with torch.no_grad(), da.use_backend("torch"):
+        want = da.attention_forward(q, k, v, **kw)
+        assert torch.allclose(bench.diffsynth_call("torch", q, k, v, **kw)(), want, atol=1e-5)
+    seen = {}
+
+    def flash_attn_func(a, b, c, softmax_scale=None, causal=False, window_size=(-1, -1)):
+        seen.update(shape=tuple(a.shape), contiguous=a.is_contiguous(), scale=softmax_scale, causal=causal, window=window_size)
+        out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (a, b, c)), is_causal=causal)
+        return out.transpose(1, 2), None
+
+    backend = bench.REGISTRY["flash_attention_3"]
+    monkeypatch.setattr(backend, "_func", flash_attn_func, raising=False)
+    monkeypatch.setattr(type(backend), "unavailable_reason", lambda self: None)
+    with torch.no_grad():
+        got = bench.diffsynth_call("flash_attention_3", q, k, v, **kw)()
+    assert seen == {"shape": (1, 16, 2, 32), "contiguous": layout == "b s n d", "scale": None, "causal": True,
+                    "window": (-1, -1)}
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    assert bench.diffsynth_call("no_such_backend", q, k, v, **kw) is None
