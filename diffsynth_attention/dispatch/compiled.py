@@ -230,9 +230,9 @@ def _restride(shape: tuple, stride: tuple, q_stride: tuple, q_pattern: str, out_
 
 def _dispatch_impl(q, k, v, attn_mask, scale, call, dispatcher):
     """The run-time operator: the eager hot path on the caller's tensors and patterns (so its key
-    is the one eager calls use), returning the layout the fake declares. Called with no gradient
-    to record (``_dispatch_autograd``; ``_DispatchGrad.forward`` runs with gradients off), so it
-    opens no ``no_grad`` scope (~1.8 us a call on the 2-core CPU)."""
+    is the one eager calls use), returning the layout the fake declares. It opens no ``no_grad``
+    scope (~1.8 us a call on the 2-core CPU): its callers do where gradients could be on
+    (``_dispatch_autograd``; ``_DispatchGrad.forward`` runs with them off)."""
     q_pattern, k_pattern, v_pattern, out_pattern, dims, is_causal, window_size, compatibility_mode, backend = unpack_call(call)
     if backend is not None and backend != overrides.scope_get():  # a use_backend opened inside the compiled code
         with Scope(backend):
@@ -424,7 +424,7 @@ def _dispatch_autograd(q, k, v, attn_mask, scale, call, dispatcher):
         return _DispatchGrad.apply(q, k, v, attn_mask, scale, call, dispatcher)
     if type(q) is torch.Tensor and attn_mask is None:  # a real call, no mask: nothing below could record a gradient
         return _dispatch_impl(q, k, v, attn_mask, scale, call, dispatcher)
-    with torch._C._AutoDispatchBelowAutograd():
+    with torch._C._AutoDispatchBelowAutograd(), torch.no_grad():  # a mask needing grad: this key has none
         if type(q) is torch.Tensor:
             return _dispatch_impl(q, k, v, attn_mask, scale, call, dispatcher)
         return dispatch_op(q, k, v, attn_mask, scale, call, dispatcher)

@@ -88,21 +88,30 @@ def diffsynth_call(name: str, q, k, v, **attention_kwargs) -> Optional[Callable]
     ``rearrange`` of q, k and v into the package's layout (where the caller's differs), the
     package's public function (``flash_attn_func``, ``sageattn``, ``memory_efficient_attention``,
     or ``F.scaled_dot_product_attention``), the first element of a tuple result, and ``rearrange``
-    back. What the "DiffSynth fixed" column times: this library's own adapters call the kernels
-    more cheaply (thin calls), which would flatter DiffSynth's rule. None where ``name`` is
-    unavailable here or DiffSynth-Studio has no function for it."""
+    back; masked calls, and causal or windowed ones set to SageAttention or xFormers, take its
+    torch route, as there. What the "DiffSynth fixed" column times: this library's own adapters
+    call the kernels more cheaply (thin calls), which would flatter DiffSynth's rule. None where
+    ``name`` is unavailable here or DiffSynth-Studio has no function for it."""
     from einops import rearrange
 
     from diffsynth_attention.backends import REGISTRY
 
+    scale, causal, window = attention_kwargs.get("scale"), attention_kwargs.get("is_causal", False), attention_kwargs.get("window_size")
+    mask = attention_kwargs.get("attn_mask")
+    # DiffSynth-Studio's routing: a mask goes to its torch route whatever the setting, and so do
+    # causal or windowed calls set to SageAttention or xFormers (which it calls without either)
+    if mask is not None or name in ("sage_attention", "xformers") and (causal or window is not None):
+        name = "torch"
+    if name == "torch" and window is not None:
+        # its sliding-window route is a Python loop over query chunks: not mirrored here; this
+        # library's own windowed SDPA call (the same result, cheaper) stands in for it
+        return backend_call("torch", q, k, v, **attention_kwargs)
     layout = _DIFFSYNTH_LAYOUT.get(name)
     backend = REGISTRY.get(name)
     if layout is None or backend is None or backend.unavailable_reason() is not None:
         return None
     pats = [attention_kwargs.get(f"{t}_pattern", _BNSD) for t in "qkv"]
     out_pattern, dims = attention_kwargs.get("out_pattern", _BNSD), attention_kwargs.get("dims") or {}
-    scale, causal, window = attention_kwargs.get("scale"), attention_kwargs.get("is_causal", False), attention_kwargs.get("window_size")
-    mask = attention_kwargs.get("attn_mask")
     sdpa = torch.nn.functional.scaled_dot_product_attention
     func = getattr(backend, "_func", None)
     win = (window, window) if window is not None else (-1, -1)

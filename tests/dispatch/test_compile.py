@@ -174,6 +174,21 @@ def test_runtime_operator_returns_the_declared_layout(pattern):
     assert rel(out if pattern == "b n s d" else out.transpose(1, 2), ref) < 1e-5
 
 
+def test_runtime_operator_keys_a_masked_call_without_gradient(caplog):
+    """The run-time operator differentiates q, k and v only. Called under grad mode with a mask that
+    requires grad (and q, k, v that do not), it keys the call as gradient-free, as eager keys it:
+    not a gradient key that every candidate then fails below autograd and falls back from."""
+    from diffsynth_attention.dispatch import compiled, default_dispatcher
+
+    (q, k, v), canon = bsnd()
+    mask = torch.zeros(1, 1, 32, 32, requires_grad=True)
+    call = compiled.pack_call("b s n d", "b s n d", "b s n d", "b s n d", None, False, None, False, None)
+    with caplog.at_level("WARNING", logger="diffsynth_attention"):
+        out = compiled.dispatch_op(q, k, v, mask, None, call, default_dispatcher().trace_token)
+    assert not out.requires_grad and rel(out.transpose(1, 2), full_reference(*canon)) < 1e-5
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], [r.getMessage() for r in caplog.records]
+
+
 def test_bad_input_raises_at_trace_time_naming_the_argument():
     (q, k, v), _ = bsnd()
     model = torch.compile(lambda q, k, v: da.attention_forward(q, k, v, "b s n d", "b s n d", "b s n d", "b s n d",

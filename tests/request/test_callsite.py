@@ -71,3 +71,13 @@ def test_converter_packs_and_unpacks_with_the_lengths_dims_gives():
     assert torch.equal(callsite.convert(canonical, "b n s d", "b s (n d)"), x)
     with pytest.raises(Exception):  # no length for a packed pair: einops cannot split it
         callsite.convert(x, "b s (n d)", "b n s d")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (2, 3, 4, 5, 6)])
+def test_a_reordering_converter_refuses_a_tensor_of_another_rank(shape):
+    """A swap of two axes runs as transpose, which would take a tensor of any rank; a converter
+    refuses what permute refuses (a 3-d or 5-d tensor for a 4-axis pattern), as einops does."""
+    with pytest.raises(RuntimeError):
+        callsite.convert(torch.randn(*shape), "b s n d", "b n s d")
+    x = torch.randn(2, 3, 4, 5)
+    assert callsite.convert(x, "b s n d", "b n s d").stride() == x.permute(0, 2, 1, 3).stride()

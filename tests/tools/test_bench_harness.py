@@ -81,3 +81,22 @@ def test_diffsynth_call_calls_the_package_as_diffsynth_studio_does(layout, monke
                     "window": (-1, -1)}
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
     assert bench.diffsynth_call("no_such_backend", q, k, v, **kw) is None
+
+
+@pytest.mark.parametrize("name", ["sage_attention", "xformers"])
+def test_diffsynth_call_routes_masked_and_causal_calls_to_sdpa_as_diffsynth_studio_does(name, monkeypatch):
+    """DiffSynth-Studio calls SageAttention and xFormers without a causal flag or a mask: it sends
+    such calls to its torch route. The package's function must not be timed (or trusted) there."""
+    backend = bench.REGISTRY[name]
+    called = []
+    monkeypatch.setattr(backend, "_func", lambda *a, **kw: called.append(kw), raising=False)
+    monkeypatch.setattr(type(backend), "unavailable_reason", lambda self: None)
+    q, k, v, kw = bench.inputs(SHAPE, "cpu", "b n s d", torch.Generator().manual_seed(0))  # causal
+    with torch.no_grad(), da.use_backend("torch"):
+        want = da.attention_forward(q, k, v, **kw)
+        got = bench.diffsynth_call(name, q, k, v, **kw)()
+        mask = torch.rand(1, 1, 16, 16) > 0.3
+        masked = bench.diffsynth_call(name, q, k, v, attn_mask=mask)()
+        want_masked = da.attention_forward(q, k, v, attn_mask=mask)
+    assert not called
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(masked, want_masked, atol=1e-5)
