@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project measures on the GPU machine (see ../shared/gpu/README.md), by phase.
 # Usage there, after staging the kernel wheels a, b, c and d and `source /tmp/gpu-site/env.sh`:
-#   bash scripts/gpu_session.sh PHASE...     (results and logs under $RES, default $OUT or ./gpu-out)
+#   [SESSION=s5] bash scripts/gpu_session.sh PHASE...     (results and logs under $RES, default $OUT or ./gpu-out)
 # Single-GPU phases honour CUDA_VISIBLE_DEVICES, so two can run side by side on a 2-GPU machine.
 set -uo pipefail
 res=${RES:-${OUT:-gpu-out}}; mkdir -p "$res"
@@ -10,6 +10,17 @@ day=$(date -u +%F)
 DEV=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | sed 's/NVIDIA //; s/ /-/g')}
 late="/tmp/gpu-site:/tmp/gpu-site/nvidia_cutlass_dsl/dsl_packages"
 nodiff=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v gpu-site | paste -sd:)
+# SESSION=s5: every result file named <DEV>-<day>-... becomes <DEV>-<day>-s5-... (NOTES.md's names)
+stamp() {
+  [ -n "${SESSION:-}" ] || return 0
+  local f base
+  for f in "$res/${DEV:-GPU}-$day-"* "$res/H200x2-$day-"*; do
+    [ -e "$f" ] || continue
+    base=$(basename "$f")
+    case $base in *"-$day-$SESSION-"*) continue ;; esac
+    mv "$f" "$res/${base/-$day-/-$day-$SESSION-}"
+  done
+}
 for phase in "$@"; do
   case $phase in
     info) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$res/gpu_info.txt"
@@ -39,4 +50,5 @@ for phase in "$@"; do
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
   echo "phase $phase: rc $?" | tee -a "$res/phases.log"
+  stamp
 done
