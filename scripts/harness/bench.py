@@ -69,6 +69,7 @@ _REEXPORTS = {
     "render_entry": ("diffsynth_attention.store.codec", "render_entry"),  # an entry file's text, in the current schema
     "index_neighbours": ("diffsynth_attention.store.group_index", "add"),  # the persisted neighbour index's markers
     "neighbour_distance": ("diffsynth_attention.store.key", "neighbour_distance"),
+    "warm_split": ("diffsynth_attention.tools.torchrun", "split"),  # how warm under torchrun assigns problems to ranks
     "BUCKETS_PER_OCTAVE": ("diffsynth_attention.store.key", "BUCKETS_PER_OCTAVE"),
     "QUALITY_BOUNDS": ("diffsynth_attention.tiers", "BOUNDS"),  # the quality tiers' bounds (docs/quality.md)
     "quantize_fp8": ("diffsynth_attention.backends.fa3_fp8", "fused_quantize"),  # FlashAttention-3 FP8's quantisation, as it runs
