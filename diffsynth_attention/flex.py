@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from .callsite import convert, is_compiling
+from .problem import check_layout
 
 from . import process
 
@@ -106,9 +107,9 @@ def flex_attention_forward(q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_
         raise ValueError(f"window_size={window_size!r} must be a non-negative int")
     if window_size is not None and is_causal:
         raise ValueError("window_size cannot be combined with is_causal=True")
+    if not is_compiling():  # a trace fails on a bad pattern too, in the converter (einops is not traced here)
+        check_layout((q, k, v), q_pattern, k_pattern, v_pattern, out_pattern, dims)
     dims = {} if dims is None else dict(dims)
-    if not isinstance(dims, dict):
-        raise TypeError(f"dims must be a dict of axis lengths, got {type(dims).__name__}")
     canon = "b n s d"
     qc, kc, vc = (convert(t, p, canon, dims) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
     block_mask, tensor_mask = None, None

@@ -1,5 +1,7 @@
 """``use_flex`` / ``score_mod`` with DiffSynth-Studio 2.1.12's meaning (flex attention),
 compared with DiffSynth's own module on the CPU (both eager: compiling flex here takes minutes)."""
+import re
+
 import pytest
 import torch
 from einops import rearrange
@@ -87,3 +89,19 @@ def test_attention_forward_takes_diffsynths_use_flex_and_score_mod():
     biased = da.attention_forward(q, k, v, score_mod=_bias)
     assert rel(biased, flex.flex_attention_forward(q, k, v, score_mod=_bias)) < 1e-6
     assert rel(biased, plain) > 1e-3  # the score_mod was applied, not dropped
+
+
+@pytest.mark.parametrize("args,named", [
+    (dict(out_pattern="b s n"), "out_pattern='b s n' lacks 'd'"),
+    (dict(k_pattern="b s n d e"), "k_pattern='b s n d e' has unknown axes 'e'"),
+    (dict(q=torch.randn(1, 16, 8)), "q_pattern='b s n d' has 4 axes but q has 3 dims"),
+    (dict(dims=[2]), "dims must be a dict"),
+])
+def test_flex_names_a_bad_pattern_or_rank_as_attention_forward_does(args, named):
+    """Flex attention takes the same patterns as attention_forward: a wrong one is refused with the
+    same message, naming the argument, not with a permute error from inside (or, for a swap of two
+    axes, no error and a tensor of the wrong rank)."""
+    q = torch.randn(1, 16, 2, 8)
+    call = dict(q=q, k=q, v=q, q_pattern="b s n d", k_pattern="b s n d", v_pattern="b s n d", out_pattern="b s n d") | args
+    with pytest.raises((ValueError, TypeError), match=re.escape(named)):
+        flex.flex_attention_forward(**call)
