@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from harness.bench import direct_call, environment, hit_overhead, host_us, interleaved, save_result  # noqa: E402
 
+HIT_PATH_TARGET_US = {"cuda": 2.0, "cpu": 2.5}  # issue 29: the GPU machine's host; the 2-core CPU (--overhead-only)
+
 
 def operator_overhead(device, calls: int = 10000, blocks: int = 20) -> list:
     """Host time per call of this library's two graph operators, each against what it wraps:
@@ -243,7 +245,8 @@ def summarize(rows: list, overhead: list, cpu: dict | None) -> dict:
         wm = max(small) if small else w
         targets["reduce-overhead within 5% of a manual CUDA graph (small problems)"] = (wm <= 1.05, f"worst {wm:.3f}x on problems under 0.1 ms")
     for o in overhead:
-        targets[f"hit path <= 1.5 us over the cheapest call ({o['device']}, {o['backend']})"] = (o["overhead_us"] <= 1.5, f"{o['overhead_us']:.2f} us")
+        limit = HIT_PATH_TARGET_US[o["device"].split(":")[0]]
+        targets[f"hit path <= {limit} us over the cheapest call ({o['device']}, {o['backend']})"] = (o["overhead_us"] <= limit, f"{o['overhead_us']:.2f} us")
     if cpu:
         targets["CPU: small compiled module within 5% of SDPA"] = (cpu["ratio"] <= 1.05, f"{cpu['ratio']:.3f}x")
     return {k: {"met": bool(v[0]), "value": v[1]} for k, v in targets.items()}

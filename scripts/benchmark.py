@@ -149,7 +149,9 @@ def summarize(rows, overhead) -> dict:
                       for r in rows if r["auto_vs_best"] > 1.03) or "none over 1.03x"),
         ">= 1.15x faster than SDPA default on wan13b_480p_self": (bool(wan and wan["speedup_vs_sdpa"] >= 1.15), f"{wan['speedup_vs_sdpa']:.3f}x" if wan else "not run"),
         ">= 1.4x faster than DiffSynth fixed priority (geomean)": (bool(gm_fixed and gm_fixed >= 1.4), f"{gm_fixed:.3f}x" if gm_fixed else "n/a"),
-        "dispatch overhead <= 1.5 us per call": (all(o["overhead_us"] <= 1.5 for o in overhead), ", ".join(f"{o['device']} {o['overhead_us']:.2f} us" for o in overhead)),
+        "dispatch overhead <= 2 us per call on a GPU's host, 2.5 us on a CPU (issue 29)": (
+            all(o["overhead_us"] <= (2.0 if o["device"].startswith("cuda") else 2.5) for o in overhead),
+            ", ".join(f"{o['device']} {o['overhead_us']:.2f} us" for o in overhead)),
         "do no harm: auto >= 0.97x SDPA default on every problem": (
             all(r["speedup_vs_sdpa"] >= 0.97 for r in rows if r["speedup_vs_sdpa"]),
             "worst " + ", ".join(f"{r['name']} {r['speedup_vs_sdpa']:.3f}x" for r in sorted(rows, key=lambda r: r["speedup_vs_sdpa"] or 9)[:2])
