@@ -107,11 +107,13 @@ def flex_attention_forward(q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_
         raise ValueError(f"window_size={window_size!r} must be a non-negative int")
     if window_size is not None and is_causal:
         raise ValueError("window_size cannot be combined with is_causal=True")
-    if not is_compiling():  # a trace fails on a bad pattern too, in the converter (einops is not traced here)
-        check_layout((q, k, v), q_pattern, k_pattern, v_pattern, out_pattern, dims)
-    dims = {} if dims is None else dict(dims)
     canon = "b n s d"
-    qc, kc, vc = (convert(t, p, canon, dims) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
+    if is_compiling():  # a trace fails on a bad pattern too, in the converter (einops is not traced here)
+        dims = {} if dims is None else dict(dims)
+        qc, kc, vc = (convert(t, p, canon, dims) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
+    else:
+        qc, kc, vc = check_layout((q, k, v), q_pattern, k_pattern, v_pattern, out_pattern, dims)
+        dims = {} if dims is None else dict(dims)
     block_mask, tensor_mask = None, None
     if isinstance(attn_mask, torch.Tensor):
         if attn_mask.dtype != torch.bool and attn_mask.dtype != qc.dtype:

@@ -204,13 +204,13 @@ def compile_layout(q_pattern: str, k_pattern: str, v_pattern: str, out_pattern: 
     return Layout(q_pattern, k_pattern, v_pattern, out_pattern, dims, to, back, identity)
 
 
-def check_layout(tensors: tuple, q_pattern: str, k_pattern: str, v_pattern: str, out_pattern: str, dims) -> None:
-    """Raise what :func:`prepare` raises for bad patterns, dims, or q, k, v whose rank or sizes do
-    not fit their patterns (each error names the argument), for entry points that do not prepare
-    a call (flex attention)."""
+def check_layout(tensors: tuple, q_pattern: str, k_pattern: str, v_pattern: str, out_pattern: str, dims) -> tuple:
+    """q, k and v in ``b n s d``, raising what :func:`prepare` raises for bad patterns, dims, or
+    tensors whose rank or sizes do not fit their patterns (each error names the argument), for
+    entry points that do not prepare a call (flex attention)."""
     layout = compile_layout(q_pattern, k_pattern, v_pattern, out_pattern, _dims_tuple(dims))
-    for arg, pattern, to, t in zip(("q", "k", "v"), (q_pattern, k_pattern, v_pattern), layout.to_canonical, tensors):
-        _to_canonical(arg, pattern, to, t)
+    return tuple(_to_canonical(arg, pattern, to, t)
+                 for arg, pattern, to, t in zip(("q", "k", "v"), (q_pattern, k_pattern, v_pattern), layout.to_canonical, tensors))
 
 
 def _dims_tuple(dims) -> tuple:

@@ -63,13 +63,14 @@ def operator_overhead(device, calls: int = 10000, blocks: int = 20) -> list:
         bn = "b n s d"
         call_bn = pack_dispatch_call(bn, bn, bn, bn, None, False, None, False, None)
         da.attention_forward(qb, kb, vb)  # its own decision (the same problem, another layout)
-        direct_bn = direct_call(da.explain(qb, kb, vb).backend, qb, kb, vb)
+        decision_bn = da.explain(qb, kb, vb).backend
+        direct_bn = direct_call(decision_bn, qb, kb, vb)
         t = host_us({"direct": direct, "runtime_op": lambda: dispatch_op(qs, ks, vs, None, None, call, token),
                      "direct_bn": direct_bn, "runtime_op_bn": lambda: dispatch_op(qb, kb, vb, None, None, call_bn, token)},
                     device, calls, blocks)
         rows.append({"operator": "diffsynth_attention::dispatch", "device": str(device), "backend": decision, "caller": pat,
                      "direct_us": t["direct"], "operator_us": t["runtime_op"], "overhead_us": t["runtime_op"] - t["direct"]})
-        rows.append({"operator": "diffsynth_attention::dispatch", "device": str(device), "backend": da.explain(qb, kb, vb).backend,
+        rows.append({"operator": "diffsynth_attention::dispatch", "device": str(device), "backend": decision_bn,
                      "caller": bn, "direct_us": t["direct_bn"], "operator_us": t["runtime_op_bn"],
                      "overhead_us": t["runtime_op_bn"] - t["direct_bn"]})
         for name, why in da.available_backends().items():
