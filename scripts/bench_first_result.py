@@ -339,12 +339,14 @@ def write_md(result: dict, path: Path) -> None:
                 met = "" if name != "dispatcher" else ("yes" if r.get("window_target_met") else "no")
                 lines.append(f"| {r['row']} | {name} | {fmt(w['median_ms'])} | {w['max_over_median']} | "
                              f"{w['stalls_max']} | {met} |")
-        from harness.stalls import distribution_md
+        from harness.stalls import distribution_md, loader_md
 
         lines += ["", "Per process: the distribution of those calls (ms); slow calls while the decided backend was "
                   "still loading (import, first launches) and after; Python garbage collections in the window.", ""]
         lines += distribution_md([(r["row"], name, s.get("window")) for r in result["rows"]
                                   for name, rs in r.get("samples", {}).items() for s in rs])
+        lines += [""] + loader_md([(r["row"], name, s.get("window")) for r in result["rows"]
+                                   for name, rs in r.get("samples", {}).items() for s in rs])
     lines += ["", "## Where a package's first use goes (one fresh process each)", ""]
     for r in result["rows"]:
         b = r.get("import_breakdown")

@@ -51,11 +51,21 @@ def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, smooth_k: bo
     (same layout) and (batch, kv-heads) fp32 descales. The inputs are not modified."""
     fp8 = torch.float8_e4m3fn
     b, nq, nk = q.shape[0], q.shape[2], k.shape[2]
+    # Per-(batch, head) maxima in two steps: over the head dim first (contiguous rows, one output
+    # per token and head: a reduction every thread block can share), then over the tokens of a
+    # small (b, s, n) tensor. Reduced over (s, d) at once, 12 heads gave 12 outputs to spread a
+    # 100 MB read over: 0.80 ms of quantisation against 0.53 ms for 24 heads of 168 MB (H100).
+    qa = q.abs().amax(dim=3).amax(dim=1).view(b, nk, nq // nk).amax(dim=2)  # per (batch, kv head): the group's max
     if smooth_k:
-        k = k - k.mean(dim=1, keepdim=True)
-    qa = q.abs().amax(dim=(1, 3)).view(b, nk, nq // nk).amax(dim=2)  # per (batch, kv head): the group's max
-    ka = k.abs().amax(dim=(1, 3))
-    va = v.abs().amax(dim=(1, 3))
+        # One pass over K for its mean and its per-channel range: max |k - mean| over a channel is
+        # max(hi - mean, mean - lo), the same value the subtraction would give element by element.
+        mean = k.mean(dim=1, keepdim=True)
+        hi, lo = k.amax(dim=1, keepdim=True), k.amin(dim=1, keepdim=True)
+        ka = torch.maximum(hi - mean, mean - lo).amax(dim=(1, 3))
+        k = k - mean
+    else:
+        ka = k.abs().amax(dim=3).amax(dim=1)
+    va = v.abs().amax(dim=3).amax(dim=1)
     qf, qd = _factor(qa, q.dtype)
     kf, kd = _factor(ka, k.dtype)
     vf, vd = _factor(va, v.dtype)

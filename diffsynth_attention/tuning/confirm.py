@@ -4,6 +4,7 @@ before stored; priced per mode; re-checked when in doubt")."""
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from ..backends import PREFERENCE
@@ -89,13 +90,42 @@ def _cost(sample, mode: str) -> float:
     return mode_cost(sample.ms, sample.host_ms, sample.device_ms, mode)
 
 
+def median_lower_bound(ratios: list, alpha: float) -> float:
+    """A distribution-free lower confidence bound of the median of ``ratios`` (the sign test): their
+    k-th smallest, k the largest with P(Binomial(n, 1/2) <= k - 1) <= ``alpha``, so the median lies
+    below it with probability at most ``alpha``; the smallest where no k qualifies (n < 5 at 5%).
+    Unlike the spread of the ratios, it tightens as the re-time gets longer."""
+    ordered = sorted(ratios)
+    n, k, below = len(ordered), 1, 0.0
+    for j in range(n):
+        below += math.comb(n, j) / 2 ** n  # P(at most j of n ratios fall below the median)
+        if below > alpha:
+            break
+        k = j + 1
+    return ordered[k - 1]
+
+
+def _verdict(ratios: list, policy: TuningPolicy) -> tuple:
+    """(median, spread, lower bound, 'confirmed' | 'refused' | 'undecided') of a re-time's ratios."""
+    med = statistics.median(ratios)
+    spread = relative_spread(ratios) or 0.0
+    low = median_lower_bound(ratios, policy.confirm_alpha)
+    if med <= 1 + policy.tie_floor:
+        return med, spread, low, "refused"
+    return med, spread, low, ("confirmed" if low > 1 else "undecided")
+
+
 def confirm(trial: Trial, winners: dict) -> tuple:
     """Step 7: a winner other than the default (PyTorch SDPA's own choice, ``torch``) is kept for
     a mode only if a separate interleaved re-time, paired round by round with the default, shows
     it faster by more than the measured noise: the median of the per-round ratios (default /
-    winner) above ``1 + max(tie_floor, their spread)``. Returns (winners after confirmation,
-    provisional, the confirmation's text). ``provisional``: the noise (the spread of the ratios,
-    or of the rounds where nothing was re-timed) is above ``noise_cap``: too noisy to decide."""
+    winner) above ``1 + tie_floor`` (a smaller lead is a tie: the default), and their lower
+    confidence bound (:func:`median_lower_bound`) above 1 (the lead is not noise). A re-time whose
+    median is ahead but whose bound is not goes on (to ``confirm_max`` rounds, as the budget
+    allows): a steady 4% lead is confirmed by a longer look, a lead that is noise is not.
+    Returns (winners after confirmation, provisional, the confirmation's text). ``provisional``:
+    the noise (the spread of the ratios, or of the rounds where nothing was re-timed) is above
+    ``noise_cap``: too noisy to decide."""
     policy, runs = trial.policy, trial.runs
     deciding = [runs[n] for n in set(winners.values()) | {DEFAULT_BACKEND} if n in runs]
     rounds_noise = max(((relative_spread(r.rounds) or 0.0) for r in deciding), default=0.0)
@@ -110,42 +140,57 @@ def confirm(trial: Trial, winners: dict) -> tuple:
         return winners, noisy, (f"not re-timed: the default ({DEFAULT_BACKEND}) did not pass the gate" + (
             f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
     names = [DEFAULT_BACKEND] + contenders
-    left = policy.budget_margin * trial.limit(trial.best_probe()) - trial.spent()
-    count = int(max(policy.confirm_min, min(policy.confirm_rounds, left // max(_paired_cost_s(trial, names), 1e-9))))
+    paired = max(_paired_cost_s(trial, names), 1e-9)
+
+    def affordable() -> int:
+        left = policy.budget_margin * trial.limit(trial.best_probe()) - trial.spent()
+        return int(max(0, left // paired))
+
     samples = {n: [] for n in names}
-    for i in range(count):
-        for name in round_order(names, i, seed="confirm"):
-            run = runs[name]
-            try:
-                samples[name].append(trial.timer.measure(run.call, run.calls, warm=run.calls > 1))
-            except Exception as exc:  # the one that fails now loses: a contender is not confirmed; a failing default is not kept
-                recover(trial.device)
-                run.cand.status, run.cand.time_ms = REJECTED, None
-                run.cand.reason = f"in the confirmation re-time: {describe_exception(exc)}"
-                if name == DEFAULT_BACKEND:
-                    return winners, False, f"not re-timed: the default ({DEFAULT_BACKEND}) raised in the re-time"
-                return ({m: (DEFAULT_BACKEND if b == name else b) for m, b in winners.items()}, False,
-                        f"not confirmed: {name} raised in the re-time; {DEFAULT_BACKEND} kept")
-            run.cand.reps += run.calls + (1 if run.calls > 1 else 0)
+    count = int(max(policy.confirm_min, min(policy.confirm_rounds, affordable())))
+    done = 0
+    while True:
+        for i in range(done, done + count):
+            for name in round_order(names, i, seed="confirm"):
+                run = runs[name]
+                try:
+                    samples[name].append(trial.timer.measure(run.call, run.calls, warm=run.calls > 1))
+                except Exception as exc:  # the one that fails now loses: a contender is not confirmed; a failing default is not kept
+                    recover(trial.device)
+                    run.cand.status, run.cand.time_ms = REJECTED, None
+                    run.cand.reason = f"in the confirmation re-time: {describe_exception(exc)}"
+                    if name == DEFAULT_BACKEND:
+                        return winners, False, f"not re-timed: the default ({DEFAULT_BACKEND}) raised in the re-time"
+                    return ({m: (DEFAULT_BACKEND if b == name else b) for m, b in winners.items()}, False,
+                            f"not confirmed: {name} raised in the re-time; {DEFAULT_BACKEND} kept")
+                run.cand.reps += run.calls + (1 if run.calls > 1 else 0)
+        done += count
+        verdicts = {mode: _verdict(_ratios(samples, name, mode), policy)
+                    for mode, name in winners.items() if name != DEFAULT_BACKEND and _ratios(samples, name, mode)}
+        count = min(policy.confirm_max - done, max(policy.confirm_min, done // 2), affordable())
+        if count <= 0 or not any(v[3] == "undecided" for v in verdicts.values()):
+            break
     out, texts, provisional = dict(winners), [], False
     for mode, name in winners.items():
         if name == DEFAULT_BACKEND:
             continue
-        ratios = [_cost(d, mode) / _cost(w, mode) for d, w in zip(samples[DEFAULT_BACKEND], samples[name])
-                  if _cost(w, mode) and _cost(w, mode) > 0]
-        if not ratios:
+        if mode not in verdicts:
             out[mode] = DEFAULT_BACKEND
             continue
-        med = statistics.median(ratios)
-        spread = relative_spread(ratios) or 0.0
-        margin = max(policy.tie_floor, spread)
+        med, spread, low, verdict = verdicts[mode]
         noisy = spread > policy.noise_cap
         provisional = provisional or noisy
-        what = (f"{mode}: {name} {med:.3f}x the speed of {DEFAULT_BACKEND} in {len(ratios)} paired re-times "
-                f"(noise {spread * 100:.1f}%)")
-        if med > 1 + margin:
+        what = (f"{mode}: {name} {med:.3f}x the speed of {DEFAULT_BACKEND} in {done} paired re-times "
+                f"(noise {spread * 100:.1f}%, lower bound {low:.3f}x)")
+        if verdict == "confirmed":
             texts.append(f"{what}: confirmed" + ("; provisional: too noisy" if noisy else ""))
         else:
             out[mode] = DEFAULT_BACKEND
             texts.append(f"{what}: not confirmed, {DEFAULT_BACKEND} kept" + ("; provisional: too noisy" if noisy else ""))
     return out, provisional, "; ".join(texts)
+
+
+def _ratios(samples: dict, name: str, mode: str) -> list:
+    """Per paired round, the default's cost over ``name``'s in ``mode``."""
+    return [_cost(d, mode) / _cost(w, mode) for d, w in zip(samples[DEFAULT_BACKEND], samples[name])
+            if _cost(w, mode) and _cost(w, mode) > 0]

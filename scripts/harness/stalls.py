@@ -8,8 +8,10 @@ above several factors and above fixed margins (a tiny median makes "5x" a few mi
 host jitter: the margins tell), when the slow calls happened (per second since the window
 started), how many came while the decided backend was still loading and how many after
 (``loaded``), and Python's garbage collections during the window (pauses, and the slow calls that
-overlapped one). :func:`load_done` makes ``loaded`` for a backend name; :func:`distribution_md`
-renders the rows' distributions as a markdown table.
+overlapped one), and where the loading threads were when a slow call got the GIL back
+(``loader_at_stall``: the frame a background import had reached right after the hold that
+stalled the caller, counted by place). :func:`load_done` makes ``loaded`` for a backend name;
+:func:`distribution_md` renders the rows' distributions as a markdown table.
 """
 
 from __future__ import annotations
@@ -76,6 +78,32 @@ def summarize(times: list, starts: list, loading_until: Optional[int], gcs: list
     return out
 
 
+LOADER_PREFIX = "diffsynth-attention-load-"
+SLOW_MS = 2.0  # a call this long (absolute) has the loaders' frames sampled right after it
+
+
+def _loader_frames() -> list:
+    """For each background-load thread: its innermost frame and the innermost one inside a
+    kernel package or torch (``file:function:line``), as one string."""
+    names = {t.ident: t.name for t in threading.enumerate() if t.name.startswith(LOADER_PREFIX)}
+    if not names:
+        return []
+    out = []
+    for ident, frame in sys._current_frames().items():
+        if ident not in names:
+            continue
+        inner, package = frame, None
+        f = frame
+        while f is not None and package is None:
+            path = f.f_code.co_filename
+            if "importlib" not in path and "<frozen" not in path:
+                package = f
+            f = f.f_back
+        fmt = lambda fr: f"{'/'.join(fr.f_code.co_filename.split('/')[-2:])}:{fr.f_code.co_name}:{fr.f_lineno}"  # noqa: E731
+        out.append(fmt(inner) + ("" if package is None or package is inner else " <- " + fmt(package)))
+    return out
+
+
 def call_window(call: Callable, sync: Callable, window_s: float, loaded: Optional[Callable[[], bool]] = None) -> dict:
     """Call ``call()`` then ``sync()`` for ``window_s`` seconds; :func:`summarize` of the calls.
     ``loaded()`` is asked after each call until it says True (the load-phase split)."""
@@ -91,7 +119,7 @@ def call_window(call: Callable, sync: Callable, window_s: float, loaded: Optiona
             gcs.append((pending.pop("t"), now, info.get("generation")))
 
     out_env = {"switch_interval_s": sys.getswitchinterval(), "threads_at_start": threading.active_count()}
-    times, starts, loading_until = [], [], None
+    times, starts, loading_until, at_stall = [], [], None, []
     gc.callbacks.append(on_gc)
     try:
         end = base + window_s
@@ -103,6 +131,8 @@ def call_window(call: Callable, sync: Callable, window_s: float, loaded: Optiona
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
             starts.append(t0 - base)
+            if times[-1] > SLOW_MS and len(at_stall) < 5000:
+                at_stall.extend(_loader_frames())
             if loading_until is None and loaded is not None and loaded():
                 loading_until = len(times)
     finally:
@@ -111,6 +141,11 @@ def call_window(call: Callable, sync: Callable, window_s: float, loaded: Optiona
         loading_until = len(times)  # still loading at the end
     out = summarize(times, starts, loading_until, gcs, window_s)
     out.update(out_env, threads_at_end=threading.active_count())
+    if at_stall:
+        counts: dict = {}
+        for place in at_stall:
+            counts[place] = counts.get(place, 0) + 1
+        out["loader_at_stall"] = sorted(counts.items(), key=lambda kv: -kv[1])[:15]
     return out
 
 
@@ -131,3 +166,14 @@ def distribution_md(rows: list) -> list:
                      f"{f.get('2x')} / {f.get('5x')} / {f.get('10x')} | {m.get('+1')} / {m.get('+10')} | {load} | {when} | "
                      f"{sum(g.get('collections', {}).values())}, {g.get('max_ms')}, {g.get('stalls_overlapping')} |")
     return lines
+
+
+def loader_md(rows: list) -> list:
+    """Markdown lines: per (row, variant) with samples, where the loading threads were after slow calls."""
+    lines = []
+    for row, variant, w in rows:
+        places = (w or {}).get("loader_at_stall")
+        if places:
+            lines.append(f"- **{row} / {variant}**: " + "; ".join(f"`{place}` {n}" for place, n in places[:8]))
+    return (["Where the loading thread was when a call over %g ms got the GIL back (most frequent places):" % SLOW_MS, ""]
+            + lines + [""]) if lines else []

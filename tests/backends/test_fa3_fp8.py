@@ -42,6 +42,27 @@ def test_quantize_is_per_kv_head_smooths_k_and_dequantises_closely():
     assert kdeq.mean(dim=1).abs().max() < 0.1  # the mean is gone
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_one_pass_scales_equal_the_absmax_of_the_smoothed_tensors(dtype):
+    """The maxima are taken in steps (over d, then s; K's from its per-channel mean and range in
+    one pass): the scales and the e4m3 tensors are bit for bit those of the absolute maximum of
+    the smoothed tensors over (s, d), including channels whose extreme is below the mean."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 97, 6, 64, generator=g).to(dtype)
+    k = (torch.randn(2, 97, 3, 64, generator=g) * 2 + 1.5).to(dtype)
+    v = torch.randn(2, 97, 3, 64, generator=g).to(dtype)
+    k[:, :, 1, 7] *= 40  # an outlier channel
+    k[0, 5, 2, 9] = -300  # an extreme below the mean
+    q8, k8, v8, qd, kd, vd = quantize_fp8(q, k, v)
+    ks = k - k.mean(dim=1, keepdim=True)
+    for got8, got_d, t, group in ((q8, qd, q, 2), (k8, kd, ks, 1), (v8, vd, v, 1)):
+        amax = t.abs().amax(dim=(1, 3)).view(2, 3, group).amax(dim=2)
+        factor = (440.0 / amax.float()).clamp(max=torch.finfo(dtype).max / 4).to(dtype)
+        assert torch.equal(got_d, factor.float().reciprocal())
+        want = (t * factor.repeat_interleave(group, dim=1)[:, None, :, None]).to(torch.float8_e4m3fn)
+        assert torch.equal(got8.view(torch.uint8), want.view(torch.uint8))
+
+
 def test_zero_heads_quantise_to_zero():
     z = torch.zeros(1, 8, 2, 16, dtype=torch.float16)
     q8, k8, v8, qd, kd, vd = quantize_fp8(z, z, z)
