@@ -321,8 +321,8 @@ def main(argv=None) -> int:
         # diffusers import FlashAttention-2 modules that are not there (see bench_e2e.py); the
         # kernel packages come from DA_LATE_PATH, appended once diffusers is imported.
         import diffusers.models.attention_dispatch  # noqa: F401
-        for extra in filter(None, os.environ.get("DA_LATE_PATH", "").split(":")):
-            sys.path.append(extra)
+    for extra in filter(None, os.environ.get("DA_LATE_PATH", "").split(":")):  # every part needs the kernels
+        sys.path.append(extra)
     result = {"environment": bench.environment(device), "args": vars(args)}
     with torch.no_grad():
         if "speed" in parts:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 import statistics
 
-from ..backends import PREFERENCE
-from ..store.decision import COMPILED, CUDAGRAPH, DEFAULT_BACKEND, REJECTED, mode_cost
+from ..backends import PREFERENCE, TORCH_FAMILY
+from ..store.decision import COMPILED, CUDAGRAPH, DEFAULT_BACKEND, EAGER, REJECTED, mode_cost
 from .timing import round_order
 from .policy import DEFAULT_POLICY, TuningPolicy
 from .trial import Trial, describe_exception, recover
@@ -62,13 +62,15 @@ def mode_winners(trial: Trial, timed: list) -> dict:
     eager. Empty where the rounds have no host/device split (a CPU) or fewer than two candidates.
 
     The compiled price is a model: the host time measured is the eager call's, and inside a graph
-    another op runs in its place (``torch`` becomes the ATen kernel SDPA picks at trace time, a
-    kernel package goes through a custom operator). Measured on an H100, the model was off by more
-    than the gaps it ranked: seed_example's ``torch``, 6% ahead of ``torch_efficient`` in the
-    model, ran 1.3x slower baked; Wan's 1,560-token self-attention on FlashAttention-3, level with
-    ``torch`` in the model, ran 1.28x slower baked. So the compiled pick leaves ``torch`` (what a
-    plain ``torch.compile`` runs) only where the model puts another backend more than
-    ``policy.compiled_margin`` ahead: where it cannot tell, the graph matches plain compile.
+    another op runs in its place (``torch`` becomes whatever inductor lowers SDPA to, a kernel
+    package goes through a custom operator). Measured on an H100, the model was off by more than
+    the gaps it ranked: seed_example's ``torch``, 6% ahead of ``torch_efficient`` in the model, ran
+    1.26-1.3x slower baked (inductor lowered it to cuDNN's operator); Wan's 1,560-token
+    self-attention on FlashAttention-3, level with ``torch`` in the model, ran 1.28x slower baked.
+    What does hold: a PyTorch sub-backend (``torch_efficient``, ``torch_flash``, ...) is one ATen
+    operator, the same one in a graph as in an eager call. So the compiled pick is the PyTorch
+    backend the eager rounds rank first (:func:`inlined_pick`), and a kernel package replaces it
+    only where the model puts that package more than ``policy.compiled_margin`` ahead.
     CUDA-graph prices are device time, measured as such: no margin there."""
     runs, policy = trial.runs, trial.policy
     if len(timed) < 2 or not all(runs[n].host and runs[n].device for n in timed):
@@ -79,11 +81,27 @@ def mode_winners(trial: Trial, timed: list) -> dict:
         costs = {n: mode_cost(statistics.median(runs[n].rounds), statistics.median(runs[n].host),
                               statistics.median(runs[n].device), mode) for n in timed}
         pick = choose(costs, noise, policy)[0]
-        if mode == COMPILED and pick != DEFAULT_BACKEND and DEFAULT_BACKEND in costs \
-                and costs[DEFAULT_BACKEND] <= costs[pick] * (1 + policy.compiled_margin):
-            pick = DEFAULT_BACKEND
+        if mode == COMPILED:
+            inlined = inlined_pick(trial, timed, noise)
+            if inlined is not None and (pick in TORCH_FAMILY or costs[inlined] <= costs[pick] * (1 + policy.compiled_margin)):
+                pick = inlined
         out[mode] = pick
     return out
+
+
+def inlined_pick(trial: Trial, timed: list, noise: dict):
+    """The PyTorch backend (one ATen operator in a graph, :data:`TORCH_FAMILY`) that the eager
+    rounds rank first among ``timed``, by the same tie rule; None where none was timed."""
+    family = [n for n in timed if n in TORCH_FAMILY]
+    if not family:
+        return None
+    return choose({n: statistics.median(trial.runs[n].rounds) for n in family}, noise, trial.policy)[0]
+
+
+def _priced_as(mode: str, name: str) -> str:
+    """The mode whose cost confirms ``name``'s pick for ``mode``: a PyTorch backend picked for
+    compiled graphs is confirmed on its eager time (its operator's own, see :func:`mode_winners`)."""
+    return EAGER if mode == COMPILED and name in TORCH_FAMILY else mode
 
 
 def _cost(sample, mode: str) -> float:
@@ -165,8 +183,8 @@ def confirm(trial: Trial, winners: dict) -> tuple:
                             f"not confirmed: {name} raised in the re-time; {DEFAULT_BACKEND} kept")
                 run.cand.reps += run.calls + (1 if run.calls > 1 else 0)
         done += count
-        verdicts = {mode: _verdict(_ratios(samples, name, mode), policy)
-                    for mode, name in winners.items() if name != DEFAULT_BACKEND and _ratios(samples, name, mode)}
+        verdicts = {mode: _verdict(_ratios(samples, name, _priced_as(mode, name)), policy)
+                    for mode, name in winners.items() if name != DEFAULT_BACKEND and _ratios(samples, name, _priced_as(mode, name))}
         count = min(policy.confirm_max - done, max(policy.confirm_min, done // 2), affordable())
         if count <= 0 or not any(v[3] == "undecided" for v in verdicts.values()):
             break

@@ -27,7 +27,7 @@ of a :class:`~.policy.TuningPolicy` (defaults in brackets).
    not even ``min_rounds`` rounds fit, the slowest candidates leave the rounds first.
 6. **choose** - the medians of the rounds only. Candidates within the measured noise of the
    fastest (the interquartile spread of their samples over their median, at least ``tie_floor``
-   2% and at most ``tie_cap`` 3%) are a tie, which goes to the preference order of
+   2% and at most ``tie_cap`` 2.5%) are a tie, which goes to the preference order of
    :mod:`diffsynth_attention.backends`; the chosen candidate's reason says so.
 
 7. **confirm** (:mod:`.confirm`) - each execution mode's pick (eager; compiled: host + device

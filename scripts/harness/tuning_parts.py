@@ -140,7 +140,8 @@ def decision_summary(info) -> dict:
     out = {"backend": info.backend, "source": info.source, "key_id": info.key_id,
            "cudagraph_backend": info.backend if d is None else d.backend_for("cudagraph")}
     if d is not None:
-        out.update(tuning_seconds=d.tuning_seconds, compile_seconds=d.compile_seconds,
+        out.update(tuning_seconds=d.tuning_seconds, compile_seconds=d.compile_seconds, confirmation=d.confirmation,
+                   provisional=d.provisional, modes=dict(d.modes),
                    candidates={n: {"status": c.status, "time_ms": c.time_ms, "predicted_ms": c.predicted_ms,
                                    "first_call_ms": c.first_call_ms, "error": c.error, "reason": c.reason}
                                for n, c in d.candidates.items() if c.status != "unsupported"})

@@ -162,3 +162,19 @@ def test_an_undecided_re_time_goes_on_until_its_bound_decides(monkeypatch):
     d = info.decision
     rounds = int(d.confirmation.split(" paired re-times")[0].rsplit(" ", 1)[1])
     assert d.backend == "torch_math" and DEFAULT_POLICY.confirm_rounds < rounds <= DEFAULT_POLICY.confirm_max, d.confirmation
+
+
+def test_the_compiled_pick_among_pytorch_backends_follows_their_eager_ranking():
+    """seed_example on an H100: torch_efficient fastest eagerly, but the model (eager host +
+    device) put torch 6% ahead, and torch baked as inductor's lowering (cuDNN) ran 1.26x slower
+    than torch_efficient's operator baked. A PyTorch sub-backend is the same ATen operator in a
+    graph as eagerly: the compiled pick is the eager ranking's among them."""
+    runs = {"torch": _run("torch", 0.0136, 0.0100, 0.0040), "torch_efficient": _run("torch_efficient", 0.0129, 0.0105, 0.0045),
+            "flash_attention_4": _run("flash_attention_4", 0.0165, 0.0160, 0.0030)}
+    trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY)
+    from diffsynth_attention.store.decision import mode_cost as mc
+    assert mc(0.0136, 0.0100, 0.0040, "compiled") < mc(0.0129, 0.0105, 0.0045, "compiled")  # the model's view
+    assert tuner.mode_winners(trial, list(runs))["compiled"] == "torch_efficient"
+    # a kernel package far ahead in the model still wins the graph
+    runs["flash_attention_4"] = _run("flash_attention_4", 0.0165, 0.0050, 0.0030)
+    assert tuner.mode_winners(trial, list(runs))["compiled"] == "flash_attention_4"

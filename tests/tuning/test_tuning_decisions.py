@@ -71,7 +71,7 @@ def test_the_tie_threshold_follows_the_measured_noise_between_floor_and_cap():
     p = DEFAULT_POLICY
     assert p.tie_threshold(None, None) == p.tie_floor == 0.02
     assert p.tie_threshold(0.025, 0.001) == pytest.approx(0.025)
-    assert p.tie_threshold(0.5, None) == p.tie_cap == 0.03
+    assert p.tie_threshold(0.5, None) == p.tie_cap == 0.025
     assert tuner.relative_spread([1.0, 1.0, 1.0]) is None
     assert tuner.relative_spread([1.0, 1.1, 1.0, 0.9, 1.0]) == pytest.approx(0.0)
     assert tuner.relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2.0 / 3.0)
