@@ -164,6 +164,9 @@ def compiled_rows(shapes: list, device, layouts, samples: int, modes=("default",
             with torch.no_grad():
                 info = da.explain(q, k, v, **kw)  # tunes if new; the compiled graphs then bake the decision
                 row["decision"] = info.backend
+                if info.decision is not None:  # what each mode runs: a graph bakes the compiled pick
+                    row["modes"] = {m: info.decision.backend_for(m) for m in ("eager", "compiled", "cudagraph")}
+                    row["confirmation"] = info.decision.confirmation
                 eager_methods = {"auto_eager": lambda: da.attention_forward(q, k, v, **kw)}
                 cand = {n: c["time_ms"] for n, c in info.candidates.items() if c["status"] in ("chosen", "accepted") and c["time_ms"]}
                 best = min(cand, key=cand.get) if cand else info.backend
@@ -267,7 +270,9 @@ def write_markdown(result: dict, path: Path) -> None:
 
     for r in result["rows"]:
         t = r["times_ms"]
-        lines.append(f"| {r['name']} | {r['layout']} | {r['decision']} | {f(t.get('auto_eager'))} | {f(t.get('sdpa_eager'))} | "
+        m = r.get("modes") or {}
+        shown = r["decision"] + ("" if not m or m.get("compiled") == r["decision"] else f" (graph: {m['compiled']})")
+        lines.append(f"| {r['name']} | {r['layout']} | {shown} | {f(t.get('auto_eager'))} | {f(t.get('sdpa_eager'))} | "
                      f"{f(t.get('auto_compiled'))} | {f(t.get('sdpa_compiled'))} | {f(t.get('best_compiled'))} ({r['best_backend']}) | "
                      f"{f(t.get('auto_compiled_ro'))} | {f(t.get('sdpa_compiled_ro'))} | {f(t.get('best_compiled_ro'))} | {f(t.get('auto_manual_cudagraph'))} |")
     errs = [(r["name"], r["layout"], n, e) for r in result["rows"] for n, e in r["errors"].items()]

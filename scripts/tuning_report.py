@@ -103,7 +103,9 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
                      "own_vs_best": [own_process_ratio(r["problems"][j]) for r in runs],
                      "tuning_seconds": [r["problems"][j].get("tuning_seconds") for r in runs],
                      "compile_seconds": [r["problems"][j].get("compile_seconds") for r in runs],
-                     "candidates": [r["problems"][j].get("candidates", {}) for r in runs], **graph_row})
+                     "candidates": [r["problems"][j].get("candidates", {}) for r in runs],
+                     "confirmations": [r["problems"][j].get("confirmation") for r in runs],
+                     "provisional": [r["problems"][j].get("provisional") for r in runs], **graph_row})
         # written after every problem: a run cut short by its time limit still leaves the problems scored so far
         result = write_repeat(rows, device, n, samples, out_dir, stem)
         print(f"scored {shape['name']}: worst/best {rows[-1]['worst_vs_best']:.3f}"

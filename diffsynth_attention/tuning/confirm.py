@@ -143,7 +143,10 @@ def confirm(trial: Trial, winners: dict) -> tuple:
     allows): a steady 4% lead is confirmed by a longer look, a lead that is noise is not.
     Returns (winners after confirmation, provisional, the confirmation's text). ``provisional``:
     the noise (the spread of the ratios, or of the rounds where nothing was re-timed) is above
-    ``noise_cap``: too noisy to decide."""
+    ``noise_cap``, or the rounds put a winner the re-time refuses more than ``noise_cap`` further
+    ahead than the re-time found (the machine changed between them: on an H100, one of five
+    processes stored ``torch`` for wan13b_480p_self, 1.23x slower than FlashAttention-4 in its own
+    rounds): too noisy to decide."""
     policy, runs = trial.policy, trial.runs
     deciding = [runs[n] for n in set(winners.values()) | {DEFAULT_BACKEND} if n in runs]
     rounds_noise = max(((relative_spread(r.rounds) or 0.0) for r in deciding), default=0.0)
@@ -196,16 +199,32 @@ def confirm(trial: Trial, winners: dict) -> tuple:
             out[mode] = DEFAULT_BACKEND
             continue
         med, spread, low, verdict = verdicts[mode]
-        noisy = spread > policy.noise_cap
+        lead = _rounds_ratio(runs, name, _priced_as(mode, name))
+        drift = verdict != "confirmed" and lead is not None and lead > (1 + policy.noise_cap) * med
+        noisy = spread > policy.noise_cap or drift
         provisional = provisional or noisy
         what = (f"{mode}: {name} {med:.3f}x the speed of {DEFAULT_BACKEND} in {done} paired re-times "
                 f"(noise {spread * 100:.1f}%, lower bound {low:.3f}x)")
+        why = ""
+        if drift:  # the machine changed between the rounds and the re-time: neither number can be trusted alone
+            why = f"; provisional: the rounds put it {lead:.3f}x ahead, the re-time did not"
+        elif noisy:
+            why = "; provisional: too noisy"
         if verdict == "confirmed":
-            texts.append(f"{what}: confirmed" + ("; provisional: too noisy" if noisy else ""))
+            texts.append(f"{what}: confirmed{why}")
         else:
             out[mode] = DEFAULT_BACKEND
-            texts.append(f"{what}: not confirmed, {DEFAULT_BACKEND} kept" + ("; provisional: too noisy" if noisy else ""))
+            texts.append(f"{what}: not confirmed, {DEFAULT_BACKEND} kept{why}")
     return out, provisional, "; ".join(texts)
+
+
+def _rounds_ratio(runs: dict, name: str, mode: str):
+    """The default's median cost over ``name``'s in the interleaved rounds (None without rounds)."""
+    def price(run):
+        med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+        return mode_cost(med(run.rounds), med(run.host), med(run.device), mode) if run.rounds else None
+    default, winner = price(runs[DEFAULT_BACKEND]), price(runs[name])
+    return default / winner if default and winner else None
 
 
 def _ratios(samples: dict, name: str, mode: str) -> list:

@@ -43,7 +43,26 @@ def test_a_winner_the_paired_re_time_does_not_confirm_leaves_the_default(monkeyp
     d = info.decision
     assert d.backend == "torch" and d.candidates["torch"].status == "chosen"
     assert d.candidates["torch_math"].status == "accepted" and "not confirmed" in d.candidates["torch_math"].reason
-    assert "not confirmed, torch kept" in d.confirmation and not d.provisional
+    assert "not confirmed, torch kept" in d.confirmation
+    # the rounds put it 1.25x ahead, the re-time level: the machine changed between them, so the
+    # default is stored provisional (re-timed later) rather than final
+    assert d.provisional and "the rounds put it 1.250x ahead, the re-time did not" in d.confirmation
+
+
+def test_a_re_time_that_agrees_with_the_rounds_within_the_noise_cap_stays_final(monkeypatch):
+    state = {"confirming": False}
+    real = tuner.confirm
+
+    def confirm(trial, winners):
+        state["confirming"] = True
+        return real(trial, winners)
+    monkeypatch.setattr(tuner, "confirm", confirm)
+    q, k, v = qkv(sq=16)
+    # 5% ahead in the rounds, 1% in the re-time: refused (a tie), and not provisional
+    info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
+                              torch_math={"schedule": lambda i: 0.99 if state["confirming"] else 0.95})
+    d = info.decision
+    assert d.backend == "torch" and "not confirmed" in d.confirmation and not d.provisional, d.confirmation
 
 
 def test_noise_too_high_to_decide_stores_a_provisional_decision(monkeypatch):
