@@ -44,3 +44,27 @@ def test_distribution_table_has_a_line_per_process_window():
     w = stalls.summarize([1.0, 1.0, 9.0], [0.0, 0.1, 0.2], None, [], 1.0)
     lines = stalls.distribution_md([("fa3", "dispatcher", w), ("fa3", "sdpa", None)])
     assert len(lines) == 3 and lines[2].startswith("| fa3 | dispatcher | 1.0 |")
+
+
+def test_slow_calls_sample_where_the_loading_threads_are():
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def fake_import():
+        release.wait(30)
+
+    loader = threading.Thread(target=fake_import, name=stalls.LOADER_PREFIX + "fake", daemon=True)
+    other = threading.Thread(target=release.wait, args=(30,), name="not-a-loader", daemon=True)
+    loader.start(), other.start()
+    try:
+        w = stalls.call_window(lambda: time.sleep(stalls.SLOW_MS / 1e3 * 1.5), lambda: None, 0.05)
+    finally:
+        release.set()
+    places = dict(w["loader_at_stall"])
+    assert sum(places.values()) == w["calls"]  # one sample a slow call, from the one loading thread only
+    assert all("threading.py:wait:" in place for place in places), places  # blocked in fake_import's wait
+    lines = stalls.loader_md([("row", "dispatcher", w)])
+    assert lines[0].startswith("Where the loading thread was") and "**row / dispatcher**" in lines[2]
+    assert stalls.loader_md([("row", "sdpa", {"calls": 3})]) == []
