@@ -186,8 +186,8 @@ def confirm(trial: Trial, winners: dict) -> tuple:
                             f"not confirmed: {name} raised in the re-time; {DEFAULT_BACKEND} kept")
                 run.cand.reps += run.calls + (1 if run.calls > 1 else 0)
         done += count
-        verdicts = {mode: _verdict(_ratios(samples, name, _priced_as(mode, name)), policy)
-                    for mode, name in winners.items() if name != DEFAULT_BACKEND and _ratios(samples, name, _priced_as(mode, name))}
+        ratios = {mode: _ratios(samples, name, _priced_as(mode, name)) for mode, name in winners.items() if name != DEFAULT_BACKEND}
+        verdicts = {mode: _verdict(r, policy) for mode, r in ratios.items() if r}
         count = min(policy.confirm_max - done, max(policy.confirm_min, done // 2), affordable())
         if count <= 0 or not any(v[3] == "undecided" for v in verdicts.values()):
             break
