@@ -33,6 +33,8 @@ DIFFSYNTH_PRIORITY: tuple = tuple(sorted((n for n, b in REGISTRY.items() if b.di
 # Backends that compile into a graph as PyTorch's own operators (the rest are kernel packages,
 # called through one thin operator): dispatch/compiled.py.
 TORCH_FAMILY = frozenset(n for n, b in REGISTRY.items() if b.inlined_under_compile)
+# Those of them whose graph runs the very operator their eager call runs: priced by eager time in a graph.
+SAME_OP_IN_GRAPH = frozenset(n for n, b in REGISTRY.items() if b.same_op_in_graph)
 
 
 def normalize(name, source: str) -> str:
@@ -82,7 +84,7 @@ def for_tier(usable: list, reasons: dict, tier: str) -> tuple:
 
 
 __all__ = [
-    "Backend", "DeviceInfo", "REGISTRY", "PREFERENCE", "DIFFSYNTH_PRIORITY", "TORCH_FAMILY", "register",
+    "Backend", "DeviceInfo", "REGISTRY", "PREFERENCE", "DIFFSYNTH_PRIORITY", "TORCH_FAMILY", "SAME_OP_IN_GRAPH", "register",
     "available_backends", "candidates", "for_tier", "clear_compiled", "device_info", "enable_fa4_compile_cache",
     "fa4_compile_dir", "loading", "normalize", "package_version",
 ]

@@ -198,6 +198,9 @@ class Backend:
     # Compiled into a graph as PyTorch's own operators (the others: through one thin operator,
     # dispatch/compiled.py); and DiffSynth-Studio's fixed priority (1 first; None: not one of its routes).
     inlined_under_compile: ClassVar[bool] = False
+    # Inlined as the very operator an eager call runs (not decomposed and fused by inductor, as
+    # the math kernel's composite operator is): its eager time prices it in a graph (tuning/confirm.py).
+    same_op_in_graph: ClassVar[bool] = False
     diffsynth_priority: ClassVar[Optional[int]] = None
 
     def __init__(self) -> None:

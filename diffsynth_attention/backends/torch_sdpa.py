@@ -125,6 +125,7 @@ class TorchBackend(Backend):
     """PyTorch's own kernels: nothing to install or import, compiled into a graph as ATen operators."""
 
     inlined_under_compile = True
+    same_op_in_graph = True
 
     def _load(self) -> None:
         self._version = torch.__version__
@@ -186,6 +187,7 @@ class TorchMath(TorchBackend):
     """SDPA's reference math kernel (``aten._scaled_dot_product_attention_math``)."""
 
     name = BackendName.TORCH_MATH
+    same_op_in_graph = False  # a composite operator: inductor decomposes it into matmuls and a fused softmax
     devices = frozenset({"cpu", "cuda"})
     dtypes = _ALL_FLOATS
     max_head_dim = 1 << 20

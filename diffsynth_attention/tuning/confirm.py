@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from ..backends import PREFERENCE, TORCH_FAMILY
+from ..backends import PREFERENCE, SAME_OP_IN_GRAPH
 from ..store.decision import COMPILED, CUDAGRAPH, DEFAULT_BACKEND, EAGER, REJECTED, mode_cost
 from .timing import round_order
 from .policy import DEFAULT_POLICY, TuningPolicy
@@ -83,16 +83,17 @@ def mode_winners(trial: Trial, timed: list) -> dict:
         pick = choose(costs, noise, policy)[0]
         if mode == COMPILED:
             inlined = inlined_pick(trial, timed, noise)
-            if inlined is not None and (pick in TORCH_FAMILY or costs[inlined] <= costs[pick] * (1 + policy.compiled_margin)):
+            if inlined is not None and (pick in SAME_OP_IN_GRAPH or costs[inlined] <= costs[pick] * (1 + policy.compiled_margin)):
                 pick = inlined
         out[mode] = pick
     return out
 
 
 def inlined_pick(trial: Trial, timed: list, noise: dict):
-    """The PyTorch backend (one ATen operator in a graph, :data:`TORCH_FAMILY`) that the eager
-    rounds rank first among ``timed``, by the same tie rule; None where none was timed."""
-    family = [n for n in timed if n in TORCH_FAMILY]
+    """The PyTorch backend whose graph runs its eager operator (:data:`SAME_OP_IN_GRAPH`: not the
+    math kernel, which inductor decomposes) that the eager rounds rank first among ``timed``, by
+    the same tie rule; None where none was timed."""
+    family = [n for n in timed if n in SAME_OP_IN_GRAPH]
     if not family:
         return None
     return choose({n: statistics.median(trial.runs[n].rounds) for n in family}, noise, trial.policy)[0]
@@ -101,7 +102,7 @@ def inlined_pick(trial: Trial, timed: list, noise: dict):
 def _priced_as(mode: str, name: str) -> str:
     """The mode whose cost confirms ``name``'s pick for ``mode``: a PyTorch backend picked for
     compiled graphs is confirmed on its eager time (its operator's own, see :func:`mode_winners`)."""
-    return EAGER if mode == COMPILED and name in TORCH_FAMILY else mode
+    return EAGER if mode == COMPILED and name in SAME_OP_IN_GRAPH else mode
 
 
 def _cost(sample, mode: str) -> float:
@@ -203,7 +204,7 @@ def confirm(trial: Trial, winners: dict) -> tuple:
         drift = verdict != "confirmed" and lead is not None and lead > (1 + policy.noise_cap) * med
         noisy = spread > policy.noise_cap or drift
         provisional = provisional or noisy
-        what = (f"{mode}: {name} {med:.3f}x the speed of {DEFAULT_BACKEND} in {done} paired re-times "
+        what = (f"{mode}: {name} {med:.3f}x the speed of {DEFAULT_BACKEND} in {len(ratios[mode])} paired re-times "
                 f"(noise {spread * 100:.1f}%, lower bound {low:.3f}x)")
         why = ""
         if drift:  # the machine changed between the rounds and the re-time: neither number can be trusted alone

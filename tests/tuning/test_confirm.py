@@ -197,3 +197,16 @@ def test_the_compiled_pick_among_pytorch_backends_follows_their_eager_ranking():
     # a kernel package far ahead in the model still wins the graph
     runs["flash_attention_4"] = _run("flash_attention_4", 0.0165, 0.0050, 0.0030)
     assert tuner.mode_winners(trial, list(runs))["compiled"] == "flash_attention_4"
+
+
+def test_the_math_kernel_is_not_a_graph_pick_by_its_eager_time():
+    """aten._scaled_dot_product_attention_math is a composite operator: inductor decomposes and
+    fuses it, so its eager time says nothing of its graph; the compiled pick falls to the next
+    PyTorch backend whose graph runs its own operator."""
+    from diffsynth_attention.backends import SAME_OP_IN_GRAPH, TORCH_FAMILY
+
+    assert "torch_math" in TORCH_FAMILY and "torch_math" not in SAME_OP_IN_GRAPH
+    assert {"torch", "torch_efficient", "torch_flash"} <= SAME_OP_IN_GRAPH
+    runs = {"torch": _run("torch", 1.0, 0.3, 0.9), "torch_math": _run("torch_math", 0.9, 0.3, 0.8)}
+    trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY)
+    assert tuner.mode_winners(trial, list(runs))["compiled"] == "torch"
