@@ -120,18 +120,19 @@ def _start_preload() -> None:
         from .backends import REGISTRY
         from .backends.loading import preload
         from .dispatch import default_store
-        from .store.codec import fast_check, schema_validator
+        from .store.codec import fast_check, schema_validator, unworded
 
-        fast_check()  # the entry check, compiled here, and jsonschema (it words errors), imported here,
-        schema_validator()  # rather than on the thread
-        store = default_store()
+        if fast_check() is None:  # the entry check, compiled here rather than on the thread; where it
+            schema_validator()  # cannot be, jsonschema validates, imported here. Otherwise the thread
+        store = default_store()  # never imports jsonschema (an error found there goes unworded)
     except Exception:  # never breaks the import: the first call loads what it needs
         logging.getLogger(__name__).debug("preloading kernel packages failed", exc_info=True)
         return
 
     def run() -> None:
         try:
-            preload(store.entries().values(), REGISTRY)
+            with unworded():
+                preload(store.entries().values(), REGISTRY)
         except Exception:
             logging.getLogger(__name__).debug("preloading kernel packages failed", exc_info=True)
 

@@ -12,10 +12,13 @@ Imports no torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
+import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -46,6 +49,7 @@ class CacheFileError(ValueError):
 _schema_doc: dict = {}
 _validators: dict = {}
 _fast: dict = {}
+_unworded = threading.local()  # .on: this thread does not import jsonschema to word an error
 
 
 def schema() -> dict:
@@ -79,6 +83,26 @@ def fast_check(part: str = "entry") -> Optional[Callable]:
     return _fast[part]
 
 
+class _Unworded:
+    """An error the compiled check found where jsonschema, not imported, would have worded it."""
+
+    absolute_path = ()
+    message = "the compiled schema check refuses it (worded where the entry is read again)"
+
+
+@contextlib.contextmanager
+def unworded():
+    """On this thread, a refused entry is not worded by jsonschema unless jsonschema is imported
+    already: the preload thread reads the cache while the caller imports (an import of jsonschema,
+    130 ms on a 2-core CPU, would hold up the caller's first result and risk the import locks)."""
+    previous = getattr(_unworded, "on", False)
+    _unworded.on = True
+    try:
+        yield
+    finally:
+        _unworded.on = previous
+
+
 def schema_errors(entry, part: str = "entry") -> list:
     """The schema's errors for ``entry`` (empty if valid): the fast check, worded by jsonschema."""
     check = fast_check(part)
@@ -89,6 +113,8 @@ def schema_errors(entry, part: str = "entry") -> list:
         raise
     except Exception:  # an odd value the compiled check did not expect: let jsonschema decide
         pass
+    if check is not None and getattr(_unworded, "on", False) and "jsonschema" not in sys.modules:
+        return [_Unworded()]
     return sorted(schema_validator(part).iter_errors(entry), key=lambda e: [str(p) for p in e.absolute_path])
 
 

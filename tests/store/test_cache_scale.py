@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -231,3 +233,21 @@ def test_a_garbage_or_directory_v1_file_is_no_crash(isolated, caplog):
     c.put(make_decision(2))
     assert set(c.entries()) == {make_decision(2).key_id} and c.migrate() == (0, 0)
     assert len(_warnings(caplog, "not migrated")) == 2
+
+
+def test_a_thread_that_must_not_import_jsonschema_gets_an_unworded_refusal(monkeypatch):
+    """The preload thread reads the cache while the caller imports: there an entry the compiled
+    check refuses is refused without importing jsonschema to word it; elsewhere it is worded."""
+    import sys
+
+    bad = {"schema_version": 3, "backend": 5}
+    worded = codec.schema_errors(bad)
+    assert worded and "is a required property" in worded[0].message  # jsonschema's words
+    monkeypatch.delitem(sys.modules, "jsonschema")  # as in a process that never imported it
+    with codec.unworded():
+        errors = codec.schema_errors(bad)
+        assert len(errors) == 1 and "compiled schema check refuses it" in errors[0].message
+        assert codec.schema_errors(dict(make_decision(1).to_dict())) == []  # a valid entry passes
+        with pytest.raises(codec.CacheFileError, match="does not match the schema"):
+            codec.validate_entry("ab" * 12, bad, "<test>")
+    assert "jsonschema" not in sys.modules
