@@ -131,7 +131,11 @@ def _verdict(ratios: list, policy: TuningPolicy) -> tuple:
     low = median_lower_bound(ratios, policy.confirm_alpha)
     if med <= 1 + policy.tie_floor:
         return med, spread, low, "refused"
-    return med, spread, low, ("confirmed" if low > 1 else "undecided")
+    # Too few rounds for the sign test to bound the median at alpha (2^-n > alpha: n < 5 at 5%,
+    # where the bound is the smallest ratio and a tie would pass 1 in 2^n times): every round must
+    # then clear the tie floor, not just 1.
+    floor = 1 + policy.tie_floor if 0.5 ** len(ratios) > policy.confirm_alpha else 1
+    return med, spread, low, ("confirmed" if low > floor else "undecided")
 
 
 def confirm(trial: Trial, winners: dict) -> tuple:

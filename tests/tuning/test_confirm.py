@@ -210,3 +210,15 @@ def test_the_math_kernel_is_not_a_graph_pick_by_its_eager_time():
     runs = {"torch": _run("torch", 1.0, 0.3, 0.9), "torch_math": _run("torch_math", 0.9, 0.3, 0.8)}
     trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY)
     assert tuner.mode_winners(trial, list(runs))["compiled"] == "torch"
+
+
+def test_a_re_time_too_short_for_the_sign_test_asks_every_round_to_clear_the_tie_floor():
+    """With 3 rounds the sign test's bound is the smallest ratio, which a tie passes 1 time in 8:
+    there every round must clear 1 + tie_floor; from 5 rounds (2^-5 <= 5%) the bound above 1 does."""
+    from diffsynth_attention.tuning.confirm import _verdict
+
+    assert _verdict([1.05, 1.04, 1.06], DEFAULT_POLICY)[3] == "confirmed"
+    assert _verdict([1.05, 1.01, 1.06], DEFAULT_POLICY)[3] == "undecided"  # one round inside the tie floor
+    assert _verdict([1.05, 1.01, 1.06, 1.05, 1.04], DEFAULT_POLICY)[3] == "confirmed"  # 5 rounds: the 1st smallest > 1
+    assert _verdict([1.05, 0.99, 1.06, 1.05, 1.04], DEFAULT_POLICY)[3] == "undecided"
+    assert _verdict([1.01, 1.0, 1.02], DEFAULT_POLICY)[3] == "refused"
