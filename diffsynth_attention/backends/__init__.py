@@ -33,7 +33,9 @@ DIFFSYNTH_PRIORITY: tuple = tuple(sorted((n for n, b in REGISTRY.items() if b.di
 # Backends that compile into a graph as PyTorch's own operators (the rest are kernel packages,
 # called through one thin operator): dispatch/compiled.py.
 TORCH_FAMILY = frozenset(n for n, b in REGISTRY.items() if b.inlined_under_compile)
-# Those of them whose graph runs the very operator their eager call runs: priced by eager time in a graph.
+# Those of them whose graph runs the very operator their eager call runs: priced by eager time in a
+# graph (``torch`` counts too: inductor may lower SDPA to another kernel, but that is what plain
+# torch.compile runs, the default a graph falls back to).
 SAME_OP_IN_GRAPH = frozenset(n for n, b in REGISTRY.items() if b.same_op_in_graph)
 
 
