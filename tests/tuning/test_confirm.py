@@ -28,8 +28,9 @@ def test_a_clear_winner_is_confirmed_against_the_default(monkeypatch):
     assert "torch_math 2.000x the speed of torch" in d.confirmation and "confirmed" in d.confirmation
 
 
-def test_a_winner_the_paired_re_time_does_not_confirm_leaves_the_default(monkeypatch):
-    # torch_math looks 25% faster in the rounds (a load spike on torch's samples, say), but not in the re-time
+def _tune_rounds_then_retime(monkeypatch, in_rounds: float, in_retime: float):
+    """Tune torch (cost 1.0) against a torch_math costing ``in_rounds`` in the rounds and
+    ``in_retime`` once the confirmation's re-time starts; returns the decision."""
     state = {"confirming": False}
     real = tuner.confirm
 
@@ -38,9 +39,14 @@ def test_a_winner_the_paired_re_time_does_not_confirm_leaves_the_default(monkeyp
         return real(trial, winners)
     monkeypatch.setattr(tuner, "confirm", confirm)
     q, k, v = qkv(sq=16)
-    info, made, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
-                                 torch_math={"schedule": lambda i: 1.0 if state["confirming"] else 0.8})
-    d = info.decision
+    info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
+                              torch_math={"schedule": lambda i: in_retime if state["confirming"] else in_rounds})
+    return info.decision
+
+
+def test_a_winner_the_paired_re_time_does_not_confirm_leaves_the_default(monkeypatch):
+    # torch_math looks 25% faster in the rounds (a load spike on torch's samples, say), but not in the re-time
+    d = _tune_rounds_then_retime(monkeypatch, 0.8, 1.0)
     assert d.backend == "torch" and d.candidates["torch"].status == "chosen"
     assert d.candidates["torch_math"].status == "accepted" and "not confirmed" in d.candidates["torch_math"].reason
     assert "not confirmed, torch kept" in d.confirmation
@@ -50,18 +56,8 @@ def test_a_winner_the_paired_re_time_does_not_confirm_leaves_the_default(monkeyp
 
 
 def test_a_re_time_that_agrees_with_the_rounds_within_the_noise_cap_stays_final(monkeypatch):
-    state = {"confirming": False}
-    real = tuner.confirm
-
-    def confirm(trial, winners):
-        state["confirming"] = True
-        return real(trial, winners)
-    monkeypatch.setattr(tuner, "confirm", confirm)
-    q, k, v = qkv(sq=16)
     # 5% ahead in the rounds, 1% in the re-time: refused (a tie), and not provisional
-    info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
-                              torch_math={"schedule": lambda i: 0.99 if state["confirming"] else 0.95})
-    d = info.decision
+    d = _tune_rounds_then_retime(monkeypatch, 0.95, 0.99)
     assert d.backend == "torch" and "not confirmed" in d.confirmation and not d.provisional, d.confirmation
 
 
