@@ -78,8 +78,7 @@ def mode_winners(trial: Trial, timed: list) -> dict:
     noise = {n: relative_spread(runs[n].rounds) for n in timed}
     out = {}
     for mode in (COMPILED, CUDAGRAPH):
-        costs = {n: mode_cost(statistics.median(runs[n].rounds), statistics.median(runs[n].host),
-                              statistics.median(runs[n].device), mode) for n in timed}
+        costs = {n: _rounds_cost(runs[n], mode) for n in timed}
         pick = choose(costs, noise, policy)[0]
         if mode == COMPILED:
             inlined = inlined_pick(trial, timed, noise)
@@ -96,13 +95,19 @@ def inlined_pick(trial: Trial, timed: list, noise: dict):
     family = [n for n in timed if n in SAME_OP_IN_GRAPH]
     if not family:
         return None
-    return choose({n: statistics.median(trial.runs[n].rounds) for n in family}, noise, trial.policy)[0]
+    return choose({n: _rounds_cost(trial.runs[n], EAGER) for n in family}, noise, trial.policy)[0]
 
 
 def _priced_as(mode: str, name: str) -> str:
     """The mode whose cost confirms ``name``'s pick for ``mode``: a PyTorch backend picked for
     compiled graphs is confirmed on its eager time (its operator's own, see :func:`mode_winners`)."""
     return EAGER if mode == COMPILED and name in SAME_OP_IN_GRAPH else mode
+
+
+def _rounds_cost(run, mode: str) -> float:
+    """``run``'s price in ``mode`` from the medians of its round samples (eager, host, device)."""
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    return mode_cost(med(run.rounds), med(run.host), med(run.device), mode)
 
 
 def _cost(sample, mode: str) -> float:
@@ -225,10 +230,9 @@ def confirm(trial: Trial, winners: dict) -> tuple:
 
 def _rounds_ratio(runs: dict, name: str, mode: str):
     """The default's median cost over ``name``'s in the interleaved rounds (None without rounds)."""
-    def price(run):
-        med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
-        return mode_cost(med(run.rounds), med(run.host), med(run.device), mode) if run.rounds else None
-    default, winner = price(runs[DEFAULT_BACKEND]), price(runs[name])
+    if not (runs[DEFAULT_BACKEND].rounds and runs[name].rounds):
+        return None
+    default, winner = _rounds_cost(runs[DEFAULT_BACKEND], mode), _rounds_cost(runs[name], mode)
     return default / winner if default and winner else None
 
 
