@@ -246,7 +246,8 @@ def test_the_clock_is_the_policys(monkeypatch):
 
 
 @pytest.mark.parametrize("field,value", [("retime", 0.5), ("warm_cap", 1), ("tie_cap", -1.0), ("budget_s", float("nan")),
-                                         ("min_rounds", 0), ("tolerances", {"float32": 0.0}), ("listeners", (1,))])
+                                         ("min_rounds", 0), ("tolerances", {"float32": 0.0}), ("listeners", (1,)),
+                                         ("confirm_max", 5), ("confirm_alpha", 0.0), ("confirm_alpha", 0.5)])
 def test_a_bad_policy_names_the_field(field, value):
     with pytest.raises((ValueError, TypeError), match=field):
         TuningPolicy(**{field: value})
