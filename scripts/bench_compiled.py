@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from harness.bench import direct_call, environment, hit_overhead, host_us, interleaved, save_result  # noqa: E402
+from harness.compiled_modules import AttnModule, BackendModule, SDPAModule  # noqa: E402
 
 HIT_PATH_TARGET_US = {"cuda": 2.0, "cpu": 2.5}  # issue 29: the GPU machine's host; the 2-core CPU (--overhead-only)
 
@@ -89,50 +90,6 @@ def operator_overhead(device, calls: int = 10000, blocks: int = 20) -> list:
             rows.append({"operator": "diffsynth_attention::kernel", "device": str(device), "backend": name,
                          "direct_us": t["direct"], "operator_us": t["kernel_op"], "overhead_us": t["kernel_op"] - t["direct"]})
     return rows
-
-
-class AttnModule(torch.nn.Module):
-    def __init__(self, kw):
-        super().__init__()
-        self.kw = kw
-
-    def forward(self, q, k, v):
-        import diffsynth_attention as da
-
-        return da.attention_forward(q, k, v, **self.kw)
-
-
-class SDPAModule(torch.nn.Module):
-    def __init__(self, layout: str, causal: bool, gqa: bool = False):
-        super().__init__()
-        self.bsnd = layout == "b s n d"
-        self.causal = causal
-        self.gqa = gqa
-
-    def forward(self, q, k, v):
-        if self.bsnd:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.gqa:
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=True)
-        else:
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return out.transpose(1, 2) if self.bsnd else out
-
-
-class BackendModule(torch.nn.Module):
-    """One backend called directly, as a user who hand-picked it would (its ``forward``)."""
-
-    def __init__(self, name: str, layout: str, causal: bool, window):
-        super().__init__()
-        self.name, self.bsnd, self.causal, self.window = name, layout == "b s n d", causal, window
-
-    def forward(self, q, k, v):
-        from harness.bench import REGISTRY
-
-        if self.bsnd:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        out = REGISTRY[self.name].forward(q, k, v, None, None, self.causal, self.window, False)
-        return out.transpose(1, 2) if self.bsnd else out
 
 
 def manual_graph(fn, q, k, v):

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
 
-from bench_compiled import AttnModule, BackendModule, SDPAModule  # noqa: E402
 from harness import bench  # noqa: E402
+from harness.compiled_modules import AttnModule, BackendModule, SDPAModule  # noqa: E402
 
 
 def guard_us(module, args, calls: int = 20000) -> tuple:
