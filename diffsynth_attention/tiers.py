@@ -66,9 +66,14 @@ scope_get = scope.get
 class TraceState:
     """What ``torch.compile`` guards on (Dynamo traces no ContextVar): ``scoped``, a property whose
     getter is the contextvar's own ``get``, so Dynamo reads the calling thread's and task's scope
-    and guards on it there (no process-wide mirror: as ``overrides.TraceState``)."""
+    and guards on it there (no process-wide mirror: as ``overrides.TraceState``). ``used``: whether
+    any quality scope was ever entered in this process (:func:`enter`), as ``overrides.TraceState``'s:
+    until then a trace reads only that flag (a C++ guard, where the property's is a Python call)."""
 
     scoped = property(scope.get)
+
+    def __init__(self) -> None:
+        self.used = False
 
 
 TRACE = TraceState()
@@ -77,12 +82,15 @@ TRACE = TraceState()
 def trace_scoped() -> Optional[str]:
     """The calling context's quality scope as a trace reads it (through :data:`TRACE`, so Dynamo
     guards on it), or None (the property's getter returns ``TRACE`` itself where no scope is set)."""
+    if not TRACE.used:
+        return None
     value = TRACE.scoped
     return None if value is TRACE else value
 
 
 def enter(tier: str):
     """Make ``tier`` the current scope's (a token for :func:`leave`)."""
+    TRACE.used = True
     return scope.set(tier)
 
 

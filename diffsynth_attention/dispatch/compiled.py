@@ -167,7 +167,7 @@ class Scope:
 
     def __enter__(self):
         if self.backend is not None and self.backend != overrides.scope_get():
-            self.token = overrides.scope.set(self.backend)
+            self.token = overrides.set_scope(self.backend)
 
     def __exit__(self, *exc):
         if self.token is not None:

@@ -272,7 +272,7 @@ def _traced_choice(q, k, v, scale, causal, backend) -> str:
             return torch.empty_strided(shape, stride, dtype=dtype, device=device)
 
     qf, kf, vf = fake(q), fake(k), fake(v)
-    token = overrides.scope.set(backend) if backend is not None and backend != overrides.scope_get() else None
+    token = overrides.set_scope(backend) if backend is not None and backend != overrides.scope_get() else None
     try:
         return selector().choose(qf, kf, vf, scale, causal, tune_on=lambda: tuple(random_like(t) for t in (qf, kf, vf)))
     finally:

@@ -110,6 +110,31 @@ def test_use_backend_selects_another_compiled_version():
         assert rec.compiles == 2 and rec.runs == 3  # re-entering reuses the torch_math version
 
 
+@pytest.mark.parametrize("scope", ["use_backend", "quality"])
+def test_first_scope_ever_set_retraces_a_graph_traced_before_it(scope, monkeypatch):
+    """Until a process sets a scope, a trace reads only the scope modules' ``used`` flags (a C++
+    guard, not the contextvar property's Python one). The first scope set must fail that guard:
+    the call under it is traced again and runs what the scope asks for; outside it the first
+    graph serves again."""
+    from diffsynth_attention import overrides, tiers
+
+    monkeypatch.setattr(overrides.TRACE, "used", False)
+    monkeypatch.setattr(tiers.TRACE, "used", False)
+    (q, k, v), _ = bsnd()
+    rec = Recorder()
+    model = torch.compile(Attn(), fullgraph=True, backend=rec)
+    with torch.no_grad():
+        model(q, k, v)
+        assert rec.compiles == 1 and not math_graph(rec.targets())
+        with (da.use_backend("torch_math") if scope == "use_backend" else da.quality("balanced")):
+            model(q, k, v)
+        assert rec.compiles == 2
+        if scope == "use_backend":
+            assert math_graph(rec.targets())
+        model(q, k, v)
+        assert rec.runs == 3
+
+
 def test_implementation_variable_is_read_at_trace_time(monkeypatch):
     (q, k, v), _ = bsnd()
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "torch_flash")
