@@ -55,6 +55,15 @@ def _without_trailing_defaults(overload, fixed: tuple) -> tuple:
         return fixed
 
 
+def _binding(op):
+    """The cheapest way to call ATen operator ``op`` from Python: its ``torch._C._VariableFunctions``
+    builtin (``torch._scaled_dot_product_efficient_attention``), which parses the arguments in C,
+    where the resolved overload (``op.default``) adds a Python ``__call__`` frame (~0.7 us a call
+    on the 2-core CPU); the overload where a torch lacks the builtin."""
+    name = getattr(op, "_qualified_op_name", "").partition("::")[2]
+    return getattr(torch._C._VariableFunctions, name, None) or op.default
+
+
 def _bind_aten(backend, cls, op, fixed: tuple, p: Problem, need_grad: bool, scale_is_none: bool):
     """A runner for an ATen SDPA kernel on unmasked calls: the overload resolved once
     (``.default``), positional arguments decided at plan time, and the last-dim contiguity
@@ -62,8 +71,8 @@ def _bind_aten(backend, cls, op, fixed: tuple, p: Problem, need_grad: bool, scal
     if type(backend).forward is not cls.forward or p.mask != MaskKind.NONE \
             or p.heads_q != p.heads_kv or p.window is not None:
         return None
-    default = op.default
-    fixed = _without_trailing_defaults(default, fixed)
+    fixed = _without_trailing_defaults(op.default, fixed)
+    default = _binding(op)
     if p.dense_last:  # the plan's signature fixes the strides: no per-call check
         if scale_is_none:
             def run_dense(q, k, v, mask, scale):

@@ -98,8 +98,6 @@ def __getattr__(name: str):
     globals()[name] = value
     return value
 
-_aten = torch.ops.aten
-
 
 def geomean(xs) -> Optional[float]:
     xs = [x for x in xs if x and x > 0]
@@ -144,7 +142,7 @@ def save_result(result: dict, out_dir, tag, suffix: str, write_md: Callable) -> 
 
 def direct_call(name: str, q, k, v) -> Callable:
     """The cheapest hand-written call of backend ``name`` on ``b n s d`` tensors (no mask, not
-    causal): PyTorch's SDPA for ``torch``, the ATen operator for the ``torch_*`` backends, the
+    causal): PyTorch's SDPA for ``torch``, the ATen operator's C builtin for the ``torch_*`` backends, the
     thin kernel call where FlashAttention-3/-4 have one (else the package's own function), on
     ``b s n d`` views, for kernel packages."""
     from diffsynth_attention.backends import REGISTRY
@@ -152,16 +150,17 @@ def direct_call(name: str, q, k, v) -> Callable:
 
     if name == "torch":
         return lambda: _SDPA(q, k, v)
+    vf = torch._C._VariableFunctions  # the C builtins: no Python frame of the operator objects
     if name == "torch_math":
-        return lambda: _aten._scaled_dot_product_attention_math(q, k, v)
+        return lambda: vf._scaled_dot_product_attention_math(q, k, v)
     if name == "torch_flash":
         if q.device.type == "cpu":
-            return lambda: _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-        return lambda: _aten._scaled_dot_product_flash_attention(q, k, v)
+            return lambda: vf._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        return lambda: vf._scaled_dot_product_flash_attention(q, k, v)
     if name == "torch_efficient":
-        return lambda: _aten._scaled_dot_product_efficient_attention(q, k, v, None, False)
+        return lambda: vf._scaled_dot_product_efficient_attention(q, k, v, None, False)
     if name == "torch_cudnn":
-        return lambda: _aten._scaled_dot_product_cudnn_attention(q, k, v, None, False)
+        return lambda: vf._scaled_dot_product_cudnn_attention(q, k, v, None, False)
     backend = REGISTRY[name]
     why = backend.unavailable_reason()
     if why is not None:

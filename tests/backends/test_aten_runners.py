@@ -3,7 +3,7 @@ the builtin's argument parser per call), and give SDPA's results bit for bit."""
 import torch
 
 from diffsynth_attention.backends import REGISTRY
-from diffsynth_attention.backends.torch_sdpa import _without_trailing_defaults
+from diffsynth_attention.backends.torch_sdpa import _binding, _without_trailing_defaults
 from diffsynth_attention.problem import prepare
 
 from support.helpers import qkv
@@ -30,3 +30,21 @@ def test_bound_cpu_runners_match_sdpa_bit_for_bit():
         for name in ("torch", "torch_flash"):
             run = REGISTRY[name].bind(call.problem, False, True)
             assert torch.equal(run(q, k, v, None, None), want), (name, causal)
+
+
+def test_runners_call_the_c_builtin_and_fall_back_to_the_overload():
+    """The bound runners call ``torch._C._VariableFunctions``' builtin (no Python frame of
+    OpOverload.__call__); an operator without one keeps its resolved overload."""
+    op = aten._scaled_dot_product_flash_attention_for_cpu
+    assert _binding(op) is torch._C._VariableFunctions._scaled_dot_product_flash_attention_for_cpu
+    assert _binding(aten._scaled_dot_product_efficient_attention) is torch._C._VariableFunctions._scaled_dot_product_efficient_attention
+
+    class NoBuiltin:
+        _qualified_op_name = "aten::not_an_operator_of_any_torch"
+        default = object()
+
+    assert _binding(NoBuiltin) is NoBuiltin.default
+    q, k, v = qkv(b=1, hq=2, sq=16, d=8)
+    call = prepare(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, None, False)
+    run = REGISTRY["torch_flash"].bind(call.problem, False, True)
+    assert torch.equal(run(q, k, v, None, None), op.default(q, k, v)[0])
