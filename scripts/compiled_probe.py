@@ -8,8 +8,9 @@ For each named problem of the shape suite (``b n s d`` caller, no autograd), the
 - host time per call (a burst, synchronised once per block);
 - the time Dynamo's guards take to accept the call (the cache entry's guard manager, called
   directly), and how many cache entries the code object has;
-- the operators each compiled call runs (profiler, CPU side), and the generated code (written to
-  ``<out>/<problem>-<module>.py``).
+- the operators each compiled call runs (profiler, CPU side; the compiled graph's name is its
+  cache key, so two modules that run one graph show the same name), and with ``--code`` the
+  generated code (``<out>/<problem>-<module>.py``).
 
 Usage: python scripts/compiled_probe.py --only seed_example,sdxl_1024_cross --out DIR
 """
@@ -67,7 +68,7 @@ def profile_ops(fn, n: int = 200) -> list:
     return rows[:25]
 
 
-def probe(shape, device, out: Path, samples: int) -> dict:
+def probe(shape, device, out: Path, samples: int, code: bool) -> dict:
     import diffsynth_attention as da
     from torch._inductor.utils import run_and_get_code
 
@@ -83,11 +84,11 @@ def probe(shape, device, out: Path, samples: int) -> dict:
                    modes=None if info.decision is None else {m: info.decision.backend_for(m) for m in ("eager", "compiled")})
         mods = {"auto": AttnModule(kw), "sdpa": SDPAModule("b n s d", causal), "best": BackendModule(best, "b n s d", causal, window)}
         fns = {}
-        for name, mod in mods.items():
+        for name, mod in mods.items() if code else ():
             torch._dynamo.reset()
             fn = torch.compile(mod, fullgraph=name != "best", dynamic=False)
-            _, code = run_and_get_code(fn, q, k, v)
-            (out / f"{shape['name']}-{name}.py").write_text("\n\n# ----\n\n".join(code))
+            _, text = run_and_get_code(fn, q, k, v)
+            (out / f"{shape['name']}-{name}.py").write_text("\n\n# ----\n\n".join(text))
         torch._dynamo.reset()
         for name, mod in mods.items():
             fns[name] = torch.compile(mod, fullgraph=name != "best", dynamic=False)
@@ -108,13 +109,14 @@ def main() -> None:
     p.add_argument("--only", required=True)
     p.add_argument("--samples", type=int, default=9)
     p.add_argument("--out", default="compiled-probe")
+    p.add_argument("--code", action="store_true", help="also write each module's generated code (compiles each twice)")
     args = p.parse_args()
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = args.only.split(",")
     shapes = [s for s in bench.shapes(args.preset, None) if s["name"].split("@")[0] in names]
-    rows = [probe(s, device, out, args.samples) for s in shapes]
+    rows = [probe(s, device, out, args.samples, args.code) for s in shapes]
     result = {"environment": bench.environment(device), "rows": rows}
     (out / "compiled-probe.json").write_text(json.dumps(result, indent=1, default=str))
     for r in rows:
