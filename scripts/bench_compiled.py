@@ -3,8 +3,8 @@
 
 For every problem of the shape suite, in the caller layouts ``b n s d`` and ``b s n d``, each a
 module whose forward is one attention call, ``torch.compile``'d with its defaults (``fullgraph``
-off: on, torch 2.11-2.13 add ~5 us to every call, which would favour a module compiled without it),
-``dynamic=False``:
+off: on, it adds ~8 us to every call with torch 2.13 on the 2-core CPU, which would favour a module
+compiled without it: ``compile_flags_ab.py``), ``dynamic=False``:
 
 - ``auto``: ``attention_forward`` (its decision taken at trace time, a cache hit);
 - ``sdpa``: ``F.scaled_dot_product_attention`` (with the transposes a ``b s n d`` caller needs);
@@ -145,7 +145,7 @@ def compiled_rows(shapes: list, device, layouts, samples: int, modes=("default",
                     for label, module in (("auto", AttnModule(kw)), ("sdpa", SDPAModule(layout, causal, gqa)),
                                           ("best", BackendModule(best, layout, causal, window))):
                         name = f"{label}_compiled{suffix}"
-                        try:  # torch.compile's defaults, alike for all three (fullgraph=True costs ~5 us a call)
+                        try:  # torch.compile's defaults, alike for all three (fullgraph=True costs every call: module docstring)
                             fn = torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
                             for _ in range(3):
                                 fn(q, k, v)

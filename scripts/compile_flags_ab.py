@@ -28,16 +28,14 @@ from harness import bench  # noqa: E402
 
 BODIES = {
     "auto": "import diffsynth_attention as da\n        return da.attention_forward(q, k, v)",
-    "best": "return BackendModule(BEST, 'b n s d', False, None).forward(q, k, v)",
+    "best": "return REGISTRY[BEST].forward(q, k, v, None, None, False, None, False)",
     "sdpa": "return torch.nn.functional.scaled_dot_product_attention(q, k, v)",
 }
 
 
 def module(kind: str, best: str) -> torch.nn.Module:
     """A module class of its own (a fresh code object) whose forward is one attention call."""
-    from harness.compiled_modules import BackendModule
-
-    namespace = {"torch": torch, "BackendModule": BackendModule, "BEST": best}
+    namespace = {"torch": torch, "REGISTRY": bench.REGISTRY, "BEST": best}
     exec(f"class M(torch.nn.Module):\n    def forward(self, q, k, v):\n        {BODIES[kind]}\n", namespace)
     return namespace["M"]()
 
