@@ -343,9 +343,17 @@ class DecisionCache(WholeCache, Leases, Writes):
         return len(changed)
 
     def forget_memory(self) -> None:
-        """Drop the in-memory copy; files are read again on next use (tests, cache-dir change)."""
+        """Drop the in-memory copy; files are read again on next use (tests, cache-dir change).
+        Decisions not yet on disk are written first, waiting for a save under way elsewhere (whose
+        lock a call's own save does not wait for), where the folder is still the one they belong
+        to; any that stay unwritten (a failing disk, another folder now) are named in a warning."""
+        if self._loaded and self._pending and self._persistent and self._loaded_from == self.directory:
+            self.save(force=True)
         with self._mutex:
+            lost = len(self._pending) if self._persistent else 0  # a memory-only cache keeps nothing by design
             self._reset_state()
+        if lost:
+            logger.warning("%d decision(s) not written to the cache were dropped from memory", lost)
         self._changed()
 
     def _changed(self, key_ids=None) -> None:

@@ -204,3 +204,32 @@ def test_why_the_lease_is_not_filelocks_soft_lease(isolated, tmp_path, caplog):
         assert os.listdir(elsewhere) == [f"{kid}.lock"]  # followed the link
     finally:
         theirs.release()
+
+
+def test_forget_memory_writes_what_a_save_under_way_left_pending(isolated):
+    """A call's save does not wait for a save under way elsewhere (the timer's): its decision stays
+    pending. Dropping the memory then (a test's stand-in for a new process, or a cache-folder
+    change) must write it first, not lose it."""
+    import threading
+
+    store = DecisionCache(isolated)
+    first = make_decision(1)
+    store.put(first)
+    changed = with_chosen(first, error=0.25)
+    held, release = threading.Event(), threading.Event()
+
+    def other_save():
+        with store._save_lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other_save)
+    t.start()
+    held.wait(10)
+    store.put(changed)  # its save finds the lock taken: pending
+    assert changed.key_id in store._pending
+    threading.Timer(0.2, release.set).start()
+    store.forget_memory()
+    t.join(10)
+    fresh = DecisionCache(isolated).get(first.key_id, tolerance=float("inf"))
+    assert fresh.candidates[fresh.backend].error == 0.25
