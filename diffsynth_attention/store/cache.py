@@ -53,6 +53,7 @@ _ID = codec.ID
 
 
 _caches: "weakref.WeakSet" = weakref.WeakSet()
+_handovers: list = []  # caches of a former folder still holding decisions they could not write: kept alive for their retries
 
 
 @process.after_fork
@@ -189,7 +190,8 @@ class DecisionCache(WholeCache, Leases, Writes):
         if self._loaded:
             if self._loaded_from == self.directory:
                 return
-            self.forget_memory()  # DIFFSYNTH_ATTENTION_CACHE_DIR changed: another cache
+            self._hand_over_pending()  # DIFFSYNTH_ATTENTION_CACHE_DIR changed: another cache
+            self.forget_memory()
         with self._mutex:
             if self._loaded:
                 return
@@ -341,6 +343,20 @@ class DecisionCache(WholeCache, Leases, Writes):
         self._changed(changed)
         self.save()
         return len(changed)
+
+    def _hand_over_pending(self) -> None:
+        """Decisions not yet written to the folder this cache read before
+        ``DIFFSYNTH_ATTENTION_CACHE_DIR`` changed: handed to a cache of that folder, which writes
+        them there now (its retry timer and exit flush if the disk fails), not dropped."""
+        with self._mutex:
+            old, pending = self._loaded_from, list(self._pending.values()) if self._persistent else []
+            if pending and old is not None:
+                self._pending.clear()
+        if pending and old is not None:
+            other = type(self)(old)
+            other.put_many(pending)
+            if not other.save(force=True):
+                _handovers.append(other)
 
     def forget_memory(self) -> None:
         """Drop the in-memory copy; files are read again on next use (tests, cache-dir change).

@@ -233,3 +233,24 @@ def test_forget_memory_writes_what_a_save_under_way_left_pending(isolated):
     t.join(10)
     fresh = DecisionCache(isolated).get(first.key_id, tolerance=float("inf"))
     assert fresh.candidates[fresh.backend].error == 0.25
+
+
+def test_decisions_pending_when_the_cache_folder_changes_are_written_to_their_own_folder(tmp_path, monkeypatch):
+    """DIFFSYNTH_ATTENTION_CACHE_DIR changed while a decision waited for its write (a save under way
+    elsewhere): the decision goes to the folder it was made under, not lost, not to the new one."""
+    import threading
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setenv(config.CACHE_DIR, str(a))
+    store = DecisionCache()
+    store.put(make_decision(0))
+    pending = make_decision(1)
+    with store._save_lock:  # a save under way elsewhere: put's own save does not wait for it
+        t = threading.Thread(target=store.put, args=(pending,))
+        t.start()
+        t.join(10)
+    assert pending.key_id in store._pending
+    monkeypatch.setenv(config.CACHE_DIR, str(b))
+    assert store.get(pending.key_id, tolerance=float("inf")) is None  # the new folder has none
+    assert DecisionCache(a).get(pending.key_id, tolerance=float("inf")) is not None
+    assert DecisionCache(b).get(pending.key_id, tolerance=float("inf")) is None
