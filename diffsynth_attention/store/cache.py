@@ -349,14 +349,15 @@ class DecisionCache(WholeCache, Leases, Writes):
         ``DIFFSYNTH_ATTENTION_CACHE_DIR`` changed: handed to a cache of that folder, which writes
         them there now (its retry timer and exit flush if the disk fails), not dropped."""
         with self._mutex:
-            old, pending = self._loaded_from, list(self._pending.values()) if self._persistent else []
-            if pending and old is not None:
-                self._pending.clear()
-        if pending and old is not None:
-            other = type(self)(old)
-            other.put_many(pending)
-            if not other.save(force=True):
-                _handovers.append(other)
+            old = self._loaded_from
+            if old is None or not self._persistent or not self._pending:
+                return
+            pending = list(self._pending.values())
+            self._pending.clear()
+        other = type(self)(old)
+        other.put_many(pending)  # saves them
+        if not other.save(force=True):  # a save the put's found under way, or a failing disk
+            _handovers.append(other)
 
     def forget_memory(self) -> None:
         """Drop the in-memory copy; files are read again on next use (tests, cache-dir change).
