@@ -3,7 +3,7 @@
 
 For every problem of the shape suite, in the caller layouts ``b n s d`` and ``b s n d``, each a
 module whose forward is one attention call, ``torch.compile``'d with its defaults (``fullgraph``
-off: on, it adds ~8 us to every call with torch 2.13 on the 2-core CPU, which would favour a module
+off: on, it adds 6-8 us to every call with torch 2.13 on the 2-core CPU, which would favour a module
 compiled without it: ``compile_flags_ab.py``), ``dynamic=False``:
 
 - ``auto``: ``attention_forward`` (its decision taken at trace time, a cache hit);

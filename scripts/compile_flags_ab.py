@@ -13,7 +13,6 @@ Usage: python scripts/compile_flags_ab.py [--device cpu] [--rounds 31] [--out DI
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -56,10 +55,8 @@ def run(device, rounds: int, calls: int) -> dict:
                     fn(q, k, v)
                 fns[f"{kind} fullgraph={full}"] = fn
         us: dict = {name: [] for name in fns}
-        names = list(fns)
         for r in range(rounds):
-            random.Random(r).shuffle(names)
-            for name in names:
+            for name in bench.round_order(list(fns), r):
                 fn = fns[name]
                 t0 = time.perf_counter()
                 for _ in range(calls):
