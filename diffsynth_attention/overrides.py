@@ -13,37 +13,16 @@ import contextlib
 import contextvars
 from typing import Iterator
 
-from . import config
+from . import config, trace_state
 from .backends import normalize
 from .callsite import is_compiling as _is_compiling
 from .environ import raw_reader
 
 IMPLEMENTATION = config.IMPLEMENTATION
 
-scope: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention_backend", default=None)
+scope: contextvars.ContextVar = trace_state.backend_scope
 scope_get = scope.get
-
-
-class TraceState:
-    """What ``torch.compile`` guards on (Dynamo guards the attributes a traced function reads; it
-    cannot read a contextvar). No mirror of the scope: ``scope`` is a property whose getter is the
-    contextvar's own (C) ``get``, so Dynamo reads it, and evaluates its guard, in the calling thread
-    and task. It is this object itself where no scope is set (the getter's default argument).
-    ``inner``: a ``use_backend`` opened inside a function being compiled (Dynamo traces no
-    contextvar): set only while Dynamo traces that block, as a side effect of the trace.
-    ``used``: whether any scope was ever set in this process (:func:`set_scope`; never unset).
-    Until then no context can hold one, so a trace reads only this flag, which Dynamo guards in
-    C++; the property's guard is a Python call on every call of the compiled code (~0.3 us on
-    the 2-core CPU). The first scope set fails that guard once, and the retrace reads the property."""
-
-    scope = property(scope.get)
-
-    def __init__(self) -> None:
-        self.inner = None
-        self.used = False
-
-
-TRACE = TraceState()
+TRACE = trace_state.TRACE  # shared with tiers: one object a trace reads (trace_state.py)
 
 
 def trace_scope():

@@ -20,6 +20,7 @@ import contextvars
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+from . import trace_state
 from .environ import raw_reader
 
 QUALITY = "DIFFSYNTH_ATTENTION_QUALITY"
@@ -59,33 +60,9 @@ BOUNDS = {
     FAST: Bound(rel_l1=0.07, cosine=0.997),
 }
 
-scope: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention_quality", default=None)
+scope: contextvars.ContextVar = trace_state.quality_scope
 scope_get = scope.get
-
-
-class TraceState:
-    """What ``torch.compile`` guards on (Dynamo traces no ContextVar): ``scoped``, a property whose
-    getter is the contextvar's own ``get``, so Dynamo reads the calling thread's and task's scope
-    and guards on it there (no process-wide mirror: as ``overrides.TraceState``). ``used``: whether
-    any quality scope was ever entered in this process (:func:`enter`), as ``overrides.TraceState``'s:
-    until then a trace reads only that flag (a C++ guard, where the property's is a Python call)."""
-
-    scoped = property(scope.get)
-
-    def __init__(self) -> None:
-        self.used = False
-
-
-TRACE = TraceState()
-
-
-def trace_scoped() -> Optional[str]:
-    """The calling context's quality scope as a trace reads it (through :data:`TRACE`, so Dynamo
-    guards on it), or None (the property's getter returns ``TRACE`` itself where no scope is set)."""
-    if not TRACE.used:
-        return None
-    value = TRACE.scoped
-    return None if value is TRACE else value
+TRACE = trace_state.TRACE  # shared with overrides: one object a trace reads (trace_state.py)
 
 
 def enter(tier: str):

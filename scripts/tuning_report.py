@@ -56,16 +56,25 @@ from harness.tuning_parts import (  # noqa: E402
 
 
 # -- repeat (issue 14 item 2, issue 21 item 6) ---------------------------------------------------------------
-def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15, stem=None, own_samples: int = 7) -> dict:
+def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15, stem=None, own_samples: int = 7,
+                  runs_file=None) -> dict:
+    """``runs_file``: the tuning processes' results, kept after each one, and read back by a run
+    given the same file, which tunes only the processes still missing and then scores: so a run
+    cut short by a time limit goes on where it stopped (the GPU machine's calls last 600 s)."""
     from harness.bench import DEFAULT_POLICY, backend_call, servable
 
-    torch = _torch()
-    path = shapes_file(shapes)
-    runs = []
-    for i in range(n):
+    torch, path, names, runs = _torch(), shapes_file(shapes), [s["name"] for s in shapes], []
+    if runs_file and Path(runs_file).exists():
+        kept = json.loads(Path(runs_file).read_text())
+        runs = [r for r in kept if [p["name"] for p in r["problems"]] == names][:n]
+        print(f"{len(runs)} tuning processes read from {runs_file}", flush=True)
+    for i in range(len(runs), n):
         cache = tempfile.mkdtemp(prefix=f"da-repeat-{i}-")
         runs.append(run_child(["_tune", "--device", str(device), "--shapes", path, "--own-samples", str(own_samples)], cache))
         shutil.rmtree(cache, ignore_errors=True)
+        if runs_file:
+            Path(runs_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(runs_file).write_text(json.dumps(runs, default=str))
         print(f"run {i + 1}/{n}: " + ", ".join(f"{r['name']}={r['backend']}" for r in runs[-1]["problems"]), flush=True)
     rows = []
     for j, shape in enumerate(shapes):
@@ -394,6 +403,8 @@ def main(argv=None) -> int:
     p.add_argument("--new", action="store_true", help="add issue 29's 8 new problems (REPEAT_NEW)")
     p.add_argument("--own-samples", type=int, default=7,
                    help="samples of each backend timed in every tuning process right after it tunes (0: none)")
+    p.add_argument("--runs", default=None, help="a JSON file that keeps the tuning processes' results: a run given "
+                   "it again tunes only the processes still missing, then scores")
     p = sub.add_parser("cost", help="tuning cost per problem, skipped candidates and their predictions")
     add_problem_args(p)
     p.add_argument("--no-compare", action="store_true", help="skip the second tuning with skipping off")
@@ -423,7 +434,7 @@ def main(argv=None) -> int:
     shapes = problems(args)
     out = Path(args.out)
     if args.cmd == "repeat":
-        repeat_tuning(shapes, device, args.n, out, args.samples, args.tag, args.own_samples)
+        repeat_tuning(shapes, device, args.n, out, args.samples, args.tag, args.own_samples, args.runs)
     elif args.cmd == "cost":
         tuning_cost(shapes, device, out, not args.no_compare, args.tag)
     elif args.cmd == "first-call":

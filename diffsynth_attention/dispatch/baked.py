@@ -37,8 +37,7 @@ from typing import Optional
 
 import torch
 
-from ..overrides import trace_scope
-from ..tiers import trace_scoped
+from ..trace_state import traced_scopes
 from ..backends import REGISTRY
 from ..request import Request
 from ..states import TIMED
@@ -67,19 +66,7 @@ def _dynamo_handles(name: str):
 # fallback every symbolic trace there kept the run-time operator (H100, Wan's 6-resolution loop).
 _static_value = _dynamo_handles("has_static_value") or (lambda s: False)
 _hint = _dynamo_handles("guarding_hint_or_throw") or _dynamo_handles("size_hint")
-
-
-def _static(*tensors) -> bool:
-    for t in tensors:
-        if t is None:
-            continue
-        for s in t.shape:
-            if not _static_value(s):
-                return False
-        for s in t.stride():
-            if not _static_value(s):
-                return False
-    return True
+_grad_enabled = torch.is_grad_enabled  # one guard node fewer than torch.is_grad_enabled
 
 
 def _meta(t) -> Optional[tuple]:
@@ -302,25 +289,45 @@ def _within(tensors, checks) -> bool:
 def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                      compatibility_mode, window_size):
     """What Dynamo traces for ``attention_forward``: one operator call, its decision baked in
-    where the sizes are concrete."""
+    where the sizes are concrete.
+
+    Dynamo guards what this reads, on every call of the compiled code, so it reads little: the
+    common call's helpers are inlined (each function called is a guard on its code), the booleans
+    are tested with ``is`` before ``bool()`` (a guard on the builtin), and both scopes come through
+    one object (:func:`traced_scopes`). tests/dispatch/test_compile.py counts the guards."""
     # int(n): a head count Dynamo made symbolic (an int argument under dynamic=True) is specialized;
     # anything else is written as it is, so validation rejects what eager rejects
     dims_text = None if dims is None else ",".join(
         f"{a}={n if isinstance(n, (bool, float, str)) else int(n)}" for a, n in dims.items())
     scale = None if scale is None else float(scale)
-    is_causal, compatibility_mode = bool(is_causal), bool(compatibility_mode)
+    if is_causal is not False and is_causal is not True:
+        is_causal = bool(is_causal)
+    if compatibility_mode is not False and compatibility_mode is not True:
+        compatibility_mode = bool(compatibility_mode)
     token = int(d.trace_key)  # a constant: dynamic=True makes an int attribute symbolic, never a str
-    backend = trace_scope()
+    backend, quality = traced_scopes()  # read here so Dynamo guards on the calling context's scopes
     epoch = d.regate_epoch  # an argument of the bakes, so Dynamo guards on it (dispatch/regate.py)
-    quality = trace_scoped()  # read here so Dynamo guards on the calling context's quality scope
     decision = None
-    if _static(q, k, v, attn_mask):
-        decision = bake(token, _meta(q), _meta(k), _meta(v), _meta(attn_mask), q_pattern, k_pattern, v_pattern, out_pattern,
-                        dims_text, scale, is_causal, window_size, compatibility_mode, torch.is_grad_enabled(), backend,
-                        epoch, quality)
+    static = True  # every size and stride concrete (has_static_value; inlined, as below)
+    for t in (q, k, v, attn_mask):
+        if t is not None:
+            for n in t.shape:
+                if not _static_value(n):
+                    static = False
+            for n in t.stride():
+                if not _static_value(n):
+                    static = False
+    if static:  # the metas as _meta's (bake takes a torch.Size as the tuple it is)
+        decision = bake(token, (q.shape, q.stride(), q.dtype, q.device, q.requires_grad),
+                        (k.shape, k.stride(), k.dtype, k.device, k.requires_grad),
+                        (v.shape, v.stride(), v.dtype, v.device, v.requires_grad),
+                        None if attn_mask is None else (attn_mask.shape, attn_mask.stride(), attn_mask.dtype,
+                                                        attn_mask.device, attn_mask.requires_grad),
+                        q_pattern, k_pattern, v_pattern, out_pattern, dims_text, scale, is_causal, window_size,
+                        compatibility_mode, _grad_enabled(), backend, epoch, quality)
     elif _hint is not None and attn_mask is None and window_size is None:  # symbolic lengths: baked per bucket
         got = bake_bucket(token, _hinted(q), _hinted(k), _hinted(v), q_pattern, k_pattern, v_pattern, out_pattern,
-                          dims_text, scale, is_causal, compatibility_mode, torch.is_grad_enabled(), backend, epoch,
+                          dims_text, scale, is_causal, compatibility_mode, _grad_enabled(), backend, epoch,
                           quality)
         if got is not None and _within((q, k, v), got[1]):
             decision = got[0]

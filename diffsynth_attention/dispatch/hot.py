@@ -19,6 +19,11 @@ _compiler = getattr(torch, "compiler", None)
 _dynamo_compiling = getattr(_compiler, "is_dynamo_compiling", None)
 
 
+def _never() -> bool:
+    """Where torch lacks is_dynamo_compiling: the hot path's is_compiling() then says it all."""
+    return False
+
+
 def make_forward(d) -> Callable:
     """The hot path of dispatcher ``d``, as a function of DiffSynth-Studio's signature.
 
@@ -41,7 +46,8 @@ def make_forward(d) -> Callable:
     failed = d.failed
     env_get, impl_key, scope_get = overrides._env_get, overrides._IMPL_KEY, overrides.scope_get
     tier_scope_get, tier_env_get, tier_key = tiers.scope_get, tiers._env_get, tiers._KEY
-    fast_compiling = _dynamo_compiling is not None and hasattr(_compiler, "_is_compiling_flag")
+    flag_compiling = hasattr(_compiler, "_is_compiling_flag")
+    dynamo_compiling = _dynamo_compiling or _never
 
     def attention_forward(
         q: torch.Tensor,
@@ -76,7 +82,8 @@ def make_forward(d) -> Callable:
 
             return flex_attention_forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                           is_causal, window_size, score_mod)
-        if (_dynamo_compiling() or _compiler._is_compiling_flag) if fast_compiling else _is_compiling():
+        # Dynamo reads only the first call (folded to True), so it guards nothing of the rest
+        if dynamo_compiling() or (_compiler._is_compiling_flag if flag_compiling else _is_compiling()):
             from .baked import traced_attention
 
             return traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,

@@ -54,6 +54,19 @@ def test_repeat_tunes_in_fresh_processes_and_times_every_backend_directly(out):
     assert "| issue21_cpu + |" in md and "Every backend timed directly" in md and "worst in its own process" in md
 
 
+def test_repeat_given_its_runs_file_again_tunes_only_the_processes_still_missing(out, monkeypatch):
+    calls = []
+    real = tuning_report.run_child
+    monkeypatch.setattr(tuning_report, "run_child", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    args = ["repeat", "--device", "cpu", "--max-seq", "16", "--max-heads", "1", "--only", "seed_example", "--samples", "2",
+            "--own-samples", "0", "--out", str(out), "--runs", str(out / "runs.json")]
+    tuning_report.main([*args, "--n", "1"])  # a run cut short after its first process
+    tuning_report.main([*args, "--n", "2"])
+    assert len(calls) == 2  # one process, then the one still missing: the first was read back
+    assert len(json.loads((out / "runs.json").read_text())) == 2
+    assert len(result(out, "repeat")["problems"][0]["decisions"]) == 2
+
+
 def test_the_extra_problems_cover_what_the_suite_lacks():
     from diffsynth_attention.tools.shapes import builtin_shapes
 
