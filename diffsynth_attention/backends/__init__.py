@@ -39,6 +39,27 @@ TORCH_FAMILY = frozenset(n for n, b in REGISTRY.items() if b.inlined_under_compi
 SAME_OP_IN_GRAPH = frozenset(n for n, b in REGISTRY.items() if b.same_op_in_graph)
 
 
+def preference_on(capability: Optional[tuple]) -> tuple:
+    """The tie-break order on a device of CUDA ``capability`` (major, minor), or None (not CUDA):
+    :data:`PREFERENCE`, except that a kernel package native to the device's architecture
+    (``Backend.native_majors``, exact ones) moves ahead of the other kernel packages; PyTorch's own kernels
+    stay first. On Hopper, FlashAttention-3 then wins its ties with FlashAttention-4: the tuner's
+    rounds saw the two within 1% on Wan's long self-attention where direct timings put
+    FlashAttention-3 3.8-3.9% ahead, in all 5 fresh processes (H100, benchmarks/results/
+    H100-80GB-HBM3-2026-12-07-s7-tuning-repeat.md)."""
+    if capability is None:
+        return PREFERENCE
+    major = capability[0]
+    # (an 8-bit or FP8 variant stays behind the exact kernels: a tie goes to the exact one)
+    native = [n for n in PREFERENCE if major in (REGISTRY[n].native_majors or ()) and not REGISTRY[n].low_precision]
+    if not native:
+        return PREFERENCE
+    packages = [n for n in PREFERENCE if n not in TORCH_FAMILY]
+    first = min(PREFERENCE.index(n) for n in packages) if packages else len(PREFERENCE)
+    rest = [n for n in PREFERENCE[first:] if n not in native]
+    return PREFERENCE[:first] + tuple(native) + tuple(rest)
+
+
 def normalize(name, source: str) -> str:
     """A backend name or 'auto', case-insensitive; a ValueError naming ``source`` otherwise."""
     return check_backend(name, source, auto="valid names: auto")
@@ -86,7 +107,7 @@ def for_tier(usable: list, reasons: dict, tier: str) -> tuple:
 
 
 __all__ = [
-    "Backend", "DeviceInfo", "REGISTRY", "PREFERENCE", "DIFFSYNTH_PRIORITY", "TORCH_FAMILY", "SAME_OP_IN_GRAPH", "register",
+    "Backend", "DeviceInfo", "REGISTRY", "PREFERENCE", "preference_on", "DIFFSYNTH_PRIORITY", "TORCH_FAMILY", "SAME_OP_IN_GRAPH", "register",
     "available_backends", "candidates", "for_tier", "clear_compiled", "device_info", "enable_fa4_compile_cache",
     "fa4_compile_dir", "loading", "normalize", "package_version",
 ]

@@ -202,6 +202,9 @@ class Backend:
     # the math kernel's composite operator is): its eager time prices it in a graph (tuning/confirm.py).
     same_op_in_graph: ClassVar[bool] = False
     diffsynth_priority: ClassVar[Optional[int]] = None
+    # The major CUDA capabilities the kernel was designed for (None: none in particular). In a tie
+    # a kernel package native to the device ranks before the other packages (preference_on).
+    native_majors: ClassVar[Optional[frozenset]] = None
 
     def __init__(self) -> None:
         self._loaded = False

@@ -232,6 +232,7 @@ class FlashAttention3(_FlashBase):
     package = "tokenspeed-fa3"
     extra = "flash-attn-3"
     capabilities = frozenset({9})
+    native_majors = frozenset({9})  # written for Hopper (warp-specialised, TMA); FlashAttention-4 is a port there
     max_head_dim = 256
     head_dim_multiple = 8
     head_dim_kernels: tuple = FA3_HEAD_DIMS

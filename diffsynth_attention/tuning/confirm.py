@@ -14,13 +14,14 @@ from .policy import DEFAULT_POLICY, TuningPolicy
 from .trial import Trial, describe_exception, recover
 
 
-def _order(name: str) -> int:
-    return PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE)
-
-
-def choose(medians: dict, noise: dict, policy: TuningPolicy = DEFAULT_POLICY) -> tuple:
+def choose(medians: dict, noise: dict, policy: TuningPolicy = DEFAULT_POLICY, order: tuple = PREFERENCE) -> tuple:
     """(winner, fastest, tie) among ``medians`` {name: ms}: the fastest, unless another is within
-    the tie threshold of it and comes first in the preference order."""
+    the tie threshold of it and comes first in the preference ``order`` (the device's:
+    ``Trial.order``, :func:`~diffsynth_attention.backends.preference_on`)."""
+
+    def _order(name: str) -> int:
+        return order.index(name) if name in order else len(order)
+
     fastest = min(medians, key=lambda n: (medians[n], _order(n)))
     tied = {}
     for name, ms in medians.items():
@@ -69,8 +70,12 @@ def mode_winners(trial: Trial, timed: list) -> dict:
     self-attention on FlashAttention-3, level with ``torch`` in the model, ran 1.28x slower baked.
     What does hold: a PyTorch sub-backend (``torch_efficient``, ``torch_flash``, ...) is one ATen
     operator, the same one in a graph as in an eager call. So the compiled pick is the PyTorch
-    backend the eager rounds rank first (:func:`inlined_pick`), and a kernel package replaces it
-    only where the model puts that package more than ``policy.compiled_margin`` ahead.
+    backend the eager rounds rank first (:func:`inlined_pick`), and a host-heavy kernel package
+    (host time over ``policy.compiled_host_share`` of its device time: both misrankings above) replaces
+    it only where the model puts that package more than ``policy.compiled_margin`` ahead. A
+    device-bound package needs only the tie rule's lead: on hd256, sd15_512_self and flux_1024
+    (host 5-16% of device) a package 6-9% ahead in the model ran 1-10% faster baked than compiled
+    SDPA on an H200 (s6) and an H100 (s7), where the margin had kept ``torch``.
     CUDA-graph prices are device time, measured as such: no margin there."""
     runs, policy = trial.runs, trial.policy
     if len(timed) < 2 or not all(runs[n].host and runs[n].device for n in timed):
@@ -79,10 +84,11 @@ def mode_winners(trial: Trial, timed: list) -> dict:
     out = {}
     for mode in (COMPILED, CUDAGRAPH):
         costs = {n: _rounds_cost(runs[n], mode) for n in timed}
-        pick = choose(costs, noise, policy)[0]
+        pick = choose(costs, noise, policy, trial.order)[0]
         if mode == COMPILED:
             inlined = inlined_pick(trial, timed, noise)
-            if inlined is not None and (pick in SAME_OP_IN_GRAPH or costs[inlined] <= costs[pick] * (1 + policy.compiled_margin)):
+            margin = policy.compiled_margin if _host_heavy(runs[pick], policy) else 0.0
+            if inlined is not None and (pick in SAME_OP_IN_GRAPH or costs[inlined] <= costs[pick] * (1 + margin)):
                 pick = inlined
         out[mode] = pick
     return out
@@ -95,13 +101,22 @@ def inlined_pick(trial: Trial, timed: list, noise: dict):
     family = [n for n in timed if n in SAME_OP_IN_GRAPH]
     if not family:
         return None
-    return choose({n: _rounds_cost(trial.runs[n], EAGER) for n in family}, noise, trial.policy)[0]
+    return choose({n: _rounds_cost(trial.runs[n], EAGER) for n in family}, noise, trial.policy, trial.order)[0]
 
 
 def _priced_as(mode: str, name: str) -> str:
     """The mode whose cost confirms ``name``'s pick for ``mode``: a PyTorch backend picked for
     compiled graphs is confirmed on its eager time (its operator's own, see :func:`mode_winners`)."""
     return EAGER if mode == COMPILED and name in SAME_OP_IN_GRAPH else mode
+
+
+def _host_heavy(run, policy: TuningPolicy) -> bool:
+    """Whether ``run``'s host time per call is over ``policy.compiled_host_share`` of its device
+    time: there the compiled model misranked (module text of :func:`mode_winners`)."""
+    if not run.host or not run.device:
+        return True
+    device = statistics.median(run.device)
+    return device <= 0 or statistics.median(run.host) > policy.compiled_host_share * device
 
 
 def _rounds_cost(run, mode: str) -> float:

@@ -12,6 +12,7 @@ before the first candidate ran (:func:`fingerprint`)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -117,6 +118,13 @@ class Trial:
     @property
     def device(self) -> torch.device:
         return self.call.q.device
+
+    @functools.cached_property
+    def order(self) -> tuple:
+        """The tie-break order on this trial's device (``backends.preference_on``)."""
+        from ..backends import device_info, preference_on
+
+        return preference_on(device_info(self.device).capability)
 
     def changed(self) -> list:
         """The names of the inputs a candidate modified in place (``"q"``, ``"k"``, ``"v"``)."""

@@ -307,7 +307,7 @@ def choose_winner(trial: Trial, near: list, timed: list) -> tuple:
         runs[name].cand.time_ms = medians[name]
     if len(timed) == 1:
         return timed[0], None
-    winner, fastest, tie = choose(medians, noise, policy)
+    winner, fastest, tie = choose(medians, noise, policy, trial.order)
     count = min(len(runs[n].rounds) for n in timed)
     for name, ms in medians.items():
         if name == winner:

@@ -61,6 +61,40 @@ def test_a_tie_goes_to_the_preference_order_and_the_reason_says_so(monkeypatch):
     assert "torch_flash is preferred by order" in info.candidates["torch_efficient"]["reason"]
 
 
+def test_on_hopper_flashattention_3_wins_its_ties_with_flashattention_4():
+    """The tie order is the device's: on Hopper (9.x) FlashAttention-3, built for it, ranks ahead
+    of the other kernel packages, behind PyTorch's own kernels and ahead of no 8-bit variant's
+    exact peers; elsewhere the catalogue's order stands. A tie is decided by it, a clear gap is not."""
+    from diffsynth_attention.backends import preference_on
+    from diffsynth_attention.tuning.confirm import choose
+
+    hopper = preference_on((9, 0))
+    assert hopper.index("flash_attention_3") < hopper.index("flash_attention_4")
+    assert hopper[:4] == PREFERENCE[:4] and set(hopper) == set(PREFERENCE)
+    assert hopper.index("flash_attention_3_fp8") > hopper.index("flash_attention_4")  # a tie goes to the exact kernel
+    assert preference_on((10, 0)) == PREFERENCE == preference_on(None)
+    assert PREFERENCE.index("flash_attention_4") < PREFERENCE.index("flash_attention_3")
+    medians, noise = {"flash_attention_4": 9.60, "flash_attention_3": 9.66, "torch": 12.0}, {}
+    assert choose(medians, noise)[0] == "flash_attention_4"
+    assert choose(medians, noise, order=hopper)[0] == "flash_attention_3"
+    medians["flash_attention_3"] = 9.60 * 1.05  # beyond the tie cap: the faster one, whatever the order
+    assert choose(medians, noise, order=hopper)[0] == "flash_attention_4"
+
+
+def test_the_tuner_breaks_ties_in_its_device_order(monkeypatch):
+    from diffsynth_attention.tuning.trial import Trial
+
+    fakes = {"flash_attention_4": {"cost": 1.00}, "flash_attention_3": {"cost": 1.01}}
+    info, _ = tune_with(monkeypatch, **fakes)
+    assert info.backend == "flash_attention_4"  # the catalogue's order
+    hopper = tuple(n for n in PREFERENCE if n != "flash_attention_3")
+    hopper = hopper[:hopper.index("flash_attention_4")] + ("flash_attention_3",) + hopper[hopper.index("flash_attention_4"):]
+    monkeypatch.setattr(Trial, "order", property(lambda self: hopper))
+    info, _ = tune_with(monkeypatch, sq=40, **fakes)
+    assert info.backend == "flash_attention_3"
+    assert "preferred by order" in info.candidates["flash_attention_3"]["reason"]
+
+
 def test_no_tie_beyond_the_noise_floor(monkeypatch):
     info, _ = tune_with(monkeypatch, torch_flash={"cost": 1.05}, torch_efficient={"cost": 1.00})
     assert info.backend == "torch_efficient"
