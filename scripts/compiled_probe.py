@@ -2,7 +2,7 @@
 """Where a compiled ``attention_forward`` spends what compiled SDPA does not: one problem at a time.
 
 For each named problem of the shape suite (``b n s d`` caller, no autograd), the three modules of
-``bench_compiled.py`` (``auto``, ``sdpa``, ``best``) compiled with ``fullgraph``/``dynamic=False``:
+``bench_compiled.py`` (``auto``, ``sdpa``, ``best``) compiled alike, with torch.compile's defaults and ``dynamic=False``:
 
 - time per call, interleaved (the device synchronised per call, so host cost shows);
 - host time per call (a burst, synchronised once per block);
@@ -86,12 +86,12 @@ def probe(shape, device, out: Path, samples: int, code: bool) -> dict:
         fns = {}
         for name, mod in mods.items() if code else ():
             torch._dynamo.reset()
-            fn = torch.compile(mod, fullgraph=name != "best", dynamic=False)
+            fn = torch.compile(mod, dynamic=False)
             _, text = run_and_get_code(fn, q, k, v)
             (out / f"{shape['name']}-{name}.py").write_text("\n\n# ----\n\n".join(text))
         torch._dynamo.reset()
         for name, mod in mods.items():
-            fns[name] = torch.compile(mod, fullgraph=name != "best", dynamic=False)
+            fns[name] = torch.compile(mod, dynamic=False)  # defaults, alike (bench_compiled.py)
             for _ in range(5):
                 fns[name](q, k, v)
         calls = {name: (lambda f=f: f(q, k, v)) for name, f in fns.items()}
