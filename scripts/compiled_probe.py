@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,27 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness import bench  # noqa: E402
 from harness.compiled_modules import AttnModule, BackendModule, SDPAModule  # noqa: E402
-
-
-def guard_us(module, args, calls: int = 20000) -> tuple:
-    """(median microseconds one guard check takes, cache entries) for a compiled module's forward."""
-    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-
-    code = type(module).forward.__code__
-    entries = _debug_get_cache_entry_list(code)
-    if not entries:
-        return None, 0
-    gm = entries[0].guard_manager
-    f_locals = {"self": module, "q": args[0], "k": args[1], "v": args[2]}
-    if not gm.check(f_locals):
-        return None, len(entries)
-    ts = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            gm.check(f_locals)
-        ts.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(ts), len(entries)
+from harness.guards import guard_us  # noqa: E402
 
 
 def profile_ops(fn, n: int = 200) -> list:
