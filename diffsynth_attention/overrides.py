@@ -25,18 +25,6 @@ scope_get = scope.get
 TRACE = trace_state.TRACE  # shared with tiers: one object a trace reads (trace_state.py)
 
 
-def trace_scope():
-    """The ``use_backend`` scope a trace runs under: one opened inside the compiled code, else the
-    calling context's (read through :data:`TRACE`, so Dynamo guards on it per thread), else None."""
-    inner = TRACE.inner
-    if inner is not None:
-        return inner
-    if not TRACE.used:
-        return None
-    value = TRACE.scope
-    return None if value is TRACE else value
-
-
 def set_scope(value):
     """Set the calling context's ``use_backend`` scope (a token for ``scope.reset``). Every set
     goes through here, so :data:`TRACE`'s ``used`` is on before any context can hold a value."""

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .. import config, overrides, process
+from .. import config, overrides, process, trace_state
 from ..backends import REGISTRY, TORCH_FAMILY, device_info
 from ..callsite import in_graph, is_compiling, needs_grad
 from ..problem import prepare
@@ -303,7 +303,7 @@ def attention_with_lse(q, k, v, scale=None, is_causal=False):
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if is_compiling():  # decided while Dynamo traces (guarded on the calling context's use_backend)
         name = _traced_choice(_meta(q), _meta(k), _meta(v), None if scale is None else float(scale), bool(is_causal),
-                              overrides.trace_scope())
+                              trace_state.traced_scopes()[0])
     else:
         name = selector().choose(q, k, v, scale, bool(is_causal))
     run = _bsnd_runner(name, scale, bool(is_causal))

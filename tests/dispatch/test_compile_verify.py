@@ -64,9 +64,9 @@ def test_use_backend_inside_a_compiled_function(dynamic):
         code = str(rec.forward_graphs[-1].code) if rec.forward_graphs else ""
         assert "bmm" in code, code  # torch_math decomposes into matmuls
     assert da.current_implementation() == "auto"  # nothing leaked out of the block
-    from diffsynth_attention import overrides
+    from diffsynth_attention import overrides, trace_state
 
-    assert overrides.trace_scope() is None and overrides.scope_get() is None
+    assert trace_state.traced_scopes()[0] is None and overrides.scope_get() is None
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     for inside, outside in outs:
         assert rel(inside, ref) < 1e-5 and rel(outside, ref) < 1e-5
