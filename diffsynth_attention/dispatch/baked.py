@@ -23,10 +23,10 @@ of the traced lengths' neighbour bucket agrees on (or, where their picks differ,
 turns into guards on the bucket (:func:`_within`); the run-time operator stays where nothing is
 known.
 
-The innermost ``use_backend`` is guarded per thread and per task: ``overrides.TRACE.scope`` is a
+The innermost ``use_backend`` is guarded per thread and per task: ``trace_state.TRACE.scope`` is a
 property that reads the calling context's scope, and Dynamo evaluates the guard in the thread
 that calls the compiled code. A scope opened inside the compiled function exists only in the
-trace (``overrides.TRACE.inner``); the graph carries it as the ``backend`` argument.
+trace (``trace_state.TRACE.inner``); the graph carries it as the ``backend`` argument.
 """
 
 from __future__ import annotations
