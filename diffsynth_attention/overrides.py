@@ -90,7 +90,11 @@ def use_backend(name: str) -> Iterator[str]:
     restored on exit even after an exception. The scope wins over the environment variable."""
     value = normalize(name, "use_backend(name)")
     if _is_compiling():  # inside a function being compiled: Dynamo traces no ContextVar; the graph
-        outer, TRACE.inner = TRACE.inner, value  # takes the scope as an argument (dispatch/baked.py)
+        # takes the scope as an argument (dispatch/baked.py). ``used`` first: the trace of this block
+        # sets a scope while it bakes (compiled.Scope), and Dynamo guards the flag's value after the
+        # trace, so a trace that read it as False would get a guard on True and skip the quality scope
+        TRACE.used = True
+        outer, TRACE.inner = TRACE.inner, value
         try:
             yield value
         finally:

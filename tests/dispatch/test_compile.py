@@ -141,6 +141,32 @@ def test_first_scope_ever_set_retraces_a_graph_traced_before_it(scope, monkeypat
         assert rec.runs == 3
 
 
+def test_a_graph_that_opens_use_backend_inside_still_guards_the_quality_scope(monkeypatch):
+    """The trace of a ``use_backend`` block sets a scope while it bakes, so a trace that read the
+    ``used`` flag as False would leave a guard on True behind and never read the quality scope: a
+    later ``quality(...)`` around the call must still trace again."""
+    from diffsynth_attention import trace_state
+
+    monkeypatch.setattr(trace_state.TRACE, "used", False)
+
+    class Inner(torch.nn.Module):
+        def forward(self, q, k, v):
+            with da.use_backend("torch_math"):
+                return da.attention_forward(q, k, v, *BSND)
+
+    (q, k, v), _ = bsnd()
+    rec = Recorder()
+    model = torch.compile(Inner(), fullgraph=True, backend=rec)
+    with torch.no_grad():
+        model(q, k, v)
+        assert rec.compiles == 1
+        with da.quality("fast"):
+            model(q, k, v)
+        assert rec.compiles == 2
+        model(q, k, v)
+        assert rec.compiles == 2 and rec.runs == 3
+
+
 def test_implementation_variable_is_read_at_trace_time(monkeypatch):
     (q, k, v), _ = bsnd()
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "torch_flash")
