@@ -30,7 +30,7 @@ def make_forward(d) -> Callable:
     A closure over the dispatcher's plan table: the signature tuple is
     :meth:`Request.signature`'s, inlined (a test proves that they agree on every argument).
 
-    The common call (no mask, no scale, no window, not compatibility mode) is first looked up by
+    The common call (no mask, no scale, no window, not compatibility mode, a bool ``is_causal``) is first looked up by
     its non-tensor state and ``k``'s shape in the table's guarded entries (``PlanTable.fast``): a
     tensor guard (dispatch/guards.py) checks q, k and v in one C call where the signature reads
     eleven of their attributes. A call no entry serves takes the signature, and a signature hit
@@ -90,9 +90,11 @@ def make_forward(d) -> Callable:
                                     is_causal, compatibility_mode, window_size)
         impl_raw = env_get(impl_key)
         state = plan = None
-        if attn_mask is None and scale is None and window_size is None and compatibility_mode is False and fast_get is not None:
+        # (a bool is_causal only: 1 and 0 would share a state, and the signature tells them apart)
+        if attn_mask is None and scale is None and window_size is None and compatibility_mode is False \
+                and (is_causal is False or is_causal is True) and fast_get is not None:
             try:
-                state = (q_pattern, k_pattern, v_pattern, out_pattern, is_causal is True, is_causal is False, _grad_enabled(),
+                state = (q_pattern, k_pattern, v_pattern, out_pattern, is_causal, _grad_enabled(),
                          scope_get(), impl_raw, tier_scope_get(), tier_env_get(tier_key), cublas_tf32(), k.shape)
                 for guard, snap, entry in fast_get(state, ()):
                     if dims == snap and guard(q, k, v) and (dims is None or _int_values(dims)):

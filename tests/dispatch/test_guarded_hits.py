@@ -209,6 +209,16 @@ def test_is_causal_one_is_not_true(disp):
     assert all(s == _sig(dict(q=q, k=k, v=v, is_causal=1)) for s in served) and not served
 
 
+def test_is_causal_zero_is_not_served_by_is_causal_one(disp):
+    """1 and 0 are both valid and neither is a bool: a call with 0 after warm calls with 1 runs
+    non-causal attention (its own signature's plan), never the plan 1 made."""
+    q, k, v = qkv(b=1, hq=2, sq=8, d=8)
+    _warm(disp, dict(q=q, k=k, v=v, is_causal=1))
+    out = disp.forward(q, k, v, is_causal=0)
+    assert rel(out, full_reference(q, k, v)) < 1e-5
+    assert rel(disp.forward(q, k, v, is_causal=1), full_reference(q, k, v, causal=True)) < 1e-5
+
+
 def test_one_tensor_passed_twice_has_no_guard_and_leaves_guards_on(disp, monkeypatch):
     """Dynamo's guard refuses a tensor passed twice: such calls take the signature, are served
     right, and do not turn the guards off for the process."""
