@@ -41,9 +41,10 @@ class TraceState:
 TRACE = TraceState()
 
 
-def traced_scopes() -> tuple:
+def traced_scopes(with_quality: bool = True) -> tuple:
     """(``use_backend`` backend or None, quality tier or None) as a trace reads them (through
-    :data:`TRACE`, so Dynamo guards on what it read)."""
+    :data:`TRACE`, so Dynamo guards on what it read). ``with_quality=False``: the backend alone
+    (the tier None, unread and unguarded), for a trace the tier does not change (integrations/lse.py)."""
     trace = TRACE
     backend = trace.inner
     quality: Optional[str] = None
@@ -51,6 +52,7 @@ def traced_scopes() -> tuple:
         if backend is None:
             value = trace.scope
             backend = None if value is trace else value
-        value = trace.scoped
-        quality = None if value is trace else value
+        if with_quality:
+            value = trace.scoped
+            quality = None if value is trace else value
     return backend, quality

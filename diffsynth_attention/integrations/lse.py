@@ -303,7 +303,7 @@ def attention_with_lse(q, k, v, scale=None, is_causal=False):
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if is_compiling():  # decided while Dynamo traces (guarded on the calling context's use_backend)
         name = _traced_choice(_meta(q), _meta(k), _meta(v), None if scale is None else float(scale), bool(is_causal),
-                              trace_state.traced_scopes()[0])
+                              trace_state.traced_scopes(with_quality=False)[0])
     else:
         name = selector().choose(q, k, v, scale, bool(is_causal))
     run = _bsnd_runner(name, scale, bool(is_causal))

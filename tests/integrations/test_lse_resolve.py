@@ -75,3 +75,19 @@ def test_use_backend_around_a_compiled_lse_call_is_guarded_per_scope():
             fn(q, k, v)
         fn(q, k, v)
     assert rec.compiles == 2 and rec.runs == 3
+
+
+def test_a_quality_scope_around_a_compiled_lse_call_traces_nothing_again(monkeypatch):
+    """The LSE path ignores the quality tier, so its trace reads only the use_backend scope: a
+    quality(...) block around the compiled call reuses the graph."""
+    from diffsynth_attention import trace_state
+
+    monkeypatch.setattr(trace_state.TRACE, "used", True)  # a scope was set in this process: both are readable
+    q, k, v = bsnd()
+    rec = Recorder()
+    fn = torch.compile(lambda q, k, v: L.attention_with_lse(q, k, v), fullgraph=True, backend=rec)
+    with torch.no_grad():
+        fn(q, k, v)
+        with da.quality("fast"):
+            fn(q, k, v)
+    assert rec.compiles == 1 and rec.runs == 2
