@@ -4,7 +4,8 @@ The order of :class:`BackendName` is the preference order: it breaks near-ties i
 (candidates within the measured noise of the fastest, 2% to 3%, in the same interleaved rounds):
 exact, dependency-free PyTorch kernels first, then the kernel packages, then the quantized
 kernels (admitted only in the low-precision quality tiers), then the reference math kernel. Fresh processes therefore choose the same backend for
-the same timings.
+the same timings. On a GPU the order is the device's: a kernel package native to its architecture
+(``Backend.native_majors``) moves ahead of the other packages (``backends.preference_on``).
 
 Adding a backend: one line here, and one module in ``backends/`` whose class carries
 ``@register`` (the registry imports every module of that folder). The registry

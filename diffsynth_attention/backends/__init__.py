@@ -51,7 +51,8 @@ def preference_on(capability: Optional[tuple]) -> tuple:
         return PREFERENCE
     major = capability[0]
     # (an 8-bit or FP8 variant stays behind the exact kernels: a tie goes to the exact one)
-    native = [n for n in PREFERENCE if major in (REGISTRY[n].native_majors or ()) and not REGISTRY[n].low_precision]
+    native = [n for n in PREFERENCE if major in (REGISTRY[n].native_majors or ()) and not REGISTRY[n].low_precision
+              and n not in TORCH_FAMILY]
     if not native:
         return PREFERENCE
     packages = [n for n in PREFERENCE if n not in TORCH_FAMILY]

@@ -124,7 +124,7 @@ class Trial:
         """The tie-break order on this trial's device (``backends.preference_on``)."""
         from ..backends import device_info, preference_on
 
-        return preference_on(device_info(self.device).capability)
+        return preference_on((self.dev or device_info(self.device)).capability)  # the key's device where set
 
     def changed(self) -> list:
         """The names of the inputs a candidate modified in place (``"q"``, ``"k"``, ``"v"``)."""

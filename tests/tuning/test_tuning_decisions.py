@@ -95,6 +95,19 @@ def test_the_tuner_breaks_ties_in_its_device_order(monkeypatch):
     assert "preferred by order" in info.candidates["flash_attention_3"]["reason"]
 
 
+def test_a_trials_order_is_its_keys_device_s():
+    """Trial.order follows the DeviceInfo the key and the cost models were built from (a fake H200
+    here, on CPU tensors), not only the tensors' device."""
+    from types import SimpleNamespace
+
+    from diffsynth_attention.backends import preference_on
+    from diffsynth_attention.tuning.trial import Trial
+
+    order = Trial.order.func
+    assert order(SimpleNamespace(dev=H200, device=torch.device("cpu"))) == preference_on((9, 0)) != PREFERENCE
+    assert order(SimpleNamespace(dev=None, device=torch.device("cpu"))) == PREFERENCE
+
+
 def test_no_tie_beyond_the_noise_floor(monkeypatch):
     info, _ = tune_with(monkeypatch, torch_flash={"cost": 1.05}, torch_efficient={"cost": 1.00})
     assert info.backend == "torch_efficient"
