@@ -288,14 +288,21 @@ def _broadcasts(shape: tuple, target: tuple) -> bool:
     return True
 
 
+
+def check_flag(value, name: str) -> bool:
+    """``value`` as a bool where it is one, or the int 0 or 1 (what PyTorch's SDPA accepts for
+    ``is_causal``); else a TypeError naming the argument. The one rule for eager and traced calls."""
+    if not isinstance(value, (bool, int)) or isinstance(value, int) and value not in (0, 1):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
 def prepare(
     q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal, window_size, requires_grad,
     compatibility_mode=False, allow_meta: bool = False,
 ) -> Call:
     """Validate a call; return its :class:`Call` (with q, k, v as ``b n s d`` views).
     (``allow_meta``: the trace-time check under torch.compile validates meta stand-ins.)"""
-    if not isinstance(compatibility_mode, (bool, int)) or isinstance(compatibility_mode, int) and compatibility_mode not in (0, 1):
-        raise TypeError(f"compatibility_mode must be a bool, got {compatibility_mode!r}")
+    check_flag(compatibility_mode, "compatibility_mode")
     _check_tensor("q", q)
     _check_tensor("k", k)
     _check_tensor("v", v)
@@ -338,8 +345,7 @@ def prepare(
         if length not in have:
             raise ValueError(f"dims[{axis!r}]={length} contradicts the tensors, whose {axis} is "
                              + " or ".join(str(x) for x in sorted(set(have))))
-    if not isinstance(is_causal, (bool, int)) or isinstance(is_causal, int) and is_causal not in (0, 1):
-        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    check_flag(is_causal, "is_causal")
     if window_size is not None:
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
             raise ValueError(f"window_size={window_size!r} must be a non-negative int (a query attends to keys with |i - j| <= window_size)")

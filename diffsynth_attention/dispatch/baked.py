@@ -39,6 +39,7 @@ import torch
 
 from ..trace_state import traced_scopes
 from ..backends import REGISTRY
+from ..problem import check_flag
 from ..request import Request
 from ..states import TIMED
 from .compiled import attention_op
@@ -300,10 +301,10 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     dims_text = None if dims is None else ",".join(
         f"{a}={n if isinstance(n, (bool, float, str)) else int(n)}" for a, n in dims.items())
     scale = None if scale is None else float(scale)
-    if is_causal is not False and is_causal is not True:
-        is_causal = bool(is_causal)
+    if is_causal is not False and is_causal is not True:  # validated as eager validates it
+        is_causal = check_flag(is_causal, "is_causal")
     if compatibility_mode is not False and compatibility_mode is not True:
-        compatibility_mode = bool(compatibility_mode)
+        compatibility_mode = check_flag(compatibility_mode, "compatibility_mode")
     token = int(d.trace_key)  # a constant: dynamic=True makes an int attribute symbolic, never a str
     backend, quality = traced_scopes()  # read here so Dynamo guards on the calling context's scopes
     epoch = d.regate_epoch  # an argument of the bakes, so Dynamo guards on it (dispatch/regate.py)

@@ -167,6 +167,16 @@ def test_a_graph_that_opens_use_backend_inside_still_guards_the_quality_scope(mo
         assert rec.compiles == 2 and rec.runs == 3
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+@pytest.mark.parametrize("bad", ["x", 2.0])
+def test_a_compiled_call_rejects_the_is_causal_an_eager_call_rejects(bad, fullgraph):
+    """Before: the trace turned any value into bool(value), so is_causal="x" ran causal attention."""
+    (q, k, v), _ = bsnd()
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *BSND, is_causal=bad), fullgraph=fullgraph)
+    with pytest.raises(Exception, match="is_causal must be a bool"):
+        fn(q, k, v)
+
+
 def test_implementation_variable_is_read_at_trace_time(monkeypatch):
     (q, k, v), _ = bsnd()
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "torch_flash")
