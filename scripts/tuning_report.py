@@ -59,14 +59,16 @@ from harness.tuning_parts import (  # noqa: E402
 def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15, stem=None, own_samples: int = 7,
                   runs_file=None) -> dict:
     """``runs_file``: the tuning processes' results, kept after each one, and read back by a run
-    given the same file, which tunes only the processes still missing and then scores: so a run
-    cut short by a time limit goes on where it stopped (the GPU machine's calls last 600 s)."""
+    given the same file and the same problems, device and options, which tunes only the processes
+    still missing and then scores: a run cut short by a time limit (600 s a GPU call) goes on."""
     from harness.bench import DEFAULT_POLICY, backend_call, servable
 
     torch, path, names, runs = _torch(), shapes_file(shapes), [s["name"] for s in shapes], []
+    what = {"device": str(device), "shapes": shapes, "own_samples": own_samples}  # what the kept runs must match
     if runs_file and Path(runs_file).exists():
         kept = json.loads(Path(runs_file).read_text())
-        runs = [r for r in kept if [p["name"] for p in r["problems"]] == names][:n]
+        runs = [r for r in kept.get("runs", []) if [p["name"] for p in r["problems"]] == names][:n] \
+            if {k: kept.get(k) for k in what} == what else []
         print(f"{len(runs)} tuning processes read from {runs_file}", flush=True)
     for i in range(len(runs), n):
         cache = tempfile.mkdtemp(prefix=f"da-repeat-{i}-")
@@ -74,7 +76,7 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
         shutil.rmtree(cache, ignore_errors=True)
         if runs_file:
             Path(runs_file).parent.mkdir(parents=True, exist_ok=True)
-            Path(runs_file).write_text(json.dumps(runs, default=str))
+            Path(runs_file).write_text(json.dumps({**what, "runs": runs}, default=str))
         print(f"run {i + 1}/{n}: " + ", ".join(f"{r['name']}={r['backend']}" for r in runs[-1]["problems"]), flush=True)
     rows = []
     for j, shape in enumerate(shapes):

@@ -63,8 +63,10 @@ def test_repeat_given_its_runs_file_again_tunes_only_the_processes_still_missing
     tuning_report.main([*args, "--n", "1"])  # a run cut short after its first process
     tuning_report.main([*args, "--n", "2"])
     assert len(calls) == 2  # one process, then the one still missing: the first was read back
-    assert len(json.loads((out / "runs.json").read_text())) == 2
+    assert len(json.loads((out / "runs.json").read_text())["runs"]) == 2
     assert len(result(out, "repeat")["problems"][0]["decisions"]) == 2
+    tuning_report.main([*args, "--n", "2", "--max-heads", "2"])  # other problems: the kept runs are not theirs
+    assert len(calls) == 4
 
 
 def test_the_extra_problems_cover_what_the_suite_lacks():
