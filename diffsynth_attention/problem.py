@@ -288,11 +288,13 @@ def _broadcasts(shape: tuple, target: tuple) -> bool:
     return True
 
 
-
 def check_flag(value, name: str) -> bool:
     """``value`` as a bool where it is one, or the int 0 or 1 (what PyTorch's SDPA accepts for
-    ``is_causal``); else a TypeError naming the argument. The one rule for eager and traced calls."""
-    if not isinstance(value, (bool, int)) or isinstance(value, int) and value not in (0, 1):
+    ``is_causal``); else a TypeError naming the argument. The one rule for eager and traced calls.
+    (A bool first: under Dynamo a symbolic bool passes ``isinstance(value, bool)`` but not ``in (0, 1)``.)"""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, int) or value not in (0, 1):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return bool(value)
 

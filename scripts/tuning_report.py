@@ -68,7 +68,7 @@ def repeat_tuning(shapes: list, device, n: int, out_dir: Path, samples: int = 15
     if runs_file and Path(runs_file).exists():
         kept = json.loads(Path(runs_file).read_text())
         runs = [r for r in kept.get("runs", []) if [p["name"] for p in r["problems"]] == names][:n] \
-            if {k: kept.get(k) for k in what} == what else []
+            if isinstance(kept, dict) and {k: kept.get(k) for k in what} == what else []  # (a list: the s7 format)
         print(f"{len(runs)} tuning processes read from {runs_file}", flush=True)
     for i in range(len(runs), n):
         cache = tempfile.mkdtemp(prefix=f"da-repeat-{i}-")

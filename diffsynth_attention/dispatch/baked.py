@@ -301,10 +301,11 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     dims_text = None if dims is None else ",".join(
         f"{a}={n if isinstance(n, (bool, float, str)) else int(n)}" for a, n in dims.items())
     scale = None if scale is None else float(scale)
-    if is_causal is not False and is_causal is not True:  # validated as eager validates it
-        is_causal = check_flag(is_causal, "is_causal")
+    # validated as eager validates it; a symbolic bool (dynamic=True) becomes a constant behind a guard
+    if is_causal is not False and is_causal is not True:
+        is_causal = True if check_flag(is_causal, "is_causal") else False
     if compatibility_mode is not False and compatibility_mode is not True:
-        compatibility_mode = check_flag(compatibility_mode, "compatibility_mode")
+        compatibility_mode = True if check_flag(compatibility_mode, "compatibility_mode") else False
     token = int(d.trace_key)  # a constant: dynamic=True makes an int attribute symbolic, never a str
     backend, quality = traced_scopes()  # read here so Dynamo guards on the calling context's scopes
     epoch = d.regate_epoch  # an argument of the bakes, so Dynamo guards on it (dispatch/regate.py)

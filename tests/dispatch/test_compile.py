@@ -2,9 +2,6 @@
 
 Every compile here uses fullgraph=True, so a graph break fails the test. A CompileCounter
 backend records the graphs, so the tests can check which operator each graph calls."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,8 +11,6 @@ from diffsynth_attention.integrations import patching
 from support.compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
 from support.helpers import full_reference, qkv, rel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from harness.guards import guard_sources  # noqa: E402
 
 BSND = ("b s n d",) * 4
 
@@ -139,42 +134,6 @@ def test_first_scope_ever_set_retraces_a_graph_traced_before_it(scope, monkeypat
             assert math_graph(rec.targets())
         model(q, k, v)
         assert rec.runs == 3
-
-
-def test_a_graph_that_opens_use_backend_inside_still_guards_the_quality_scope(monkeypatch):
-    """The trace of a ``use_backend`` block sets a scope while it bakes, so a trace that read the
-    ``used`` flag as False would leave a guard on True behind and never read the quality scope: a
-    later ``quality(...)`` around the call must still trace again."""
-    from diffsynth_attention import trace_state
-
-    monkeypatch.setattr(trace_state.TRACE, "used", False)
-
-    class Inner(torch.nn.Module):
-        def forward(self, q, k, v):
-            with da.use_backend("torch_math"):
-                return da.attention_forward(q, k, v, *BSND)
-
-    (q, k, v), _ = bsnd()
-    rec = Recorder()
-    model = torch.compile(Inner(), fullgraph=True, backend=rec)
-    with torch.no_grad():
-        model(q, k, v)
-        assert rec.compiles == 1
-        with da.quality("fast"):
-            model(q, k, v)
-        assert rec.compiles == 2
-        model(q, k, v)
-        assert rec.compiles == 2 and rec.runs == 3
-
-
-@pytest.mark.parametrize("fullgraph", [False, True])
-@pytest.mark.parametrize("bad", ["x", 2.0])
-def test_a_compiled_call_rejects_the_is_causal_an_eager_call_rejects(bad, fullgraph):
-    """Before: the trace turned any value into bool(value), so is_causal="x" ran causal attention."""
-    (q, k, v), _ = bsnd()
-    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *BSND, is_causal=bad), fullgraph=fullgraph)
-    with pytest.raises(Exception, match="is_causal must be a bool"):
-        fn(q, k, v)
 
 
 def test_implementation_variable_is_read_at_trace_time(monkeypatch):
@@ -397,24 +356,3 @@ def test_compiled_gradients_match_eager():
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     (g_comp,) = torch.autograd.grad(compiled(x).sum(), x)
     assert rel(g_comp, g_eager) < 1e-4
-
-
-def test_a_compiled_call_guards_only_what_the_trace_must_read():
-    """Dynamo checks every guard on every call of the compiled code (~30 ns each on the CPU), so
-    the traced path reads little: both scopes through one object, no helper whose code is
-    guarded where it can be inlined, no builtin bool() or tuple() on the common call."""
-    (q, k, v), _ = bsnd()
-    model = Attn()
-    compiled = torch.compile(model, fullgraph=True)
-    with torch.no_grad():
-        compiled(q, k, v)
-    sources = guard_sources(model)
-    if not sources:
-        pytest.skip("this torch exposes no guard tree")
-    ours = [s for s in sources if not s.startswith("L[")]
-    assert any("trace_state" in s for s in ours)  # the scopes are read, and guarded ...
-    for name in ("tiers", "overrides", "['bool']", "['tuple']", "_meta", "_static.", "trace_scope"):
-        assert not any(name in s for s in ours), (name, ours)  # ... through one object, and nothing of these
-    # of attention_forward's closure, only the dispatcher (its trace key and re-gate epoch) and the
-    # Dynamo test, whose call folds to True: nothing the rest of that test reads
-    assert len([s for s in ours if s.endswith("cell_contents")]) <= 2, ours

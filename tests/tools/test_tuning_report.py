@@ -67,6 +67,9 @@ def test_repeat_given_its_runs_file_again_tunes_only_the_processes_still_missing
     assert len(result(out, "repeat")["problems"][0]["decisions"]) == 2
     tuning_report.main([*args, "--n", "2", "--max-heads", "2"])  # other problems: the kept runs are not theirs
     assert len(calls) == 4
+    (out / "runs.json").write_text(json.dumps([{"problems": [{"name": "seed_example@cpu"}]}]))  # the first format: a list
+    tuning_report.main([*args, "--n", "1"])
+    assert len(calls) == 5
 
 
 def test_the_extra_problems_cover_what_the_suite_lacks():

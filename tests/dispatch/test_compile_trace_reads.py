@@ -1,0 +1,120 @@
+"""What the trace of ``attention_forward`` reads (CPU): Dynamo guards each read on every call of the
+compiled code, so the trace reads little (dispatch/baked.py), yet every scope and argument that
+changes the call is still read, guarded and validated as an eager call validates it."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffsynth_attention as da
+
+from support.compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
+from support.helpers import full_reference, qkv, rel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from harness.guards import guard_sources  # noqa: E402
+
+BSND = ("b s n d",) * 4
+
+
+def bsnd(b=2, hq=4, s=32, d=16, seed=0):
+    q, k, v = qkv(b=b, hq=hq, sq=s, d=d, seed=seed)
+    return tuple(t.transpose(1, 2).contiguous() for t in (q, k, v)), (q, k, v)
+
+
+class Attn(torch.nn.Module):
+    def forward(self, q, k, v):
+        return da.attention_forward(q, k, v, *BSND)
+
+
+def test_a_graph_that_opens_use_backend_inside_still_guards_the_quality_scope(monkeypatch):
+    """The trace of a ``use_backend`` block sets a scope while it bakes, so a trace that read the
+    ``used`` flag as False would leave a guard on True behind and never read the quality scope: a
+    later ``quality(...)`` around the call must still trace again."""
+    from diffsynth_attention import trace_state
+
+    monkeypatch.setattr(trace_state.TRACE, "used", False)
+
+    class Inner(torch.nn.Module):
+        def forward(self, q, k, v):
+            with da.use_backend("torch_math"):
+                return da.attention_forward(q, k, v, *BSND)
+
+    (q, k, v), _ = bsnd()
+    rec = Recorder()
+    model = torch.compile(Inner(), fullgraph=True, backend=rec)
+    with torch.no_grad():
+        model(q, k, v)
+        assert rec.compiles == 1
+        with da.quality("fast"):
+            model(q, k, v)
+        assert rec.compiles == 2
+        model(q, k, v)
+        assert rec.compiles == 2 and rec.runs == 3
+
+
+def test_a_symbolic_bool_is_causal_compiles_with_fullgraph_and_dynamic_shapes():
+    """Under dynamic=True, ``is_causal=q.shape[1] > 16`` is a symbolic bool: the trace takes its
+    value behind a guard (validation must not read it as a non-bool)."""
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *BSND, is_causal=a.shape[1] > 16), fullgraph=True,
+                       dynamic=True)
+    with torch.no_grad():
+        for s in (32, 8, 40):
+            (q, k, v), canon = bsnd(s=s)
+            ref = full_reference(*canon, causal=s > 16).transpose(1, 2)
+            assert rel(fn(q, k, v), ref) < 1e-5
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+@pytest.mark.parametrize("bad", ["x", 2.0])
+def test_a_compiled_call_rejects_the_is_causal_an_eager_call_rejects(bad, fullgraph):
+    """Before: the trace turned any value into bool(value), so is_causal="x" ran causal attention."""
+    (q, k, v), _ = bsnd()
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *BSND, is_causal=bad), fullgraph=fullgraph)
+    with pytest.raises(Exception, match="is_causal must be a bool"):
+        fn(q, k, v)
+
+
+def test_a_graph_that_calls_before_its_inner_use_backend_still_guards_the_quality_scope(monkeypatch):
+    """As above, with a call ahead of the block in the same graph: that call's trace reads the
+    flag before the block sets it."""
+    from diffsynth_attention import trace_state
+
+    monkeypatch.setattr(trace_state.TRACE, "used", False)
+
+    class Before(torch.nn.Module):
+        def forward(self, q, k, v):
+            a = da.attention_forward(q, k, v, *BSND)
+            with da.use_backend("torch_math"):
+                return a + da.attention_forward(q, k, v, *BSND)
+
+    (q, k, v), _ = bsnd()
+    rec = Recorder()
+    model = torch.compile(Before(), fullgraph=True, backend=rec)
+    with torch.no_grad():
+        model(q, k, v)
+        with da.quality("fast"):
+            model(q, k, v)
+    assert rec.compiles == 2
+
+
+def test_a_compiled_call_guards_only_what_the_trace_must_read():
+    """Dynamo checks every guard on every call of the compiled code (~30 ns each on the CPU), so
+    the traced path reads little: both scopes through one object, no helper whose code is
+    guarded where it can be inlined, no builtin bool() or tuple() on the common call."""
+    (q, k, v), _ = bsnd()
+    model = Attn()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        compiled(q, k, v)
+    sources = guard_sources(model)
+    if not sources:
+        pytest.skip("this torch exposes no guard tree")
+    ours = [s for s in sources if not s.startswith("L[")]
+    assert any("trace_state" in s for s in ours)  # the scopes are read, and guarded ...
+    for name in ("tiers", "overrides", "['bool']", "['tuple']", "_meta", "_static.", "trace_scope"):
+        assert not any(name in s for s in ours), (name, ours)  # ... through one object, and nothing of these
+    # of attention_forward's closure, only the dispatcher (its trace key and re-gate epoch) and the
+    # Dynamo test, whose call folds to True: nothing the rest of that test reads
+    assert len([s for s in ours if s.endswith("cell_contents")]) <= 2, ours
