@@ -32,11 +32,21 @@ def merge_rank_entries(per_rank: list) -> dict:
     return merged
 
 
+def _capability(entry: dict):
+    """(major, minor) of the CUDA device an entry's key names ("9.0" in the key), else None."""
+    text = ((entry.get("key") or {}).get("device") or {}).get("capability")
+    try:
+        major, minor = str(text).split(".")
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
 def merge_rank_entries_max(per_rank: list) -> dict:
     """{key_id: entry dict}: per key, candidate times reduced with MAX over the ranks that know
     it, the fastest of those wins (ties: the lowest rank's choice); the entry is the lowest
-    rank's, with the reduced times and statuses."""
-    from ..backends import PREFERENCE
+    rank's, with the reduced times and statuses; equal times go to the device's tie order."""
+    from ..backends import preference_on
 
     merged = merge_rank_entries(per_rank)
     for kid in list(merged):
@@ -53,8 +63,9 @@ def merge_rank_entries_max(per_rank: list) -> dict:
             continue
         first = entries[0]
         best = min(times.values())
+        order = preference_on(_capability(first))
         winner = first["backend"] if times.get(first["backend"]) == best else \
-            min((n for n, t in times.items() if t == best), key=lambda n: PREFERENCE.index(n) if n in PREFERENCE else 99)
+            min((n for n, t in times.items() if t == best), key=lambda n: order.index(n) if n in order else 99)
         entry = dict(first, candidates={n: dict(c) for n, c in first["candidates"].items()}, backend=winner)
         for name, t in times.items():
             cand = entry["candidates"][name]

@@ -33,6 +33,18 @@ def test_a_candidate_rejected_on_one_rank_is_not_chosen():
     assert merge_rank_entries_max([r0, r1])["k"]["backend"] == "torch"
 
 
+def test_equal_times_go_to_the_keys_device_order():
+    """A tie of the reduced times goes to the tie order of the device the key names: on Hopper
+    (9.0) FlashAttention-3 ahead of -4, elsewhere the catalogue's order."""
+    times = {"flash_attention_4": 1.0, "flash_attention_3": 1.0, "torch": 2.0}
+    for capability, want in (("9.0", "flash_attention_3"), ("10.0", "flash_attention_4"), (None, "flash_attention_4")):
+        r0, r1 = {"k": entry("torch", times)}, {"k": entry("torch", times)}
+        for r in (r0, r1):
+            r["k"]["key"]["device"] = {"type": "cuda", "name": "GPU"} if capability is None else \
+                {"type": "cuda", "name": "GPU", "capability": capability, "sm_count": 132}
+        assert merge_rank_entries_max([r0, r1])["k"]["backend"] == want, capability
+
+
 def test_keys_known_by_one_rank_keep_its_decision():
     r0 = {"a": entry("torch", {"torch": 1.0})}
     r1 = {"b": entry("torch_math", {"torch_math": 3.0})}
