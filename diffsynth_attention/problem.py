@@ -295,7 +295,10 @@ def check_flag(value, name: str) -> bool:
     if isinstance(value, bool):
         return value
     if not isinstance(value, int) or value not in (0, 1):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+        # a plain value as written; another object by its type (a tensor's repr is long, and a
+        # fullgraph trace cannot make it, so the error would not name the argument)
+        got = repr(value) if value is None or isinstance(value, (str, int, float)) else f"a {type(value).__name__}"
+        raise TypeError(f"{name} must be a bool, got {got}")
     return bool(value)
 
 def prepare(

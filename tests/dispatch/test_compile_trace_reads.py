@@ -67,7 +67,7 @@ def test_a_symbolic_bool_is_causal_compiles_with_fullgraph_and_dynamic_shapes():
 
 
 @pytest.mark.parametrize("fullgraph", [False, True])
-@pytest.mark.parametrize("bad", ["x", 2.0])
+@pytest.mark.parametrize("bad", ["x", 2.0, torch.tensor(True)])
 def test_a_compiled_call_rejects_the_is_causal_an_eager_call_rejects(bad, fullgraph):
     """Before: the trace turned any value into bool(value), so is_causal="x" ran causal attention."""
     (q, k, v), _ = bsnd()

@@ -52,6 +52,15 @@ def test_unknown_or_contradicting_dims_are_value_errors():
     assert out.shape == q.shape
 
 
+@pytest.mark.parametrize("value", ["no", 2, None, 0.5, torch.tensor(True)])
+def test_a_non_bool_is_causal_is_a_type_error_and_0_or_1_are_bools(value):
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="is_causal must be a bool, got " + ("a Tensor" if torch.is_tensor(value) else repr(value))):
+        da.attention_forward(q, k, v, is_causal=value)
+    assert torch.equal(da.attention_forward(q, k, v, is_causal=1), da.attention_forward(q, k, v, is_causal=True))
+    assert torch.equal(da.attention_forward(q, k, v, is_causal=0), da.attention_forward(q, k, v, is_causal=False))
+
+
 @pytest.mark.parametrize("value", ["no", "", 2, None, 0.5])
 def test_non_bool_compatibility_mode_is_a_type_error(value):
     q, k, v = qkv()
