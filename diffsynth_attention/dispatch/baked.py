@@ -70,15 +70,9 @@ _hint = _dynamo_handles("guarding_hint_or_throw") or _dynamo_handles("size_hint"
 _grad_enabled = torch.is_grad_enabled  # one guard node fewer than torch.is_grad_enabled
 
 
-def _meta(t) -> Optional[tuple]:
-    """What :func:`bake` needs of a tensor, as constants Dynamo can hand it."""
-    if t is None:
-        return None
-    return tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t.requires_grad
-
-
 def _hinted(t) -> tuple:
-    """:func:`_meta` of a tensor with symbolic sizes: each symbolic size or stride as minus the
+    """What :func:`bake` needs of a tensor (sizes, strides, dtype, device, ``requires_grad``), for
+    a tensor with symbolic sizes: each symbolic size or stride as minus the
     value it has in the call being traced."""
     return (tuple(s if _static_value(s) else -_hint(s) for s in t.shape),
             tuple(s if _static_value(s) else -_hint(s) for s in t.stride()), t.dtype, t.device, t.requires_grad)
@@ -295,7 +289,7 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     Dynamo guards what this reads, on every call of the compiled code, so it reads little: the
     common call's helpers are inlined (each function called is a guard on its code), the booleans
     are tested with ``is`` before ``bool()`` (a guard on the builtin), and both scopes come through
-    one object (:func:`traced_scopes`). tests/dispatch/test_compile.py counts the guards."""
+    one object (:func:`traced_scopes`). tests/dispatch/test_compile_trace_reads.py lists what is guarded."""
     # int(n): a head count Dynamo made symbolic (an int argument under dynamic=True) is specialized;
     # anything else is written as it is, so validation rejects what eager rejects
     dims_text = None if dims is None else ",".join(
@@ -319,7 +313,7 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
             for n in t.stride():
                 if not _static_value(n):
                     static = False
-    if static:  # the metas as _meta's (bake takes a torch.Size as the tuple it is)
+    if static:  # what bake needs of each tensor: sizes, strides, dtype, device, requires_grad (a torch.Size is a tuple)
         decision = bake(token, (q.shape, q.stride(), q.dtype, q.device, q.requires_grad),
                         (k.shape, k.stride(), k.dtype, k.device, k.requires_grad),
                         (v.shape, v.stride(), v.dtype, v.device, v.requires_grad),
