@@ -55,14 +55,14 @@ class Explanation:
 class PlanTable(dict):
     """signature -> :class:`Plan`, and the hit path's guarded entries (``fast``: dispatch/hot.py).
 
-    ``fast`` maps a call's non-tensor state (patterns, flags, modes, scopes and ``k``'s shape) to a
+    ``fast`` maps a call's non-tensor state (patterns, flags, modes, scopes and ``k``'s size) to a
     few ``(guard, dims, plan)`` entries whose tensor guard (dispatch/guards.py) stands in for the
     signature's tensor properties. Every removal or replacement of a plan empties ``fast``, under
     ``lock`` (the dispatcher's), and an entry is added under it only while its plan is still in the
     table: a guarded entry never serves a plan the table no longer holds."""
 
     MAX_STATES = 64  # distinct states with entries
-    MAX_PER_STATE = 4  # entries per state (layouts, dtypes, q lengths that share k's shape)
+    MAX_PER_STATE = 4  # entries per state (layouts, dtypes, q lengths, shapes that share k's size)
 
     def __init__(self, lock):
         super().__init__()

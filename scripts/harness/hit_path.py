@@ -46,11 +46,13 @@ def hit_path_parts(q, k, v, device, calls: int, blocks: int, host_us, direct_tor
             fget, grad_on = fast.get, torch.is_grad_enabled
 
             def guarded():  # the hit path's guarded entry: the state tuple, its lookup and the tensor guard
-                state = ("b n s d", "b n s d", "b n s d", "b n s d", False, True, grad_on(), overrides.scope_get(),
-                         overrides.implementation_raw(), tiers.scope_get(), tiers.raw(), cublas_tf32(), k.shape)
+                state = ("b n s d", "b n s d", "b n s d", "b n s d", False, grad_on(), overrides.scope_get(),
+                         overrides.implementation_raw(), tiers.scope_get(), tiers.raw(), cublas_tf32(), k.numel())
                 for guard, _, p in fget(state, ()):
                     if guard(q, k, v):
                         return p
+            if guarded() is not plan:  # the state above is hot.py's: it must find the entry the hit path finds
+                raise RuntimeError("hit_path_parts' state tuple no longer matches dispatch/hot.py's")
             parts["guarded entry: state + lookup + tensor guard"] = guarded
         parts["plan.run (the decided backend's runner)"] = lambda: plan.run(q, k, v, None, None)
         parts["direct torch"] = direct_torch

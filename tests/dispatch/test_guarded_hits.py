@@ -68,6 +68,9 @@ def _changed_calls():
     base = dict(q=q, k=k, v=v)
     yield "k of another length", {**base, "k": qkv(b=1, hq=2, sq=8, skv=12, d=8)[1], "v": qkv(b=1, hq=2, sq=8, skv=12, d=8)[2]}
     yield "q of another length", {**base, "q": qkv(b=1, hq=2, sq=12, d=8)[0]}
+    # the state holds k's size, not its shape: here only the tensor guard tells them apart
+    gqa = qkv(b=1, hq=2, hk=1, sq=8, skv=16, d=8)
+    yield "k and v of another shape, k's size", {**base, "k": gqa[1], "v": gqa[2]}
     yield "v of another dtype", {**base, "v": v.double()}
     yield "q in another memory order", {**base, "q": q.transpose(2, 3).contiguous().transpose(2, 3)}
     yield "k requires grad", {**base, "k": k.clone().requires_grad_()}
