@@ -338,6 +338,9 @@ def prepare(
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk}) for grouped-query attention")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    if scale is not None and not isinstance(scale, (int, float)) and type(scale).__module__ != "numpy":
+        # a Real that PyTorch's argument parser refuses (fractions.Fraction): every backend would raise
+        raise TypeError(f"scale must be a float, an int or a NumPy number, got {type(scale).__name__}")
     if scale is not None:
         try:
             finite = math.isfinite(float(scale))

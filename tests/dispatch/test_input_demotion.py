@@ -8,7 +8,9 @@
 """
 import dataclasses
 import logging
+from fractions import Fraction
 
+import pytest
 import torch
 
 from diffsynth_attention.dispatch import Dispatcher
@@ -81,3 +83,16 @@ def test_a_constant_float_mask_without_gradients_keeps_every_candidate(disp):
     info = disp.explain(q, k, v, attn_mask=mask)
     assert info.decision.candidates["torch_flash"].status != "unsupported"
     assert info.decision.key["problem"]["requires_grad"] is False
+
+
+def test_a_scale_no_backend_takes_is_refused_before_any_backend_runs(tmp_path, caplog):
+    """``fractions.Fraction`` is a ``numbers.Real`` that PyTorch's argument parser refuses: it is
+    the caller's input error, named by validation, and never rewrites the decision on disk."""
+    folder = tmp_path / "cache"
+    q, k, v = qkv(sq=24)
+    kid = _decide(folder, q, k, v, "torch_flash")
+    disp = Dispatcher(DecisionCache(folder))
+    with pytest.raises(TypeError, match="scale must be"):
+        disp.forward(q, k, v, scale=Fraction(1, 2))
+    assert disp.dropped == {} and "from now on" not in caplog.text
+    assert DecisionCache(folder).get(kid).backend == "torch_flash"
