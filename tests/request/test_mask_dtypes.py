@@ -60,3 +60,20 @@ def test_patch_sdpa_routes_a_float32_mask_with_a_bf16_query():
     assert da.stats()["tunings"] == before + 1  # through the dispatcher, not around it
     assert out.dtype == torch.bfloat16 and rel(out, expected) < 1e-2  # the tuned backend
     assert torch.equal(exact, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch_flash", "auto"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_mask_with_float64_query_is_added_as_its_values(backend, causal):
+    """PyTorch's CPU flash kernel (SDPA's choice) misreads a float32 mask of a float64 query; the
+    mask is served as its (exactly upcast) values, whichever backend serves the call."""
+    q, k, v = qkv(b=1, hq=2, sq=16, d=8, dtype=torch.float64)
+    mask = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    bias = mask.double()
+    if causal:
+        bias = bias.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    with da.use_backend(backend):
+        for _ in range(2):  # the first call and a hit
+            out = da.attention_forward(q, k, v, attn_mask=mask, is_causal=causal)
+            assert out.dtype == torch.float64 and rel(out, expected) < 1e-6
