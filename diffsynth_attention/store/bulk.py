@@ -286,7 +286,10 @@ class WholeCache:
                     continue
                 try:
                     os.unlink(f"{kid}.json", dir_fd=vfd)
-                except OSError:
+                except (FileNotFoundError, IsADirectoryError):  # gone, or not an entry of ours
+                    continue
+                except OSError as exc:  # a read-only disk, say: the caller is told (not "cleared 0")
+                    self._write_failed(f"cannot remove {self.path / (kid + '.json')} ({exc.strerror or exc})")
                     continue
                 found.add(kid)
                 unlinked = True
@@ -333,8 +336,10 @@ class WholeCache:
                     try:
                         os.unlink(f"{kid}.json", dir_fd=vfd)
                         removed.add(kid)
-                    except OSError:
+                    except (FileNotFoundError, IsADirectoryError):  # gone, or not an entry of ours
                         continue
+                    except OSError as exc:  # a read-only disk, say: the caller is told (not "cleared 0")
+                        self._write_failed(f"cannot remove {self.path / (kid + '.json')} ({exc.strerror or exc})")
                 fs.fsync_dir(vfd)
                 group_index.drop(vfd)
                 self._release_done(vfd)

@@ -146,6 +146,7 @@ class Writes:
         if not self._persistent:
             return False
         if self._write_error is not None and not force and time.monotonic() < self._retry_at:
+            self._schedule_retry(self._retry_at - time.monotonic())  # a forked child has no timer of its parent's
             return False
         if not self._save_lock.acquire(blocking=force):
             self._schedule_retry(RETRY_S[0])

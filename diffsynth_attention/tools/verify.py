@@ -72,7 +72,14 @@ def verify(dispatcher, decisions: list, device, fix: bool = False, samples: int 
                 with use_backend(name):
                     return dispatcher.forward(q, k, v, **kwargs)
             return call
+
+        def serves(name):  # a forced backend that cannot serve the call falls back to torch: never timed under its name
+            with use_backend(name):
+                return dispatcher.explain(q, k, v, **kwargs).backend == name
         try:
+            if not serves(decision.backend):
+                raise RuntimeError(f"{decision.backend} cannot serve this call here")
+            names = [n for n in names if n == decision.backend or serves(n)]
             with torch.no_grad():
                 times = interleaved({n: forced(n) for n in names}, device, samples=samples,
                                     **({} if clock is None else {"clock": clock}))

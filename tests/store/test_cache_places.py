@@ -283,3 +283,27 @@ def test_folder_swapped_after_load_is_not_obeyed(isolated, tmp_path, caplog):
     assert len(_warnings(caplog, "not trusted")) == 1
     assert not (swapped / "locks").exists()
     assert (swapped / f"{planted_kid}.json").read_text() == planted
+
+
+@pytest.mark.parametrize("args", [{}, {"backend": "torch"}, {"key": make_decision(0).key_id[:6]}])
+def test_cache_clear_on_a_disk_that_refuses_removals_fails(args, isolated, monkeypatch):
+    import argparse
+
+    from diffsynth_attention.tools.cli_cache import cmd_cache_clear
+    from diffsynth_attention.tools.cli_common import Failure
+
+    writer = DecisionCache(isolated)
+    for i in range(2):
+        writer.put(make_decision(i))
+    real = os.unlink
+
+    def read_only(name, *a, **kw):
+        if str(name).endswith(".json"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    ns = argparse.Namespace(**{"backend": None, "gpu": None, "key": None, "yes": True, "compiled": False, **args})
+    with pytest.raises(Failure, match="cannot be written"):
+        cmd_cache_clear(ns)  # never "cleared 0 decision(s)", exit 0, with the entries still there
+    assert len(_entries(isolated)) == 2

@@ -138,3 +138,40 @@ def test_sigkill_after_the_fault_clears_loses_nothing(isolated, subprocess_env):
     want = {make_decision(i).key_id for i in range(301)}
     assert set(DecisionCache(isolated).entries()) == want  # a fresh process: a journal left behind is written out
     assert _on_disk(isolated) == want and not _journals(isolated)
+
+
+FORKED = PREAMBLE + r"""
+import errno
+from diffsynth_attention.store import fs, writes
+writes.RETRY_S = (3600.0, 3600.0)  # the child's put falls within the back-off of the parent's failed write
+real = fs.open_temp
+broken = [True]
+def flaky(name, dfd):
+    if broken[0]:
+        raise OSError(errno.EROFS, "Read-only file system")
+    return real(name, dfd)
+fs.open_temp = flaky
+c = DecisionCache(sys.argv[1])
+c.put(make_decision(0))
+assert c._pending and c._timer is not None
+pid = os.fork()
+if pid == 0:  # the parent's timer thread is not in the child
+    broken[0] = False
+    c.put(make_decision(1))  # within the back-off: not written now, so a timer of the child's must come back for it
+    if c._timer is None:
+        os._exit(3)
+    c._timer.cancel()
+    c._timer.function(*c._timer.args)  # what the timer does when it fires (3600 s here), run now
+    os._exit(0 if not c._pending else 4)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+os._exit(0)
+"""
+
+
+def test_a_decision_stored_in_a_forked_child_during_the_back_off_is_retried(isolated, subprocess_env):
+    env = dict(subprocess_env, DA_ROOT=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", FORKED, str(isolated)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "child 0", (r.stdout, r.stderr[-2000:])
+    assert make_decision(1).key_id in _on_disk(isolated)

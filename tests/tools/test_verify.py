@@ -61,3 +61,17 @@ def test_cache_clear_key_removes_one_decision_and_verify_names_a_bad_key(isolate
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
     assert row["key_id"] == ids[1] and row["holds"] in (True, False) and "1 decision(s) verified" in r.stderr
+
+
+def test_a_decision_whose_backend_cannot_run_here_does_not_hold(isolated, monkeypatch):
+    clock = VirtualClock()
+    only(monkeypatch, clock, torch={"cost": 1.0}, torch_math={"cost": 3.0})  # every other backend is unavailable
+    disp = da.Dispatcher(DecisionCache(isolated), policy=virtual_policy(clock))
+    q, k, v = qkv(sq=16)
+    good = disp.explain(q, k, v).decision
+    gone = decided_for(good, "xformers", time_ms=0.5, error=0.0, reps=3)  # tuned where xformers was installed
+    disp.store.put(gone)
+    rows = verify(disp, [gone], torch.device("cpu"), clock=clock.perf_counter)
+    assert rows[0]["holds"] is False and "xformers cannot" in rows[0]["verdict"], rows  # never timed as torch under its name
+    rows = verify(disp, [gone], torch.device("cpu"), fix=True, clock=clock.perf_counter)
+    assert rows[0]["fixed"] == "torch" and DecisionCache(isolated).get(good.key_id, tolerance=1.0).backend == "torch"
