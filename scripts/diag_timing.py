@@ -143,7 +143,7 @@ def _fp8_measure(fns: dict, row: dict, dev) -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fns["flash_attention_3_fp8"]()
             torch.cuda.synchronize()
-        row["fp8_kernels_us"] = [(ev.name[:80], round(getattr(ev, "self_device_time_total", 0.0), 1))
+        row["fp8_kernels_us"] = [(ev.key[:80], round(getattr(ev, "self_device_time_total", 0.0), 1))
                                  for ev in prof.key_averages() if getattr(ev, "self_device_time_total", 0.0) > 0]
 
 

@@ -14,10 +14,12 @@ from .policy import DEFAULT_POLICY, TuningPolicy
 from .trial import Trial, describe_exception, recover
 
 
-def choose(medians: dict, noise: dict, policy: TuningPolicy = DEFAULT_POLICY, order: tuple = PREFERENCE) -> tuple:
+def choose(medians: dict, noise: dict, policy: TuningPolicy = DEFAULT_POLICY, order: tuple = PREFERENCE,
+           host_bound: frozenset = frozenset()) -> tuple:
     """(winner, fastest, tie) among ``medians`` {name: ms}: the fastest, unless another is within
     the tie threshold of it and comes first in the preference ``order`` (the device's:
-    ``Trial.order``, :func:`~diffsynth_attention.backends.preference_on`)."""
+    ``Trial.order``, :func:`~diffsynth_attention.backends.preference_on`). A tied candidate in
+    ``host_bound`` (:func:`host_bound`) loses the tie to one that is not, whatever the order."""
 
     def _order(name: str) -> int:
         return order.index(name) if name in order else len(order)
@@ -28,8 +30,24 @@ def choose(medians: dict, noise: dict, policy: TuningPolicy = DEFAULT_POLICY, or
         tie = policy.tie_threshold(noise.get(fastest), noise.get(name))
         if ms <= medians[fastest] * (1 + tie):
             tied[name] = tie
-    winner = min(tied, key=lambda n: (_order(n), medians[n]))
+    winner = min(tied, key=lambda n: (n in host_bound, _order(n), medians[n]))
     return winner, fastest, tied.get(winner, policy.tie_floor)
+
+
+def host_bound(runs: dict, names, policy: TuningPolicy) -> frozenset:
+    """Those of ``names`` whose eager time follows the host: host time per call over
+    ``policy.host_bound_share`` of device time (GPU rounds only). The host's speed changes from
+    process to process, the device's does not: on an H100, FlashAttention-3 on a grouped-query
+    causal call (host ~ device) tied with -4 (host ~0.6 of device) in the rounds, took the tie by
+    order in 3 of 5 processes, and ran 1.15-1.3x slower than -4 in another process."""
+    out = set()
+    for name in names:
+        run = runs[name]
+        if run.host and run.device:
+            device = statistics.median(run.device)
+            if device > 0 and statistics.median(run.host) > policy.host_bound_share * device:
+                out.add(name)
+    return frozenset(out)
 
 
 def relative_spread(samples: list):
@@ -176,7 +194,8 @@ def confirm(trial: Trial, winners: dict) -> tuple:
     deciding = [runs[n] for n in set(winners.values()) | {DEFAULT_BACKEND} if n in runs]
     rounds_noise = max(((relative_spread(r.rounds) or 0.0) for r in deciding), default=0.0)
     contenders = sorted({n for n in winners.values() if n != DEFAULT_BACKEND})
-    if not contenders:
+    rival = eager_rival(trial, winners[EAGER])
+    if not contenders and rival is None:
         noisy = rounds_noise > policy.noise_cap
         return winners, noisy, (f"the default ({DEFAULT_BACKEND}) won" + (
             f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
@@ -185,7 +204,7 @@ def confirm(trial: Trial, winners: dict) -> tuple:
         noisy = rounds_noise > policy.noise_cap
         return winners, noisy, (f"not re-timed: the default ({DEFAULT_BACKEND}) did not pass the gate" + (
             f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
-    names = [DEFAULT_BACKEND] + contenders
+    names = [DEFAULT_BACKEND] + contenders + ([rival] if rival is not None and rival not in contenders else [])
     paired = max(_paired_cost_s(trial, names), 1e-9)
 
     def affordable() -> int:
@@ -205,6 +224,11 @@ def confirm(trial: Trial, winners: dict) -> tuple:
                     recover(trial.device)
                     run.cand.status, run.cand.time_ms = REJECTED, None
                     run.cand.reason = f"in the confirmation re-time: {describe_exception(exc)}"
+                    if name == rival and name not in contenders:  # the rival only leaves the re-time
+                        names.remove(name)
+                        samples.pop(name)
+                        rival = None
+                        continue
                     if name == DEFAULT_BACKEND:
                         return winners, False, f"not re-timed: the default ({DEFAULT_BACKEND}) raised in the re-time"
                     return ({m: (DEFAULT_BACKEND if b == name else b) for m, b in winners.items()}, False,
@@ -213,10 +237,19 @@ def confirm(trial: Trial, winners: dict) -> tuple:
         done += count
         ratios = {mode: _ratios(samples, name, _priced_as(mode, name)) for mode, name in winners.items() if name != DEFAULT_BACKEND}
         verdicts = {mode: _verdict(r, policy) for mode, r in ratios.items() if r}
+        pending = [v[3] for v in verdicts.values()] + ([_rival_verdict(samples, winners[EAGER], rival, policy)[3]] if rival else [])
         count = min(policy.confirm_max - done, max(policy.confirm_min, done // 2), affordable())
-        if count <= 0 or not any(v[3] == "undecided" for v in verdicts.values()):
+        if count <= 0 or "undecided" not in pending:
             break
-    out, texts, provisional = dict(winners), [], False
+    texts = []
+    if rival is not None:
+        winners, text = _settle_rival(samples, winners, rival, policy)
+        texts.append(text)
+        name = winners[EAGER]
+        if name != DEFAULT_BACKEND:
+            ratios[EAGER] = _ratios(samples, name, EAGER)
+            verdicts[EAGER] = _verdict(ratios[EAGER], policy)
+    out, provisional = dict(winners), False
     for mode, name in winners.items():
         if name == DEFAULT_BACKEND:
             continue
@@ -241,6 +274,47 @@ def confirm(trial: Trial, winners: dict) -> tuple:
             out[mode] = DEFAULT_BACKEND
             texts.append(f"{what}: not confirmed, {DEFAULT_BACKEND} kept{why}")
     return out, provisional, "; ".join(texts)
+
+
+def eager_rival(trial: Trial, winner: str):
+    """The candidate the eager ``winner`` beat by the least, or that beat it inside the tie band (the
+    rounds' medians within ``tie_cap`` of the winner's): it joins the confirmation's paired re-time
+    (:func:`_settle_rival`). None where there is none, the default is it (the re-time pairs the
+    default already), or it is host-bound where the winner is not (its lead there is this process's
+    host speed, :func:`host_bound`). The rounds resolve ~2.5%; the paired re-time, round by round,
+    ~0.2-1.3% (H100): on an H100, ties by order cost sd3_1024_self 3.2% (FlashAttention-3 over -4)
+    and rounds 6% off cost one of five processes 3.3% on Wan 2.2 5B 720p."""
+    policy, runs = trial.policy, trial.runs
+    if not policy.rival_re_time or winner not in runs or not runs[winner].rounds:
+        return None
+    best = statistics.median(runs[winner].rounds)
+    near = {n: statistics.median(r.rounds) for n, r in runs.items()
+            if n not in (winner, DEFAULT_BACKEND) and r.rounds and r.cand.status != REJECTED}
+    near = {n: ms for n, ms in near.items() if ms <= best * (1 + policy.tie_cap)}
+    fragile = host_bound(runs, list(near) + [winner], policy)
+    near = {n: ms for n, ms in near.items() if not (n in fragile and winner not in fragile)}
+    return min(near, key=near.get) if near else None
+
+
+def _settle_rival(samples: dict, winners: dict, rival: str, policy: TuningPolicy) -> tuple:
+    """(winners, text): the eager winner gives way to ``rival`` where the paired re-time shows the
+    rival faster by more than the tie floor, with its lower confidence bound above 1 (the verdict
+    that confirms a winner over the default, :func:`_verdict`); else it stays."""
+    winner = winners[EAGER]
+    med, spread, low, verdict, n = _rival_verdict(samples, winner, rival, policy)
+    if not n:
+        return winners, f"rival {rival}: not re-timed"
+    what = (f"rival {rival}: {med:.3f}x the speed of {winner} in {n} paired re-times "
+            f"(noise {spread * 100:.1f}%, lower bound {low:.3f}x)")
+    if verdict == "confirmed":
+        return {**winners, EAGER: rival}, f"{what}: taken for eager calls"
+    return winners, f"{what}: {winner} kept"
+
+
+def _rival_verdict(samples: dict, winner: str, rival: str, policy: TuningPolicy) -> tuple:
+    """(median, spread, lower bound, verdict, rounds) of ``rival`` over ``winner`` per paired round."""
+    ratios = [_cost(w, EAGER) / _cost(r, EAGER) for w, r in zip(samples[winner], samples[rival]) if _cost(r, EAGER)]
+    return (*_verdict(ratios, policy), len(ratios)) if ratios else (None, None, None, "refused", 0)
 
 
 def _rounds_ratio(runs: dict, name: str, mode: str):

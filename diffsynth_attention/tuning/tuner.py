@@ -64,7 +64,7 @@ from ..backends import PREFERENCE
 from ..store.decision import ACCEPTED, CHOSEN, EAGER, REJECTED, SKIPPED, SLOWER, UNSUPPORTED, Decision
 from .policy import DEFAULT_POLICY, TuningPolicy
 from .reference import gate_heads, relative_l1
-from .confirm import choose, confirm, confirm_reserve_s, mode_winners, relative_spread
+from .confirm import choose, confirm, confirm_reserve_s, host_bound, mode_winners, relative_spread
 from .timing import Timer, round_order
 from .trial import Result, Run, Trial, copy_input, describe_exception, fingerprint, finite_inputs, free_memory, gib, recover
 from .trial import same as _same  # noqa: F401 (tests use tuner._same)
@@ -307,7 +307,8 @@ def choose_winner(trial: Trial, near: list, timed: list) -> tuple:
         runs[name].cand.time_ms = medians[name]
     if len(timed) == 1:
         return timed[0], None
-    winner, fastest, tie = choose(medians, noise, policy, trial.order)
+    fragile = host_bound(runs, timed, policy)
+    winner, fastest, tie = choose(medians, noise, policy, trial.order, fragile)
     count = min(len(runs[n].rounds) for n in timed)
     for name, ms in medians.items():
         if name == winner:
@@ -315,11 +316,14 @@ def choose_winner(trial: Trial, near: list, timed: list) -> tuple:
         t = policy.tie_threshold(noise.get(fastest), noise.get(name))
         if ms <= medians[fastest] * (1 + t):
             other = winner if name == fastest else fastest
-            runs[name].cand.reason = f"tie with {other} (within {t * 100:.1f}% noise): {winner} is preferred by order"
+            why = (f" ({name} is host-bound: its eager time follows the host's)" if name in fragile and winner not in fragile
+                   else " by order")
+            runs[name].cand.reason = f"tie with {other} (within {t * 100:.1f}% noise): {winner} is preferred{why}"
         else:
             runs[name].cand.reason = f"{(ms / medians[winner] - 1) * 100:.1f}% slower than {winner} in {count} interleaved rounds"
     if winner != fastest:
-        return winner, (f"tie with {fastest} (within {tie * 100:.1f}% noise): preferred by order "
+        by = "not host-bound" if fastest in fragile and winner not in fragile else "by order"
+        return winner, (f"tie with {fastest} (within {tie * 100:.1f}% noise): preferred {by} "
                         f"({(medians[winner] / medians[fastest] - 1) * 100:.1f}% apart in {count} interleaved rounds)")
     return winner, None
 

@@ -237,3 +237,32 @@ def test_the_budget_floor_reads_the_environment_unless_the_policy_sets_one(monke
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_TUNING_BUDGET", "0.7")
     assert DEFAULT_POLICY.budget_floor() == 0.7
     assert TuningPolicy(budget_s=2.0).budget_floor() == 2.0
+
+
+def test_a_host_bound_candidate_loses_its_ties():
+    """A candidate whose host time per call is near its device time runs eagerly at the host's
+    speed, which changes between processes: on an H100, FlashAttention-3 (host ~ device on a
+    grouped-query causal call) tied -4 in the rounds, took the tie by order, and ran 1.15-1.3x
+    slower than -4 in another process. A tie now goes to the device-bound one; a clear lead still wins."""
+    from types import SimpleNamespace
+
+    from diffsynth_attention.backends import preference_on
+    from diffsynth_attention.tuning.trial import Run
+
+    def run(name, eager, host, device):
+        return Run(backend=SimpleNamespace(name=name), cand=SimpleNamespace(time_ms=None, reason=None), call=None,
+                   rounds=[eager] * 5, host=[host] * 5, device=[device] * 5)
+    hopper = preference_on((9, 0))
+    runs = {"flash_attention_3": run("flash_attention_3", 0.0554, 0.055, 0.0526),
+            "flash_attention_4": run("flash_attention_4", 0.0565, 0.034, 0.055)}
+    trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY, order=hopper)
+    winner, note = tuner.choose_winner(trial, list(runs), list(runs))
+    assert winner == "flash_attention_4" and "preferred not host-bound" in note, note
+    assert "flash_attention_3 is host-bound" in runs["flash_attention_3"].cand.reason
+    runs["flash_attention_4"] = run("flash_attention_4", 0.0565, 0.050, 0.055)  # both host-bound: the order decides
+    assert tuner.choose_winner(trial, list(runs), list(runs))[0] == "flash_attention_3"
+    runs["flash_attention_3"] = run("flash_attention_3", 0.0554, 0.015, 0.0526)  # neither: the order decides
+    assert tuner.choose_winner(trial, list(runs), list(runs))[0] == "flash_attention_3"
+    runs["flash_attention_4"] = run("flash_attention_4", 0.0565, 0.034, 0.055)
+    runs["flash_attention_3"] = run("flash_attention_3", 0.0500, 0.055, 0.0526)  # host-bound, but 13% ahead: no tie
+    assert tuner.choose_winner(trial, list(runs), list(runs))[0] == "flash_attention_3"
