@@ -88,7 +88,10 @@ def make_forward(d) -> Callable:
 
             return traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                     is_causal, compatibility_mode, window_size)
-        impl_raw = env_get(impl_key)
+        # every scope and variable read once: the guarded entry's state and the signature it is
+        # added under hold the same values, even where another thread changes one in between
+        impl_raw, scope, tier_scope = env_get(impl_key), scope_get(), tier_scope_get()
+        tier_raw, tf32 = tier_env_get(tier_key), cublas_tf32()
         state = plan = None
         # (a bool is_causal only: 1 and 0 would share a state, and the signature tells them apart)
         if attn_mask is None and scale is None and window_size is None and compatibility_mode is False \
@@ -97,7 +100,7 @@ def make_forward(d) -> Callable:
                 # k.numel() parts the entries by size (one C call and an int's hash, where k.shape
                 # builds a torch.Size and hashes it: ~0.1 us); the guard tells same-size shapes apart
                 state = (q_pattern, k_pattern, v_pattern, out_pattern, is_causal, _grad_enabled(),
-                         scope_get(), impl_raw, tier_scope_get(), tier_env_get(tier_key), cublas_tf32(), k.numel())
+                         scope, impl_raw, tier_scope, tier_raw, tf32, k.numel())
                 for guard, snap, entry in fast_get(state, ()):
                     if dims == snap and guard(q, k, v) and (dims is None or _int_values(dims)):
                         plan = entry
@@ -119,15 +122,15 @@ def make_forward(d) -> Callable:
                                         or attn_mask is not None and attn_mask.requires_grad)
             qd = q.dtype
             plan = plans_get(sig := (
-                scope_get(), impl_raw, compatibility_mode, type(compatibility_mode), q.shape, k.shape, v.shape,
-                q.stride(), k.stride(), v.stride(), qd, k.dtype, v.dtype, qd is FLOAT32 and cublas_tf32(),
+                scope, impl_raw, compatibility_mode, type(compatibility_mode), q.shape, k.shape, v.shape,
+                q.stride(), k.stride(), v.stride(), qd, k.dtype, v.dtype, qd is FLOAT32 and tf32,
                 q.device, k.device, v.device,
                 q_pattern, k_pattern, v_pattern, out_pattern,
                 None if dims is None else tuple((a, n, type(n)) for a, n in dims.items()),
                 None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.layout),
                 is_causal, type(is_causal), window_size, type(window_size),
                 type(scale), scale is None or -FLOAT_MAX <= scale <= FLOAT_MAX, grad,
-                tier_scope_get(), tier_env_get(tier_key),
+                tier_scope, tier_raw,
             ))
         except Exception:  # not tensors, unhashable dims, an incomparable scale...: validation explains
             grad, plan = False, None

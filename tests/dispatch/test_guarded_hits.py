@@ -232,3 +232,30 @@ def test_one_tensor_passed_twice_has_no_guard_and_leaves_guards_on(disp, monkeyp
     assert rel(out, full_reference(q, q, q)) < 1e-5
     assert guards.tensor_guard(q, k, k) is None
     assert guards.tensor_guard(q, k, v) is not None
+
+
+def test_a_call_reads_each_scope_and_variable_once(monkeypatch, tmp_path):
+    """The guarded entry a signature hit adds is keyed by the state the call read, under the
+    signature it looked up: both must hold the same values of the scopes and variables, or a
+    variable changed by another thread between two reads (DIFFSYNTH_ATTENTION_QUALITY, say) would
+    leave an entry that serves the other value's plan. So each is read once per call."""
+    from diffsynth_attention import Dispatcher, DecisionCache
+
+    reads = {"quality": 0, "implementation": 0}
+    quality_get, impl_get = tiers._env_get, overrides._env_get
+
+    def counted(name, get):
+        def read(key):
+            reads[name] += 1
+            return get(key)
+        return read
+    monkeypatch.setattr(tiers, "_env_get", counted("quality", quality_get))
+    monkeypatch.setattr(overrides, "_env_get", counted("implementation", impl_get))
+    d = Dispatcher(DecisionCache(tmp_path / "cache"))
+    q, k, v = qkv(b=1, hq=2, sq=8, d=8)
+    _warm(d, dict(q=q, k=k, v=v))
+    d.plans.fast.clear()  # the next call misses the guarded entries, hits its signature and adds one
+    reads.update(quality=0, implementation=0)
+    d.forward(q, k, v)
+    assert reads == {"quality": 1, "implementation": 1}
+    assert d.plans.fast  # ... and it added the entry
