@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -216,8 +217,8 @@ def check_layout(tensors: tuple, q_pattern: str, k_pattern: str, v_pattern: str,
 def _dims_tuple(dims) -> tuple:
     if dims is None:
         return ()
-    if not isinstance(dims, dict):
-        raise TypeError(f"dims must be a dict of axis lengths such as {{'n': 24}}, got {type(dims).__name__}")
+    if not isinstance(dims, Mapping):  # what einops' rearrange(**dims) takes, as DiffSynth-Studio calls it
+        raise TypeError(f"dims must be a dict of axis lengths such as {{'n': 24}} (or another mapping), got {type(dims).__name__}")
     for axis, length in dims.items():
         if not isinstance(axis, str):
             raise TypeError(f"dims keys must be axis names, got {axis!r}")

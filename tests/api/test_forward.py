@@ -4,6 +4,7 @@ import asyncio
 import sys
 import threading
 import types
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -53,7 +54,8 @@ def test_matches_fp32_reference(case, dtype, tol, impl, monkeypatch):
     assert rel(out, ref) < tol
 
 
-@pytest.mark.parametrize("pattern,dims", [("b s n d", None), ("b s (n d)", {"n": 4}), ("b s (n d)", {"d": 16}), ("s b n d", None)])
+@pytest.mark.parametrize("pattern,dims", [("b s n d", None), ("b s (n d)", {"n": 4}), ("b s (n d)", {"d": 16}), ("s b n d", None),
+                                          ("b s (n d)", MappingProxyType({"n": 4}))])  # any mapping, as einops' **dims takes
 def test_patterns_match_canonical(pattern, dims):
     q, k, v = qkv()
     qs, ks, vs = (rearrange(t, f"b n s d -> {pattern}").contiguous() for t in (q, k, v))
