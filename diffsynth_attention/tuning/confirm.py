@@ -244,6 +244,10 @@ def confirm(trial: Trial, winners: dict) -> tuple:
     texts = []
     if rival is not None:
         winners, text = _settle_rival(samples, winners, rival, policy)
+        if not contenders and winners[EAGER] == DEFAULT_BACKEND:  # the default won, as without the rival
+            noisy = rounds_noise > policy.noise_cap
+            return winners, noisy, (f"the default ({DEFAULT_BACKEND}) won; {text}" + (
+                f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
         texts.append(text)
         name = winners[EAGER]
         if name != DEFAULT_BACKEND:

@@ -293,3 +293,22 @@ def test_a_rival_that_raises_in_the_re_time_leaves_it_and_the_winner_is_still_co
     d = info.decision
     assert d.backend == "flash_attention_4" and "eager: flash_attention_4 1.970x the speed of torch" in d.confirmation, d.confirmation
     assert d.candidates["flash_attention_3"].status == "rejected" and "confirmation re-time" in d.candidates["flash_attention_3"].reason
+
+
+def test_a_noisy_default_win_with_a_rival_is_still_provisional(monkeypatch):
+    """The default winning a re-time against its rival is the default winning: with rounds too
+    noisy to decide, the decision is provisional, as without the rival."""
+    q, k, v = qkv(sq=16)
+    seen = []
+    for seed in range(12):
+        info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0, "noise": 0.3, "seed": seed},
+                                  torch_flash={"cost": 1.01, "noise": 0.3, "seed": seed + 100})
+        d = info.decision
+        if d.backend == "torch" and "rival torch_flash" in d.confirmation:
+            seen.append(d)
+            if len(seen) == 2:
+                break
+    assert seen, "no seed gave the default's win over a re-timed rival"
+    for d in seen:
+        assert d.confirmation.startswith("the default (torch) won; rival torch_flash")
+        assert d.provisional and "provisional: the rounds' noise" in d.confirmation, d.confirmation
