@@ -203,6 +203,8 @@ def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, 
     if _concrete(q, k, v, attn_mask):  # else baked for a bucket of lengths: no mask, no window
         window = effective_window(window_size, qc.shape[2], kc.shape[2])
     mask4 = mask_4d(attn_mask)
+    if mask4 is not None and mask4.dtype == torch.float32 and q.dtype == torch.float64:
+        mask4 = mask4.to(torch.float64)  # as eager's runners do: PyTorch's CPU flash kernel misreads it (runners.py)
     if name in TORCH_FAMILY:
         out = REGISTRY[name].forward(qc, kc, vc, mask4, scale, causal, window, grad)
         return _to(out, CANONICAL, out_pattern, dims_d)
