@@ -137,7 +137,7 @@ def _plan(token, q, k, v, mask, patterns, dims, scale, is_causal, window_size, c
     mode = FakeTensorMode()
     qf, kf, vf, mf = (_stand_in(m, mode) for m in (q, k, v, mask))
     req = Request(qf, kf, vf, *patterns, dims_dict(dims), mf, scale, is_causal, compatibility_mode, window_size)
-    grad = grad_enabled and (q[4] or k[4] or v[4])
+    grad = grad_enabled and (q[4] or k[4] or v[4] or mask is not None and mask[4])  # as eager's (callsite.needs_grad)
     with Scope(backend):
         return d, d.trace_plan(req, grad, _compile_mode())
 

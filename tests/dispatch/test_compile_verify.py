@@ -1,5 +1,7 @@
 """The compiled path at its edges (CPU): regressions for what an adversarial review found (each test
 failed before its fix). Every compile uses fullgraph=True."""
+import contextlib
+
 import pytest
 import torch
 
@@ -169,3 +171,22 @@ def test_a_baked_float32_mask_with_a_float64_query_is_added_as_its_values(backen
         out = f(q, k, v, mask)
     assert rec.forward_graphs and "diffsynth_attention" not in str(rec.forward_graphs[-1].code)  # baked
     assert out.dtype == torch.float64 and rel(out, expected) < 1e-6
+
+
+@pytest.mark.parametrize("how", ["use_backend", "variable"])
+def test_a_forced_backend_that_cannot_differentiate_a_learned_mask_falls_back_as_eager_does(how, monkeypatch):
+    """torch_flash gives no gradient for a mask: eager serves a learned mask's call on torch (with a
+    warning). The trace planned the call as gradient-free (q, k and v need none), baked torch_flash,
+    and its decomposition failed the compile (the flash kernel refuses a mask that requires grad)."""
+    q, k, v = qkv(b=1, hq=2, sq=16)
+    bias = torch.randn(1, 2, 16, 16, requires_grad=True)
+    if how == "variable":
+        monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "torch_flash")
+    scope = da.use_backend("torch_flash") if how == "use_backend" else contextlib.nullcontext()
+    with scope:
+        f = torch.compile(lambda q, k, v, m: da.attention_forward(q, k, v, attn_mask=m), fullgraph=True, backend=Recorder())
+        out = f(q, k, v, bias)
+    (grad,) = torch.autograd.grad(out.sum(), (bias,))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), (bias,))
+    assert rel(out, ref) < 1e-5 and rel(grad, ref_grad) < 1e-4
