@@ -294,7 +294,9 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     # anything else is written as it is, so validation rejects what eager rejects
     dims_text = None if dims is None else ",".join(
         f"{a}={n if isinstance(n, (bool, float, str)) else int(n)}" for a, n in dims.items())
-    scale = None if scale is None else float(scale)
+    # a symbolic scale (Dynamo makes a float argument symbolic once it changes; dynamic=True any
+    # number) is specialized, as plain SDPA's compile does: the bake takes constants
+    scale = None if scale is None else float(scale) if _static_value(scale) else float(scale).__float__()
     # validated as eager validates it; a symbolic bool (dynamic=True) becomes a constant behind a guard
     if is_causal is not False and is_causal is not True:
         is_causal = True if check_flag(is_causal, "is_causal") else False

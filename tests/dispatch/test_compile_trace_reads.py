@@ -118,3 +118,18 @@ def test_a_compiled_call_guards_only_what_the_trace_must_read():
     # of attention_forward's closure, only the dispatcher (its trace key and re-gate epoch) and the
     # Dynamo test, whose call folds to True: nothing the rest of that test reads
     assert len([s for s in ours if s.endswith("cell_contents")]) <= 2, ours
+
+
+@pytest.mark.parametrize("dynamic,scales", [(None, (0.3, 0.5, 0.7)), (True, (0.3, 0.5)), (True, (2, 3))])
+def test_a_scale_that_changes_between_calls_compiles_with_fullgraph(dynamic, scales):
+    """A scale passed as an argument: Dynamo makes a float symbolic once its value changes (and
+    dynamic=True makes any number symbolic). Before the fix the trace handed the symbolic scale to
+    the bake, which takes constants: Unsupported under fullgraph, graph breaks without it."""
+    q, k, v = qkv(b=1, hq=2, sq=16)
+    rec = Recorder()
+    f = torch.compile(lambda q, k, v, s: da.attention_forward(q, k, v, scale=s), fullgraph=True, backend=rec,
+                      dynamic=dynamic)
+    with torch.no_grad():
+        for s in scales:
+            assert rel(f(q, k, v, s), full_reference(q, k, v, scale=s)) < 1e-5
+    assert rec.runs == len(scales)
