@@ -40,7 +40,7 @@ import torch
 from ..trace_state import traced_scopes
 from ..backends import REGISTRY
 from ..problem import check_flag
-from ..request import Request
+from ..request import FLOAT_MAX, Request
 from ..states import TIMED
 from .compiled import attention_op
 from .tokens import lookup_dispatcher
@@ -294,9 +294,16 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     # anything else is written as it is, so validation rejects what eager rejects
     dims_text = None if dims is None else ",".join(
         f"{a}={n if isinstance(n, (bool, float, str)) else int(n)}" for a, n in dims.items())
-    # a symbolic scale (Dynamo makes a float argument symbolic once it changes; dynamic=True any
-    # number) is specialized, as plain SDPA's compile does: the bake takes constants
-    scale = None if scale is None else float(scale) if _static_value(scale) else float(scale).__float__()
+    if scale is not None:  # validated as eager validates it (problem.prepare) before float() could accept it
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+        # a symbolic scale (Dynamo makes a float argument symbolic once it changes; dynamic=True any
+        # number) is specialized, as plain SDPA's compile does: the bake takes constants
+        if not _static_value(scale):
+            scale = float(scale).__float__()
+        if not -FLOAT_MAX <= scale <= FLOAT_MAX:  # NaN, an infinity, an int beyond any float (10**400)
+            raise ValueError(f"scale={scale!r} must be a finite number")
+        scale = float(scale)
     # validated as eager validates it; a symbolic bool (dynamic=True) becomes a constant behind a guard
     if is_causal is not False and is_causal is not True:
         is_causal = True if check_flag(is_causal, "is_causal") else False

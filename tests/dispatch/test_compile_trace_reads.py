@@ -133,3 +133,20 @@ def test_a_scale_that_changes_between_calls_compiles_with_fullgraph(dynamic, sca
         for s in scales:
             assert rel(f(q, k, v, s), full_reference(q, k, v, scale=s)) < 1e-5
     assert rec.runs == len(scales)
+
+
+@pytest.mark.parametrize("bad,says,fullgraph", [
+    (True, "scale must be a number or None, got bool", False), (True, "scale must be a number or None, got bool", True),
+    ("0.5", "scale must be a number or None, got str", False), ("0.5", "scale must be a number or None, got str", True),
+    (10 ** 400, "must be a finite number", True)], ids=["bool", "bool-fullgraph", "str", "str-fullgraph", "huge-fullgraph"])
+def test_a_compiled_call_rejects_the_scale_an_eager_call_rejects(bad, says, fullgraph):
+    """Before: the trace took float(scale) before validating it, so scale=True ran with 1.0 and
+    scale="0.5" with 0.5 where eager raises, and 10**400 failed the trace with an OverflowError.
+    (Without fullgraph, 10**400 still does: Dynamo traces the eager validation, whose float() it
+    cannot catch.)"""
+    (q, k, v), _ = bsnd()
+    with pytest.raises(Exception, match=says):
+        da.attention_forward(q, k, v, *BSND, scale=bad)
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *BSND, scale=bad), fullgraph=fullgraph)
+    with pytest.raises(Exception, match=says):
+        fn(q, k, v)
