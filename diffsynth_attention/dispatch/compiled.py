@@ -345,7 +345,9 @@ def _dispatch_backward_impl(grad_out, q, k, v, attn_mask, scale, call, dispatche
         out = lookup_dispatcher(dispatcher).forward(qd, kd, vd, q_pattern, k_pattern, v_pattern, out_pattern,
                                                     dims_dict(dims), attn_mask, scale, is_causal, compatibility_mode,
                                                     window_size)
-        return torch.autograd.grad(out, (qd, kd, vd), grad_out)
+        grads = torch.autograd.grad(out, (qd, kd, vd), grad_out)
+    # laid out as the fake declares (empty_like: inductor asserts the strides), whatever autograd gave
+    return tuple(g if g.stride() == t.stride() else torch.empty_like(t).copy_(g) for g, t in zip(grads, (q, k, v)))
 
 
 def _dispatch_backward_fake(grad_out, q, k, v, *rest):
