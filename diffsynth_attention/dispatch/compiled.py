@@ -333,7 +333,8 @@ def _native_call_grad(name, q, k, v, attn_mask, scale, is_causal, window_size):
 
 
 def _kernel_backward_fake(backend, grad_out, q, k, v, attn_mask, out, lse, scale, is_causal, window_size):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, as the implementation returns them (q may be a b n s d caller's transposed view)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _dispatch_backward_impl(grad_out, q, k, v, attn_mask, scale, call, dispatcher):
