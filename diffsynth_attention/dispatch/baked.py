@@ -291,9 +291,13 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     are tested with ``is`` before ``bool()`` (a guard on the builtin), and both scopes come through
     one object (:func:`traced_scopes`). tests/dispatch/test_compile_trace_reads.py lists what is guarded."""
     # int(n): a head count Dynamo made symbolic (an int argument under dynamic=True) is specialized;
-    # anything else is written as it is, so validation rejects what eager rejects
-    dims_text = None if dims is None else ",".join(
-        f"{a}={n if isinstance(n, (bool, float, str)) else int(n)}" for a, n in dims.items())
+    # a length that is no int is refused as eager refuses it (problem._dims_tuple), before the text
+    # (parsed back with int()) could take "2" as 2
+    if isinstance(dims, dict):
+        for a, n in dims.items():
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise ValueError(f"dims[{a!r}]={n!r} must be a positive int")
+    dims_text = None if dims is None else ",".join(f"{a}={int(n)}" for a, n in dims.items())
     if scale is not None:  # validated as eager validates it (problem.prepare) before float() could accept it
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")

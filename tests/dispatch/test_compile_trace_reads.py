@@ -150,3 +150,19 @@ def test_a_compiled_call_rejects_the_scale_an_eager_call_rejects(bad, says, full
     fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *BSND, scale=bad), fullgraph=fullgraph)
     with pytest.raises(Exception, match=says):
         fn(q, k, v)
+
+
+@pytest.mark.parametrize("length", [2.0, "2", True], ids=["float", "str", "bool"])
+def test_a_compiled_call_rejects_the_dims_an_eager_call_rejects(length):
+    """Before: the trace wrote dims into the operator's text as they came and parsed that text
+    back before validating, so dims={"n": "2"} ran as 2 where eager raises, and 2.0 failed with
+    int()'s own message, which names no argument."""
+    (q, k, v), _ = bsnd()
+    pattern = ("b s (n d)",) * 4
+    q, k, v = (t.flatten(2) for t in (q, k, v))
+    says = rf"dims\['n'\]={length!r} must be a positive int"
+    with pytest.raises(Exception, match=says):
+        da.attention_forward(q, k, v, *pattern, dims={"n": length})
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *pattern, dims={"n": length}), fullgraph=True)
+    with pytest.raises(Exception, match=says):
+        fn(q, k, v)
