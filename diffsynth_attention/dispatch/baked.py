@@ -40,7 +40,7 @@ import torch
 from ..trace_state import traced_scopes
 from ..backends import REGISTRY
 from ..problem import check_flag
-from ..request import Request
+from ..request import FLOAT_MAX, Request
 from ..states import TIMED
 from .compiled import attention_op
 from .tokens import lookup_dispatcher
@@ -137,7 +137,7 @@ def _plan(token, q, k, v, mask, patterns, dims, scale, is_causal, window_size, c
     mode = FakeTensorMode()
     qf, kf, vf, mf = (_stand_in(m, mode) for m in (q, k, v, mask))
     req = Request(qf, kf, vf, *patterns, dims_dict(dims), mf, scale, is_causal, compatibility_mode, window_size)
-    grad = grad_enabled and (q[4] or k[4] or v[4])
+    grad = grad_enabled and (q[4] or k[4] or v[4] or mask is not None and mask[4])  # as eager's (callsite.needs_grad)
     with Scope(backend):
         return d, d.trace_plan(req, grad, _compile_mode())
 
@@ -291,10 +291,23 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     are tested with ``is`` before ``bool()`` (a guard on the builtin), and both scopes come through
     one object (:func:`traced_scopes`). tests/dispatch/test_compile_trace_reads.py lists what is guarded."""
     # int(n): a head count Dynamo made symbolic (an int argument under dynamic=True) is specialized;
-    # anything else is written as it is, so validation rejects what eager rejects
-    dims_text = None if dims is None else ",".join(
-        f"{a}={n if isinstance(n, (bool, float, str)) else int(n)}" for a, n in dims.items())
-    scale = None if scale is None else float(scale)
+    # a length that is no int is refused as eager refuses it (problem._dims_tuple), before the text
+    # (parsed back with int()) could take "2" as 2
+    if isinstance(dims, dict):
+        for a, n in dims.items():
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise ValueError(f"dims[{a!r}]={n!r} must be a positive int")
+    dims_text = None if dims is None else ",".join(f"{a}={int(n)}" for a, n in dims.items())
+    if scale is not None:  # validated as eager validates it (problem.prepare) before float() could accept it
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+        # a symbolic scale (Dynamo makes a float argument symbolic once it changes; dynamic=True any
+        # number) is specialized, as plain SDPA's compile does: the bake takes constants
+        if not _static_value(scale):
+            scale = float(scale).__float__()
+        if not -FLOAT_MAX <= scale <= FLOAT_MAX:  # NaN, an infinity, an int beyond any float (10**400)
+            raise ValueError(f"scale={scale!r} must be a finite number")
+        scale = float(scale)
     # validated as eager validates it; a symbolic bool (dynamic=True) becomes a constant behind a guard
     if is_causal is not False and is_causal is not True:
         is_causal = True if check_flag(is_causal, "is_causal") else False

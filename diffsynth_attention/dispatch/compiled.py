@@ -203,6 +203,8 @@ def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, 
     if _concrete(q, k, v, attn_mask):  # else baked for a bucket of lengths: no mask, no window
         window = effective_window(window_size, qc.shape[2], kc.shape[2])
     mask4 = mask_4d(attn_mask)
+    if mask4 is not None and mask4.dtype == torch.float32 and q.dtype == torch.float64:
+        mask4 = mask4.to(torch.float64)  # as eager's runners do: PyTorch's CPU flash kernel misreads it (runners.py)
     if name in TORCH_FAMILY:
         out = REGISTRY[name].forward(qc, kc, vc, mask4, scale, causal, window, grad)
         return _to(out, CANONICAL, out_pattern, dims_d)
@@ -331,7 +333,8 @@ def _native_call_grad(name, q, k, v, attn_mask, scale, is_causal, window_size):
 
 
 def _kernel_backward_fake(backend, grad_out, q, k, v, attn_mask, out, lse, scale, is_causal, window_size):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, as the implementation returns them (q may be a b n s d caller's transposed view)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _dispatch_backward_impl(grad_out, q, k, v, attn_mask, scale, call, dispatcher):
@@ -343,7 +346,9 @@ def _dispatch_backward_impl(grad_out, q, k, v, attn_mask, scale, call, dispatche
         out = lookup_dispatcher(dispatcher).forward(qd, kd, vd, q_pattern, k_pattern, v_pattern, out_pattern,
                                                     dims_dict(dims), attn_mask, scale, is_causal, compatibility_mode,
                                                     window_size)
-        return torch.autograd.grad(out, (qd, kd, vd), grad_out)
+        grads = torch.autograd.grad(out, (qd, kd, vd), grad_out)
+    # laid out as the fake declares (empty_like: inductor asserts the strides), whatever autograd gave
+    return tuple(g if g.stride() == t.stride() else torch.empty_like(t).copy_(g) for g, t in zip(grads, (q, k, v)))
 
 
 def _dispatch_backward_fake(grad_out, q, k, v, *rest):

@@ -356,3 +356,19 @@ def test_compiled_gradients_match_eager():
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     (g_comp,) = torch.autograd.grad(compiled(x).sum(), x)
     assert rel(g_comp, g_eager) < 1e-4
+
+
+def test_training_a_b_n_s_d_caller_through_a_kernel_package_under_inductor(fake_fa4):
+    """The kernel's native b s n d view of a b n s d caller's tensors is not contiguous; the kernel
+    backward returns contiguous gradients, while its fake promised q's strides (empty_like), so
+    inductor's stride assertion failed the backward (AssertionError: expected ... stride 32==8)."""
+    q, k, v = (t.requires_grad_(True) for t in qkv(b=2, hq=4, sq=16, d=8))
+    with torch._inductor.config.patch(force_disable_caches=True), da.use_backend("flash_attention_4"):
+        out = torch.compile(lambda q, k, v: da.attention_forward(q, k, v), fullgraph=True)(q, k, v)
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+        grads = torch.autograd.grad(out, (q, k, v), go)
+    assert [c[0] for c in fake_fa4] == ["fa4", "fa4_bwd"]
+    ref_in = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in)
+    for g, r in zip(grads, torch.autograd.grad(ref, ref_in, go.double())):
+        assert rel(g, r) < 1e-5

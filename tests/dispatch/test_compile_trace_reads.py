@@ -118,3 +118,51 @@ def test_a_compiled_call_guards_only_what_the_trace_must_read():
     # of attention_forward's closure, only the dispatcher (its trace key and re-gate epoch) and the
     # Dynamo test, whose call folds to True: nothing the rest of that test reads
     assert len([s for s in ours if s.endswith("cell_contents")]) <= 2, ours
+
+
+@pytest.mark.parametrize("dynamic,scales", [(None, (0.3, 0.5, 0.7)), (True, (0.3, 0.5)), (True, (2, 3))])
+def test_a_scale_that_changes_between_calls_compiles_with_fullgraph(dynamic, scales):
+    """A scale passed as an argument: Dynamo makes a float symbolic once its value changes (and
+    dynamic=True makes any number symbolic). Before the fix the trace handed the symbolic scale to
+    the bake, which takes constants: Unsupported under fullgraph, graph breaks without it."""
+    q, k, v = qkv(b=1, hq=2, sq=16)
+    rec = Recorder()
+    f = torch.compile(lambda q, k, v, s: da.attention_forward(q, k, v, scale=s), fullgraph=True, backend=rec,
+                      dynamic=dynamic)
+    with torch.no_grad():
+        for s in scales:
+            assert rel(f(q, k, v, s), full_reference(q, k, v, scale=s)) < 1e-5
+    assert rec.runs == len(scales)
+
+
+@pytest.mark.parametrize("bad,says,fullgraph", [
+    (True, "scale must be a number or None, got bool", False), (True, "scale must be a number or None, got bool", True),
+    ("0.5", "scale must be a number or None, got str", False), ("0.5", "scale must be a number or None, got str", True),
+    (10 ** 400, "must be a finite number", True)], ids=["bool", "bool-fullgraph", "str", "str-fullgraph", "huge-fullgraph"])
+def test_a_compiled_call_rejects_the_scale_an_eager_call_rejects(bad, says, fullgraph):
+    """Before: the trace took float(scale) before validating it, so scale=True ran with 1.0 and
+    scale="0.5" with 0.5 where eager raises, and 10**400 failed the trace with an OverflowError.
+    (Without fullgraph, 10**400 still does: Dynamo traces the eager validation, whose float() it
+    cannot catch.)"""
+    (q, k, v), _ = bsnd()
+    with pytest.raises(Exception, match=says):
+        da.attention_forward(q, k, v, *BSND, scale=bad)
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *BSND, scale=bad), fullgraph=fullgraph)
+    with pytest.raises(Exception, match=says):
+        fn(q, k, v)
+
+
+@pytest.mark.parametrize("length", [2.0, "2", True], ids=["float", "str", "bool"])
+def test_a_compiled_call_rejects_the_dims_an_eager_call_rejects(length):
+    """Before: the trace wrote dims into the operator's text as they came and parsed that text
+    back before validating, so dims={"n": "2"} ran as 2 where eager raises, and 2.0 failed with
+    int()'s own message, which names no argument."""
+    (q, k, v), _ = bsnd()
+    pattern = ("b s (n d)",) * 4
+    q, k, v = (t.flatten(2) for t in (q, k, v))
+    says = rf"dims\['n'\]={length!r} must be a positive int"
+    with pytest.raises(Exception, match=says):
+        da.attention_forward(q, k, v, *pattern, dims={"n": length})
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *pattern, dims={"n": length}), fullgraph=True)
+    with pytest.raises(Exception, match=says):
+        fn(q, k, v)

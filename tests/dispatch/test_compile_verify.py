@@ -1,5 +1,7 @@
 """The compiled path at its edges (CPU): regressions for what an adversarial review found (each test
 failed before its fix). Every compile uses fullgraph=True."""
+import contextlib
+
 import pytest
 import torch
 
@@ -147,3 +149,63 @@ def test_head_count_passed_as_an_int_argument_under_dynamic_true():
                 *(x.unflatten(-1, (heads, 64 // heads)).transpose(1, 2),) * 3).transpose(1, 2).flatten(2)
             assert rel(f(x, heads), ref) < 1e-5
     assert rec.runs == 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch_flash", "auto"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_baked_float32_mask_with_a_float64_query_is_added_as_its_values(backend, causal):
+    """The compiled twin of test_float32_mask_with_float64_query_is_added_as_its_values: a graph
+    that bakes a decision ran the backend on the float32 mask as it came (eager's runners upcast
+    it), and PyTorch's CPU flash kernel misread it (relative error ~1)."""
+    q, k, v = qkv(b=1, hq=2, sq=16, d=8, dtype=torch.float64)
+    mask = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    bias = mask.double()
+    if causal:
+        bias = bias.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    rec = Recorder()
+    with da.use_backend(backend), torch.no_grad():
+        da.attention_forward(q, k, v, attn_mask=mask, is_causal=causal)  # a decision on file: the graph bakes it
+        f = torch.compile(lambda q, k, v, m: da.attention_forward(q, k, v, attn_mask=m, is_causal=causal),
+                          fullgraph=True, backend=rec)
+        out = f(q, k, v, mask)
+    assert rec.forward_graphs and "diffsynth_attention" not in str(rec.forward_graphs[-1].code)  # baked
+    assert out.dtype == torch.float64 and rel(out, expected) < 1e-6
+
+
+@pytest.mark.parametrize("how", ["use_backend", "variable"])
+def test_a_forced_backend_that_cannot_differentiate_a_learned_mask_falls_back_as_eager_does(how, monkeypatch):
+    """torch_flash gives no gradient for a mask: eager serves a learned mask's call on torch (with a
+    warning). The trace planned the call as gradient-free (q, k and v need none), baked torch_flash,
+    and its decomposition failed the compile (the flash kernel refuses a mask that requires grad)."""
+    q, k, v = qkv(b=1, hq=2, sq=16)
+    bias = torch.randn(1, 2, 16, 16, requires_grad=True)
+    if how == "variable":
+        monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "torch_flash")
+    scope = da.use_backend("torch_flash") if how == "use_backend" else contextlib.nullcontext()
+    with scope:
+        f = torch.compile(lambda q, k, v, m: da.attention_forward(q, k, v, attn_mask=m), fullgraph=True, backend=Recorder())
+        out = f(q, k, v, bias)
+    (grad,) = torch.autograd.grad(out.sum(), (bias,))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), (bias,))
+    assert rel(out, ref) < 1e-5 and rel(grad, ref_grad) < 1e-4
+
+
+@pytest.mark.parametrize("dynamic,masked", [(True, False), (False, True)])
+def test_training_through_the_run_time_operator_under_inductor_matches_float64(dynamic, masked):
+    """Symbolic sizes or a mask with no decision yet compile to the run-time operator. Its backward's
+    fake promises gradients laid out like q, k and v (empty_like); the real one returned autograd's
+    own strides (b s n d memory for a b n s d query), and inductor's stride assertion failed the
+    backward (AssertionError: expected ... stride 8==128)."""
+    q, k, v = (t.requires_grad_(True) for t in qkv(b=2, hq=4, sq=16, d=8))
+    mask = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)) if masked else None
+    f = torch.compile(lambda q, k, v: da.attention_forward(q, k, v, attn_mask=mask), fullgraph=True, dynamic=dynamic)
+    out = f(q, k, v)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    ref_in = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, attn_mask=None if mask is None else mask.double())
+    assert rel(out, ref) < 1e-5
+    for g, r in zip(grads, torch.autograd.grad(ref, ref_in, go.double())):
+        assert rel(g, r) < 1e-5
