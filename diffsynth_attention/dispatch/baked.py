@@ -293,7 +293,7 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     # int(n): a head count Dynamo made symbolic (an int argument under dynamic=True) is specialized;
     # a length that is no int is refused as eager refuses it (problem._dims_tuple), before the text
     # (parsed back with int()) could take "2" as 2
-    if isinstance(dims, dict):
+    if dims is not None and isinstance(dims, dict):  # `is not None` first: the common call guards no builtin
         for a, n in dims.items():
             if isinstance(n, bool) or not isinstance(n, int):
                 raise ValueError(f"dims[{a!r}]={n!r} must be a positive int")
