@@ -203,7 +203,7 @@ def watched(d, run, decision: Decision, key, call, grad: bool):
     chosen = decision.candidates.get(decision.backend)
     call_ms = chosen.time_ms if chosen is not None and chosen.time_ms else None
     state = d.sentinels.get(key.id)
-    if state is None or (not adaptive and state.every != every):
+    if state is None or state.fell_back or (not adaptive and state.every != every):  # fell back: a new decision since
         state = d.sentinels[key.id] = Sentinel(every, next_check=every)
     if b is None or every == 0:
         return run

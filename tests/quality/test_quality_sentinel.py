@@ -144,3 +144,22 @@ def test_unset_period_stretches_to_keep_checks_under_one_percent(isolated, monke
         s = da.explain(c.q, c.k, c.v).quality["sentinel"]
     assert s["checks"] == 1 and s["calls"] == 200
     assert s["every"] >= s["last_check_ms"] / (lowprec.SENTINEL_SHARE * 1e-3) > 200
+
+
+def test_a_key_chosen_again_after_clear_cache_is_watched_again(isolated, monkeypatch):
+    """After a fallback, ``clear_cache()`` lets the key choose the low-precision backend again: its
+    sentinel must watch the new decision (not keep the old one's fell_back state, which skips every check)."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    benign, drifted = case("rotary", 136), case("outliers_20x_k_mean", 136)
+    choose_fp8(benign)
+    with da.quality("fast"):
+        da.attention_forward(drifted.q, drifted.k, drifted.v)  # the first check falls back
+        assert da.explain(drifted.q, drifted.k, drifted.v).backend != NAME
+    da.clear_cache()
+    choose_fp8(benign)  # tuned again and the FP8 candidate chosen, as after a fresh start
+    with da.quality("fast"):
+        for _ in range(3):
+            da.attention_forward(drifted.q, drifted.k, drifted.v)
+        e = da.explain(drifted.q, drifted.k, drifted.v)
+    assert e.backend != NAME and e.decision.quality["fallback"]["from"] == NAME
