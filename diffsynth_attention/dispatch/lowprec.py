@@ -180,7 +180,8 @@ def fall_back(d, decision: Decision, state: Sentinel, rel: float, cos: float, wh
     record["fallback"] = {"from": low, "to": exact, "rel_l1": rel if rel == rel and rel != float("inf") else None,
                           "cosine": cos, "after_calls": state.calls, "checks": state.checks,
                           "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    new = dataclasses.replace(decision, backend=exact, candidates=cands, quality=record, modes={})
+    # not provisional: a re-time would gate the drifted backend again (a fallback stays until the cache is cleared)
+    new = dataclasses.replace(decision, backend=exact, candidates=cands, quality=record, modes={}, provisional=False)
     d.warn_once(("sentinel", decision.key_id),
                 "quality sentinel: %s drifted on key %s (%s after %d calls); falling back to %s for this key",
                 low, decision.key_id, why, state.calls, exact)

@@ -163,3 +163,26 @@ def test_a_key_chosen_again_after_clear_cache_is_watched_again(isolated, monkeyp
             da.attention_forward(drifted.q, drifted.k, drifted.v)
         e = da.explain(drifted.q, drifted.k, drifted.v)
     assert e.backend != NAME and e.decision.quality["fallback"]["from"] == NAME
+
+
+def test_a_provisional_decision_that_fell_back_is_not_re_timed_back(isolated, monkeypatch):
+    """A fallback is not revisited unless the cache is cleared: a later process on a quiet host
+    re-times provisional decisions, and must not re-gate (and so re-admit) the backend that drifted."""
+    from diffsynth_attention.store.cache import DecisionCache as Cache
+    from diffsynth_attention.tuning.policy import TuningPolicy
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    benign, drifted = case("rotary", 128), case("outliers_20x_k_mean", 128)
+    key_id = choose_fp8(benign)
+    d = default_dispatcher()
+    d.store.put(d.store.get(key_id, tolerance=1.0).replace(provisional=True))  # too noisy to confirm where it was tuned
+    with da.quality("fast"):
+        da.attention_forward(drifted.q, drifted.k, drifted.v)  # the first check falls back
+    d.store.flush()
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_RETIME", "on")
+    later = da.Dispatcher(Cache(isolated), policy=TuningPolicy(quiet=lambda: True))
+    with da.quality("fast"):
+        e = later.explain(benign.q, benign.k, benign.v)
+    assert e.source == "cache" and later.stats()["tunings"] == 0
+    assert e.decision.quality["fallback"]["from"] == NAME and e.candidates[NAME]["status"] == "rejected"
