@@ -95,6 +95,21 @@ def test_diffusers_pipeline_schedule():
     assert pipe.transformer.seen == expected(6, 1, 1)
 
 
+
+def test_diffusers_video_to_video_schedule_ends_exact():
+    """diffusers' video-to-video loop (WanVideoToVideoPipeline.get_timesteps) runs only the last
+    steps of ``scheduler.timesteps``: its last ``exact_last`` steps are still exact."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = Pipe(FlowMatchEulerDiscreteScheduler())
+    with da.step_schedule(pipe, exact_first=1, exact_last=2, tier="fast") as state:
+        pipe.scheduler.set_timesteps(10)
+        latents = torch.randn(1, 4)
+        for t in pipe.scheduler.timesteps[4:]:  # strength 0.6: t_start = 4
+            latents = pipe.scheduler.step(pipe.transformer(latents), t, latents, return_dict=False)[0]
+        assert state.total == 6
+    assert pipe.transformer.seen == expected(6, 1, 2)
+
 def test_schedule_restores_on_error_and_checks_its_arguments():
     pipe = Pipe(diffsynth_scheduler())
     with pytest.raises(RuntimeError):
