@@ -186,3 +186,20 @@ def test_a_provisional_decision_that_fell_back_is_not_re_timed_back(isolated, mo
         e = later.explain(benign.q, benign.k, benign.v)
     assert e.source == "cache" and later.stats()["tunings"] == 0
     assert e.decision.quality["fallback"]["from"] == NAME and e.candidates[NAME]["status"] == "rejected"
+
+
+def test_non_finite_inputs_are_not_drift(isolated, monkeypatch):
+    """A NaN in the caller's q makes every backend's output NaN: the sentinel skips that check
+    rather than store a permanent fallback blaming the low-precision kernel; the next finite call is checked."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    c = case("rotary", 128)
+    choose_fp8(c)
+    q = c.q.clone()
+    q[0, 0, 5, 3] = float("nan")
+    with da.quality("fast"):
+        da.attention_forward(q, c.k, c.v)
+        da.attention_forward(c.q, c.k, c.v)
+        e = da.explain(c.q, c.k, c.v)
+    assert e.backend == NAME and e.decision.quality["fallback"] is None
+    assert e.quality["sentinel"]["checks"] == 1 and e.quality["sentinel"]["calls"] == 2
