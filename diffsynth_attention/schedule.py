@@ -37,6 +37,13 @@ def _steps(scheduler) -> Optional[int]:
         return None
 
 
+def _position(scheduler) -> Optional[int]:
+    """Where the scheduler itself is in its ``timesteps`` (diffusers' ``step_index``: the next step's
+    index), else None."""
+    at = getattr(scheduler, "step_index", None)
+    return at if isinstance(at, int) and not isinstance(at, bool) else None
+
+
 @contextlib.contextmanager
 def step_schedule(pipe: object, exact_first: int = 2, exact_last: int = 2, tier: str = tiers.FAST,
                   total_steps: Optional[int] = None) -> Iterator[StepState]:
@@ -59,9 +66,12 @@ def step_schedule(pipe: object, exact_first: int = 2, exact_last: int = 2, tier:
     if not callable(getattr(scheduler, "step", None)):
         raise TypeError(f"step_schedule: {type(pipe).__name__} has no scheduler with a step() method")
     state = StepState()
+    skipped = [0]  # leading timesteps the loop does not run (diffusers' video-to-video slices them off)
 
     def tier_for(i: int) -> str:
         total = total_steps or _steps(scheduler)
+        if total is not None and total_steps is None:
+            total -= skipped[0]
         state.total = total
         if i < exact_first or (total is not None and i >= total - exact_last):
             return tiers.EXACT
@@ -79,12 +89,16 @@ def step_schedule(pipe: object, exact_first: int = 2, exact_last: int = 2, tier:
 
     def step(*args, **kwargs):
         out = inner_step(*args, **kwargs)
+        at = _position(scheduler)
+        if at is not None:
+            skipped[0] = max(0, at - (state.step + 1))
         begin(state.step + 1)
         return out
 
     def set_timesteps(*args, **kwargs):
         out = inner_set(*args, **kwargs)
         state.tiers.clear()
+        skipped[0] = 0
         begin(0)  # a new generation starts
         return out
 

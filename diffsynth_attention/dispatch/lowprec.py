@@ -130,8 +130,9 @@ def _canonical_out(out, call) -> torch.Tensor:
     return call.out_canonical(out.detach())
 
 
-def measure(call, q, k, v, mask, scale, out, check: int = 0) -> tuple:
-    """(relative L1, cosine) of ``out`` against the fp32 reference on one slice of this call:
+def measure(call, q, k, v, mask, scale, out, check: int = 0) -> Optional[tuple]:
+    """(relative L1, cosine) of ``out`` against the fp32 reference on one slice of this call
+    (None where batch 0 of q, k or v is not finite: every backend's output is then, no drift):
     batch 0, two query heads (the first and last at check 0, then the next pair at each check, so
     that every head is watched in turn), up to SENTINEL_ROWS query rows spread over the sequence
     (every row when causal or windowed: those depend on the row's position)."""
@@ -141,6 +142,8 @@ def measure(call, q, k, v, mask, scale, out, check: int = 0) -> tuple:
     to_q, to_k, to_v = call.layout.to_canonical
     with torch.no_grad():
         qc, kc, vc = to_q(q.detach()), to_k(k.detach()), to_v(v.detach())
+        if not all(bool(torch.isfinite(t[:1]).all()) for t in (qc, kc, vc)):
+            return None
         oc = _canonical_out(out, call)
         heads = gate_heads(p.heads_q) if check == 0 else sorted({(2 * check) % p.heads_q, (2 * check + 1) % p.heads_q})
         m4 = mask_4d(mask)
@@ -180,7 +183,8 @@ def fall_back(d, decision: Decision, state: Sentinel, rel: float, cos: float, wh
     record["fallback"] = {"from": low, "to": exact, "rel_l1": rel if rel == rel and rel != float("inf") else None,
                           "cosine": cos, "after_calls": state.calls, "checks": state.checks,
                           "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    new = dataclasses.replace(decision, backend=exact, candidates=cands, quality=record, modes={})
+    # not provisional: a re-time would gate the drifted backend again (a fallback stays until the cache is cleared)
+    new = dataclasses.replace(decision, backend=exact, candidates=cands, quality=record, modes={}, provisional=False)
     d.warn_once(("sentinel", decision.key_id),
                 "quality sentinel: %s drifted on key %s (%s after %d calls); falling back to %s for this key",
                 low, decision.key_id, why, state.calls, exact)
@@ -203,7 +207,7 @@ def watched(d, run, decision: Decision, key, call, grad: bool):
     chosen = decision.candidates.get(decision.backend)
     call_ms = chosen.time_ms if chosen is not None and chosen.time_ms else None
     state = d.sentinels.get(key.id)
-    if state is None or (not adaptive and state.every != every):
+    if state is None or state.fell_back or (not adaptive and state.every != every):  # fell back: a new decision since
         state = d.sentinels[key.id] = Sentinel(every, next_check=every)
     if b is None or every == 0:
         return run
@@ -214,7 +218,11 @@ def watched(d, run, decision: Decision, key, call, grad: bool):
         if state.calls < state.next_check or state.fell_back:
             return out
         t0 = time.perf_counter()
-        rel, cos = measure(call, q, k, v, mask, scale, out, state.checks)  # reads two floats: the device is synchronised
+        got = measure(call, q, k, v, mask, scale, out, state.checks)  # reads two floats: the device is synchronised
+        if got is None:  # the caller's data is not finite: checked again a period later
+            state.next_check = state.calls + state.every
+            return out
+        rel, cos = got
         state.last_check_ms = (time.perf_counter() - t0) * 1e3
         state.checks += 1
         state.last_rel_l1, state.last_cosine = rel, cos

@@ -37,6 +37,7 @@ import importlib.abc
 import importlib.machinery
 import logging
 import sys
+import threading
 from typing import Optional
 
 from .. import process
@@ -333,12 +334,13 @@ def set_quality(module, tier: Optional[str]):
     if tier is None:
         return module
     value = tiers.check_tier(tier, "set_quality(tier)")
-    tokens = []
+    local = threading.local()  # each thread's own tokens: threads may run the module's forward at once
 
     def pre(_module, _args):
-        tokens.append(tiers.enter(value))
+        local.__dict__.setdefault("tokens", []).append(tiers.enter(value))
 
     def post(_module, _args, _out):
+        tokens = local.__dict__.get("tokens")
         if tokens:
             tiers.leave(tokens.pop())
     module._diffsynth_quality_hooks = (module.register_forward_pre_hook(pre),

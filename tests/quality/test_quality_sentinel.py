@@ -144,3 +144,62 @@ def test_unset_period_stretches_to_keep_checks_under_one_percent(isolated, monke
         s = da.explain(c.q, c.k, c.v).quality["sentinel"]
     assert s["checks"] == 1 and s["calls"] == 200
     assert s["every"] >= s["last_check_ms"] / (lowprec.SENTINEL_SHARE * 1e-3) > 200
+
+
+def test_a_key_chosen_again_after_clear_cache_is_watched_again(isolated, monkeypatch):
+    """After a fallback, ``clear_cache()`` lets the key choose the low-precision backend again: its
+    sentinel must watch the new decision (not keep the old one's fell_back state, which skips every check)."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    benign, drifted = case("rotary", 136), case("outliers_20x_k_mean", 136)
+    choose_fp8(benign)
+    with da.quality("fast"):
+        da.attention_forward(drifted.q, drifted.k, drifted.v)  # the first check falls back
+        assert da.explain(drifted.q, drifted.k, drifted.v).backend != NAME
+    da.clear_cache()
+    choose_fp8(benign)  # tuned again and the FP8 candidate chosen, as after a fresh start
+    with da.quality("fast"):
+        for _ in range(3):
+            da.attention_forward(drifted.q, drifted.k, drifted.v)
+        e = da.explain(drifted.q, drifted.k, drifted.v)
+    assert e.backend != NAME and e.decision.quality["fallback"]["from"] == NAME
+
+
+def test_a_provisional_decision_that_fell_back_is_not_re_timed_back(isolated, monkeypatch):
+    """A fallback is not revisited unless the cache is cleared: a later process on a quiet host
+    re-times provisional decisions, and must not re-gate (and so re-admit) the backend that drifted."""
+    from diffsynth_attention.store.cache import DecisionCache as Cache
+    from diffsynth_attention.tuning.policy import TuningPolicy
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    benign, drifted = case("rotary", 128), case("outliers_20x_k_mean", 128)
+    key_id = choose_fp8(benign)
+    d = default_dispatcher()
+    d.store.put(d.store.get(key_id, tolerance=1.0).replace(provisional=True))  # too noisy to confirm where it was tuned
+    with da.quality("fast"):
+        da.attention_forward(drifted.q, drifted.k, drifted.v)  # the first check falls back
+    d.store.flush()
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_RETIME", "on")
+    later = da.Dispatcher(Cache(isolated), policy=TuningPolicy(quiet=lambda: True))
+    with da.quality("fast"):
+        e = later.explain(benign.q, benign.k, benign.v)
+    assert e.source == "cache" and later.stats()["tunings"] == 0
+    assert e.decision.quality["fallback"]["from"] == NAME and e.candidates[NAME]["status"] == "rejected"
+
+
+def test_non_finite_inputs_are_not_drift(isolated, monkeypatch):
+    """A NaN in the caller's q makes every backend's output NaN: the sentinel skips that check
+    rather than store a permanent fallback blaming the low-precision kernel; the next finite call is checked."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    c = case("rotary", 128)
+    choose_fp8(c)
+    q = c.q.clone()
+    q[0, 0, 5, 3] = float("nan")
+    with da.quality("fast"):
+        da.attention_forward(q, c.k, c.v)
+        da.attention_forward(c.q, c.k, c.v)
+        e = da.explain(c.q, c.k, c.v)
+    assert e.backend == NAME and e.decision.quality["fallback"] is None
+    assert e.quality["sentinel"]["checks"] == 1 and e.quality["sentinel"]["calls"] == 2

@@ -95,6 +95,21 @@ def test_diffusers_pipeline_schedule():
     assert pipe.transformer.seen == expected(6, 1, 1)
 
 
+
+def test_diffusers_video_to_video_schedule_ends_exact():
+    """diffusers' video-to-video loop (WanVideoToVideoPipeline.get_timesteps) runs only the last
+    steps of ``scheduler.timesteps``: its last ``exact_last`` steps are still exact."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = Pipe(FlowMatchEulerDiscreteScheduler())
+    with da.step_schedule(pipe, exact_first=1, exact_last=2, tier="fast") as state:
+        pipe.scheduler.set_timesteps(10)
+        latents = torch.randn(1, 4)
+        for t in pipe.scheduler.timesteps[4:]:  # strength 0.6: t_start = 4
+            latents = pipe.scheduler.step(pipe.transformer(latents), t, latents, return_dict=False)[0]
+        assert state.total == 6
+    assert pipe.transformer.seen == expected(6, 1, 2)
+
 def test_schedule_restores_on_error_and_checks_its_arguments():
     pipe = Pipe(diffsynth_scheduler())
     with pytest.raises(RuntimeError):
@@ -127,3 +142,41 @@ def test_set_quality_per_module():
     assert da.current_quality() == "exact"
     with pytest.raises(ValueError):
         set_quality(model, "quick")
+
+
+def test_set_quality_with_threads_running_the_module_at_once():
+    """Thread A enters the module, then thread B, then A leaves first: each closes its own scope
+    (a token of one thread's context is never reset in the other's)."""
+    import threading
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    class Waits(torch.nn.Module):
+        def forward(self, x, who):
+            if who == "a":
+                a_in.set()
+                b_in.wait(10)
+            else:
+                b_in.set()
+                a_out.wait(10)
+            return x, da.current_quality()
+
+    model = set_quality(Waits(), "fast")
+    got, errors = {}, []
+
+    def worker(who):
+        try:
+            got[who] = (model(torch.ones(1), who)[1], da.current_quality())
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            if who == "a":
+                a_out.set()
+    a = threading.Thread(target=worker, args=("a",))
+    a.start()
+    a_in.wait(10)
+    b = threading.Thread(target=worker, args=("b",))
+    b.start()
+    for t in (a, b):
+        t.join()
+    assert errors == [] and got == {"a": ("fast", "exact"), "b": ("fast", "exact")}
