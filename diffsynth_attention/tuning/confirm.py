@@ -50,6 +50,14 @@ def host_bound(runs: dict, names, policy: TuningPolicy) -> frozenset:
     return frozenset(out)
 
 
+def _range_spread(samples: list) -> float:
+    """(max - min) / median of 2-3 samples, where an interquartile range needs 4 (0 for fewer than 2)."""
+    if len(samples) < 2:
+        return 0.0
+    med = statistics.median(samples)
+    return (max(samples) - min(samples)) / med if med > 0 else 0.0
+
+
 def relative_spread(samples: list):
     """The interquartile range of ``samples`` over their median (None with fewer than 4)."""
     if len(samples) < 4:
@@ -261,6 +269,8 @@ def confirm(trial: Trial, winners: dict) -> tuple:
             out[mode] = DEFAULT_BACKEND
             continue
         med, spread, low, verdict = verdicts[mode]
+        if len(ratios[mode]) < 4:  # too few re-times for an interquartile spread (it read 0): their range instead
+            spread = max(spread, _range_spread(ratios[mode]))
         lead = _rounds_ratio(runs, name, _priced_as(mode, name))
         drift = verdict != "confirmed" and lead is not None and lead > (1 + policy.noise_cap) * med
         noisy = spread > policy.noise_cap or drift

@@ -312,3 +312,18 @@ def test_a_noisy_default_win_with_a_rival_is_still_provisional(monkeypatch):
     for d in seen:
         assert d.confirmation.startswith("the default (torch) won; rival torch_flash")
         assert d.provisional and "provisional: the rounds' noise" in d.confirmation, d.confirmation
+
+
+def test_a_re_time_too_short_for_a_spread_is_judged_by_its_range(monkeypatch):
+    """Under load the budget may leave 3 paired re-times, too few for an interquartile spread, which
+    read 0%: a noisy host then stored a final decision (the s8 CPU trust run showed "noise 0.0%" on
+    every 3-round confirmation under burners). Their range stands in for the spread."""
+    q, k, v = qkv(sq=16)
+    noisy, _, _ = tune_virtual(monkeypatch, q, k, v, budget=0.01, torch={"cost": 1.0, "noise": 0.4, "seed": 1},
+                               torch_math={"cost": 0.6, "noise": 0.4, "seed": 51})
+    d = noisy.decision
+    assert "in 3 paired re-times" in d.confirmation and d.backend == "torch_math"
+    assert d.provisional and "provisional: too noisy" in d.confirmation, d.confirmation
+    quiet, _, _ = tune_virtual(monkeypatch, q, k, v, budget=0.01, torch={"cost": 1.0, "noise": 0.01, "seed": 1},
+                               torch_math={"cost": 0.6, "noise": 0.01, "seed": 51})
+    assert "in 3 paired re-times" in quiet.decision.confirmation and not quiet.decision.provisional, quiet.decision.confirmation
