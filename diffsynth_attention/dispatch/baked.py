@@ -31,6 +31,7 @@ trace (``trace_state.TRACE.inner``); the graph carries it as the ``backend`` arg
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from typing import Optional
@@ -134,12 +135,24 @@ def _plan(token, q, k, v, mask, patterns, dims, scale, is_causal, window_size, c
     from .compiled import Scope, dims_dict
 
     d = lookup_dispatcher(token)
-    mode = FakeTensorMode()
-    qf, kf, vf, mf = (_stand_in(m, mode) for m in (q, k, v, mask))
-    req = Request(qf, kf, vf, *patterns, dims_dict(dims), mf, scale, is_causal, compatibility_mode, window_size)
-    grad = grad_enabled and (q[4] or k[4] or v[4] or mask is not None and mask[4])  # as eager's (callsite.needs_grad)
-    with Scope(backend):
-        return d, d.trace_plan(req, grad, _compile_mode())
+    # outside the tracer's own modes (torch.export's non-strict trace, make_fx): the stand-ins and a
+    # tuning's real calls are this library's, never recorded into the traced graph
+    with _outside_modes():
+        mode = FakeTensorMode()
+        qf, kf, vf, mf = (_stand_in(m, mode) for m in (q, k, v, mask))
+        req = Request(qf, kf, vf, *patterns, dims_dict(dims), mf, scale, is_causal, compatibility_mode, window_size)
+        grad = grad_enabled and (q[4] or k[4] or v[4] or mask is not None and mask[4])  # as eager's (callsite.needs_grad)
+        with Scope(backend):
+            return d, d.trace_plan(req, grad, _compile_mode())
+
+
+def _outside_modes():
+    """A context with the current dispatch modes (a tracer's fake and proxy modes) set aside."""
+    try:
+        from torch.utils._python_dispatch import _disable_current_modes
+    except ImportError:  # pragma: no cover - a torch without it
+        return contextlib.nullcontext()
+    return _disable_current_modes()
 
 
 @torch.compiler.assume_constant_result
