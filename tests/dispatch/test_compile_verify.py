@@ -211,8 +211,9 @@ def test_training_through_the_run_time_operator_under_inductor_matches_float64(d
         assert rel(g, r) < 1e-5
 
 
+@pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_a_module_calling_attention_forward_exports_non_strict(masked):
+def test_a_module_calling_attention_forward_exports_non_strict(masked, strict):
     """torch.export's non-strict trace (torch 2.13's default) runs the forward as Python under its
     own fake and proxy modes: the bake's stand-ins and a tuning's calls were recorded into the
     graph, and export failed ("fake mode ... doesn't match mode"). They run outside those modes."""
@@ -222,6 +223,6 @@ def test_a_module_calling_attention_forward_exports_non_strict(masked):
 
     q, k, v = qkv(b=1, hq=2, sq=16, d=8)
     mask = torch.randn(16, 16) if masked else None
-    ep = torch.export.export(M(), (q, k, v, mask), strict=False)
+    ep = torch.export.export(M(), (q, k, v, mask), strict=strict)
     with torch.no_grad():
         assert rel(ep.module()(q, k, v, mask), torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)) < 1e-5
