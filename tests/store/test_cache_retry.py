@@ -103,16 +103,20 @@ def test_a_user_built_cache_flushes_at_exit(isolated, subprocess_env):
     assert _on_disk(isolated) == {make_decision(i).key_id for i in range(5)}
 
 
-KILL = PREAMBLE + r"""
-import errno, signal, time
+FLAKY = PREAMBLE + r"""
+import errno
 from diffsynth_attention.store import fs
 real = fs.open_temp
-broken = [True]
+broken = [True]  # the disk refuses new files while this holds
 def flaky(name, dfd):
     if broken[0]:
         raise OSError(errno.EROFS, "Read-only file system")
     return real(name, dfd)
 fs.open_temp = flaky
+"""
+
+KILL = FLAKY + r"""
+import signal, time
 c = DecisionCache(sys.argv[1])
 for i in range(300):
     broken[0] = (i // 20) % 2 == 0
@@ -140,17 +144,9 @@ def test_sigkill_after_the_fault_clears_loses_nothing(isolated, subprocess_env):
     assert _on_disk(isolated) == want and not _journals(isolated)
 
 
-FORKED = PREAMBLE + r"""
-import errno
-from diffsynth_attention.store import fs, writes
+FORKED = FLAKY + r"""
+from diffsynth_attention.store import writes
 writes.RETRY_S = (3600.0, 3600.0)  # the child's put falls within the back-off of the parent's failed write
-real = fs.open_temp
-broken = [True]
-def flaky(name, dfd):
-    if broken[0]:
-        raise OSError(errno.EROFS, "Read-only file system")
-    return real(name, dfd)
-fs.open_temp = flaky
 c = DecisionCache(sys.argv[1])
 c.put(make_decision(0))
 assert c._pending and c._timer is not None
