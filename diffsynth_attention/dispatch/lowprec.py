@@ -185,7 +185,9 @@ def fall_back(d, decision: Decision, state: Sentinel, rel: float, cos: float, wh
                           "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     # not provisional: a re-time would gate the drifted backend again (a fallback stays until the cache is cleared)
     new = dataclasses.replace(decision, backend=exact, candidates=cands, quality=record, modes={}, provisional=False)
-    d.warn_once(("sentinel", decision.key_id),
+    # one warning per fallback: per watched decision (its Sentinel), so the key's next fallback after
+    # clear_cache() and a new low-precision pick is told too
+    d.warn_once(("sentinel", decision.key_id, id(state)),
                 "quality sentinel: %s drifted on key %s (%s after %d calls); falling back to %s for this key",
                 low, decision.key_id, why, state.calls, exact)
     try:

@@ -146,9 +146,10 @@ def test_unset_period_stretches_to_keep_checks_under_one_percent(isolated, monke
     assert s["every"] >= s["last_check_ms"] / (lowprec.SENTINEL_SHARE * 1e-3) > 200
 
 
-def test_a_key_chosen_again_after_clear_cache_is_watched_again(isolated, monkeypatch):
+def test_a_key_chosen_again_after_clear_cache_is_watched_again(isolated, monkeypatch, caplog):
     """After a fallback, ``clear_cache()`` lets the key choose the low-precision backend again: its
-    sentinel must watch the new decision (not keep the old one's fell_back state, which skips every check)."""
+    sentinel must watch the new decision (not keep the old one's fell_back state, which skips every
+    check), and its fallback is logged again (one warning per fallback, not per key and process)."""
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
     install_fp8(monkeypatch)
     benign, drifted = case("rotary", 136), case("outliers_20x_k_mean", 136)
@@ -163,6 +164,9 @@ def test_a_key_chosen_again_after_clear_cache_is_watched_again(isolated, monkeyp
             da.attention_forward(drifted.q, drifted.k, drifted.v)
         e = da.explain(drifted.q, drifted.k, drifted.v)
     assert e.backend != NAME and e.decision.quality["fallback"]["from"] == NAME
+    told = [r for r in caplog.records if r.levelname == "WARNING" and r.getMessage().startswith("quality sentinel:")
+            and "drifted" in r.getMessage()]
+    assert len(told) == 2, [r.getMessage() for r in told]
 
 
 def test_a_provisional_decision_that_fell_back_is_not_re_timed_back(isolated, monkeypatch):
