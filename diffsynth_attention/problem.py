@@ -415,6 +415,15 @@ def mask_4d(attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
 
 
+def readable_mask(attn_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The mask as every kernel reads it right for a query of ``dtype``: a float32 additive mask of
+    a float64 query upcast (exact), since PyTorch's CPU flash kernel (SDPA's own choice) misreads
+    it (relative error ~1 on torch 2.13); any other mask as it is."""
+    if attn_mask is not None and attn_mask.dtype == torch.float32 and dtype == torch.float64:
+        return attn_mask.to(torch.float64)
+    return attn_mask
+
+
 def additive_mask(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask (True = attend) as an additive bias, the way SDPA converts it."""
     if attn_mask.dtype != torch.bool:

@@ -37,7 +37,7 @@ import torch
 from .. import overrides
 from ..backends import REGISTRY, TORCH_FAMILY
 from ..callsite import convert, is_compiling, needs_grad
-from ..problem import CANONICAL, effective_window, mask_4d, prepare
+from ..problem import CANONICAL, effective_window, mask_4d, prepare, readable_mask
 from .tokens import lookup_dispatcher
 
 _BSND = "b s n d"
@@ -202,9 +202,7 @@ def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, 
     causal, window = bool(is_causal), window_size
     if _concrete(q, k, v, attn_mask):  # else baked for a bucket of lengths: no mask, no window
         window = effective_window(window_size, qc.shape[2], kc.shape[2])
-    mask4 = mask_4d(attn_mask)
-    if mask4 is not None and mask4.dtype == torch.float32 and q.dtype == torch.float64:
-        mask4 = mask4.to(torch.float64)  # as eager's runners do: PyTorch's CPU flash kernel misreads it (runners.py)
+    mask4 = readable_mask(mask_4d(attn_mask), q.dtype)  # as eager's runners do
     if name in TORCH_FAMILY:
         out = REGISTRY[name].forward(qc, kc, vc, mask4, scale, causal, window, grad)
         return _to(out, CANONICAL, out_pattern, dims_d)

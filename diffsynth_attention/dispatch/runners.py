@@ -13,16 +13,14 @@ from typing import Callable
 import torch
 
 from ..callsite import _identity, converter
-from ..problem import _AXES, ADDITIVE_FLOAT32, CANONICAL, Call, mask_4d
+from ..problem import _AXES, ADDITIVE_FLOAT32, CANONICAL, Call, mask_4d, readable_mask
 
 
 def make_runner(backend, call: Call, need_grad: bool) -> Callable:
     run = _runner(backend, call, need_grad)
-    if call.problem.mask == ADDITIVE_FLOAT32 and call.problem.dtype == torch.float64:
-        # PyTorch's CPU flash kernel (SDPA's own choice) misreads a float32 mask of a float64 query
-        # (relative error ~1 on torch 2.13): the mask upcast, which is exact, for every backend
-        def run_upcast(q, k, v, mask, scale, _run=run):
-            return _run(q, k, v, mask.to(torch.float64), scale)
+    if call.problem.mask == ADDITIVE_FLOAT32 and call.problem.dtype == torch.float64:  # decided at plan time: ...
+        def run_upcast(q, k, v, mask, scale, _run=run):  # ... the mask readable_mask upcasts, for every backend
+            return _run(q, k, v, readable_mask(mask, torch.float64), scale)
         return run_upcast
     return run
 
