@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from einops.parsing import ParsedExpression
 
 from .callsite import converter, dtype_name
 from .describe import describe_problem
-from .request import cublas_tf32
+from .request import cublas_tf32, finite_scale, scale_number
 from .states import MaskKind
 
 CANONICAL = "b n s d"
@@ -339,16 +338,11 @@ def prepare(
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk}) for grouped-query attention")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
-    if scale is not None and not isinstance(scale, (int, float)) and type(scale).__module__ != "numpy":
+    if scale is not None and not scale_number(scale):
         # a Real that PyTorch's argument parser refuses (fractions.Fraction): every backend would raise
         raise TypeError(f"scale must be a float, an int or a NumPy number, got {type(scale).__name__}")
-    if scale is not None:
-        try:
-            finite = math.isfinite(float(scale))
-        except OverflowError:
-            finite = False
-        if not finite:
-            raise ValueError(f"scale={scale!r} must be a finite number")
+    if scale is not None and not finite_scale(scale):
+        raise ValueError(f"scale={scale!r} must be a finite number")
     for axis, length in _dims_tuple(dims):
         have = {"b": (b,), "n": (hq, hk), "s": (sq, skv), "d": (d, dv)}[axis]
         if length not in have:

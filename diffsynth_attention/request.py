@@ -29,6 +29,30 @@ FLOAT32 = torch.float32
 # Whether cuBLAS may run float32 matmuls in TF32 (``torch.backends.cuda.matmul.allow_tf32``,
 # ``set_float32_matmul_precision("high")``): a C call, read for float32 queries only.
 cublas_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None) or (lambda: False)
+# The NumPy scalar types a scale may be, by name (what ``numbers.Real`` admits, less bool and
+# timedelta64): a name, because a trace sees a NumPy scalar's type but not its ABCs (under Dynamo,
+# ``isinstance(np.float32(1), numbers.Real)`` is False)
+NUMPY_REALS = frozenset({"float16", "float32", "float64", "longdouble", "int8", "int16", "int32", "int64", "longlong",
+                         "uint8", "uint16", "uint32", "uint64", "ulonglong"})
+
+
+def scale_number(scale) -> bool:
+    """Whether ``scale`` is a number a scale may be: an int or float (not a bool), or a NumPy
+    integer or float scalar. Eager validation and the compiled trace both ask this."""
+    t = type(scale)
+    return (t is not bool and isinstance(scale, (int, float))) or (t.__module__ == "numpy" and t.__name__ in NUMPY_REALS)
+
+
+def finite_scale(scale) -> bool:
+    """Whether scale number ``scale`` is finite: False for NaN, +-inf, an int beyond any float
+    (10**400) and what :func:`scale_number` refuses. Through ``float()``: comparing a NumPy float32
+    with FLOAT_MAX casts FLOAT_MAX to float32, with an overflow warning on every call."""
+    if not scale_number(scale):
+        return False
+    try:
+        return -FLOAT_MAX <= float(scale) <= FLOAT_MAX
+    except OverflowError:
+        return False
 
 
 class Request(NamedTuple):
@@ -63,5 +87,5 @@ class Request(NamedTuple):
             None if dims is None else tuple((a, n, type(n)) for a, n in dims.items()),
             None if m is None else (m.shape, m.dtype, m.device, m.layout),
             self.is_causal, type(self.is_causal), self.window_size, type(self.window_size),
-            type(scale), scale is None or -FLOAT_MAX <= scale <= FLOAT_MAX, grad, tier_scoped, tier_raw,
+            type(scale), scale is None or finite_scale(scale), grad, tier_scoped, tier_raw,
         )

@@ -41,7 +41,7 @@ import torch
 from ..trace_state import traced_scopes
 from ..backends import REGISTRY
 from ..problem import check_flag
-from ..request import FLOAT_MAX, Request
+from ..request import FLOAT_MAX, Request, scale_number
 from ..states import TIMED
 from .compiled import attention_op
 from .tokens import lookup_dispatcher
@@ -312,8 +312,14 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
                 raise ValueError(f"dims[{a!r}]={n!r} must be a positive int")
     dims_text = None if dims is None else ",".join(f"{a}={int(n)}" for a, n in dims.items())
     if scale is not None:  # validated as eager validates it (problem.prepare) before float() could accept it
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        # Dynamo traces a NumPy scalar (1 / np.sqrt(d) is a np.float64) as a 0-d ndarray whose
+        # dtype it cannot read: taken as a number, as plain SDPA's compile takes it (np.bool_ too,
+        # which eager refuses: the one difference)
+        numpy = type(scale).__module__ == "numpy"
+        if isinstance(scale, bool) or not (numpy or scale_number(scale)):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+        if numpy:
+            scale = float(scale)
         # a symbolic scale (Dynamo makes a float argument symbolic once it changes; dynamic=True any
         # number) is specialized, as plain SDPA's compile does: the bake takes constants
         if not _static_value(scale):

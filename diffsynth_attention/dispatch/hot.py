@@ -8,7 +8,7 @@ import torch
 
 from .. import overrides, tiers
 from ..callsite import is_compiling as _is_compiling
-from ..request import FLOAT32, FLOAT_MAX, Request, cublas_tf32
+from ..request import FLOAT32, Request, cublas_tf32, finite_scale
 from .guards import tensor_guard
 
 _grad_enabled = torch.is_grad_enabled
@@ -129,7 +129,7 @@ def make_forward(d) -> Callable:
                 None if dims is None else tuple((a, n, type(n)) for a, n in dims.items()),
                 None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.layout),
                 is_causal, type(is_causal), window_size, type(window_size),
-                type(scale), scale is None or -FLOAT_MAX <= scale <= FLOAT_MAX, grad,
+                type(scale), scale is None or finite_scale(scale), grad,
                 tier_scope, tier_raw,
             ))
         except Exception:  # not tensors, unhashable dims, an incomparable scale...: validation explains

@@ -286,3 +286,18 @@ def test_current_implementation_reports_the_backend_actually_serving(monkeypatch
     assert da.current_implementation() == "torch"
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "auto")
     assert da.current_implementation() == "auto"
+
+
+def test_a_numpy_float32_scale_warns_nothing():
+    """Before: the hot path's finiteness check compared the scale with the largest float, which
+    NumPy casts to float32 first: an overflow RuntimeWarning on every call with a np.float32 scale."""
+    np = pytest.importorskip("numpy")
+    import warnings
+
+    q, k, v = qkv(b=1, hq=2, sq=16)
+    with warnings.catch_warnings(record=True) as seen:  # recorded: the hot path catches what "error" raises
+        warnings.simplefilter("always")
+        for _ in range(3):  # the first call (the signature path) and the hits after it
+            out = da.attention_forward(q, k, v, scale=np.float32(0.25))
+    assert [w for w in seen if issubclass(w.category, RuntimeWarning)] == []
+    assert rel(out, full_reference(q, k, v, scale=0.25)) < 1e-5

@@ -166,3 +166,31 @@ def test_a_compiled_call_rejects_the_dims_an_eager_call_rejects(length):
     fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *pattern, dims={"n": length}), fullgraph=True)
     with pytest.raises(Exception, match=says):
         fn(q, k, v)
+
+
+@pytest.mark.parametrize("kind", ["float64", "float32", "float16", "int64", "sqrt"])
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph-breaks"])
+def test_a_numpy_scale_compiles_where_plain_sdpa_compiles_it(kind, fullgraph):
+    """``scale=1 / np.sqrt(d)`` is a np.float64, which Dynamo traces as a NumPy scalar, not a
+    float. Before the fix the trace refused every NumPy scale (``isinstance(scale, (int, float))``
+    is False there), so that common call failed under ``fullgraph=True`` where plain SDPA's compile
+    takes it. Now each NumPy scale compiles, or fails, as plain SDPA's does, with its value."""
+    np = pytest.importorskip("numpy")
+    scale = np.float64(16) ** -0.5 if kind == "sqrt" else getattr(np, kind)(0.25 if kind != "int64" else 1)
+    q, k, v = qkv(b=1, hq=2, sq=16)
+    want = full_reference(q, k, v, scale=float(scale))
+
+    def outcome(fn):
+        torch._dynamo.reset()
+        try:
+            return torch.compile(fn, fullgraph=fullgraph)(q, k, v)
+        except Exception as exc:  # noqa: BLE001  (the outcome compared is "it raised")
+            return type(exc)
+
+    sdpa = outcome(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, scale=scale))
+    auto = outcome(lambda a, b, c: da.attention_forward(a, b, c, scale=scale))
+    assert isinstance(auto, torch.Tensor) == isinstance(sdpa, torch.Tensor), (auto, sdpa)
+    if isinstance(auto, torch.Tensor):
+        assert rel(auto, want) < 1e-5
+    if kind in ("float64", "sqrt"):  # the common case compiles whole
+        assert isinstance(auto, torch.Tensor)
