@@ -105,7 +105,10 @@ def annotate(decision: Decision, tier: str, evidence: dict) -> Decision:
 @dataclasses.dataclass
 class Sentinel:
     """What one key's sentinel saw in this process. ``every``: the period in force (calls per
-    check); ``next_check``: the call count at which the next check runs."""
+    check); ``next_check``: the call count at which the next check runs; ``last_batch`` and
+    ``last_heads``: the slice the last check measured. ``checking``: held while a check runs, so
+    that threads calling at once run one check, not one each (``calls`` is a count of this
+    process's calls, approximate where threads call at once)."""
 
     every: int
     calls: int = 0
@@ -115,9 +118,12 @@ class Sentinel:
     last_check_ms: Optional[float] = None
     fell_back: bool = False
     next_check: int = 0
+    last_batch: Optional[int] = None
+    last_heads: Optional[list] = None
+    checking: object = dataclasses.field(default_factory=process.new_lock, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "checking"}
 
 
 # With DIFFSYNTH_ATTENTION_SENTINEL_EVERY unset, a check costs at most this share of the
@@ -130,31 +136,43 @@ def _canonical_out(out, call) -> torch.Tensor:
     return call.out_canonical(out.detach())
 
 
+def check_slice(check: int, batch: int, heads_q: int) -> tuple:
+    """(batch element, query heads) that sentinel check number ``check`` measures: each batch
+    element in turn (a classifier-free-guidance pair's unconditional half too), and for each, the
+    gate's first and last heads, then the next pair of heads at each round, so that every head
+    of every batch element is watched in turn. With batch 1: batch 0 and the heads' rotation."""
+    b, pair = check % batch, check // batch
+    heads = gate_heads(heads_q) if pair == 0 else sorted({(2 * pair) % heads_q, (2 * pair + 1) % heads_q})
+    return b, heads
+
+
 def measure(call, q, k, v, mask, scale, out, check: int = 0) -> Optional[tuple]:
-    """(relative L1, cosine) of ``out`` against the fp32 reference on one slice of this call
-    (None where batch 0 of q, k or v is not finite: every backend's output is then, no drift):
-    batch 0, two query heads (the first and last at check 0, then the next pair at each check, so
-    that every head is watched in turn), up to SENTINEL_ROWS query rows spread over the sequence
-    (every row when causal or windowed: those depend on the row's position)."""
+    """(relative L1, cosine, batch element, heads) of ``out`` against the fp32 reference on one
+    slice of this call (None where that batch element of q, k or v is not finite: every backend's
+    output is then, no drift): the batch element and two query heads :func:`check_slice` names,
+    up to SENTINEL_ROWS query rows spread over the sequence (every row when causal or windowed:
+    those depend on the row's position)."""
     from ..problem import mask_4d
 
     p = call.problem
+    bi, heads = check_slice(check, p.batch, p.heads_q)
     to_q, to_k, to_v = call.layout.to_canonical
     with torch.no_grad():
-        qc, kc, vc = to_q(q.detach()), to_k(k.detach()), to_v(v.detach())
-        if not all(bool(torch.isfinite(t[:1]).all()) for t in (qc, kc, vc)):
+        qc, kc, vc = (t[bi:bi + 1] for t in (to_q(q.detach()), to_k(k.detach()), to_v(v.detach())))
+        if not all(bool(torch.isfinite(t).all()) for t in (qc, kc, vc)):
             return None
-        oc = _canonical_out(out, call)
-        heads = gate_heads(p.heads_q) if check == 0 else sorted({(2 * check) % p.heads_q, (2 * check + 1) % p.heads_q})
+        oc = _canonical_out(out, call)[bi:bi + 1]
         m4 = mask_4d(mask)
+        if m4 is not None and m4.shape[0] > 1:
+            m4 = m4[bi:bi + 1]
         if not p.causal and p.window is None and p.seq_q > SENTINEL_ROWS:
             rows = torch.linspace(0, p.seq_q - 1, SENTINEL_ROWS, device=qc.device).round().long()
-            qc, oc = qc[:1, :, rows], oc[:1, :, rows]
+            qc, oc = qc[:, :, rows], oc[:, :, rows]
             if m4 is not None and m4.shape[2] > 1:
-                m4 = m4[:1, :, rows]
+                m4 = m4[:, :, rows]
         ref = reference_slice(qc, kc, vc, m4, scale if scale is not None else call.scale, p.causal, p.window, heads)
         got = oc[0, heads]
-        return relative_l1(got, ref), cosine(got, ref)
+        return relative_l1(got, ref), cosine(got, ref), bi, heads
 
 
 def best_exact(decision: Decision) -> str:
@@ -219,18 +237,25 @@ def watched(d, run, decision: Decision, key, call, grad: bool):
         state.calls += 1
         if state.calls < state.next_check or state.fell_back:
             return out
-        t0 = time.perf_counter()
-        got = measure(call, q, k, v, mask, scale, out, state.checks)  # reads two floats: the device is synchronised
-        if got is None:  # the caller's data is not finite: checked again a period later
-            state.next_check = state.calls + state.every
+        if not state.checking.acquire(blocking=False):  # another thread's check is running: that one counts
             return out
-        rel, cos = got
-        state.last_check_ms = (time.perf_counter() - t0) * 1e3
-        state.checks += 1
-        state.last_rel_l1, state.last_cosine = rel, cos
-        if adaptive and call_ms:
-            state.every = max(every, math.ceil(state.last_check_ms / (SENTINEL_SHARE * call_ms)))
-        state.next_check = state.calls + state.every
+        try:
+            if state.calls < state.next_check:  # that thread's check ran meanwhile
+                return out
+            t0 = time.perf_counter()
+            got = measure(call, q, k, v, mask, scale, out, state.checks)  # reads two floats: the device is synchronised
+            if got is None:  # the caller's data is not finite: checked again a period later
+                state.next_check = state.calls + state.every
+                return out
+            rel, cos, state.last_batch, state.last_heads = got
+            state.last_check_ms = (time.perf_counter() - t0) * 1e3
+            state.checks += 1
+            state.last_rel_l1, state.last_cosine = rel, cos
+            if adaptive and call_ms:
+                state.every = max(every, math.ceil(state.last_check_ms / (SENTINEL_SHARE * call_ms)))
+            state.next_check = state.calls + state.every
+        finally:
+            state.checking.release()
         why = b.violation(rel, cos)
         if why is None:
             return out

@@ -207,3 +207,46 @@ def test_non_finite_inputs_are_not_drift(isolated, monkeypatch):
         e = da.explain(c.q, c.k, c.v)
     assert e.backend == NAME and e.decision.quality["fallback"] is None
     assert e.quality["sentinel"]["checks"] == 1 and e.quality["sentinel"]["calls"] == 2
+
+
+def test_the_sentinel_watches_every_batch_element_in_turn(isolated, monkeypatch):
+    """A classifier-free-guidance batch: drift in batch element 1 only (element 0 stays benign).
+    Before, every check measured batch 0, so the drift was never seen; now the second check
+    measures element 1, with the gate's first and last heads."""
+    import types
+
+    import torch
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    good = fuzz.make_case("g", seq=152, heads=2, rotary=True)
+    bad = fuzz.make_case("b", seq=152, heads=2, **fuzz.SUITE["outliers_20x_k_mean"])
+    pair = types.SimpleNamespace(**{n: torch.cat([getattr(good, n)] * 2) for n in "qkv"})
+    choose_fp8(pair)  # the batch-2 key, tuned on benign data
+    mixed = [torch.cat([getattr(good, n), getattr(bad, n)]) for n in "qkv"]
+    with da.quality("fast"):
+        da.attention_forward(*mixed)  # check 0: batch element 0, benign
+        s = da.explain(*mixed).quality["sentinel"]
+        assert s["checks"] == 1 and s["last_batch"] == 0 and s["last_heads"] == [0, 1] and not s["fell_back"]
+        for _ in range(3):
+            da.attention_forward(*mixed)
+        e = da.explain(*mixed)
+    assert e.backend != NAME and e.decision.quality["fallback"]["checks"] == 2
+
+
+def test_a_check_another_thread_is_running_is_not_run_twice(isolated, monkeypatch):
+    """Threads that reach a check at once run one check: a call that finds the check lock held
+    serves its output unchecked (before, each ran its own check, at the reference's cost)."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    c = case("rotary")
+    choose_fp8(c)
+    with da.quality("fast"):
+        da.attention_forward(c.q, c.k, c.v)
+        state = default_dispatcher().sentinels[da.explain(c.q, c.k, c.v).decision.key_id]
+        assert state.checks == 1
+        with state.checking:  # another thread's check, in progress
+            da.attention_forward(c.q, c.k, c.v)
+        assert state.checks == 1 and state.calls == 2
+        da.attention_forward(c.q, c.k, c.v)  # the next call after it checks again
+    assert state.checks == 2
