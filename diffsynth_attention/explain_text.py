@@ -108,7 +108,8 @@ def quality_lines(q: Optional[dict]) -> list:
     lines = [f"quality {q.get('tier')}: low precision within rel-L1 {_num(b.get('rel_l1'), 'g')}, "
              f"cosine {_num(b.get('cosine'), 'g')}"]
     for name, ev in (q.get("gate") or {}).items():
-        worst = (f"; worst head {ev['worst_head']}: {_num(ev.get('worst_head_rel_l1'), '.3g')}, "
+        at = f"batch {ev['worst_head_batch']} head" if ev.get("worst_head_batch") else "head"
+        worst = (f"; worst {at} {ev['worst_head']}: {_num(ev.get('worst_head_rel_l1'), '.3g')}, "
                  f"{_num(ev.get('worst_head_cosine'), '.6f')}") if ev.get("worst_head") is not None else ""
         lines.append(f"gate {name}: rel-L1 {_num(ev.get('rel_l1'), '.3g')}, cosine {_num(ev.get('cosine'), '.6f')}{worst}")
     s = q.get("sentinel")

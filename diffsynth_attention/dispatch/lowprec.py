@@ -39,28 +39,34 @@ from ..tolerance import with_tier as tolerance  # noqa: E402,F401 - the tier's t
 GATE_ROWS = 1024  # query rows per head of the gate's all-heads check (every row when causal or windowed)
 
 
-def head_errors(out_b0, qc, kc, vc, mask4, scale, causal: bool, window, rows: int = GATE_ROWS) -> list:
-    """[(relative L1, cosine)] per query head of batch 0: ``out_b0`` (n, s_q, d_v), against the fp32
+def head_errors(out_b0, qc, kc, vc, mask4, scale, causal: bool, window, rows: int = GATE_ROWS, batch: int = 0,
+                heads: Optional[list] = None) -> list:
+    """[(relative L1, cosine)] per query head of batch element ``batch`` (``heads``: those heads
+    only; every head by default): ``out_b0`` (n, s_q, d_v), that element's output, against the fp32
     reference on ``rows`` query rows spread over the sequence (every row when causal or windowed,
     whose rows depend on their position). Rows are independent: a spread sample estimates each
     head's error without the full reference's cost."""
     n, s_q = out_b0.shape[0], out_b0.shape[1]
+    heads = list(range(n)) if heads is None else heads
     with torch.no_grad():
-        q0, m4 = qc[:1], mask4
+        q0, k0, v0 = (t[batch:batch + 1] for t in (qc, kc, vc))
+        m4 = mask4 if mask4 is None or mask4.shape[0] == 1 else mask4[batch:batch + 1]
         if not causal and window is None and s_q > rows:
             idx = torch.linspace(0, s_q - 1, rows, device=qc.device).round().long()
             q0, out_b0 = q0[:, :, idx], out_b0[:, idx]
             if m4 is not None and m4.shape[2] > 1:
-                m4 = m4[:1, :, idx]
-        ref = reference_slice(q0, kc[:1], vc[:1], m4 if m4 is None else m4[:1], scale, causal, window, list(range(n)))
-        return [(relative_l1(out_b0[h], ref[h]), cosine(out_b0[h], ref[h])) for h in range(n)]
+                m4 = m4[:, :, idx]
+        ref = reference_slice(q0, k0, v0, m4, scale, causal, window, heads)
+        return [(relative_l1(out_b0[h], ref[i]), cosine(out_b0[h], ref[i])) for i, h in enumerate(heads)]
 
 
 def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple, call=None, mask4=None) -> tuple:
     """(``bounds`` for :func:`tuning.tuner.tune`, the evidence dict they fill, the usable backends
     and the unsupported ones' reasons). A check passes a low-precision candidate when, on the
-    caller's own q, k, v, both the gate's slice (batch 0, the first and last heads, every row)
-    and every head of batch 0 (on :data:`GATE_ROWS` spread rows) are within the tier's bound.
+    caller's own q, k, v, the gate's slice (batch 0, the first and last heads, every row), every
+    head of batch 0 and, in a batch of several, the first and last heads of the last element (a
+    classifier-free-guidance batch's other half), on :data:`GATE_ROWS` spread rows, are all within
+    the tier's bound.
     Where q, k, v are not finite (the tuner then gates on random stand-ins), the low-precision
     candidates are refused."""
     b = tiers.bound(tier)
@@ -84,11 +90,17 @@ def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple, call=Non
             why = b.violation(rel, cos)
             if why is not None or out_all is None or p is None:
                 return why
-            per = head_errors(out_all[0], qkv[0], qkv[1], qkv[2], mask4, call.scale, p.causal, p.window)
-            worst = max(range(len(per)), key=lambda h: (b.violation(*per[h]) is not None, per[h][0]))
-            ev.update(worst_head=worst, worst_head_rel_l1=per[worst][0], worst_head_cosine=per[worst][1])
-            why = b.violation(*per[worst])
-            return None if why is None else f"head {worst}: {why}"
+            per = [((0, h), e) for h, e in enumerate(head_errors(out_all[0], qkv[0], qkv[1], qkv[2], mask4, call.scale,
+                                                                    p.causal, p.window))]
+            last = out_all.shape[0] - 1
+            if last > 0:
+                heads = gate_heads(out_all.shape[1])
+                per += list(zip(((last, h) for h in heads), head_errors(out_all[last], qkv[0], qkv[1], qkv[2], mask4, call.scale,
+                                                                        p.causal, p.window, batch=last, heads=heads)))
+            (wb, wh), worst = max(per, key=lambda x: (b.violation(*x[1]) is not None, x[1][0]))
+            ev.update(worst_head=wh, worst_head_batch=wb, worst_head_rel_l1=worst[0], worst_head_cosine=worst[1])
+            why = b.violation(*worst)
+            return None if why is None else f"batch {wb} head {wh}: {why}" if last > 0 else f"head {wh}: {why}"
         bounds[backend.name] = check
     return bounds, evidence, [u for u in usable if u.name not in refused], {**unsupported, **refused}
 

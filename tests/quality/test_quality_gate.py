@@ -114,3 +114,20 @@ def test_every_head_is_checked_not_only_the_slice(isolated, monkeypatch):
     assert ev["rel_l1"] <= tiers.BOUNDS["fast"].rel_l1  # the slice alone would pass
     assert e.candidates[NAME]["status"] == "rejected" and e.candidates[NAME]["reason"].startswith("head 1:")
     assert ev["worst_head"] == 1
+
+
+def test_the_last_batch_element_is_checked_too(isolated, monkeypatch):
+    """A classifier-free-guidance batch whose second element has outlier channels (batch 0 is
+    benign in every head): before, the gate read batch 0 only and admitted the FP8 kernel."""
+    install_fp8(monkeypatch)
+    good = fuzz.make_case("g", seq=248, heads=2, rotary=True)
+    bad = fuzz.make_case("b", seq=248, heads=2, **fuzz.SUITE["outliers_20x_k_mean"])
+    q, k, v = (torch.cat([g, b]) for g, b in ((good.q, bad.q), (good.k, bad.k), (good.v, bad.v)))
+    e = gated(fuzz.FuzzCase("cfg", q, k, v, {}), "fast")
+    ev = e.quality["gate"][NAME]
+    assert ev["rel_l1"] <= tiers.BOUNDS["fast"].rel_l1  # batch 0 alone would pass
+    assert e.candidates[NAME]["status"] == "rejected" and e.candidates[NAME]["reason"].startswith("batch 1 head ")
+    assert ev["worst_head_batch"] == 1
+    from diffsynth_attention.explain_text import quality_lines
+
+    assert any("worst batch 1 head" in line for line in quality_lines(e.quality))
