@@ -296,8 +296,11 @@ def check_flag(value, name: str) -> bool:
         return value
     if not isinstance(value, int) or value not in (0, 1):
         # a plain value as written; another object by its type (a tensor's repr is long, and a
-        # fullgraph trace cannot make it, so the error would not name the argument)
-        got = repr(value) if value is None or isinstance(value, (str, int, float)) else f"a {type(value).__name__}"
+        # fullgraph trace cannot make it, so the error would not name the argument); a NumPy type
+        # with its module (np.True_'s type is named "bool"). No str methods: Dynamo traces this.
+        t = type(value)
+        got = repr(value) if value is None or isinstance(value, (str, int, float)) else \
+            f"a numpy.{t.__name__}" if t.__module__ == "numpy" else f"a {t.__name__}"
         raise TypeError(f"{name} must be a bool, got {got}")
     return bool(value)
 

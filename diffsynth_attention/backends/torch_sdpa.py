@@ -108,6 +108,14 @@ def repeat_kv(k: torch.Tensor, v: torch.Tensor, groups: int):
     return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
 
+def causal_mask(mask: torch.Tensor, s_q: int, s_kv: int) -> torch.Tensor:
+    """Additive ``mask`` with PyTorch's top-left causal mask applied too (-inf where key j > query
+    i), broadcast to (..., s_q, s_kv): ``attn_mask`` and ``is_causal=True`` together, for a kernel
+    that takes only one of them. ``torch.where`` keeps the mask's gradient where it is kept."""
+    keep = torch.ones(s_q, s_kv, dtype=torch.bool, device=mask.device).tril()
+    return torch.where(keep, mask, torch.tensor(float("-inf"), dtype=mask.dtype, device=mask.device))
+
+
 def sliding_window(q, k, v, window: int, scale, attend) -> torch.Tensor:
     """|i - j| <= window attention, computed in query chunks with a local boolean mask.
 
@@ -221,6 +229,8 @@ class TorchMath(TorchBackend):
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):
         if mask is not None:
             mask = additive_mask(mask, q.dtype)
+            if causal:  # the math kernel refuses a mask with is_causal: the top-left causal mask folded in,
+                mask, causal = causal_mask(mask, q.shape[2], k.shape[2]), False  # as SDPA's CPU kernel applies both
         if q.shape[1] != k.shape[1]:
             if _MATH_GQA:
                 return _aten._scaled_dot_product_attention_math(q, k, v, mask, 0.0, causal, None, scale=scale, enable_gqa=True)[0]

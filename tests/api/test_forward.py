@@ -301,3 +301,21 @@ def test_a_numpy_float32_scale_warns_nothing():
             out = da.attention_forward(q, k, v, scale=np.float32(0.25))
     assert [w for w in seen if issubclass(w.category, RuntimeWarning)] == []
     assert rel(out, full_reference(q, k, v, scale=0.25)) < 1e-5
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+@pytest.mark.parametrize("skv", [32, 48])
+def test_math_kernel_serves_a_mask_with_is_causal(mask_kind, skv, monkeypatch):
+    """attn_mask and is_causal=True together mean both (PyTorch's CPU SDPA, the gate's reference).
+    Before: ``torch_math`` passed both to ``aten._scaled_dot_product_attention_math``, which refuses
+    them ("Explicit attn_mask should not be set when is_causal=True"): a backend declared able to
+    serve the call failed on every such call (strict mode raised it)."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_STRICT", "1")
+    q, k, v = qkv(skv=skv)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(1, 4, 32, skv, generator=g) > 0.3 if mask_kind == "bool" else torch.randn(32, skv, generator=g)
+    ref = full_reference(q, k, v, mask, None, True)
+    with da.use_backend("torch_math"):
+        out = da.attention_forward(q, k, v, attn_mask=mask, is_causal=True)
+        assert da.explain(q, k, v, attn_mask=mask, is_causal=True).backend == "torch_math"
+    assert rel(out, ref) < 1e-5

@@ -66,3 +66,13 @@ def test_non_bool_compatibility_mode_is_a_type_error(value):
     q, k, v = qkv()
     with pytest.raises(TypeError, match="compatibility_mode"):
         da.attention_forward(q, k, v, compatibility_mode=value)
+
+
+def test_a_numpy_bool_flag_is_refused_naming_its_type():
+    """PyTorch's SDPA refuses ``is_causal=np.True_`` too. Before: the message read "is_causal must
+    be a bool, got a bool" (NumPy's type is named ``bool``)."""
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv()
+    for name in ("is_causal", "compatibility_mode"):
+        with pytest.raises(TypeError, match=rf"^{name} must be a bool, got a numpy\.bool_?$"):
+            da.attention_forward(q, k, v, **{name: np.True_})
