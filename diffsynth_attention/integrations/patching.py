@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .. import config, process
 from ..callsite import is_compiling as _is_compiling
 from ..dispatch import default_dispatcher
+from ..request import FLOAT_MAX
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -63,11 +64,21 @@ def routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
         return False
     if query.shape[1] != key.shape[1] and not enable_gqa:
         return False  # SDPA itself raises for this; let it
+    # SDPA broadcasts batch sizes and value heads of 1 and returns an empty output for an empty
+    # input, where attention_forward (DiffSynth's meaning) refuses them: SDPA's own calls
+    if query.shape[0] != key.shape[0] or key.shape[0] != value.shape[0] or key.shape[1] != value.shape[1] \
+            or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        return False
     if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype not in (torch.bool, query.dtype, torch.float32)):
         return False
     if attn_mask is not None and is_causal:
         return False  # SDPA rejects this combination; keep its error
-    if not isinstance(is_causal, bool) or (scale is not None and not isinstance(scale, (int, float))):
+    if not isinstance(is_causal, bool):
+        return False
+    # SDPA reads scale=True as 1.0 and runs a NaN or infinite scale (its output NaN), where
+    # attention_forward refuses both
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not -FLOAT_MAX <= scale <= FLOAT_MAX):
         return False
     return True
 
