@@ -69,6 +69,9 @@ def _dynamo_handles(name: str):
 _static_value = _dynamo_handles("has_static_value") or (lambda s: False)
 _hint = _dynamo_handles("guarding_hint_or_throw") or _dynamo_handles("size_hint")
 _grad_enabled = torch.is_grad_enabled  # one guard node fewer than torch.is_grad_enabled
+# torch.export (strict and non-strict): its program serves every size its dynamic_shapes allow, so
+# no bucket is baked there (the bucket's guards narrow the range, and export refuses them)
+_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
 
 
 def _hinted(t) -> tuple:
@@ -376,7 +379,7 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
                                                         attn_mask.device, attn_mask.requires_grad),
                         q_pattern, k_pattern, v_pattern, out_pattern, dims_text, scale, is_causal, window_size,
                         compatibility_mode, _grad_enabled(), backend, epoch, quality)
-    elif _hint is not None and attn_mask is None and window_size is None:  # symbolic lengths: baked per bucket
+    elif _hint is not None and attn_mask is None and window_size is None and not _exporting():  # symbolic lengths: per bucket
         got = bake_bucket(token, _hinted(q), _hinted(k), _hinted(v), q_pattern, k_pattern, v_pattern, out_pattern,
                           dims_text, scale, is_causal, compatibility_mode, _grad_enabled(), backend, epoch,
                           quality)
