@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config, process
-from ..callsite import is_compiling as _is_compiling
+from ..callsite import dynamo_tracing as _dynamo_tracing
 from ..dispatch import default_dispatcher
 from ..request import FLOAT_MAX
 
@@ -90,7 +90,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     # Under torch.compile routing follows the process-wide counters (a graph traced inside a
     # `with patch_sdpa():` block around the call, or inside the traced function, routes; Dynamo
     # guards on the counters, so such a graph is not used once routing is off).
-    if _is_compiling():
+    if _dynamo_tracing():
         routed = _ROUTE.process > 0 or _ROUTE.scoped > 0 or _ROUTE.traced > 0
     else:
         routed = _ROUTE.process > 0 or (_ROUTE.scoped > 0 and _route_scope.get())
@@ -141,7 +141,7 @@ class SDPAPatch:
             _uninstall()
 
     def __enter__(self) -> "SDPAPatch":
-        if _is_compiling():
+        if _dynamo_tracing():
             F.scaled_dot_product_attention = scaled_dot_product_attention
             _ROUTE.traced += 1
             self._traced += 1
@@ -155,7 +155,7 @@ class SDPAPatch:
         return self
 
     def __exit__(self, *exc) -> None:
-        if _is_compiling():
+        if _dynamo_tracing():
             _ROUTE.traced -= 1
             self._traced -= 1
             return
@@ -177,7 +177,7 @@ def patch_sdpa() -> SDPAPatch:
     compiled call, or inside a compiled function: there, for the graph). Calls with dropout, or
     arguments the dispatcher does not handle, go to PyTorch unchanged.
     """
-    if _is_compiling():  # inside a traced function: only the `with` form routes (see SDPAPatch)
+    if _dynamo_tracing():  # inside a traced function: only the `with` form routes (see SDPAPatch)
         return SDPAPatch()
     config.validate_all()
     return SDPAPatch()._enable_global()
