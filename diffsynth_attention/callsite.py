@@ -18,6 +18,11 @@ import torch
 from einops import rearrange
 
 is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+# Whether Dynamo traces the calling code (folded to True there, False anywhere else). Where a scope
+# or a patch opens inside a traced function, is_compiling() will not do: on torch 2.13 it is a
+# process-wide flag held for a whole compile session, so it is True in every thread while any one
+# compiles, and an eager use_backend or patch_sdpa there took the traced-block path.
+dynamo_tracing: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_dynamo_compiling", None) or is_compiling
 _grad_enabled = torch.is_grad_enabled
 _capturing = torch.cuda.is_current_stream_capturing
 

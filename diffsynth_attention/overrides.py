@@ -15,7 +15,7 @@ from typing import Iterator
 
 from . import config, trace_state
 from .backends import normalize
-from .callsite import is_compiling as _is_compiling
+from .callsite import dynamo_tracing as _dynamo_tracing
 from .environ import raw_reader
 
 IMPLEMENTATION = config.IMPLEMENTATION
@@ -89,7 +89,7 @@ def use_backend(name: str) -> Iterator[str]:
     """Force a backend (or ``"auto"``) within a scope: per thread and per async task, nestable,
     restored on exit even after an exception. The scope wins over the environment variable."""
     value = normalize(name, "use_backend(name)")
-    if _is_compiling():  # inside a function being compiled: Dynamo traces no ContextVar; the graph
+    if _dynamo_tracing():  # inside a function being compiled: Dynamo traces no ContextVar; the graph
         # takes the scope as an argument (dispatch/baked.py). ``used`` first: the trace of this block
         # sets a scope while it bakes (compiled.Scope), and Dynamo guards the flag's value after the
         # trace, so a trace that read it as False would get a guard on True and skip the quality scope

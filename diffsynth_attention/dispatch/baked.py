@@ -69,6 +69,9 @@ def _dynamo_handles(name: str):
 _static_value = _dynamo_handles("has_static_value") or (lambda s: False)
 _hint = _dynamo_handles("guarding_hint_or_throw") or _dynamo_handles("size_hint")
 _grad_enabled = torch.is_grad_enabled  # one guard node fewer than torch.is_grad_enabled
+# torch.export (strict and non-strict): its program serves every size its dynamic_shapes allow, so
+# no bucket is baked there (the bucket's guards narrow the range, and export refuses them)
+_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
 
 
 def _hinted(t) -> tuple:
@@ -155,6 +158,23 @@ def _outside_modes():
     return _disable_current_modes()
 
 
+# The errors a call's validation raises (BackendNotSupportedError is a ValueError: a strict use_backend).
+_REFUSALS = {e.__name__: e for e in (ValueError, TypeError)}
+
+
+def _refused(plan_call):
+    """``plan_call()``, or where the call is refused (validation raising while Dynamo traces a
+    bake), ``"!<error type>|<message>"``: the traced code raises it (:func:`traced_attention`). An
+    exception escaping a bake reaches the caller as Dynamo's ``InternalTorchDynamoError``, where
+    the eager call raises a ValueError or a TypeError; raised by the traced code, it is the eager
+    error itself (the frame runs eagerly), or under ``fullgraph=True`` Dynamo's error with its message."""
+    try:
+        return plan_call()
+    except tuple(_REFUSALS.values()) as exc:
+        name = next(c.__name__ for c in type(exc).__mro__ if c.__name__ in _REFUSALS)
+        return f"!{name}|{exc}"
+
+
 @torch.compiler.assume_constant_result
 def bake(token: int, q, k, v, mask, q_pattern: str, k_pattern: str, v_pattern: str, out_pattern: str, dims: Optional[str],
          scale: Optional[float], is_causal: bool, window_size: Optional[int], compatibility_mode: bool, grad_enabled: bool,
@@ -164,8 +184,11 @@ def bake(token: int, q, k, v, mask, q_pattern: str, k_pattern: str, v_pattern: s
     masked call whose key has no decision yet: its mask values matter for tuning; a low-precision
     quality tier, gated on the first real call's own data). ``epoch`` and ``quality`` (the calling
     context's quality scope) are arguments so that Dynamo guards on them (the trace reads the tier itself)."""
-    d, plan = _plan(token, q, k, v, mask, (q_pattern, k_pattern, v_pattern, out_pattern), dims, scale, is_causal,
-                    window_size, compatibility_mode, grad_enabled, backend)
+    got = _refused(lambda: _plan(token, q, k, v, mask, (q_pattern, k_pattern, v_pattern, out_pattern), dims, scale,
+                                 is_causal, window_size, compatibility_mode, grad_enabled, backend))
+    if isinstance(got, str):
+        return got
+    d, plan = got
     if plan is None:
         return None
     return identity(plan, d.tolerance(plan.problem))
@@ -219,8 +242,11 @@ def bake_bucket(token: int, q, k, v, q_pattern: str, k_pattern: str, v_pattern: 
     symbolic = [(ti, di) for ti, m in enumerate(metas) for di, n in enumerate(m[0]) if n < 0]
     if any(di != _seq_dim(patterns[ti]) for ti, di in symbolic):  # a batch, head or head-dim size: run time
         return None
-    d, plan = _plan(token, q, k, v, None, patterns + (out_pattern,), dims, scale, is_causal, None, compatibility_mode,
-                    grad_enabled, backend)
+    got = _refused(lambda: _plan(token, q, k, v, None, patterns + (out_pattern,), dims, scale, is_causal, None,
+                                 compatibility_mode, grad_enabled, backend))
+    if isinstance(got, str):
+        return got, ()
+    d, plan = got
     if plan is None or plan.source in (PlanSource.FALLBACK, PlanSource.LOADING):  # nothing known for it
         return None
     tolerance = d.tolerance(plan.problem)
@@ -353,11 +379,14 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
                                                         attn_mask.device, attn_mask.requires_grad),
                         q_pattern, k_pattern, v_pattern, out_pattern, dims_text, scale, is_causal, window_size,
                         compatibility_mode, _grad_enabled(), backend, epoch, quality)
-    elif _hint is not None and attn_mask is None and window_size is None:  # symbolic lengths: baked per bucket
+    elif _hint is not None and attn_mask is None and window_size is None and not _exporting():  # symbolic lengths: per bucket
         got = bake_bucket(token, _hinted(q), _hinted(k), _hinted(v), q_pattern, k_pattern, v_pattern, out_pattern,
                           dims_text, scale, is_causal, compatibility_mode, _grad_enabled(), backend, epoch,
                           quality)
         if got is not None and _within((q, k, v), got[1]):
             decision = got[0]
+    if decision is not None and decision[0] == "!":  # refused: the eager call's own error (_refused)
+        name, _, message = decision[1:].partition("|")
+        raise _REFUSALS[name](message)
     return attention_op(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims_text, attn_mask, scale, is_causal,
                         window_size, compatibility_mode, token, backend, decision)

@@ -14,8 +14,10 @@ from .guards import tensor_guard
 _grad_enabled = torch.is_grad_enabled
 _compiler = getattr(torch, "compiler", None)
 # Dynamo folds is_dynamo_compiling() to True while it traces; outside Dynamo (torch.export's
-# non-strict mode, make_fx) torch.compiler's module flag says so. One trivial call and one
-# attribute read, where is_compiling() costs two Python frames on every eager call.
+# non-strict mode) torch.compiler's exporting flag says so. One trivial call and one attribute
+# read, where is_compiling() costs two Python frames on every eager call. Not the compiling flag:
+# on torch 2.13 it is held for a whole compile session, process-wide, so while any thread compiled
+# every other thread's eager calls took the trace's path (a bake per call, no plan-table hit).
 _dynamo_compiling = getattr(_compiler, "is_dynamo_compiling", None)
 
 
@@ -46,7 +48,7 @@ def make_forward(d) -> Callable:
     failed = d.failed
     env_get, impl_key, scope_get = overrides._env_get, overrides._IMPL_KEY, overrides.scope_get
     tier_scope_get, tier_env_get, tier_key = tiers.scope_get, tiers._env_get, tiers._KEY
-    flag_compiling = hasattr(_compiler, "_is_compiling_flag")
+    flag_exporting = hasattr(_compiler, "_is_exporting_flag")
     dynamo_compiling = _dynamo_compiling or _never
 
     def attention_forward(
@@ -83,7 +85,7 @@ def make_forward(d) -> Callable:
             return flex_attention_forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                           is_causal, window_size, score_mod)
         # Dynamo reads only the first call (folded to True), so it guards nothing of the rest
-        if dynamo_compiling() or (_compiler._is_compiling_flag if flag_compiling else _is_compiling()):
+        if dynamo_compiling() or (_compiler._is_exporting_flag if flag_exporting else _is_compiling()):
             from .baked import traced_attention
 
             return traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,

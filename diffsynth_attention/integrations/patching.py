@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import config, process
-from ..callsite import is_compiling as _is_compiling
+from ..callsite import dynamo_tracing as _dynamo_tracing
 from ..dispatch import default_dispatcher
+from ..request import FLOAT_MAX
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -63,11 +64,21 @@ def routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
         return False
     if query.shape[1] != key.shape[1] and not enable_gqa:
         return False  # SDPA itself raises for this; let it
+    # SDPA broadcasts batch sizes and value heads of 1 and returns an empty output for an empty
+    # input, where attention_forward (DiffSynth's meaning) refuses them: SDPA's own calls
+    if query.shape[0] != key.shape[0] or key.shape[0] != value.shape[0] or key.shape[1] != value.shape[1] \
+            or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        return False
     if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype not in (torch.bool, query.dtype, torch.float32)):
         return False
     if attn_mask is not None and is_causal:
         return False  # SDPA rejects this combination; keep its error
-    if not isinstance(is_causal, bool) or (scale is not None and not isinstance(scale, (int, float))):
+    if not isinstance(is_causal, bool):
+        return False
+    # SDPA reads scale=True as 1.0 and runs a NaN or infinite scale (its output NaN), where
+    # attention_forward refuses both
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not -FLOAT_MAX <= scale <= FLOAT_MAX):
         return False
     return True
 
@@ -79,7 +90,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     # Under torch.compile routing follows the process-wide counters (a graph traced inside a
     # `with patch_sdpa():` block around the call, or inside the traced function, routes; Dynamo
     # guards on the counters, so such a graph is not used once routing is off).
-    if _is_compiling():
+    if _dynamo_tracing():
         routed = _ROUTE.process > 0 or _ROUTE.scoped > 0 or _ROUTE.traced > 0
     else:
         routed = _ROUTE.process > 0 or (_ROUTE.scoped > 0 and _route_scope.get())
@@ -130,7 +141,7 @@ class SDPAPatch:
             _uninstall()
 
     def __enter__(self) -> "SDPAPatch":
-        if _is_compiling():
+        if _dynamo_tracing():
             F.scaled_dot_product_attention = scaled_dot_product_attention
             _ROUTE.traced += 1
             self._traced += 1
@@ -144,7 +155,7 @@ class SDPAPatch:
         return self
 
     def __exit__(self, *exc) -> None:
-        if _is_compiling():
+        if _dynamo_tracing():
             _ROUTE.traced -= 1
             self._traced -= 1
             return
@@ -166,7 +177,7 @@ def patch_sdpa() -> SDPAPatch:
     compiled call, or inside a compiled function: there, for the graph). Calls with dropout, or
     arguments the dispatcher does not handle, go to PyTorch unchanged.
     """
-    if _is_compiling():  # inside a traced function: only the `with` form routes (see SDPAPatch)
+    if _dynamo_tracing():  # inside a traced function: only the `with` form routes (see SDPAPatch)
         return SDPAPatch()
     config.validate_all()
     return SDPAPatch()._enable_global()

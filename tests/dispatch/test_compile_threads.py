@@ -125,3 +125,43 @@ def test_the_bake_picks_the_decisions_backend_for_the_compiles_own_mode():
             fn(q, k, v)
     names = {e.name for e in prof.events()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names and "aten::bmm" not in names, names
+
+
+def test_scopes_opened_eagerly_while_another_thread_compiles_are_this_threads():
+    """torch 2.13's ``torch.compiler.is_compiling()`` is a process-wide flag, True in every thread
+    while any one compiles. Before: ``use_backend`` opened then in another thread took the
+    traced-block path (TRACE.inner, process-wide: a scope leaked into the compiling thread's trace,
+    and none for its own eager calls), ``patch_sdpa()`` returned an inactive handle, and ``with
+    patch_sdpa():`` left the wrapper in front of SDPA, and every eager ``attention_forward`` took
+    the trace's path (a bake per call, no plan-table hit). They now ask whether Dynamo traces the code."""
+    from diffsynth_attention.integrations import patching
+    from diffsynth_attention.trace_state import TRACE
+
+    q, k, v = qkv(b=1, hq=2, sq=16, d=8)
+    da.attention_forward(q, k, v)  # planned (tuned) before the other thread compiles
+    compiling, release = threading.Event(), threading.Event()
+
+    def backend(gm, _inputs):  # holds the other thread's compile session open
+        compiling.set()
+        release.wait(60)
+        return gm.forward
+
+    t = threading.Thread(target=lambda: torch.compile(lambda x: x + 1, backend=backend)(torch.ones(2)))
+    t.start()
+    try:
+        assert compiling.wait(60)
+        with da.use_backend("torch_math"):
+            seen, inner = da.current_implementation(), TRACE.inner
+        handle = da.patch_sdpa()
+        active = handle.active
+        handle.undo()
+        with da.patch_sdpa():
+            pass
+        restored = torch.nn.functional.scaled_dot_product_attention is patching._ORIGINAL_SDPA
+        hits = da.stats()["hits"]
+        da.attention_forward(q, k, v)
+        hits = da.stats()["hits"] - hits
+    finally:
+        release.set()
+        t.join(60)
+    assert (seen, inner, active, restored, hits) == ("torch_math", None, True, True, 1)

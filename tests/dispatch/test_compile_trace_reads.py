@@ -194,3 +194,38 @@ def test_a_numpy_scale_compiles_where_plain_sdpa_compiles_it(kind, fullgraph):
         assert rel(auto, want) < 1e-5
     if kind in ("float64", "sqrt"):  # the common case compiles whole
         assert isinstance(auto, torch.Tensor)
+
+
+def _refused_calls():
+    (q, k, v), _ = bsnd(s=16, d=8)
+    return {
+        "head-dim": ((q, k[..., :4], v), {}, ValueError, "q and k must have the same head dim"),
+        "batch": ((q, k[:1], v[:1]), {}, ValueError, "batch sizes differ"),
+        "dtype": ((q, k, v.double()), {}, TypeError, "q, k and v must share a dtype"),
+        "window": ((q, k, v), {"window_size": -3}, ValueError, "window_size=-3 must be"),
+        "mask": ((q, k, v), {"attn_mask": torch.zeros(16, 3)}, ValueError, r"attn_mask of shape \(16, 3\)"),
+    }
+
+
+@pytest.mark.parametrize("sizes", ["static", "mark_dynamic"])
+@pytest.mark.parametrize("case", list(_refused_calls()))
+def test_a_compiled_call_raises_the_eager_calls_error_type(case, sizes):
+    """Before: the trace's validation raised inside the bake (an ``assume_constant_result``), and
+    Dynamo handed every such error on as ``InternalTorchDynamoError``, so ``except ValueError``
+    around a compiled call missed what it catches around the eager one. Now the default compile
+    raises the eager error itself, and ``fullgraph=True`` Dynamo's error with the same message."""
+    (q, k, v), kwargs, error, says = _refused_calls()[case]
+    with pytest.raises(error, match=says):
+        da.attention_forward(q, k, v, *BSND, **kwargs)
+    if sizes == "mark_dynamic":  # symbolic lengths: the bucket's bake validates
+        if "attn_mask" in kwargs or "window_size" in kwargs:
+            pytest.skip("masked and windowed calls are baked on concrete sizes only")
+        for t in (q, k, v):
+            torch._dynamo.mark_dynamic(t, 1)
+    for fullgraph in (False, True):
+        torch._dynamo.reset()
+        fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *BSND, **kwargs), fullgraph=fullgraph,
+                           backend="eager")
+        with pytest.raises(error if not fullgraph else Exception, match=says) as got:
+            fn(q, k, v)
+        assert "Internal" not in type(got.value).__name__

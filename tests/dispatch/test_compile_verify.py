@@ -226,3 +226,20 @@ def test_a_module_calling_attention_forward_exports_non_strict(masked, strict):
     ep = torch.export.export(M(), (q, k, v, mask), strict=strict)
     with torch.no_grad():
         assert rel(ep.module()(q, k, v, mask), torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)) < 1e-5
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_export_with_a_dynamic_sequence_serves_every_length_of_its_range(strict):
+    """Before: with symbolic lengths the trace baked its bucket's backend behind guards on the
+    bucket (15 <= s <= 17 here), which torch.export refuses for ``Dim("s", max=1024)``
+    ("Constraints violated"), where plain SDPA exports. An export keeps the run-time operator."""
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return da.attention_forward(q, k, v)
+
+    s = torch.export.Dim("s", min=2, max=1024)
+    ep = torch.export.export(M(), qkv(b=1, hq=2, sq=16, d=8), strict=strict, dynamic_shapes=({2: s},) * 3)
+    for n in (16, 40):
+        q, k, v = qkv(b=1, hq=2, sq=n, d=8, seed=n)
+        with torch.no_grad():
+            assert rel(ep.module()(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 1e-5

@@ -158,3 +158,41 @@ def test_a_torchvision_of_this_torch_is_not_called_a_mismatch(monkeypatch):
     with pytest.raises(ImportError) as info:
         da.patch_diffsynth()
     assert "do not match" not in str(info.value) and "something else broke" in str(info.value)
+
+
+def _sdpa_variants():
+    """Calls plain SDPA takes whose arguments ``attention_forward`` refuses or reads otherwise:
+    batch and value heads broadcast, a bool or non-finite scale, an empty sequence."""
+    q, k, v = qkv(b=2, hq=4, sq=16, d=8)
+    return {
+        "kv-batch-1": ((q, k[:1], v[:1]), {}),
+        "v-batch-1": ((q, k, v[:1]), {}),
+        "q-batch-1": ((q[:1], k, v), {}),
+        "v-heads-1": ((q, k, v[:, :1]), {}),
+        "scale-true": ((q, k, v), {"scale": True}),
+        "scale-nan": ((q, k, v), {"scale": float("nan")}),
+        "scale-inf": ((q, k, v), {"scale": float("inf")}),
+        "empty-q": ((q[:, :, :0], k, v), {}),
+    }
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-fullgraph"])
+@pytest.mark.parametrize("case", list(_sdpa_variants()))
+def test_patch_sdpa_accepts_what_plain_sdpa_accepts_with_its_meaning(case, compiled):
+    """Before: the patch routed every 4-d call, so SDPA's batch broadcast (k and v of batch 1),
+    value heads broadcast, ``scale=True`` (1.0), a NaN/infinite scale and an empty query raised
+    ``attention_forward``'s errors (eager; ``InternalTorchDynamoError``/``Unsupported`` compiled)
+    where plain SDPA, eager and compiled, returns a result. They now go to PyTorch's own SDPA."""
+    from diffsynth_attention.integrations import patching
+
+    args, kwargs = _sdpa_variants()[case]
+    want = patching._ORIGINAL_SDPA(*args, **kwargs)
+    torch._dynamo.reset()
+    def fn(*a):
+        return torch.nn.functional.scaled_dot_product_attention(*a, **kwargs)
+
+    with da.patch_sdpa():
+        got = (torch.compile(fn, fullgraph=True, backend="aot_eager") if compiled else fn)(*args)
+    torch._dynamo.reset()
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-6, equal_nan=True)
