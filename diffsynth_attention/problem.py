@@ -63,6 +63,11 @@ class Problem:
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
 
+    @property
+    def empty(self) -> bool:
+        """A size 0 anywhere: PyTorch's SDPA serves it, with no key (dispatch/plan.py, empty_plan)."""
+        return 0 in (self.batch, self.heads_q, self.heads_kv, self.seq_q, self.seq_kv, self.head_dim, self.head_dim_v)
+
     def fields(self) -> dict:
         """The problem as the key stores it (JSON types)."""
         return {
@@ -327,8 +332,6 @@ def prepare(
     b, hq, sq, d = qc.shape
     bk, hk, skv, dk = kc.shape
     bv, hv, sv, dv = vc.shape
-    if 0 in (b, hq, sq, d, hk, skv, dv):
-        raise ValueError(f"q, k and v must not be empty; got b n s d shapes q {tuple(qc.shape)}, k {tuple(kc.shape)}, v {tuple(vc.shape)}")
     if bk != b or bv != b:
         raise ValueError(f"batch sizes differ: q has {b}, k has {bk}, v has {bv}")
     if d != dk:
@@ -337,7 +340,7 @@ def prepare(
         raise ValueError(f"k and v must have the same number of heads; k has {hk}, v has {hv}")
     if skv != sv:
         raise ValueError(f"k and v must have the same sequence length; k has {skv}, v has {sv}")
-    if hq % hk != 0:
+    if hk and hq % hk != 0:  # no key heads: SDPA gives zeros for every query head
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk}) for grouped-query attention")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")

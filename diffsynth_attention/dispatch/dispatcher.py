@@ -35,7 +35,7 @@ from . import faults, lowprec, tokens
 from .counters import Counters
 from .hot import make_forward
 from .modes import ModePlans
-from .plan import BackendNotSupportedError, Explanation, Plan, PlanTable, explanation  # noqa: F401 (re-exported)
+from .plan import BackendNotSupportedError, Explanation, Plan, PlanTable, empty_plan, explanation  # noqa: F401 (re-exported)
 from .runners import make_runner
 
 logger = logging.getLogger("diffsynth_attention")
@@ -267,6 +267,8 @@ class Dispatcher(ModePlans):
         config.validate_all()  # a bad environment variable raises at the first call, naming it
         call = prepare_request(req, grad)  # the call's one value, from here to the tuner
         plain = call.bare()  # what plans keep: no tensors
+        if call.problem.empty:  # SDPA's own answer: no key, no tuning, not recorded
+            return empty_plan(plain, grad)
         requested, source_name = overrides.requested(impl_raw, req.compatibility_mode)
         problem = call.problem
         recording.note(problem)  # where a plan is built: once per call signature, never on the hit path
