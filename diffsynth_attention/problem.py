@@ -21,7 +21,7 @@ from einops.parsing import ParsedExpression
 
 from .callsite import converter, dtype_name
 from .describe import describe_problem
-from .request import cublas_tf32, finite_scale, scale_number
+from .request import cublas_tf32, finite_scale, scalar_scale, scale_number
 from .states import MaskKind
 
 CANONICAL = "b n s d"
@@ -342,6 +342,7 @@ def prepare(
         raise ValueError(f"k and v must have the same sequence length; k has {skv}, v has {sv}")
     if hk and hq % hk != 0:  # no key heads: SDPA gives zeros for every query head
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk}) for grouped-query attention")
+    scale = scalar_scale(scale)  # a 0-dim tensor: its float, as SDPA reads it
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
     if scale is not None and not scale_number(scale):

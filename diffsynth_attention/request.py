@@ -55,6 +55,24 @@ def finite_scale(scale) -> bool:
         return False
 
 
+def scalar_scale(scale):
+    """``scale`` with a 0-dim tensor as the float PyTorch's SDPA reads from it (its argument parser
+    takes one as ``float(scale)``), so that the call is the call with that float: one signature, one
+    key, one plan. ``float()`` of a CUDA tensor waits for the device: a sync on every such call (pass
+    a number where that matters). Any other value as it is. A tensor SDPA refuses (of 1 dim or more,
+    needing grad, complex), a bool one (``scale=True`` is refused) or a meta one is a TypeError
+    naming ``scale``. The dispatcher's slow path and validation convert it (dispatcher.Dispatcher.call,
+    problem.prepare), and the trace (dispatch/baked.py): the hot path reads nothing more."""
+    if not isinstance(scale, torch.Tensor):
+        return scale
+    why = ("a bool tensor" if scale.dtype == torch.bool else f"a tensor of shape {tuple(scale.shape)}" if scale.dim()
+           else "a tensor that requires grad" if scale.requires_grad else f"a {str(scale.dtype)[6:]} tensor"
+           if scale.is_complex() else "a meta tensor" if scale.is_meta else None)
+    if why is not None:
+        raise TypeError(f"scale must be a number or None, got {why}")
+    return float(scale)
+
+
 class Request(NamedTuple):
     q: object
     k: object

@@ -41,7 +41,7 @@ import torch
 from ..trace_state import traced_scopes
 from ..backends import REGISTRY
 from ..problem import check_flag
-from ..request import FLOAT_MAX, Request, scale_number
+from ..request import FLOAT_MAX, Request, scalar_scale, scale_number
 from ..states import TIMED
 from .compiled import attention_op
 from .tokens import lookup_dispatcher
@@ -315,6 +315,8 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
         # Dynamo traces a NumPy scalar (1 / np.sqrt(d) is a np.float64) as a 0-d ndarray whose
         # dtype it cannot read: taken as a number, as plain SDPA's compile takes it (np.bool_ too,
         # which eager refuses: the one difference)
+        if isinstance(scale, torch.Tensor):  # its value, as plain SDPA's compile reads it: data-dependent (a
+            scale = scalar_scale(scale)  # graph break; refused under fullgraph), eager then converts it
         numpy = type(scale).__module__ == "numpy"
         if isinstance(scale, bool) or not (numpy or scale_number(scale)):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")

@@ -22,7 +22,7 @@ from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
 from ..callsite import in_graph, needs_grad
 from ..problem import prepare_request
-from ..request import Request
+from ..request import Request, scalar_scale
 from ..store.cache import DecisionCache
 from ..states import TIMED, PlanSource
 from ..store.decision import EAGER, SYNTHETIC, Decision, decision_filter
@@ -392,6 +392,8 @@ class Dispatcher(ModePlans):
     # -- the slow path ----------------------------------------------------------------------
     def call(self, req: Request, impl_raw, grad: bool):
         """A call whose signature has no plan yet (or whose plan is provisional)."""
+        if isinstance(req.scale, torch.Tensor):  # every such call comes here: its signature is never planned
+            req = _float_scale(req)
         plan = self.plan_for(req, impl_raw, grad)
         if plan.counts_hit:
             self.counters.hit()
@@ -422,9 +424,19 @@ class Dispatcher(ModePlans):
         would. ``print()`` it for the table ``diffsynth-attention explain`` prints."""
         req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                       compatibility_mode, window_size)
+        req = _float_scale(req) if isinstance(scale, torch.Tensor) else req
         impl_raw = overrides.implementation_raw()
         try:
             grad = needs_grad(q, k, v, attn_mask)
         except AttributeError:  # not tensors: validation explains
             grad = False
         return explanation(self, self.plan_for(req, impl_raw, grad))
+
+
+def _float_scale(req: Request) -> Request:
+    """``req`` with a 0-dim tensor scale as its float (request.scalar_scale): the float call's plan
+    serves it. A tensor no float stands for is left for validation, which raises in its order."""
+    try:
+        return req._replace(scale=scalar_scale(req.scale))
+    except TypeError:
+        return req

@@ -194,3 +194,33 @@ def test_a_numpy_scale_compiles_where_plain_sdpa_compiles_it(kind, fullgraph):
         assert rel(auto, want) < 1e-5
     if kind in ("float64", "sqrt"):  # the common case compiles whole
         assert isinstance(auto, torch.Tensor)
+
+
+@pytest.mark.parametrize("passed", ["closure", "argument"])
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph-breaks"])
+def test_a_tensor_scale_compiles_where_plain_sdpa_compiles_it(passed, fullgraph):
+    """A 0-dim tensor scale: plain SDPA's compile reads its value (data-dependent: refused under
+    fullgraph, a graph break without). attention_forward's compile does the same, with its value."""
+    scale = torch.tensor(0.25)
+    q, k, v = qkv(b=1, hq=2, sq=16)
+    want = full_reference(q, k, v, scale=0.25)
+
+    def outcome(attend):
+        torch._dynamo.reset()
+        if passed == "closure":
+            fn, args = (lambda a, b, c: attend(a, b, c, scale=scale)), (q, k, v)
+        else:
+            fn, args = (lambda a, b, c, s: attend(a, b, c, scale=s)), (q, k, v, scale)
+        try:
+            return torch.compile(fn, fullgraph=fullgraph)(*args)
+        except Exception as exc:  # noqa: BLE001  (the outcome compared is "it raised")
+            return type(exc)
+
+    sdpa = outcome(torch.nn.functional.scaled_dot_product_attention)
+    auto = outcome(da.attention_forward)
+    assert isinstance(auto, torch.Tensor) == isinstance(sdpa, torch.Tensor), (auto, sdpa)
+    if isinstance(auto, torch.Tensor):
+        assert rel(auto, want) < 1e-5
+    else:  # SDPA's own refusal (a data-dependent value), not a refusal of the scale
+        assert auto is sdpa
+    assert isinstance(auto, torch.Tensor) != fullgraph
