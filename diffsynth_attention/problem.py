@@ -21,7 +21,7 @@ from einops.parsing import ParsedExpression
 
 from .callsite import converter, dtype_name
 from .describe import describe_problem
-from .request import cublas_tf32, finite_scale, scalar_scale, scale_number
+from .request import cublas_tf32, dims_length, finite_scale, scalar_scale, scale_number
 from .states import MaskKind
 
 CANONICAL = "b n s d"
@@ -223,14 +223,17 @@ def _dims_tuple(dims) -> tuple:
         return ()
     if not isinstance(dims, Mapping):  # what einops' rearrange(**dims) takes, as DiffSynth-Studio calls it
         raise TypeError(f"dims must be a dict of axis lengths such as {{'n': 24}} (or another mapping), got {type(dims).__name__}")
+    pairs = []
     for axis, length in dims.items():
         if not isinstance(axis, str):
             raise TypeError(f"dims keys must be axis names, got {axis!r}")
         if axis not in _AXES:
             raise ValueError(f"dims has an unknown axis {axis!r}; dims gives lengths of the axes b, n, s and d")
-        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+        n = dims_length(length)  # a NumPy integer as its int
+        if n is None or n <= 0:
             raise ValueError(f"dims[{axis!r}]={length!r} must be a positive int")
-    return tuple(sorted(dims.items()))
+        pairs.append((axis, n))
+    return tuple(sorted(pairs))
 
 
 def _check_tensor(arg: str, t) -> None:

@@ -55,6 +55,24 @@ def finite_scale(scale) -> bool:
         return False
 
 
+def dims_length(n) -> Optional[int]:
+    """``n`` as a ``dims`` length: an int (not a bool) as it is, a NumPy integer scalar as its int
+    (einops, which DiffSynth-Studio calls, takes one); None for anything else (a bool, a float, a
+    NumPy bool or float). A NumPy value by its module and ``.item()``, not its type or ABCs: under
+    Dynamo a NumPy scalar's type reads as ``ndarray`` and ``isinstance(n, numbers.Integral)`` as
+    False, while ``.item()`` gives the Python number's type; so eager validation (problem._dims_tuple) and
+    the trace (dispatch/baked.py) share this one rule."""
+    if isinstance(n, bool):
+        return None
+    if isinstance(n, int):
+        return n
+    if type(n).__module__ == "numpy" and n.ndim == 0:
+        kind = n.item()  # its type only: in a trace int(n) is the constant, .item() a value to guard
+        if isinstance(kind, int) and not isinstance(kind, bool):
+            return int(n)
+    return None
+
+
 def scalar_scale(scale):
     """``scale`` with a 0-dim tensor as the float PyTorch's SDPA reads from it (its argument parser
     takes one as ``float(scale)``), so that the call is the call with that float: one signature, one

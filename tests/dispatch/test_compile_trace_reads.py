@@ -224,3 +224,37 @@ def test_a_tensor_scale_compiles_where_plain_sdpa_compiles_it(passed, fullgraph)
     else:  # SDPA's own refusal (a data-dependent value), not a refusal of the scale
         assert auto is sdpa
     assert isinstance(auto, torch.Tensor) != fullgraph
+
+
+@pytest.mark.parametrize("kind", ["int64", "intp", "int32", "uint8"])
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph-breaks"])
+def test_numpy_integer_dims_compile(kind, fullgraph):
+    """``dims={"n": np.int64(2)}``, as einops takes it, compiles whole (a trace cannot read a NumPy
+    scalar's ABCs or type name: the rule reads its module and ``.item()``). Dynamo reads a NumPy
+    integer of another width as data, not a constant: a graph break (eager serves it), so under
+    fullgraph an error."""
+    np = pytest.importorskip("numpy")
+    (q, k, v), canon = bsnd(hq=2)
+    pattern = ("b s (n d)",) * 4
+    q, k, v = (t.flatten(2) for t in (q, k, v))
+    n = getattr(np, kind)(2)
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *pattern, dims={"n": n}), fullgraph=fullgraph)
+    with torch.no_grad():
+        if fullgraph and kind in ("int32", "uint8"):
+            with pytest.raises(Exception, match="graph_break"):
+                fn(q, k, v)
+            return
+        out = fn(q, k, v)
+    assert rel(out, full_reference(*canon).transpose(1, 2).flatten(2)) < 1e-5
+
+
+@pytest.mark.parametrize("bad", ["bool_", "float64"])
+def test_a_compiled_call_rejects_numpy_dims_an_eager_call_rejects(bad):
+    np = pytest.importorskip("numpy")
+    (q, k, v), _ = bsnd(hq=2)
+    pattern = ("b s (n d)",) * 4
+    q, k, v = (t.flatten(2) for t in (q, k, v))
+    n = np.bool_(True) if bad == "bool_" else np.float64(2.0)
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *pattern, dims={"n": n}), fullgraph=True)
+    with pytest.raises(Exception, match=r"dims\['n'\]=.* must be a positive int"):
+        fn(q, k, v)

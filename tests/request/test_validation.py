@@ -116,3 +116,26 @@ def test_a_tensor_scale_that_is_no_finite_number_is_refused_naming_scale(scale, 
     for _ in range(2):
         with pytest.raises(error, match=says):
             da.attention_forward(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("n", ["int64", "int32", "uint8", "intp"])
+def test_numpy_integer_dims_are_their_int(n):
+    """einops (which DiffSynth-Studio calls) takes ``dims={"n": np.int64(4)}``. Before: a ValueError."""
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv()
+    packed = tuple(t.transpose(1, 2).flatten(2) for t in (q, k, v))
+    pattern = ("b s (n d)",) * 4
+    want = da.attention_forward(*packed, *pattern, dims={"n": 4})
+    for _ in range(2):
+        assert torch.equal(da.attention_forward(*packed, *pattern, dims={"n": getattr(np, n)(4)}), want)
+    assert da.explain(*packed, *pattern, dims={"n": getattr(np, n)(4)}).key_id == da.explain(*packed, *pattern, dims={"n": 4}).key_id
+
+
+@pytest.mark.parametrize("length", ["bool_", "float64", "int0"], ids=["numpy-bool", "numpy-float", "numpy-zero"])
+def test_numpy_dims_that_are_no_positive_int_are_refused(length):
+    np = pytest.importorskip("numpy")
+    value = {"bool_": np.bool_(True), "float64": np.float64(4.0), "int0": np.int64(0)}[length]
+    q, k, v = qkv()
+    packed = tuple(t.transpose(1, 2).flatten(2) for t in (q, k, v))
+    with pytest.raises(ValueError, match=r"dims\['n'\]=.* must be a positive int"):
+        da.attention_forward(*packed, *(("b s (n d)",) * 4), dims={"n": value})
