@@ -21,7 +21,7 @@ from einops.parsing import ParsedExpression
 
 from .callsite import converter, dtype_name
 from .describe import describe_problem
-from .request import cublas_tf32, finite_scale, scale_number
+from .request import cublas_tf32, dims_length, finite_scale, scalar_scale, scale_number
 from .states import MaskKind
 
 CANONICAL = "b n s d"
@@ -62,6 +62,11 @@ class Problem:
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
+
+    @property
+    def empty(self) -> bool:
+        """A size 0 anywhere: PyTorch's SDPA serves it, with no key (dispatch/plan.py, empty_plan)."""
+        return 0 in (self.batch, self.heads_q, self.heads_kv, self.seq_q, self.seq_kv, self.head_dim, self.head_dim_v)
 
     def fields(self) -> dict:
         """The problem as the key stores it (JSON types)."""
@@ -218,14 +223,17 @@ def _dims_tuple(dims) -> tuple:
         return ()
     if not isinstance(dims, Mapping):  # what einops' rearrange(**dims) takes, as DiffSynth-Studio calls it
         raise TypeError(f"dims must be a dict of axis lengths such as {{'n': 24}} (or another mapping), got {type(dims).__name__}")
+    pairs = []
     for axis, length in dims.items():
         if not isinstance(axis, str):
             raise TypeError(f"dims keys must be axis names, got {axis!r}")
         if axis not in _AXES:
             raise ValueError(f"dims has an unknown axis {axis!r}; dims gives lengths of the axes b, n, s and d")
-        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+        n = dims_length(length)  # a NumPy integer as its int
+        if n is None or n <= 0:
             raise ValueError(f"dims[{axis!r}]={length!r} must be a positive int")
-    return tuple(sorted(dims.items()))
+        pairs.append((axis, n))
+    return tuple(sorted(pairs))
 
 
 def _check_tensor(arg: str, t) -> None:
@@ -327,8 +335,6 @@ def prepare(
     b, hq, sq, d = qc.shape
     bk, hk, skv, dk = kc.shape
     bv, hv, sv, dv = vc.shape
-    if 0 in (b, hq, sq, d, hk, skv, dv):
-        raise ValueError(f"q, k and v must not be empty; got b n s d shapes q {tuple(qc.shape)}, k {tuple(kc.shape)}, v {tuple(vc.shape)}")
     if bk != b or bv != b:
         raise ValueError(f"batch sizes differ: q has {b}, k has {bk}, v has {bv}")
     if d != dk:
@@ -337,8 +343,9 @@ def prepare(
         raise ValueError(f"k and v must have the same number of heads; k has {hk}, v has {hv}")
     if skv != sv:
         raise ValueError(f"k and v must have the same sequence length; k has {skv}, v has {sv}")
-    if hq % hk != 0:
+    if hk and hq % hk != 0:  # no key heads: SDPA gives zeros for every query head
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk}) for grouped-query attention")
+    scale = scalar_scale(scale)  # a 0-dim tensor: its float, as SDPA reads it
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
     if scale is not None and not scale_number(scale):

@@ -55,6 +55,42 @@ def finite_scale(scale) -> bool:
         return False
 
 
+def dims_length(n) -> Optional[int]:
+    """``n`` as a ``dims`` length: an int (not a bool) as it is, a NumPy integer scalar as its int
+    (einops, which DiffSynth-Studio calls, takes one); None for anything else (a bool, a float, a
+    NumPy bool or float). A NumPy value by its module and ``.item()``, not its type or ABCs: under
+    Dynamo a NumPy scalar's type reads as ``ndarray`` and ``isinstance(n, numbers.Integral)`` as
+    False, while ``.item()`` gives the Python number's type; so eager validation (problem._dims_tuple) and
+    the trace (dispatch/baked.py) share this one rule."""
+    if isinstance(n, bool):
+        return None
+    if isinstance(n, int):
+        return n
+    if type(n).__module__ == "numpy" and n.ndim == 0:
+        kind = n.item()  # its type only: in a trace int(n) is the constant, .item() a value to guard
+        if isinstance(kind, int) and not isinstance(kind, bool):
+            return int(n)
+    return None
+
+
+def scalar_scale(scale):
+    """``scale`` with a 0-dim tensor as the float PyTorch's SDPA reads from it (its argument parser
+    takes one as ``float(scale)``), so that the call is the call with that float: one signature, one
+    key, one plan. ``float()`` of a CUDA tensor waits for the device: a sync on every such call (pass
+    a number where that matters). Any other value as it is. A tensor SDPA refuses (of 1 dim or more,
+    needing grad, complex), a bool one (``scale=True`` is refused) or a meta one is a TypeError
+    naming ``scale``. The dispatcher's slow path and validation convert it (dispatcher.Dispatcher.call,
+    problem.prepare), and the trace (dispatch/baked.py): the hot path reads nothing more."""
+    if not isinstance(scale, torch.Tensor):
+        return scale
+    why = ("a bool tensor" if scale.dtype == torch.bool else f"a tensor of shape {tuple(scale.shape)}" if scale.dim()
+           else "a tensor that requires grad" if scale.requires_grad else f"a {str(scale.dtype)[6:]} tensor"
+           if scale.is_complex() else "a meta tensor" if scale.is_meta else None)
+    if why is not None:
+        raise TypeError(f"scale must be a number or None, got {why}")
+    return float(scale)
+
+
 class Request(NamedTuple):
     q: object
     k: object

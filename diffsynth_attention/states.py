@@ -39,6 +39,7 @@ class PlanSource(_State):
     NEIGHBOUR = "neighbour"  # a decision of the same bucket (new_shapes=nearest, or while tuning)
     FALLBACK = "fallback"  # torch (or the best timed candidate) where nothing else may serve
     LOADING = "loading"  # torch while the decision's kernel package imports in the background
+    EMPTY = "empty"  # a call with a size 0: PyTorch's SDPA, no key, no tuning, no decision
 
 
 class LoadState(_State):

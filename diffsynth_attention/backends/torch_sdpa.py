@@ -123,6 +123,8 @@ def sliding_window(q, k, v, window: int, scale, attend) -> torch.Tensor:
     ``torch_sdpa_sliding_window``, without materialising an s_q x s_kv mask.
     """
     s_q, s_kv = q.shape[2], k.shape[2]
+    if s_q == 0 or s_kv == 0:  # no query (an empty output), or no key in any window (zeros): SDPA's own
+        return attend(q, k, v, None, scale)  # answer, in the graph (a gradient of zeros, as SDPA's)
     chunk = max(window, 512)
     outs = []
     for start in range(0, s_q, chunk):

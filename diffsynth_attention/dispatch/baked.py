@@ -41,7 +41,7 @@ import torch
 from ..trace_state import traced_scopes
 from ..backends import REGISTRY
 from ..problem import check_flag
-from ..request import FLOAT_MAX, Request, scale_number
+from ..request import FLOAT_MAX, Request, dims_length, scalar_scale, scale_number
 from ..states import TIMED
 from .compiled import attention_op
 from .tokens import lookup_dispatcher
@@ -330,17 +330,27 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     are tested with ``is`` before ``bool()`` (a guard on the builtin), and both scopes come through
     one object (:func:`traced_scopes`). tests/dispatch/test_compile_trace_reads.py lists what is guarded."""
     # int(n): a head count Dynamo made symbolic (an int argument under dynamic=True) is specialized;
-    # a length that is no int is refused as eager refuses it (problem._dims_tuple), before the text
-    # (parsed back with int()) could take "2" as 2
+    # a length that is no int (or NumPy integer: dims_length, eager's rule) is refused as eager refuses
+    # it (problem._dims_tuple), before the text (parsed back with int()) could take "2" as 2
     if dims is not None and isinstance(dims, dict):  # `is not None` first: the common call guards no builtin
+        lengths = {}
         for a, n in dims.items():
-            if isinstance(n, bool) or not isinstance(n, int):
-                raise ValueError(f"dims[{a!r}]={n!r} must be a positive int")
+            lengths[a] = dims_length(n)
+            if lengths[a] is None:  # a NumPy value by .item(): a trace cannot repr() one
+                raise ValueError(f"dims[{a!r}]={n.item() if type(n).__module__ == 'numpy' else n!r} must be a positive int")
+            if type(n).__module__ == "numpy" and n.itemsize != 8:
+                # Dynamo (2.13) takes an int64 NumPy scalar's value as a size it specializes, but reads
+                # a narrower one (int32, uint8...) as data the text cannot hold (str.join refuses it):
+                # a graph break (eager serves it); under fullgraph an error that says so
+                torch._dynamo.graph_break()
+        dims = lengths
     dims_text = None if dims is None else ",".join(f"{a}={int(n)}" for a, n in dims.items())
     if scale is not None:  # validated as eager validates it (problem.prepare) before float() could accept it
         # Dynamo traces a NumPy scalar (1 / np.sqrt(d) is a np.float64) as a 0-d ndarray whose
         # dtype it cannot read: taken as a number, as plain SDPA's compile takes it (np.bool_ too,
         # which eager refuses: the one difference)
+        if isinstance(scale, torch.Tensor):  # its value, as plain SDPA's compile reads it: data-dependent (a
+            scale = scalar_scale(scale)  # graph break; refused under fullgraph), eager then converts it
         numpy = type(scale).__module__ == "numpy"
         if isinstance(scale, bool) or not (numpy or scale_number(scale)):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")

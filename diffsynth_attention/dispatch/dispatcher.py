@@ -22,7 +22,7 @@ from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
 from ..callsite import in_graph, needs_grad
 from ..problem import prepare_request
-from ..request import Request
+from ..request import Request, scalar_scale
 from ..store.cache import DecisionCache
 from ..states import TIMED, PlanSource
 from ..store.decision import EAGER, SYNTHETIC, Decision, decision_filter
@@ -35,7 +35,7 @@ from . import faults, lowprec, tokens
 from .counters import Counters
 from .hot import make_forward
 from .modes import ModePlans
-from .plan import BackendNotSupportedError, Explanation, Plan, PlanTable, explanation  # noqa: F401 (re-exported)
+from .plan import BackendNotSupportedError, Explanation, Plan, PlanTable, empty_plan, explanation  # noqa: F401 (re-exported)
 from .runners import make_runner
 
 logger = logging.getLogger("diffsynth_attention")
@@ -267,6 +267,8 @@ class Dispatcher(ModePlans):
         config.validate_all()  # a bad environment variable raises at the first call, naming it
         call = prepare_request(req, grad)  # the call's one value, from here to the tuner
         plain = call.bare()  # what plans keep: no tensors
+        if call.problem.empty:  # SDPA's own answer: no key, no tuning, not recorded
+            return empty_plan(plain, grad)
         requested, source_name = overrides.requested(impl_raw, req.compatibility_mode)
         problem = call.problem
         recording.note(problem)  # where a plan is built: once per call signature, never on the hit path
@@ -390,6 +392,8 @@ class Dispatcher(ModePlans):
     # -- the slow path ----------------------------------------------------------------------
     def call(self, req: Request, impl_raw, grad: bool):
         """A call whose signature has no plan yet (or whose plan is provisional)."""
+        if isinstance(req.scale, torch.Tensor):  # every such call comes here: its signature is never planned
+            req = _float_scale(req)
         plan = self.plan_for(req, impl_raw, grad)
         if plan.counts_hit:
             self.counters.hit()
@@ -420,9 +424,19 @@ class Dispatcher(ModePlans):
         would. ``print()`` it for the table ``diffsynth-attention explain`` prints."""
         req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                       compatibility_mode, window_size)
+        req = _float_scale(req) if isinstance(scale, torch.Tensor) else req
         impl_raw = overrides.implementation_raw()
         try:
             grad = needs_grad(q, k, v, attn_mask)
         except AttributeError:  # not tensors: validation explains
             grad = False
         return explanation(self, self.plan_for(req, impl_raw, grad))
+
+
+def _float_scale(req: Request) -> Request:
+    """``req`` with a 0-dim tensor scale as its float (request.scalar_scale): the float call's plan
+    serves it. A tensor no float stands for is left for validation, which raises in its order."""
+    try:
+        return req._replace(scale=scalar_scale(req.scale))
+    except TypeError:
+        return req

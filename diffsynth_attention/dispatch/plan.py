@@ -5,11 +5,13 @@ raises in strict mode."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
+from ..backends import REGISTRY
 from ..states import PlanSource
 from ..store.decision import UNSUPPORTED, Decision
 from .lowprec import explain_quality
+from .runners import make_runner
 
 
 class BackendNotSupportedError(ValueError):
@@ -134,6 +136,26 @@ class Plan:
     @property
     def problem(self):
         return self.call.problem
+
+
+class EmptyKey(NamedTuple):
+    """What an empty call's plan holds where other plans hold their key: no key is made for it
+    (``make_key`` reads the device and the candidates, and no decision is ever looked up or
+    stored for a problem with a size 0); ``explain`` shows the problem's fields."""
+
+    id: str
+    fields: dict
+
+
+def empty_plan(call, grad: bool) -> Plan:
+    """The plan of a call with a size 0 (batch, heads, a sequence or a head dim): PyTorch's SDPA on
+    it, through the ``torch`` backend's runner (the caller's layout, mask, scale, causality, GQA,
+    window), whatever backend is requested or decided: SDPA defines what such a call returns
+    (an empty output, zeros where there is no key, v's mean where the head dim is 0), and kernel
+    packages refuse empty tensors. Nothing is tuned, keyed or stored: a timing of an empty call
+    tells nothing, and its decision would only fill the cache."""
+    key = EmptyKey(PlanSource.EMPTY.value, {"problem": call.problem.fields()})
+    return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", PlanSource.EMPTY, key, call, grad)
 
 
 def _first_line(exc: BaseException) -> str:

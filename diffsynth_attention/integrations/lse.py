@@ -183,6 +183,9 @@ class LseSelector:
         """(key, usable LSE backends, {name: reasons} of the others, the call (its problem the LSE
         one), its problem, the device) for a ``b s n d`` call."""
         call = prepare(q, k, v, "b s n d", "b s n d", "b s n d", "b s n d", None, None, scale, causal, None, False)
+        if call.problem.empty:  # no log-sum-exp to tune for: refused here, as before, rather than in the tuner
+            raise ValueError(f"q, k and v must not be empty for the log-sum-exp path; got b s n d shapes q {tuple(q.shape)}, "
+                             f"k {tuple(k.shape)}, v {tuple(v.shape)}")
         problem = dataclasses.replace(call.problem, layout=call.problem.layout + LSE_LAYOUT_SUFFIX)
         call = dataclasses.replace(call, problem=problem)
         dev = device_info(q.device)

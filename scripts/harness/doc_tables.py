@@ -191,6 +191,8 @@ SOURCE_MEANINGS = {
                 "forced backend cannot serve it",
     "loading": "the decided kernel package is still loading: another candidate of the decision serves the call, the "
                "second line says which",
+    "empty": "a size is 0 (batch, heads, a sequence or a head dim): PyTorch's SDPA serves it as it is, in the "
+             "caller's layout; no key is made, nothing is tuned or stored",
 }
 
 

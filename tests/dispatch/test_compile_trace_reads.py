@@ -229,3 +229,67 @@ def test_a_compiled_call_raises_the_eager_calls_error_type(case, sizes):
         with pytest.raises(error if not fullgraph else Exception, match=says) as got:
             fn(q, k, v)
         assert "Internal" not in type(got.value).__name__
+
+
+@pytest.mark.parametrize("passed", ["closure", "argument"])
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph-breaks"])
+def test_a_tensor_scale_compiles_where_plain_sdpa_compiles_it(passed, fullgraph):
+    """A 0-dim tensor scale: plain SDPA's compile reads its value (data-dependent: refused under
+    fullgraph, a graph break without). attention_forward's compile does the same, with its value."""
+    scale = torch.tensor(0.25)
+    q, k, v = qkv(b=1, hq=2, sq=16)
+    want = full_reference(q, k, v, scale=0.25)
+
+    def outcome(attend):
+        torch._dynamo.reset()
+        if passed == "closure":
+            fn, args = (lambda a, b, c: attend(a, b, c, scale=scale)), (q, k, v)
+        else:
+            fn, args = (lambda a, b, c, s: attend(a, b, c, scale=s)), (q, k, v, scale)
+        try:
+            return torch.compile(fn, fullgraph=fullgraph)(*args)
+        except Exception as exc:  # noqa: BLE001  (the outcome compared is "it raised")
+            return type(exc)
+
+    sdpa = outcome(torch.nn.functional.scaled_dot_product_attention)
+    auto = outcome(da.attention_forward)
+    assert isinstance(auto, torch.Tensor) == isinstance(sdpa, torch.Tensor), (auto, sdpa)
+    if isinstance(auto, torch.Tensor):
+        assert rel(auto, want) < 1e-5
+    else:  # SDPA's own refusal (a data-dependent value), not a refusal of the scale
+        assert auto is sdpa
+    assert isinstance(auto, torch.Tensor) != fullgraph
+
+
+@pytest.mark.parametrize("kind", ["int64", "intp", "int32", "uint8"])
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph-breaks"])
+def test_numpy_integer_dims_compile(kind, fullgraph):
+    """``dims={"n": np.int64(2)}``, as einops takes it, compiles whole (a trace cannot read a NumPy
+    scalar's ABCs or type name: the rule reads its module and ``.item()``). Dynamo reads a NumPy
+    integer of another width as data, not a constant: a graph break (eager serves it), so under
+    fullgraph an error."""
+    np = pytest.importorskip("numpy")
+    (q, k, v), canon = bsnd(hq=2)
+    pattern = ("b s (n d)",) * 4
+    q, k, v = (t.flatten(2) for t in (q, k, v))
+    n = getattr(np, kind)(2)
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *pattern, dims={"n": n}), fullgraph=fullgraph)
+    with torch.no_grad():
+        if fullgraph and kind in ("int32", "uint8"):
+            with pytest.raises(Exception, match="graph_break"):
+                fn(q, k, v)
+            return
+        out = fn(q, k, v)
+    assert rel(out, full_reference(*canon).transpose(1, 2).flatten(2)) < 1e-5
+
+
+@pytest.mark.parametrize("bad", ["bool_", "float64"])
+def test_a_compiled_call_rejects_numpy_dims_an_eager_call_rejects(bad):
+    np = pytest.importorskip("numpy")
+    (q, k, v), _ = bsnd(hq=2)
+    pattern = ("b s (n d)",) * 4
+    q, k, v = (t.flatten(2) for t in (q, k, v))
+    n = np.bool_(True) if bad == "bool_" else np.float64(2.0)
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *pattern, dims={"n": n}), fullgraph=True)
+    with pytest.raises(Exception, match=r"dims\['n'\]=.* must be a positive int"):
+        fn(q, k, v)

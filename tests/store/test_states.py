@@ -22,7 +22,7 @@ def test_statuses_and_mask_kinds_are_the_schemas_enums():
 
 
 def test_plan_sources():
-    assert [s.value for s in PlanSource] == ["override", "cache", "tuned", "neighbour", "fallback", "loading"]
+    assert [s.value for s in PlanSource] == ["override", "cache", "tuned", "neighbour", "fallback", "loading", "empty"]
 
 
 def test_members_behave_as_their_text():
