@@ -10,8 +10,10 @@ still reads it as a constant while tracing, and the hot path pays no extra frame
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
+import threading
 from typing import Callable
 
 import torch
@@ -32,10 +34,36 @@ def capturing(device_type: str) -> bool:
     return device_type == "cuda" and _capturing()
 
 
+# torch.export's trace (strict and non-strict: in the non-strict one Dynamo does not trace the code)
+is_exporting: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_exporting", None) or (lambda: False)
+_building = threading.local()  # .depth: how many building_graph() blocks this thread is in
+
+
+def tracing() -> bool:
+    """Whether the calling code is being traced into a graph: by Dynamo, or by torch.export."""
+    return dynamo_tracing() or is_exporting()
+
+
+@contextlib.contextmanager
+def building_graph():
+    """Marks this thread as planning for a graph being built: the trace-time bakes
+    (dispatch/baked.py, integrations/lse.py), which Dynamo runs for real (assume_constant_result),
+    so that dynamo_tracing() is False inside them. Per thread: another thread's eager calls meanwhile
+    are eager (is_compiling() would say otherwise on torch 2.13, process-wide)."""
+    _building.depth = getattr(_building, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _building.depth -= 1
+
+
 def in_graph(device_type: str) -> bool:
-    """Whether the code runs inside a graph being built: traced by Dynamo, or captured into a CUDA
-    graph. Nothing may tune, wait for a kernel package or synchronise there."""
-    return is_compiling() or capturing(device_type)
+    """Whether the code runs inside a graph being built, in this thread: traced by Dynamo or by
+    torch.export, planned by a trace-time bake (:func:`building_graph`), or captured into a CUDA
+    graph. Nothing may tune, wait for a kernel package or synchronise there. Not is_compiling():
+    on torch 2.13 a process-wide flag held for a whole compile session, so while any thread
+    compiled, every other thread's eager calls neither tuned nor served a loading stand-in."""
+    return dynamo_tracing() or is_exporting() or getattr(_building, "depth", 0) > 0 or capturing(device_type)
 
 
 def needs_grad(q, k, v, mask=None) -> bool:

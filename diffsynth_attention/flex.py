@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .callsite import convert, is_compiling
+from .callsite import convert, is_compiling, tracing
 from .problem import check_layout
 
 from . import process
@@ -51,6 +51,8 @@ def _run(q, k, v, block_mask, scale, score_mod, enable_gqa):
     kwargs = {"block_mask": block_mask, "scale": scale, "score_mod": score_mod}
     if enable_gqa:
         kwargs["enable_gqa"] = True
+    # is_compiling() (process-wide on torch 2.13) left as it was: while another thread compiles, an
+    # eager call here runs flex uncompiled (slower, the same result) rather than start a compile of its own
     if is_compiling() or not _state["compile"] or _state["failed"]:
         return flex(q, k, v, **kwargs)
     with _lock:
@@ -108,7 +110,9 @@ def flex_attention_forward(q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_
     if window_size is not None and is_causal:
         raise ValueError("window_size cannot be combined with is_causal=True")
     canon = "b n s d"
-    if is_compiling():  # a trace fails on a bad pattern too, in the converter (einops is not traced here)
+    # a trace fails on a bad pattern too, in the converter (einops is not traced here); per thread
+    # (tracing(), not the process-wide is_compiling()): an eager call is validated while another thread compiles
+    if tracing():
         dims = {} if dims is None else dict(dims)
         qc, kc, vc = (convert(t, p, canon, dims) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
     else:

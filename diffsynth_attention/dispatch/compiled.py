@@ -137,7 +137,9 @@ def _out_like(q, v, q_pattern, v_pattern, out_pattern, dims):
 
 
 def _tracing(q) -> bool:
-    """Whether the operator runs on fake/functional tensors (a trace), not on a real call."""
+    """Whether the operator runs on fake/functional tensors (a trace), not on a real call.
+    is_compiling() is process-wide on torch 2.13: a real call in another thread while one compiles
+    takes the traced decomposition (the baked backend or the run-time operator: the same result)."""
     return type(q) is not torch.Tensor and not isinstance(q, torch.nn.Parameter) or is_compiling()
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .. import config, overrides, tiers
 from ..backends import REGISTRY
-from ..callsite import in_graph
+from ..callsite import building_graph, in_graph
 from ..request import Request
 from ..states import PlanSource
 from ..store.decision import COMPILED, CUDAGRAPH, EAGER, Decision
@@ -94,7 +94,10 @@ class ModePlans:
                 return None
             return req._replace(q=random_like(req.q), k=random_like(req.k), v=random_like(req.v))
 
-        plan = self.build_plan(req, impl_raw, grad, may_tune=config.tuning_enabled(), tune_on=tune_on, mode=mode)
+        # this thread builds a graph (in_graph()): a loading package is waited for, not stood in for,
+        # and no synthetic decision is re-gated on the fakes; another thread's eager calls meanwhile are eager
+        with building_graph():
+            plan = self.build_plan(req, impl_raw, grad, may_tune=config.tuning_enabled(), tune_on=tune_on, mode=mode)
         if plan is None:
             return None
         if plan.source == PlanSource.TUNED:

@@ -26,7 +26,7 @@ import torch
 
 from .. import config, overrides, process, trace_state
 from ..backends import REGISTRY, TORCH_FAMILY, device_info
-from ..callsite import in_graph, is_compiling, needs_grad
+from ..callsite import building_graph, in_graph, needs_grad, tracing
 from ..problem import prepare
 from ..states import PlanSource
 from ..store.decision import key_id
@@ -277,7 +277,8 @@ def _traced_choice(q, k, v, scale, causal, backend) -> str:
     qf, kf, vf = fake(q), fake(k), fake(v)
     token = overrides.set_scope(backend) if backend is not None and backend != overrides.scope_get() else None
     try:
-        return selector().choose(qf, kf, vf, scale, causal, tune_on=lambda: tuple(random_like(t) for t in (qf, kf, vf)))
+        with building_graph():
+            return selector().choose(qf, kf, vf, scale, causal, tune_on=lambda: tuple(random_like(t) for t in (qf, kf, vf)))
     finally:
         if token is not None:
             overrides.scope.reset(token)
@@ -304,7 +305,9 @@ def attention_with_lse(q, k, v, scale=None, is_causal=False):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor in b s n d layout, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if is_compiling():  # decided while Dynamo traces (guarded on the calling context's use_backend)
+    # decided while Dynamo (or torch.export) traces, guarded on the calling context's use_backend; not
+    # is_compiling(), process-wide on torch 2.13: another thread's eager call chose on fakes then
+    if tracing():
         name = _traced_choice(_meta(q), _meta(k), _meta(v), None if scale is None else float(scale), bool(is_causal),
                               trace_state.traced_scopes(with_quality=False)[0])
     else:

@@ -166,13 +166,15 @@ def test_a_trace_waits_for_the_package_and_never_bakes_the_stand_in(slow_fa3):
     assert loading.wait(fa3, 30) == loading.READY  # (the loading thread may still be ending: first launches)
 
 
-def test_eager_calls_under_is_compiling_wait_too(slow_fa3, monkeypatch):
+def test_calls_planned_while_this_thread_builds_a_graph_wait_too(slow_fa3):
+    """Any plan taken while this thread builds a graph (callsite.building_graph: the trace-time
+    bakes) waits for the package, as a trace does."""
     folder, q, k, v, _ = slow_fa3
     builtins._da_gate.set()
-    monkeypatch.setattr(callsite, "is_compiling", lambda: True)
     disp = Dispatcher(DecisionCache(folder))
-    plan = disp.plan_for(Request(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, False, None),
-                         None, False)
+    with callsite.building_graph():
+        plan = disp.plan_for(Request(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, False,
+                                     None), None, False)
     assert (plan.backend, plan.source) == ("flash_attention_3", "cache") and REGISTRY["flash_attention_3"].is_loaded()
 
 

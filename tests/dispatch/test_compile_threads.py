@@ -165,3 +165,30 @@ def test_scopes_opened_eagerly_while_another_thread_compiles_are_this_threads():
         release.set()
         t.join(60)
     assert (seen, inner, active, restored, hits) == ("torch_math", None, True, True, 1)
+
+
+def test_an_eager_call_tunes_a_new_problem_while_another_thread_compiles():
+    """While another thread's compile session is held open (torch 2.13's process-wide
+    ``is_compiling()`` True), an eager ``attention_forward`` of a problem with no decision tunes at
+    once: ``callsite.in_graph`` asks about this thread only. Before: it was served by ``torch``
+    untuned (source "fallback"), planned again later."""
+    q, k, v = qkv(b=1, hq=3, sq=24, d=16)
+    compiling, release = threading.Event(), threading.Event()
+
+    def backend(gm, _inputs):  # holds the other thread's compile session open
+        compiling.set()
+        release.wait(60)
+        return gm.forward
+
+    t = threading.Thread(target=lambda: torch.compile(lambda x: x * 2, backend=backend)(torch.ones(2)))
+    t.start()
+    try:
+        assert compiling.wait(60) and torch.compiler.is_compiling()
+        tunings = da.stats()["tunings"]
+        with torch.no_grad():
+            da.attention_forward(q, k, v)
+            tuned, source = da.stats()["tunings"] - tunings, da.explain(q, k, v).source
+    finally:
+        release.set()
+        t.join(60)
+    assert (tuned, source) == (1, "cache")

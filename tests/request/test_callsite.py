@@ -24,8 +24,18 @@ def test_capture_check_asks_cuda_only_for_cuda(monkeypatch):
     assert callsite.in_graph("cuda") and not callsite.in_graph("cpu")
     monkeypatch.setattr(callsite, "_capturing", lambda: False)
     assert not callsite.capturing("cuda") and not callsite.in_graph("cuda")
-    monkeypatch.setattr(callsite, "is_compiling", lambda: True)
-    assert callsite.in_graph("cpu") and callsite.in_graph("cuda")
+    monkeypatch.setattr(callsite, "is_compiling", lambda: True)  # process-wide on torch 2.13: not this thread's graph
+    assert not callsite.in_graph("cpu")
+    with callsite.building_graph():
+        with callsite.building_graph():
+            assert callsite.in_graph("cpu") and callsite.in_graph("cuda")
+        assert callsite.in_graph("cpu")
+    assert not callsite.in_graph("cpu")
+    for name in ("dynamo_tracing", "is_exporting"):
+        monkeypatch.setattr(callsite, name, lambda: True)
+        assert callsite.in_graph("cpu") and callsite.tracing()
+        monkeypatch.setattr(callsite, name, lambda: False)
+    assert not callsite.tracing()
 
 
 def test_needs_grad_follows_grad_mode_and_each_input():
