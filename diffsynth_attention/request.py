@@ -30,15 +30,16 @@ FLOAT32 = torch.float32
 # ``set_float32_matmul_precision("high")``): a C call, read for float32 queries only.
 cublas_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None) or (lambda: False)
 # The NumPy scalar types a scale may be, by name (what ``numbers.Real`` admits, less bool and
-# timedelta64): a name, because a trace sees a NumPy scalar's type but not its ABCs (under Dynamo,
-# ``isinstance(np.float32(1), numbers.Real)`` is False)
+# timedelta64), so that NumPy need not be imported. A trace cannot ask this of a NumPy scalar
+# (Dynamo sees one as an array, with no readable dtype): it takes one by its module (dispatch/baked.py)
 NUMPY_REALS = frozenset({"float16", "float32", "float64", "longdouble", "int8", "int16", "int32", "int64", "longlong",
                          "uint8", "uint16", "uint32", "uint64", "ulonglong"})
 
 
 def scale_number(scale) -> bool:
     """Whether ``scale`` is a number a scale may be: an int or float (not a bool), or a NumPy
-    integer or float scalar. Eager validation and the compiled trace both ask this."""
+    integer or float scalar. Eager validation asks this, and the compiled trace of every scale
+    that is not a NumPy one."""
     t = type(scale)
     return (t is not bool and isinstance(scale, (int, float))) or (t.__module__ == "numpy" and t.__name__ in NUMPY_REALS)
 
