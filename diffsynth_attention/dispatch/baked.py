@@ -347,15 +347,18 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     dims_text = None if dims is None else ",".join(f"{a}={int(n)}" for a, n in dims.items())
     if scale is not None:  # validated as eager validates it (problem.prepare) before float() could accept it
         # Dynamo traces a NumPy scalar (1 / np.sqrt(d) is a np.float64) as a 0-d ndarray whose
-        # dtype it cannot read: taken as a number, as plain SDPA's compile takes it (np.bool_ too,
-        # which eager refuses: the one difference)
+        # dtype it cannot read: a number by float(), as plain SDPA's compile takes it, and its kind
+        # by .item()'s type (after float(), which would read the .item() value), so that a np.bool_
+        # is refused as eager refuses it (request.scale_number); a NumPy complex fails in .item()
         if isinstance(scale, torch.Tensor):  # its value, as plain SDPA's compile reads it: data-dependent (a
             scale = scalar_scale(scale)  # graph break; refused under fullgraph), eager then converts it
         numpy = type(scale).__module__ == "numpy"
         if isinstance(scale, bool) or not (numpy or scale_number(scale)):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
         if numpy:
-            scale = float(scale)
+            scale, kind = float(scale), type(scale.item())
+            if kind is bool:
+                raise TypeError("scale must be a number or None, got bool")
         # a symbolic scale (Dynamo makes a float argument symbolic once it changes; dynamic=True any
         # number) is specialized, as plain SDPA's compile does: the bake takes constants
         if not _static_value(scale):

@@ -196,6 +196,25 @@ def test_a_numpy_scale_compiles_where_plain_sdpa_compiles_it(kind, fullgraph):
         assert isinstance(auto, torch.Tensor)
 
 
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph-breaks"])
+def test_a_compiled_call_refuses_a_numpy_bool_scale_as_eager_does(fullgraph):
+    """Before: the trace took every NumPy scale by ``float()``, so ``scale=np.True_`` ran as 1.0
+    where the eager call raises a TypeError naming scale (and under fullgraph failed in sympy
+    with an AssertionError). Now the trace reads the scalar's kind and refuses it: the eager
+    error where the frame runs eagerly, Dynamo's error carrying it under fullgraph."""
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv(b=1, hq=2, sq=16)
+    with pytest.raises(TypeError, match="scale must be a number or None, got bool"):
+        da.attention_forward(q, k, v, scale=np.True_)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, scale=np.True_), fullgraph=fullgraph)
+    with pytest.raises(TypeError if not fullgraph else Exception) as got:
+        fn(q, k, v)
+    assert not isinstance(got.value, AssertionError)
+    if not fullgraph:
+        assert "scale must be a number or None, got bool" in str(got.value)
+
+
 def _refused_calls():
     (q, k, v), _ = bsnd(s=16, d=8)
     return {
