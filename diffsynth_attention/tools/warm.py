@@ -77,12 +77,15 @@ def warm(shapes: list, device: torch.device, dtype=None, layout: str = "b n s d"
 
     Runs under ``use_backend("auto")``: ``DIFFSYNTH_ATTENTION_IMPLEMENTATION`` (and any scope of
     the caller) does not stop it from tuning. A problem already decided is answered from the
-    cache (:func:`known`)."""
+    cache (:func:`known`). Always at the ``exact`` quality tier, whatever
+    ``DIFFSYNTH_ATTENTION_QUALITY`` or the caller's scope says: its inputs are random, and a
+    low-precision tier gates its candidates only on a pipeline's own activations (docs/quality.md)."""
     from ..api import explain
+    from ..tiers import EXACT, quality
 
     results, loads_started = [], False
     g = None
-    with use_backend("auto"):
+    with use_backend("auto"), quality(EXACT):
         for shape in shapes:
             info = known(shape, device, dtype, layout)
             if info is None:
