@@ -96,3 +96,28 @@ def test_the_fp8_backend_is_unavailable_with_a_reason_without_cuda():
     why = backend.unavailable_reason()
     assert why is not None and ("CUDA" in why or "not installed" in why)
     assert backend.low_precision and not backend.exact and REGISTRY["sage_attention"].low_precision
+
+
+def test_a_plan_is_of_the_tier_its_signature_read(isolated, monkeypatch):
+    """DIFFSYNTH_ATTENTION_QUALITY is process-wide: another thread may set it while this one plans
+    a call. The plan is stored under the signature read before planning, so it must be of that
+    signature's tier; a fast plan stored under the exact signature served every later exact call
+    at the fast tier (the tier was read again while planning)."""
+    import diffsynth_attention.dispatch.dispatcher as dispatcher_module
+
+    install_fp8(monkeypatch)
+    c = case(88)
+    real = dispatcher_module.prepare_request
+
+    def another_thread_sets_the_variable(*args, **kwargs):  # between the signature and the plan
+        monkeypatch.setattr(dispatcher_module, "prepare_request", real)
+        monkeypatch.setenv(tiers.QUALITY, "fast")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(dispatcher_module, "prepare_request", another_thread_sets_the_variable)
+    da.attention_forward(c.q, c.k, c.v)  # planned under the exact signature
+    monkeypatch.delenv(tiers.QUALITY)
+    Calls.log.clear()
+    for _ in range(2):
+        da.attention_forward(c.q, c.k, c.v)
+    e = da.explain(c.q, c.k, c.v)
+    assert "quality" not in e.key and e.candidates[NAME]["status"] == "unsupported" and Calls.log == []
