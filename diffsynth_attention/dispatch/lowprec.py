@@ -244,10 +244,17 @@ def watched(d, run, decision: Decision, key, call, grad: bool):
     if b is None or every == 0:
         return run
 
+    instead = []  # the best exact backend's runner, once this decision has fallen back
+
     def checked(q, k, v, mask, scale):
+        if state.fell_back:  # a plan of the decision that fell back (one planned while it fell back, by another
+            if not instead:  # thread, is stored after the fallback dropped the key's plans): the exact backend serves
+                instead.append(make_runner(REGISTRY[best_exact(decision)], call, grad))
+            d.invalidate(key.id)  # and the next call plans again, from the stored fallback
+            return instead[0](q, k, v, mask, scale)
         out = run(q, k, v, mask, scale)
         state.calls += 1
-        if state.calls < state.next_check or state.fell_back:
+        if state.calls < state.next_check:
             return out
         if not state.checking.acquire(blocking=False):  # another thread's check is running: that one counts
             return out

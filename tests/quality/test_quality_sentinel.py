@@ -250,3 +250,24 @@ def test_a_check_another_thread_is_running_is_not_run_twice(isolated, monkeypatc
         assert state.checks == 1 and state.calls == 2
         da.attention_forward(c.q, c.k, c.v)  # the next call after it checks again
     assert state.checks == 2
+
+
+def test_a_plan_of_the_decision_that_fell_back_serves_the_exact_backend(isolated, monkeypatch):
+    """A thread that planned the key from the low-precision decision while another thread's check
+    fell back stores its plan after the fallback dropped the key's plans: that stale plan must not
+    go on serving the low-precision kernel, unwatched (its sentinel has fallen back: no check runs)."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    benign, drifted = case("rotary", 152), case("outliers_20x_k_mean", 152)
+    choose_fp8(benign)
+    d = default_dispatcher()
+    with da.quality("fast"):
+        da.attention_forward(benign.q, benign.k, benign.v)
+        [(sig, stale)] = [(s, p) for s, p in d.plans.items() if p.backend == NAME]
+        da.attention_forward(drifted.q, drifted.k, drifted.v)  # the check falls back: the key's plans dropped
+        d._store_plan(sig, stale)  # the other thread's plan, stored now
+        Calls.log.clear()
+        out = da.attention_forward(drifted.q, drifted.k, drifted.v)
+        assert Calls.log == []
+        assert da.explain(drifted.q, drifted.k, drifted.v).backend != NAME
+    assert fuzz.errors(out, fuzz.reference(drifted.q, drifted.k, drifted.v))["rel_l1"] < 5e-3
