@@ -20,7 +20,7 @@ import json
 import logging
 import sys
 
-from .cli_common import Failure
+from .cli_common import Failure, Usage
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -135,6 +135,10 @@ def cmd_cache_verify(args) -> int:
         decisions = [d for d in dispatcher.store.entries().values() if match is None or match(d)]
     if args.key and not decisions:
         raise Failure(f"no decision has a key id starting with {args.key}")
+    if args.key and len(decisions) > 1:  # one problem: a prefix of several ids is ambiguous
+        raise Usage(f"--key {args.key} is the start of {len(decisions)} key ids ("
+                    + ", ".join(sorted(d.key_id for d in decisions)[:5]) + (", ..." if len(decisions) > 5 else "")
+                    + "): give more of the one to verify")
     rows = verify(dispatcher, decisions, device, fix=args.fix)
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
