@@ -358,7 +358,8 @@ class Dispatcher(ModePlans):
             and REGISTRY[n].unavailable_reason() is None
         )
         name = order[0][1] if order else "torch"
-        return Plan(make_runner(REGISTRY[name], call, grad), name, PlanSource.FALLBACK, key, call, grad, decision)
+        run = lowprec.stand_in(self, make_runner(REGISTRY[name], call, grad), name, decision, key, call, grad)
+        return Plan(run, name, PlanSource.FALLBACK, key, call, grad, decision)
 
     def plan_for(self, req: Request, impl_raw, grad: bool) -> Plan:
         """The plan for a call: from the table, else built (and stored, unless provisional)."""

@@ -20,7 +20,7 @@ import torch
 from .. import config, process, tiers
 from ..backends import REGISTRY
 from ..states import TIMED
-from ..store.decision import CHOSEN, REJECTED, Decision
+from ..store.decision import ACCEPTED, CHOSEN, REJECTED, Decision
 from ..tuning.reference import cosine, gate_heads, reference_slice, relative_l1
 from .runners import make_runner
 
@@ -285,6 +285,18 @@ def watched(d, run, decision: Decision, key, call, grad: bool):
         new = fall_back(d, decision, state, rel, cos, why)
         return make_runner(REGISTRY[new.backend], call, grad)(q, k, v, mask, scale)
     return checked
+
+
+def stand_in(d, run, name: str, decision: Decision, key, call, grad: bool):
+    """``run`` of ``name``, standing in for ``decision``'s backend (dropped for the key in this
+    process): a low-precision one of a quality tier is watched as its own decision would be (its
+    sentinel's fallback stores it rejected, and the next plan demotes to an exact backend); every
+    other one is bound as it is."""
+    if not (REGISTRY[name].low_precision and "quality" in key.fields):
+        return run
+    cands = {n: dataclasses.replace(c, status=ACCEPTED) if c.status == CHOSEN else c for n, c in decision.candidates.items()}
+    cands[name] = dataclasses.replace(cands[name], status=CHOSEN)
+    return watched(d, run, decision.replace(backend=name, candidates=cands), key, call, grad)
 
 
 def explain_quality(d, plan) -> Optional[dict]:

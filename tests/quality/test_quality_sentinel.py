@@ -271,3 +271,26 @@ def test_a_plan_of_the_decision_that_fell_back_serves_the_exact_backend(isolated
         assert Calls.log == []
         assert da.explain(drifted.q, drifted.k, drifted.v).backend != NAME
     assert fuzz.errors(out, fuzz.reference(drifted.q, drifted.k, drifted.v))["rel_l1"] < 5e-3
+
+
+def test_a_low_precision_stand_in_for_a_dropped_backend_is_watched(isolated, monkeypatch):
+    """The decided exact backend fails once at run time (a retry passes): it is dropped for the key
+    in this process and the decision's next best serves. Where that is the low-precision candidate,
+    its sentinel watches it as it watches a low-precision decision (it served unwatched)."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    benign, drifted = case("rotary", 160), case("outliers_20x_k_mean", 160)
+    with da.quality("fast"):
+        e = da.explain(benign.q, benign.k, benign.v)
+    d = default_dispatcher()
+    cands = {n: dataclasses.replace(x, time_ms=1e-6) if n == NAME else x for n, x in e.decision.candidates.items()}
+    d.store.put(dataclasses.replace(e.decision, candidates=cands))  # the FP8 candidate: the runner-up
+    assert e.decision.backend != NAME and e.candidates[NAME]["status"] in ("accepted", "slower")
+    d.dropped[e.key_id] = {e.decision.backend: "failed at run time (once; a retry passed)"}  # as faults.after_failure
+    d.invalidate(e.key_id)
+    with da.quality("fast"):
+        out = da.attention_forward(drifted.q, drifted.k, drifted.v)
+        after = da.explain(drifted.q, drifted.k, drifted.v)
+    assert after.backend != NAME and after.candidates[NAME]["status"] == "rejected"
+    assert after.decision.quality["fallback"]["from"] == NAME
+    assert fuzz.errors(out, fuzz.reference(drifted.q, drifted.k, drifted.v))["rel_l1"] < 5e-3
