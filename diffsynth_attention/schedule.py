@@ -7,12 +7,14 @@ Both call ``pipe.scheduler.set_timesteps(...)`` once per generation and
 step. :func:`step_schedule` wraps the two methods on that scheduler instance (nothing else),
 counts the steps, and sets the quality scope (:func:`diffsynth_attention.tiers.quality`) for the
 next step's forwards; on exit both methods and the scope are restored. The scope is per thread
-and per task, so run the pipeline in the thread (or task) that opened the block.
+and per task, so run the pipeline in the thread (or task) that opened the block, or in a copy of
+its context (``asyncio.to_thread``); a step in another thread's own context sets no scope there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from typing import Iterator, Optional
 
@@ -66,6 +68,9 @@ def _located(scheduler, args: tuple, kwargs: dict) -> Optional[int]:
 
 
 _WRAPPED = ("step", "set_timesteps", "set_begin_index")
+# the schedules open in this context: a step the scheduler takes in another thread's own context
+# sets no scope there (the block's end could not reset it: it would outlive the block)
+_open: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention_step_schedules", default=frozenset())
 
 
 @contextlib.contextmanager
@@ -98,6 +103,7 @@ def step_schedule(pipe: object, exact_first: int = 2, exact_last: int = 2, tier:
     state = StepState()
     skipped = [0]  # leading timesteps the loop does not run (diffusers' img2img and video-to-video slice them off)
     stepped = [False]  # whether this generation has stepped yet
+    warned: list = []
 
     def tier_for(i: int) -> str:
         total = total_steps or _steps(scheduler)
@@ -111,7 +117,13 @@ def step_schedule(pipe: object, exact_first: int = 2, exact_last: int = 2, tier:
     def begin(i: int) -> None:
         state.step = i
         current = tier_for(i)
-        tiers.enter(current)  # reset to the token taken on entry when the block ends
+        if state in _open.get():  # the block's context (or a copy of it: asyncio.to_thread, a task)
+            tiers.enter(current)  # reset to the token taken on entry when the block ends
+        elif not warned:  # another thread's own context, which the block's end cannot reset: no scope set there
+            warned.append(True)
+            logger.warning("step_schedule: %s steps in another thread than the block's (a thread pool?); its "
+                           "steps run unscheduled there (run the pipeline in the block's thread, or through "
+                           "asyncio.to_thread or contextvars.copy_context().run)", type(pipe).__name__)
         if len(state.tiers) > i:  # the step's tier told again (its begin index came after set_timesteps)
             del state.tiers[i:]
         state.tiers.append(current)
@@ -165,6 +177,7 @@ def step_schedule(pipe: object, exact_first: int = 2, exact_last: int = 2, tier:
     if inner_begin is not None and callable(inner_begin):
         installed["set_begin_index"] = set_begin_index
     token = tiers.enter(tiers.current())
+    opened = _open.set(_open.get() | {state})
     for name, fn in installed.items():
         setattr(scheduler, name, fn)
     try:
@@ -176,6 +189,7 @@ def step_schedule(pipe: object, exact_first: int = 2, exact_last: int = 2, tier:
                 setattr(scheduler, name, own[name])
             else:
                 scheduler.__dict__.pop(name, None)
+        _open.reset(opened)
         tiers.leave(token)
         if pipe is not scheduler and getattr(pipe, "scheduler", scheduler) is not scheduler:
             logger.warning("step_schedule: %s replaced its scheduler inside the block (DiffSynth-Studio's LTX-2 does in its "

@@ -104,3 +104,43 @@ def test_a_pipeline_that_replaces_its_scheduler_is_told(caplog):
     with da.step_schedule(pipe, exact_first=1, exact_last=1):
         pipe.scheduler = diffsynth_scheduler()
     assert "replaced its scheduler" in caplog.text
+
+
+def run_steps(pipe, steps, stop_at=None):
+    """diffsynth's loop, stopped by an error at step ``stop_at`` (an interrupted generation)."""
+    pipe.scheduler.set_timesteps(steps)
+    latents = torch.randn(1, 4)
+    for i, t in enumerate(pipe.scheduler.timesteps):
+        if i == stop_at:
+            raise KeyboardInterrupt("stopped")
+        latents = pipe.scheduler.step(pipe.dit(latents), t, latents)
+
+
+def test_a_pipeline_run_in_a_pool_thread_leaves_no_scope_there(caplog):
+    """A thread pool's thread has a context of its own, which the block's end cannot reset: the
+    steps taken there set no scope (a generation stopped mid-way left the fast tier in force in that
+    thread, for every later call it ran, long after the block), and a warning says why."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = Pipe(diffsynth_scheduler())
+    with ThreadPoolExecutor(1) as pool:
+        with da.step_schedule(pipe, exact_first=1, exact_last=1):
+            stopped = pool.submit(run_steps, pipe, 6, 3).exception()
+        assert isinstance(stopped, KeyboardInterrupt)
+        assert pool.submit(da.current_quality).result() == "exact"
+    assert "another thread" in caplog.text
+
+
+def test_a_pipeline_run_through_asyncio_to_thread_is_scheduled():
+    """asyncio.to_thread runs the pipeline in a copy of the block's context: scheduled, and the
+    copy's scopes end with it."""
+    import asyncio
+
+    pipe = Pipe(diffsynth_scheduler())
+
+    async def main():
+        with da.step_schedule(pipe, exact_first=1, exact_last=1):
+            await asyncio.to_thread(run_steps, pipe, 5)
+        return da.current_quality()
+    assert asyncio.run(main()) == "exact"
+    assert pipe.dit.seen == expected(5, 1, 1)
