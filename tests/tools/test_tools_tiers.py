@@ -59,3 +59,21 @@ def test_verify_fix_clears_a_low_precision_tier_decision_for_the_next_real_call(
     with da.quality("fast"):
         again = da.explain(c.q, c.k, c.v)  # the next real call gates it on its own data
     assert again.source == "tuned" and again.key_id == e.key_id
+
+
+def test_warm_re_times_a_provisional_decision_on_a_quiet_host(isolated, monkeypatch):
+    """A provisional decision (too noisy to confirm where it was tuned) is re-timed by a later
+    process at its first quiet opportunity: a quiet warm is one (it answered it from the cache)."""
+    from diffsynth_attention.tuning.policy import TuningPolicy
+
+    [(_, first)] = warm([SHAPE], torch.device("cpu"))
+    d = default_dispatcher()
+    d.store.put(first.decision.replace(provisional=True))
+    d.reset()
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_RETIME", "on")
+    monkeypatch.setattr(d, "policy", TuningPolicy(quiet=lambda: False))
+    [(_, loaded)] = warm([SHAPE], torch.device("cpu"))
+    assert loaded.source == "cache" and loaded.decision.provisional  # a loaded host: served as it is
+    monkeypatch.setattr(d, "policy", TuningPolicy(quiet=lambda: True))
+    [(_, quiet)] = warm([SHAPE], torch.device("cpu"))
+    assert quiet.source == "tuned" and d.stats()["tunings"] == 1
