@@ -132,6 +132,7 @@ class Sentinel:
     next_check: int = 0
     last_batch: Optional[int] = None
     last_heads: Optional[list] = None
+    position: int = 0  # the slice the next check measures (check_slice): moves on past a skipped one too
     checking: object = dataclasses.field(default_factory=process.new_lock, repr=False, compare=False)
 
     def as_dict(self) -> dict:
@@ -262,8 +263,9 @@ def watched(d, run, decision: Decision, key, call, grad: bool):
             if state.calls < state.next_check:  # that thread's check ran meanwhile
                 return out
             t0 = time.perf_counter()
-            got = measure(call, q, k, v, mask, scale, out, state.checks)  # reads two floats: the device is synchronised
-            if got is None:  # the caller's data is not finite: checked again a period later
+            got = measure(call, q, k, v, mask, scale, out, state.position)  # reads two floats: the device is synchronised
+            state.position += 1  # a batch element that stays non-finite does not hide the others
+            if got is None:  # the caller's data is not finite: checked again a period later, on the next slice
                 state.next_check = state.calls + state.every
                 return out
             rel, cos, state.last_batch, state.last_heads = got

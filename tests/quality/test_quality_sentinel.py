@@ -294,3 +294,26 @@ def test_a_low_precision_stand_in_for_a_dropped_backend_is_watched(isolated, mon
     assert after.backend != NAME and after.candidates[NAME]["status"] == "rejected"
     assert after.decision.quality["fallback"]["from"] == NAME
     assert fuzz.errors(out, fuzz.reference(drifted.q, drifted.k, drifted.v))["rel_l1"] < 5e-3
+
+
+def test_a_batch_element_that_stays_non_finite_does_not_hide_the_others(isolated, monkeypatch):
+    """One element of a batch of two went NaN (an fp16 overflow, say) and stays NaN; the other
+    drifts. A skipped check moves on to the next slice: before, it measured the NaN element again
+    at every period, so the other element was never watched."""
+    import types
+
+    import torch
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    good = fuzz.make_case("g", seq=168, heads=2, rotary=True)
+    bad = fuzz.make_case("b", seq=168, heads=2, **fuzz.SUITE["outliers_20x_k_mean"])
+    choose_fp8(types.SimpleNamespace(**{n: torch.cat([getattr(good, n)] * 2) for n in "qkv"}))
+    nan_q = good.q.clone()
+    nan_q[0, 0, 3, 1] = float("nan")
+    mixed = [torch.cat([nan_q, bad.q]), torch.cat([good.k, bad.k]), torch.cat([good.v, bad.v])]
+    with da.quality("fast"):
+        for _ in range(4):
+            da.attention_forward(*mixed)
+        e = da.explain(*mixed)
+    assert e.backend != NAME and e.decision.quality["fallback"]["from"] == NAME
