@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 from typing import Iterator, Optional
 
@@ -171,11 +172,13 @@ def step_schedule(pipe: object, exact_first: int = 2, exact_last: int = 2, tier:
             rv = rv[:2] + (plain,) + rv[3:]
         return rv
 
-    installed = {"step": step, "__reduce_ex__": reduce_ex}
+    # each wrapper has its method's name, text and signature (inspect.signature follows __wrapped__):
+    # diffusers' retrieve_timesteps passes sigmas= or timesteps= only where set_timesteps names them
+    installed = {"step": functools.wraps(inner_step)(step), "__reduce_ex__": reduce_ex}
     if inner_set is not None:
-        installed["set_timesteps"] = set_timesteps
+        installed["set_timesteps"] = functools.wraps(inner_set)(set_timesteps)
     if inner_begin is not None and callable(inner_begin):
-        installed["set_begin_index"] = set_begin_index
+        installed["set_begin_index"] = functools.wraps(inner_begin)(set_begin_index)
     token = tiers.enter(tiers.current())
     opened = _open.set(_open.get() | {state})
     for name, fn in installed.items():

@@ -144,3 +144,27 @@ def test_a_pipeline_run_through_asyncio_to_thread_is_scheduled():
         return da.current_quality()
     assert asyncio.run(main()) == "exact"
     assert pipe.dit.seen == expected(5, 1, 1)
+
+
+def test_diffusers_retrieve_timesteps_with_custom_sigmas():
+    """diffusers' pipelines that pass their own sigmas (HunyuanVideo, Flux, LTX-2, QwenImage...) set
+    them through retrieve_timesteps, which asks inspect.signature(scheduler.set_timesteps) whether
+    it takes ``sigmas``: the wrapper has the method's signature (it had (*args, **kwargs): a
+    ValueError, "does not support custom sigmas schedules")."""
+    import inspect
+
+    import numpy as np
+    import pytest
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    retrieve = pytest.importorskip("diffusers.pipelines.kandinsky6.pipeline_kandinsky6_sr").retrieve_timesteps
+    pipe = Pipe(FlowMatchEulerDiscreteScheduler())
+    want = inspect.signature(pipe.scheduler.set_timesteps)
+    with da.step_schedule(pipe, exact_first=1, exact_last=1) as state:
+        assert inspect.signature(pipe.scheduler.set_timesteps) == want
+        timesteps, steps = retrieve(pipe.scheduler, 5, "cpu", sigmas=np.linspace(1.0, 0.2, 5))
+        latents = torch.randn(1, 4)
+        for t in timesteps:
+            latents = pipe.scheduler.step(pipe.transformer(latents), t, latents, return_dict=False)[0]
+        assert steps == 5 and state.total == 5
+    assert pipe.transformer.seen == expected(5, 1, 1)
