@@ -60,6 +60,10 @@ def head_errors(out_b0, qc, kc, vc, mask4, scale, causal: bool, window, rows: in
         return [(relative_l1(out_b0[h], ref[i]), cosine(out_b0[h], ref[i])) for i, h in enumerate(heads)]
 
 
+NOT_FINITE = ("the tuning call's q/k/v are not finite: a low-precision kernel is gated only on the caller's own "
+              "activations")
+
+
 def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple, call=None, mask4=None) -> tuple:
     """(``bounds`` for :func:`tuning.tuner.tune`, the evidence dict they fill, the usable backends
     and the unsupported ones' reasons). A check passes a low-precision candidate when, on the
@@ -79,8 +83,7 @@ def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple, call=Non
         if not backend.low_precision:
             continue
         if not inputs_finite:  # the tuner would gate on random stand-ins: never for a low-precision kernel
-            refused[backend.name] = ["the tuning call's q/k/v are not finite: a low-precision kernel is gated only "
-                                     "on the caller's own activations"]
+            refused[backend.name] = [NOT_FINITE]
             continue
 
         def check(out, ref, out_all=None, name=backend.name):
@@ -106,11 +109,18 @@ def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple, call=Non
 
 
 def annotate(decision: Decision, tier: str, evidence: dict) -> Decision:
-    """Record the tier, its bound and the gate's evidence in a decision of a low-precision tier."""
+    """Record the tier, its bound and the gate's evidence in a decision of a low-precision tier. One
+    whose low-precision candidates could not be gated (q, k or v not finite) is provisional: never final."""
     b = tiers.bound(tier)
     if b is None:
         return decision
-    return dataclasses.replace(decision, quality={"tier": tier, "bound": b.as_dict(), "gate": dict(evidence), "fallback": None})
+    decision = dataclasses.replace(decision, quality={"tier": tier, "bound": b.as_dict(), "gate": dict(evidence), "fallback": None})
+    blind = sorted(n for n, c in decision.candidates.items() if c.reason == NOT_FINITE)
+    if blind:  # not gated at all: a later quiet process (or `cache verify --fix`) gates them on finite data
+        note = f"provisional: {', '.join(blind)} not gated (the tuning call's q/k/v were not finite)"
+        decision = dataclasses.replace(decision, provisional=True,
+                                       confirmation=f"{decision.confirmation}; {note}" if decision.confirmation else note)
+    return decision
 
 
 # -- the sentinel -------------------------------------------------------------------------------
