@@ -121,3 +121,40 @@ def test_a_plan_is_of_the_tier_its_signature_read(isolated, monkeypatch):
         da.attention_forward(c.q, c.k, c.v)
     e = da.explain(c.q, c.k, c.v)
     assert "quality" not in e.key and e.candidates[NAME]["status"] == "unsupported" and Calls.log == []
+
+
+def test_quality_decorates_functions_and_coroutine_functions_and_serves_async_with():
+    """``@quality("fast")`` on an ``async def`` ran its body at the caller's tier (the decorator's
+    block ended when the coroutine object was made, before it ran); now the body runs at the tier.
+    A generator function is refused (its scope would leak between its yields); a block is entered once."""
+    import asyncio
+
+    import pytest
+
+    @da.quality("fast")
+    async def denoise():
+        await asyncio.sleep(0)
+        return da.current_quality()
+
+    @da.quality("balanced")
+    def encode():
+        return da.current_quality()
+
+    async def main():
+        async with da.quality("balanced"):
+            inside = da.current_quality()
+        return inside, da.current_quality()
+    assert asyncio.run(denoise()) == "fast"
+    assert asyncio.run(main()) == ("balanced", "exact")
+    assert encode() == "balanced" and encode() == "balanced" and da.current_quality() == "exact"
+    with pytest.raises(TypeError, match="generator"):
+        @da.quality("fast")
+        def frames():
+            yield da.current_quality()
+    block = da.quality("fast")
+    with block:
+        pass
+    with pytest.raises(RuntimeError, match="once"):
+        with block:
+            pass
+    assert da.current_quality() == "exact"
