@@ -43,6 +43,13 @@ def _steps(scheduler) -> Optional[int]:
         return None
 
 
+def _order(scheduler) -> int:
+    """How many ``step()`` calls (model evaluations) one denoising step takes: diffusers' ``order``
+    (2 for Heun and KDPM2, whose ``timesteps`` repeat each but the first), else 1."""
+    order = getattr(scheduler, "order", 1)
+    return order if isinstance(order, int) and not isinstance(order, bool) and order >= 1 else 1
+
+
 def _position(scheduler) -> Optional[int]:
     """Where the scheduler itself is in its ``timesteps`` (diffusers' ``step_index``: the next step's
     index), else None."""
@@ -86,7 +93,9 @@ def step_schedule(pipe: object, exact_first: int = 2, exact_last: int = 2, tier:
         with da.step_schedule(pipe, exact_first=3, exact_last=2, tier="fast"):
             video = pipe(prompt, num_inference_steps=50)
 
-    A denoising step is a position in the scheduler's ``timesteps``: diffusers' ``step_index``, or,
+    Steps are denoising steps: a second-order scheduler (diffusers' Heun, ``order`` 2) calls the
+    model twice a step, both calls at the step's tier. A scheduler call is located in the
+    scheduler's ``timesteps`` by diffusers' ``step_index``, or,
     for a scheduler without one (DiffSynth-Studio's), the timestep ``step()`` was given, so that a
     second ``step()`` on the same timestep (LTX-2's and MOVA's audio latents after the video's) is
     the same step. A copy of the scheduler (diffusers' LTX-2 pipelines deep-copy it for their audio
@@ -106,12 +115,14 @@ def step_schedule(pipe: object, exact_first: int = 2, exact_last: int = 2, tier:
     stepped = [False]  # whether this generation has stepped yet
     warned: list = []
 
-    def tier_for(i: int) -> str:
-        total = total_steps or _steps(scheduler)
-        if total is not None and total_steps is None:
-            total -= skipped[0]
+    def tier_for(i: int) -> str:  # i: the loop's scheduler call about to run
+        order = _order(scheduler)  # model calls per denoising step (diffusers' Heun: 2, over t0 | t1 t1 | t2 t2 ...)
+        first = (skipped[0] + order - 1) // order  # the denoising step the loop starts at
+        at = (i + skipped[0] + order - 1) // order - first
+        n = None if total_steps else _steps(scheduler)
+        total = total_steps or (None if n is None else (n + order - 1) // order - first)
         state.total = total
-        if i < exact_first or (total is not None and i >= total - exact_last):
+        if at < exact_first or (total is not None and at >= total - exact_last):
             return tiers.EXACT
         return value
 

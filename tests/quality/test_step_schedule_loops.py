@@ -169,3 +169,20 @@ def test_diffusers_retrieve_timesteps_with_custom_sigmas():
             latents = pipe.scheduler.step(pipe.transformer(latents), t, latents, return_dict=False)[0]
         assert steps == 5 and state.total == 5
     assert pipe.transformer.seen == expected(5, 1, 1)
+
+
+def test_a_second_order_scheduler_runs_both_calls_of_a_step_at_its_tier():
+    """diffusers' HeunDiscreteScheduler (``order`` 2) calls the model twice a denoising step over
+    ``timesteps`` t0 | t1 t1 | t2 t2 ...: exact_first=2 is the first two steps, all three calls
+    (before, two calls; the second step's corrector ran fast, its predictor exact)."""
+    from diffusers import HeunDiscreteScheduler
+
+    pipe = Pipe(HeunDiscreteScheduler())
+    with da.step_schedule(pipe, exact_first=2, exact_last=3) as state:
+        pipe.scheduler.set_timesteps(7)
+        latents = torch.randn(1, 4)
+        for t in pipe.scheduler.timesteps:
+            latents = pipe.scheduler.step(pipe.transformer(latents), t, latents, return_dict=False)[0]
+        assert state.total == 7
+    per_step = expected(7, 2, 3)
+    assert pipe.transformer.seen == [per_step[(p + 1) // 2] for p in range(13)]
