@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .. import config, process, tiers
+from ..callsite import in_graph
 from ..backends import REGISTRY
 from ..states import TIMED
 from ..store.decision import ACCEPTED, CHOSEN, REJECTED, Decision
@@ -267,6 +268,8 @@ def watched(d, run, decision: Decision, key, call, grad: bool):
         state.calls += 1
         if state.calls < state.next_check:
             return out
+        if in_graph(q.device.type):  # a CUDA graph being captured (or a trace): no synchronising there; the
+            return out  # next call outside it checks (replays of a captured graph run no check: docs/quality.md)
         if not state.checking.acquire(blocking=False):  # another thread's check is running: that one counts
             return out
         try:

@@ -317,3 +317,25 @@ def test_a_batch_element_that_stays_non_finite_does_not_hide_the_others(isolated
             da.attention_forward(*mixed)
         e = da.explain(*mixed)
     assert e.backend != NAME and e.decision.quality["fallback"]["from"] == NAME
+
+
+def test_no_check_runs_while_a_cuda_graph_is_captured(isolated, monkeypatch):
+    """A check reads two numbers back (a device synchronisation), which a CUDA graph capture
+    refuses ("operation not permitted when stream is capturing"): a check that falls due during a
+    capture waits for the next call outside it. (Simulated on the CPU: callsite.capturing() says so.)"""
+    from diffsynth_attention import callsite
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    benign, drifted = case("rotary", 176), case("outliers_20x_k_mean", 176)
+    key_id = choose_fp8(benign)
+    state = None
+    with da.quality("fast"):
+        da.attention_forward(benign.q, benign.k, benign.v)  # planned (outside a capture), checked once
+        state = default_dispatcher().sentinels[key_id]
+        monkeypatch.setattr(callsite, "capturing", lambda device_type: True)
+        da.attention_forward(drifted.q, drifted.k, drifted.v)  # captured: its check waits
+        assert state.checks == 1 and not state.fell_back
+        monkeypatch.setattr(callsite, "capturing", lambda device_type: False)
+        da.attention_forward(drifted.q, drifted.k, drifted.v)
+    assert state.checks == 2 and state.fell_back
