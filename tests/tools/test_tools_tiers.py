@@ -77,3 +77,19 @@ def test_warm_re_times_a_provisional_decision_on_a_quiet_host(isolated, monkeypa
     monkeypatch.setattr(d, "policy", TuningPolicy(quiet=lambda: True))
     [(_, quiet)] = warm([SHAPE], torch.device("cpu"))
     assert quiet.source == "tuned" and d.stats()["tunings"] == 1
+
+
+def test_cli_explain_answers_for_the_exact_tier(isolated, monkeypatch, capsys):
+    """`diffsynth-attention explain` makes random inputs too: with the variable left at fast it
+    gated FP8 on them and stored the fast key's decision, which a pipeline's first real call then
+    found in the cache (never gated on its own data)."""
+    import json
+
+    from diffsynth_attention.tools.cli import main
+
+    install_fp8(monkeypatch)
+    monkeypatch.setenv(tiers.QUALITY, "fast")
+    assert main(["explain", "--heads", "2", "--seq-q", "64", "--head-dim", "64", "--device", "cpu", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert Calls.log == [] and "quality" not in doc["key"]
+    assert [d.key.get("quality") for d in default_dispatcher().store.entries().values()] == [None]
