@@ -257,13 +257,15 @@ class Dispatcher(ModePlans):
         return None
 
     def build_plan(self, req: Request, impl_raw, grad: bool, may_tune: Optional[bool] = None,
-                   tune_on: Optional[Callable] = None, mode: str = EAGER) -> Optional[Plan]:
+                   tune_on: Optional[Callable] = None, mode: str = EAGER, tier_read: Optional[tuple] = None) -> Optional[Plan]:
         """Validate ``req`` and choose its backend (:meth:`resolve`, then tuning if the key is new).
 
         ``may_tune``: whether tuning may run (default: not while capturing a CUDA graph or
         tracing). ``tune_on``: where the call's tensors are not real (a trace), a function that
         returns a :class:`Request` of real tensors to tune on, or None, in which case an
-        undecided key returns None."""
+        undecided key returns None. ``tier_read``: (quality scope, DIFFSYNTH_ATTENTION_QUALITY's raw
+        value) as the caller's signature read them (default: read here), so that the plan is of the
+        tier of the signature it is stored under, even where another thread sets the variable meanwhile."""
         config.validate_all()  # a bad environment variable raises at the first call, naming it
         call = prepare_request(req, grad)  # the call's one value, from here to the tuner
         plain = call.bare()  # what plans keep: no tensors
@@ -273,7 +275,8 @@ class Dispatcher(ModePlans):
         problem = call.problem
         recording.note(problem)  # where a plan is built: once per call signature, never on the hit path
         dev = device_info(call.q.device)
-        tier = tiers.current()  # the scope's or the variable's: part of the call's signature
+        # the scope's or the variable's, as the call's signature read them
+        tier = tiers.current() if tier_read is None else tiers.tier_of(*tier_read)
         usable, unsupported = candidates(problem, dev)
         key = make_key(problem, dev, usable, tier)  # over every backend declared able, whatever the tier
         usable, unsupported = for_tier(usable, unsupported, tier)
@@ -355,12 +358,14 @@ class Dispatcher(ModePlans):
             and REGISTRY[n].unavailable_reason() is None
         )
         name = order[0][1] if order else "torch"
-        return Plan(make_runner(REGISTRY[name], call, grad), name, PlanSource.FALLBACK, key, call, grad, decision)
+        run = lowprec.stand_in(self, make_runner(REGISTRY[name], call, grad), name, decision, key, call, grad)
+        return Plan(run, name, PlanSource.FALLBACK, key, call, grad, decision)
 
     def plan_for(self, req: Request, impl_raw, grad: bool) -> Plan:
         """The plan for a call: from the table, else built (and stored, unless provisional)."""
+        tier_read = (tiers.scope_get(), tiers.raw())  # read once: the signature's and the plan's tier
         try:
-            sig = req.signature(overrides.scope_get(), impl_raw, grad, tiers.scope_get(), tiers.raw())
+            sig = req.signature(overrides.scope_get(), impl_raw, grad, *tier_read)
             plan = self.plans.get(sig)
             if plan is None:
                 plan = self._provisional.get(sig)
@@ -370,7 +375,7 @@ class Dispatcher(ModePlans):
             sig, plan = None, None
         if plan is not None:
             return plan
-        plan = self.build_plan(req, impl_raw, grad)
+        plan = self.build_plan(req, impl_raw, grad, tier_read=tier_read)
         if plan.counts_hit and plan.decision is not None and self.policy is not None:  # a known decision planned
             self.policy.notify(plan.key, plan.decision, decision_timings(plan.decision), True)
         if sig is not None:

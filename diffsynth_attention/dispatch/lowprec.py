@@ -18,9 +18,10 @@ from typing import Optional
 import torch
 
 from .. import config, process, tiers
+from ..callsite import in_graph
 from ..backends import REGISTRY
 from ..states import TIMED
-from ..store.decision import CHOSEN, REJECTED, Decision
+from ..store.decision import ACCEPTED, CHOSEN, REJECTED, Decision
 from ..tuning.reference import cosine, gate_heads, reference_slice, relative_l1
 from .runners import make_runner
 
@@ -60,6 +61,10 @@ def head_errors(out_b0, qc, kc, vc, mask4, scale, causal: bool, window, rows: in
         return [(relative_l1(out_b0[h], ref[i]), cosine(out_b0[h], ref[i])) for i, h in enumerate(heads)]
 
 
+NOT_FINITE = ("the tuning call's q/k/v are not finite: a low-precision kernel is gated only on the caller's own "
+              "activations")
+
+
 def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple, call=None, mask4=None) -> tuple:
     """(``bounds`` for :func:`tuning.tuner.tune`, the evidence dict they fill, the usable backends
     and the unsupported ones' reasons). A check passes a low-precision candidate when, on the
@@ -79,8 +84,7 @@ def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple, call=Non
         if not backend.low_precision:
             continue
         if not inputs_finite:  # the tuner would gate on random stand-ins: never for a low-precision kernel
-            refused[backend.name] = ["the tuning call's q/k/v are not finite: a low-precision kernel is gated only "
-                                     "on the caller's own activations"]
+            refused[backend.name] = [NOT_FINITE]
             continue
 
         def check(out, ref, out_all=None, name=backend.name):
@@ -106,11 +110,18 @@ def gate_checks(tier: str, usable: list, unsupported: dict, qkv: tuple, call=Non
 
 
 def annotate(decision: Decision, tier: str, evidence: dict) -> Decision:
-    """Record the tier, its bound and the gate's evidence in a decision of a low-precision tier."""
+    """Record the tier, its bound and the gate's evidence in a decision of a low-precision tier. One
+    whose low-precision candidates could not be gated (q, k or v not finite) is provisional: never final."""
     b = tiers.bound(tier)
     if b is None:
         return decision
-    return dataclasses.replace(decision, quality={"tier": tier, "bound": b.as_dict(), "gate": dict(evidence), "fallback": None})
+    decision = dataclasses.replace(decision, quality={"tier": tier, "bound": b.as_dict(), "gate": dict(evidence), "fallback": None})
+    blind = sorted(n for n, c in decision.candidates.items() if c.reason == NOT_FINITE)
+    if blind:  # not gated at all: a later quiet process (or `cache verify --fix`) gates them on finite data
+        note = f"provisional: {', '.join(blind)} not gated (the tuning call's q/k/v were not finite)"
+        decision = dataclasses.replace(decision, provisional=True,
+                                       confirmation=f"{decision.confirmation}; {note}" if decision.confirmation else note)
+    return decision
 
 
 # -- the sentinel -------------------------------------------------------------------------------
@@ -132,6 +143,7 @@ class Sentinel:
     next_check: int = 0
     last_batch: Optional[int] = None
     last_heads: Optional[list] = None
+    position: int = 0  # the slice the next check measures (check_slice): moves on past a skipped one too
     checking: object = dataclasses.field(default_factory=process.new_lock, repr=False, compare=False)
 
     def as_dict(self) -> dict:
@@ -244,19 +256,29 @@ def watched(d, run, decision: Decision, key, call, grad: bool):
     if b is None or every == 0:
         return run
 
+    instead = []  # the best exact backend's runner, once this decision has fallen back
+
     def checked(q, k, v, mask, scale):
+        if state.fell_back:  # a plan of the decision that fell back (one planned while it fell back, by another
+            if not instead:  # thread, is stored after the fallback dropped the key's plans): the exact backend serves
+                instead.append(make_runner(REGISTRY[best_exact(decision)], call, grad))
+            d.invalidate(key.id)  # and the next call plans again, from the stored fallback
+            return instead[0](q, k, v, mask, scale)
         out = run(q, k, v, mask, scale)
         state.calls += 1
-        if state.calls < state.next_check or state.fell_back:
+        if state.calls < state.next_check:
             return out
+        if in_graph(q.device.type):  # a CUDA graph being captured (or a trace): no synchronising there; the
+            return out  # next call outside it checks (replays of a captured graph run no check: docs/quality.md)
         if not state.checking.acquire(blocking=False):  # another thread's check is running: that one counts
             return out
         try:
             if state.calls < state.next_check:  # that thread's check ran meanwhile
                 return out
             t0 = time.perf_counter()
-            got = measure(call, q, k, v, mask, scale, out, state.checks)  # reads two floats: the device is synchronised
-            if got is None:  # the caller's data is not finite: checked again a period later
+            got = measure(call, q, k, v, mask, scale, out, state.position)  # reads two floats: the device is synchronised
+            state.position += 1  # a batch element that stays non-finite does not hide the others
+            if got is None:  # the caller's data is not finite: checked again a period later, on the next slice
                 state.next_check = state.calls + state.every
                 return out
             rel, cos, state.last_batch, state.last_heads = got
@@ -278,6 +300,18 @@ def watched(d, run, decision: Decision, key, call, grad: bool):
         new = fall_back(d, decision, state, rel, cos, why)
         return make_runner(REGISTRY[new.backend], call, grad)(q, k, v, mask, scale)
     return checked
+
+
+def stand_in(d, run, name: str, decision: Decision, key, call, grad: bool):
+    """``run`` of ``name``, standing in for ``decision``'s backend (dropped for the key in this
+    process): a low-precision one of a quality tier is watched as its own decision would be (its
+    sentinel's fallback stores it rejected, and the next plan demotes to an exact backend); every
+    other one is bound as it is."""
+    if not (REGISTRY[name].low_precision and "quality" in key.fields):
+        return run
+    cands = {n: dataclasses.replace(c, status=ACCEPTED) if c.status == CHOSEN else c for n, c in decision.candidates.items()}
+    cands[name] = dataclasses.replace(cands[name], status=CHOSEN)
+    return watched(d, run, decision.replace(backend=name, candidates=cands), key, call, grad)
 
 
 def explain_quality(d, plan) -> Optional[dict]:

@@ -77,12 +77,13 @@ class ModePlans:
         In a low-precision quality tier: None (the run-time operator), so the first real call gates
         the low-precision candidates on its own q, k, v, and the sentinel watches the decision;
         nothing is tuned on random data."""
-        if tiers.current() != tiers.EXACT:
+        tier_read = (tiers.scope_get(), tiers.raw())  # read once: the signature's and the plan's tier
+        if tiers.tier_of(*tier_read) != tiers.EXACT:
             return None
         impl_raw = overrides.implementation_raw()
         mode = mode or _trace_mode()  # given by a caller that knows it (dispatch/baked.py: the compile's own mode)
         try:
-            sig = (mode, req.signature(overrides.scope_get(), impl_raw, grad, tiers.scope_get(), tiers.raw()))
+            sig = (mode, req.signature(overrides.scope_get(), impl_raw, grad, *tier_read))
             plan = self.plans.get(sig)
         except (AttributeError, TypeError):
             sig, plan = None, None
@@ -97,7 +98,8 @@ class ModePlans:
         # this thread builds a graph (in_graph()): a loading package is waited for, not stood in for,
         # and no synthetic decision is re-gated on the fakes; another thread's eager calls meanwhile are eager
         with building_graph():
-            plan = self.build_plan(req, impl_raw, grad, may_tune=config.tuning_enabled(), tune_on=tune_on, mode=mode)
+            plan = self.build_plan(req, impl_raw, grad, may_tune=config.tuning_enabled(), tune_on=tune_on, mode=mode,
+                                   tier_read=tier_read)
         if plan is None:
             return None
         if plan.source == PlanSource.TUNED:

@@ -240,14 +240,15 @@ def cmd_explain(args) -> int:
 
     from ..api import explain
     from ..backends import loading
+    from ..tiers import EXACT, quality
     from .devices import resolve_device
     from .inputs import make_inputs
 
     device = resolve_device(args.device)
     q, k, v, kwargs = make_inputs(shape, device, None, args.layout)
     previous = loading.defer()  # a cached decision is reported without importing its package
-    try:
-        with torch.set_grad_enabled(args.grad):  # --grad: the key of a call that needs gradients
+    try:  # the exact tier, whatever is in force: random inputs never gate a low-precision candidate
+        with torch.set_grad_enabled(args.grad), quality(EXACT):  # --grad: the key of a call that needs gradients
             info = explain(q, k, v, **kwargs)
     finally:
         loading.defer(previous)

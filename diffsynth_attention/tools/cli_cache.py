@@ -119,6 +119,11 @@ def cmd_cache_clear(args) -> int:
     match = decision_filter(args.backend, args.gpu, getattr(args, "key", None))
     if not args.yes and not sys.stdin.isatty():  # a missing flag: a usage error, before any work
         raise Usage("cache clear needs --yes when there is no terminal to ask for confirmation")
+    if getattr(args, "key", None):  # one problem: a prefix of several ids is ambiguous, not all of them
+        found = store.count(match)
+        if found > 1:
+            raise Usage(f"--key {args.key} is the start of {found} key ids: give more of the one to clear "
+                        "(cache show --json lists them)")
     if not args.yes:
         count = store.count(match)
         answer = input(f"Clear {count} decision(s) from {store.path}? [y/N] ").strip().lower()

@@ -7,6 +7,11 @@ new order every round (:func:`~diffsynth_attention.tuning.timing.interleaved`). 
 re-timed candidate is more than ``margin`` (3%) faster than the stored choice. A provisional
 decision (too noisy when it was tuned) is listed as such; ``--fix`` tunes it again, like one that
 no longer holds, with the confirmation step of the tuner deciding what is stored.
+
+Each decision is re-timed and tuned again at its own quality tier (its key's), whatever
+``DIFFSYNTH_ATTENTION_QUALITY`` says. A decision of a low-precision tier is cleared by ``--fix``, not
+tuned again here: its gate runs only on a pipeline's own activations (docs/quality.md), and the
+next real call of its key gates it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import json
 import logging
 import sys
 
-from .cli_common import Failure
+from .cli_common import Failure, Usage
 
 logger = logging.getLogger("diffsynth_attention")
 
@@ -46,6 +51,7 @@ def verify(dispatcher, decisions: list, device, fix: bool = False, samples: int 
     from ..backends import device_info
     from ..overrides import use_backend
     from ..store.decision import DEFAULT_BACKEND, decision_filter
+    from ..tiers import EXACT, quality
     from ..tuning.timing import interleaved
     from .inputs import make_inputs
 
@@ -67,6 +73,8 @@ def verify(dispatcher, decisions: list, device, fix: bool = False, samples: int 
         row["problem"] = f"{shape['batch']}x{shape['heads_q']}x{shape['seq_q']}x{shape['seq_kv']} d{shape['head_dim']} {shape['dtype']}"
         names = [decision.backend] + [n for n in (DEFAULT_BACKEND, decision.runner_up()) if n and n != decision.backend]
 
+        tier = decision.key.get("quality", EXACT)  # the decision's own tier, not the environment's
+
         def forced(name):
             def call():
                 with use_backend(name):
@@ -77,10 +85,11 @@ def verify(dispatcher, decisions: list, device, fix: bool = False, samples: int 
             with use_backend(name):
                 return dispatcher.explain(q, k, v, **kwargs).backend == name
         try:
-            if not serves(decision.backend):
-                raise RuntimeError(f"{decision.backend} cannot serve this call here")
-            names = [n for n in names if n == decision.backend or serves(n)]
-            with torch.no_grad():
+            with quality(tier):  # the key the calls are timed under (their plans: forced backends)
+                if not serves(decision.backend):
+                    raise RuntimeError(f"{decision.backend} cannot serve this call here")
+                names = [n for n in names if n == decision.backend or serves(n)]
+            with torch.no_grad(), quality(tier):
                 times = interleaved({n: forced(n) for n in names}, device, samples=samples,
                                     **({} if clock is None else {"clock": clock}))
         except Exception as exc:  # a backend that cannot run here now: that is the finding
@@ -98,7 +107,11 @@ def verify(dispatcher, decisions: list, device, fix: bool = False, samples: int 
                 row["verdict"] = "holds" + (" (provisional)" if decision.provisional else "")
         if fix and (row["holds"] is False or decision.provisional):
             dispatcher.store.clear(decision_filter(key=decision.key_id))  # its listeners drop the plans
-            info = dispatcher.explain(q, k, v, **kwargs)
+            if tier != EXACT:  # never gated on random inputs: the pipeline's next call of the key gates it
+                row["fixed"] = f"cleared (the next real call at the {tier} tier tunes and gates it)"
+                continue
+            with quality(EXACT):
+                info = dispatcher.explain(q, k, v, **kwargs)
             row["fixed"] = info.backend + (" (provisional)" if info.decision is not None and info.decision.provisional else "")
     return rows
 
@@ -122,6 +135,10 @@ def cmd_cache_verify(args) -> int:
         decisions = [d for d in dispatcher.store.entries().values() if match is None or match(d)]
     if args.key and not decisions:
         raise Failure(f"no decision has a key id starting with {args.key}")
+    if args.key and len(decisions) > 1:  # one problem: a prefix of several ids is ambiguous
+        raise Usage(f"--key {args.key} is the start of {len(decisions)} key ids ("
+                    + ", ".join(sorted(d.key_id for d in decisions)[:5]) + (", ..." if len(decisions) > 5 else "")
+                    + "): give more of the one to verify")
     rows = verify(dispatcher, decisions, device, fix=args.fix)
     if args.json:
         print(json.dumps(rows, indent=1, default=str))

@@ -61,6 +61,16 @@ def known(shape: dict, device: torch.device, dtype=None, layout: str = "b n s d"
                        decision)
 
 
+def _retimes_provisional() -> bool:
+    """Whether a provisional decision met now is re-timed (tuning on, re-timing on, the host
+    quiet): a known one is then not answered from the cache."""
+    from .. import config
+    from ..dispatch import default_dispatcher
+    from ..tuning.policy import DEFAULT_POLICY
+
+    return config.tuning_enabled() and config.retime() and (default_dispatcher().policy or DEFAULT_POLICY).quiet()
+
+
 def _start_loads(shapes: list, device: torch.device, dtype, layout: str) -> None:
     """Start the background loads of the kernel packages that could serve ``shapes`` (as
     declared: nothing is imported here)."""
@@ -77,14 +87,20 @@ def warm(shapes: list, device: torch.device, dtype=None, layout: str = "b n s d"
 
     Runs under ``use_backend("auto")``: ``DIFFSYNTH_ATTENTION_IMPLEMENTATION`` (and any scope of
     the caller) does not stop it from tuning. A problem already decided is answered from the
-    cache (:func:`known`)."""
+    cache (:func:`known`), unless it is provisional and the host quiet: then it is re-timed, as a
+    pipeline's first call would re-time it. Always at the ``exact`` quality tier, whatever
+    ``DIFFSYNTH_ATTENTION_QUALITY`` or the caller's scope says: its inputs are random, and a
+    low-precision tier gates its candidates only on a pipeline's own activations (docs/quality.md)."""
     from ..api import explain
+    from ..tiers import EXACT, quality
 
     results, loads_started = [], False
     g = None
-    with use_backend("auto"):
+    with use_backend("auto"), quality(EXACT):
         for shape in shapes:
             info = known(shape, device, dtype, layout)
+            if info is not None and info.decision.provisional and _retimes_provisional():
+                info = None  # this quiet moment re-times it (the dispatcher's rule: docs/tuning.md)
             if info is None:
                 if not loads_started:  # the packages load while the inputs are made
                     loads_started = True

@@ -66,6 +66,29 @@ def test_non_finite_inputs_refuse_low_precision_candidates(isolated, monkeypatch
     assert e.candidates[NAME]["status"] == "unsupported" and "not finite" in e.candidates[NAME]["reason"]
 
 
+def test_a_decision_whose_gate_could_not_run_is_provisional(isolated, monkeypatch):
+    """The first call of a key had a NaN in q: its low-precision candidates were never gated. The
+    decision is served, but provisional: a later process on a quiet host gates them on its own
+    finite call (it was final: FP8 was out of that key for good, on the strength of one bad call)."""
+    from diffsynth_attention.dispatch import default_dispatcher
+    from diffsynth_attention.store.cache import DecisionCache
+    from diffsynth_attention.tuning.policy import TuningPolicy
+
+    install_fp8(monkeypatch)
+    c = case("randn", 248)
+    q = c.q.clone()
+    q[0, 1, 7, 2] = float("nan")
+    first = gated(fuzz.FuzzCase("nan", q, c.k, c.v, {}), "fast")
+    assert first.decision.provisional and "not gated" in first.decision.confirmation
+    default_dispatcher().store.flush()
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_RETIME", "on")
+    later = da.Dispatcher(DecisionCache(isolated), policy=TuningPolicy(quiet=lambda: True))
+    with da.quality("fast"):
+        again = later.explain(c.q, c.k, c.v)
+    assert first.key_id in later.retimed  # the stored decision, re-timed
+    assert again.key_id == first.key_id and again.candidates[NAME]["status"] in PASSED
+
+
 def test_no_low_precision_decision_exceeds_its_bound_on_the_fuzz_suite(isolated, monkeypatch):
     """The guard target: over every case of the suite (each a key of its own), wherever the FP8
     candidate passed the gate, its error on every head of the caller's data is within the bound."""

@@ -250,3 +250,92 @@ def test_a_check_another_thread_is_running_is_not_run_twice(isolated, monkeypatc
         assert state.checks == 1 and state.calls == 2
         da.attention_forward(c.q, c.k, c.v)  # the next call after it checks again
     assert state.checks == 2
+
+
+def test_a_plan_of_the_decision_that_fell_back_serves_the_exact_backend(isolated, monkeypatch):
+    """A thread that planned the key from the low-precision decision while another thread's check
+    fell back stores its plan after the fallback dropped the key's plans: that stale plan must not
+    go on serving the low-precision kernel, unwatched (its sentinel has fallen back: no check runs)."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    benign, drifted = case("rotary", 152), case("outliers_20x_k_mean", 152)
+    choose_fp8(benign)
+    d = default_dispatcher()
+    with da.quality("fast"):
+        da.attention_forward(benign.q, benign.k, benign.v)
+        [(sig, stale)] = [(s, p) for s, p in d.plans.items() if p.backend == NAME]
+        da.attention_forward(drifted.q, drifted.k, drifted.v)  # the check falls back: the key's plans dropped
+        d._store_plan(sig, stale)  # the other thread's plan, stored now
+        Calls.log.clear()
+        out = da.attention_forward(drifted.q, drifted.k, drifted.v)
+        assert Calls.log == []
+        assert da.explain(drifted.q, drifted.k, drifted.v).backend != NAME
+    assert fuzz.errors(out, fuzz.reference(drifted.q, drifted.k, drifted.v))["rel_l1"] < 5e-3
+
+
+def test_a_low_precision_stand_in_for_a_dropped_backend_is_watched(isolated, monkeypatch):
+    """The decided exact backend fails once at run time (a retry passes): it is dropped for the key
+    in this process and the decision's next best serves. Where that is the low-precision candidate,
+    its sentinel watches it as it watches a low-precision decision (it served unwatched)."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    benign, drifted = case("rotary", 160), case("outliers_20x_k_mean", 160)
+    with da.quality("fast"):
+        e = da.explain(benign.q, benign.k, benign.v)
+    d = default_dispatcher()
+    cands = {n: dataclasses.replace(x, time_ms=1e-6) if n == NAME else x for n, x in e.decision.candidates.items()}
+    d.store.put(dataclasses.replace(e.decision, candidates=cands))  # the FP8 candidate: the runner-up
+    assert e.decision.backend != NAME and e.candidates[NAME]["status"] in ("accepted", "slower")
+    d.dropped[e.key_id] = {e.decision.backend: "failed at run time (once; a retry passed)"}  # as faults.after_failure
+    d.invalidate(e.key_id)
+    with da.quality("fast"):
+        out = da.attention_forward(drifted.q, drifted.k, drifted.v)
+        after = da.explain(drifted.q, drifted.k, drifted.v)
+    assert after.backend != NAME and after.candidates[NAME]["status"] == "rejected"
+    assert after.decision.quality["fallback"]["from"] == NAME
+    assert fuzz.errors(out, fuzz.reference(drifted.q, drifted.k, drifted.v))["rel_l1"] < 5e-3
+
+
+def test_a_batch_element_that_stays_non_finite_does_not_hide_the_others(isolated, monkeypatch):
+    """One element of a batch of two went NaN (an fp16 overflow, say) and stays NaN; the other
+    drifts. A skipped check moves on to the next slice: before, it measured the NaN element again
+    at every period, so the other element was never watched."""
+    import types
+
+    import torch
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    good = fuzz.make_case("g", seq=168, heads=2, rotary=True)
+    bad = fuzz.make_case("b", seq=168, heads=2, **fuzz.SUITE["outliers_20x_k_mean"])
+    choose_fp8(types.SimpleNamespace(**{n: torch.cat([getattr(good, n)] * 2) for n in "qkv"}))
+    nan_q = good.q.clone()
+    nan_q[0, 0, 3, 1] = float("nan")
+    mixed = [torch.cat([nan_q, bad.q]), torch.cat([good.k, bad.k]), torch.cat([good.v, bad.v])]
+    with da.quality("fast"):
+        for _ in range(4):
+            da.attention_forward(*mixed)
+        e = da.explain(*mixed)
+    assert e.backend != NAME and e.decision.quality["fallback"]["from"] == NAME
+
+
+def test_no_check_runs_while_a_cuda_graph_is_captured(isolated, monkeypatch):
+    """A check reads two numbers back (a device synchronisation), which a CUDA graph capture
+    refuses ("operation not permitted when stream is capturing"): a check that falls due during a
+    capture waits for the next call outside it. (Simulated on the CPU: callsite.capturing() says so.)"""
+    from diffsynth_attention import callsite
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_SENTINEL_EVERY", "1")
+    install_fp8(monkeypatch)
+    benign, drifted = case("rotary", 176), case("outliers_20x_k_mean", 176)
+    key_id = choose_fp8(benign)
+    state = None
+    with da.quality("fast"):
+        da.attention_forward(benign.q, benign.k, benign.v)  # planned (outside a capture), checked once
+        state = default_dispatcher().sentinels[key_id]
+        monkeypatch.setattr(callsite, "capturing", lambda device_type: True)
+        da.attention_forward(drifted.q, drifted.k, drifted.v)  # captured: its check waits
+        assert state.checks == 1 and not state.fell_back
+        monkeypatch.setattr(callsite, "capturing", lambda device_type: False)
+        da.attention_forward(drifted.q, drifted.k, drifted.v)
+    assert state.checks == 2 and state.fell_back

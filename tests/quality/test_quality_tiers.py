@@ -96,3 +96,65 @@ def test_the_fp8_backend_is_unavailable_with_a_reason_without_cuda():
     why = backend.unavailable_reason()
     assert why is not None and ("CUDA" in why or "not installed" in why)
     assert backend.low_precision and not backend.exact and REGISTRY["sage_attention"].low_precision
+
+
+def test_a_plan_is_of_the_tier_its_signature_read(isolated, monkeypatch):
+    """DIFFSYNTH_ATTENTION_QUALITY is process-wide: another thread may set it while this one plans
+    a call. The plan is stored under the signature read before planning, so it must be of that
+    signature's tier; a fast plan stored under the exact signature served every later exact call
+    at the fast tier (the tier was read again while planning)."""
+    import diffsynth_attention.dispatch.dispatcher as dispatcher_module
+
+    install_fp8(monkeypatch)
+    c = case(88)
+    real = dispatcher_module.prepare_request
+
+    def another_thread_sets_the_variable(*args, **kwargs):  # between the signature and the plan
+        monkeypatch.setattr(dispatcher_module, "prepare_request", real)
+        monkeypatch.setenv(tiers.QUALITY, "fast")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(dispatcher_module, "prepare_request", another_thread_sets_the_variable)
+    da.attention_forward(c.q, c.k, c.v)  # planned under the exact signature
+    monkeypatch.delenv(tiers.QUALITY)
+    Calls.log.clear()
+    for _ in range(2):
+        da.attention_forward(c.q, c.k, c.v)
+    e = da.explain(c.q, c.k, c.v)
+    assert "quality" not in e.key and e.candidates[NAME]["status"] == "unsupported" and Calls.log == []
+
+
+def test_quality_decorates_functions_and_coroutine_functions_and_serves_async_with():
+    """``@quality("fast")`` on an ``async def`` ran its body at the caller's tier (the decorator's
+    block ended when the coroutine object was made, before it ran); now the body runs at the tier.
+    A generator function is refused (its scope would leak between its yields); a block is entered once."""
+    import asyncio
+
+    import pytest
+
+    @da.quality("fast")
+    async def denoise():
+        await asyncio.sleep(0)
+        return da.current_quality()
+
+    @da.quality("balanced")
+    def encode():
+        return da.current_quality()
+
+    async def main():
+        async with da.quality("balanced"):
+            inside = da.current_quality()
+        return inside, da.current_quality()
+    assert asyncio.run(denoise()) == "fast"
+    assert asyncio.run(main()) == ("balanced", "exact")
+    assert encode() == "balanced" and encode() == "balanced" and da.current_quality() == "exact"
+    with pytest.raises(TypeError, match="generator"):
+        @da.quality("fast")
+        def frames():
+            yield da.current_quality()
+    block = da.quality("fast")
+    with block:
+        pass
+    with pytest.raises(RuntimeError, match="once"):
+        with block:
+            pass
+    assert da.current_quality() == "exact"

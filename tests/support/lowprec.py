@@ -56,11 +56,12 @@ def fp8_interface(drift=None) -> types.ModuleType:
     return mod
 
 
-def install_fp8(monkeypatch, drift=None):
+def install_fp8(monkeypatch, drift=None, devices=("cpu",)):
     """Register the FP8 adapter on CPU (bf16, fp16) as ``flash_attention_3_fp8``, over the fake
-    interface. ``drift``: a one-item list; its value is added as a relative error when set."""
+    interface. ``drift``: a one-item list; its value is added as a relative error when set.
+    ``devices``: where it is declared able (``("cpu", "cuda")`` for the GPU tests)."""
     monkeypatch.setitem(sys.modules, "flash_attn_interface", fp8_interface(drift))
-    cls = type("CpuFA3FP8", (FlashAttention3FP8,), {"devices": frozenset({"cpu"}), "capabilities": None,
+    cls = type("CpuFA3FP8", (FlashAttention3FP8,), {"devices": frozenset(devices), "capabilities": None,
                                                      "max_head_dim": 256, "head_dim_multiple": 8})
     backend = cls()
     backend.declare_build = lambda flags: None  # no flash_attn_config here: the class's declarations

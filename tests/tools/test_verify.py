@@ -75,3 +75,31 @@ def test_a_decision_whose_backend_cannot_run_here_does_not_hold(isolated, monkey
     assert rows[0]["holds"] is False and "xformers cannot" in rows[0]["verdict"], rows  # never timed as torch under its name
     rows = verify(disp, [gone], torch.device("cpu"), fix=True, clock=clock.perf_counter)
     assert rows[0]["fixed"] == "torch" and DecisionCache(isolated).get(good.key_id, tolerance=1.0).backend == "torch"
+
+
+def test_a_key_prefix_of_several_decisions_is_refused(isolated, capsys):
+    """`cache clear --key K` removes one problem and `cache verify --key K` verifies one: a prefix
+    that starts several key ids is a usage error (it cleared, or fixed, every one of them)."""
+    from diffsynth_attention.tools.cli import main
+
+    from diffsynth_attention.store.key import key_id
+
+    store = DecisionCache(isolated)
+    d = da.Dispatcher(store).explain(*qkv(sq=16)).decision
+    seen, twins = {}, None
+    for n in range(17, 100000):  # two problems whose key ids start with the same 6 hex digits
+        key = {**d.key, "problem": {**d.key["problem"], "seq_q": n, "seq_kv": n}}
+        twin = seen.setdefault(key_id(key)[:6], key)
+        if twin is not key:
+            twins = [twin, key]
+            break
+    ids = [key_id(key) for key in twins]
+    for key in twins:
+        store.put(d.replace(key=key, key_id=key_id(key)))
+    store.flush()
+    assert main(["cache", "clear", "--key", ids[0][:6], "--yes"]) == 2
+    assert "start of 2 key ids" in capsys.readouterr().err
+    assert main(["cache", "verify", "--key", ids[0][:5], "--json"]) == 2
+    assert set(ids) <= set(DecisionCache(isolated).entries())
+    assert main(["cache", "clear", "--key", ids[0], "--yes"]) == 0
+    assert set(DecisionCache(isolated).entries()) == {d.key_id, ids[1]}
