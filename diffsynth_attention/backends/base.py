@@ -151,6 +151,17 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _interrupts_caller(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a kernel package's import, is the user interrupting this thread
+    (a KeyboardInterrupt on the main thread, where Python delivers Ctrl-C) rather than the package
+    failing. Anything else, SystemExit and other BaseExceptions included (a package that calls
+    ``sys.exit()`` or raises its own BaseException at import), makes the backend unavailable with
+    the reason: a broken package never breaks an attention call."""
+    import threading
+
+    return isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
+
+
 class Backend:
     """One attention kernel. Subclasses declare capabilities; ``forward`` takes ``b n s d`` views.
 
@@ -283,7 +294,9 @@ class Backend:
             self._in_load = True
             try:
                 self._load()
-            except Exception as exc:  # any failure of an installed package, not only ImportError
+            except BaseException as exc:  # any failure of an installed package, not only ImportError
+                if _interrupts_caller(exc):
+                    raise  # a Ctrl-C during the import: left unloaded (finally), the next use tries again
                 text = str(exc).strip().splitlines()
                 detail = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
                 if isinstance(exc, ModuleNotFoundError) and self.package:
@@ -291,7 +304,7 @@ class Backend:
                 else:
                     self._unavailable = f"installed but unusable: import failed with {detail}"
                 logger.debug("backend %s unavailable: %s", self.name, self._unavailable)
-            finally:  # an interrupt (KeyboardInterrupt) leaves it unloaded: the next use tries again
+            finally:
                 self._in_load = False
             self._loaded = True
             return True
