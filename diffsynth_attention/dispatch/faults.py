@@ -110,11 +110,30 @@ def _fresh_like(t):
     return out
 
 
+def caller_modes() -> list:
+    """The ``__torch_function__`` and ``__torch_dispatch__`` modes the caller runs under (a
+    profiler, a debug or fake-tensor mode), but for ``torch.device(...)`` / ``set_default_device``'s
+    DeviceContext, which changes no result. Like a tensor subclass, such a mode is the caller's
+    context: a failure under it says nothing about the backend alone."""
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        return ([m for m in _get_current_function_mode_stack() if not isinstance(m, DeviceContext)]
+                + list(_get_current_dispatch_mode_stack()))
+    except Exception:  # another torch's internals: count the stacks, every mode foreign
+        return [None] * (torch._C._len_torch_function_stack() + torch._C._len_torch_dispatch_stack())
+
+
 def fails_on_fresh_inputs(run: Callable, q, k, v, mask, scale, trials: int = FRESH_TRIALS) -> bool:
     """Whether ``run`` fails on each of ``trials`` calls with fresh random q, k and v of the
     caller's shapes and layouts, plain ``torch.Tensor``s (the mask and scale kept: they were
     validated; the mask as a plain tensor too). Out-of-memory errors and poisoning CUDA errors
-    count as passes: they are not the backend's."""
+    count as passes: they are not the backend's. Never confirmed under a mode of the caller's
+    (:func:`caller_modes`): its trials would run under it too."""
+    if caller_modes():
+        return False
     for _ in range(trials):
         try:
             fresh = [_fresh_like(t) for t in (q, k, v)]
@@ -182,6 +201,8 @@ def after_failure(d, plan, exc: Exception, req, impl_raw, grad: bool):
         deterministic = True
     if not deterministic:
         how = "once; a retry passed"
+    elif caller_modes():
+        how, deterministic = "again on a retry, under a torch function or dispatch mode of the caller's", False
     elif fails_on_fresh_inputs(plan.run, req.q, req.k, req.v, req.attn_mask, req.scale) \
             and not context_broken(req.q.device):
         how = f"again on a retry and on {FRESH_TRIALS} calls with fresh inputs"
