@@ -121,11 +121,15 @@ def cmd_cache_clear(args) -> int:
         raise Usage("cache clear needs --yes when there is no terminal to ask for confirmation")
     if not args.yes:
         count = store.count(match)
+        if not count and getattr(args, "key", None):
+            raise Failure(f"--key {args.key}: no decision has a key id starting with it (see `cache show --json`); nothing cleared")
         answer = input(f"Clear {count} decision(s) from {store.path}? [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
             print("nothing cleared")
             return 0
     removed = store.clear(match)
+    if not removed and getattr(args, "key", None):  # as verify: a key id that names no decision is a mistake
+        raise Failure(f"--key {args.key}: no decision has a key id starting with it (see `cache show --json`); nothing cleared")
     if not store.persistent:
         raise Failure(f"removed {removed} decision(s) in memory only: the cache at {store.directory} cannot be written")
     print(f"cleared {removed} decision(s) from {store.path}")
