@@ -201,15 +201,15 @@ def defer(on: bool = True) -> bool:
     return previous
 
 
-def start_loading(backend, keys=()) -> LoadState:
+def start_loading(backend, keys=(), even_deferred: bool = False) -> LoadState:
     """Start importing ``backend``'s package on a background thread unless it is loaded, being
     loaded or cannot load here; after the import, the thread launches its kernel once for each
     variant that ``keys`` (decisions' keys) name (:mod:`.warmup`). Returns the state after the
-    call (``deferred`` after :func:`defer`)."""
+    call (``deferred`` after :func:`defer`, unless ``even_deferred``: a use that imports anyway)."""
     current = state(backend)
     if current != UNLOADED:
         return current
-    if _deferred:
+    if _deferred and not even_deferred:
         return DEFERRED
     with _lock:
         if backend.name in _threads or backend._loaded:
@@ -265,8 +265,8 @@ def settle(backends: Iterable) -> dict:
     calls, and none hangs the tuning. Returns {name: reason} for the ``backends`` still loading."""
     backends = list(backends)
     for backend in backends:
-        if needs_loading(backend) and not backend._loaded:
-            start_loading(backend)
+        if needs_loading(backend) and not backend._loaded:  # (also after defer(): the tuning imports them
+            start_loading(backend, even_deferred=True)     # anyway, and only a background import is bounded)
     for name, thread in list(_threads.items()):
         if thread is not threading.current_thread():
             thread.join(max(0.0, _deadline(name) - time.monotonic()))
