@@ -171,3 +171,23 @@ def test_a_decision_stored_in_a_forked_child_during_the_back_off_is_retried(isol
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "child 0", (r.stdout, r.stderr[-2000:])
     assert make_decision(1).key_id in _on_disk(isolated)
+
+
+def test_a_cache_dropped_with_pending_decisions_still_writes_them(isolated, monkeypatch):
+    """A user's own DecisionCache that goes out of scope while the disk refuses its writes: its
+    pending decisions are not dropped with it (silently, before any exit flush); its retries go on
+    until they are written."""
+    import gc
+
+    fault = Fault(monkeypatch)
+    fault.on = True
+    c = DecisionCache(isolated)
+    decisions = [make_decision(i) for i in range(3)]
+    for d in decisions:
+        c.put(d)
+    assert c._pending
+    del c
+    gc.collect()
+    fault.on = False  # the fault clears; nothing else is saved
+    want = {d.key_id for d in decisions}
+    assert _poll(lambda: _on_disk(isolated) >= want), f"lost: {want - _on_disk(isolated)}"
