@@ -97,6 +97,30 @@ def _plain(t):
     return out
 
 
+def plain_call(call):
+    """``call`` on plain views of its tensors where any is a ``__torch_function__`` subclass: what
+    the tuner and the first real call's gate run on, so that a subclass's behaviour (the caller's
+    input) never rejects a backend in a decision every process reads. A wrapper subclass (no
+    storage of its own) is left as it is."""
+    tensors = (call.q, call.k, call.v, call.mask)
+    if call.synthetic or all(t is None or type(t) is torch.Tensor for t in tensors):
+        return call
+    views = []
+    try:
+        for t in tensors:
+            if t is None or type(t) is torch.Tensor:
+                views.append(t)
+                continue
+            with torch._C.DisableTorchFunctionSubclass():
+                view = t.as_subclass(torch.Tensor)
+            if type(view) is not torch.Tensor or view.is_meta or view.untyped_storage().nbytes() == 0:
+                return call
+            views.append(view)
+    except Exception:  # a subclass that refuses to be viewed: as it is
+        return call
+    return call.on(*views, synthetic=False)
+
+
 def _fresh_like(t):
     """Random values in a plain ``torch.Tensor`` of ``t``'s shape, dtype, device and (dense) strides."""
     if t is None:
