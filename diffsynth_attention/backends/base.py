@@ -151,17 +151,6 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _interrupts_caller(exc: BaseException) -> bool:
-    """Whether ``exc``, raised by a kernel package's import, is the user interrupting this thread
-    (a KeyboardInterrupt on the main thread, where Python delivers Ctrl-C) rather than the package
-    failing. Anything else, SystemExit and other BaseExceptions included (a package that calls
-    ``sys.exit()`` or raises its own BaseException at import), makes the backend unavailable with
-    the reason: a broken package never breaks an attention call."""
-    import threading
-
-    return isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
-
-
 class Backend:
     """One attention kernel. Subclasses declare capabilities; ``forward`` takes ``b n s d`` views.
 
@@ -295,7 +284,7 @@ class Backend:
             try:
                 self._load()
             except BaseException as exc:  # any failure of an installed package, not only ImportError
-                if _interrupts_caller(exc):
+                if loading.interrupts_caller(exc):
                     raise  # a Ctrl-C during the import: left unloaded (finally), the next use tries again
                 text = str(exc).strip().splitlines()
                 detail = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

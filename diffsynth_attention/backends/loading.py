@@ -75,6 +75,15 @@ def done(backend) -> bool:
     return backend._loaded and backend.name not in _threads
 
 
+def interrupts_caller(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a kernel package's import, is the user interrupting this thread
+    (a KeyboardInterrupt on the main thread, where Python delivers Ctrl-C) rather than the package
+    failing. Anything else, SystemExit and other BaseExceptions included (a package that calls
+    ``sys.exit()`` or raises its own BaseException at import), makes the backend unavailable with
+    the reason: a broken package never breaks an attention call."""
+    return isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
+
+
 def is_ready(backend) -> bool:
     return state(backend) == READY
 
