@@ -191,3 +191,19 @@ def test_a_cache_dropped_with_pending_decisions_still_writes_them(isolated, monk
     fault.on = False  # the fault clears; nothing else is saved
     want = {d.key_id for d in decisions}
     assert _poll(lambda: _on_disk(isolated) >= want), f"lost: {want - _on_disk(isolated)}"
+
+
+def test_a_cache_folder_whose_owner_bits_flap_is_written_once_they_are_back(isolated):
+    """``chmod u-w`` on the folder, then back: an access fault like EACCES (tried again), not an
+    untrusted folder (memory only for good: its decisions would be lost at exit)."""
+    c = DecisionCache(isolated)
+    c.put(make_decision(0))
+    v2 = isolated / "v2"
+    os.chmod(v2, 0o500)
+    try:
+        c.put(make_decision(1))
+        assert c._pending and not c.persistent
+    finally:
+        os.chmod(v2, 0o700)  # the fault clears; nothing else is saved
+    assert _poll(lambda: not c._pending), f"{len(c._pending)} still pending"
+    assert _on_disk(isolated) == {make_decision(i).key_id for i in range(2)} and c.persistent
