@@ -220,6 +220,10 @@ def start_loading(backend, keys=(), even_deferred: bool = False) -> LoadState:
         return current
     if _deferred and not even_deferred:
         return DEFERRED
+    return _spawn(backend, keys)
+
+
+def _spawn(backend, keys=()) -> LoadState:
     with _lock:
         if backend.name in _threads or backend._loaded:
             return state(backend)
@@ -280,6 +284,22 @@ def settle(backends: Iterable) -> dict:
         if thread is not threading.current_thread():
             thread.join(max(0.0, _deadline(name) - time.monotonic()))
     return {b.name: late_reason(b) for b in backends if state(b) == LOADING}
+
+
+def reasons(backends: Iterable) -> dict:
+    """{name: ``unavailable_reason()``} for ``backends``, each import not done yet run on a
+    background thread and waited for until its deadline: what a synchronous question about them
+    (``available_backends()``, the ``backends`` command, a forced backend) asks, so that a hung
+    import answers with its reason instead of hanging the caller."""
+    backends = list(backends)
+    for backend in backends:  # (installed on a machine that cannot run it too: its reason names a broken install)
+        if needs_loading(backend) and not backend._loaded and backend.declared_version() is not None:
+            _spawn(backend)
+    for backend in backends:
+        thread = _threads.get(backend.name)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, _deadline(backend.name) - time.monotonic()))
+    return {b.name: b.unavailable_reason() for b in backends}
 
 
 def settle_candidates(usable: list, unsupported: dict, what: str) -> tuple:

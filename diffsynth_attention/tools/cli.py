@@ -52,9 +52,11 @@ def cmd_backends(args) -> int:
     from .. import config
     from ..backends import REGISTRY
 
-    rows = []
+    from ..backends import available_backends
+
+    rows, why = [], available_backends()  # a hung import: its reason, after its deadline
     for name, backend in REGISTRY.items():
-        reason = backend.unavailable_reason()
+        reason = why[name]
         row = {"backend": name, "package": backend.package or "torch", "version": backend.version(),
                "status": "usable" if reason is None else reason}
         summary = getattr(backend, "build_summary", None)
