@@ -124,7 +124,7 @@ def _notify(name: str, result: LoadState) -> None:
 # Reference counting still frees everything that is not in a cycle. The collector is switched
 # back on after the last load, if this module switched it off; an application that runs with it
 # off keeps it off. A load that never ends (a hung import) holds it off for LOAD_GC_PAUSE_MAX_S at
-# most: a timer switches it back on then.
+# most: a timer switches it back on then, and puts the switch interval back.
 LOAD_SWITCH_INTERVAL_S = 0.0005
 LOAD_GC_PAUSE_MAX_S = 30.0
 _switch: dict = {"loads": 0, "saved": None, "set": None, "gc_paused": False, "pause": 0}
@@ -139,10 +139,17 @@ def _gc_resume_locked(pause: Optional[int] = None) -> None:
 
 
 def _gc_pause_expired(pause: int) -> None:
+    """A load has run LOAD_GC_PAUSE_MAX_S (hung, or very slow): the collector and the switch interval
+    are put back now, not after a last load that may never end."""
     with _lock:
-        if _switch["gc_paused"] and pause == _switch["pause"]:
-            logger.info("a background load has run %.0f s: the garbage collector is on again", LOAD_GC_PAUSE_MAX_S)
+        if not (_switch["gc_paused"] and pause == _switch["pause"]):
+            return
+        logger.info("a background load has run %.0f s: the garbage collector is on again", LOAD_GC_PAUSE_MAX_S)
         _gc_resume_locked(pause)
+        if _switch["saved"] is not None:
+            if sys.getswitchinterval() == _switch["set"]:
+                sys.setswitchinterval(_switch["saved"])
+            _switch.update(saved=None, set=None)
 
 
 def _switch_begin() -> None:
