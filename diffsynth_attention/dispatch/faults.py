@@ -135,19 +135,22 @@ def _fresh_like(t):
 
 
 def caller_modes() -> list:
-    """The ``__torch_function__`` and ``__torch_dispatch__`` modes the caller runs under (a
-    profiler, a debug or fake-tensor mode), but for ``torch.device(...)`` / ``set_default_device``'s
-    DeviceContext, which changes no result. Like a tensor subclass, such a mode is the caller's
-    context: a failure under it says nothing about the backend alone."""
+    """The ``__torch_function__`` and ``__torch_dispatch__`` modes of the caller's own (a debug or
+    filtering mode of the application or a third-party library) that the call runs under. PyTorch's
+    own modes do not count: ``torch.device(...)``'s DeviceContext changes no result, and its
+    compilation machinery (fake, functional, proxy tensors, AOT autograd's checks of custom ops at
+    run time) passes operators through or traces them (``in_graph``). Like a tensor subclass, a
+    caller's mode is the caller's context: a failure under it says nothing about the backend alone."""
+    if not (torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()):
+        return []
     try:
         from torch.overrides import _get_current_function_mode_stack
-        from torch.utils._device import DeviceContext
         from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-        return ([m for m in _get_current_function_mode_stack() if not isinstance(m, DeviceContext)]
-                + list(_get_current_dispatch_mode_stack()))
-    except Exception:  # another torch's internals: count the stacks, every mode foreign
+        modes = list(_get_current_function_mode_stack()) + list(_get_current_dispatch_mode_stack())
+    except Exception:  # another torch's internals: count the stacks, every mode the caller's
         return [None] * (torch._C._len_torch_function_stack() + torch._C._len_torch_dispatch_stack())
+    return [m for m in modes if not (type(m).__module__ or "").startswith("torch.")]
 
 
 def fails_on_fresh_inputs(run: Callable, q, k, v, mask, scale, trials: int = FRESH_TRIALS) -> bool:
