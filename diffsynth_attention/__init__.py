@@ -89,6 +89,15 @@ def __getattr__(name: str):
 _preload_started = False
 
 
+class _Named:
+    """What the preload needs of a decision: its backend and key (no Decision is built)."""
+
+    __slots__ = ("backend", "key")
+
+    def __init__(self, backend, key) -> None:
+        self.backend, self.key = backend, key
+
+
 def _start_preload() -> None:
     """Start loading, on background threads, the kernel packages that the cache's decisions on
     this machine name; once, unless DIFFSYNTH_ATTENTION_PRELOAD is off. Only once torch is
@@ -98,7 +107,8 @@ def _start_preload() -> None:
     Every module of this package that the work needs is imported here, on the caller's thread:
     a background thread that imports a module while the caller imports the same package can make
     Python's import locks report a deadlock (``_DeadlockError``) in either thread. The thread only
-    reads the cache and starts the loads (:mod:`.backends.loading`). It reads the default
+    reads the cache, writing nothing (:meth:`.store.bulk.WholeCache.peek`: no migration, journal
+    replay or sweep), and starts the loads (:mod:`.backends.loading`). It reads the default
     dispatcher's store (:func:`.dispatch.default_store`) without making the dispatcher."""
     global _preload_started
     import sys
@@ -131,8 +141,8 @@ def _start_preload() -> None:
 
     def run() -> None:
         try:
-            with unworded():
-                preload(store.entries().values(), REGISTRY)
+            with unworded():  # a read that writes nothing (no migration, no journal replay, no sweep)
+                preload(store.peek(lambda kid, entry: _Named(entry["backend"], entry["key"])), REGISTRY)
         except Exception:
             logging.getLogger(__name__).debug("preloading kernel packages failed", exc_info=True)
 

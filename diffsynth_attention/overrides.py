@@ -79,9 +79,9 @@ def current_implementation() -> str:
     value = requested_implementation()
     if value == "auto" or value == "torch" or config.strict():
         return value
-    from .backends import REGISTRY
+    from .backends import REGISTRY, loading
 
-    return value if REGISTRY[value].unavailable_reason() is None else "torch"
+    return value if loading.reasons([REGISTRY[value]])[value] is None else "torch"
 
 
 @contextlib.contextmanager

@@ -67,8 +67,9 @@ def normalize(name, source: str) -> str:
 
 
 def available_backends() -> "dict[str, Optional[str]]":
-    """Every registered backend: None where it can run on this machine, else the reason."""
-    return {name: backend.unavailable_reason() for name, backend in REGISTRY.items()}
+    """Every registered backend: None where it can run on this machine, else the reason (a kernel
+    package's import that runs past ``DIFFSYNTH_ATTENTION_LOAD_WAIT`` answers "not loaded")."""
+    return loading.reasons(REGISTRY.values())
 
 
 def candidates(problem, dev: Optional[DeviceInfo]) -> tuple:

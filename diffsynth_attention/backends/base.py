@@ -283,7 +283,9 @@ class Backend:
             self._in_load = True
             try:
                 self._load()
-            except Exception as exc:  # any failure of an installed package, not only ImportError
+            except BaseException as exc:  # any failure of an installed package, not only ImportError
+                if loading.interrupts_caller(exc):
+                    raise  # a Ctrl-C during the import: left unloaded (finally), the next use tries again
                 text = str(exc).strip().splitlines()
                 detail = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
                 if isinstance(exc, ModuleNotFoundError) and self.package:
@@ -291,7 +293,7 @@ class Backend:
                 else:
                     self._unavailable = f"installed but unusable: import failed with {detail}"
                 logger.debug("backend %s unavailable: %s", self.name, self._unavailable)
-            finally:  # an interrupt (KeyboardInterrupt) leaves it unloaded: the next use tries again
+            finally:
                 self._in_load = False
             self._loaded = True
             return True

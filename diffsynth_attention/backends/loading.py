@@ -75,6 +75,15 @@ def done(backend) -> bool:
     return backend._loaded and backend.name not in _threads
 
 
+def interrupts_caller(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a kernel package's import, is the user interrupting this thread
+    (a KeyboardInterrupt on the main thread, where Python delivers Ctrl-C) rather than the package
+    failing. Anything else, SystemExit and other BaseExceptions included (a package that calls
+    ``sys.exit()`` or raises its own BaseException at import), makes the backend unavailable with
+    the reason: a broken package never breaks an attention call."""
+    return isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
+
+
 def is_ready(backend) -> bool:
     return state(backend) == READY
 
@@ -115,7 +124,7 @@ def _notify(name: str, result: LoadState) -> None:
 # Reference counting still frees everything that is not in a cycle. The collector is switched
 # back on after the last load, if this module switched it off; an application that runs with it
 # off keeps it off. A load that never ends (a hung import) holds it off for LOAD_GC_PAUSE_MAX_S at
-# most: a timer switches it back on then.
+# most: a timer switches it back on then, and puts the switch interval back.
 LOAD_SWITCH_INTERVAL_S = 0.0005
 LOAD_GC_PAUSE_MAX_S = 30.0
 _switch: dict = {"loads": 0, "saved": None, "set": None, "gc_paused": False, "pause": 0}
@@ -130,10 +139,17 @@ def _gc_resume_locked(pause: Optional[int] = None) -> None:
 
 
 def _gc_pause_expired(pause: int) -> None:
+    """A load has run LOAD_GC_PAUSE_MAX_S (hung, or very slow): the collector and the switch interval
+    are put back now, not after a last load that may never end."""
     with _lock:
-        if _switch["gc_paused"] and pause == _switch["pause"]:
-            logger.info("a background load has run %.0f s: the garbage collector is on again", LOAD_GC_PAUSE_MAX_S)
+        if not (_switch["gc_paused"] and pause == _switch["pause"]):
+            return
+        logger.info("a background load has run %.0f s: the garbage collector is on again", LOAD_GC_PAUSE_MAX_S)
         _gc_resume_locked(pause)
+        if _switch["saved"] is not None:
+            if sys.getswitchinterval() == _switch["set"]:
+                sys.setswitchinterval(_switch["saved"])
+            _switch.update(saved=None, set=None)
 
 
 def _switch_begin() -> None:
@@ -201,16 +217,20 @@ def defer(on: bool = True) -> bool:
     return previous
 
 
-def start_loading(backend, keys=()) -> LoadState:
+def start_loading(backend, keys=(), even_deferred: bool = False) -> LoadState:
     """Start importing ``backend``'s package on a background thread unless it is loaded, being
     loaded or cannot load here; after the import, the thread launches its kernel once for each
     variant that ``keys`` (decisions' keys) name (:mod:`.warmup`). Returns the state after the
-    call (``deferred`` after :func:`defer`)."""
+    call (``deferred`` after :func:`defer`, unless ``even_deferred``: a use that imports anyway)."""
     current = state(backend)
     if current != UNLOADED:
         return current
-    if _deferred:
+    if _deferred and not even_deferred:
         return DEFERRED
+    return _spawn(backend, keys)
+
+
+def _spawn(backend, keys=()) -> LoadState:
     with _lock:
         if backend.name in _threads or backend._loaded:
             return state(backend)
@@ -265,12 +285,28 @@ def settle(backends: Iterable) -> dict:
     calls, and none hangs the tuning. Returns {name: reason} for the ``backends`` still loading."""
     backends = list(backends)
     for backend in backends:
-        if needs_loading(backend) and not backend._loaded:
-            start_loading(backend)
+        if needs_loading(backend) and not backend._loaded:  # (also after defer(): the tuning imports them
+            start_loading(backend, even_deferred=True)     # anyway, and only a background import is bounded)
     for name, thread in list(_threads.items()):
         if thread is not threading.current_thread():
             thread.join(max(0.0, _deadline(name) - time.monotonic()))
     return {b.name: late_reason(b) for b in backends if state(b) == LOADING}
+
+
+def reasons(backends: Iterable) -> dict:
+    """{name: ``unavailable_reason()``} for ``backends``, each import not done yet run on a
+    background thread and waited for until its deadline: what a synchronous question about them
+    (``available_backends()``, the ``backends`` command, a forced backend) asks, so that a hung
+    import answers with its reason instead of hanging the caller."""
+    backends = list(backends)
+    for backend in backends:  # (installed on a machine that cannot run it too: its reason names a broken install)
+        if needs_loading(backend) and not backend._loaded and backend.declared_version() is not None:
+            _spawn(backend)
+    for backend in backends:
+        thread = _threads.get(backend.name)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, _deadline(backend.name) - time.monotonic()))
+    return {b.name: b.unavailable_reason() for b in backends}
 
 
 def settle_candidates(usable: list, unsupported: dict, what: str) -> tuple:

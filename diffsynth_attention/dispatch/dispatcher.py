@@ -196,7 +196,7 @@ class Dispatcher(ModePlans):
 
     def _override_plan(self, requested, source_name, call, grad, key, dev) -> Plan:
         backend = REGISTRY[requested]
-        why = backend.unavailable_reason()
+        why = loading.reasons([backend])[requested]  # an import that hangs: bounded by its deadline
         problem = call.problem
         reasons = [why] if why else backend.not_supported_reasons(problem, dev)
         if not reasons:
@@ -289,15 +289,15 @@ class Dispatcher(ModePlans):
                 and plan.decision.evidence == SYNTHETIC and self._can_tune(call.q):  # gated on random inputs: check real ones
             from .regate import regate
 
-            return regate(self, plan, call, key, usable, unsupported, usable_names, dev, mode)
+            return regate(self, plan, faults.plain_call(call), key, usable, unsupported, usable_names, dev, mode)
         if plan is not None:
             return plan
         if may_tune is None:
             may_tune = self._can_tune(call.q)
         if not may_tune:
             return Plan(make_runner(REGISTRY["torch"], plain, grad), "torch", PlanSource.FALLBACK, key, plain, grad)
-        if tune_on is None:
-            return self.tune_key(call, key, usable, unsupported, usable_names, dev, mode=mode)
+        if tune_on is None:  # (a subclass's behaviour is the caller's input: tuned on plain views of its data)
+            return self.tune_key(faults.plain_call(call), key, usable, unsupported, usable_names, dev, mode=mode)
         from torch.utils._python_dispatch import _disable_current_modes
 
         with _disable_current_modes():  # a trace: tune outside its fake modes, on random tensors of the call's shapes
@@ -391,7 +391,9 @@ class Dispatcher(ModePlans):
 
     @staticmethod
     def _can_tune(q) -> bool:
-        return config.tuning_enabled() and not in_graph(q.device.type)
+        # not under a torch function or dispatch mode of the caller's (a debug, fake-tensor or selective
+        # checkpointing mode): its behaviour would be timed and stored; served provisionally until a call outside
+        return config.tuning_enabled() and not in_graph(q.device.type) and not faults.caller_modes()
 
     # -- under torch.compile -----------------------------------------------------------------
     # -- the slow path ----------------------------------------------------------------------

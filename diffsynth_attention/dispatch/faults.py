@@ -97,6 +97,30 @@ def _plain(t):
     return out
 
 
+def plain_call(call):
+    """``call`` on plain views of its tensors where any is a ``__torch_function__`` subclass: what
+    the tuner and the first real call's gate run on, so that a subclass's behaviour (the caller's
+    input) never rejects a backend in a decision every process reads. A wrapper subclass (no
+    storage of its own) is left as it is."""
+    tensors = (call.q, call.k, call.v, call.mask)
+    if call.synthetic or all(t is None or type(t) is torch.Tensor for t in tensors):
+        return call
+    views = []
+    try:
+        for t in tensors:
+            if t is None or type(t) is torch.Tensor:
+                views.append(t)
+                continue
+            with torch._C.DisableTorchFunctionSubclass():
+                view = t.as_subclass(torch.Tensor)
+            if type(view) is not torch.Tensor or view.is_meta or view.untyped_storage().nbytes() == 0:
+                return call
+            views.append(view)
+    except Exception:  # a subclass that refuses to be viewed: as it is
+        return call
+    return call.on(*views, synthetic=False)
+
+
 def _fresh_like(t):
     """Random values in a plain ``torch.Tensor`` of ``t``'s shape, dtype, device and (dense) strides."""
     if t is None:
@@ -110,11 +134,33 @@ def _fresh_like(t):
     return out
 
 
+def caller_modes() -> list:
+    """The ``__torch_function__`` and ``__torch_dispatch__`` modes of the caller's own (a debug or
+    filtering mode of the application or a third-party library) that the call runs under. PyTorch's
+    own modes do not count: ``torch.device(...)``'s DeviceContext changes no result, and its
+    compilation machinery (fake, functional, proxy tensors, AOT autograd's checks of custom ops at
+    run time) passes operators through or traces them (``in_graph``). Like a tensor subclass, a
+    caller's mode is the caller's context: a failure under it says nothing about the backend alone."""
+    if not (torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()):
+        return []
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        modes = list(_get_current_function_mode_stack()) + list(_get_current_dispatch_mode_stack())
+    except Exception:  # another torch's internals: count the stacks, every mode the caller's
+        return [None] * (torch._C._len_torch_function_stack() + torch._C._len_torch_dispatch_stack())
+    return [m for m in modes if not (type(m).__module__ or "").startswith("torch.")]
+
+
 def fails_on_fresh_inputs(run: Callable, q, k, v, mask, scale, trials: int = FRESH_TRIALS) -> bool:
     """Whether ``run`` fails on each of ``trials`` calls with fresh random q, k and v of the
     caller's shapes and layouts, plain ``torch.Tensor``s (the mask and scale kept: they were
     validated; the mask as a plain tensor too). Out-of-memory errors and poisoning CUDA errors
-    count as passes: they are not the backend's."""
+    count as passes: they are not the backend's. Never confirmed under a mode of the caller's
+    (:func:`caller_modes`): its trials would run under it too."""
+    if caller_modes():
+        return False
     for _ in range(trials):
         try:
             fresh = [_fresh_like(t) for t in (q, k, v)]
@@ -182,6 +228,8 @@ def after_failure(d, plan, exc: Exception, req, impl_raw, grad: bool):
         deterministic = True
     if not deterministic:
         how = "once; a retry passed"
+    elif caller_modes():
+        how, deterministic = "again on a retry, under a torch function or dispatch mode of the caller's", False
     elif fails_on_fresh_inputs(plan.run, req.q, req.k, req.v, req.attn_mask, req.scale) \
             and not context_broken(req.q.device):
         how = f"again on a retry and on {FRESH_TRIALS} calls with fresh inputs"

@@ -97,6 +97,21 @@ class WholeCache:
         self._summarize_bad(self._scan(only_new=False), "ignored")
         return dict(self._entries)
 
+    def peek(self, fn: Callable) -> list:
+        """``[fn(key id, entry) ...]`` over the valid entries on disk (``entry``: the validated JSON
+        object), as a reader that changes nothing, on disk or in this cache: no folder created, no
+        leftover swept, no migration started, no journal replayed, no decision remembered. What the
+        preload at import reads (``import diffsynth_attention`` writes nothing)."""
+        out: list = []
+        with self._folder(create=False) as vfd, _no_gc():
+            if vfd is not None:
+                with contextlib.suppress(OSError):
+                    for kid in fs.entry_ids(vfd):
+                        entry = self._raw(vfd, kid, [])
+                        if entry is not None:
+                            out.append(fn(kid, entry))
+        return out
+
     def _raw(self, vfd: int, kid: str, bad: list, compact: bool = False):
         """The validated ``entry`` object of ``kid``'s file (no Decision built), or None: missing,
         or bad (``(kid, reason)`` added to ``bad``; a file that is not ours to read is blocked, as

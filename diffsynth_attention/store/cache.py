@@ -170,7 +170,11 @@ class DecisionCache(WholeCache, Leases, Writes):
                     raise fs.Refused(f"{directory} is a symbolic link", False) from None
                 raise
         except fs.Refused as exc:
-            self._memory_only("untrusted", f"not trusted: {exc.reason} ({untrusted_fix(exc, directory)})")
+            if exc.access:  # its owner's own mode bits (a chmod u-w that may be undone): tried again, as EACCES
+                if create:
+                    self._write_failed(f"cannot use {directory}: {exc.reason} ({untrusted_fix(exc, directory)})")
+            else:
+                self._memory_only("untrusted", f"not trusted: {exc.reason} ({untrusted_fix(exc, directory)})")
             vfd = None
         except OSError as exc:
             if create:  # a write: tried again later; a folder that cannot be opened for a read is a miss

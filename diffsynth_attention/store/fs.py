@@ -35,10 +35,13 @@ LOCK_FLAGS = os.O_RDWR | os.O_CREAT | _O("O_NOFOLLOW") | _O("O_NONBLOCK") | _O("
 class Refused(Exception):
     """A file that exists but was not read. ``corrupt``: set it aside; else leave it alone."""
 
-    def __init__(self, reason: str, corrupt: bool, st=None, mode_only: bool = False):
+    def __init__(self, reason: str, corrupt: bool, st=None, mode_only: bool = False, access: bool = False):
         super().__init__(reason)
         self.reason, self.corrupt, self.st = reason, corrupt, st
         self.mode_only = mode_only  # a folder that only its permission bits make untrusted (chmod 700 fixes it)
+        # a folder that its owner's own permission bits keep from being used (mode 500, say): not a
+        # trust problem, a fault that may clear (the store tries again, as after EACCES)
+        self.access = access
 
 
 def _uid():
@@ -190,7 +193,7 @@ def _verified_dir(fd: int, name) -> int:
     if why:
         os.close(fd)
         mode_only = why.startswith(("is writable by group", "lacks owner permissions"))
-        raise Refused(f"{name} {why}", False, st, mode_only)
+        raise Refused(f"{name} {why}", False, st, mode_only, access=why.startswith("lacks owner permissions"))
     return fd
 
 

@@ -8,8 +8,8 @@
   pending, and a process killed before their entry files are written loses none (the next
   process replays the journal). Then their entry files are written, as always.
 - A write that fails (read-only, full, EFBIG, a temporary file removed) keeps the decisions in
-  memory (one warning) and is tried again on a timer (a daemon ``threading.Timer`` holding the
-  cache weakly) while any are pending: after ``RETRY_S[0]``, doubling to ``RETRY_S[1]``; the
+  memory (one warning) and is tried again on a timer (a daemon ``threading.Timer``, which keeps
+  the cache alive: a cache dropped by its owner still writes what it holds) while any are pending: after ``RETRY_S[0]``, doubling to ``RETRY_S[1]``; the
   back-off resets once a write succeeds. A try on a failing disk costs one failed open (the
   journal's, or the first entry's), so the cap is short. A call's own ``save`` between two tries
   does not write (no call waits on a failing disk). So a fault that clears leaves nothing pending
@@ -64,10 +64,7 @@ def _flush_at_exit() -> None:
         atexit.register(_flush_all)
 
 
-def _retry(ref) -> None:
-    cache = ref()
-    if cache is None:
-        return
+def _retry(cache) -> None:
     with cache._mutex:
         cache._timer = None
     try:
@@ -110,7 +107,9 @@ class Writes:
         with self._mutex:
             if self._timer is not None or not self._persistent:
                 return
-            timer = self._timer = threading.Timer(max(delay, 0.05), _retry, args=(weakref.ref(self),))
+            # the timer holds the cache: one that its owner drops with decisions still pending lives on
+            # until they are written (or the exit flush says they are lost), never dropped silently
+            timer = self._timer = threading.Timer(max(delay, 0.05), _retry, args=(self,))
             timer.daemon = True
             timer.name = "diffsynth-attention-cache-retry"
         timer.start()

@@ -22,7 +22,7 @@ from typing import Optional
 from .._version import __version__
 from ..states import CandidateStatus, MaskKind, PlanSource
 
-from .cli_common import EXPECTED, PROG, Failure, Usage, _console, _escape, _key_prefix, _table  # noqa: F401
+from .cli_common import EXPECTED, PROG, Failure, Usage, _console, _device_text, _escape, _key_prefix, _table  # noqa: F401
 from .verify import cmd_cache_verify
 from .cli_cache import (_store, cmd_cache_clear, cmd_cache_export, cmd_cache_import, cmd_cache_migrate, cmd_cache_path,
                         cmd_cache_show, decision_row, decisions_table, tie_note)
@@ -52,9 +52,11 @@ def cmd_backends(args) -> int:
     from .. import config
     from ..backends import REGISTRY
 
-    rows = []
+    from ..backends import available_backends
+
+    rows, why = [], available_backends()  # a hung import: its reason, after its deadline
     for name, backend in REGISTRY.items():
-        reason = backend.unavailable_reason()
+        reason = why[name]
         row = {"backend": name, "package": backend.package or "torch", "version": backend.version(),
                "status": "usable" if reason is None else reason}
         summary = getattr(backend, "build_summary", None)
@@ -321,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_cache_show)
     p = csub.add_parser("clear", help="remove decisions (all, or by --gpu / --backend)")
-    p.add_argument("--gpu", help="only decisions for devices whose name contains this text (case-insensitive)")
+    p.add_argument("--gpu", type=_device_text, help="only decisions for devices whose name contains this text (case-insensitive)")
     p.add_argument("--backend", type=_backend_name, help="only decisions that chose this backend")
     p.add_argument("--key", type=_key_prefix, help="only the decision whose key id starts with this (e.g. from cache show --json)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")

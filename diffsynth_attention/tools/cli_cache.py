@@ -126,6 +126,8 @@ def cmd_cache_clear(args) -> int:
                         "(cache show --json lists them)")
     if not args.yes:
         count = store.count(match)
+        if not count and getattr(args, "key", None):
+            raise Failure(f"--key {args.key}: no decision has a key id starting with it (see `cache show --json`); nothing cleared")
         answer = input(f"Clear {count} decision(s) from {store.path}? [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
             print("nothing cleared")
@@ -133,6 +135,8 @@ def cmd_cache_clear(args) -> int:
     removed = store.clear(match)
     if not store.persistent:
         raise Failure(f"removed {removed} decision(s) in memory only: the cache at {store.directory} cannot be written")
+    if not removed and getattr(args, "key", None):  # as verify: a key id that names no decision is a mistake
+        raise Failure(f"--key {args.key}: no decision has a key id starting with it (see `cache show --json`); nothing cleared")
     print(f"cleared {removed} decision(s) from {store.path}")
     if args.compiled:  # FlashAttention-4's compile cache: only when asked (it takes seconds to minutes to refill)
         from ..backends.flash_attention import clear_compiled, fa4_compile_dir

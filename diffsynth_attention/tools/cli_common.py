@@ -34,3 +34,12 @@ def _key_prefix(text: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{4,24}", text or ""):
         raise argparse.ArgumentTypeError(f"{text!r} is not a key id (4 to 24 hex digits of one, from `cache show --json`)")
     return text
+
+
+def _device_text(text: str) -> str:
+    """``--gpu``: text a device name contains. Blank is refused: it is in every name, so ``cache clear
+    --gpu "$GPU"`` with the variable unset would clear every decision."""
+    if not (text or "").strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty: give text that the device names of the decisions "
+                                         "to clear contain, e.g. H100 (or leave --gpu out to clear every device's)")
+    return text

@@ -173,3 +173,33 @@ def test_a_broken_install_is_found_at_first_use_with_the_reason_and_the_call_fal
     assert loading.wait(fresh, 30) == loading.FAILED  # the load runs on a background thread (test_loading.py)
     after = disp.explain(q, k, v)
     assert after.backend != "flash_attention_3" and "undefined symbol" in after.dropped["flash_attention_3"]
+
+
+@pytest.mark.parametrize("raised", ["SystemExit(3)", "type('Odd', (BaseException,), {})('odd failure')"])
+def test_an_import_that_raises_a_base_exception_makes_the_backend_unavailable_not_the_call_fail(raised, tmp_path, monkeypatch):
+    """A package whose import calls ``sys.exit()`` or raises its own BaseException is a broken
+    install like any other: the call is served, the candidate says why (issue 31's hostile imports)."""
+    package(tmp_path, monkeypatch, "flash_attn_interface", {"__init__.py": f"raise {raised}\n"})
+    monkeypatch.setattr(flash_attention, "package_version", lambda d: "3.0.0b1" if d == "flash_attn_3" else None)
+    backend = cpu(FlashAttention3)
+    monkeypatch.setitem(REGISTRY, "flash_attention_3", backend)
+    q, k, v = qkv(d=16)
+    out = da.attention_forward(q, k, v)
+    assert rel(out, full_reference(q, k, v)) < 1e-5
+    c = da.explain(q, k, v).candidates["flash_attention_3"]
+    assert c["status"] == "unsupported" and c["reason"].startswith("installed but unusable")
+    assert backend.unavailable_reason() == c["reason"] and loading.state(backend) == loading.FAILED
+
+
+def test_a_keyboard_interrupt_raised_by_an_import_off_the_main_thread_is_a_failure(tmp_path, monkeypatch):
+    """Ctrl-C reaches the main thread only: on another thread a KeyboardInterrupt is the package's."""
+    import threading
+
+    package(tmp_path, monkeypatch, "flash_attn_interface", {"__init__.py": "raise KeyboardInterrupt\n"})
+    monkeypatch.setattr(flash_attention, "package_version", lambda d: "3.0.0b1" if d == "flash_attn_3" else None)
+    backend = cpu(FlashAttention3)
+    got = []
+    worker = threading.Thread(target=lambda: got.append(backend.unavailable_reason()))
+    worker.start()
+    worker.join(60)
+    assert got and "KeyboardInterrupt" in got[0] and backend.is_loaded()

@@ -101,8 +101,8 @@ def test_an_application_that_runs_without_the_collector_keeps_it_off(interval):
 
 
 def test_a_load_that_never_ends_holds_the_collector_off_for_a_bounded_time(interval, monkeypatch):
-    """A hung import must not leave the process without cyclic garbage collection: after
-    LOAD_GC_PAUSE_MAX_S the collector is on again, while the load still runs."""
+    """A hung import must not leave the process without cyclic garbage collection, nor with the
+    lowered switch interval: after LOAD_GC_PAUSE_MAX_S both are back, while the load still runs."""
     import gc
     import time
 
@@ -115,6 +115,7 @@ def test_a_load_that_never_ends_holds_the_collector_off_for_a_bounded_time(inter
         while not gc.isenabled() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert gc.isenabled() and loading.state(backend) == loading.LOADING
+        assert sys.getswitchinterval() == 0.005  # the interval is put back with it, not at a last load that never ends
         gate.set()
         loading.wait(backend, 20)
         assert gc.isenabled()

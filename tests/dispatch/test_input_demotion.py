@@ -96,3 +96,109 @@ def test_a_scale_no_backend_takes_is_refused_before_any_backend_runs(tmp_path, c
         disp.forward(q, k, v, scale=Fraction(1, 2))
     assert disp.dropped == {} and "from now on" not in caplog.text
     assert DecisionCache(folder).get(kid).backend == "torch_flash"
+
+
+class _RefusesFlash:
+    """Mixed into a torch mode: refuses SDPA's CPU flash kernel (a profiler or debug mode that does
+    not support an operator), and lets everything else run."""
+
+    def _check(self, func):
+        if "flash" in str(func):
+            raise RuntimeError(f"this mode does not support {func}")
+
+
+@pytest.mark.parametrize("kind", ["dispatch", "function"])
+def test_a_call_under_a_mode_that_refuses_the_backend_never_rewrites_the_decision(kind, tmp_path, caplog):
+    """A ``__torch_dispatch__`` or ``__torch_function__`` mode is the caller's context, like a tensor
+    subclass: the retry and the fresh trials run under it, so they confirm nothing about the backend."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DispatchRefuses(_RefusesFlash, TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self._check(func)
+            return func(*args, **(kwargs or {}))
+
+    class FunctionRefuses(_RefusesFlash, TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self._check(func)
+            return func(*args, **(kwargs or {}))
+
+    folder = tmp_path / "cache"
+    q, k, v = qkv(sq=24)
+    kid = _decide(folder, q, k, v, "torch_flash")
+    disp = Dispatcher(DecisionCache(folder))
+    with (DispatchRefuses if kind == "dispatch" else FunctionRefuses)():
+        try:
+            disp.forward(q, k, v)
+        except RuntimeError as exc:  # the mode may refuse the fallback too: the caller's error, as is
+            assert "this mode does not support" in str(exc)
+    assert disp.store.flush() and "from now on" not in caplog.text
+    assert DecisionCache(folder).get(kid).backend == "torch_flash"  # the decision on disk is unchanged
+    out = Dispatcher(DecisionCache(folder)).forward(q, k, v)
+    assert rel(out, full_reference(q, k, v)) < 1e-4
+
+
+def test_a_default_device_context_still_lets_a_real_failure_be_confirmed():
+    """``torch.device(...)`` as a context (a DeviceContext mode) changes no result: not a caller's mode."""
+    from diffsynth_attention.dispatch.faults import caller_modes, fails_on_fresh_inputs
+
+    q, k, v = qkv(sq=8)
+
+    def broken(*args):
+        raise RuntimeError("the kernel is broken")
+    with torch.device("cpu"):
+        assert caller_modes() == [] and fails_on_fresh_inputs(broken, q, k, v, None, None)
+
+
+class Picky(torch.Tensor):
+    """A tensor subclass that refuses one backend's kernel (SDPA's CPU flash kernel) only."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if "flash" in str(func):
+            raise RuntimeError("Picky tensors refuse the flash kernel")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_tuning_on_a_subclass_never_rejects_a_backend_for_every_process(tmp_path):
+    """A new key first met with subclass inputs is tuned on plain views of their data: the stored
+    decision, which every process reads, does not record the subclass's refusal as the backend's."""
+    folder = tmp_path / "cache"
+    q, k, v = qkv(sq=24)
+    disp = Dispatcher(DecisionCache(folder))
+    pq, pk, pv = (t.as_subclass(Picky) for t in (q, k, v))
+    try:
+        disp.forward(pq, pk, pv)
+    except RuntimeError as exc:  # the decided backend may be the one it refuses: the caller's error
+        assert "Picky" in str(exc)
+    assert disp.store.flush()
+    (stored,) = DecisionCache(folder).entries().values()
+    flash = stored.candidates["torch_flash"]
+    assert flash.status != "rejected" and "Picky" not in (flash.reason or ""), flash
+
+
+def test_a_new_key_met_under_a_callers_mode_is_tuned_outside_it(tmp_path):
+    """Under a dispatch mode of the caller's (here one that refuses the flash kernel) the tuner
+    would time and gate the mode's behaviour: the call is served as plain SDPA would be, and the
+    key is tuned at its first call outside the mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Refuses(_RefusesFlash, TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self._check(func)
+            return func(*args, **(kwargs or {}))
+
+    folder = tmp_path / "cache"
+    q, k, v = qkv(sq=24)
+    disp = Dispatcher(DecisionCache(folder))
+    with Refuses():
+        try:
+            out = disp.forward(q, k, v)
+        except RuntimeError as exc:  # plain SDPA runs the flash kernel here too: the mode refuses it
+            assert "this mode does not support" in str(exc)
+    assert disp.store.flush() and DecisionCache(folder).entries() == {}  # nothing tuned under the mode
+    out = disp.forward(q, k, v)
+    assert rel(out, full_reference(q, k, v)) < 1e-4
+    (stored,) = DecisionCache(folder).entries().values()
+    assert stored.candidates["torch_flash"].status != "rejected"

@@ -171,3 +171,39 @@ def test_a_decision_stored_in_a_forked_child_during_the_back_off_is_retried(isol
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "child 0", (r.stdout, r.stderr[-2000:])
     assert make_decision(1).key_id in _on_disk(isolated)
+
+
+def test_a_cache_dropped_with_pending_decisions_still_writes_them(isolated, monkeypatch):
+    """A user's own DecisionCache that goes out of scope while the disk refuses its writes: its
+    pending decisions are not dropped with it (silently, before any exit flush); its retries go on
+    until they are written."""
+    import gc
+
+    fault = Fault(monkeypatch)
+    fault.on = True
+    c = DecisionCache(isolated)
+    decisions = [make_decision(i) for i in range(3)]
+    for d in decisions:
+        c.put(d)
+    assert c._pending
+    del c
+    gc.collect()
+    fault.on = False  # the fault clears; nothing else is saved
+    want = {d.key_id for d in decisions}
+    assert _poll(lambda: _on_disk(isolated) >= want), f"lost: {want - _on_disk(isolated)}"
+
+
+def test_a_cache_folder_whose_owner_bits_flap_is_written_once_they_are_back(isolated):
+    """``chmod u-w`` on the folder, then back: an access fault like EACCES (tried again), not an
+    untrusted folder (memory only for good: its decisions would be lost at exit)."""
+    c = DecisionCache(isolated)
+    c.put(make_decision(0))
+    v2 = isolated / "v2"
+    os.chmod(v2, 0o500)
+    try:
+        c.put(make_decision(1))
+        assert c._pending and not c.persistent
+    finally:
+        os.chmod(v2, 0o700)  # the fault clears; nothing else is saved
+    assert _poll(lambda: not c._pending), f"{len(c._pending)} still pending"
+    assert _on_disk(isolated) == {make_decision(i).key_id for i in range(2)} and c.persistent

@@ -90,3 +90,40 @@ def test_import_with_an_unwritable_home_exits_0_and_creates_nothing(tmp_path, wh
     finally:
         if where == "read-only":
             home.chmod(stat.S_IRWXU)
+
+
+IMPORT_ONLY = r"""
+import sys, threading, time, torch
+import diffsynth_attention
+for t in threading.enumerate():
+    if t.name == "diffsynth-attention-preload":
+        t.join(60)
+time.sleep(1)  # a migration or a journal's replay would run on threads of their own
+"""
+
+
+def test_the_preload_at_import_writes_nothing_to_an_existing_cache(tmp_path):
+    """The preload only reads: a version-1 file is not migrated, a journal of a process that is gone
+    is not replayed and an old temporary file is not swept by the import (the first call does it)."""
+    import json
+
+    from diffsynth_attention.store.codec import render_document, render_entry
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.store_helpers import make_decision
+
+    cache = tmp_path / "cache"
+    (cache / "v2").mkdir(parents=True, mode=0o700)
+    cache.chmod(0o700)
+    decided = make_decision(1)
+    (cache / "v2" / f"{decided.key_id}.json").write_text(render_entry(decided))
+    doc = json.loads(render_document({d.key_id: d for d in (make_decision(i) for i in range(3, 6))}))
+    doc["schema_version"] = 1
+    (cache / "decisions.json").write_text(json.dumps(doc))
+    old_tmp = cache / "v2" / ".tmp-0123456789abcdef01234567.json-1-abcd"
+    old_tmp.write_text("x")
+    os.utime(old_tmp, (1, 1))
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
+    out = _run(IMPORT_ONLY, _env(tmp_path / "home", cache))
+    assert out.returncode == 0, out.stderr
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == before

@@ -265,3 +265,26 @@ def test_cache_clear_leaves_the_fa4_compile_cache_unless_asked(subprocess_env, i
     r = cli(subprocess_env, "cache", "clear", "--yes", "--compiled")
     assert r.returncode == 0, r.stderr
     assert not compiled.exists() and "1 compiled kernel file(s)" in r.stdout
+
+
+def test_cache_clear_refuses_a_blank_gpu_and_a_key_that_names_no_decision(isolated, capsys):
+    """``--gpu ""`` (an unset shell variable) is in every device name: it would clear every decision.
+    A ``--key`` that names no decision is a mistake, as ``cache verify`` says, not "cleared 0"."""
+    from diffsynth_attention.store.cache import DecisionCache
+    from diffsynth_attention.tools.cli import main
+
+    from support.store_helpers import make_decision
+
+    store = DecisionCache(isolated)
+    kept = [make_decision(i) for i in range(3)]
+    store.put_many(kept)
+    assert store.flush()
+    for gpu in ("", "  "):
+        assert main(["cache", "clear", "--gpu", gpu, "--yes"]) == 2
+        assert "--gpu" in capsys.readouterr().err
+    absent = next(p for p in ("ffff", "0000", "1234") if not any(d.key_id.startswith(p) for d in kept))
+    assert main(["cache", "clear", "--key", absent, "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert "--key" in err and absent in err and err.count("\n") == 1
+    assert {d.key_id for d in DecisionCache(isolated).entries().values()} == {d.key_id for d in kept}
+    assert main(["cache", "clear", "--key", kept[0].key_id, "--yes"]) == 0 and "cleared 1" in capsys.readouterr().out
