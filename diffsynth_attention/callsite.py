@@ -73,6 +73,35 @@ def needs_grad(q, k, v, mask=None) -> bool:
                                 or mask is not None and mask.requires_grad)
 
 
+# One C call, False unless some torch.autocast region is open (Dynamo folds it to a constant)
+any_autocast: Callable[[], bool] = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: False)
+
+
+def autocast_inputs(q, k, v, mask):
+    """Inside a ``torch.autocast`` region on q's device type: ``(device_type, q, k, v, mask)`` cast as
+    autocast casts the arguments of PyTorch's SDPA (which it runs in lower precision): each floating
+    tensor on that device type that is not float64 to the region's dtype, a bool mask as it is. The
+    call then runs in that dtype, with autocast off (as autocast runs SDPA's kernel), so that its
+    result is in the dtype SDPA's, and DiffSynth-Studio's, is, whichever backend serves it. None
+    where autocast is off there, or where q is no tensor (validation says what is wrong)."""
+    if not isinstance(q, torch.Tensor):
+        return None
+    device_type = q.device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        low = torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return None
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 \
+                and t.device.type == device_type:
+            return t.to(low)
+        return t
+    return device_type, cast(q), cast(k), cast(v), cast(mask)
+
+
 def dtype_name(dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``: how keys, tolerances and messages name a dtype."""
     return str(dtype).replace("torch.", "")

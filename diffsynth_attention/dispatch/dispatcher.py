@@ -20,7 +20,7 @@ import torch
 from .. import config, overrides, process, recording, tiers
 from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
-from ..callsite import in_graph, needs_grad
+from ..callsite import autocast_inputs, in_graph, needs_grad
 from ..problem import prepare_request
 from ..request import Request, scalar_scale
 from ..store.cache import DecisionCache
@@ -422,6 +422,9 @@ class Dispatcher(ModePlans):
         """The decision ``attention_forward`` takes for this call (backend, source, key and key id,
         the decision with every candidate's time/error/reason); tunes if the key is new, as the call
         would. ``print()`` it for the table ``diffsynth-attention explain`` prints."""
+        cast = autocast_inputs(q, k, v, attn_mask)  # in a torch.autocast region: the call it makes (hot.py)
+        if cast is not None:
+            _, q, k, v, attn_mask = cast
         req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                       compatibility_mode, window_size)
         req = _float_scale(req) if isinstance(scale, torch.Tensor) else req
