@@ -69,7 +69,11 @@ def routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     if query.shape[0] != key.shape[0] or key.shape[0] != value.shape[0] or key.shape[1] != value.shape[1] \
             or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
         return False
-    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype not in (torch.bool, query.dtype, torch.float32)):
+    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dim() < 2
+                                  or attn_mask.dtype not in (torch.bool, query.dtype, torch.float32)):
+        return False  # SDPA's own error for a mask of 0 or 1 dims (an IndexError)
+    # SDPA runs meta tensors (shape inference: an output with no data), which attention_forward refuses
+    if query.is_meta or key.is_meta or value.is_meta or attn_mask is not None and attn_mask.is_meta:
         return False
     if attn_mask is not None and is_causal:
         return False  # SDPA rejects this combination; keep its error

@@ -1,0 +1,63 @@
+"""patch_sdpa and attention_forward against PyTorch's own SDPA on calls the earlier passes did not
+cover: meta tensors (which SDPA runs, an output with no data) and masks of fewer than 2 dims
+(which SDPA refuses)."""
+import pytest
+import torch
+
+import diffsynth_attention as da
+from diffsynth_attention.integrations import patching
+
+from support.helpers import qkv
+
+
+def _compiled(fn, compiled):
+    return torch.compile(fn, fullgraph=True, backend="aot_eager") if compiled else fn
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-fullgraph"])
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_patch_sdpa_runs_meta_tensors_as_sdpa_does(mask, compiled):
+    """Before: routed to attention_forward, which refuses meta tensors ('q is a meta tensor'),
+    where SDPA returns a meta output (shape inference, models built on the meta device)."""
+    q, k, v = (t.to("meta") for t in qkv(b=2, hq=4, sq=8, skv=12, d=16))
+    m = None if mask is None else torch.ones(8, 12, dtype=torch.bool if mask == "bool" else torch.float32, device="meta")
+    want = patching._ORIGINAL_SDPA(q, k, v, attn_mask=m)
+    before = da.stats()
+
+    def fn(q, k, v, m):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    torch._dynamo.reset()
+    try:
+        with da.patch_sdpa():
+            got = _compiled(fn, compiled)(q, k, v, m)
+    finally:
+        torch._dynamo.reset()
+    assert got.is_meta and got.shape == want.shape and got.dtype == want.dtype
+    assert da.stats() == before  # SDPA's own call: nothing planned or tuned
+
+
+@pytest.mark.parametrize("shape", [(), (12,)], ids=["0-dim", "1-dim"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_a_mask_of_fewer_than_2_dims_is_refused_as_sdpa_refuses_it(shape, dtype):
+    """SDPA (and so DiffSynth-Studio's torch path) raises for a mask of 0 or 1 dims; attention_forward
+    served it (broadcast as a row), and under patch_sdpa such an SDPA call succeeded where the same
+    call unpatched failed."""
+    q, k, v = qkv(b=2, hq=4, sq=8, skv=12, d=16)
+    m = torch.ones(shape, dtype=dtype)
+    with pytest.raises(Exception) as plain:
+        patching._ORIGINAL_SDPA(q, k, v, attn_mask=m)
+    with da.patch_sdpa():
+        with pytest.raises(type(plain.value)):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    for _ in range(2):  # the first call and a repeat
+        with pytest.raises(ValueError, match=r"^attn_mask of shape .* has [01] dims; a mask has at least 2"):
+            da.attention_forward(q, k, v, attn_mask=m)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Exception, match=r"attn_mask of shape .* has [01] dims"):
+            torch.compile(lambda q, k, v, m: da.attention_forward(q, k, v, attn_mask=m), fullgraph=True,
+                          backend="aot_eager")(q, k, v, m)
+    finally:
+        torch._dynamo.reset()
+    assert da.stats()["tunings"] == 0
