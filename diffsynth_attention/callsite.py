@@ -66,6 +66,17 @@ def in_graph(device_type: str) -> bool:
     return dynamo_tracing() or is_exporting() or getattr(_building, "depth", 0) > 0 or capturing(device_type)
 
 
+_interpreters = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
+def transforming() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, functional_call's grad...) is running
+    in this thread: its tensors are wrapped, and it forbids what tuning does (``requires_grad_``, a
+    tensor's value in Python). A call there runs its decision or, undecided, PyTorch's SDPA (which
+    every transform takes); the first call outside a transform tunes."""
+    return _interpreters is not None and _interpreters() is not None
+
+
 def needs_grad(q, k, v, mask=None) -> bool:
     """Whether a call needs gradients: grad mode is on and q, k or v requires them, or ``mask`` does
     (a learned additive bias; callers that differentiate q, k and v only pass no mask)."""

@@ -20,7 +20,7 @@ import torch
 from .. import config, overrides, process, recording, tiers
 from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
-from ..callsite import autocast_inputs, in_graph, needs_grad
+from ..callsite import autocast_inputs, in_graph, needs_grad, transforming
 from ..problem import prepare_request
 from ..request import Request, scalar_scale
 from ..store.cache import DecisionCache
@@ -386,7 +386,7 @@ class Dispatcher(ModePlans):
 
     @staticmethod
     def _can_tune(q) -> bool:
-        return config.tuning_enabled() and not in_graph(q.device.type)
+        return config.tuning_enabled() and not in_graph(q.device.type) and not transforming()
 
     # -- under torch.compile -----------------------------------------------------------------
     # -- the slow path ----------------------------------------------------------------------
