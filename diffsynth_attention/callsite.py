@@ -77,6 +77,16 @@ def transforming() -> bool:
     return _interpreters is not None and _interpreters() is not None
 
 
+def keep_rng(device: torch.device):
+    """A block whose random draws (a tuning's gradient of the output, random stand-ins for a
+    non-finite call or a trace, a failure's fresh inputs) leave the caller's random stream as it
+    was: the CPU generator's state, and ``device``'s where it is a CUDA device, restored after it.
+    PyTorch's SDPA draws nothing (no dropout), so a pipeline's later draws (noise, dropout) must not
+    depend on whether this call tuned, i.e. on whether the cache was warm."""
+    devices = [device] if getattr(device, "type", None) == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def needs_grad(q, k, v, mask=None) -> bool:
     """Whether a call needs gradients: grad mode is on and q, k or v requires them, or ``mask`` does
     (a learned additive bias; callers that differentiate q, k and v only pass no mask)."""

@@ -20,7 +20,7 @@ import torch
 from .. import config, overrides, process, recording, tiers
 from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
-from ..callsite import autocast_inputs, in_graph, needs_grad, transforming
+from ..callsite import autocast_inputs, in_graph, keep_rng, needs_grad, transforming
 from ..problem import prepare_request
 from ..request import Request, scalar_scale
 from ..store.cache import DecisionCache
@@ -297,8 +297,8 @@ class Dispatcher(ModePlans):
             return self.tune_key(call, key, usable, unsupported, usable_names, dev, mode=mode)
         from torch.utils._python_dispatch import _disable_current_modes
 
-        with _disable_current_modes():  # a trace: tune outside its fake modes, on random tensors of the call's shapes
-            real = tune_on()
+        with _disable_current_modes(), keep_rng(call.q.device):  # a trace: tune outside its fake modes, on random
+            real = tune_on()  # tensors of the call's shapes
             if real is None:
                 return None
             return self.tune_key(call.on(real.q, real.k, real.v, real.attn_mask), key, usable, unsupported, usable_names,
@@ -340,8 +340,9 @@ class Dispatcher(ModePlans):
         def accept(found: Decision) -> bool:
             return found.backend in usable_names and not (stale is not None and found.provisional and found == stale)
 
-        got = self.store.get_or_tune(key.id, run_tuner, lowprec.tolerance(self.tolerance(problem), tier), accept=accept,
-                                     read_first=False)  # resolve() has just read the key
+        with keep_rng(call.q.device):  # the caller's random stream is not the tuning's
+            got = self.store.get_or_tune(key.id, run_tuner, lowprec.tolerance(self.tolerance(problem), tier),
+                                         accept=accept, read_first=False)  # resolve() has just read the key
         # NOT_STORED: every candidate rejected, never persisted: used for this call only, the next one tunes again
         source = {Outcome.REREAD: PlanSource.CACHE, Outcome.TUNED: PlanSource.TUNED}.get(got.outcome, PlanSource.FALLBACK)
         plan = self._decided_plan(got.decision, mode, key, plain, grad, source)

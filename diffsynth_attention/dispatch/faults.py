@@ -23,6 +23,7 @@ import torch
 
 from .. import config
 from ..backends import REGISTRY
+from ..callsite import keep_rng
 from ..problem import prepare_request
 from ..states import PlanSource
 from ..store.decision import CHOSEN, REJECTED
@@ -114,7 +115,12 @@ def fails_on_fresh_inputs(run: Callable, q, k, v, mask, scale, trials: int = FRE
     """Whether ``run`` fails on each of ``trials`` calls with fresh random q, k and v of the
     caller's shapes and layouts, plain ``torch.Tensor``s (the mask and scale kept: they were
     validated; the mask as a plain tensor too). Out-of-memory errors and poisoning CUDA errors
-    count as passes: they are not the backend's."""
+    count as passes: they are not the backend's. The caller's random stream is left as it was."""
+    with keep_rng(q.device):
+        return _fails_on_fresh_inputs(run, q, k, v, mask, scale, trials)
+
+
+def _fails_on_fresh_inputs(run: Callable, q, k, v, mask, scale, trials: int) -> bool:
     for _ in range(trials):
         try:
             fresh = [_fresh_like(t) for t in (q, k, v)]

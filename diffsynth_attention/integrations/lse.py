@@ -26,7 +26,7 @@ import torch
 
 from .. import config, overrides, process, trace_state
 from ..backends import REGISTRY, TORCH_FAMILY, device_info
-from ..callsite import building_graph, in_graph, needs_grad, tracing, transforming
+from ..callsite import building_graph, in_graph, keep_rng, needs_grad, tracing, transforming
 from ..problem import prepare
 from ..states import PlanSource
 from ..store.decision import key_id
@@ -239,7 +239,7 @@ class LseSelector:
             return (own[0] if own else MATH), key.id
         from torch.utils._python_dispatch import _disable_current_modes
 
-        with _disable_current_modes():  # a trace: tune outside its fake modes, on random stand-ins of its shapes
+        with _disable_current_modes(), keep_rng(q.device):  # a trace: tune outside its fake modes, on random stand-ins
             if tracing:
                 call = call.on(*tune_on())
 
