@@ -153,7 +153,24 @@ def failed(d, plan, exc: Exception, req, impl_raw, grad: bool):
     if poisons_context(exc) or context_broken(req.q.device):  # nothing can run after it
         report_poisoned(plan.backend, exc)
         raise exc
+    if sdpa_fails_alike(plan, exc, req, grad):  # the caller's inputs, not the backend: change nothing
+        raise exc
     return after_failure(d, plan, exc, req, impl_raw, grad)
+
+
+def sdpa_fails_alike(plan, exc: Exception, req, grad: bool) -> bool:
+    """Whether PyTorch's SDPA (the ``torch`` backend) fails the call's own inputs with the same error
+    (type and first line): then the failure is the inputs' (an inference-mode tensor in a call that
+    needs gradients: autograd's error, whatever op saves it), which PyTorch refuses too, and no
+    backend is dropped for the process. (A retry runs without gradients and passed: the failure
+    read as the backend's, and one such call dropped the decided backend for the process.)"""
+    if plan.backend == "torch":
+        return False  # after_failure raises its error as it is
+    try:
+        make_runner(REGISTRY["torch"], plan.call, grad)(req.q, req.k, req.v, req.attn_mask, req.scale)
+    except Exception as other:  # noqa: BLE001 - compared, not handled
+        return type(other) is type(exc) and _first_line(other) == _first_line(exc)
+    return False
 
 def after_failure(d, plan, exc: Exception, req, impl_raw, grad: bool):
     """A backend raised at run time. It is dropped for this key in this process, and the
