@@ -55,10 +55,21 @@ class _Routing:
 _ROUTE = _Routing()
 
 
+def math_only() -> bool:
+    """Whether SDPA is restricted to its math kernel (``sdpa_kernel(SDPBackend.MATH)``, or its fused
+    kernels switched off): a request for what only that kernel gives (double backward, forward-mode
+    AD, its exact arithmetic), so such calls stay PyTorch's. One C call in the common case."""
+    return not _flash_sdp() and not _efficient_sdp() and not _cudnn_sdp() and _math_sdp()
+
+
+_flash_sdp, _efficient_sdp, _cudnn_sdp, _math_sdp = (
+    getattr(torch._C, f"_get_{name}_sdp_enabled", lambda: True) for name in ("flash", "mem_efficient", "cudnn", "math"))
+
+
 def routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
     """Whether :func:`patch_sdpa` routes an SDPA call with these arguments to the dispatcher (the
     rest go to PyTorch's own SDPA unchanged)."""
-    if dropout_p != 0.0:
+    if dropout_p != 0.0 or math_only():
         return False
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
         return False

@@ -61,3 +61,42 @@ def test_a_mask_of_fewer_than_2_dims_is_refused_as_sdpa_refuses_it(shape, dtype)
     finally:
         torch._dynamo.reset()
     assert da.stats()["tunings"] == 0
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-fullgraph"])
+def test_patch_sdpa_leaves_a_math_only_sdpa_call_to_sdpa(compiled):
+    """``sdpa_kernel(SDPBackend.MATH)`` asks SDPA for its math kernel, e.g. for a double backward
+    (which the fused kernels lack). Before, patch_sdpa routed the call anyway, to a backend whose
+    backward is not differentiable ('derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
+    is not implemented'), where the unpatched call gives the second derivative."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (t.requires_grad_() for t in qkv(b=1, hq=2, sq=8, d=8))
+
+    def second(sdpa):
+        out = sdpa(q, k, v)
+        (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        return out, torch.autograd.grad(g.sum(), q)[0]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        want_out, want = second(patching._ORIGINAL_SDPA)
+        before = da.stats()
+        torch._dynamo.reset()
+        try:
+            with da.patch_sdpa(), da.use_backend("torch_flash"):
+                graphs = []
+
+                def recorder(gm, example_inputs):
+                    graphs.append(gm.code)
+                    return gm
+                fn = torch.nn.functional.scaled_dot_product_attention
+                if compiled:
+                    got_out = torch.compile(lambda q, k, v: fn(q, k, v), fullgraph=True, backend=recorder)(q, k, v)
+                    assert graphs and "diffsynth_attention" not in graphs[-1]  # SDPA's own op in the graph
+                else:
+                    got_out, got = second(fn)
+                    assert torch.allclose(got, want, atol=1e-5)
+        finally:
+            torch._dynamo.reset()
+    assert torch.allclose(got_out, want_out, atol=1e-6)
+    assert da.stats() == before  # PyTorch's own call: not routed
