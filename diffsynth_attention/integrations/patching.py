@@ -99,9 +99,10 @@ def routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
 
 @functools.wraps(_ORIGINAL_SDPA)
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """``torch.nn.functional.scaled_dot_product_attention`` with the same signature and meaning;
-    routed through ``attention_forward`` where patched, else PyTorch's own."""
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+                                 enable_gqa=False):
+    """``torch.nn.functional.scaled_dot_product_attention`` with the same signature (``scale`` and
+    ``enable_gqa`` keyword-only, as there) and meaning; routed through ``attention_forward`` where patched, else PyTorch's own."""
     # Under torch.compile routing follows the process-wide counters (a graph traced inside a
     # `with patch_sdpa():` block around the call, or inside the traced function, routes; Dynamo
     # guards on the counters, so such a graph is not used once routing is off).

@@ -100,3 +100,21 @@ def test_patch_sdpa_leaves_a_math_only_sdpa_call_to_sdpa(compiled):
             torch._dynamo.reset()
     assert torch.allclose(got_out, want_out, atol=1e-6)
     assert da.stats() == before  # PyTorch's own call: not routed
+
+
+def test_patch_sdpa_takes_the_arguments_sdpa_takes_and_no_others():
+    """SDPA's ``scale`` and ``enable_gqa`` are keyword-only; the patch's wrapper took them as the
+    7th and 8th positional arguments, so a call that fails unpatched ran patched."""
+    q, k, v = qkv(b=1, hq=2, sq=8, d=8)
+    calls = [((q, k, v, None, 0.0, False, 0.5), {}), ((q, k, v, None, 0.0, False, None, True), {}),
+             ((q, k, v), {"attn_mask": None, "bogus": 1})]
+    for args, kwargs in calls:
+        with pytest.raises(TypeError) as plain:
+            patching._ORIGINAL_SDPA(*args, **kwargs)
+        with da.patch_sdpa():
+            with pytest.raises(TypeError) as patched:
+                torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
+        assert ("positional" in str(plain.value)) == ("positional" in str(patched.value))
+    with da.patch_sdpa():  # the positional and keyword forms SDPA takes still run
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, None, 0.0, True, scale=0.5, enable_gqa=False)
+    assert torch.allclose(out, patching._ORIGINAL_SDPA(q, k, v, is_causal=True, scale=0.5), atol=1e-6)
