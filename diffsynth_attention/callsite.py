@@ -66,11 +66,61 @@ def in_graph(device_type: str) -> bool:
     return dynamo_tracing() or is_exporting() or getattr(_building, "depth", 0) > 0 or capturing(device_type)
 
 
+_interpreters = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
+def transforming() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, functional_call's grad...) is running
+    in this thread: its tensors are wrapped, and it forbids what tuning does (``requires_grad_``, a
+    tensor's value in Python). A call there runs its decision or, undecided, PyTorch's SDPA (which
+    every transform takes); the first call outside a transform tunes."""
+    return _interpreters is not None and _interpreters() is not None
+
+
+def keep_rng(device: torch.device):
+    """A block whose random draws (a tuning's gradient of the output, random stand-ins for a
+    non-finite call or a trace, a failure's fresh inputs) leave the caller's random stream as it
+    was: the CPU generator's state, and ``device``'s where it is a CUDA device, restored after it.
+    PyTorch's SDPA draws nothing (no dropout), so a pipeline's later draws (noise, dropout) must not
+    depend on whether this call tuned, i.e. on whether the cache was warm."""
+    devices = [device] if getattr(device, "type", None) == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def needs_grad(q, k, v, mask=None) -> bool:
     """Whether a call needs gradients: grad mode is on and q, k or v requires them, or ``mask`` does
     (a learned additive bias; callers that differentiate q, k and v only pass no mask)."""
     return _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                 or mask is not None and mask.requires_grad)
+
+
+# One C call, False unless some torch.autocast region is open (Dynamo folds it to a constant)
+any_autocast: Callable[[], bool] = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: False)
+
+
+def autocast_inputs(q, k, v, mask):
+    """Inside a ``torch.autocast`` region on q's device type: ``(device_type, q, k, v, mask)`` cast as
+    autocast casts the arguments of PyTorch's SDPA (which it runs in lower precision): each floating
+    tensor on that device type that is not float64 to the region's dtype, a bool mask as it is. The
+    call then runs in that dtype, with autocast off (as autocast runs SDPA's kernel), so that its
+    result is in the dtype SDPA's, and DiffSynth-Studio's, is, whichever backend serves it. None
+    where autocast is off there, or where q is no tensor (validation says what is wrong)."""
+    if not isinstance(q, torch.Tensor):
+        return None
+    device_type = q.device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        low = torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return None
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 \
+                and t.device.type == device_type:
+            return t.to(low)
+        return t
+    return device_type, cast(q), cast(k), cast(v), cast(mask)
 
 
 def dtype_name(dtype) -> str:

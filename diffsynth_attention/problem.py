@@ -384,6 +384,9 @@ def prepare(
         if attn_mask.device != q.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
         target = (b, hq, sq, skv)
+        if attn_mask.dim() < 2:  # PyTorch's SDPA (DiffSynth-Studio's torch path) refuses it (an IndexError)
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} has {attn_mask.dim()} dims; a mask has at least 2 "
+                             f"(s_q, s_kv), as torch.nn.functional.scaled_dot_product_attention takes it")
         if not _broadcasts(tuple(attn_mask.shape), target):
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (b, n, s_q, s_kv) = {target}")
         mask_shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)

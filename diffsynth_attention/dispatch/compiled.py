@@ -36,6 +36,7 @@ import torch
 
 from .. import overrides
 from ..backends import REGISTRY, TORCH_FAMILY
+from ..backends.torch_sdpa import causal_mask
 from ..callsite import convert, is_compiling, needs_grad
 from ..problem import CANONICAL, effective_window, mask_4d, prepare, readable_mask
 from .tokens import lookup_dispatcher
@@ -194,8 +195,13 @@ def _attention_composite(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, 
             # A learned mask (its gradient needed): the run-time operator differentiates q, k and v
             # only, so the call decomposes into PyTorch's SDPA (a mask excludes windows), as eager's
             # torch backend runs it, with the mask's gradient.
+            # With is_causal the top-left causal mask is folded in, as eager's torch_math serves it: SDPA
+            # refuses a mask with is_causal where it picks its math kernel (a trace's symbolic sizes, v's head dim not q's).
             qc, kc, vc = (_to(t, p, CANONICAL, dims_d) for t, p in ((q, q_pattern), (k, k_pattern), (v, v_pattern)))
-            out = REGISTRY["torch"].forward(qc, kc, vc, mask_4d(attn_mask), scale, bool(is_causal), None, True)
+            mask4 = readable_mask(mask_4d(attn_mask), q.dtype)
+            if is_causal:
+                mask4 = causal_mask(mask4, qc.shape[2], kc.shape[2])
+            out = REGISTRY["torch"].forward(qc, kc, vc, mask4, scale, False, None, True)
             return _to(out, CANONICAL, out_pattern, dims_d)
         return dispatch_op(q, k, v, attn_mask, scale, pack_call(q_pattern, k_pattern, v_pattern, out_pattern, dims, is_causal,
                                                                 window_size, compatibility_mode, backend), dispatcher)

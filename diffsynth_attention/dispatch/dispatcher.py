@@ -20,7 +20,7 @@ import torch
 from .. import config, overrides, process, recording, tiers
 from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
-from ..callsite import in_graph, needs_grad
+from ..callsite import autocast_inputs, in_graph, keep_rng, needs_grad, transforming
 from ..problem import prepare_request
 from ..request import Request, scalar_scale
 from ..store.cache import DecisionCache
@@ -300,8 +300,8 @@ class Dispatcher(ModePlans):
             return self.tune_key(faults.plain_call(call), key, usable, unsupported, usable_names, dev, mode=mode)
         from torch.utils._python_dispatch import _disable_current_modes
 
-        with _disable_current_modes():  # a trace: tune outside its fake modes, on random tensors of the call's shapes
-            real = tune_on()
+        with _disable_current_modes(), keep_rng(call.q.device):  # a trace: tune outside its fake modes, on random
+            real = tune_on()  # tensors of the call's shapes
             if real is None:
                 return None
             return self.tune_key(call.on(real.q, real.k, real.v, real.attn_mask), key, usable, unsupported, usable_names,
@@ -343,8 +343,9 @@ class Dispatcher(ModePlans):
         def accept(found: Decision) -> bool:
             return found.backend in usable_names and not (stale is not None and found.provisional and found == stale)
 
-        got = self.store.get_or_tune(key.id, run_tuner, lowprec.tolerance(self.tolerance(problem), tier), accept=accept,
-                                     read_first=False)  # resolve() has just read the key
+        with keep_rng(call.q.device):  # the caller's random stream is not the tuning's
+            got = self.store.get_or_tune(key.id, run_tuner, lowprec.tolerance(self.tolerance(problem), tier),
+                                         accept=accept, read_first=False)  # resolve() has just read the key
         # NOT_STORED: every candidate rejected, never persisted: used for this call only, the next one tunes again
         source = {Outcome.REREAD: PlanSource.CACHE, Outcome.TUNED: PlanSource.TUNED}.get(got.outcome, PlanSource.FALLBACK)
         plan = self._decided_plan(got.decision, mode, key, plain, grad, source)
@@ -392,8 +393,10 @@ class Dispatcher(ModePlans):
     @staticmethod
     def _can_tune(q) -> bool:
         # not under a torch function or dispatch mode of the caller's (a debug, fake-tensor or selective
-        # checkpointing mode): its behaviour would be timed and stored; served provisionally until a call outside
-        return config.tuning_enabled() and not in_graph(q.device.type) and not faults.caller_modes()
+        # checkpointing mode): its behaviour would be timed and stored; served provisionally until a call outside;
+        # nor inside a torch.func transform (its wrapped tensors)
+        return (config.tuning_enabled() and not in_graph(q.device.type) and not transforming()
+                and not faults.caller_modes())
 
     # -- under torch.compile -----------------------------------------------------------------
     # -- the slow path ----------------------------------------------------------------------
@@ -429,6 +432,9 @@ class Dispatcher(ModePlans):
         """The decision ``attention_forward`` takes for this call (backend, source, key and key id,
         the decision with every candidate's time/error/reason); tunes if the key is new, as the call
         would. ``print()`` it for the table ``diffsynth-attention explain`` prints."""
+        cast = autocast_inputs(q, k, v, attn_mask)  # in a torch.autocast region: the call it makes (hot.py)
+        if cast is not None:
+            _, q, k, v, attn_mask = cast
         req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                       compatibility_mode, window_size)
         req = _float_scale(req) if isinstance(scale, torch.Tensor) else req

@@ -23,6 +23,7 @@ import torch
 
 from .. import config
 from ..backends import REGISTRY
+from ..callsite import keep_rng
 from ..problem import prepare_request
 from ..states import PlanSource
 from ..store.decision import CHOSEN, REJECTED
@@ -158,9 +159,15 @@ def fails_on_fresh_inputs(run: Callable, q, k, v, mask, scale, trials: int = FRE
     caller's shapes and layouts, plain ``torch.Tensor``s (the mask and scale kept: they were
     validated; the mask as a plain tensor too). Out-of-memory errors and poisoning CUDA errors
     count as passes: they are not the backend's. Never confirmed under a mode of the caller's
-    (:func:`caller_modes`): its trials would run under it too."""
+    (:func:`caller_modes`): its trials would run under it too. The caller's random stream is left
+    as it was."""
     if caller_modes():
         return False
+    with keep_rng(q.device):
+        return _fails_on_fresh_inputs(run, q, k, v, mask, scale, trials)
+
+
+def _fails_on_fresh_inputs(run: Callable, q, k, v, mask, scale, trials: int) -> bool:
     for _ in range(trials):
         try:
             fresh = [_fresh_like(t) for t in (q, k, v)]
@@ -193,7 +200,24 @@ def failed(d, plan, exc: Exception, req, impl_raw, grad: bool):
     if poisons_context(exc) or context_broken(req.q.device):  # nothing can run after it
         report_poisoned(plan.backend, exc)
         raise exc
+    if sdpa_fails_alike(plan, exc, req, grad):  # the caller's inputs, not the backend: change nothing
+        raise exc
     return after_failure(d, plan, exc, req, impl_raw, grad)
+
+
+def sdpa_fails_alike(plan, exc: Exception, req, grad: bool) -> bool:
+    """Whether PyTorch's SDPA (the ``torch`` backend) fails the call's own inputs with the same error
+    (type and first line): then the failure is the inputs' (an inference-mode tensor in a call that
+    needs gradients: autograd's error, whatever op saves it), which PyTorch refuses too, and no
+    backend is dropped for the process. (A retry runs without gradients and passed: the failure
+    read as the backend's, and one such call dropped the decided backend for the process.)"""
+    if plan.backend == "torch":
+        return False  # after_failure raises its error as it is
+    try:
+        make_runner(REGISTRY["torch"], plan.call, grad)(req.q, req.k, req.v, req.attn_mask, req.scale)
+    except Exception as other:  # noqa: BLE001 - compared, not handled
+        return type(other) is type(exc) and _first_line(other) == _first_line(exc)
+    return False
 
 def after_failure(d, plan, exc: Exception, req, impl_raw, grad: bool):
     """A backend raised at run time. It is dropped for this key in this process, and the

@@ -7,6 +7,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import overrides, tiers
+from ..callsite import any_autocast as _any_autocast
+from ..callsite import autocast_inputs as _autocast_inputs
 from ..callsite import is_compiling as _is_compiling
 from ..request import FLOAT32, Request, cublas_tf32, finite_scale
 from .guards import tensor_guard
@@ -84,6 +86,12 @@ def make_forward(d) -> Callable:
 
             return flex_attention_forward(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
                                           is_causal, window_size, score_mod)
+        if _any_autocast():  # a torch.autocast region: its dtype, as autocast gives SDPA (callsite.autocast_inputs)
+            cast = _autocast_inputs(q, k, v, attn_mask)
+            if cast is not None:
+                with torch.autocast(cast[0], enabled=False):
+                    return attention_forward(cast[1], cast[2], cast[3], q_pattern, k_pattern, v_pattern, out_pattern,
+                                             dims, cast[4], scale, is_causal, compatibility_mode, window_size)
         # Dynamo reads only the first call (folded to True), so it guards nothing of the rest
         if dynamo_compiling() or (_compiler._is_exporting_flag if flag_exporting else _is_compiling()):
             from .baked import traced_attention

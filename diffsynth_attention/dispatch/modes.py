@@ -13,7 +13,7 @@ import torch
 
 from .. import config, overrides, tiers
 from ..backends import REGISTRY
-from ..callsite import building_graph, in_graph
+from ..callsite import building_graph, in_graph, transforming
 from ..request import Request
 from ..states import PlanSource
 from ..store.decision import COMPILED, CUDAGRAPH, EAGER, Decision
@@ -59,7 +59,7 @@ class ModePlans:
         """Whether a provisional ``decision`` is re-timed by this call: eager, tuning allowed, not
         yet re-timed in this process, and the host quiet (the policy's ``quiet``)."""
         if not decision.provisional or mode != EAGER or key.id in self.retimed or not config.tuning_enabled() \
-                or not config.retime() or in_graph(call.problem.device_type):
+                or not config.retime() or in_graph(call.problem.device_type) or transforming():
             return False
         if not (self.policy or DEFAULT_POLICY).quiet():
             return False

@@ -118,7 +118,18 @@ def diffsynth_auto_attention(query, key, value, attn_mask=None, dropout_p: float
         from .lse import attention_with_lse
 
         return attention_with_lse(query, key, value, scale, is_causal)
+    if query.is_meta or key.is_meta or value.is_meta:  # native's answer: SDPA runs meta tensors (shape
+        return _meta_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa)  # inference), attention_forward refuses them
     return _forward(query, key, value, attn_mask, is_causal, scale)
+
+
+def _meta_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa):
+    """``native``'s call on meta tensors: PyTorch's own SDPA (never a patched one) in ``b n s d``."""
+    from ..backends.torch_sdpa import _SDPA
+
+    out = _SDPA(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask, is_causal=is_causal,
+                scale=scale, enable_gqa=enable_gqa)
+    return out.transpose(1, 2)
 
 
 def _forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,

@@ -26,7 +26,7 @@ import torch
 
 from .. import config, overrides, process, trace_state
 from ..backends import REGISTRY, TORCH_FAMILY, device_info
-from ..callsite import building_graph, in_graph, needs_grad, tracing
+from ..callsite import building_graph, in_graph, keep_rng, needs_grad, tracing, transforming
 from ..problem import prepare
 from ..states import PlanSource
 from ..store.decision import key_id
@@ -234,12 +234,12 @@ class LseSelector:
         if not names:
             return MATH, key.id
         tracing = tune_on is not None
-        if not config.tuning_enabled() or (not tracing and in_graph(q.device.type)):
+        if not config.tuning_enabled() or (not tracing and (in_graph(q.device.type) or transforming())):
             own = [b.name for b in usable if b.name in TORCH_FAMILY]  # PyTorch's own kernels, as `torch` is elsewhere
             return (own[0] if own else MATH), key.id
         from torch.utils._python_dispatch import _disable_current_modes
 
-        with _disable_current_modes():  # a trace: tune outside its fake modes, on random stand-ins of its shapes
+        with _disable_current_modes(), keep_rng(q.device):  # a trace: tune outside its fake modes, on random stand-ins
             if tracing:
                 call = call.on(*tune_on())
 

@@ -55,10 +55,21 @@ class _Routing:
 _ROUTE = _Routing()
 
 
+def math_only() -> bool:
+    """Whether SDPA is restricted to its math kernel (``sdpa_kernel(SDPBackend.MATH)``, or its fused
+    kernels switched off): a request for what only that kernel gives (double backward, forward-mode
+    AD, its exact arithmetic), so such calls stay PyTorch's. One C call in the common case."""
+    return not _flash_sdp() and not _efficient_sdp() and not _cudnn_sdp() and _math_sdp()
+
+
+_flash_sdp, _efficient_sdp, _cudnn_sdp, _math_sdp = (
+    getattr(torch._C, f"_get_{name}_sdp_enabled", lambda: True) for name in ("flash", "mem_efficient", "cudnn", "math"))
+
+
 def routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
     """Whether :func:`patch_sdpa` routes an SDPA call with these arguments to the dispatcher (the
     rest go to PyTorch's own SDPA unchanged)."""
-    if dropout_p != 0.0:
+    if dropout_p != 0.0 or math_only():
         return False
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
         return False
@@ -69,7 +80,11 @@ def routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     if query.shape[0] != key.shape[0] or key.shape[0] != value.shape[0] or key.shape[1] != value.shape[1] \
             or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
         return False
-    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype not in (torch.bool, query.dtype, torch.float32)):
+    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dim() < 2
+                                  or attn_mask.dtype not in (torch.bool, query.dtype, torch.float32)):
+        return False  # SDPA's own error for a mask of 0 or 1 dims (an IndexError)
+    # SDPA runs meta tensors (shape inference: an output with no data), which attention_forward refuses
+    if query.is_meta or key.is_meta or value.is_meta or attn_mask is not None and attn_mask.is_meta:
         return False
     if attn_mask is not None and is_causal:
         return False  # SDPA rejects this combination; keep its error
@@ -84,9 +99,10 @@ def routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
 
 @functools.wraps(_ORIGINAL_SDPA)
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """``torch.nn.functional.scaled_dot_product_attention`` with the same signature and meaning;
-    routed through ``attention_forward`` where patched, else PyTorch's own."""
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+                                 enable_gqa=False):
+    """``torch.nn.functional.scaled_dot_product_attention`` with the same signature (``scale`` and
+    ``enable_gqa`` keyword-only, as there) and meaning; routed through ``attention_forward`` where patched, else PyTorch's own."""
     # Under torch.compile routing follows the process-wide counters (a graph traced inside a
     # `with patch_sdpa():` block around the call, or inside the traced function, routes; Dynamo
     # guards on the counters, so such a graph is not used once routing is off).

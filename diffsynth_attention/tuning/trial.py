@@ -241,11 +241,18 @@ def fill_random(t: torch.Tensor) -> None:
 def finite_inputs(call):
     """The call to gate on: the caller's if its q, k, v are finite; else the same call on random
     stand-ins of the same shape, dtype and layout (a NaN or Inf in the caller's data would reject
-    every candidate)."""
+    every candidate). A float mask with NaN or +inf (-inf masks a key) is gated with those entries
+    as 0: its every candidate was rejected, so no decision was stored and each call tuned again."""
+    mask = call.mask
+    if mask is not None and mask.is_floating_point():
+        m = mask.detach()
+        if bool((torch.isnan(m) | (m == float("inf"))).any()):
+            logger.info("the tuning call's attn_mask has NaN or +inf: gating the candidates with those entries as 0")
+            mask = m.nan_to_num(nan=0.0, posinf=0.0, neginf=float("-inf")).requires_grad_(mask.requires_grad)
     if call.synthetic or all(bool(torch.isfinite(t.detach()).all()) for t in (call.q, call.k, call.v)):
-        return call
+        return call if mask is call.mask else call.on(call.q, call.k, call.v, mask, synthetic=call.synthetic)
     logger.info("the tuning call's q/k/v are not finite: gating the candidates on random inputs of the same layout")
-    return call.on(random_like(call.q), random_like(call.k), random_like(call.v), call.mask)
+    return call.on(random_like(call.q), random_like(call.k), random_like(call.v), mask)
 
 
 def describe_exception(exc: BaseException) -> str:

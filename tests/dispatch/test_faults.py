@@ -2,6 +2,7 @@
 reaches a backend or changes a stored decision), and a CUDA error that poisons the context
 demotes nothing."""
 
+import contextlib
 import logging
 
 import pytest
@@ -151,3 +152,27 @@ def test_unknown_sticky_error_is_found_by_probing_the_context(disp, monkeypatch)
     with pytest.raises(RuntimeError, match="launch failed"):
         disp.forward(q, k, v)
     assert disp.dropped == {} and _disk(disp) == before
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["decided", "use_backend"])
+def test_a_call_sdpa_refuses_alike_drops_no_backend(disp, monkeypatch, forced):
+    """An inference-mode q in a call whose k and v need gradients: PyTorch's SDPA refuses it
+    ('Inference tensors cannot be saved for backward', autograd's error for any backend). Before, the
+    gradient-free retry passed, so the failure read as the backend's: this one call dropped the
+    decided backend for the process (later valid calls ran the next best), or replaced a
+    use_backend plan by torch."""
+    import diffsynth_attention as da
+
+    q, k, v = qkv()
+    k, v = k.requires_grad_(), v.requires_grad_()
+    flaky, kid = force_flaky(disp, monkeypatch, q, k, v)
+    with torch.inference_mode():
+        qi = q.clone()
+    before = _disk(disp)
+    with da.use_backend("flash_attention_4") if forced else contextlib.nullcontext():
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            disp.forward(qi, k, v)
+        assert disp.dropped == {} and _disk(disp) == before
+        info = disp.explain(q, k, v)
+        assert info.backend == "flash_attention_4" and info.source in ("cache", "override")
+        disp.forward(q, k, v).sum().backward()  # the valid call still runs its backend

@@ -80,6 +80,19 @@ def test_gqa_needs_enable_gqa_and_dropout_is_refused():
         ours(*bsnd(), dropout_p=0.1)
 
 
+@pytest.mark.parametrize("kw", [{}, {"attn_mask": "bool2d"}, {"is_causal": True}, {"enable_gqa": True}])
+def test_meta_tensors_get_natives_meta_output(kw):
+    """native runs meta tensors (PyTorch's SDPA: a meta output of the right shape, as shape inference
+    on a model built on the meta device needs); the backend raised attention_forward's 'q is a meta tensor'."""
+    q, k, v = (t.to("meta") for t in bsnd(kv_heads=2 if kw.get("enable_gqa") else None))
+    kw = {**kw, "attn_mask": torch.ones(2, k.shape[1], dtype=torch.bool, device="meta")} if "attn_mask" in kw else kw
+    want = native(q, k, v, **kw)
+    before = da.stats()
+    got = ours(q, k, v, **kw)
+    assert got.is_meta and got.shape == want.shape and got.dtype == want.dtype and got.stride() == want.stride()
+    assert da.stats() == before
+
+
 def test_declared_constraints_run_when_diffusers_checks_are_on(monkeypatch):
     monkeypatch.setattr(_AttentionBackendRegistry, "_checks_enabled", True)  # DIFFUSERS_ATTN_CHECKS=1
     q, k, v = bsnd()

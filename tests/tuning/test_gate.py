@@ -35,6 +35,23 @@ def test_nan_in_the_first_call_does_not_poison_the_decision(isolated):
     assert da.stats()["tunings"] == 1
 
 
+def test_a_mask_with_nan_or_inf_in_the_first_call_is_tuned_once(isolated):
+    """A float mask holding NaN or +inf (a ``0 * -inf`` in the caller's mask arithmetic) made every
+    candidate's output non-finite: all were rejected, no decision was stored, and every later call
+    of the same shapes tuned again (a tuning per call). The gate takes those entries as 0 (-inf
+    still masks a key); the call's own output is SDPA's, NaN where SDPA's is."""
+    q, k, v = qkv(b=1, hq=2, sq=16)
+    mask = torch.zeros(16, 16)
+    mask[3, 5], mask[4, 4], mask[5, :3] = float("nan"), float("inf"), float("-inf")
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    for _ in range(3):
+        out = da.attention_forward(q, k, v, attn_mask=mask)
+        assert torch.equal(out.isnan(), want.isnan()) and torch.allclose(out.nan_to_num(), want.nan_to_num(), atol=1e-5)
+    assert da.stats()["tunings"] == 1
+    (saved,) = _on_disk(isolated).values()
+    assert not cache_mod.all_rejected(saved)
+
+
 def test_mutation_check_treats_nan_as_equal():
     a = torch.tensor([1.0, float("nan"), 3.0])
     assert tuner._same(a, a.clone())
