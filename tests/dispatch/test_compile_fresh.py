@@ -12,6 +12,7 @@ import pytest
 
 from diffsynth_attention.store.neighbours import seq_bucket
 
+from support.compile_helpers import requires_bake
 from support.subprocesses import prespawn, results
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

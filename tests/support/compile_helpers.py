@@ -115,7 +115,8 @@ def dynamo_can(feature: str) -> bool:
     exception raised in traced code keeps its message under fullgraph), ``type_module`` (comparing
     a type's ``__module__``: how the trace tells a NumPy value, with no NumPy import),
     ``specialize`` (a symbolic number made a constant by ``float(s).__float__()``), ``numpy_bool``
-    (a NumPy bool argument), ``lazy_closure`` (a closure cell the trace never reads is not guarded)."""
+    (a NumPy bool argument), ``lazy_closure`` (a closure cell the trace never reads is not guarded), ``added_enum_member``
+    (diffusers' ``AttentionBackendName(backend)`` on the member the library adds to it)."""
     x = torch.ones(2)
     if feature == "bake":
         from diffsynth_attention.dispatch import baked
@@ -152,6 +153,14 @@ def dynamo_can(feature: str) -> bool:
             return False
         finally:
             torch._dynamo.reset()
+    if feature == "added_enum_member":  # diffusers' enum(backend) on the member the library adds
+        import enum
+
+        from diffsynth_attention.integrations.diffusers import _add_member
+
+        names = enum.Enum("Names", {"NATIVE": "native"}, type=str)
+        member = _add_member(names, "probe_backend")
+        return _probe(lambda t: t + 1 if names(member) is member else t, x)
     if feature == "lazy_closure":  # a closure's cell that the trace never reads is not guarded
         return not _closure_probe_recompiled()
     raise ValueError(f"unknown feature {feature!r}")
@@ -165,7 +174,9 @@ _WHY = {"bake": "no has_static_value handler: compiled calls run the run-time op
         "type_module": "it cannot compare a type's __module__, which the trace reads to tell a NumPy value",
         "specialize": "under dynamic=True it cannot specialize a symbolic number by float(s).__float__(), as the trace does",
         "numpy_bool": "it fails internally on a NumPy bool argument",
-        "lazy_closure": "it guards every cell of an inlined function's closure, read or not"}
+        "lazy_closure": "it guards every cell of an inlined function's closure, read or not",
+        "added_enum_member": "it cannot trace diffusers' AttentionBackendName(backend) on the member the library adds "
+                             "('Enum variable is constructed with non constant values')"}
 
 
 def require(feature: str) -> None:
