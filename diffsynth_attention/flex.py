@@ -71,20 +71,25 @@ def _run(q, k, v, block_mask, scale, score_mod, enable_gqa):
         return out
 
 
-def _compose(score_mod: Optional[Callable], mask: Optional[torch.Tensor], is_causal: bool, window: Optional[int]):
-    """One score_mod applying the caller's, then a tensor mask, the causal rule and the window."""
+def _compose(score_mod: Optional[Callable], mask: Optional[torch.Tensor], is_causal: bool, window: Optional[int],
+             shape: tuple):
+    """One score_mod applying the caller's, then a tensor mask (broadcast to ``shape``, the
+    problem's (b, n, s_q, s_kv)), the causal rule and the window."""
     if mask is None and not is_causal and window is None:
         return score_mod
-    if mask is not None and mask.dim() < 4:
-        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if mask is not None:
+        try:  # a view with the problem's shape, read with the four index tensors: an int index
+            mask = mask.expand(shape)  # beside them makes torch 2.5's flex trace call .item() and fail
+        except RuntimeError:
+            raise ValueError(f"attn_mask of shape {tuple(mask.shape)} is not broadcastable to (b, n, s_q, s_kv) = "
+                             f"{tuple(shape)}") from None
     neg_inf = float("-inf")
 
     def composed(score, b, h, q_idx, kv_idx):
         if score_mod is not None:
             score = score_mod(score, b, h, q_idx, kv_idx)
         if mask is not None:
-            m = mask[b if mask.shape[0] > 1 else 0, h if mask.shape[1] > 1 else 0,
-                     q_idx if mask.shape[2] > 1 else 0, kv_idx if mask.shape[3] > 1 else 0]
+            m = mask[b, h, q_idx, kv_idx]
             score = torch.where(m, score, neg_inf) if m.dtype == torch.bool else score + m
         if is_causal:
             score = torch.where(q_idx >= kv_idx, score, neg_inf)
@@ -125,7 +130,7 @@ def flex_attention_forward(q, k, v, q_pattern="b n s d", k_pattern="b n s d", v_
         tensor_mask = attn_mask
     elif attn_mask is not None:
         block_mask = attn_mask  # a flex BlockMask, as DiffSynth passes it
-    mod = _compose(score_mod, tensor_mask, bool(is_causal), window_size)
+    mod = _compose(score_mod, tensor_mask, bool(is_causal), window_size, (*qc.shape[:3], kc.shape[2]))
     enable_gqa = qc.shape[1] != kc.shape[1]
     out = _run(qc, kc, vc, block_mask, scale, mod, enable_gqa)
     return convert(out, canon, out_pattern, dims)

@@ -64,7 +64,8 @@ def setup(args):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=1800))
     if not cuda:
-        torch.accelerator.device_count = lambda: 1  # diffusers maps ranks to accelerators; the CPU has none
+        if hasattr(torch, "accelerator"):  # torch 2.6+; diffusers maps ranks to accelerators, the CPU has none
+            torch.accelerator.device_count = lambda: 1
         import diffusers.hooks.context_parallel as hooks
 
         if not hasattr(hooks.logger, "warning_once"):  # diffusers 0.42.1 calls a method its logger lacks

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from typing import Optional
 
 import torch
@@ -68,6 +69,15 @@ def _dynamo_handles(name: str):
 # fallback every symbolic trace there kept the run-time operator (H100, Wan's 6-resolution loop).
 _static_value = _dynamo_handles("has_static_value") or (lambda s: False)
 _hint = _dynamo_handles("guarding_hint_or_throw") or _dynamo_handles("size_hint")
+# torch 2.5's Dynamo has neither has_static_value nor a hint handler: no decision can be baked,
+# and every compiled call runs the run-time operator (correct, with a plan lookup per call). Said
+# once, when the first trace imports this module, rather than lost silently (docs/compile.md).
+BAKES = _dynamo_handles("has_static_value") is not None
+if not BAKES:
+    logging.getLogger("diffsynth_attention").warning(
+        "torch %s: its Dynamo cannot tell a static size from a symbolic one (no has_static_value), so compiled "
+        "attention_forward calls dispatch at run time (diffsynth_attention::dispatch) instead of baking the decision "
+        "into the graph (torch 2.11 and 2.13 bake it)", torch.__version__)
 _grad_enabled = torch.is_grad_enabled  # one guard node fewer than torch.is_grad_enabled
 # torch.export (strict and non-strict): its program serves every size its dynamic_shapes allow, so
 # no bucket is baked there (the bucket's guards narrow the range, and export refuses them)
@@ -338,7 +348,8 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
             lengths[a] = dims_length(n)
             if lengths[a] is None:  # a NumPy value by .item(): a trace cannot repr() one
                 raise ValueError(f"dims[{a!r}]={n.item() if type(n).__module__ == 'numpy' else n!r} must be a positive int")
-            if type(n).__module__ == "numpy" and n.itemsize != 8:
+            # isinstance first: torch 2.5's Dynamo cannot compare an int's type().__module__
+            if not isinstance(n, int) and type(n).__module__ == "numpy" and n.itemsize != 8:
                 # Dynamo (2.13) takes an int64 NumPy scalar's value as a size it specializes, but reads
                 # a narrower one (int32, uint8...) as data the text cannot hold (str.join refuses it):
                 # a graph break (eager serves it); under fullgraph an error that says so
@@ -352,7 +363,7 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
         # is refused as eager refuses it (request.scale_number); a NumPy complex fails in .item()
         if isinstance(scale, torch.Tensor):  # its value, as plain SDPA's compile reads it: data-dependent (a
             scale = scalar_scale(scale)  # graph break; refused under fullgraph), eager then converts it
-        numpy = type(scale).__module__ == "numpy"
+        numpy = not isinstance(scale, (int, float)) and type(scale).__module__ == "numpy"  # isinstance first: as above
         if isinstance(scale, bool) or not (numpy or scale_number(scale)):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
         if numpy:

@@ -44,6 +44,9 @@ def make_forward(d) -> Callable:
     plans_get = plans.get
     fast = getattr(plans, "fast", None)  # a plain dict (a test's recording table) has no guarded entries
     fast_get = fast.get if fast is not None else None
+    # the dict itself is no cell of the closure: torch 2.5's Dynamo guards a dict cell's length when it
+    # inlines attention_forward, so each entry the run-time operator added recompiled the graph
+    fast_len = fast.__len__ if fast is not None else None
     add_fast = getattr(plans, "add_fast", None)
     hit = d.counters.hit  # thread-safe (dispatch/counters.py)
     slow = d.call
@@ -147,7 +150,7 @@ def make_forward(d) -> Callable:
         if plan is None:
             return slow(Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                                 compatibility_mode, window_size), impl_raw, grad)
-        if state is not None and len(fast) < plans.MAX_STATES and len(fast_get(state, ())) < plans.MAX_PER_STATE:
+        if state is not None and fast_len() < plans.MAX_STATES and len(fast_get(state, ())) < plans.MAX_PER_STATE:
             guard = tensor_guard(q, k, v)
             if guard is not None and (dims is None or _int_values(dims)):
                 add_fast(state, sig, plan, guard, dims)

@@ -11,7 +11,10 @@ def _entry(module):
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
     entries = _debug_get_cache_entry_list(type(module).forward.__code__)
-    return entries, (entries[0].guard_manager if entries else None)
+    if not entries:
+        return entries, None
+    # torch 2.5 names the entry's guard manager check_fn (a GuardManagerWrapper, as guard_manager is)
+    return entries, getattr(entries[0], "guard_manager", None) or getattr(entries[0], "check_fn", None)
 
 
 def guard_us(module, args, calls: int = 20000, repeats: int = 7) -> tuple:

@@ -24,6 +24,10 @@ def tensors(b, hq, hk, sq, skv, d, dv, dtype=torch.float32, grad=False):
 
 
 def sdpa(q, k, v, **kw):
+    if k.shape[1] == 0 < q.shape[1]:
+        # no key head: no key at all, so zeros (what SDPA gives on torch 2.13; torch 2.5's GQA path
+        # divides by the 0 heads and kills the process with SIGFPE), with gradients of zeros
+        return q.new_zeros(q.shape[:3] + v.shape[3:]) + 0 * (q.sum() + k.sum() + v.sum())
     return SDPA(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kw)
 
 

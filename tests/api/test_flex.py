@@ -105,3 +105,9 @@ def test_flex_names_a_bad_pattern_or_rank_as_attention_forward_does(args, named)
     call = dict(q=q, k=q, v=q, q_pattern="b s n d", k_pattern="b s n d", v_pattern="b s n d", out_pattern="b s n d") | args
     with pytest.raises((ValueError, TypeError), match=re.escape(named)):
         flex.flex_attention_forward(**call)
+
+
+def test_a_tensor_mask_that_does_not_broadcast_is_refused_naming_attn_mask():
+    q, k, v = qkv(b=1, hq=2, sq=8, d=8)
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(5, 8\) is not broadcastable"):
+        flex.flex_attention_forward(q, k, v, attn_mask=torch.ones(5, 8, dtype=torch.bool))

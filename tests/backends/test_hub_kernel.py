@@ -62,7 +62,9 @@ def test_every_diffsynth_value_is_accepted(monkeypatch, caplog):
 
 def _local_kernel(tmp_path, monkeypatch, name="me/fake-fa"):
     pytest.importorskip("kernels")
-    variant = tmp_path / "kernel" / "build" / "torch-cpu"
+    # torch-universal: a pure-Python kernel for any torch build (kernels picks the cuda backend for a
+    # CUDA build of torch even without a GPU, and a torch-cpu variant is then no match)
+    variant = tmp_path / "kernel" / "build" / "torch-universal"
     package = variant / "fake_fa"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(KERNEL)

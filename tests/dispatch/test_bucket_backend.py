@@ -1,6 +1,7 @@
 """Which backend a graph with symbolic lengths bakes for a bucket (dispatch/baked.py)."""
 from diffsynth_attention.dispatch.baked import BUCKET_SLACK, bucket_backend
 from diffsynth_attention.store.decision import Candidate, Decision
+from support.compile_helpers import requires_bake
 
 
 def _decision(i, pick, times, modes=None, status=None):
@@ -45,6 +46,7 @@ def test_this_torch_lets_a_trace_read_a_symbolic_size():
     """Bucket bakes need the traced value of a symbolic size: Dynamo evaluates
     guarding_hint_or_throw (torch 2.13) or size_hint (torch 2.11). Where neither is handled every
     symbolic graph keeps the run-time operator, silently: this test says so instead."""
+    requires_bake()
     from diffsynth_attention.dispatch import baked
 
     assert baked._hint is not None

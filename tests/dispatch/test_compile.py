@@ -8,7 +8,7 @@ import torch
 import diffsynth_attention as da
 from diffsynth_attention.integrations import patching
 
-from support.compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
+from support.compile_helpers import Recorder, fresh_dynamo, requires_bake  # noqa: F401  (an autouse fixture)
 from support.helpers import full_reference, qkv, rel
 
 
@@ -39,6 +39,7 @@ class SDPAModule(torch.nn.Module):
 
 
 def test_new_key_is_tuned_at_trace_time_and_baked_in_the_first_graph():
+    requires_bake()
     (q, k, v), canon = bsnd()
     rec = Recorder()
     model = torch.compile(Attn(), fullgraph=True, backend=rec)
@@ -53,7 +54,26 @@ def test_new_key_is_tuned_at_trace_time_and_baked_in_the_first_graph():
         assert rel(out, ref) < 1e-5
 
 
+def test_eager_calls_that_fill_the_hot_path_table_recompile_no_graph():
+    """The hot path's table of guarded entries grows with each eager problem. torch 2.5's Dynamo
+    guards every closure cell of attention_forward that it inlines, read or not: with the table
+    itself a cell, each new entry failed the compiled graph's guard on its length and recompiled it
+    (up to the recompile limit, then eager). Only its bound methods are cells now."""
+    (q, k, v), _ = bsnd()
+    rec = Recorder()
+    model = torch.compile(Attn(), fullgraph=True, backend=rec)
+    with torch.no_grad():
+        model(q, k, v)
+        for s in (8, 12, 20):
+            (a, b, c), _ = bsnd(s=s)
+            da.attention_forward(a, b, c, *BSND)
+            da.attention_forward(a, b, c, *BSND)  # a signature hit: adds the guarded entry
+            model(q, k, v)
+    assert rec.compiles == 1 and rec.runs == 4
+
+
 def test_known_key_is_baked_at_first_trace_with_no_layout_round_trip():
+    requires_bake()
     (q, k, v), canon = bsnd()
     with torch.no_grad():
         da.attention_forward(q, k, v, *BSND)  # decision known before compiling
@@ -94,6 +114,7 @@ def math_graph(names) -> bool:
 
 
 def test_use_backend_selects_another_compiled_version():
+    requires_bake()
     (q, k, v), canon = bsnd()
     rec = Recorder()
     model = torch.compile(Attn(), fullgraph=True, backend=rec)
@@ -117,6 +138,8 @@ def test_first_scope_ever_set_retraces_a_graph_traced_before_it(scope, monkeypat
     guard, not the contextvar property's Python one). The first scope set must fail that guard:
     the call under it is traced again and runs what the scope asks for; outside it the first
     graph serves again."""
+    if scope == "use_backend":
+        requires_bake()
     from diffsynth_attention import overrides, tiers
 
     monkeypatch.setattr(overrides.TRACE, "used", False)
@@ -137,6 +160,7 @@ def test_first_scope_ever_set_retraces_a_graph_traced_before_it(scope, monkeypat
 
 
 def test_implementation_variable_is_read_at_trace_time(monkeypatch):
+    requires_bake()
     (q, k, v), _ = bsnd()
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "torch_flash")
     rec = Recorder()
@@ -147,6 +171,7 @@ def test_implementation_variable_is_read_at_trace_time(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["global", "scoped"])
 def test_patch_sdpa_under_fullgraph_routes_to_the_tuned_backend(mode, monkeypatch):
+    requires_bake()
     q, k, v = qkv()
     rec = Recorder()
     model = torch.compile(SDPAModule(), fullgraph=True, backend=rec)
@@ -224,6 +249,7 @@ def test_bad_input_raises_at_trace_time_naming_the_argument():
 
 
 def test_compiled_gradients_use_the_backends_own_backward():
+    requires_bake()
     (q, k, v), canon = bsnd()
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     eager = da.attention_forward(q, k, v, *BSND)
@@ -267,6 +293,7 @@ def fake_fa4(monkeypatch):
 def test_kernel_package_is_one_thin_operator_on_the_callers_bsnd_tensors(fake_fa4):
     """A FlashAttention decision compiles to diffsynth_attention::kernel, which hands FA the
     caller's own b s n d tensors (no copy)."""
+    requires_bake()
     (q, k, v), canon = bsnd()
     rec = Recorder()
     model = torch.compile(Attn(), fullgraph=True, backend=rec)
@@ -283,6 +310,8 @@ def test_training_through_a_kernel_package_saves_out_and_lse_and_never_reruns_th
     """fwd+bwd through FlashAttention-4 (the kernel operator, called as a compiled graph calls it,
     or inside a compiled graph): one forward call that returns the log-sum-exp, one call of the
     package's backward with that log-sum-exp (the fake checks it), gradients as SDPA's."""
+    if compiled:
+        requires_bake()
     from diffsynth_attention.dispatch import compiled as ops
 
     (q, k, v), canon = bsnd()
@@ -362,6 +391,7 @@ def test_training_a_b_n_s_d_caller_through_a_kernel_package_under_inductor(fake_
     """The kernel's native b s n d view of a b n s d caller's tensors is not contiguous; the kernel
     backward returns contiguous gradients, while its fake promised q's strides (empty_like), so
     inductor's stride assertion failed the backward (AssertionError: expected ... stride 32==8)."""
+    requires_bake()
     q, k, v = (t.requires_grad_(True) for t in qkv(b=2, hq=4, sq=16, d=8))
     with torch._inductor.config.patch(force_disable_caches=True), da.use_backend("flash_attention_4"):
         out = torch.compile(lambda q, k, v: da.attention_forward(q, k, v), fullgraph=True)(q, k, v)

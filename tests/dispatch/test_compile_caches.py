@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from support.compile_helpers import requires_bake
 from support.subprocesses import prespawn, results
 
 PRELUDE = """
@@ -101,6 +102,7 @@ def children():
 
 
 def test_a_recompile_after_reset_runs_the_new_decision_with_the_caches_on(children):
+    requires_bake()
     got = children["switch"].get()
     assert got["math"]["backend"] == "torch_math", got
     assert got["flash"]["backend"] == "torch_flash", got  # not torch_math's graph replayed from the caches
@@ -113,6 +115,7 @@ def test_a_recompile_after_reset_runs_the_new_decision_with_the_caches_on(childr
 
 
 def test_a_second_fresh_process_hits_the_compile_caches(children):
+    requires_bake()
     first, second = children["cross"].get()
     assert first["tunings"] == 1 and second["tunings"] == 0, (first, second)  # the decision was read from disk
     assert first["aot_hit"] == 0 and first["fx_hit"] == 0, first

@@ -12,6 +12,7 @@ import pytest
 
 from diffsynth_attention.store.neighbours import seq_bucket
 
+from support.compile_helpers import requires_bake
 from support.subprocesses import prespawn, results
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +23,7 @@ sys.path.insert(0, {TESTS!r})
 import torch
 import torch.nn.functional as F
 import diffsynth_attention as da
-from support.compile_helpers import Recorder, recompile_limit
+from support.compile_helpers import Recorder, recompile_limit, requires_bake
 """
 
 FORMS = {
@@ -77,6 +78,7 @@ def children():
 
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_first_thing_a_process_does_compiles_fullgraph_and_routes(form, children):
+    requires_bake()
     got = children["form", form].get()
     assert got["compiles"] == 1 and got["runs"] == 2, got  # compiled once, both calls compiled
     assert got["tunings"] == 1, got  # routed: the key was tuned (at trace time, in this fresh cache)
@@ -128,6 +130,7 @@ def test_ten_sequence_lengths_compile_like_plain_sdpa_and_never_run_uncompiled(m
     """A module called over 10 sequence lengths (twice each): no call left uncompiled, and no
     more compiles than the same module calling SDPA. ``static`` raises Dynamo's recompile limit
     (8 by default) to 16, as a user compiling 10 static shapes must for plain SDPA too."""
+    requires_bake()
     got = children["mode", mode].get()
     calls = 2 * len(LENGTHS)
     assert got["runs"] == calls, got  # every call served by a compiled graph
@@ -173,6 +176,7 @@ def test_resolutions_under_the_default_compile_bake_a_backend_per_bucket(childre
     """Six resolutions under the default compile: every graph after the first (symbolic lengths)
     holds a backend baked for its bucket, behind a guard on the bucket; none holds the run-time
     operator (before: all of them did)."""
+    requires_bake()
     got = children["buckets", "on"].get()
     assert got["runs"] == 2 * len(RESOLUTIONS), got
     assert got["compiles"] == got["first_pass"] <= got["plain_compiles"] + len(RESOLUTIONS), got
@@ -223,6 +227,7 @@ def test_a_bucket_whose_lengths_picked_different_backends_bakes_one_near_all(chi
     """Three lengths of one bucket, their picks split between torch and torch_flash at 1-2% apart
     (a GPU's near-ties between kernels): the symbolic graph bakes the backend within 5% of every
     length's own pick, where it held the run-time operator."""
+    requires_bake()
     got = children["buckets", "split"].get()
     assert len(got["lengths"]) == 3, got
     assert got["compiles"] == 2 and not got["runtime_op"][-1], got

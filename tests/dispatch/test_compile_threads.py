@@ -6,7 +6,7 @@ import torch
 
 import diffsynth_attention as da
 
-from support.compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
+from support.compile_helpers import Recorder, fresh_dynamo, requires_bake  # noqa: F401  (an autouse fixture)
 from support.helpers import qkv
 
 FLASH_CPU = "aten._scaled_dot_product_flash_attention_for_cpu.default"
@@ -47,6 +47,7 @@ def attn(q, k, v):
 def test_a_compile_bakes_its_own_threads_choice_while_another_thread_holds_a_scope(monkeypatch):
     """Thread B sits in ``use_backend("torch_math")`` while thread A compiles under the variable's
     ``torch_flash``: A's graph holds torch_flash (before: torch_math, from source override)."""
+    requires_bake()
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_IMPLEMENTATION", "torch_flash")
     q, k, v = qkv()
     ready, release = threading.Event(), threading.Event()
@@ -66,6 +67,7 @@ def test_a_compile_bakes_its_own_threads_choice_while_another_thread_holds_a_sco
 def test_two_threads_compiling_under_different_scopes_each_bake_their_own():
     """Both threads hold their scope (entered in turn) while both compile one function each, and a
     function compiled in one thread is called in the other: each call runs its own thread's scope."""
+    requires_bake()
     q, k, v = qkv()
     got = {}
     entered = {"torch_math": threading.Event(), "torch_flash": threading.Event()}
@@ -101,6 +103,7 @@ def test_the_bake_picks_the_decisions_backend_for_the_compiles_own_mode():
     """A decision whose compiled and CUDA-graph picks differ from its eager one: the default
     compile bakes the compiled pick, ``mode="reduce-overhead"`` the CUDA-graph pick (read from
     Dynamo's backend while Dynamo traces: inductor applies the mode's options only later)."""
+    requires_bake()
     import torch._inductor.config as inductor_config
 
     from diffsynth_attention.dispatch import default_dispatcher
@@ -183,7 +186,9 @@ def test_an_eager_call_tunes_a_new_problem_while_another_thread_compiles():
     t = threading.Thread(target=lambda: torch.compile(lambda x: x * 2, backend=backend)(torch.ones(2)))
     t.start()
     try:
-        assert compiling.wait(60) and torch.compiler.is_compiling()
+        # torch 2.13 holds is_compiling() True here, for every thread (the case this test is for);
+        # torch 2.5 holds it in the compiling thread only: the eager call must tune all the same
+        assert compiling.wait(60)
         tunings = da.stats()["tunings"]
         with torch.no_grad():
             da.attention_forward(q, k, v)

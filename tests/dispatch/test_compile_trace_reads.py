@@ -9,7 +9,7 @@ import torch
 
 import diffsynth_attention as da
 
-from support.compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
+from support.compile_helpers import Recorder, fresh_dynamo, require, requires_bake  # noqa: F401  (an autouse fixture)
 from support.helpers import full_reference, qkv, rel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
@@ -32,6 +32,7 @@ def test_a_graph_that_opens_use_backend_inside_still_guards_the_quality_scope(mo
     """The trace of a ``use_backend`` block sets a scope while it bakes, so a trace that read the
     ``used`` flag as False would leave a guard on True behind and never read the quality scope: a
     later ``quality(...)`` around the call must still trace again."""
+    require("contextmanager")
     from diffsynth_attention import trace_state
 
     monkeypatch.setattr(trace_state.TRACE, "used", False)
@@ -70,6 +71,8 @@ def test_a_symbolic_bool_is_causal_compiles_with_fullgraph_and_dynamic_shapes():
 @pytest.mark.parametrize("bad", ["x", 2.0, torch.tensor(True)])
 def test_a_compiled_call_rejects_the_is_causal_an_eager_call_rejects(bad, fullgraph):
     """Before: the trace turned any value into bool(value), so is_causal="x" ran causal attention."""
+    if fullgraph:
+        require("messages")
     (q, k, v), _ = bsnd()
     fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *BSND, is_causal=bad), fullgraph=fullgraph)
     with pytest.raises(Exception, match="is_causal must be a bool"):
@@ -79,6 +82,7 @@ def test_a_compiled_call_rejects_the_is_causal_an_eager_call_rejects(bad, fullgr
 def test_a_graph_that_calls_before_its_inner_use_backend_still_guards_the_quality_scope(monkeypatch):
     """As above, with a call ahead of the block in the same graph: that call's trace reads the
     flag before the block sets it."""
+    require("contextmanager")
     from diffsynth_attention import trace_state
 
     monkeypatch.setattr(trace_state.TRACE, "used", False)
@@ -117,6 +121,7 @@ def test_a_compiled_call_guards_only_what_the_trace_must_read():
         assert not any(name in s for s in ours), (name, ours)  # ... through one object, and nothing of these
     # of attention_forward's closure, only the dispatcher (its trace key and re-gate epoch) and the
     # Dynamo test, whose call folds to True: nothing the rest of that test reads
+    require("lazy_closure")
     assert len([s for s in ours if s.endswith("cell_contents")]) <= 2, ours
 
 
@@ -125,6 +130,8 @@ def test_a_scale_that_changes_between_calls_compiles_with_fullgraph(dynamic, sca
     """A scale passed as an argument: Dynamo makes a float symbolic once its value changes (and
     dynamic=True makes any number symbolic). Before the fix the trace handed the symbolic scale to
     the bake, which takes constants: Unsupported under fullgraph, graph breaks without it."""
+    if dynamic and isinstance(scales[0], int):  # a symbolic int: made a float, then a constant
+        require("specialize")
     q, k, v = qkv(b=1, hq=2, sq=16)
     rec = Recorder()
     f = torch.compile(lambda q, k, v, s: da.attention_forward(q, k, v, scale=s), fullgraph=True, backend=rec,
@@ -144,6 +151,8 @@ def test_a_compiled_call_rejects_the_scale_an_eager_call_rejects(bad, says, full
     scale="0.5" with 0.5 where eager raises, and 10**400 failed the trace with an OverflowError.
     (Without fullgraph, 10**400 still does: Dynamo traces the eager validation, whose float() it
     cannot catch.)"""
+    if fullgraph:
+        require("messages")
     (q, k, v), _ = bsnd()
     with pytest.raises(Exception, match=says):
         da.attention_forward(q, k, v, *BSND, scale=bad)
@@ -157,6 +166,7 @@ def test_a_compiled_call_rejects_the_dims_an_eager_call_rejects(length):
     """Before: the trace wrote dims into the operator's text as they came and parsed that text
     back before validating, so dims={"n": "2"} ran as 2 where eager raises, and 2.0 failed with
     int()'s own message, which names no argument."""
+    require("messages")
     (q, k, v), _ = bsnd()
     pattern = ("b s (n d)",) * 4
     q, k, v = (t.flatten(2) for t in (q, k, v))
@@ -175,6 +185,8 @@ def test_a_numpy_scale_compiles_where_plain_sdpa_compiles_it(kind, fullgraph):
     float. Before the fix the trace refused every NumPy scale (``isinstance(scale, (int, float))``
     is False there), so that common call failed under ``fullgraph=True`` where plain SDPA's compile
     takes it. Now each NumPy scale compiles, or fails, as plain SDPA's does, with its value."""
+    if fullgraph:
+        require("type_module")
     np = pytest.importorskip("numpy")
     scale = np.float64(16) ** -0.5 if kind == "sqrt" else getattr(np, kind)(0.25 if kind != "int64" else 1)
     q, k, v = qkv(b=1, hq=2, sq=16)
@@ -202,6 +214,7 @@ def test_a_compiled_call_refuses_a_numpy_bool_scale_as_eager_does(fullgraph):
     where the eager call raises a TypeError naming scale (and under fullgraph failed in sympy
     with an AssertionError). Now the trace reads the scalar's kind and refuses it: the eager
     error where the frame runs eagerly, Dynamo's error carrying it under fullgraph."""
+    require("numpy_bool")
     np = pytest.importorskip("numpy")
     q, k, v = qkv(b=1, hq=2, sq=16)
     with pytest.raises(TypeError, match="scale must be a number or None, got bool"):
@@ -233,6 +246,8 @@ def test_a_compiled_call_raises_the_eager_calls_error_type(case, sizes):
     Dynamo handed every such error on as ``InternalTorchDynamoError``, so ``except ValueError``
     around a compiled call missed what it catches around the eager one. Now the default compile
     raises the eager error itself, and ``fullgraph=True`` Dynamo's error with the same message."""
+    if sizes == "static":
+        requires_bake()  # validated in the bake: the run-time operator's fake raises TorchRuntimeError
     (q, k, v), kwargs, error, says = _refused_calls()[case]
     with pytest.raises(error, match=says):
         da.attention_forward(q, k, v, *BSND, **kwargs)
@@ -287,6 +302,8 @@ def test_numpy_integer_dims_compile(kind, fullgraph):
     scalar's ABCs or type name: the rule reads its module and ``.item()``). Dynamo reads a NumPy
     integer of another width as data, not a constant: a graph break (eager serves it), so under
     fullgraph an error."""
+    if fullgraph:
+        require("type_module")
     np = pytest.importorskip("numpy")
     (q, k, v), canon = bsnd(hq=2)
     pattern = ("b s (n d)",) * 4
@@ -304,6 +321,7 @@ def test_numpy_integer_dims_compile(kind, fullgraph):
 
 @pytest.mark.parametrize("bad", ["bool_", "float64"])
 def test_a_compiled_call_rejects_numpy_dims_an_eager_call_rejects(bad):
+    require("type_module")
     np = pytest.importorskip("numpy")
     (q, k, v), _ = bsnd(hq=2)
     pattern = ("b s (n d)",) * 4

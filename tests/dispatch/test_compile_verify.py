@@ -8,7 +8,7 @@ import torch
 import diffsynth_attention as da
 from diffsynth_attention.dispatch import default_dispatcher
 
-from support.compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
+from support.compile_helpers import Recorder, fresh_dynamo, require, requires_bake  # noqa: F401  (an autouse fixture)
 from support.helpers import qkv, rel
 
 PACKED = ("b s (n d)",) * 4
@@ -19,6 +19,7 @@ def test_training_compile_tunes_the_gradient_key_once_and_keeps_the_decision():
     before the fix they did not, every candidate's backward raised, the all-rejected decision was
     never stored, and the key was tuned again at every trace (3 times in one compile) and again
     at run time."""
+    requires_bake()
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 192)
 
@@ -47,6 +48,7 @@ def test_use_backend_inside_a_compiled_function(dynamic):
     """``with use_backend(...)`` inside the compiled function: before the fix Dynamo could not
     trace its ContextVar.set (Unsupported under fullgraph), and the decomposition, which runs
     after Dynamo, could not see a scope opened inside the traced code."""
+    require("contextmanager")
     q, k, v = qkv()
     def fn(q, k, v):
         with da.use_backend("torch_math"):
@@ -157,6 +159,7 @@ def test_a_baked_float32_mask_with_a_float64_query_is_added_as_its_values(backen
     """The compiled twin of test_float32_mask_with_float64_query_is_added_as_its_values: a graph
     that bakes a decision ran the backend on the float32 mask as it came (eager's runners upcast
     it), and PyTorch's CPU flash kernel misread it (relative error ~1)."""
+    requires_bake()
     q, k, v = qkv(b=1, hq=2, sq=16, d=8, dtype=torch.float64)
     mask = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     bias = mask.double()

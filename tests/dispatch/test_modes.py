@@ -7,11 +7,12 @@ import diffsynth_attention as da
 from diffsynth_attention.store.cache import DecisionCache
 from diffsynth_attention.tuning.policy import TuningPolicy
 
-from support.compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
+from support.compile_helpers import Recorder, fresh_dynamo, requires_bake  # noqa: F401  (an autouse fixture)
 from support.helpers import full_reference, qkv, rel
 
 
 def test_a_compiled_graph_bakes_the_backend_its_mode_picked(isolated):
+    requires_bake()
     q, k, v = qkv(sq=24)
     disp = da.Dispatcher(DecisionCache(isolated))
     eager = disp.explain(q, k, v)

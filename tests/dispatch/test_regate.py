@@ -7,7 +7,7 @@ from diffsynth_attention.backends import REGISTRY
 from diffsynth_attention.dispatch import default_dispatcher
 from diffsynth_attention.store.decision import Candidate
 
-from support.compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
+from support.compile_helpers import Recorder, fresh_dynamo, requires_bake  # noqa: F401  (an autouse fixture)
 from support.helpers import qkv
 
 
@@ -22,6 +22,7 @@ def stored(q, k, v):
 
 
 def test_a_trace_time_decision_records_synthetic_evidence_and_the_first_real_call_confirms_it():
+    requires_bake()
     q, k, v = qkv()
     with torch.no_grad():
         torch.compile(attn, fullgraph=True, backend=Recorder())(q, k, v)
@@ -43,6 +44,7 @@ def quantized_bind(p, need_grad, scale_is_none=False):
 
 
 def test_a_synthetic_decision_that_fails_on_real_data_is_replaced_and_its_graph_traced_again(monkeypatch):
+    requires_bake()
     monkeypatch.setenv("DIFFSYNTH_ATTENTION_TOLERANCE", "0.02")
     q, k, v = qkv()
     k[0, 0, 0, 0] = 1000.0  # an outlier-heavy K

@@ -14,7 +14,7 @@ from diffsynth_attention.backends.torch_sdpa import TorchSDPA
 from diffsynth_attention.dispatch import Dispatcher, default_dispatcher
 from diffsynth_attention.integrations import lse as L
 
-from support.compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
+from support.compile_helpers import Recorder, fresh_dynamo, requires_bake  # noqa: F401  (an autouse fixture)
 from support.helpers import qkv
 
 
@@ -27,6 +27,7 @@ def test_prepare_runs_once_for_a_traced_call_that_tunes(monkeypatch):
     """Validation (problem.prepare) runs once: while Dynamo traces, on the fake tensors. The random
     stand-ins the key is tuned on, and the decomposition AOTAutograd traces, are not validated again
     (before: three times, and twice on the LSE path)."""
+    requires_bake()
     made = []
     real = problem_module.compile_layout  # prepare's first step, once per prepare
 
@@ -80,6 +81,7 @@ def test_trace_time_tuning_holds_one_copy_of_q_k_and_v(monkeypatch):
     """While Dynamo traces, the undecided key is tuned on random tensors of the call's shapes: one
     q, one k, one v, which the candidates run on. Before, the tuner cloned them again (two copies
     each, on top of a model being compiled)."""
+    requires_bake()
     q, k, v = qkv(hq=4, hk=2, sq=24, skv=40, d=16, dv=8)  # three different shapes
     count = _Allocations(monkeypatch, (q.shape, k.shape, v.shape))
     count.during(monkeypatch, Dispatcher, "trace_plan")

@@ -6,7 +6,7 @@ import torch
 import diffsynth_attention as da
 from diffsynth_attention.tools import fuzz
 
-from support.compile_helpers import Recorder, fresh_dynamo  # noqa: F401  (an autouse fixture)
+from support.compile_helpers import Recorder, fresh_dynamo, requires_bake  # noqa: F401  (an autouse fixture)
 from support.lowprec import NAME, Calls, install_fp8
 
 
@@ -16,6 +16,7 @@ class Attn(torch.nn.Module):
 
 
 def test_compiled_call_in_a_tier_gates_on_the_real_call(isolated, monkeypatch):
+    requires_bake()
     install_fp8(monkeypatch)
     bad = fuzz.make_case("o", seq=136, heads=2, **fuzz.SUITE["outliers_20x_k_mean"])
     rec = Recorder()

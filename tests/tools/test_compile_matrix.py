@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
+from support.compile_helpers import dynamo_can  # noqa: E402
 from support.subprocesses import prespawn, results  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts", "compile_matrix.py")
@@ -41,8 +42,12 @@ def variants():
 @pytest.mark.parametrize("model,mode,form,plain_compiles", SUBSET)
 def test_compiled_diffusers_model_routes_stays_compiled_and_matches(model, mode, form, plain_compiles, variants):
     r = variants[model, mode, form].get()
-    assert not matrix.verdict(r, plain_compiles), (matrix.verdict(r, plain_compiles), r)
+    verdicts = matrix.verdict(r, plain_compiles)
+    bakes = dynamo_can("bake")
+    if not bakes:  # torch 2.5: every graph holds the run-time operator (docs/compile.md)
+        verdicts = [v for v in verdicts if not v.endswith("holds the run-time operator")]
+    assert not verdicts, (verdicts, r)
     assert r["runs"] == r["calls"] == 5, r  # every call compiled
     assert r["stats"]["tunings"] > 0, r  # routed through the dispatcher
-    if mode == "static":  # concrete sizes: the decision is baked, no run-time operator
+    if mode == "static" and bakes:  # concrete sizes: the decision is baked, no run-time operator
         assert not any(r["dispatch_ops"]), r
