@@ -4,9 +4,7 @@ A call is looked up by its *signature* (:mod:`diffsynth_attention.request`) in a
 *plans*. A plan is built once per signature: that is where the call is validated, the backend
 chosen (override, cached decision, or tuning) and bound to the call (:mod:`.runners`). A hit
 costs the signature tuple, one dict lookup and the runner: no validation, no key, no file I/O.
-
-Plans are invalidated per key: when the store learns a new decision for a key, only the
-signatures planned for that key are dropped.
+Plans are invalidated per key: a new decision for a key drops only the signatures planned for it.
 """
 
 from __future__ import annotations
@@ -135,9 +133,7 @@ class Dispatcher(ModePlans):
             if key_id == key.id or decision.backend not in usable_names:
                 continue
             try:
-                if neighbour_group(decision.key) != group:
-                    continue
-                distance = neighbour_distance(key.fields, decision.key)
+                distance = neighbour_distance(key.fields, decision.key) if neighbour_group(decision.key) == group else None
             except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a foreign entry: not a neighbour
                 continue
             if distance is not None:
@@ -392,11 +388,9 @@ class Dispatcher(ModePlans):
 
     @staticmethod
     def _can_tune(q) -> bool:
-        # not under a torch function or dispatch mode of the caller's (a debug, fake-tensor or selective
-        # checkpointing mode): its behaviour would be timed and stored; served provisionally until a call outside;
-        # nor inside a torch.func transform (its wrapped tensors)
-        return (config.tuning_enabled() and not in_graph(q.device.type) and not transforming()
-                and not faults.caller_modes())
+        # not inside a torch.func transform (its wrapped tensors) nor under a caller's torch function or dispatch
+        # mode (debug, fake-tensor, selective checkpointing: its behaviour would be timed and stored): served as SDPA
+        return config.tuning_enabled() and not in_graph(q.device.type) and not transforming() and not faults.caller_modes()
 
     # -- under torch.compile -----------------------------------------------------------------
     # -- the slow path ----------------------------------------------------------------------
