@@ -66,6 +66,7 @@ class TuningPolicy:
     # time runs at the host's speed, which changes between processes: it loses ties to one that does not
     rival_re_time: bool = True  # the eager winner's tied rivals join the confirmation's paired re-time (confirm.py)
     rival_floor: float = 0.005  # ... and taken where the re-time puts its median lead over this, its lower bound over 1
+    device_tie_floor: float = 0.005  # CUDA-graph picks (device time) tie within this or their spread (confirm.mode_winners)
     host_swing: float = 1.9  # how much faster another process's host may run (H100: one call 17.7-33.6 us between processes)
     quiet: Callable[[], bool] = host_quiet  # whether now is a quiet moment to re-time a provisional decision
     clock: Callable[[], float] = time.perf_counter  # seconds; the budget and the CPU timer read it
@@ -78,7 +79,7 @@ class TuningPolicy:
                   "min_rounds": self.min_rounds >= 1, "max_rounds": self.max_rounds >= self.min_rounds,
                   "warm_agree": self.warm_agree > 0, "confirm_min": self.confirm_min >= 1,
                   "confirm_rounds": self.confirm_rounds >= self.confirm_min,
-                  "confirm_max": self.confirm_max >= self.confirm_rounds, "confirm_alpha": 0 < self.confirm_alpha < 0.5, "noise_cap": self.noise_cap > 0, "compiled_margin": self.compiled_margin >= 0, "compiled_host_share": self.compiled_host_share >= 0, "host_bound_share": self.host_bound_share > 0, "rival_floor": self.rival_floor >= 0, "host_swing": self.host_swing >= 1, "warm_cap": self.warm_cap >= 2, "sample_ms": self.sample_ms > 0,
+                  "confirm_max": self.confirm_max >= self.confirm_rounds, "confirm_alpha": 0 < self.confirm_alpha < 0.5, "noise_cap": self.noise_cap > 0, "compiled_margin": self.compiled_margin >= 0, "compiled_host_share": self.compiled_host_share >= 0, "host_bound_share": self.host_bound_share > 0, "rival_floor": self.rival_floor >= 0, "device_tie_floor": self.device_tie_floor >= 0, "host_swing": self.host_swing >= 1, "warm_cap": self.warm_cap >= 2, "sample_ms": self.sample_ms > 0,
                   "budget_s": self.budget_s is None or (math.isfinite(self.budget_s) and self.budget_s >= 0)}
         for name, ok in checks.items():
             if not ok:
