@@ -78,6 +78,13 @@ def run(args) -> dict:
             times = interleaved(methods, device, args.samples)
         backend_times = {n: t for n, t in times.items() if n in usable}
         best_name = min(backend_times, key=backend_times.get)
+        # auto against the backends within 1.5x of the best, interleaved alone: in the full round a
+        # 5-9 ms kernel behind the 20-40 ms slow candidates ran 4-5% slower (H100, s10: auto, which
+        # is FlashAttention-3's own runner, 1.048x FlashAttention-3 on wan13b_480p_self)
+        near = {n: methods[n] for n, t in backend_times.items() if t <= 1.5 * backend_times[best_name]}
+        with torch.no_grad():
+            alone = interleaved({"auto": methods["auto"], **near}, device, args.samples)
+        alone_best = min((n for n in alone if n != "auto"), key=alone.get)
         host = None
         if times["auto"] > 1.03 * backend_times[best_name] and times["auto"] < 1.0:  # short calls: is it host cost?
             with torch.no_grad():
@@ -90,6 +97,8 @@ def run(args) -> dict:
             "auto_ms": times["auto"],
             "host_us": host,  # host us per call of auto and of the best backend, where auto/best > 1.03 on a short call
             "auto_vs_best": times["auto"] / backend_times[best_name],
+            "alone_ms": alone,  # auto and the backends within 1.5x of the best, re-timed without the slow ones
+            "auto_vs_best_alone": alone["auto"] / alone[alone_best],
             "speedup_vs_sdpa": times["torch"] / times["auto"] if times.get("torch") else None,
             "speedup_vs_fixed": times[FIXED] / times["auto"] if times.get(FIXED) else None,
             "tuning": {
@@ -136,6 +145,7 @@ def summarize(rows, overhead) -> dict:
     by = {r["name"]: r for r in rows}
     auto_vs_best = [r["auto_vs_best"] for r in rows]
     gm_best = geomean(auto_vs_best)
+    alone = [r["auto_vs_best_alone"] for r in rows if r.get("auto_vs_best_alone")]
     gm_fixed = geomean([r["speedup_vs_fixed"] for r in rows])
     gm_sdpa = geomean([r["speedup_vs_sdpa"] for r in rows])
     wan = by.get("wan13b_480p_self")
@@ -143,6 +153,8 @@ def summarize(rows, overhead) -> dict:
     targets = {
         "auto within 3% of best on every problem": (max(auto_vs_best) <= 1.03, f"worst {max(auto_vs_best):.3f}x ({max(rows, key=lambda r: r['auto_vs_best'])['name']})"),
         "auto geomean <= 1.01x best": (gm_best <= 1.01, f"{gm_best:.4f}x"),
+        "auto geomean <= 1.01x best, re-timed alone against the backends within 1.5x of the best": (
+            bool(alone) and geomean(alone) <= 1.01, f"{geomean(alone):.4f}x, worst {max(alone):.3f}x" if alone else "not run"),
         "no problem over 1.03x best unless host cost explains it (issue 21)": (
             all(r["auto_vs_best"] <= 1.03 or host_explanation(r) for r in rows),
             "; ".join(host_explanation(r) or f"{r['name']} {r['auto_vs_best']:.3f}x: not explained by host cost"
@@ -169,14 +181,16 @@ def write_markdown(result: dict, path: Path) -> None:
              f"{env['date']}; torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}, "
              f"diffsynth-attention {env['diffsynth_attention']}; packages: "
              + ", ".join(f"{k} {v or 'not installed'}" for k, v in env["packages"].items()), "",
-             f"Layout `{result['layout']}`; median of {result['samples']} interleaved samples; times in ms.", "",
-             "| problem | auto (decision) | best backend | SDPA default | DiffSynth fixed | auto/best | vs SDPA | vs fixed | tuning s (compile s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Layout `{result['layout']}`; median of {result['samples']} interleaved samples; times in ms. *auto/best alone*: "
+             "auto re-timed against the backends within 1.5x of the best only (a kernel's time depends on what ran before it).", "",
+             "| problem | auto (decision) | best backend | SDPA default | DiffSynth fixed | auto/best | auto/best alone | vs SDPA | vs fixed | tuning s (compile s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["problems"]:
         t = r["tuning"]
         lines.append(
             f"| {r['name']} | {r['auto_ms']:.4f} ({r['decision']}) | {r['best_ms']:.4f} ({r['best']}) | {r['sdpa_default_ms']:.4f} | "
-            f"{r['diffsynth_fixed_ms']:.4f} ({r['diffsynth_fixed']}) | {r['auto_vs_best']:.3f} | {r['speedup_vs_sdpa']:.2f}x | "
+            f"{r['diffsynth_fixed_ms']:.4f} ({r['diffsynth_fixed']}) | {r['auto_vs_best']:.3f} | "
+            f"{r['auto_vs_best_alone']:.3f} | {r['speedup_vs_sdpa']:.2f}x | "
             f"{r['speedup_vs_fixed']:.2f}x | {t['tuning_seconds']:.2f} ({t['compile_seconds']:.2f}) |")
     s = result["summary"]
     lines += ["", f"Geometric means: auto/best {s['geomean_auto_vs_best']:.4f}, speedup vs SDPA default "
