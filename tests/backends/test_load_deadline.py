@@ -126,44 +126,6 @@ def test_a_synchronous_use_waits_for_a_background_import_only_until_its_deadline
     assert loading.wait(fa3, 30) == loading.READY and fa3.unavailable_reason() is None
 
 
-def test_tuning_while_background_loads_are_deferred_still_bounds_the_import(tmp_path, monkeypatch, isolated):
-    """The command line's ``explain`` defers background loads (a cached decision is reported without
-    importing its package); on a miss it tunes, and the tuning imports the candidates anyway. That
-    import is still started in the background and bounded by the deadline, before the key's lease:
-    a hung import never hangs ``explain`` holding the lease."""
-    import diffsynth_attention as da
-    from support.helpers import qkv
-
-    gate = threading.Event()
-    site = tmp_path / "site"
-    (site / "flash_attn_interface").mkdir(parents=True)
-    (site / "flash_attn_interface" / "__init__.py").write_text(
-        "import builtins\nbuiltins._da_hung_gate.wait(20)\ndef flash_attn_func(*a, **k):\n    raise RuntimeError\n")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delitem(sys.modules, "flash_attn_interface", raising=False)
-    import builtins
-
-    monkeypatch.setattr(builtins, "_da_hung_gate", gate, raising=False)
-    monkeypatch.setattr(flash_attention, "package_version", lambda d: "3.0.0b1" if d == "flash_attn_3" else None)
-    import torch
-
-    fa3 = type("FlashAttention3", (flash_attention.FlashAttention3,),
-               {"devices": frozenset({"cpu", "cuda"}), "dtypes": flash_attention.FlashAttention3.dtypes | {torch.float32}})()
-    monkeypatch.setitem(REGISTRY, "flash_attention_3", fa3)
-    monkeypatch.setenv(config.LOAD_WAIT, "0.2")
-    q, k, v = qkv(d=16)
-    previous = loading.defer()
-    try:
-        info = da.explain(q, k, v)  # a new problem: tuned
-        late = gate.is_set() is False and not fa3.is_loaded()
-    finally:
-        loading.defer(previous)
-        gate.set()
-    c = info.candidates["flash_attention_3"]
-    assert late and c["status"] == "unsupported" and "not loaded" in c["reason"], c
-    assert loading.wait(fa3, 30) == loading.READY
-
-
 @pytest.fixture
 def gated_fa3(tmp_path, monkeypatch, isolated):
     """A FlashAttention-3 whose import waits (up to 20 s) on a gate the test opens at its end."""
@@ -187,6 +149,28 @@ def gated_fa3(tmp_path, monkeypatch, isolated):
     yield fa3, gate
     gate.set()
     loading.wait(fa3, 30)
+
+
+def test_tuning_while_background_loads_are_deferred_still_bounds_the_import(gated_fa3):
+    """The command line's ``explain`` defers background loads (a cached decision is reported without
+    importing its package); on a miss it tunes, and the tuning imports the candidates anyway. That
+    import is still started in the background and bounded by the deadline, before the key's lease:
+    a hung import never hangs ``explain`` holding the lease."""
+    import diffsynth_attention as da
+    from support.helpers import qkv
+
+    fa3, gate = gated_fa3
+    q, k, v = qkv(d=16)
+    previous = loading.defer()
+    try:
+        info = da.explain(q, k, v)  # a new problem: tuned
+        late = gate.is_set() is False and not fa3.is_loaded()
+    finally:
+        loading.defer(previous)
+        gate.set()
+    c = info.candidates["flash_attention_3"]
+    assert late and c["status"] == "unsupported" and "not loaded" in c["reason"], c
+    assert loading.wait(fa3, 30) == loading.READY
 
 
 def test_synchronous_questions_about_a_backend_wait_for_a_hung_import_only_until_its_deadline(gated_fa3):
