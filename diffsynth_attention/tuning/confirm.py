@@ -58,10 +58,16 @@ def faster_host_ratio(default, run, policy: TuningPolicy):
     s8-s10: one ``torch`` call 17.7-33.6 us between fresh processes), the device's does not: on
     sdxl_1024_cross one process in five, its host slow, confirmed ``torch_efficient`` (28 us, all
     device) 1.10x faster than the host-bound default (32 us), which ran 19 us in the other four
-    processes and in the scoring one: 1.48x the best there. Over 1: the lead is this host's speed."""
+    processes and in the scoring one: 1.48x the best there. Over 1: the lead is this host's speed.
+    Asked only of a host-bound default (:func:`host_bound`) against a device-bound winner: where both
+    are host-bound (seed_example's ``torch_efficient``, a cheaper entry point than SDPA's) the
+    winner's lead is its lower host cost, which a faster host keeps."""
     if not (default.host and default.device and run.host and run.device):
         return None
     med = statistics.median
+    share = policy.host_bound_share
+    if not (med(default.host) > share * med(default.device) and med(run.host) <= share * med(run.device)):
+        return None  # only a host-bound default against a device-bound winner: two host-bound calls scale alike
     fast_default = max(med(default.device), med(default.host) / policy.host_swing)
     fast_run = max(med(run.device), med(run.host) / policy.host_swing)
     return fast_run / fast_default if fast_default > 0 else None

@@ -338,7 +338,11 @@ def test_a_lead_that_is_only_this_hosts_speed_keeps_the_default(monkeypatch):
     slow_default, device_bound = _run("torch", 0.0324, 0.0320, 0.0150), _run("torch_efficient", 0.0282, 0.0120, 0.0277)
     assert faster_host_ratio(slow_default, device_bound, DEFAULT_POLICY) == pytest.approx(0.0277 / (0.0320 / 1.9))
     # a winner ahead on its device time too holds on every host; no split (a CPU): no opinion
-    assert faster_host_ratio(slow_default, _run("torch_flash", 0.0200, 0.0120, 0.0140), DEFAULT_POLICY) < 1
+    assert faster_host_ratio(slow_default, _run("torch_flash", 0.0200, 0.0100, 0.0140), DEFAULT_POLICY) < 1
+    # a host-bound winner (a cheaper entry point than SDPA's): its lead scales with the host, no opinion
+    assert faster_host_ratio(slow_default, _run("torch_efficient", 0.0250, 0.0240, 0.0160), DEFAULT_POLICY) is None
+    # a device-bound default: the host's speed does not move it, no opinion
+    assert faster_host_ratio(_run("torch", 0.0324, 0.0100, 0.0320), device_bound, DEFAULT_POLICY) is None
     assert faster_host_ratio(_run("torch", 1.0, None, None), device_bound, DEFAULT_POLICY) is None
     # wired into the confirmation: a confirmed lead that a faster host would reverse is refused
     monkeypatch.setattr(confirm_module, "faster_host_ratio", lambda default, run, policy: 1.6)
