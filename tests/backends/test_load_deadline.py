@@ -6,12 +6,10 @@ backend is recorded as not loaded (its candidate's reason), and another process 
 same key gets the decision instead of waiting on a lease whose holder is stuck in an import.
 Fresh processes with a generous outer timeout: no timing asserts."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 
@@ -97,24 +95,11 @@ def test_another_process_on_the_same_key_is_not_held_by_the_hang(hung_site, subp
         assert r["fa3"][0] == "unsupported" and "not loaded" in r["fa3"][1] and r["finite"]
 
 
-def test_a_synchronous_use_waits_for_a_background_import_only_until_its_deadline(tmp_path, monkeypatch):
+def test_a_synchronous_use_waits_for_a_background_import_only_until_its_deadline(gated_fa3):
     """In-process: ``unavailable_reason`` (what tuning's gate, a trace and a demotion ask) returns the
     reason instead of blocking on the load lock of a background import past its deadline; once
     that import ends, the backend is loaded as usual."""
-    gate = threading.Event()
-    site = tmp_path / "site"
-    (site / "flash_attn_interface").mkdir(parents=True)
-    (site / "flash_attn_interface" / "__init__.py").write_text(
-        "import builtins\nbuiltins._da_hung_gate.wait(60)\ndef flash_attn_func(*a, **k):\n    raise RuntimeError\n")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delitem(sys.modules, "flash_attn_interface", raising=False)
-    import builtins
-
-    monkeypatch.setattr(builtins, "_da_hung_gate", gate, raising=False)
-    monkeypatch.setattr(flash_attention, "package_version", lambda d: "3.0.0b1" if d == "flash_attn_3" else None)
-    fa3 = type("FlashAttention3", (flash_attention.FlashAttention3,), {"devices": frozenset({"cpu", "cuda"})})()
-    monkeypatch.setitem(REGISTRY, "flash_attention_3", fa3)
-    monkeypatch.setenv(config.LOAD_WAIT, "0.2")
+    fa3, gate = gated_fa3
     try:
         assert loading.start_loading(fa3) == loading.LOADING
         late = loading.settle([fa3])
