@@ -107,17 +107,22 @@ class _RefusesFlash:
             raise RuntimeError(f"this mode does not support {func}")
 
 
-@pytest.mark.parametrize("kind", ["dispatch", "function"])
-def test_a_call_under_a_mode_that_refuses_the_backend_never_rewrites_the_decision(kind, tmp_path, caplog):
-    """A ``__torch_dispatch__`` or ``__torch_function__`` mode is the caller's context, like a tensor
-    subclass: the retry and the fresh trials run under it, so they confirm nothing about the backend."""
-    from torch.overrides import TorchFunctionMode
+def _dispatch_refuses_flash():
+    """A ``TorchDispatchMode`` that refuses the flash kernel (:class:`_RefusesFlash`)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class DispatchRefuses(_RefusesFlash, TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self._check(func)
             return func(*args, **(kwargs or {}))
+    return DispatchRefuses()
+
+
+@pytest.mark.parametrize("kind", ["dispatch", "function"])
+def test_a_call_under_a_mode_that_refuses_the_backend_never_rewrites_the_decision(kind, tmp_path, caplog):
+    """A ``__torch_dispatch__`` or ``__torch_function__`` mode is the caller's context, like a tensor
+    subclass: the retry and the fresh trials run under it, so they confirm nothing about the backend."""
+    from torch.overrides import TorchFunctionMode
 
     class FunctionRefuses(_RefusesFlash, TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -128,7 +133,7 @@ def test_a_call_under_a_mode_that_refuses_the_backend_never_rewrites_the_decisio
     q, k, v = qkv(sq=24)
     kid = _decide(folder, q, k, v, "torch_flash")
     disp = Dispatcher(DecisionCache(folder))
-    with (DispatchRefuses if kind == "dispatch" else FunctionRefuses)():
+    with _dispatch_refuses_flash() if kind == "dispatch" else FunctionRefuses():
         try:
             disp.forward(q, k, v)
         except RuntimeError as exc:  # the mode may refuse the fallback too: the caller's error, as is
@@ -182,17 +187,10 @@ def test_a_new_key_met_under_a_callers_mode_is_tuned_outside_it(tmp_path):
     """Under a dispatch mode of the caller's (here one that refuses the flash kernel) the tuner
     would time and gate the mode's behaviour: the call is served as plain SDPA would be, and the
     key is tuned at its first call outside the mode."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Refuses(_RefusesFlash, TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self._check(func)
-            return func(*args, **(kwargs or {}))
-
     folder = tmp_path / "cache"
     q, k, v = qkv(sq=24)
     disp = Dispatcher(DecisionCache(folder))
-    with Refuses():
+    with _dispatch_refuses_flash():
         try:
             out = disp.forward(q, k, v)
         except RuntimeError as exc:  # plain SDPA runs the flash kernel here too: the mode refuses it
