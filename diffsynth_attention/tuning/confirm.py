@@ -51,8 +51,8 @@ def host_bound(runs: dict, names, policy: TuningPolicy) -> frozenset:
     return frozenset(out)
 
 
-def faster_host_ratio(default, run, policy: TuningPolicy):
-    """``run``'s eager cost over the default's on a host ``policy.host_swing`` times faster than
+def faster_host_ratio(runs: dict, name: str, policy: TuningPolicy):
+    """``runs[name]``'s eager cost over the default's on a host ``policy.host_swing`` times faster than
     this process's, each modelled as max(device, host / swing) from the rounds' medians; None
     without a host/device split (a CPU). The host's speed changes from process to process (H100,
     s8-s10: one ``torch`` call 17.7-33.6 us between fresh processes), the device's does not: on
@@ -62,12 +62,12 @@ def faster_host_ratio(default, run, policy: TuningPolicy):
     Asked only of a host-bound default (:func:`host_bound`) against a device-bound winner: where both
     are host-bound (seed_example's ``torch_efficient``, a cheaper entry point than SDPA's) the
     winner's lead is its lower host cost, which a faster host keeps."""
+    default, run = runs[DEFAULT_BACKEND], runs[name]
     if not (default.host and default.device and run.host and run.device):
         return None
-    med = statistics.median
-    share = policy.host_bound_share
-    if not (med(default.host) > share * med(default.device) and med(run.host) <= share * med(run.device)):
+    if host_bound(runs, [DEFAULT_BACKEND, name], policy) != {DEFAULT_BACKEND}:
         return None  # only a host-bound default against a device-bound winner: two host-bound calls scale alike
+    med = statistics.median
     fast_default = max(med(default.device), med(default.host) / policy.host_swing)
     fast_run = max(med(run.device), med(run.host) / policy.host_swing)
     return fast_run / fast_default if fast_default > 0 else None
@@ -299,7 +299,7 @@ def confirm(trial: Trial, winners: dict) -> tuple:
             out[mode] = DEFAULT_BACKEND
             continue
         med, spread, low, verdict = verdicts[mode]
-        swing = faster_host_ratio(runs[DEFAULT_BACKEND], runs[name], policy) if _priced_as(mode, name) == EAGER else None
+        swing = faster_host_ratio(runs, name, policy) if _priced_as(mode, name) == EAGER else None
         if verdict == "confirmed" and swing is not None and swing > 1 + policy.tie_floor:
             out[mode] = DEFAULT_BACKEND
             texts.append(f"{mode}: {name} {med:.3f}x the speed of {DEFAULT_BACKEND} here, but {swing:.3f}x slower on a host "

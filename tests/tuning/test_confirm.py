@@ -336,16 +336,18 @@ def test_a_lead_that_is_only_this_hosts_speed_keeps_the_default(monkeypatch):
     from diffsynth_attention.tuning.confirm import faster_host_ratio
 
     slow_default, device_bound = _run("torch", 0.0324, 0.0320, 0.0150), _run("torch_efficient", 0.0282, 0.0120, 0.0277)
-    assert faster_host_ratio(slow_default, device_bound, DEFAULT_POLICY) == pytest.approx(0.0277 / (0.0320 / 1.9))
+    ratio = lambda default, winner: faster_host_ratio({"torch": default, winner.backend.name: winner},  # noqa: E731
+                                                      winner.backend.name, DEFAULT_POLICY)
+    assert ratio(slow_default, device_bound) == pytest.approx(0.0277 / (0.0320 / 1.9))
     # a winner ahead on its device time too holds on every host; no split (a CPU): no opinion
-    assert faster_host_ratio(slow_default, _run("torch_flash", 0.0200, 0.0100, 0.0140), DEFAULT_POLICY) < 1
+    assert ratio(slow_default, _run("torch_flash", 0.0200, 0.0100, 0.0140)) < 1
     # a host-bound winner (a cheaper entry point than SDPA's): its lead scales with the host, no opinion
-    assert faster_host_ratio(slow_default, _run("torch_efficient", 0.0250, 0.0240, 0.0160), DEFAULT_POLICY) is None
+    assert ratio(slow_default, _run("torch_efficient", 0.0250, 0.0240, 0.0160)) is None
     # a device-bound default: the host's speed does not move it, no opinion
-    assert faster_host_ratio(_run("torch", 0.0324, 0.0100, 0.0320), device_bound, DEFAULT_POLICY) is None
-    assert faster_host_ratio(_run("torch", 1.0, None, None), device_bound, DEFAULT_POLICY) is None
+    assert ratio(_run("torch", 0.0324, 0.0100, 0.0320), device_bound) is None
+    assert ratio(_run("torch", 1.0, None, None), device_bound) is None
     # wired into the confirmation: a confirmed lead that a faster host would reverse is refused
-    monkeypatch.setattr(confirm_module, "faster_host_ratio", lambda default, run, policy: 1.6)
+    monkeypatch.setattr(confirm_module, "faster_host_ratio", lambda runs, name, policy: 1.6)
     q, k, v = qkv(sq=16)
     info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0}, torch_math={"cost": 0.5})
     d = info.decision
