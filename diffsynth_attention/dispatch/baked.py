@@ -81,7 +81,17 @@ if not BAKES:
 _grad_enabled = torch.is_grad_enabled  # one guard node fewer than torch.is_grad_enabled
 # torch.export (strict and non-strict): its program serves every size its dynamic_shapes allow, so
 # no bucket is baked there (the bucket's guards narrow the range, and export refuses them)
-_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
+
+
+@torch.compiler.assume_constant_result
+def _exporting() -> bool:
+    """Whether torch.export is tracing, read in Python at trace time: torch 2.11's Dynamo folds a
+    traced ``torch.compiler.is_exporting()`` to True under every ``torch.compile`` (2.13 reads the
+    flag), which kept the run-time operator in every symbolic-length graph there (H100, s10)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is None:  # a torch without the flag: its own function, called outside Dynamo
+        return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+    return bool(flag)
 
 
 def _hinted(t) -> tuple:
