@@ -231,17 +231,19 @@ def confirm(trial: Trial, winners: dict) -> tuple:
     policy, runs = trial.policy, trial.runs
     deciding = [runs[n] for n in set(winners.values()) | {DEFAULT_BACKEND} if n in runs]
     rounds_noise = max(((relative_spread(r.rounds) or 0.0) for r in deciding), default=0.0)
+
+    def unconfirmed(text: str) -> tuple:  # nothing re-timed to a verdict: the rounds' noise says whether to trust them
+        noisy = rounds_noise > policy.noise_cap
+        return winners, noisy, text + (
+            f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else "")
+
     contenders = sorted({n for n in winners.values() if n != DEFAULT_BACKEND})
     rival = eager_rival(trial, winners[EAGER])
     if not contenders and rival is None:
-        noisy = rounds_noise > policy.noise_cap
-        return winners, noisy, (f"the default ({DEFAULT_BACKEND}) won" + (
-            f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
+        return unconfirmed(f"the default ({DEFAULT_BACKEND}) won")
     default = runs.get(DEFAULT_BACKEND)
     if default is None or default.cand.status == REJECTED:
-        noisy = rounds_noise > policy.noise_cap
-        return winners, noisy, (f"not re-timed: the default ({DEFAULT_BACKEND}) did not pass the gate" + (
-            f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
+        return unconfirmed(f"not re-timed: the default ({DEFAULT_BACKEND}) did not pass the gate")
     names = [DEFAULT_BACKEND] + contenders + ([rival] if rival is not None and rival not in contenders else [])
     paired = max(_paired_cost_s(trial, names), 1e-9)
 
@@ -251,7 +253,7 @@ def confirm(trial: Trial, winners: dict) -> tuple:
 
     samples = {n: [] for n in names}
     count = int(max(policy.confirm_min, min(policy.confirm_rounds, affordable())))
-    done = 0
+    done, texts = 0, []
     while True:
         for i in range(done, done + count):
             for name in round_order(names, i, seed="confirm"):
@@ -262,15 +264,23 @@ def confirm(trial: Trial, winners: dict) -> tuple:
                     recover(trial.device)
                     run.cand.status, run.cand.time_ms = REJECTED, None
                     run.cand.reason = f"in the confirmation re-time: {describe_exception(exc)}"
-                    if name == rival and name not in contenders:  # the rival only leaves the re-time
-                        names.remove(name)
-                        samples.pop(name)
-                        rival = None
-                        continue
                     if name == DEFAULT_BACKEND:
-                        return winners, False, f"not re-timed: the default ({DEFAULT_BACKEND}) raised in the re-time"
-                    return ({m: (DEFAULT_BACKEND if b == name else b) for m, b in winners.items()}, False,
-                            f"not confirmed: {name} raised in the re-time; {DEFAULT_BACKEND} kept")
+                        return unconfirmed(f"not re-timed: the default ({DEFAULT_BACKEND}) raised in the re-time")
+                    # It leaves the re-time; the modes it won go to the default, and the others' re-time
+                    # goes on to its verdict (it returned here, storing them unconfirmed).
+                    names.remove(name)
+                    samples.pop(name)
+                    if name == rival:
+                        rival = None
+                    if name in contenders:
+                        contenders.remove(name)
+                        winners = {m: (DEFAULT_BACKEND if b == name else b) for m, b in winners.items()}
+                        texts.append(f"not confirmed: {name} raised in the re-time; {DEFAULT_BACKEND} kept")
+                    else:
+                        texts.append(f"rival {name}: raised in the re-time, {winners[EAGER]} kept")
+                    if not contenders and rival is None:  # only the default is left: nothing to re-time
+                        return unconfirmed("; ".join(texts))
+                    continue
                 run.cand.reps += run.calls + (1 if run.calls > 1 else 0)
         done += count
         ratios = {mode: _ratios(samples, name, _priced_as(mode, name)) for mode, name in winners.items() if name != DEFAULT_BACKEND}
@@ -279,13 +289,10 @@ def confirm(trial: Trial, winners: dict) -> tuple:
         count = min(policy.confirm_max - done, max(policy.confirm_min, done // 2), affordable())
         if count <= 0 or "undecided" not in pending:
             break
-    texts = []
     if rival is not None:
         winners, text = _settle_rival(samples, winners, rival, policy)
         if not contenders and winners[EAGER] == DEFAULT_BACKEND:  # the default won, as without the rival
-            noisy = rounds_noise > policy.noise_cap
-            return winners, noisy, (f"the default ({DEFAULT_BACKEND}) won; {text}" + (
-                f"; provisional: the rounds' noise {rounds_noise * 100:.0f}% is above {policy.noise_cap * 100:.0f}%" if noisy else ""))
+            return unconfirmed("; ".join(texts + [f"the default ({DEFAULT_BACKEND}) won", text]))
         texts.append(text)
         name = winners[EAGER]
         if name != DEFAULT_BACKEND:

@@ -1,0 +1,90 @@
+"""The confirmation's rules at their edges (s11 review): a contender that raises in the re-time,
+a faster-host refusal on a noisy re-time, a default that raises in the re-time, the rival of a
+default winner, and what ``explain`` says of a pick the re-time changed. GPU paths run on a
+synthetic trial whose timer hands out prepared samples (no clock, no device)."""
+import itertools
+from types import SimpleNamespace
+
+import torch
+
+from diffsynth_attention.backends import PREFERENCE
+from diffsynth_attention.tuning import tuner
+from diffsynth_attention.tuning.confirm import confirm
+from diffsynth_attention.tuning.policy import DEFAULT_POLICY
+from diffsynth_attention.tuning.timing import Sample
+from diffsynth_attention.tuning.trial import Result, Run
+from support.helpers import qkv
+from support.virtual import tune_virtual
+
+
+class _Timer:
+    """A GPU timer whose every measurement is what the run's call returns (a prepared Sample)."""
+
+    cuda = True
+
+    def measure(self, fn, calls, warm=True):
+        return fn()
+
+
+def _run(name, eager, host, device, retime=None):
+    """A candidate with five identical round samples; its re-time samples cycle through ``retime``
+    (Samples; default: its round sample), or raise where ``retime`` is an exception."""
+    if isinstance(retime, Exception):
+        def call():
+            raise retime
+    else:
+        samples = itertools.cycle(retime or [Sample(eager, host, device)])
+        call = lambda: next(samples)  # noqa: E731
+    return Run(backend=SimpleNamespace(name=name), cand=Result("accepted", time_ms=eager), call=call, calls=1,
+               probe_ms=eager, rounds=[eager] * 5, host=[host] * 5, device=[device] * 5)
+
+
+def _trial(runs, policy=DEFAULT_POLICY):
+    return SimpleNamespace(policy=policy, runs=runs, timer=_Timer(), limit=lambda fastest: 100.0, best_probe=lambda: 0.01,
+                           spent=lambda: 0.0, device=torch.device("cpu"), order=PREFERENCE)
+
+
+def test_a_contender_that_raises_in_the_re_time_leaves_no_other_mode_unconfirmed():
+    """The eager winner raising in the re-time returned at once: the CUDA-graph winner, never
+    re-timed to a verdict, was stored as if confirmed. Its re-time now goes on and judges it."""
+    def runs(graph_device):
+        return {"torch": _run("torch", 1.0, 0.1, 0.95),
+                "flash_attention_3": _run("flash_attention_3", 0.5, 0.1, 0.45, RuntimeError("the kernel failed")),
+                "flash_attention_4": _run("flash_attention_4", 0.6, 0.1, graph_device)}
+    winners = {"eager": "flash_attention_3", "cudagraph": "flash_attention_4"}
+    out, provisional, text = confirm(_trial(runs(0.94)), dict(winners))  # 1% ahead on the device: a tie, the default's
+    assert out == {"eager": "torch", "cudagraph": "torch"}, text
+    assert "flash_attention_3 raised in the re-time" in text and "cudagraph: flash_attention_4" in text and "not confirmed" in text
+    out, _, text = confirm(_trial(runs(0.5)), dict(winners))  # clearly ahead on the device: confirmed, kept
+    assert out == {"eager": "torch", "cudagraph": "flash_attention_4"} and "cudagraph: flash_attention_4 1.900x" in text, text
+
+
+def _confirming(monkeypatch) -> dict:
+    state = {"confirming": False}
+    real = tuner.confirm
+
+    def confirm_(trial, winners):
+        state["confirming"] = True
+        return real(trial, winners)
+    monkeypatch.setattr(tuner, "confirm", confirm_)
+    return state
+
+
+def _raising_in_re_time(state, cost):
+    def schedule(i):
+        if state["confirming"]:
+            raise RuntimeError("the kernel failed")
+        return cost
+    return schedule
+
+
+def test_a_default_that_raises_in_the_re_time_is_provisional_on_noisy_rounds(monkeypatch):
+    """Without the default in the re-time nothing is confirmed; a default that failed the gate
+    already stores provisional on noisy rounds, one that raised in the re-time stored final."""
+    state = _confirming(monkeypatch)
+    q, k, v = qkv(sq=16)
+    noisy, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"schedule": _raising_in_re_time(state, 1.0), "noise": 0.4, "seed": 3},
+                               torch_math={"cost": 0.8, "noise": 0.4, "seed": 4})
+    d = noisy.decision
+    assert d.backend == "torch_math" and "the default (torch) raised in the re-time" in d.confirmation, d.confirmation
+    assert d.provisional and "provisional: the rounds' noise" in d.confirmation, d.confirmation
