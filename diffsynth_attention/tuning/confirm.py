@@ -306,15 +306,17 @@ def confirm(trial: Trial, winners: dict) -> tuple:
             out[mode] = DEFAULT_BACKEND
             continue
         med, spread, low, verdict = verdicts[mode]
+        if len(ratios[mode]) < 4:  # too few re-times for an interquartile spread (it read 0): their range instead
+            spread = max(spread, _range_spread(ratios[mode]))
         swing = faster_host_ratio(runs, name, policy) if _priced_as(mode, name) == EAGER else None
         if verdict == "confirmed" and swing is not None and swing > 1 + policy.tie_floor:
             out[mode] = DEFAULT_BACKEND
+            noisy = spread > policy.noise_cap  # a verdict of a re-time too noisy to decide, like any other
+            provisional = provisional or noisy
             texts.append(f"{mode}: {name} {med:.3f}x the speed of {DEFAULT_BACKEND} here, but {swing:.3f}x slower on a host "
                          f"{policy.host_swing:g}x faster (its device time is the default's host-bound call's floor): "
-                         f"{DEFAULT_BACKEND} kept")
+                         f"{DEFAULT_BACKEND} kept" + ("; provisional: too noisy" if noisy else ""))
             continue
-        if len(ratios[mode]) < 4:  # too few re-times for an interquartile spread (it read 0): their range instead
-            spread = max(spread, _range_spread(ratios[mode]))
         lead = _rounds_ratio(runs, name, _priced_as(mode, name))
         drift = verdict != "confirmed" and lead is not None and lead > (1 + policy.noise_cap) * med
         noisy = spread > policy.noise_cap or drift

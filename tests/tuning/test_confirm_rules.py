@@ -59,6 +59,21 @@ def test_a_contender_that_raises_in_the_re_time_leaves_no_other_mode_unconfirmed
     assert out == {"eager": "torch", "cudagraph": "flash_attention_4"} and "cudagraph: flash_attention_4 1.900x" in text, text
 
 
+def test_a_faster_host_refusal_on_a_noisy_re_time_is_provisional():
+    """A lead refused as this host's speed (the model of a faster host) is still a decision made on
+    the re-time's and rounds' numbers: where the re-time is too noisy to decide, it is provisional,
+    as every other verdict of the confirmation is (the refusal stored it final whatever the noise)."""
+    ratios = [1.05, 1.30, 1.10, 1.40, 1.08, 1.35, 1.12, 1.25, 1.20]  # median 1.2, bound 1.08: confirmed; IQR 17%
+    runs = {"torch": _run("torch", 0.0324, 0.0320, 0.0150, [Sample(0.0282 * r, 0.0320, 0.0150) for r in ratios]),
+            "torch_efficient": _run("torch_efficient", 0.0282, 0.0120, 0.0277)}
+    out, provisional, text = confirm(_trial(runs), {"eager": "torch_efficient"})
+    assert out == {"eager": "torch"} and "slower on a host 1.9x faster" in text, text
+    assert provisional and "provisional: too noisy" in text, text
+    runs["torch"] = _run("torch", 0.0324, 0.0320, 0.0150, [Sample(0.0282 * 1.15, 0.0320, 0.0150)])  # a quiet re-time: final
+    out, provisional, text = confirm(_trial(runs), {"eager": "torch_efficient"})
+    assert out == {"eager": "torch"} and not provisional, text
+
+
 def _confirming(monkeypatch) -> dict:
     state = {"confirming": False}
     real = tuner.confirm
