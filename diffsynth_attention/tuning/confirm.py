@@ -374,12 +374,15 @@ def _settle_rival(samples: dict, winners: dict, rival: str, policy: TuningPolicy
 def _rival_verdict(samples: dict, winner: str, rival: str, policy: TuningPolicy) -> tuple:
     """(median, spread, lower bound, verdict, rounds) of ``rival`` over ``winner`` per paired round:
     the confirmation's verdict (:func:`_verdict`) with ``policy.rival_floor`` for the tie floor.
-    Neither is the default, which keeps a 2% lead's standing: between two kernels the re-time's
-    resolution decides (H100, s10: FlashAttention-4 1.015-1.019x -3 on sd3_1024_self, lower bounds
-    1.011-1.016, kept -3 under the 2% floor in 5 of 5 processes: 1.033x the best)."""
+    Neither is the default, which keeps a 2% lead's standing (where ``winner`` is the default, the
+    rival needs that lead: ``tie_floor``): between two kernels the re-time's resolution decides
+    (H100, s10: FlashAttention-4 1.015-1.019x -3 on sd3_1024_self, lower bounds 1.011-1.016, kept
+    -3 under the 2% floor in 5 of 5 processes: 1.033x the best)."""
     ratios = [_cost(w, EAGER) / _cost(r, EAGER) for w, r in zip(samples[winner], samples[rival]) if _cost(r, EAGER)]
     if not ratios:
         return None, None, None, "refused", 0
+    if winner == DEFAULT_BACKEND:  # a rival of the default is a winner over it: the default keeps its tie floor
+        return (*_verdict(ratios, policy), len(ratios))
     return (*_verdict(ratios, dataclasses.replace(policy, tie_floor=min(policy.tie_floor, policy.rival_floor))), len(ratios))
 
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from diffsynth_attention.backends import PREFERENCE
+from diffsynth_attention.describe import tie_note
 from diffsynth_attention.tuning import tuner
 from diffsynth_attention.tuning.confirm import confirm
 from diffsynth_attention.tuning.policy import DEFAULT_POLICY
@@ -103,3 +104,17 @@ def test_a_default_that_raises_in_the_re_time_is_provisional_on_noisy_rounds(mon
     d = noisy.decision
     assert d.backend == "torch_math" and "the default (torch) raised in the re-time" in d.confirmation, d.confirmation
     assert d.provisional and "provisional: the rounds' noise" in d.confirmation, d.confirmation
+
+
+def test_the_rival_of_a_default_winner_needs_the_defaults_lead(monkeypatch):
+    """Where the eager winner is the default, its rival is a winner over the default: the 2% floor
+    the default keeps applies, not the rival floor between two kernels. A 1% lead was reported
+    'taken for eager calls' and then refused by the default's floor in the same text."""
+    state = _confirming(monkeypatch)
+    q, k, v = qkv(sq=16)
+    info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
+                              torch_flash={"schedule": lambda i: 0.99 if state["confirming"] else 1.01})
+    d = info.decision
+    assert d.backend == "torch" and "rival torch_flash: 1.010x the speed of torch" in d.confirmation, d.confirmation
+    assert "taken for eager calls" not in d.confirmation and d.confirmation.startswith("the default (torch) won"), d.confirmation
+    assert tie_note(d) is None or "confirmation" not in tie_note(d)
