@@ -395,8 +395,9 @@ def tune(
             modes = {EAGER: winner, **mode_winners(trial, timed)}
             modes, provisional, confirmation = confirm(trial, modes)
             if modes[EAGER] != winner:
-                trial.results[winner].status = ACCEPTED
-                trial.results[winner].reason = confirmation
+                if trial.results[winner].status != REJECTED:  # one that raised in the re-time stays rejected, with why
+                    trial.results[winner].status = ACCEPTED
+                    trial.results[winner].reason = confirmation
                 winner, note = modes[EAGER], None
 
     if winner is None:

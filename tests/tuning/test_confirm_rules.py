@@ -94,6 +94,18 @@ def _raising_in_re_time(state, cost):
     return schedule
 
 
+def test_a_winner_that_raises_in_the_re_time_is_stored_rejected(monkeypatch):
+    """The tuner marked the rounds' winner `accepted` (passed the gate, timed, lost) whenever the
+    confirmation changed the eager pick, over the `rejected` the re-time had given it for raising."""
+    state = _confirming(monkeypatch)
+    q, k, v = qkv(sq=16)
+    info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0}, torch_math={"schedule": _raising_in_re_time(state, 0.5)})
+    d = info.decision
+    assert d.backend == "torch" and "torch_math raised in the re-time" in d.confirmation, d.confirmation
+    assert d.candidates["torch_math"].status == "rejected", d.candidates["torch_math"]
+    assert "in the confirmation re-time: raised RuntimeError" in d.candidates["torch_math"].reason
+
+
 def test_a_default_that_raises_in_the_re_time_is_provisional_on_noisy_rounds(monkeypatch):
     """Without the default in the re-time nothing is confirmed; a default that failed the gate
     already stores provisional on noisy rounds, one that raised in the re-time stored final."""
