@@ -398,7 +398,8 @@ def tune(
                 if trial.results[winner].status != REJECTED:  # one that raised in the re-time stays rejected, with why
                     trial.results[winner].status = ACCEPTED
                     trial.results[winner].reason = confirmation
-                winner, note = modes[EAGER], None
+                # its own reason: without one, explain's fallback called it a tie by order with the rounds' pick
+                winner, note = modes[EAGER], f"chosen by the confirmation re-time over {winner}, the rounds' pick"
 
     if winner is None:
         winner = "torch"

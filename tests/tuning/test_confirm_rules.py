@@ -106,6 +106,19 @@ def test_a_winner_that_raises_in_the_re_time_is_stored_rejected(monkeypatch):
     assert "in the confirmation re-time: raised RuntimeError" in d.candidates["torch_math"].reason
 
 
+def test_explain_does_not_call_a_pick_the_re_time_changed_a_tie(monkeypatch):
+    """torch_math 25% ahead in the rounds, level in the re-time: torch is kept. Its reason was empty,
+    so explain's fallback called it a tie 'within 2%' of torch_math, 25% apart in the rounds."""
+    state = _confirming(monkeypatch)
+    q, k, v = qkv(sq=16)
+    info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
+                              torch_math={"schedule": lambda i: 1.0 if state["confirming"] else 0.8})
+    d = info.decision
+    assert d.backend == "torch" and "not confirmed" in d.confirmation, d.confirmation
+    note = tie_note(d)
+    assert note is not None and "tie" not in note and "torch_math" in note and "confirmation" in note, note
+
+
 def test_a_default_that_raises_in_the_re_time_is_provisional_on_noisy_rounds(monkeypatch):
     """Without the default in the re-time nothing is confirmed; a default that failed the gate
     already stores provisional on noisy rounds, one that raised in the re-time stored final."""
