@@ -60,6 +60,21 @@ def test_a_contender_that_raises_in_the_re_time_leaves_no_other_mode_unconfirmed
     assert out == {"eager": "torch", "cudagraph": "flash_attention_4"} and "cudagraph: flash_attention_4 1.900x" in text, text
 
 
+def test_the_rival_of_a_winner_that_raised_is_judged_against_the_default():
+    """The eager winner raising leaves its rival in the re-time, now against the default (with the
+    default's floor); a rival that raises leaves the re-time alone, the winner's verdict goes on."""
+    def runs(raises):
+        return {"torch": _run("torch", 1.0, 0.1, 0.95),
+                "flash_attention_3": _run("flash_attention_3", 0.5, 0.1, 0.45, RuntimeError("failed") if raises == 3 else None),
+                "flash_attention_4": _run("flash_attention_4", 0.505, 0.1, 0.46, RuntimeError("failed") if raises == 4 else None)}
+    out, _, text = confirm(_trial(runs(3)), {"eager": "flash_attention_3", "cudagraph": "flash_attention_3"})
+    assert out == {"eager": "flash_attention_4", "cudagraph": "torch"}, text
+    assert "rival flash_attention_4: 1.980x the speed of torch" in text and "eager: flash_attention_4 1.980x" in text, text
+    out, _, text = confirm(_trial(runs(4)), {"eager": "flash_attention_3"})
+    assert out == {"eager": "flash_attention_3"} and "rival flash_attention_4: raised in the re-time" in text, text
+    assert "eager: flash_attention_3 2.000x the speed of torch in 9 paired re-times" in text and "confirmed" in text, text
+
+
 def test_a_faster_host_refusal_on_a_noisy_re_time_is_provisional():
     """A lead refused as this host's speed (the model of a faster host) is still a decision made on
     the re-time's and rounds' numbers: where the re-time is too noisy to decide, it is provisional,
