@@ -285,12 +285,22 @@ def confirm(trial: Trial, winners: dict) -> tuple:
         done += count
         ratios = {mode: _ratios(samples, name, _priced_as(mode, name)) for mode, name in winners.items() if name != DEFAULT_BACKEND}
         verdicts = {mode: _verdict(r, policy) for mode, r in ratios.items() if r}
-        pending = [v[3] for v in verdicts.values()] + ([_rival_verdict(samples, winners[EAGER], rival, policy)[3]] if rival else [])
+        pending = [v[3] for v in verdicts.values()]
+        if rival is not None:
+            pending.append(_rival_verdict(samples, winners[EAGER], rival, policy)[3])
+            if pending[-1] == "confirmed" and winners[EAGER] != DEFAULT_BACKEND:  # it would take the pick: its verdict
+                pending.append(_verdict(_ratios(samples, rival, EAGER), policy)[3])  # over the default decides then
         count = min(policy.confirm_max - done, max(policy.confirm_min, done // 2), affordable())
         if count <= 0 or "undecided" not in pending:
             break
     if rival is not None:
+        previous, before = winners[EAGER], verdicts.get(EAGER)
         winners, text = _settle_rival(samples, winners, rival, policy)
+        if winners[EAGER] != previous and before is not None and before[3] == "confirmed" \
+                and _verdict(_ratios(samples, rival, EAGER), policy)[3] != "confirmed":
+            # faster than the winner, but not confirmed over the default, which the winner is: the winner stays
+            winners = {**winners, EAGER: previous}
+            text = text.rsplit(": taken for eager calls", 1)[0] + f": not confirmed over {DEFAULT_BACKEND}, {previous} kept"
         if not contenders and winners[EAGER] == DEFAULT_BACKEND:  # the default won, as without the rival
             return unconfirmed("; ".join(texts + [f"the default ({DEFAULT_BACKEND}) won", text]))
         texts.append(text)

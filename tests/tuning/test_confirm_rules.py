@@ -158,3 +158,29 @@ def test_the_rival_of_a_default_winner_needs_the_defaults_lead(monkeypatch):
     assert d.backend == "torch" and "rival torch_flash: 1.010x the speed of torch" in d.confirmation, d.confirmation
     assert "taken for eager calls" not in d.confirmation and d.confirmation.startswith("the default (torch) won"), d.confirmation
     assert tie_note(d) is None or "confirmation" not in tie_note(d)
+
+
+def _rival_race(policy=DEFAULT_POLICY):
+    """torch against FlashAttention-3 (the eager winner, confirmed ~3% ahead) and its rival -4 (~1% ahead
+    of -3, confirmed by the rival floor), where -4's own ratios over torch dip below 1 in two rounds
+    of nine (one where -3's lead dips, one where -4's does): undecided after 9 rounds over torch."""
+    d_over_w = [0.99, 1.03, 1.03, 1.03, 1.04, 1.03, 1.03, 1.03, 1.03]
+    w_over_r = [1.01, 0.97, 1.01, 1.01, 1.01, 1.01, 1.01, 1.01, 1.01]
+    runs = {"torch": _run("torch", 1.03, 0.1, 1.0, [Sample(r, 0.1, r) for r in d_over_w]),
+            "flash_attention_3": _run("flash_attention_3", 1.0, 0.1, 0.97),
+            "flash_attention_4": _run("flash_attention_4", 1.01, 0.1, 0.98, [Sample(1 / r, 0.1, 1 / r) for r in w_over_r])}
+    return confirm(_trial(runs, policy), {"eager": "flash_attention_3"})
+
+
+def test_a_rival_taken_over_a_confirmed_winner_is_confirmed_over_the_default_too():
+    """The re-time stopped once the winner's verdict over the default and the rival's over the
+    winner were decided; the rival then took the eager pick with its own verdict over the default
+    undecided, which stored the default though the winner it replaced was confirmed. The re-time now
+    goes on while that verdict is undecided, and where it stays so the confirmed winner is kept."""
+    out, _, text = _rival_race()
+    assert out == {"eager": "flash_attention_4"} and "taken for eager calls" in text, text
+    assert "eager: flash_attention_4" in text and text.endswith("confirmed"), text
+    short = DEFAULT_POLICY.replace(confirm_max=9)  # no room to go on: the confirmed winner stays
+    out, _, text = _rival_race(short)
+    assert out == {"eager": "flash_attention_3"}, text
+    assert "not confirmed over torch, flash_attention_3 kept" in text and "eager: flash_attention_3 1.030x" in text, text
