@@ -278,6 +278,11 @@ def late_reason(backend) -> str:
             f"(a later process imports it again)")
 
 
+def busy() -> tuple:
+    """The backends whose package loads on a background thread now (sorted names)."""
+    return tuple(sorted(name for name, thread in list(_threads.items()) if thread.is_alive()))
+
+
 def settle(backends: Iterable) -> dict:
     """Before tuning (never under a key's lease): start the background loads of ``backends``'
     packages not loaded yet, then wait for every load under way, each until its deadline

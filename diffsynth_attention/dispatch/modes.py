@@ -57,11 +57,13 @@ class ModePlans:
 
     def _retime_now(self, decision: Decision, key, mode: str, call) -> bool:
         """Whether a provisional ``decision`` is re-timed by this call: eager, tuning allowed, not
-        yet re-timed in this process, and the host quiet (the policy's ``quiet``)."""
+        yet re-timed in this process, the host quiet (the policy's ``quiet``) and no kernel package
+        loading in the background (its ``loading``)."""
         if not decision.provisional or mode != EAGER or key.id in self.retimed or not config.tuning_enabled() \
                 or not config.retime() or in_graph(call.problem.device_type) or transforming():
             return False
-        if not (self.policy or DEFAULT_POLICY).quiet():
+        policy = self.policy or DEFAULT_POLICY
+        if not policy.quiet() or policy.loading():  # a package loading now would skew the re-time again
             return False
         self.retimed[key.id] = decision
         logger.info("re-timing the provisional decision for %s (%s) now that the host is quiet", key.id, decision.backend)

@@ -35,6 +35,16 @@ def host_quiet() -> bool:
         return False
 
 
+def loading_now() -> tuple:
+    """The backends whose kernel package loads on a background thread now (importing, or launching
+    its kernels for the first time; backends/loading.py). Such a load holds the GIL for long
+    stretches and may launch on the GPU: timings taken meanwhile are not the caller's, and a
+    backend left out because its load ran past the deadline is missing from the decision."""
+    from ..backends import loading
+
+    return loading.busy()
+
+
 @dataclass(frozen=True)
 class TuningPolicy:
     """How one key is tuned. See :mod:`diffsynth_attention.tuning.tuner` for the steps."""
@@ -69,6 +79,7 @@ class TuningPolicy:
     device_tie_floor: float = 0.005  # CUDA-graph picks (device time) tie within this or their spread (confirm.mode_winners)
     host_swing: float = 1.9  # how much faster another process's host may run (H100: one call 17.7-33.6 us between processes)
     quiet: Callable[[], bool] = host_quiet  # whether now is a quiet moment to re-time a provisional decision
+    loading: Callable[[], tuple] = loading_now  # the packages loading in the background now: a tuning they overlap is provisional
     clock: Callable[[], float] = time.perf_counter  # seconds; the budget and the CPU timer read it
     listeners: tuple = ()  # listener(key, decision, timings, cache_hit) after every decision
 
@@ -90,6 +101,8 @@ class TuningPolicy:
                     raise ValueError(f"TuningPolicy tolerances[{dtype!r}]={tol!r} is not in (0, 1]")
         if not callable(self.quiet):
             raise TypeError("TuningPolicy quiet must be a callable quiet() -> bool")
+        if not callable(self.loading):
+            raise TypeError("TuningPolicy loading must be a callable loading() -> tuple of backend names")
         if not all(callable(f) for f in self.listeners):
             raise TypeError("TuningPolicy listeners must be callables listener(key, decision, timings, cache_hit)")
 

@@ -348,6 +348,7 @@ def tune(
     quality tier (Trial.bounds)."""
     policy = policy or DEFAULT_POLICY
     started = policy.clock()
+    loads = set(policy.loading())  # a background load now (one left out late among them) makes it provisional
     call = finite_inputs(call)
     device = call.q.device
     if call.synthetic:  # random stand-ins made for this tuning: the candidates run on them, no second copy
@@ -394,6 +395,11 @@ def tune(
                     run.cand.host_ms, run.cand.device_ms = statistics.median(run.host), statistics.median(run.device)
             modes = {EAGER: winner, **mode_winners(trial, timed)}
             modes, provisional, confirmation = confirm(trial, modes)
+            loads |= set(policy.loading())
+            if loads:  # timed beside a load holding the GIL (H100, s11: torch 10x its time), or without its backend
+                provisional = True
+                confirmation = (f"{confirmation}; " if confirmation else "") + f"provisional: timed while {', '.join(sorted(loads))} loaded on a " \
+                               f"background thread (a later quiet process re-times it)"
             if modes[EAGER] != winner:
                 if trial.results[winner].status != REJECTED:  # one that raised in the re-time stays rejected, with why
                     trial.results[winner].status = ACCEPTED

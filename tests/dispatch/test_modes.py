@@ -50,3 +50,15 @@ def test_a_provisional_decision_is_re_timed_once_by_a_later_process_on_a_quiet_h
     assert DecisionCache(isolated).get(key_id, tolerance=1.0).confirmation != "too noisy"  # replaced on disk
     quiet.store.put(info.decision.replace(provisional=True))  # provisional again: not re-timed twice in one process
     assert quiet.explain(q, k, v).source == "cache" and quiet.stats()["tunings"] == 1
+
+
+def test_a_provisional_decision_waits_for_background_loads_before_its_re_time(isolated, monkeypatch):
+    # a package loading now would skew the re-time as it skewed the tuning: served as it is until none loads
+    q, k, v = qkv(sq=21)
+    _provisional(isolated, q, k, v)
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_RETIME", "on")
+    loading = da.Dispatcher(DecisionCache(isolated), policy=TuningPolicy(quiet=lambda: True,
+                                                                        loading=lambda: ("flash_attention_4",)))
+    assert loading.explain(q, k, v).source == "cache" and loading.stats()["tunings"] == 0
+    done = da.Dispatcher(DecisionCache(isolated), policy=TuningPolicy(quiet=lambda: True, loading=lambda: ()))
+    assert done.explain(q, k, v).source == "tuned" and done.stats()["tunings"] == 1
