@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-HEADLINE = "benchmarks/results/H100-80GB-HBM3-2026-12-07-s10-eager.json"
+HEADLINE = "benchmarks/results/H100-80GB-HBM3-2026-12-08-s11-eager.json"
 
 
 def result(rel: str = HEADLINE) -> dict:
