@@ -51,26 +51,27 @@ def host_bound(runs: dict, names, policy: TuningPolicy) -> frozenset:
     return frozenset(out)
 
 
-def faster_host_ratio(runs: dict, name: str, policy: TuningPolicy):
-    """``runs[name]``'s eager cost over the default's on a host ``policy.host_swing`` times faster than
-    this process's, each modelled as max(device, host / swing) from the rounds' medians; None
-    without a host/device split (a CPU). The host's speed changes from process to process (H100,
-    s8-s10: one ``torch`` call 17.7-33.6 us between fresh processes), the device's does not: on
-    sdxl_1024_cross one process in five, its host slow, confirmed ``torch_efficient`` (28 us, all
-    device) 1.10x faster than the host-bound default (32 us), which ran 19 us in the other four
-    processes and in the scoring one: 1.48x the best there. Over 1: the lead is this host's speed.
-    Asked only of a host-bound default (:func:`host_bound`) against a device-bound winner: where both
-    are host-bound (seed_example's ``torch_efficient``, a cheaper entry point than SDPA's) the
-    winner's lead is its lower host cost, which a faster host keeps."""
-    default, run = runs[DEFAULT_BACKEND], runs[name]
-    if not (default.host and default.device and run.host and run.device):
+def faster_host_ratio(runs: dict, name: str, policy: TuningPolicy, against: str = DEFAULT_BACKEND):
+    """``runs[name]``'s eager cost over ``against``'s (the default; or the eager winner a rival would
+    replace, :func:`_settle_rival`) on a host ``policy.host_swing`` times faster than this process's,
+    each modelled as max(device, host / swing) from the rounds' medians; None without a host/device
+    split (a CPU). The host's speed changes from process to process (H100, s8-s10: one ``torch``
+    call 17.7-33.6 us between fresh processes), the device's does not: on sdxl_1024_cross one
+    process in five, its host slow, confirmed ``torch_efficient`` (28 us, all device) 1.10x faster
+    than the host-bound default (32 us), which ran 19 us in the other four processes and in the
+    scoring one: 1.48x the best there. Over 1: the lead is this host's speed. Asked only of a
+    host-bound ``against`` and a device-bound ``name`` (:func:`host_bound`): where both are
+    host-bound (seed_example's ``torch_efficient``, a cheaper entry point than SDPA's) the lead is
+    the lower host cost, which a faster host keeps."""
+    base, run = runs[against], runs[name]
+    if not (base.host and base.device and run.host and run.device):
         return None
-    if host_bound(runs, [DEFAULT_BACKEND, name], policy) != {DEFAULT_BACKEND}:
-        return None  # only a host-bound default against a device-bound winner: two host-bound calls scale alike
+    if host_bound(runs, [against, name], policy) != {against}:
+        return None  # only a host-bound one kept against a device-bound one: two host-bound calls scale alike
     med = statistics.median
-    fast_default = max(med(default.device), med(default.host) / policy.host_swing)
+    fast_base = max(med(base.device), med(base.host) / policy.host_swing)
     fast_run = max(med(run.device), med(run.host) / policy.host_swing)
-    return fast_run / fast_default if fast_default > 0 else None
+    return fast_run / fast_base if fast_base > 0 else None
 
 
 def _range_spread(samples: list) -> float:
@@ -288,14 +289,15 @@ def confirm(trial: Trial, winners: dict) -> tuple:
         pending = [v[3] for v in verdicts.values()]
         if rival is not None:
             pending.append(_rival_verdict(samples, winners[EAGER], rival, policy)[3])
-            if pending[-1] == "confirmed" and winners[EAGER] != DEFAULT_BACKEND:  # it would take the pick: its verdict
+            if pending[-1] == "confirmed" and winners[EAGER] != DEFAULT_BACKEND \
+                    and _host_refusal(runs, winners[EAGER], rival, policy) is None:  # it would take the pick: its verdict
                 pending.append(_verdict(_ratios(samples, rival, EAGER), policy)[3])  # over the default decides then
         count = min(policy.confirm_max - done, max(policy.confirm_min, done // 2), affordable())
         if count <= 0 or "undecided" not in pending:
             break
     if rival is not None:
         previous, before = winners[EAGER], verdicts.get(EAGER)
-        winners, text = _settle_rival(samples, winners, rival, policy)
+        winners, text = _settle_rival(samples, winners, rival, policy, runs)
         if winners[EAGER] != previous and before is not None and before[3] == "confirmed" \
                 and _verdict(_ratios(samples, rival, EAGER), policy)[3] != "confirmed":
             # faster than the winner, but not confirmed over the default, which the winner is: the winner stays
@@ -366,19 +368,36 @@ def eager_rival(trial: Trial, winner: str):
     return min(near, key=near.get) if near else None
 
 
-def _settle_rival(samples: dict, winners: dict, rival: str, policy: TuningPolicy) -> tuple:
+def _settle_rival(samples: dict, winners: dict, rival: str, policy: TuningPolicy, runs: dict) -> tuple:
     """(winners, text): the eager winner gives way to ``rival`` where the paired re-time shows the
     rival faster by more than the tie floor, with its lower confidence bound above 1 (the verdict
-    that confirms a winner over the default, :func:`_verdict`); else it stays."""
+    that confirms a winner over the default, :func:`_verdict`), unless its lead reverses on a faster
+    host (:func:`_host_refusal`); else it stays."""
     winner = winners[EAGER]
     med, spread, low, verdict, n = _rival_verdict(samples, winner, rival, policy)
     if not n:
         return winners, f"rival {rival}: not re-timed"
     what = (f"rival {rival}: {med:.3f}x the speed of {winner} in {n} paired re-times "
             f"(noise {spread * 100:.1f}%, lower bound {low:.3f}x)")
+    swing = _host_refusal(runs, winner, rival, policy) if verdict == "confirmed" else None
+    if swing is not None:
+        return winners, (f"{what}, but {swing:.3f}x slower than {winner} on a host {policy.host_swing:g}x faster "
+                         f"({winner} is host-bound, {rival} is not: its lead is this host's speed): {winner} kept")
     if verdict == "confirmed":
         return {**winners, EAGER: rival}, f"{what}: taken for eager calls"
     return winners, f"{what}: {winner} kept"
+
+
+def _host_refusal(runs: dict, winner: str, rival: str, policy: TuningPolicy):
+    """How much slower than the host-bound eager ``winner`` (not the default: its own rule is in
+    :func:`confirm`) a device-bound ``rival`` would be on a host ``policy.host_swing`` times faster
+    (:func:`faster_host_ratio`), where that is more than the rival floor; else None. Host-bound
+    problems of 15-70 us went to one kernel or another by process on an H100 (s11: flux_512,
+    FlashAttention-3 or -4), the kernels' host costs differing."""
+    if winner == DEFAULT_BACKEND:
+        return None
+    swing = faster_host_ratio(runs, rival, policy, against=winner)
+    return swing if swing is not None and swing > 1 + min(policy.tie_floor, policy.rival_floor) else None
 
 
 def _rival_verdict(samples: dict, winner: str, rival: str, policy: TuningPolicy) -> tuple:

@@ -213,3 +213,28 @@ def test_a_load_that_starts_during_the_tuning_makes_it_provisional_too(monkeypat
         return () if len(calls) == 1 else ("flash_attention_3",)
     d = _tuned_beside_a_load(monkeypatch, loading)
     assert d.provisional and "flash_attention_3 loaded" in d.confirmation and len(calls) == 2
+
+
+def _host_bound_winner_and_rival(rival_host):
+    """FlashAttention-3 the eager winner, host-bound (30 us of host, 18 of device), against torch
+    (40 us) and its rival -4, 2.3% behind in the rounds and 3.4% ahead in the re-time, with
+    ``rival_host`` us of host over 29.5 of device."""
+    runs = {"torch": _run("torch", 0.040, 0.035, 0.030),
+            "flash_attention_3": _run("flash_attention_3", 0.0300, 0.0300, 0.0180),
+            "flash_attention_4": _run("flash_attention_4", 0.0307, rival_host, 0.0295, [Sample(0.0290, rival_host, 0.0295)])}
+    return confirm(_trial(runs), {"eager": "flash_attention_3"})
+
+
+def test_a_rival_whose_lead_is_this_hosts_speed_does_not_take_the_pick():
+    """The faster-host rule protected only the default: a device-bound rival took the eager pick
+    from a host-bound winner on this host's speed alone (H100, s11: flux_512 went to -3 or -4 by
+    process). Modelled as max(device, host / host_swing), -4 is 1.64x slower than -3 on a host
+    1.9x faster: -3 is kept, and the text says why. A rival host-bound too keeps its lead there."""
+    out, _, text = _host_bound_winner_and_rival(0.012)
+    assert out == {"eager": "flash_attention_3"}, text
+    assert "rival flash_attention_4: 1.034x the speed of flash_attention_3" in text, text
+    assert "1.639x slower than flash_attention_3 on a host 1.9x faster" in text and "flash_attention_3 kept" in text, text
+    assert "eager: flash_attention_3 1.333x the speed of torch" in text and "confirmed" in text, text
+    out, _, text = _host_bound_winner_and_rival(0.029)  # both host-bound: the lower host cost, which a faster host keeps
+    assert out == {"eager": "flash_attention_4"} and "taken for eager calls" in text, text
+
