@@ -82,6 +82,12 @@ def _range_spread(samples: list) -> float:
     return (max(samples) - min(samples)) / med if med > 0 else 0.0
 
 
+def _spread(samples: list) -> float:
+    """The interquartile spread of ``samples`` over their median; their range where there are too few (2-3)."""
+    spread = relative_spread(samples)
+    return _range_spread(samples) if spread is None else spread
+
+
 def relative_spread(samples: list):
     """The interquartile range of ``samples`` over their median (None with fewer than 4)."""
     if len(samples) < 4:
@@ -127,7 +133,7 @@ def mode_winners(trial: Trial, timed: list) -> dict:
     (host 5-16% of device) a package 6-9% ahead in the model ran 1-10% faster baked than compiled
     SDPA on an H200 (s6) and an H100 (s7), where the margin had kept ``torch``.
     CUDA-graph prices are device time, measured as such: no margin there, and a tie only within
-    ``policy.device_tie_floor`` (0.5%) or the device times' own spread: on an H100 the 2% floor of
+    ``policy.device_tie_floor`` (0.5%) or the device times' own spread (their range under 4 rounds): on an H100 the 2% floor of
     eager ties gave sd3_1024_self's graphs FlashAttention-3 in 4 of 5 processes, 3.3% behind -4 (s10)."""
     runs, policy = trial.runs, trial.policy
     if len(timed) < 2 or not all(runs[n].host and runs[n].device for n in timed):
@@ -137,7 +143,7 @@ def mode_winners(trial: Trial, timed: list) -> dict:
     for mode in (COMPILED, CUDAGRAPH):
         costs = {n: _rounds_cost(runs[n], mode) for n in timed}
         if mode == CUDAGRAPH:  # device time, from CUDA events: its own spread, and ties as narrow as that allows
-            pick = choose(costs, {n: relative_spread(runs[n].device) for n in timed},
+            pick = choose(costs, {n: _spread(runs[n].device) for n in timed},
                           dataclasses.replace(policy, tie_floor=min(policy.tie_floor, policy.device_tie_floor)), trial.order)[0]
             out[mode] = pick
             continue

@@ -238,3 +238,22 @@ def test_a_rival_whose_lead_is_this_hosts_speed_does_not_take_the_pick():
     out, _, text = _host_bound_winner_and_rival(0.029)  # both host-bound: the lower host cost, which a faster host keeps
     assert out == {"eager": "flash_attention_4"} and "taken for eager calls" in text, text
 
+
+def _graph_runs(fa3_device, fa4_device):
+    def run(name, device):
+        return Run(backend=SimpleNamespace(name=name), cand=None, call=None, rounds=[0.05] * len(device),
+                   host=[0.01] * len(device), device=list(device))
+    return {"torch": run("torch", [0.06] * len(fa3_device)),
+            "flash_attention_3": run("flash_attention_3", fa3_device), "flash_attention_4": run("flash_attention_4", fa4_device)}
+
+
+def test_a_cuda_graph_tie_on_three_rounds_reads_the_samples_range():
+    """Under 4 rounds there is no interquartile spread: the CUDA-graph tie was the 0.5% floor alone,
+    and -3 took the graphs 1% ahead on three device samples 4% apart. Their range is the spread
+    there (as for re-times): a tie, which goes to the order. Steady samples keep the narrow floor."""
+    runs = _graph_runs([0.0500, 0.0520, 0.0500], [0.0505, 0.0525, 0.0505])
+    trial = SimpleNamespace(runs=runs, policy=DEFAULT_POLICY, order=PREFERENCE)
+    assert tuner.mode_winners(trial, list(runs))["cudagraph"] == "flash_attention_4"
+    trial.runs = _graph_runs([0.0500] * 3, [0.0505] * 3)
+    assert tuner.mode_winners(trial, list(trial.runs))["cudagraph"] == "flash_attention_3"
+
