@@ -45,8 +45,7 @@ class Dispatcher(ModePlans):
 
     def __init__(self, store: Optional[DecisionCache] = None, policy: Optional[TuningPolicy] = None, *,
                  token: Optional[int] = None):  # token: tokens.DEFAULT for the default dispatcher only
-        self.store = store if store is not None else DecisionCache()
-        self.policy = policy  # the tuner's rules and listeners (tuning/policy.py); None: the defaults
+        self.store, self.policy = store if store is not None else DecisionCache(), policy  # policy: tuning/policy.py
         self._lock = process.new_rlock()
         self.plans: dict = PlanTable(self._lock)  # signature -> Plan; never rebound (the hot path holds its .get)
         self._provisional: dict = {}  # signature -> Plan used while tuning is impossible
@@ -140,24 +139,26 @@ class Dispatcher(ModePlans):
                 found.append((distance, key_id, decision))
         return min(found, key=lambda f: (f[0], f[1]))[2] if found else None
 
-    def _loaded_or_dropped(self, name: str, key) -> bool:
-        """Import a decided backend's kernel package (first use); a broken install drops it for this
-        key in this process, with the reason, as a run-time failure would."""
-        why = REGISTRY[name].unavailable_reason()
-        if why is None:
-            return True
+    def _loaded_or_dropped(self, name: str, key) -> Optional[bool]:
+        """Import a decided backend's package (first use: on a background thread, waited for until its deadline:
+        a hung import hangs no trace or capture); a broken install drops it for this key in this process, with
+        the reason, as a run-time failure would. None: still importing past the deadline (nothing dropped)."""
+        why = loading.reasons([REGISTRY[name]])[name]
+        if why is None or loading.state(REGISTRY[name]) == loading.LOADING:
+            return None if why else True
         with self._lock:
             self.dropped.setdefault(key.id, {})[name] = why
         self.warn_once(("unavailable", name, why), "backend %s is unavailable (%s); using another backend", name, why)
         return False
 
-    def _loading_plan(self, decision: Decision, key, call, grad, usable_names: set, source: PlanSource = PlanSource.CACHE) -> Optional[Plan]:
-        """While ``decision``'s kernel package loads on a background thread (started here if need
-        be), a plan on the fastest candidate of the decision that is usable now (else ``torch``),
-        with source "loading". None when the package is loaded (or failed: the caller drops it),
-        and while tracing or capturing, where the load is waited for instead."""
-        decided = REGISTRY[decision.backend]
-        if not loading.needs_loading(decided) or loading.done(decided) or in_graph(call.problem.device_type):
+    def _loading_plan(self, decision: Decision, key, call, grad, usable_names: set, source: PlanSource = PlanSource.CACHE,
+                      waited: Optional[str] = None) -> Optional[Plan]:
+        """While ``decision``'s package loads on a background thread (started here if need be), a plan on the
+        decision's fastest candidate usable now (else ``torch``), source "loading". None when the package is
+        loaded (or failed: the caller drops it), and while tracing or capturing, where the load is waited for
+        instead (``waited``: the backend waited for past its deadline: its stand-in then, never baked)."""
+        decided = REGISTRY[waited or decision.backend]
+        if not loading.needs_loading(decided) or loading.done(decided) or in_graph(call.problem.device_type) and not waited:
             return None
         pending = loading.start_loading(decided, [decision.key])  # import, then first launches (off this thread)
         if pending not in loading.PENDING:
@@ -167,11 +168,10 @@ class Dispatcher(ModePlans):
                        and c.status in TIMED and loading.is_ready(REGISTRY[n]))
         name = order[0][1] if order else "torch"
         chosen = decision.candidates.get(decided.name)
-        reason = (f"{decided.name} ({source}"
-                  + (f", {chosen.time_ms:.4g} ms" if chosen is not None and chosen.time_ms is not None else "")
-                  + (") is loading on a background thread; " if pending == loading.LOADING else
-                     ") is not loaded (background loading deferred in this process); ") + name
-                  + (f" ({order[0][0]:.4g} ms), the fastest usable candidate of the decision," if order else ",")
+        ms = f", {chosen.time_ms:.4g} ms" if chosen is not None and chosen.time_ms is not None else ""
+        reason = (f"{decided.name} ({source}{ms}) " + ("is loading on a background thread; " if pending == loading.LOADING
+                  else "is not loaded (background loading deferred in this process); ") + name + (
+                  f" ({order[0][0]:.4g} ms), the fastest usable candidate of the decision," if order else ",")
                   + " serves the calls until it is ready")
         inner = make_runner(REGISTRY[name], call, grad)
         invalidate, key_id = self.invalidate, key.id
@@ -185,9 +185,8 @@ class Dispatcher(ModePlans):
     def _backend_loaded(self, name: str, state: str) -> None:
         """A background load ended: the keys served provisionally while ``name`` loaded plan again."""
         with self._lock:
-            keys = {p.key.id for p in self.plans.values() if p.source == PlanSource.LOADING and p.decision is not None
-                    and p.decision.backend == name}
-        for key_id in keys:
+            keys = {p.key.id for p in self.plans.values() if p.source == PlanSource.LOADING and p.decision is not None}
+        for key_id in keys:  # (any loading plan: a trace's stand-in may be for the decision's compiled backend)
             self.invalidate(key_id)
 
     def _override_plan(self, requested, source_name, call, grad, key, dev) -> Plan:
@@ -215,12 +214,11 @@ class Dispatcher(ModePlans):
 
     def resolve(self, call, grad: bool, key, usable_names: set, dev, requested: str, source_name,
                 provisional: bool = True, mode: str = EAGER) -> Optional[Plan]:
-        """The one rule that maps a validated call to a backend, for eager plans and compiled
-        graphs alike: the override, else the cached decision (its backend for ``mode``: eager,
-        compiled or cudagraph), else (its backend dropped in this process) the next best of that
-        decision, else (``DIFFSYNTH_ATTENTION_NEW_SHAPES=nearest``) a neighbour's decision. None:
-        the key needs tuning (or, where tuning cannot run, the fallback, which the caller picks),
-        or its decision is provisional and this quiet moment re-times it."""
+        """The one rule that maps a validated call to a backend, for eager plans and compiled graphs alike: the
+        override, else the cached decision (its backend for ``mode``: eager, compiled or cudagraph), else (its
+        backend dropped in this process) the next best of that decision, else (``NEW_SHAPES=nearest``) a
+        neighbour's decision. None: the key needs tuning (or, where tuning cannot run, the fallback, which the
+        caller picks), or its decision is provisional and this quiet moment re-times it."""
         if requested != "auto":
             return self._override_plan(requested, source_name, call, grad, key, dev)
         dropped = self.dropped.get(key.id, {})
@@ -235,9 +233,13 @@ class Dispatcher(ModePlans):
             waiting = provisional and self._loading_plan(decision, key, call, grad, usable_names)
             if waiting:  # its kernel package still loads (eager calls only; a trace waits for it)
                 return waiting
-            if self._loaded_or_dropped(decision.backend_for(mode), key):
+            ready = self._loaded_or_dropped(decision.backend_for(mode), key)
+            if ready:
                 return self._decided_plan(decision, mode, key, call, grad)
-            dropped = self.dropped[key.id]
+            late = ready is None and self._loading_plan(decision, key, call, grad, usable_names, waited=decision.backend_for(mode))
+            if late:  # still loading past its deadline (a trace or a capture waited for it): a stand-in
+                return late
+            dropped = self.dropped.get(key.id, {})
         if decision is not None and decision.backend_for(mode) in dropped:  # failed here at run time: the next best
             return self._demoted_plan(decision, key, call, grad, dropped)
         if decision is None and config.new_shapes() == "nearest" and tier == tiers.EXACT:  # a tier gates on its own data
@@ -392,7 +394,6 @@ class Dispatcher(ModePlans):
         # mode (debug, fake-tensor, selective checkpointing: its behaviour would be timed and stored): served as SDPA
         return config.tuning_enabled() and not in_graph(q.device.type) and not transforming() and not faults.caller_modes()
 
-    # -- under torch.compile -----------------------------------------------------------------
     # -- the slow path ----------------------------------------------------------------------
     def call(self, req: Request, impl_raw, grad: bool):
         """A call whose signature has no plan yet (or whose plan is provisional)."""

@@ -106,6 +106,6 @@ class ModePlans:
             return None
         if plan.source == PlanSource.TUNED:
             plan = Plan(plan.run, plan.backend, PlanSource.CACHE, plan.key, plan.call, plan.grad, plan.decision, counts_hit=True)
-        if sig is not None and plan.source != PlanSource.FALLBACK:
+        if sig is not None and plan.source not in (PlanSource.FALLBACK, PlanSource.LOADING):  # a later trace asks again
             self._store_plan(sig, plan)
         return plan

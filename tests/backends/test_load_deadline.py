@@ -175,3 +175,36 @@ def test_synchronous_questions_about_a_backend_wait_for_a_hung_import_only_until
         out = da.attention_forward(q, k, v)  # served by torch, with the reason in a warning
     assert rel(out, full_reference(q, k, v)) < 1e-5 and not gate.is_set() and not fa3.is_loaded()
 
+
+
+def test_a_trace_waits_for_a_late_import_only_until_its_deadline_and_bakes_no_stand_in(gated_fa3, tmp_path):
+    """A trace (and a capture) waits for a decided package's import, but only until its deadline:
+    past it, the graph dispatches at run time (a stand-in serves meanwhile) instead of hanging the
+    compile, and nothing is dropped: once the import ends, the decided backend serves."""
+    import torch
+
+    from diffsynth_attention.dispatch import Dispatcher
+    from diffsynth_attention.request import Request
+    from diffsynth_attention.store.cache import DecisionCache
+    from support.compile_helpers import Recorder
+    from support.helpers import full_reference, qkv, rel
+    from support.store_helpers import decided_for
+
+    fa3, gate = gated_fa3
+    q, k, v = qkv(d=16)
+    disp = Dispatcher(DecisionCache(tmp_path / "cache"))
+    tuned = disp.explain(q, k, v).decision  # tuned with FlashAttention-3 left out: its import waits on the gate
+    disp.store.put(decided_for(tuned, "flash_attention_3", time_ms=1e-4, error=0.0, reason=None))
+    disp.store.flush()
+    disp.reset()
+    plan = disp.trace_plan(Request(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, False,
+                                   None), False)
+    assert not gate.is_set() and plan.source == "loading" and plan.backend != "flash_attention_3", plan
+    rec = Recorder()
+    out = torch.compile(lambda a, b, c: disp.forward(a, b, c), backend=rec, fullgraph=True)(q, k, v)
+    assert rel(out, full_reference(q, k, v)) < 1e-5 and not gate.is_set()
+    assert "diffsynth_attention.dispatch.default" in rec.targets(0)  # the run-time operator, no stand-in baked
+    assert not disp.dropped.get(tuned.key_id)  # late is not broken: nothing dropped for the key
+    gate.set()
+    assert loading.wait(fa3, 30) == loading.READY
+    assert disp.explain(q, k, v).backend == "flash_attention_3"
