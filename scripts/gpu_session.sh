@@ -3,6 +3,9 @@
 # Usage there, after staging the kernel wheels a, b, c and d and `source /tmp/gpu-site/env.sh`:
 #   [SESSION=s5] bash scripts/gpu_session.sh PHASE...     (results and logs under $RES, default $OUT or ./gpu-out)
 # Single-GPU phases honour CUDA_VISIBLE_DEVICES, so two can run side by side on a 2-GPU machine.
+# Carry limit (64 MiB with the working tree, ~9 MB in s11): .gpu/a and .gpu/c came out over it. s11 moved
+# a's xformers and apache_tvm_ffi wheels into b, and repacked c's FlashAttention-3 wheel as a tar.xz of its
+# files (28 MB; unpacked with `python3 -m tarfile -e fa3.tar.xz /tmp/gpu-site`).
 set -uo pipefail
 res=${RES:-${OUT:-gpu-out}}; mkdir -p "$res"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
