@@ -347,7 +347,7 @@ def test_a_lead_that_is_only_this_hosts_speed_keeps_the_default(monkeypatch):
     assert ratio(_run("torch", 0.0324, 0.0100, 0.0320), device_bound) is None
     assert ratio(_run("torch", 1.0, None, None), device_bound) is None
     # wired into the confirmation: a confirmed lead that a faster host would reverse is refused
-    monkeypatch.setattr(confirm_module, "faster_host_ratio", lambda runs, name, policy: 1.6)
+    monkeypatch.setattr(confirm_module, "faster_host_ratio", lambda runs, name, policy, against="torch": 1.6)
     q, k, v = qkv(sq=16)
     info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0}, torch_math={"cost": 0.5})
     d = info.decision
