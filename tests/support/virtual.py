@@ -158,3 +158,17 @@ def tune_virtual(monkeypatch, q, k, v, budget=5.0, policy=None, **fakes):
     policy = (policy or virtual_policy(clock, budget)).replace(clock=clock.perf_counter, listeners=(heard,))
     info = dispatcher(policy).explain(q, k, v)
     return info, made, heard
+
+
+def confirming(monkeypatch) -> dict:
+    """{"confirming": bool}, set once the tuner's confirmation (its paired re-time) starts."""
+    from diffsynth_attention.tuning import tuner
+
+    state = {"confirming": False}
+    real = tuner.confirm
+
+    def confirm(trial, winners):
+        state["confirming"] = True
+        return real(trial, winners)
+    monkeypatch.setattr(tuner, "confirm", confirm)
+    return state

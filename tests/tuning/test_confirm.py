@@ -18,7 +18,7 @@ from diffsynth_attention.tuning.policy import DEFAULT_POLICY
 from diffsynth_attention.tuning.trial import Run
 from support.helpers import qkv
 from support.store_helpers import make_decision
-from support.virtual import tune_virtual
+from support.virtual import confirming, tune_virtual
 
 
 def test_a_clear_winner_is_confirmed_against_the_default(monkeypatch):
@@ -29,22 +29,10 @@ def test_a_clear_winner_is_confirmed_against_the_default(monkeypatch):
     assert "torch_math 2.000x the speed of torch" in d.confirmation and "confirmed" in d.confirmation
 
 
-def _confirming(monkeypatch) -> dict:
-    """{"confirming": bool}, set once the tuner's confirmation (its paired re-time) starts."""
-    state = {"confirming": False}
-    real = tuner.confirm
-
-    def confirm(trial, winners):
-        state["confirming"] = True
-        return real(trial, winners)
-    monkeypatch.setattr(tuner, "confirm", confirm)
-    return state
-
-
 def _tune_rounds_then_retime(monkeypatch, in_rounds: float, in_retime: float):
     """Tune torch (cost 1.0) against a torch_math costing ``in_rounds`` in the rounds and
     ``in_retime`` once the confirmation's re-time starts; returns the decision."""
-    state = _confirming(monkeypatch)
+    state = confirming(monkeypatch)
     q, k, v = qkv(sq=16)
     info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
                               torch_math={"schedule": lambda i: in_retime if state["confirming"] else in_rounds})
@@ -238,7 +226,7 @@ def test_a_re_time_too_short_for_the_sign_test_asks_every_round_to_clear_the_tie
 def _tune_tied_pair(monkeypatch, fa4_in_retime: float):
     """torch (2.0) against FlashAttention-3 (1.0) and -4 (1.015 in the rounds: a tie, taken by -4 in
     the catalogue's order), -4 costing ``fa4_in_retime`` once the confirmation's re-time starts."""
-    state = _confirming(monkeypatch)
+    state = confirming(monkeypatch)
     q, k, v = qkv(sq=16)
     info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 2.0}, flash_attention_3={"cost": 1.0},
                               flash_attention_4={"schedule": lambda i: fa4_in_retime if state["confirming"] else 1.015})
@@ -279,7 +267,7 @@ def test_a_host_bound_rival_does_not_join_the_re_time_of_a_device_bound_winner()
 
 
 def test_a_rival_that_raises_in_the_re_time_leaves_it_and_the_winner_is_still_confirmed(monkeypatch):
-    state = _confirming(monkeypatch)
+    state = confirming(monkeypatch)
 
     def fa3(i):
         if state["confirming"]:

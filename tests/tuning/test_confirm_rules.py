@@ -15,7 +15,7 @@ from diffsynth_attention.tuning.policy import DEFAULT_POLICY
 from diffsynth_attention.tuning.timing import Sample
 from diffsynth_attention.tuning.trial import Result, Run
 from support.helpers import qkv
-from support.virtual import VirtualClock, tune_virtual, virtual_policy
+from support.virtual import VirtualClock, confirming, tune_virtual, virtual_policy
 
 
 class _Timer:
@@ -90,17 +90,6 @@ def test_a_faster_host_refusal_on_a_noisy_re_time_is_provisional():
     assert out == {"eager": "torch"} and not provisional, text
 
 
-def _confirming(monkeypatch) -> dict:
-    state = {"confirming": False}
-    real = tuner.confirm
-
-    def confirm_(trial, winners):
-        state["confirming"] = True
-        return real(trial, winners)
-    monkeypatch.setattr(tuner, "confirm", confirm_)
-    return state
-
-
 def _raising_in_re_time(state, cost):
     def schedule(i):
         if state["confirming"]:
@@ -112,7 +101,7 @@ def _raising_in_re_time(state, cost):
 def test_a_winner_that_raises_in_the_re_time_is_stored_rejected(monkeypatch):
     """The tuner marked the rounds' winner `accepted` (passed the gate, timed, lost) whenever the
     confirmation changed the eager pick, over the `rejected` the re-time had given it for raising."""
-    state = _confirming(monkeypatch)
+    state = confirming(monkeypatch)
     q, k, v = qkv(sq=16)
     info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0}, torch_math={"schedule": _raising_in_re_time(state, 0.5)})
     d = info.decision
@@ -124,7 +113,7 @@ def test_a_winner_that_raises_in_the_re_time_is_stored_rejected(monkeypatch):
 def test_explain_does_not_call_a_pick_the_re_time_changed_a_tie(monkeypatch):
     """torch_math 25% ahead in the rounds, level in the re-time: torch is kept. Its reason was empty,
     so explain's fallback called it a tie 'within 2%' of torch_math, 25% apart in the rounds."""
-    state = _confirming(monkeypatch)
+    state = confirming(monkeypatch)
     q, k, v = qkv(sq=16)
     info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
                               torch_math={"schedule": lambda i: 1.0 if state["confirming"] else 0.8})
@@ -137,7 +126,7 @@ def test_explain_does_not_call_a_pick_the_re_time_changed_a_tie(monkeypatch):
 def test_a_default_that_raises_in_the_re_time_is_provisional_on_noisy_rounds(monkeypatch):
     """Without the default in the re-time nothing is confirmed; a default that failed the gate
     already stores provisional on noisy rounds, one that raised in the re-time stored final."""
-    state = _confirming(monkeypatch)
+    state = confirming(monkeypatch)
     q, k, v = qkv(sq=16)
     noisy, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"schedule": _raising_in_re_time(state, 1.0), "noise": 0.4, "seed": 3},
                                torch_math={"cost": 0.8, "noise": 0.4, "seed": 4})
@@ -150,7 +139,7 @@ def test_the_rival_of_a_default_winner_needs_the_defaults_lead(monkeypatch):
     """Where the eager winner is the default, its rival is a winner over the default: the 2% floor
     the default keeps applies, not the rival floor between two kernels. A 1% lead was reported
     'taken for eager calls' and then refused by the default's floor in the same text."""
-    state = _confirming(monkeypatch)
+    state = confirming(monkeypatch)
     q, k, v = qkv(sq=16)
     info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
                               torch_flash={"schedule": lambda i: 0.99 if state["confirming"] else 1.01})
