@@ -55,14 +55,10 @@ def faster_host_ratio(runs: dict, name: str, policy: TuningPolicy, against: str 
     """``runs[name]``'s eager cost over ``against``'s (the default; or the eager winner a rival would
     replace, :func:`_settle_rival`) on a host ``policy.host_swing`` times faster than this process's,
     each modelled as max(device, host / swing) from the rounds' medians; None without a host/device
-    split (a CPU). The host's speed changes from process to process (H100, s8-s10: one ``torch``
-    call 17.7-33.6 us between fresh processes), the device's does not: on sdxl_1024_cross one
-    process in five, its host slow, confirmed ``torch_efficient`` (28 us, all device) 1.10x faster
-    than the host-bound default (32 us), which ran 19 us in the other four processes and in the
-    scoring one: 1.48x the best there. Over 1: the lead is this host's speed. Asked only of a
+    split (a CPU). Over 1: the lead is this host's speed, which changes from process to process
+    where the device's does not (docs/tuning.md: sdxl_1024_cross, H100 s10). Asked only of a
     host-bound ``against`` and a device-bound ``name`` (:func:`host_bound`): where both are
-    host-bound (seed_example's ``torch_efficient``, a cheaper entry point than SDPA's) the lead is
-    the lower host cost, which a faster host keeps."""
+    host-bound the lead is the lower host cost, which a faster host keeps."""
     base, run = runs[against], runs[name]
     if not (base.host and base.device and run.host and run.device):
         return None
@@ -351,7 +347,29 @@ def confirm(trial: Trial, winners: dict) -> tuple:
         else:
             out[mode] = DEFAULT_BACKEND
             texts.append(f"{what}: not confirmed, {DEFAULT_BACKEND} kept{why}")
+    texts += _graph_gives_way(samples, out, policy)
     return out, provisional, "; ".join(texts)
+
+
+def _graph_gives_way(samples: dict, out: dict, policy: TuningPolicy) -> list:
+    """Where the CUDA-graph pick (confirmed over the default) is another kernel than the eager winner, both
+    re-timed in the same paired rounds: the graphs take the eager winner where its device times there are
+    confirmed faster (tie floor ``device_tie_floor``): the rounds' device spread can tie what the re-time
+    tells apart (H100, s11: sd3_1024_self's graphs -3 in 4 of 5 processes, 3.4% behind -4, the eager pick)."""
+    graph, eager = out.get(CUDAGRAPH), out.get(EAGER)
+    if graph in (None, eager, DEFAULT_BACKEND) or eager in (None, DEFAULT_BACKEND) or graph not in samples \
+            or eager not in samples:
+        return []
+    ratios = [_cost(g, CUDAGRAPH) / _cost(e, CUDAGRAPH) for g, e in zip(samples[graph], samples[eager])
+              if _cost(g, CUDAGRAPH) and _cost(e, CUDAGRAPH)]
+    if not ratios:
+        return []
+    med, _, low, verdict = _verdict(ratios, dataclasses.replace(policy, tie_floor=min(policy.tie_floor, policy.device_tie_floor)))
+    if verdict != "confirmed":
+        return []
+    out[CUDAGRAPH] = eager
+    return [f"cudagraph: {eager} {med:.3f}x the device speed of {graph} in {len(ratios)} paired re-times "
+            f"(lower bound {low:.3f}x): taken for CUDA graphs"]
 
 
 def eager_rival(trial: Trial, winner: str):
@@ -407,12 +425,9 @@ def _host_refusal(runs: dict, winner: str, rival: str, policy: TuningPolicy):
 
 
 def _rival_verdict(samples: dict, winner: str, rival: str, policy: TuningPolicy) -> tuple:
-    """(median, spread, lower bound, verdict, rounds) of ``rival`` over ``winner`` per paired round:
-    the confirmation's verdict (:func:`_verdict`) with ``policy.rival_floor`` for the tie floor.
-    Neither is the default, which keeps a 2% lead's standing (where ``winner`` is the default, the
-    rival needs that lead: ``tie_floor``): between two kernels the re-time's resolution decides
-    (H100, s10: FlashAttention-4 1.015-1.019x -3 on sd3_1024_self, lower bounds 1.011-1.016, kept
-    -3 under the 2% floor in 5 of 5 processes: 1.033x the best)."""
+    """(median, spread, lower bound, verdict, rounds) of ``rival`` over ``winner`` per paired round: the
+    confirmation's verdict (:func:`_verdict`) with ``policy.rival_floor`` for the tie floor; where ``winner``
+    is the default, its 2% ``tie_floor`` (between two kernels the re-time's resolution decides: docs/tuning.md)."""
     ratios = [_cost(w, EAGER) / _cost(r, EAGER) for w, r in zip(samples[winner], samples[rival]) if _cost(r, EAGER)]
     if not ratios:
         return None, None, None, "refused", 0
