@@ -196,15 +196,13 @@ class Dispatcher(ModePlans):
         reasons = [why] if why else backend.not_supported_reasons(problem, dev)
         if not reasons:
             return Plan(make_runner(backend, call, grad), requested, PlanSource.OVERRIDE, key, call, grad)
+        message = f"{source_name} asks for {requested!r}, which cannot serve {problem.describe()}: " + "; ".join(reasons)
         if config.strict():
-            raise BackendNotSupportedError(
-                f"{source_name} asks for {requested!r}, which cannot serve {problem.describe()}: " + "; ".join(reasons)
-            )
+            raise BackendNotSupportedError(message)
         for reason in reasons:  # an unavailable package's reason already names what to install
             self.warn_once(("fallback", requested, reason), "%s=%r cannot serve this call: %s; using torch instead",
                            source_name, requested, reason)
         torch_run = make_runner(REGISTRY["torch"], call, grad)
-        message = f"{source_name} asks for {requested!r}, which cannot serve {problem.describe()}: " + "; ".join(reasons)
 
         def run(q, k, v, mask, scale):  # strict mode may be switched on later: checked per call here only
             if config.strict():
@@ -214,11 +212,10 @@ class Dispatcher(ModePlans):
 
     def resolve(self, call, grad: bool, key, usable_names: set, dev, requested: str, source_name,
                 provisional: bool = True, mode: str = EAGER) -> Optional[Plan]:
-        """The one rule that maps a validated call to a backend, for eager plans and compiled graphs alike: the
-        override, else the cached decision (its backend for ``mode``: eager, compiled or cudagraph), else (its
-        backend dropped in this process) the next best of that decision, else (``NEW_SHAPES=nearest``) a
-        neighbour's decision. None: the key needs tuning (or, where tuning cannot run, the fallback, which the
-        caller picks), or its decision is provisional and this quiet moment re-times it."""
+        """The one rule mapping a validated call to a backend, for eager plans and compiled graphs alike: the override,
+        else the cached decision (its backend for ``mode``), else (that dropped in this process) the decision's next
+        best, else (``NEW_SHAPES=nearest``) a neighbour's decision. None: the key needs tuning (or, where tuning
+        cannot run, the fallback, which the caller picks), or its provisional decision is re-timed now."""
         if requested != "auto":
             return self._override_plan(requested, source_name, call, grad, key, dev)
         dropped = self.dropped.get(key.id, {})
@@ -233,12 +230,15 @@ class Dispatcher(ModePlans):
             waiting = provisional and self._loading_plan(decision, key, call, grad, usable_names)
             if waiting:  # its kernel package still loads (eager calls only; a trace waits for it)
                 return waiting
-            ready = self._loaded_or_dropped(decision.backend_for(mode), key)
+            name = decision.backend_for(mode)
+            ready = self._loaded_or_dropped(name, key)
+            if ready is None:  # still loading past its deadline (a trace or a capture waited for it): a stand-in
+                late = self._loading_plan(decision, key, call, grad, usable_names, waited=name)
+                if late:
+                    return late
+                ready = loading.is_ready(REGISTRY[name])  # (its load ended in between)
             if ready:
                 return self._decided_plan(decision, mode, key, call, grad)
-            late = ready is None and self._loading_plan(decision, key, call, grad, usable_names, waited=decision.backend_for(mode))
-            if late:  # still loading past its deadline (a trace or a capture waited for it): a stand-in
-                return late
             dropped = self.dropped.get(key.id, {})
         if decision is not None and decision.backend_for(mode) in dropped:  # failed here at run time: the next best
             return self._demoted_plan(decision, key, call, grad, dropped)
