@@ -172,3 +172,15 @@ def confirming(monkeypatch) -> dict:
         return real(trial, winners)
     monkeypatch.setattr(tuner, "confirm", confirm)
     return state
+
+
+def tune_rounds_then_retime(monkeypatch, in_rounds: float, in_retime: float, rival: str = "torch_math"):
+    """Tune torch (cost 1.0) against a ``rival`` costing ``in_rounds`` in the rounds and ``in_retime``
+    once the confirmation's re-time starts; returns the decision."""
+    from support.helpers import qkv
+
+    state = confirming(monkeypatch)
+    q, k, v = qkv(sq=16)
+    info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
+                              **{rival: {"schedule": lambda i: in_retime if state["confirming"] else in_rounds}})
+    return info.decision

@@ -18,7 +18,7 @@ from diffsynth_attention.tuning.policy import DEFAULT_POLICY
 from diffsynth_attention.tuning.trial import Run
 from support.helpers import qkv
 from support.store_helpers import make_decision
-from support.virtual import confirming, tune_virtual
+from support.virtual import confirming, tune_rounds_then_retime, tune_virtual
 
 
 def test_a_clear_winner_is_confirmed_against_the_default(monkeypatch):
@@ -29,19 +29,9 @@ def test_a_clear_winner_is_confirmed_against_the_default(monkeypatch):
     assert "torch_math 2.000x the speed of torch" in d.confirmation and "confirmed" in d.confirmation
 
 
-def _tune_rounds_then_retime(monkeypatch, in_rounds: float, in_retime: float):
-    """Tune torch (cost 1.0) against a torch_math costing ``in_rounds`` in the rounds and
-    ``in_retime`` once the confirmation's re-time starts; returns the decision."""
-    state = confirming(monkeypatch)
-    q, k, v = qkv(sq=16)
-    info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
-                              torch_math={"schedule": lambda i: in_retime if state["confirming"] else in_rounds})
-    return info.decision
-
-
 def test_a_winner_the_paired_re_time_does_not_confirm_leaves_the_default(monkeypatch):
     # torch_math looks 25% faster in the rounds (a load spike on torch's samples, say), but not in the re-time
-    d = _tune_rounds_then_retime(monkeypatch, 0.8, 1.0)
+    d = tune_rounds_then_retime(monkeypatch, 0.8, 1.0)
     assert d.backend == "torch" and d.candidates["torch"].status == "chosen"
     assert d.candidates["torch_math"].status == "accepted" and "not confirmed" in d.candidates["torch_math"].reason
     assert "not confirmed, torch kept" in d.confirmation
@@ -52,7 +42,7 @@ def test_a_winner_the_paired_re_time_does_not_confirm_leaves_the_default(monkeyp
 
 def test_a_re_time_that_agrees_with_the_rounds_within_the_noise_cap_stays_final(monkeypatch):
     # 5% ahead in the rounds, 1% in the re-time: refused (a tie), and not provisional
-    d = _tune_rounds_then_retime(monkeypatch, 0.95, 0.99)
+    d = tune_rounds_then_retime(monkeypatch, 0.95, 0.99)
     assert d.backend == "torch" and "not confirmed" in d.confirmation and not d.provisional, d.confirmation
 
 

@@ -15,7 +15,7 @@ from diffsynth_attention.tuning.policy import DEFAULT_POLICY
 from diffsynth_attention.tuning.timing import Sample
 from diffsynth_attention.tuning.trial import Result, Run
 from support.helpers import qkv
-from support.virtual import VirtualClock, confirming, tune_virtual, virtual_policy
+from support.virtual import VirtualClock, confirming, tune_rounds_then_retime, tune_virtual, virtual_policy
 
 
 class _Timer:
@@ -113,11 +113,7 @@ def test_a_winner_that_raises_in_the_re_time_is_stored_rejected(monkeypatch):
 def test_explain_does_not_call_a_pick_the_re_time_changed_a_tie(monkeypatch):
     """torch_math 25% ahead in the rounds, level in the re-time: torch is kept. Its reason was empty,
     so explain's fallback called it a tie 'within 2%' of torch_math, 25% apart in the rounds."""
-    state = confirming(monkeypatch)
-    q, k, v = qkv(sq=16)
-    info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
-                              torch_math={"schedule": lambda i: 1.0 if state["confirming"] else 0.8})
-    d = info.decision
+    d = tune_rounds_then_retime(monkeypatch, 0.8, 1.0)
     assert d.backend == "torch" and "not confirmed" in d.confirmation, d.confirmation
     note = tie_note(d)
     assert note is not None and "tie" not in note and "torch_math" in note and "confirmation" in note, note
@@ -139,11 +135,7 @@ def test_the_rival_of_a_default_winner_needs_the_defaults_lead(monkeypatch):
     """Where the eager winner is the default, its rival is a winner over the default: the 2% floor
     the default keeps applies, not the rival floor between two kernels. A 1% lead was reported
     'taken for eager calls' and then refused by the default's floor in the same text."""
-    state = confirming(monkeypatch)
-    q, k, v = qkv(sq=16)
-    info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
-                              torch_flash={"schedule": lambda i: 0.99 if state["confirming"] else 1.01})
-    d = info.decision
+    d = tune_rounds_then_retime(monkeypatch, 1.01, 0.99, rival="torch_flash")
     assert d.backend == "torch" and "rival torch_flash: 1.010x the speed of torch" in d.confirmation, d.confirmation
     assert "taken for eager calls" not in d.confirmation and d.confirmation.startswith("the default (torch) won"), d.confirmation
     assert tie_note(d) is None or "confirmation" not in tie_note(d)
