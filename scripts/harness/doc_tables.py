@@ -75,11 +75,7 @@ ENV_MEANINGS = {
 }
 # Shown instead of the reader's value where unset means something the reader cannot return.
 ENV_DEFAULTS = {"DIFFSYNTH_ATTENTION_TOLERANCE": "per dtype", "DIFFSYNTH_ATTENTION_CACHE_DIR": "per user",
-                "DIFFSYNTH_ATTENTION_THIN_CALLS": "on: FlashAttention-3 and -4 calls go straight to the kernel the package compiled "
-                                      "(its operator, its compiled-kernel cache), bit for bit the package's output, for "
-                                      "the package versions this was checked against; off: always through the "
-                                      "package's Python interface ([docs/backends.md](docs/backends.md#thin-kernel-calls))",
-    "DIFFSYNTH_ATTENTION_RECORD": "unset"}
+                "DIFFSYNTH_ATTENTION_RECORD": "unset"}
 
 STATUS_MEANINGS = {
     "chosen": "the backend used",

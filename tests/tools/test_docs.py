@@ -59,6 +59,10 @@ def test_the_tables_follow_the_registry_and_the_readers():
     env = doc_tables.env_table()
     assert [re.match(r"\| `(\w+)`", line).group(1) for line in env.splitlines()[2:]] == list(config.READERS)
     assert "| `1.5` |" in env.splitlines()[2 + list(config.READERS).index(config.TUNING_BUDGET)]
+    # the default column is a value, never the meaning again (THIN_CALLS once showed its meaning twice)
+    for line in env.splitlines()[2:]:
+        default = line.split(" | ")[1]
+        assert len(default) <= 12, line[:80]
 
 
 def test_the_statuses_are_read_by_value_from_constants_or_a_str_enum():
