@@ -99,8 +99,17 @@ class _FlashBase(Backend):
             logger.info("%s: thin kernel calls off (the package's interface serves every call): %s", self.name,
                         self.thin_reason)
 
-    def _call(self, q, k, v, scale, causal, window):  # pragma: no cover - abstract
-        raise NotImplementedError
+    _no_window = (-1, -1)  # the package's ``window_size`` for no window
+
+    def _call(self, q, k, v, scale, causal, window):
+        if self._thin is not None:
+            return thin.call(self, q, k, v, scale, causal, window, lambda: self._package_call(q, k, v, scale, causal, window))
+        return self._package_call(q, k, v, scale, causal, window)
+
+    def _package_call(self, q, k, v, scale, causal, window):
+        """The package's public function (FlashAttention-3 and -4; FlashAttention-2 adds dropout)."""
+        w = (window, window) if window is not None else self._no_window
+        return self._func(q, k, v, softmax_scale=scale, causal=causal, window_size=w)
 
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):
         # b n s d views -> b s n d views; for a caller in b s n d these are its own tensors.
@@ -190,7 +199,7 @@ class FlashAttention2(_FlashBase):
             return [f"window_size needs flash-attn 2.3 or newer (installed {self._version})"]
         return []
 
-    def _call(self, q, k, v, scale, causal, window):
+    def _package_call(self, q, k, v, scale, causal, window):
         w = (window, window) if window is not None else (-1, -1)
         if window is None and not self._has_window:
             return self._func(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal)
@@ -305,14 +314,6 @@ class FlashAttention3(_FlashBase):
                         f"(FLASHATTENTION_DISABLE_HDIM{kernel}; it has {', '.join(map(str, self.head_dim_kernels))})"]
         return []
 
-    def _call(self, q, k, v, scale, causal, window):
-        if self._thin is not None:
-            return thin.call(self, q, k, v, scale, causal, window, lambda: self._package_call(q, k, v, scale, causal, window))
-        return self._package_call(q, k, v, scale, causal, window)
-
-    def _package_call(self, q, k, v, scale, causal, window):
-        w = (window, window) if window is not None else (-1, -1)
-        return self._func(q, k, v, softmax_scale=scale, causal=causal, window_size=w)
 
 
 @register
@@ -333,6 +334,7 @@ class FlashAttention4(_FlashBase):
     max_head_dim = 256
     head_dim_multiple = 8
     module = "flash_attn.cute"
+    _no_window = (None, None)
     efficiency = 0.75  # 668 TFLOP/s of 989 on an H200 at 32,760 tokens
     launch_ms = 0.08  # its Python interface: 0.11-0.12 ms per call on small problems (H100, H200)
     thin_launch_ms = 0.03  # the thin call (thin.py): SDPA-like host cost, not measured yet (kept generous)
@@ -381,11 +383,3 @@ class FlashAttention4(_FlashBase):
             return [f"head dims ({d}, {dv}) not supported on compute capability {major}.x"]
         return []
 
-    def _call(self, q, k, v, scale, causal, window):
-        if self._thin is not None:
-            return thin.call(self, q, k, v, scale, causal, window, lambda: self._package_call(q, k, v, scale, causal, window))
-        return self._package_call(q, k, v, scale, causal, window)
-
-    def _package_call(self, q, k, v, scale, causal, window):
-        w = (window, window) if window is not None else (None, None)
-        return self._func(q, k, v, softmax_scale=scale, causal=causal, window_size=w)
