@@ -39,6 +39,9 @@ from typing import Optional
 
 import torch
 
+from ..callsite import dynamo_tracing as _dynamo_tracing
+from ..callsite import needs_grad
+from ..overrides import implementation_raw
 from ..trace_state import traced_scopes
 from ..backends import REGISTRY
 from ..problem import check_flag
@@ -342,6 +345,18 @@ def _within(tensors, checks) -> bool:
     return ok
 
 
+@torch.compiler.disable
+def _served_eagerly(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
+                    compatibility_mode, window_size):
+    """The eager call, where Dynamo gave :func:`traced_attention`'s frame up and runs it for real (a
+    graph break in its loops: a NumPy ``dims`` length narrower than int64). Dynamo's frame callback
+    is still on there, so without ``disable`` it compiled every frame the planning and tuning
+    reached, and timed candidates through those fragments (25 graphs, 7.5 s of tuning on the CPU)."""
+    req = Request(q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
+                  compatibility_mode, window_size)
+    return d.call(req, implementation_raw(), needs_grad(q, k, v, attn_mask))
+
+
 def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                      compatibility_mode, window_size):
     """What Dynamo traces for ``attention_forward``: one operator call, its decision baked in
@@ -351,6 +366,10 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
     common call's helpers are inlined (each function called is a guard on its code), the booleans
     are tested with ``is`` before ``bool()`` (a guard on the builtin), and both scopes come through
     one object (:func:`traced_scopes`). tests/dispatch/test_compile_trace_reads.py lists what is guarded."""
+    # run for real on real tensors, not traced (Dynamo folds the first test to True while it traces)
+    if not _dynamo_tracing() and type(q) is torch.Tensor and not _exporting():
+        return _served_eagerly(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale,
+                               is_causal, compatibility_mode, window_size)
     # int(n): a head count Dynamo made symbolic (an int argument under dynamic=True) is specialized;
     # a length that is no int (or NumPy integer: dims_length, eager's rule) is refused as eager refuses
     # it (problem._dims_tuple), before the text (parsed back with int()) could take "2" as 2

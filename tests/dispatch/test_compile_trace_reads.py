@@ -319,6 +319,32 @@ def test_numpy_integer_dims_compile(kind, fullgraph):
     assert rel(out, full_reference(*canon).transpose(1, 2).flatten(2)) < 1e-5
 
 
+def test_a_frame_dynamo_gives_up_is_served_eagerly_without_compiling_the_library():
+    """A NumPy uint8 ``dims`` length breaks the graph inside the trace's loop, so Dynamo gives the
+    trace's frame up and runs it for real, its frame callback still on. The call is then the eager
+    call, and no frame of the library is compiled: before, Dynamo compiled 25 graphs of the planning
+    and tuning (the reference, the synthetic inputs, the candidates' runs) and the tuning timed
+    candidates through them."""
+    np = pytest.importorskip("numpy")
+    (q, k, v), canon = bsnd(hq=2)
+    pattern = ("b s (n d)",) * 4
+    q, k, v = (t.flatten(2) for t in (q, k, v))
+    n = np.uint8(2)
+    library = []
+
+    def backend(gm, example_inputs):
+        library.extend(str(nd.meta.get("stack_trace", "")).strip().splitlines()[-2:] for nd in gm.graph.nodes
+                       if "diffsynth_attention" in str(nd.meta.get("stack_trace", "")))
+        return gm.forward
+
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *pattern, dims={"n": n}), backend=backend)
+    with torch.no_grad():
+        out = fn(q, k, v)
+    assert rel(out, full_reference(*canon).transpose(1, 2).flatten(2)) < 1e-5
+    assert library == []
+    assert da.stats()["tunings"] == 1
+
+
 @pytest.mark.parametrize("bad", ["bool_", "float64"])
 def test_a_compiled_call_rejects_numpy_dims_an_eager_call_rejects(bad):
     require("type_module")
