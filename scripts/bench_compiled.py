@@ -19,6 +19,10 @@ cheapest way to call the same kernel by hand (``F.scaled_dot_product_attention``
 the ATen operator for the ``torch_*`` backends, the package function for kernel packages),
 interleaved blocks, at least 20,000 calls each.
 
+Every timed sample waits first (bounded) until no kernel package loads in the background, and each
+row records what ran beside its samples (``hygiene``: loads, threads, garbage collections;
+``harness/hygiene.py``), listed in the markdown.
+
 Run directly; writes
 benchmarks/results/<device>-<date>-compiled.{json,md}.
 """
@@ -38,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness.bench import direct_call, environment, hit_overhead, host_us, interleaved, save_result  # noqa: E402
 from harness.compiled_modules import AttnModule, BackendModule, SDPAModule  # noqa: E402
+from harness.hygiene import Watch, summary_md  # noqa: E402
 
 HIT_PATH_TARGET_US = {"cuda": 2.0, "cpu": 2.5}  # issue 29: the GPU machine's host; the 2-core CPU (--overhead-only)
 
@@ -158,7 +163,9 @@ def compiled_rows(shapes: list, device, layouts, samples: int, modes=("default",
                         methods["auto_manual_cudagraph"] = replay
                     except Exception as exc:
                         row["errors"]["auto_manual_cudagraph"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                row["times_ms"] = interleaved(methods, device, samples)
+                watch = Watch()
+                row["times_ms"] = interleaved(methods, device, samples, watch=watch)
+                row["hygiene"] = watch.summary()
             t = row["times_ms"]
             for a, b, key in (("auto_compiled", "sdpa_compiled", "auto_vs_sdpa_compiled"), ("auto_compiled", "best_compiled", "auto_vs_best_compiled"),
                               ("auto_compiled_ro", "sdpa_compiled_ro", "auto_vs_sdpa_ro"), ("auto_compiled_ro", "best_compiled_ro", "auto_vs_best_ro"),
@@ -189,9 +196,10 @@ def cpu_small_module(samples: int = 15) -> dict:
         s = torch.compile(SDPAModule("b s n d", False), fullgraph=True, dynamic=False)
         for _ in range(3):
             a(q, k, v), s(q, k, v)
-        t = interleaved({"auto_compiled": lambda: a(q, k, v), "sdpa_compiled": lambda: s(q, k, v)}, device, samples)
+        watch = Watch()
+        t = interleaved({"auto_compiled": lambda: a(q, k, v), "sdpa_compiled": lambda: s(q, k, v)}, device, samples, watch=watch)
     return {"problem": "1x4 s=64 d=32 float32 [b s n d]", "decision": decision, "times_ms": t,
-            "ratio": t["auto_compiled"] / t["sdpa_compiled"]}
+            "ratio": t["auto_compiled"] / t["sdpa_compiled"], "hygiene": watch.summary()}
 
 
 def summarize(rows: list, overhead: list, cpu: dict | None) -> dict:
@@ -243,6 +251,13 @@ def write_markdown(result: dict, path: Path) -> None:
     errs = [(r["name"], r["layout"], n, e) for r in result["rows"] for n, e in r["errors"].items()]
     if errs:
         lines += ["", "Errors (a column left out):", ""] + [f"- {a} [{b}] {n}: {e}" for a, b, n, e in errs]
+    beside = [(f"{r['name']} [{r['layout']}]", r.get("hygiene")) for r in result["rows"]]
+    if result.get("cpu_small_module"):
+        beside.append(("CPU small module", result["cpu_small_module"].get("hygiene")))
+    if any(h for _, h in beside):
+        lines += ["", "What ran beside the timed samples (each waited first, bounded, until no kernel package loaded in the "
+                  "background; loads: samples with a load running at their start or end; threads other than this one, "
+                  "where each was is in the JSON; GC: collections during the samples):", ""] + summary_md(beside)
     lines += ["", "Hit path (cache hit) over the cheapest hand-written call of the same kernel, host time per call:", ""]
     for o in result["hit_overhead"]:
         lines.append(f"- {o['device']} ({o['backend']}): {o['dispatched_us']:.2f} us vs {o['direct_us']:.2f} us: **{o['overhead_us']:.2f} us** "

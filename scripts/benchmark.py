@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 
 from harness.bench import environment, geomean, host_us, interleaved, save_result  # noqa: E402,F401
+from harness.hygiene import Watch, summary_md  # noqa: E402
 
 
 def select_shapes(args) -> list:
@@ -75,7 +76,8 @@ def run(args) -> dict:
             # DiffSynth-Studio's own call of that kernel (its rearranges and the package's function)
             methods[FIXED] = diffsynth_call(fixed, q, k, v, **kw) or backend_call(fixed, q, k, v, **kw)
             methods["auto"] = lambda: attention_forward(q, k, v, **kw)
-            times = interleaved(methods, device, args.samples)
+            watch = Watch()  # each sample after a bounded wait for background loads; what ran beside it
+            times = interleaved(methods, device, args.samples, watch=watch)
         backend_times = {n: t for n, t in times.items() if n in usable}
         best_name = min(backend_times, key=backend_times.get)
         # auto against the backends within 1.5x of the best, interleaved alone: in the full round a
@@ -95,6 +97,7 @@ def run(args) -> dict:
             "times_ms": times, "best": best_name, "best_ms": backend_times[best_name],
             "sdpa_default_ms": times.get("torch"), "diffsynth_fixed": fixed, "diffsynth_fixed_ms": times.get(FIXED),
             "auto_ms": times["auto"],
+            "hygiene": watch.summary(),  # the full round's samples: loads, threads, garbage collections beside them
             "host_us": host,  # host us per call of auto and of the best backend, where auto/best > 1.03 on a short call
             "auto_vs_best": times["auto"] / backend_times[best_name],
             "alone_ms": alone,  # auto and the backends within 1.5x of the best, re-timed without the slow ones
@@ -202,6 +205,10 @@ def write_markdown(result: dict, path: Path) -> None:
     lines += ["", "## Targets", "", "| target | met | value |", "|---|---|---|"]
     for name, t in s["targets"].items():
         lines.append(f"| {name} | {'yes' if t['met'] else '**no**'} | {t['value']} |")
+    beside = [(r["name"], r.get("hygiene")) for r in result["problems"]]
+    if any(h for _, h in beside):
+        lines += ["", "## What ran beside the timed samples (the full round; each waited first, bounded, until no kernel "
+                  "package loaded in the background)", ""] + summary_md(beside)
     lines += ["", "## Candidates per problem (time ms / rel-L1 error vs fp32 / status)", ""]
     for r in result["problems"]:
         parts = []

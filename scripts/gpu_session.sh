@@ -6,6 +6,11 @@
 # Carry limit (64 MiB with the working tree, ~9 MB in s11): .gpu/a and .gpu/c came out over it. s11 moved
 # a's xformers and apache_tvm_ffi wheels into b, and repacked c's FlashAttention-3 wheel as a tar.xz of its
 # files (28 MB; unpacked with `python3 -m tarfile -e fa3.tar.xz /tmp/gpu-site`).
+# Phase gap (scripts/compiled_gap.py): compiled attention_forward against compiled SDPA on bench_compiled's six
+# problems, interleaved: synchronised wall, back-to-back, host-issue and device ms per call, kernels, Dynamo's
+# graphs/breaks/guards, the baked decision, and what ran beside the samples; then the same two again beside the
+# compiled best backend and the eager calls (bench_compiled's rounds). GAP_ARGS replaces the defaults (e.g.
+# "--only sd15_512_self,hd256"); T_GAP bounds it (300 s).
 set -uo pipefail
 res=${RES:-${OUT:-gpu-out}}; mkdir -p "$res"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -32,6 +37,7 @@ for phase in "$@"; do
              tests/tuning/test_tuner_policy.py ${TESTS_K:+-k "$TESTS_K"} -rs > "$res/gpu-tests.log" 2>&1 ;;
     bench) python3 scripts/benchmark.py --out "$res" > "$res/bench.log" 2>&1 ;;
     compiled) timeout "${T_COMPILED:-600}" python3 scripts/bench_compiled.py ${COMPILED_ARGS:-} --out "$res" > "$res/compiled.log" 2>&1 ;;
+    gap) timeout "${T_GAP:-300}" python3 scripts/compiled_gap.py ${GAP_ARGS:---neighbours best,eager} --out "$res" > "$res/gap.log" 2>&1 ;;
     training) timeout "${T_TRAINING:-600}" python3 scripts/bench_training.py ${TRAINING_ARGS:-} --out "$res" > "$res/training.log" 2>&1 ;;
     faults) timeout 120 python3 scripts/check_faults_gpu.py --out "$res" > "$res/faults.log" 2>&1 ;;
     first) timeout "${T_FIRST:-600}" python3 scripts/bench_first_result.py ${FIRST_ARGS:-} --out "$res" > "$res/first.log" 2>&1 ;;

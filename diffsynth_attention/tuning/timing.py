@@ -122,15 +122,27 @@ def round_order(names: list, i: int, seed: str = "") -> list:
 
 
 def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0,
-                clock: Callable[[], float] = time.perf_counter) -> dict:
+                clock: Callable[[], float] = time.perf_counter, watch=None) -> dict:
     """Median ms per call of each of ``methods`` ({name: fn}): samples of back-to-back calls
     (about ``target_ms`` each), interleaved, in a new order every round (:func:`round_order`).
-    The benchmarks' timer."""
+    The benchmarks' timer. ``watch``: an object whose ``before(name)`` and ``after(name)`` are
+    called around every sample, the one that sizes the others included (outside the timed
+    calls: the benchmarks wait there for background loads and record what ran beside a sample)."""
     timer = Timer(device, clock)
-    calls = {name: Timer.calls_for(timer.sample(fn, 1), target_ms) for name, fn in methods.items()}
+
+    def sample(name: str, calls: int) -> float:
+        if watch is None:
+            return timer.sample(methods[name], calls)
+        watch.before(name)
+        try:
+            return timer.sample(methods[name], calls)
+        finally:
+            watch.after(name)
+
+    calls = {name: Timer.calls_for(sample(name, 1), target_ms) for name in methods}
     names = list(methods)
     times: dict = {name: [] for name in names}
     for i in range(samples):
         for name in round_order(names, i):
-            times[name].append(timer.sample(methods[name], calls[name]))
+            times[name].append(sample(name, calls[name]))
     return {name: statistics.median(t) for name, t in times.items()}

@@ -5,7 +5,8 @@ A development module: it lives in ``scripts/harness/`` and is not installed with
 
 - :func:`environment`: the machine, torch, the kernel packages and what is usable;
 - :func:`interleaved` (and :class:`Timer`, :func:`round_order`): the timer the tuner uses too,
-  methods interleaved;
+  methods interleaved, each sample after a bounded wait for background kernel-package loads, what
+  ran beside it recorded (:class:`.hygiene.Watch`);
 - :func:`host_us`: host microseconds per call of several functions, interleaved blocks;
 - :func:`shapes`, :func:`inputs`: the problems of the shape suite, random q, k, v for one;
 - :func:`backend_call`: a backend called as a plan would call it (conversions included);
@@ -37,7 +38,8 @@ from typing import Callable, Optional
 
 import torch
 
-from diffsynth_attention.tuning.timing import Timer, interleaved, round_order
+from diffsynth_attention.tuning.timing import Timer, round_order
+from diffsynth_attention.tuning.timing import interleaved as _interleaved
 from .bench_calls import backend_call, diffsynth_call, diffsynth_fixed, fresh_dispatcher, inputs, servable, shapes, sync
 
 # name here: (module, name there), imported on first use (some of them import a lot, or patch).
@@ -173,6 +175,17 @@ def direct_call(name: str, q, k, v) -> Callable:
     if thin is not None and thin(qs, ks, vs, None, False, None) is not None:  # (FA4: this first call records it)
         return lambda: thin(qs, ks, vs, None, False, None)
     return lambda: func(qs, ks, vs)
+
+
+def interleaved(methods: dict, device, samples: int = 15, target_ms: float = 2.0, clock: Callable[[], float] = time.perf_counter,
+                watch=None) -> dict:
+    """Median ms per call of each of ``methods``: the library's interleaved timer
+    (``diffsynth_attention.tuning.timing.interleaved``), each sample preceded by a bounded wait
+    until no kernel package loads in the background; pass a :class:`.hygiene.Watch` as ``watch``
+    to keep its record of what ran beside the samples (loads, threads, garbage collections)."""
+    from .hygiene import Watch
+
+    return _interleaved(methods, device, samples, target_ms, clock, watch if watch is not None else Watch())
 
 
 def host_us(fns: dict, device, calls: int = 10000, blocks: int = 20, warmup: int = 300) -> dict:

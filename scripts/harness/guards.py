@@ -61,3 +61,8 @@ def leaf_count(module) -> int:
         n += len(g.get_leaf_guards())
         todo.extend(g.get_child_managers())
     return n
+
+
+def cache_entries(module) -> int:
+    """How many compiled entries (a graph and its guards each) the module's forward has now."""
+    return len(_entry(module)[0] or ())
