@@ -36,7 +36,8 @@ for phase in "$@"; do
     tests) timeout "${T_TESTS:-600}" python3 -m pytest -q -p no:cacheprovider tests/backends/test_gpu.py tests/integrations/test_lse.py \
              tests/tuning/test_tuner_policy.py ${TESTS_K:+-k "$TESTS_K"} -rs > "$res/gpu-tests.log" 2>&1 ;;
     bench) python3 scripts/benchmark.py --out "$res" > "$res/bench.log" 2>&1 ;;
-    compiled) timeout "${T_COMPILED:-600}" python3 scripts/bench_compiled.py ${COMPILED_ARGS:-} --out "$res" > "$res/compiled.log" 2>&1 ;;
+    compiled) eval "cargs=(${COMPILED_ARGS:-})"  # shell words, quotes honoured: --layouts "b n s d"
+              timeout "${T_COMPILED:-600}" python3 scripts/bench_compiled.py "${cargs[@]}" --out "$res" > "$res/compiled.log" 2>&1 ;;
     gap) timeout "${T_GAP:-300}" python3 scripts/compiled_gap.py ${GAP_ARGS:---neighbours best,eager} --out "$res" > "$res/gap.log" 2>&1 ;;
     training) timeout "${T_TRAINING:-600}" python3 scripts/bench_training.py ${TRAINING_ARGS:-} --out "$res" > "$res/training.log" 2>&1 ;;
     faults) timeout 120 python3 scripts/check_faults_gpu.py --out "$res" > "$res/faults.log" 2>&1 ;;
