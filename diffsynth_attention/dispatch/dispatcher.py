@@ -175,7 +175,7 @@ class Dispatcher(ModePlans, LoadPlans):
         decision = self.store.get(key.id, tolerance=tolerance)
         if decision is not None and decision.all_rejected():  # never trusted: tune again
             decision = None
-        if decision is not None and self._retime_now(decision, key, mode, call):
+        if decision is not None and self._retime_now(decision, key, mode, call, usable_names):
             return None
         if decision is not None and decision.backend_for(mode) in usable_names:
             waiting = provisional and self._loading_plan(decision, key, call, grad, usable_names)
