@@ -265,7 +265,7 @@ def rounds(trial: Trial, near: list) -> list:
 
     def room(names, count, fastest_ms) -> bool:
         reserve = confirm_reserve_s(trial, names)
-        return (trial.spent() + count * sum(runs[n].sample_cost_s() for n in names) + reserve
+        return (trial.spent() + count * sum(runs[n].sample_cost_s(trial.timer.cuda) for n in names) + reserve
                 <= policy.budget_margin * trial.limit(fastest_ms))
 
     while len(near) > 1 and not room(near, policy.min_rounds, best):
