@@ -26,6 +26,8 @@ class LoadPlans:
         a hung import hangs no trace or capture); a broken install drops it for this key in this process, with
         the reason, as a run-time failure would. None: still importing past the deadline (nothing dropped)."""
         why = loading.reasons([REGISTRY[name]])[name]
+        if why is not None and loading.state(REGISTRY[name]) != loading.LOADING:  # the import ended since its answer
+            why = REGISTRY[name].unavailable_reason()  # (a late one): what it says now, not 'still running'
         if why is None or loading.state(REGISTRY[name]) == loading.LOADING:
             return None if why else True
         with self._lock:
