@@ -32,6 +32,7 @@ from ..tuning.tuner import tune
 from . import faults, lowprec, tokens
 from .counters import Counters
 from .hot import make_forward
+from .loadplans import LoadPlans
 from .modes import ModePlans
 from .plan import BackendNotSupportedError, Explanation, Plan, PlanTable, empty_plan, explanation  # noqa: F401 (re-exported)
 from .runners import make_runner
@@ -39,7 +40,7 @@ from .runners import make_runner
 logger = logging.getLogger("diffsynth_attention")
 
 
-class Dispatcher(ModePlans):
+class Dispatcher(ModePlans, LoadPlans):
     """One plan table over one :class:`DecisionCache`. ``Dispatcher(DecisionCache(path))`` is a
     dispatcher of its own (tests build one each); the public functions use a default instance."""
 
@@ -139,56 +140,6 @@ class Dispatcher(ModePlans):
                 found.append((distance, key_id, decision))
         return min(found, key=lambda f: (f[0], f[1]))[2] if found else None
 
-    def _loaded_or_dropped(self, name: str, key) -> Optional[bool]:
-        """Import a decided backend's package (first use: on a background thread, waited for until its deadline:
-        a hung import hangs no trace or capture); a broken install drops it for this key in this process, with
-        the reason, as a run-time failure would. None: still importing past the deadline (nothing dropped)."""
-        why = loading.reasons([REGISTRY[name]])[name]
-        if why is None or loading.state(REGISTRY[name]) == loading.LOADING:
-            return None if why else True
-        with self._lock:
-            self.dropped.setdefault(key.id, {})[name] = why
-        self.warn_once(("unavailable", name, why), "backend %s is unavailable (%s); using another backend", name, why)
-        return False
-
-    def _loading_plan(self, decision: Decision, key, call, grad, usable_names: set, source: PlanSource = PlanSource.CACHE,
-                      waited: Optional[str] = None) -> Optional[Plan]:
-        """While ``decision``'s package loads on a background thread (started here if need be), a plan on the
-        decision's fastest candidate usable now (else ``torch``), source "loading". None when the package is
-        loaded (or failed: the caller drops it), and while tracing or capturing, where the load is waited for
-        instead (``waited``: the backend waited for past its deadline: its stand-in then, never baked)."""
-        decided = REGISTRY[waited or decision.backend]
-        if not loading.needs_loading(decided) or loading.done(decided) or in_graph(call.problem.device_type) and not waited:
-            return None
-        pending = loading.start_loading(decided, [decision.key])  # import, then first launches (off this thread)
-        if pending not in loading.PENDING:
-            return None
-        order = sorted((c.time_ms, n) for n, c in decision.candidates.items()
-                       if n != decided.name and n in usable_names and n in REGISTRY and c.time_ms is not None
-                       and c.status in TIMED and loading.is_ready(REGISTRY[n]))
-        name = order[0][1] if order else "torch"
-        chosen = decision.candidates.get(decided.name)
-        ms = f", {chosen.time_ms:.4g} ms" if chosen is not None and chosen.time_ms is not None else ""
-        reason = (f"{decided.name} ({source}{ms}) " + ("is loading on a background thread; " if pending == loading.LOADING
-                  else "is not loaded (background loading deferred in this process); ") + name + (
-                  f" ({order[0][0]:.4g} ms), the fastest usable candidate of the decision," if order else ",")
-                  + " serves the calls until it is ready")
-        inner = make_runner(REGISTRY[name], call, grad)
-        invalidate, key_id = self.invalidate, key.id
-
-        def run(q, k, v, mask, scale):
-            if loading.done(decided):  # the load ended: the next call plans again (on the decided backend)
-                invalidate(key_id)
-            return inner(q, k, v, mask, scale)
-        return Plan(run, name, PlanSource.LOADING, key, call, grad, decision, counts_hit=True, reasons=[reason])
-
-    def _backend_loaded(self, name: str, state: str) -> None:
-        """A background load ended: the keys served provisionally while ``name`` loaded plan again."""
-        with self._lock:
-            keys = {p.key.id for p in self.plans.values() if p.source == PlanSource.LOADING and p.decision is not None}
-        for key_id in keys:  # (any loading plan: a trace's stand-in may be for the decision's compiled backend)
-            self.invalidate(key_id)
-
     def _override_plan(self, requested, source_name, call, grad, key, dev) -> Plan:
         backend = REGISTRY[requested]
         why = loading.reasons([backend])[requested]  # an import that hangs: bounded by its deadline
@@ -224,7 +175,7 @@ class Dispatcher(ModePlans):
         decision = self.store.get(key.id, tolerance=tolerance)
         if decision is not None and decision.all_rejected():  # never trusted: tune again
             decision = None
-        if decision is not None and self._retime_now(decision, key, mode, call):
+        if decision is not None and self._retime_now(decision, key, mode, call, usable_names):
             return None
         if decision is not None and decision.backend_for(mode) in usable_names:
             waiting = provisional and self._loading_plan(decision, key, call, grad, usable_names)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .. import config, overrides, tiers
-from ..backends import REGISTRY
+from ..backends import REGISTRY, loading
 from ..callsite import building_graph, in_graph, transforming
 from ..request import Request
 from ..states import PlanSource
@@ -36,6 +36,26 @@ def _trace_mode() -> str:
         return COMPILED
 
 
+def _unloaded(usable_names) -> list:
+    """The candidates of ``usable_names`` whose kernel package has not ended its load, each not started
+    yet started now on a background thread (unless loads are deferred: the command line's ``explain``).
+    A re-time that imported them itself (as a tuning does, waiting until the deadline) would time
+    beside an import that runs past it, and be provisional again, in every process; a hung import
+    would cost each process its wait. The end of a load plans the calls of a provisional decision
+    again (:meth:`~.loadplans.LoadPlans._backend_loaded`): the re-time comes then."""
+    pending = []
+    for name in sorted(usable_names):
+        backend = REGISTRY.get(name)
+        if backend is None or not loading.needs_loading(backend):
+            continue
+        state = loading.state(backend)
+        if state == loading.UNLOADED:
+            state = loading.start_loading(backend)
+        if state in loading.PENDING:
+            pending.append(name)
+    return pending
+
+
 class ModePlans:
     """The mode rules of a dispatcher (``self`` is the :class:`~.dispatcher.Dispatcher`)."""
 
@@ -55,15 +75,21 @@ class ModePlans:
                 return (graph_run if capturing() else eager_run)(q, k, v, mask, scale)
         return Plan(run, name, source, key, call, grad, decision, counts_hit=True)
 
-    def _retime_now(self, decision: Decision, key, mode: str, call) -> bool:
+    def _retime_now(self, decision: Decision, key, mode: str, call, usable_names=()) -> bool:
         """Whether a provisional ``decision`` is re-timed by this call: eager, tuning allowed, not
-        yet re-timed in this process, the host quiet (the policy's ``quiet``) and no kernel package
-        loading in the background (its ``loading``)."""
+        yet re-timed in this process, the host quiet (the policy's ``quiet``), no kernel package
+        loading in the background (its ``loading``) and every candidate's package (``usable_names``)
+        loaded (or failed): those not loaded yet start loading now, and the re-time waits for their
+        end (:func:`_unloaded`)."""
         if not decision.provisional or mode != EAGER or key.id in self.retimed or not config.tuning_enabled() \
                 or not config.retime() or in_graph(call.problem.device_type) or transforming():
             return False
         policy = self.policy or DEFAULT_POLICY
         if not policy.quiet() or policy.loading():  # a package loading now would skew the re-time again
+            return False
+        pending = _unloaded(usable_names)
+        if pending:
+            logger.info("the re-time of the provisional decision for %s waits for %s to load", key.id, ", ".join(pending))
             return False
         self.retimed[key.id] = decision
         logger.info("re-timing the provisional decision for %s (%s) now that the host is quiet", key.id, decision.backend)

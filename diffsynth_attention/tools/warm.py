@@ -82,6 +82,14 @@ def _start_loads(shapes: list, device: torch.device, dtype, layout: str) -> None
                 loading.start_loading(backend)
 
 
+def _settle_loads(shape: dict, device: torch.device, dtype, layout: str) -> None:
+    """Wait for the loads of the kernel packages that could serve ``shape`` (:func:`~..backends.loading.settle`:
+    each until its deadline): a provisional decision is re-timed only once none loads (dispatch/modes.py)."""
+    from ..backends import candidates, loading
+
+    loading.settle(candidates(*_problem(shape, device, dtype, layout))[0])
+
+
 def warm(shapes: list, device: torch.device, dtype=None, layout: str = "b n s d", on_done: Optional[Callable] = None) -> list:
     """Tune every problem on ``device``; return [(shape, Explanation)]. Decisions go to the cache.
 
@@ -99,12 +107,15 @@ def warm(shapes: list, device: torch.device, dtype=None, layout: str = "b n s d"
     with use_backend("auto"), quality(EXACT):
         for shape in shapes:
             info = known(shape, device, dtype, layout)
-            if info is not None and info.decision.provisional and _retimes_provisional():
+            retime = info is not None and info.decision.provisional and _retimes_provisional()
+            if retime:
                 info = None  # this quiet moment re-times it (the dispatcher's rule: docs/tuning.md)
             if info is None:
                 if not loads_started:  # the packages load while the inputs are made
                     loads_started = True
                     _start_loads(shapes, device, dtype, layout)
+                if retime:  # the re-time waits for its candidates' imports (each until its deadline), as a tuning does
+                    _settle_loads(shape, device, dtype, layout)
                 if g is None:
                     g = torch.Generator(device=device).manual_seed(0)
                 q, k, v, kwargs = make_inputs(shape, device, dtype, layout, g)

@@ -94,8 +94,8 @@ def relative_spread(samples: list):
 
 
 def _paired_cost_s(trial: Trial, names: list) -> float:
-    """Seconds one paired re-time round of ``names`` takes (two bursts a sample on a GPU)."""
-    return sum(trial.runs[n].sample_cost_s() for n in names) * (2 if trial.timer.cuda else 1)
+    """Seconds one paired re-time round of ``names`` takes (two bursts a sample on a GPU: Run.sample_cost_s)."""
+    return sum(trial.runs[n].sample_cost_s(trial.timer.cuda) for n in names)
 
 
 def confirm_reserve_s(trial: Trial, names: list) -> float:
@@ -105,7 +105,7 @@ def confirm_reserve_s(trial: Trial, names: list) -> float:
     others = [n for n in names if n != DEFAULT_BACKEND]
     if default is None or default.cand.status == REJECTED or not others:
         return 0.0
-    worst = max(others, key=lambda n: trial.runs[n].sample_cost_s())
+    worst = max(others, key=lambda n: trial.runs[n].sample_cost_s(trial.timer.cuda))
     return trial.policy.confirm_min * _paired_cost_s(trial, [DEFAULT_BACKEND, worst])
 
 

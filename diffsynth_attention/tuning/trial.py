@@ -74,11 +74,19 @@ class Run:
     def name(self) -> str:
         return self.backend.name
 
-    def sample_cost_s(self) -> float:
+    def sample_cost_s(self, cuda: bool = False) -> float:
         """Seconds one round sample of it takes (with its untimed warm call when short), from its
-        latest sample: when the machine slows down mid-way, the rounds stop sooner."""
+        latest sample: when the machine slows down mid-way, the rounds stop sooner. On a GPU
+        (``cuda``: :meth:`~.timing.Timer.measure`) a sample is two bursts: the eager one, then the GPU
+        held for 1.5x the burst's host time (+ 0.05 ms) and the burst again (its device time); before
+        any round sample, host and device are taken as the eager time (a host-bound call's cost)."""
         last = self.rounds[-1] if self.rounds else self.probe_ms
-        return (self.calls + (1 if self.calls > 1 else 0)) * last / 1e3
+        eager = (self.calls + (1 if self.calls > 1 else 0)) * last
+        if not cuda:
+            return eager / 1e3
+        host = self.host[-1] if self.host else last
+        device = self.device[-1] if self.device else last
+        return (eager + 1.5 * host * self.calls + 0.05 + device * self.calls) / 1e3
 
 
 @dataclass

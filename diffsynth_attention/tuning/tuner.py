@@ -61,7 +61,7 @@ from typing import Callable, Optional
 import torch
 
 from ..backends import PREFERENCE
-from ..store.decision import ACCEPTED, CHOSEN, EAGER, REJECTED, SKIPPED, SLOWER, UNSUPPORTED, Decision
+from ..store.decision import ACCEPTED, CHOSEN, DEFAULT_BACKEND, EAGER, REJECTED, SKIPPED, SLOWER, UNSUPPORTED, Decision
 from .policy import DEFAULT_POLICY, TuningPolicy
 from .reference import gate_heads, relative_l1
 from .confirm import choose, confirm, confirm_reserve_s, host_bound, mode_winners, relative_spread
@@ -265,7 +265,7 @@ def rounds(trial: Trial, near: list) -> list:
 
     def room(names, count, fastest_ms) -> bool:
         reserve = confirm_reserve_s(trial, names)
-        return (trial.spent() + count * sum(runs[n].sample_cost_s() for n in names) + reserve
+        return (trial.spent() + count * sum(runs[n].sample_cost_s(trial.timer.cuda) for n in names) + reserve
                 <= policy.budget_margin * trial.limit(fastest_ms))
 
     while len(near) > 1 and not room(near, policy.min_rounds, best):
@@ -394,7 +394,12 @@ def tune(
                 if run.host and run.device:
                     run.cand.host_ms, run.cand.device_ms = statistics.median(run.host), statistics.median(run.device)
             modes = {EAGER: winner, **mode_winners(trial, timed)}
+            default = trial.runs.get(DEFAULT_BACKEND)
+            reps = default.cand.reps if default is not None else None
             modes, provisional, confirmation = confirm(trial, modes)
+            if default is not None and default.cand.status == SLOWER and default.cand.reps > reps:  # left out of the
+                default.cand.reason = default.cand.reason.replace("; not re-timed: ", "; not in the interleaved rounds: ") \
+                    + "; re-timed in the confirmation (its text)"  # rounds, then re-timed against the winners there
             loads |= set(policy.loading())
             if loads:  # timed beside a load holding the GIL (H100, s11: torch 10x its time), or without its backend
                 provisional = True

@@ -81,7 +81,7 @@ STATUS_MEANINGS = {
     "chosen": "the backend used",
     "accepted": "passed the gate, timed in the interleaved rounds, lost",
     "slower": "passed the gate, warm probe (and second look) more than {retime:g}x the best, or no room in the budget "
-              "for {min_rounds} rounds with it: not re-timed",
+              "for {min_rounds} rounds with it: not in the rounds (the default is re-timed in the confirmation even so)",
     "skipped": "not run: its cost model predicts it cannot fit in free memory, or more than {skip_factor:g}x the best "
                "prediction (the reason holds the prediction)",
     "rejected": "error above tolerance, NaN/Inf, an exception, or it modified its inputs",

@@ -208,3 +208,79 @@ def test_a_trace_waits_for_a_late_import_only_until_its_deadline_and_bakes_no_st
     gate.set()
     assert loading.wait(fa3, 30) == loading.READY
     assert disp.explain(q, k, v).backend == "flash_attention_3"
+
+
+def test_a_provisional_re_time_waits_for_the_imports_of_its_candidates_instead_of_timing_beside_them(gated_fa3, tmp_path,
+                                                                                                      monkeypatch):
+    """The re-time of a decision made provisional by a load waited until no package loaded, then, as
+    a tuning, started its candidates' imports itself and timed beside them: an import past its
+    deadline made it provisional again, in every process (a re-time each, forever). The re-time now
+    starts those imports in the background and waits for their end (served as it is meanwhile): a
+    hung import holds no call and costs no re-time; once it ends, the calls plan again and re-time."""
+    import diffsynth_attention as da
+    from support.helpers import qkv
+    from support.virtual import VirtualClock, only, virtual_policy
+
+    fa3, gate = gated_fa3
+    clock = VirtualClock()
+    only(monkeypatch, clock, torch={"cost": 1.0}, torch_math={"cost": 0.5})
+    monkeypatch.setitem(REGISTRY, "flash_attention_3", fa3)
+    policy = virtual_policy(clock).replace(quiet=lambda: True)
+    q, k, v = qkv(d=16)
+    folder = tmp_path / "cache"
+    with monkeypatch.context() as m:  # an earlier process, where the import ran past its deadline (no import here)
+        m.setattr(loading, "settle_candidates", lambda usable, unsupported, what: (
+            [b for b in usable if b.name != "flash_attention_3"], {**unsupported, "flash_attention_3": ["not loaded"]}))
+        first = da.Dispatcher(da.DecisionCache(folder), policy=policy).explain(q, k, v).decision
+    store = da.DecisionCache(folder)
+    store.put(first.replace(provisional=True, confirmation="provisional: timed while flash_attention_3 loaded"))
+    store.flush()
+    assert not fa3.is_loaded() and loading.busy() == ()
+
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_RETIME", "on")
+    disp = da.Dispatcher(da.DecisionCache(folder), policy=policy)
+    info = disp.explain(q, k, v)
+    assert info.source == "cache" and disp.stats()["tunings"] == 0 and info.decision.provisional
+    assert loading.state(fa3) == loading.LOADING and not gate.is_set()  # its import started, in the background
+    gate.set()
+    assert loading.wait(fa3, 30) == loading.READY
+    info = disp.explain(q, k, v)  # the load's end planned the call again: re-timed now, with FlashAttention-3 gated
+    assert info.source == "tuned" and disp.stats()["tunings"] == 1, info.source
+    assert not info.decision.provisional, info.decision.confirmation
+    assert info.decision.candidates["flash_attention_3"].status == "rejected"  # (this fake raises when called)
+
+
+def test_warm_waits_for_the_candidates_imports_before_it_re_times_a_provisional_decision(gated_fa3, monkeypatch):
+    """`warm` re-times a provisional decision on a quiet host, but it started its candidates' imports
+    just before and then asked at once: a package loading, the re-time waited and warm answered from
+    the cache. It now waits for those imports (each until its deadline), as the tuning of a new key does."""
+    import torch
+
+    from diffsynth_attention.dispatch import default_dispatcher
+    from diffsynth_attention.tools import warm as warm_module
+    from diffsynth_attention.tuning.policy import TuningPolicy
+
+    fa3, gate = gated_fa3
+    shape = {"batch": 1, "heads_q": 2, "heads_kv": 2, "seq_q": 32, "seq_kv": 32, "head_dim": 16, "dtype": "float32",
+             "causal": False, "window": None}
+    with monkeypatch.context() as m:  # an earlier process, where the import ran past its deadline (no import here)
+        m.setattr(warm_module, "_start_loads", lambda *a: None)
+        m.setattr(loading, "settle_candidates", lambda usable, unsupported, what: (
+            [b for b in usable if b.name != "flash_attention_3"], {**unsupported, "flash_attention_3": ["not loaded"]}))
+        [(_, first)] = warm_module.warm([shape], torch.device("cpu"))
+    d = default_dispatcher()
+    d.store.put(first.decision.replace(provisional=True))
+    d.reset()
+    assert not fa3.is_loaded() and loading.busy() == ()
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_RETIME", "on")
+    monkeypatch.setenv(config.LOAD_WAIT, "60")
+    monkeypatch.setattr(d, "policy", TuningPolicy(quiet=lambda: True))
+    real_settle = loading.settle
+
+    def settle(backends):  # the import ends once something waits for it
+        gate.set()
+        return real_settle(backends)
+    monkeypatch.setattr(loading, "settle", settle)
+    [(_, quiet)] = warm_module.warm([shape], torch.device("cpu"))
+    assert quiet.source == "tuned" and d.stats()["tunings"] == 1, quiet.source
+    assert quiet.decision.candidates["flash_attention_3"].status == "rejected"  # gated this time (this fake raises)

@@ -318,3 +318,21 @@ def test_a_fork_while_a_package_loads_leaves_the_child_a_usable_dispatcher(slow_
     assert os.WEXITSTATUS(status) == 0
     builtins._da_gate.set()
     assert loading.wait(fa3, 30) == loading.READY  # the parent's load goes on
+
+
+def test_a_decided_package_whose_import_ends_just_after_the_deadline_is_not_dropped(slow_fa3, monkeypatch):
+    """A trace asks for the decided package's import until its deadline: the answer was 'not loaded,
+    still running', and where the import ended before the state was read the backend was dropped for
+    the key in the whole process with that reason, its calls demoted though it had loaded."""
+    folder, q, k, v, _ = slow_fa3
+    fa3 = REGISTRY["flash_attention_3"]
+    builtins._da_gate.set()
+    loading.start_loading(fa3)
+    assert loading.wait(fa3, 30) == loading.READY
+    late = loading.late_reason(fa3)  # what the question answered a moment before the import ended
+    monkeypatch.setattr(loading, "reasons", lambda backends: {b.name: late for b in backends})
+    disp = Dispatcher(DecisionCache(folder))
+    with callsite.building_graph():
+        plan = disp.trace_plan(Request(q, k, v, "b n s d", "b n s d", "b n s d", "b n s d", None, None, None, False, False,
+                                       None), False)
+    assert plan.backend == "flash_attention_3" and not disp.dropped, (plan.backend, disp.dropped)

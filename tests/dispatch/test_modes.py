@@ -62,3 +62,21 @@ def test_a_provisional_decision_waits_for_background_loads_before_its_re_time(is
     assert loading.explain(q, k, v).source == "cache" and loading.stats()["tunings"] == 0
     done = da.Dispatcher(DecisionCache(isolated), policy=TuningPolicy(quiet=lambda: True, loading=lambda: ()))
     assert done.explain(q, k, v).source == "tuned" and done.stats()["tunings"] == 1
+
+
+def test_a_provisional_decision_served_while_a_package_loads_is_re_timed_once_the_load_ends(isolated, monkeypatch):
+    """The first call found a package loading (a preload at import, the usual case on a GPU host): it
+    was served from the cache and its plan kept for the whole process, so the re-time that was to
+    wait for the load never came. The load's end now re-plans the provisional decision's calls."""
+    from diffsynth_attention.backends import loading
+
+    q, k, v = qkv(sq=22)
+    _provisional(isolated, q, k, v)
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_RETIME", "on")
+    busy = ["flash_attention_4"]
+    disp = da.Dispatcher(DecisionCache(isolated), policy=TuningPolicy(quiet=lambda: True, loading=lambda: tuple(busy)))
+    assert disp.explain(q, k, v).source == "cache" and disp.stats()["tunings"] == 0
+    busy.clear()
+    loading._notify("flash_attention_4", loading.READY)  # what the loading thread does last
+    assert disp.explain(q, k, v).source == "tuned" and disp.stats()["tunings"] == 1
+    assert disp.explain(q, k, v).source == "cache" and disp.stats()["tunings"] == 1  # once a process

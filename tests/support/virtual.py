@@ -184,3 +184,38 @@ def tune_rounds_then_retime(monkeypatch, in_rounds: float, in_retime: float, riv
     info, _, _ = tune_virtual(monkeypatch, q, k, v, torch={"cost": 1.0},
                               **{rival: {"schedule": lambda i: in_retime if state["confirming"] else in_rounds}})
     return info.decision
+
+
+def gpu_timer(host_share: float = 0.2):
+    """A tuner Timer class that samples as the GPU timer does, on the tuner's virtual clock (the
+    policy's, which the fakes advance): a round sample is a burst of back-to-back calls (the eager
+    time), then the GPU held for 1.5 x the host time of the burst (+ 0.05 ms) and the same burst
+    again (the device time). Host time: ``host_share`` of the eager time. Install it with
+    ``monkeypatch.setattr(tuner, "Timer", gpu_timer())``."""
+    from diffsynth_attention.tuning.timing import Sample, Timer
+
+    class GPUTimer(Timer):
+        def __init__(self, device, clock_fn):
+            super().__init__(device, clock_fn)
+            self.cuda = True
+            self.virtual = clock_fn.__self__  # the VirtualClock whose perf_counter the policy reads
+
+        def sync(self):
+            pass
+
+        def sample(self, fn, calls, warm=True):
+            if warm:
+                fn()
+            t0 = self.clock()
+            for _ in range(calls):
+                fn()
+            return (self.clock() - t0) * 1e3 / calls
+
+        def measure(self, fn, calls, warm=True):
+            ms = self.sample(fn, calls, warm)
+            self.virtual.advance(host_share * ms * calls * 1.5 + 0.05)  # the hold
+            t0 = self.clock()
+            for _ in range(calls):
+                fn()
+            return Sample(ms, host_share * ms, (self.clock() - t0) * 1e3 / calls)
+    return GPUTimer

@@ -254,3 +254,15 @@ def test_the_cuda_graph_pick_gives_way_to_the_eager_winner_the_re_time_finds_fas
     assert "cudagraph: flash_attention_4 1.044x the device speed of flash_attention_3" in text, text
     out, _, text = confirm(_trial(runs(0.451)), dict(winners))  # 0.2% apart: a tie, the graphs' own pick stays
     assert out == {"eager": "flash_attention_4", "cudagraph": "flash_attention_3"} and "device speed" not in text, text
+
+
+def test_a_default_left_out_of_the_rounds_and_re_timed_in_the_confirmation_is_not_called_not_re_timed(monkeypatch):
+    """The budget's drop takes the slowest from the rounds, the default too; the confirmation then
+    re-times it against the winner, and its reason still said 'not re-timed'."""
+    q, k, v = qkv(b=1, hq=3, hk=3, sq=41, skv=41, d=16)
+    info, _, _ = tune_virtual(monkeypatch, q, k, v, budget=2.2, torch={"cost": 140.0}, torch_flash={"cost": 100.0},
+                              torch_efficient={"cost": 110.0}, torch_math={"cost": 120.0})
+    d = info.decision
+    assert d.backend == "torch_flash" and "torch_flash 1.400x the speed of torch" in d.confirmation, d.confirmation
+    torch_reason = d.candidates["torch"].reason
+    assert "not re-timed" not in torch_reason and "re-timed in the confirmation" in torch_reason, torch_reason

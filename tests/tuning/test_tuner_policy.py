@@ -139,6 +139,22 @@ def test_the_rounds_stop_sooner_when_the_machine_slows_down_mid_way(monkeypatch)
     assert d.tuning_seconds - d.compile_seconds <= 0.2
 
 
+
+def test_gpu_rounds_count_both_bursts_of_a_sample_against_the_budget(monkeypatch):
+    """A GPU round sample is two bursts (the eager one, then the GPU held for 1.5x its host time and
+    the burst again for the device time); the rounds priced one burst, as on a CPU, and the
+    confirmation's reserve two: on host-bound 100 ms calls (host 0.9 of the time), a 2.2 s budget
+    was spent 1.8 times over. Each sample is now priced as the GPU timer takes it."""
+    from diffsynth_attention.tuning import tuner
+    from support.virtual import gpu_timer
+
+    monkeypatch.setattr(tuner, "Timer", gpu_timer(host_share=0.9))
+    info, made, heard = tune(monkeypatch, budget=2.2, torch={"cost": 100.0}, torch_flash={"cost": 90.0},
+                             torch_efficient={"cost": 120.0}, torch_math={"cost": 140.0})
+    d = info.decision
+    assert d.candidates["torch_flash"].status == "chosen" and "confirmed" in d.confirmation, d.confirmation
+    assert d.tuning_seconds - d.compile_seconds <= 2.2, (d.tuning_seconds - d.compile_seconds, info.candidates)
+
 # -- a tolerance per dtype -------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,status", [(torch.float32, "rejected"), (torch.bfloat16, "chosen")])
 def test_an_error_a_bf16_kernel_may_have_is_rejected_on_an_fp32_problem(monkeypatch, dtype, status):
