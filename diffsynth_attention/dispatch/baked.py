@@ -342,6 +342,18 @@ def _within(tensors, checks) -> bool:
     return ok
 
 
+def _numpy_kind(n) -> str:
+    """A NumPy scalar as a trace can name it, by its ``.item()``'s type: torch 2.11's Dynamo reads
+    a ``np.bool_``'s ``.item()`` as a data-dependent symbol, which no text can hold (formatting it
+    raised Dynamo's data-dependent error in place of this module's own)."""
+    kind = n.item()
+    if isinstance(kind, (bool, torch.SymBool)):
+        return "a NumPy bool"
+    if isinstance(kind, (float, torch.SymFloat)):
+        return "a NumPy float"
+    return "a NumPy scalar"
+
+
 def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                      compatibility_mode, window_size):
     """What Dynamo traces for ``attention_forward``: one operator call, its decision baked in
@@ -358,8 +370,8 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
         lengths = {}
         for a, n in dims.items():
             lengths[a] = dims_length(n)
-            if lengths[a] is None:  # a NumPy value by .item(): a trace cannot repr() one
-                raise ValueError(f"dims[{a!r}]={n.item() if type(n).__module__ == 'numpy' else n!r} must be a positive int")
+            if lengths[a] is None:  # a NumPy value by its kind: a trace can print neither it nor its .item()
+                raise ValueError(f"dims[{a!r}]={_numpy_kind(n) if type(n).__module__ == 'numpy' else repr(n)} must be a positive int")
             # isinstance first: torch 2.5's Dynamo cannot compare an int's type().__module__
             if not isinstance(n, int) and type(n).__module__ == "numpy" and n.itemsize != 8:
                 # Dynamo (2.13) takes an int64 NumPy scalar's value as a size it specializes, but reads
