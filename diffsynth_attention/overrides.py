@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+import functools
+from typing import ContextManager, Iterator
 
 from . import config, trace_state
 from .backends import normalize
 from .callsite import dynamo_tracing as _dynamo_tracing
 from .environ import raw_reader
+from .scopes import Block
 
 IMPLEMENTATION = config.IMPLEMENTATION
 
@@ -85,10 +87,8 @@ def current_implementation() -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[str]:
-    """Force a backend (or ``"auto"``) within a scope: per thread and per async task, nestable,
-    restored on exit even after an exception. The scope wins over the environment variable."""
-    value = normalize(name, "use_backend(name)")
+def _scope(value: str) -> Iterator[str]:
+    """A ``use_backend`` block's body: ``value`` the calling context's scope until it ends."""
     if _dynamo_tracing():  # inside a function being compiled: Dynamo traces no ContextVar; the graph
         # takes the scope as an argument (dispatch/baked.py). ``used`` first: the trace of this block
         # sets a scope while it bakes (compiled.Scope), and Dynamo guards the flag's value after the
@@ -105,3 +105,17 @@ def use_backend(name: str) -> Iterator[str]:
         yield value
     finally:
         scope.reset(token)
+
+
+def use_backend(name: str) -> ContextManager[str]:
+    """Force a backend (or ``"auto"``) within a scope: per thread and per async task, nestable,
+    restored on exit even after an exception. The scope wins over the environment variable.
+    ``with use_backend(name):``, ``async with``, or ``@use_backend(name)`` on a function or an
+    ``async def`` (a decorated coroutine runs under the scope while it runs, in its own task:
+    scopes.py); a block is entered once. Inside a function being compiled, the generator-based
+    block itself, as Dynamo has traced it (tests/dispatch/test_compile_verify.py); a decorated
+    function that is compiled opens that same block around its body."""
+    value = normalize(name, "use_backend(name)")
+    if _dynamo_tracing():
+        return _scope(value)
+    return Block(functools.partial(_scope, value), f"use_backend({value!r})")

@@ -15,13 +15,15 @@ value is read on every call (a dict lookup) and is part of the call's signature.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 from . import trace_state
 from .environ import raw_reader
+from .scopes import Block
 
 QUALITY = "DIFFSYNTH_ATTENTION_QUALITY"
 EXACT, BALANCED, FAST = "exact", "balanced", "fast"
@@ -121,65 +123,24 @@ def bound(tier: str) -> Optional[Bound]:
     return BOUNDS.get(tier)
 
 
-class _Scope:
-    """One ``quality(tier)`` block: entered once (``with`` or ``async with``), as a generator-based
-    context manager is; as a decorator, a fresh block around each call."""
-
-    __slots__ = ("tier", "_token", "_used")
-
-    def __init__(self, tier: str) -> None:
-        self.tier = tier
-        self._token = None
-        self._used = False
-
-    def __enter__(self) -> str:
-        if self._used:
-            raise RuntimeError("a quality(...) block is entered once: call quality(tier) again for another")
-        self._used = True
-        self._token = enter(self.tier)
-        return self.tier
-
-    def __exit__(self, *exc) -> bool:
-        leave(self._token)
-        return False
-
-    async def __aenter__(self) -> str:
-        return self.__enter__()
-
-    async def __aexit__(self, *exc) -> bool:
-        return self.__exit__(*exc)
-
-    def __call__(self, func):
-        """``@quality("fast")`` on a function or a coroutine function: every call (every await of
-        the coroutine: the scope is the task's while it runs) at ``tier``. A generator function is
-        refused: its body runs between the caller's own statements, where a scope would leak."""
-        import inspect
-
-        tier = self.tier
-        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
-            raise TypeError(f"quality({tier!r}) cannot decorate the generator function {func.__qualname__}: open "
-                            "`with quality(...)` inside it, around its attention calls")
-        if inspect.iscoroutinefunction(func):
-            @functools.wraps(func)
-            async def scoped_coroutine(*args, **kwargs):
-                with _Scope(tier):
-                    return await func(*args, **kwargs)
-            return scoped_coroutine
-
-        @functools.wraps(func)
-        def scoped(*args, **kwargs):
-            with _Scope(tier):
-                return func(*args, **kwargs)
-        return scoped
+@contextlib.contextmanager
+def _at(tier: str) -> Iterator[str]:
+    """The current scope's tier ``tier`` until the block ends (a :func:`quality` block's body)."""
+    token = enter(tier)
+    try:
+        yield tier
+    finally:
+        leave(token)
 
 
-def quality(tier: str) -> _Scope:
+def quality(tier: str) -> Block:
     """Serve the calls inside the block at ``tier`` (``exact``, ``balanced`` or ``fast``): per
     thread and per async task, nestable, restored on exit even after an exception; it wins over
     ``DIFFSYNTH_ATTENTION_QUALITY``. ``with quality("fast"):``, ``async with``, or ``@quality("fast")``
     on a function or an ``async def`` (a decorated coroutine runs at the tier when awaited). Open
-    it around a ``torch.compile``d call, not inside one."""
-    return _Scope(check_tier(tier, "quality(tier)"))
+    it around a ``torch.compile``d call, not inside one. Entered once (scopes.py)."""
+    tier = check_tier(tier, "quality(tier)")
+    return Block(functools.partial(_at, tier), f"quality({tier!r})")
 
 
 __all__ = ["BOUNDS", "Bound", "EXACT", "BALANCED", "FAST", "QUALITY", "TIERS", "bound", "current", "quality"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..problem import Problem, additive_mask
 from ..backend_names import BackendName
 from ..states import MaskKind
+from . import headless
 from .base import Backend, DeviceInfo, element_size, register
 
 # Bound at import: patch_sdpa() may later replace torch.nn.functional's attribute with a
@@ -108,16 +109,6 @@ def repeat_kv(k: torch.Tensor, v: torch.Tensor, groups: int):
     return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
 
-def no_key_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask):
-    """k and v with no head where q has some: there is no key at all, so k and v as q's heads over
-    0 keys (and the mask over 0 keys), which SDPA answers with zeros and gradients of zeros. SDPA's
-    GQA path would divide q's heads by k's 0 (torch 2.5 dies of SIGFPE there); the reshapes of
-    these empty tensors keep the autograd graph, so k and v still get their (empty) gradients."""
-    b, h = q.shape[0], q.shape[1]
-    k, v = k.reshape(b, h, 0, k.shape[3]), v.reshape(b, h, 0, v.shape[3])
-    return k, v, None if mask is None else mask[..., :0]
-
-
 def causal_mask(mask: torch.Tensor, s_q: int, s_kv: int) -> torch.Tensor:
     """Additive ``mask`` with PyTorch's top-left causal mask applied too (-inf where key j > query
     i), broadcast to (..., s_q, s_kv): ``attn_mask`` and ``is_causal=True`` together, for a kernel
@@ -178,12 +169,11 @@ class TorchSDPA(TorchBackend):
     launch_ms = 0.018
 
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):
+        if q.shape[1] == 0 or k.shape[1] == 0:  # headless.headless: SDPA's kernels die of SIGFPE on some
+            return headless.attend(q, k, v, mask)
         if window is not None:
             return sliding_window(q, k, v, window, scale, self._sdpa_masked)
         if q.shape[1] != k.shape[1]:
-            if k.shape[1] == 0:
-                k, v, mask = no_key_heads(q, k, v, mask)
-                return _SDPA(q, k, v, mask, is_causal=causal, scale=scale)
             if _SDPA_GQA:
                 return _SDPA(q, k, v, mask, is_causal=causal, scale=scale, enable_gqa=True)
             k, v = repeat_kv(k, v, q.shape[1] // k.shape[1])
@@ -193,9 +183,9 @@ class TorchSDPA(TorchBackend):
         return self.forward(q, k, v, mask, scale, False, None, False)
 
     def bind(self, p: Problem, need_grad: bool, scale_is_none: bool = False):
-        if type(self).forward is not TorchSDPA.forward or p.window is not None or p.heads_kv == 0 \
+        if type(self).forward is not TorchSDPA.forward or p.window is not None or p.heads_q == 0 or p.heads_kv == 0 \
                 or (p.heads_q != p.heads_kv and not _SDPA_GQA):
-            return super().bind(p, need_grad)  # a subclass's own forward, windows, no key head, GQA by repeating k/v
+            return super().bind(p, need_grad)  # a subclass's own forward, windows, no head (headless.py), GQA by repeating k/v
         sdpa, causal = _SDPA, p.causal
         if p.heads_q != p.heads_kv:
             def run_gqa(q, k, v, mask, scale):

@@ -46,7 +46,7 @@ from ..trace_state import traced_scopes
 from ..backends import REGISTRY
 from ..problem import check_flag
 from ..request import FLOAT_MAX, Request, dims_length, scalar_scale, scale_number
-from ..states import TIMED
+from .buckets import bucket_backend
 from .compiled import attention_op
 from .tokens import lookup_dispatcher
 
@@ -298,33 +298,6 @@ def bake_bucket(token: int, q, k, v, q_pattern: str, k_pattern: str, v_pattern: 
     return identity(plan, tolerance, name) + "|" + bounds, checks
 
 
-BUCKET_SLACK = 0.05  # a bucket's backend runs every known length within this of that length's own pick
-
-
-def bucket_backend(decisions: list, mode: str, slack: float = BUCKET_SLACK) -> Optional[str]:
-    """The backend one graph bakes for a bucket of lengths whose stored ``decisions`` are these:
-    their common pick for ``mode``; where the picks differ (near-ties between kernels, common on a
-    GPU), the backend whose worst cost over the decisions, each against its own pick's, is lowest,
-    if that worst is within ``slack`` and the backend passed the gate in every one of them (their
-    candidates were timed in the same rounds); else None (the run-time operator)."""
-    picks = {dd.backend_for(mode) for dd in decisions}
-    if len(picks) == 1:
-        return picks.pop()
-    best = None
-    for name in sorted(set.intersection(*(set(dd.candidates) for dd in decisions))):
-        worst = 0.0
-        for dd in decisions:
-            cand, own = dd.candidates[name], dd.candidates.get(dd.backend_for(mode))
-            cost, own_cost = cand.cost(mode), None if own is None else own.cost(mode)
-            if cand.status not in TIMED or cost is None or not own_cost:
-                break
-            worst = max(worst, cost / own_cost)
-        else:
-            if best is None or worst < best[0]:
-                best = (worst, name)
-    return best[1] if best is not None and best[0] <= 1 + slack else None
-
-
 def _within(tensors, checks) -> bool:
     """Traced by Dynamo: each comparison becomes a guard (they all hold for the traced sizes)."""
     ok = True
@@ -357,6 +330,18 @@ def _served_eagerly(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, di
     return d.call(req, implementation_raw(), needs_grad(q, k, v, attn_mask))
 
 
+def _numpy_kind(n) -> str:
+    """A NumPy scalar as a trace can name it, by its ``.item()``'s type: torch 2.11's Dynamo reads
+    a ``np.bool_``'s ``.item()`` as a data-dependent symbol, which no text can hold (formatting it
+    raised Dynamo's data-dependent error in place of this module's own)."""
+    kind = n.item()
+    if isinstance(kind, (bool, torch.SymBool)):
+        return "a NumPy bool"
+    if isinstance(kind, (float, torch.SymFloat)):
+        return "a NumPy float"
+    return "a NumPy scalar"
+
+
 def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, dims, attn_mask, scale, is_causal,
                      compatibility_mode, window_size):
     """What Dynamo traces for ``attention_forward``: one operator call, its decision baked in
@@ -377,8 +362,8 @@ def traced_attention(d, q, k, v, q_pattern, k_pattern, v_pattern, out_pattern, d
         lengths = {}
         for a, n in dims.items():
             lengths[a] = dims_length(n)
-            if lengths[a] is None:  # a NumPy value by .item(): a trace cannot repr() one
-                raise ValueError(f"dims[{a!r}]={n.item() if type(n).__module__ == 'numpy' else n!r} must be a positive int")
+            if lengths[a] is None:  # a NumPy value by its kind: a trace can print neither it nor its .item()
+                raise ValueError(f"dims[{a!r}]={_numpy_kind(n) if type(n).__module__ == 'numpy' else repr(n)} must be a positive int")
             # isinstance first: torch 2.5's Dynamo cannot compare an int's type().__module__
             if not isinstance(n, int) and type(n).__module__ == "numpy" and n.itemsize != 8:
                 # Dynamo (2.13) takes an int64 NumPy scalar's value as a size it specializes, but reads

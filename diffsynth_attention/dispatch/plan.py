@@ -152,7 +152,8 @@ def empty_plan(call, grad: bool) -> Plan:
     it, through the ``torch`` backend's runner (the caller's layout, mask, scale, causality, GQA,
     window), whatever backend is requested or decided: SDPA defines what such a call returns
     (an empty output, zeros where there is no key, v's mean where the head dim is 0), and kernel
-    packages refuse empty tensors. Nothing is tuned, keyed or stored: a timing of an empty call
+    packages refuse empty tensors. A call where q or k has no head never reaches SDPA's kernels,
+    some of which die of it (backends/headless.py). Nothing is tuned, keyed or stored: a timing of an empty call
     tells nothing, and its decision would only fill the cache."""
     key = EmptyKey(PlanSource.EMPTY.value, {"problem": call.problem.fields()})
     return Plan(make_runner(REGISTRY["torch"], call, grad), "torch", PlanSource.EMPTY, key, call, grad)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config, process
+from ..backends import headless
 from ..callsite import dynamo_tracing as _dynamo_tracing
 from ..dispatch import default_dispatcher
 from ..request import FLOAT_MAX
@@ -112,6 +113,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         routed = _ROUTE.process > 0 or (_ROUTE.scoped > 0 and _route_scope.get())
     if routed and routable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         return _forward(query, key, value, attn_mask=attn_mask, scale=scale, is_causal=is_causal)
+    if headless.serves(query, key, value, attn_mask, is_causal, enable_gqa):  # SDPA's kernels die of SIGFPE on some
+        return headless.attend(query, key, value, attn_mask)
     return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 

@@ -11,10 +11,12 @@ import diffsynth_attention as da
 SDPA = torch.nn.functional.scaled_dot_product_attention
 
 # (name, b, hq, hk, sq, skv, d, dv): each a size 0 somewhere (head dim 0 of q and k is not an
-# empty output: every score is 0, so SDPA averages v; skv=0 and hk=0 give zeros)
-SHAPES = [("batch", 0, 4, 4, 8, 8, 16, 16), ("heads", 2, 0, 0, 8, 8, 16, 16), ("s_q", 2, 4, 4, 0, 8, 16, 16),
-          ("s_kv", 2, 4, 4, 8, 0, 16, 16), ("head_dim", 2, 4, 4, 8, 8, 0, 16), ("head_dim_v", 2, 4, 4, 8, 8, 16, 0),
-          ("key_heads", 2, 4, 0, 8, 8, 16, 16), ("gqa_batch", 0, 4, 2, 8, 8, 16, 16), ("all", 0, 0, 0, 0, 0, 0, 0)]
+# empty output: every score is 0, so SDPA averages v; skv=0 gives zeros). The calls with no head
+# that PyTorch's CPU SDPA dies of (SIGFPE) are test_empty_headless.py's, each path in a child
+# process: the reference below could not run them here, and neither could a regression.
+SHAPES = [("batch", 0, 4, 4, 8, 8, 16, 16), ("s_q", 2, 4, 4, 0, 8, 16, 16), ("s_kv", 2, 4, 4, 8, 0, 16, 16),
+          ("head_dim", 2, 4, 4, 8, 8, 0, 16), ("head_dim_v", 2, 4, 4, 8, 8, 16, 0), ("gqa_batch", 0, 4, 2, 8, 8, 16, 16),
+          ("all", 0, 0, 0, 0, 0, 0, 0)]
 
 
 def tensors(b, hq, hk, sq, skv, d, dv, dtype=torch.float32, grad=False):
@@ -24,10 +26,6 @@ def tensors(b, hq, hk, sq, skv, d, dv, dtype=torch.float32, grad=False):
 
 
 def sdpa(q, k, v, **kw):
-    if k.shape[1] == 0 < q.shape[1]:
-        # no key head: no key at all, so zeros (what SDPA gives on torch 2.13; torch 2.5's GQA path
-        # divides by the 0 heads and kills the process with SIGFPE), with gradients of zeros
-        return q.new_zeros(q.shape[:3] + v.shape[3:]) + 0 * (q.sum() + k.sum() + v.sum())
     return SDPA(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kw)
 
 
@@ -84,7 +82,7 @@ def test_an_empty_call_is_validated_as_a_non_empty_one():
         da.attention_forward(q, k, v, window_size=2, is_causal=True)
 
 
-@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] != "key_heads"], ids=lambda s: s[0])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
 @pytest.mark.parametrize("window", [0, 2])
 def test_an_empty_windowed_call_returns_what_windowed_attention_gives(shape, window):
     """SDPA has no window: a window over no query is an empty output, over no key zeros (no key in
@@ -108,11 +106,9 @@ def test_gradients_through_an_empty_call_are_sdpas(shape):
         assert got.shape == exp.shape and torch.allclose(got, exp, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] in ("batch", "s_q", "s_kv", "key_heads")], ids=lambda s: s[0])
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] in ("batch", "s_q", "s_kv")], ids=lambda s: s[0])
 @pytest.mark.parametrize("window", [None, 1])
 def test_an_empty_call_compiles_with_fullgraph(shape, window, isolated):
-    if window is not None and shape[0] == "key_heads":
-        pytest.skip("windows take k and v with q's heads")
     torch._dynamo.reset()
     q, k, v = tensors(*shape[1:])
     bsnd = ("b s n d",) * 4

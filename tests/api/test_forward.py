@@ -319,3 +319,42 @@ def test_math_kernel_serves_a_mask_with_is_causal(mask_kind, skv, monkeypatch):
         out = da.attention_forward(q, k, v, attn_mask=mask, is_causal=True)
         assert da.explain(q, k, v, attn_mask=mask, is_causal=True).backend == "torch_math"
     assert rel(out, ref) < 1e-5
+
+
+def test_use_backend_decorates_a_coroutine_function_for_its_run_and_its_task_alone():
+    """``@use_backend(name)`` on an ``async def`` set the scope only while the coroutine object was
+    made (contextlib's decorator), so its body ran at the caller's backend. Now the body runs under
+    the scope, in its own task only: another task running while it is suspended inside sees none,
+    and nothing is left once it returns. It shares quality()'s decorator (a generator function is refused)."""
+    seen = {}
+
+    @da.use_backend("torch_math")
+    async def denoise(started, resume):
+        seen["before"] = da.current_implementation()
+        started.set()
+        await resume.wait()  # suspended inside its scope while the other task runs
+        seen["after"] = da.current_implementation()
+        return da.current_implementation()
+
+    async def other(started, resume):
+        await started.wait()
+        seen["other"] = da.current_implementation()
+        resume.set()
+
+    async def main():
+        started, resume = asyncio.Event(), asyncio.Event()
+        got, _ = await asyncio.gather(denoise(started, resume), other(started, resume))
+        return got, da.current_implementation()
+
+    assert asyncio.run(main()) == ("torch_math", "torch")  # this module's variable: torch
+    assert seen == {"before": "torch_math", "after": "torch_math", "other": "torch"}
+    assert da.current_implementation() == "torch"
+
+    @da.use_backend("torch_math")
+    def encode():
+        return da.current_implementation()
+    assert encode() == "torch_math" and encode() == "torch_math" and da.current_implementation() == "torch"
+    with pytest.raises(TypeError, match="generator"):
+        @da.use_backend("torch_math")
+        def frames():
+            yield da.current_implementation()

@@ -1,5 +1,5 @@
 """Which backend a graph with symbolic lengths bakes for a bucket (dispatch/baked.py)."""
-from diffsynth_attention.dispatch.baked import BUCKET_SLACK, bucket_backend
+from diffsynth_attention.dispatch.buckets import BUCKET_SLACK, bucket_backend
 from diffsynth_attention.store.decision import Candidate, Decision
 from support.compile_helpers import requires_bake
 

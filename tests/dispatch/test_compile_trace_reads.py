@@ -356,3 +356,27 @@ def test_a_compiled_call_rejects_numpy_dims_an_eager_call_rejects(bad):
     fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *pattern, dims={"n": n}), fullgraph=True)
     with pytest.raises(Exception, match=r"dims\['n'\]=.* must be a positive int"):
         fn(q, k, v)
+
+
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph-breaks"])
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize("axis", ["n", "d"])
+def test_a_compiled_call_refuses_a_numpy_bool_dims_length_with_the_librarys_error(axis, value, fullgraph):
+    """Before (torch 2.11): ``dims={"n": np.bool_(True)}`` under torch.compile raised Dynamo's
+    data-dependent error ("Could not guard on data-dependent expression Eq(u0, 1)") from the
+    library's own message, which formatted the scalar's ``.item()`` (a symbol there, which no
+    text can hold). Now the message that names ``dims`` and its axis, as an eager call's, under
+    both torch versions: the ValueError itself where the graph may break, Dynamo's report of it
+    under fullgraph."""
+    require("type_module")
+    np = pytest.importorskip("numpy")
+    (q, k, v), _ = bsnd(hq=2)
+    pattern = ("b s (n d)",) * 4
+    q, k, v = (t.flatten(2) for t in (q, k, v))
+    n = np.bool_(value)
+    fn = torch.compile(lambda a, b, c: da.attention_forward(a, b, c, *pattern, dims={axis: n}), fullgraph=fullgraph)
+    with pytest.raises(Exception if fullgraph else ValueError, match=rf"dims\['{axis}'\]=.* must be a positive int") as got:
+        fn(q, k, v)
+    assert "data-dependent" not in str(got.value), got.value
+    with pytest.raises(ValueError, match=rf"dims\['{axis}'\]=.* must be a positive int"):
+        da.attention_forward(q, k, v, *pattern, dims={axis: n})

@@ -76,6 +76,30 @@ def test_use_backend_inside_a_compiled_function(dynamic):
         assert rel(inside, ref) < 1e-5 and rel(outside, ref) < 1e-5
 
 
+
+def test_use_backend_as_a_decorator_of_a_compiled_function():
+    """``@use_backend(...)`` on the function compiled (fullgraph): its block is traced as a ``with``
+    block opened inside it, so the graph carries torch_math's decision, and nothing leaks out."""
+    require("contextmanager")
+    q, k, v = qkv()
+
+    @da.use_backend("torch_math")
+    def fn(q, k, v):
+        return da.attention_forward(q, k, v)
+
+    rec = Recorder()
+    f = torch.compile(fn, fullgraph=True, backend=rec)
+    with torch.no_grad():
+        outs = [f(q, k, v) for _ in range(2)]
+    assert rec.runs == 2
+    code = str(rec.forward_graphs[-1].code) if rec.forward_graphs else ""
+    assert "bmm" in code, code  # torch_math decomposes into matmuls
+    from diffsynth_attention import overrides, trace_state
+
+    assert da.current_implementation() == "auto" and overrides.scope_get() is None and trace_state.traced_scopes()[0] is None
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert all(rel(out, ref) < 1e-5 for out in outs)
+
 @pytest.mark.parametrize("dynamic,known", [(False, False), (False, True), (True, False)])
 def test_learned_additive_mask_gets_its_gradient_under_compile(dynamic, known):
     """A mask that requires grad (a learned additive bias) gets its gradient as in eager. Before
