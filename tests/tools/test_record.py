@@ -120,6 +120,30 @@ def test_a_file_that_is_not_a_recording_is_refused_before_the_scope_runs(tmp_pat
     assert ran == [] and json.loads(path.read_text()) == {"shapes": []}
 
 
+def test_a_recording_that_cannot_be_written_is_refused_before_the_scope_runs(tmp_path):
+    """A missing folder, or a path that is not a str/PathLike, stopped nothing at entry: the whole
+    pipeline ran, and the write at the scope's end raised (FileNotFoundError), losing its result."""
+    ran = []
+    with pytest.raises(ValueError, match=r"record\(path\).*missing.*no such folder"):
+        with da.record(tmp_path / "missing" / "p.json"):
+            ran.append(1)
+    with pytest.raises(TypeError, match=r"record\(path\) must be"):
+        with da.record(123):
+            ran.append(1)
+    assert ran == []
+
+
+def test_a_pipeline_error_is_not_hidden_by_a_recording_that_cannot_be_written(tmp_path, caplog):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(KeyError, match="the pipeline's own error"):
+        with da.record(folder / "p.json"):
+            da.attention_forward(*(torch.randn(1, 2, 8, 4),) * 3)
+            folder.rmdir()  # the folder goes away during the run
+            raise KeyError("the pipeline's own error")
+    assert "could not be written" in caplog.text
+
+
 def test_explain_takes_the_mask_kind_and_gradients(subprocess_env):
     r = cli(subprocess_env, "explain", "--heads", "2", "--seq-q", "8", "--head-dim", "4", "--dtype", "float32",
             "--mask", "bool", "--grad", "--json")
