@@ -200,6 +200,18 @@ class Decision:
         return min(timed)[1] if timed else None
 
 
+def check_filters(backend, gpu, source: str) -> None:
+    """The filters of ``source`` (e.g. ``clear_cache``): ``backend`` a backend's name and ``gpu``
+    text, or None; a TypeError or ValueError naming the argument otherwise."""
+    from ..backend_names import check_backend
+
+    for name, value, what in (("backend", backend, "a backend name string"), ("gpu", gpu, "a str (part of a device name)")):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{source}({name}) must be {what}, got {type(value).__name__}")
+    if backend is not None:
+        check_backend(backend, f"{source}(backend)")
+
+
 def decision_filter(backend: Optional[str] = None, gpu: Optional[str] = None, key: Optional[str] = None):
     """``match(decision)`` for decisions that chose ``backend``, were tuned on a device whose
     name contains ``gpu`` (case-insensitive) and whose key id starts with ``key``; None when none
