@@ -208,6 +208,9 @@ def check_filters(backend, gpu, source: str) -> None:
     for name, value, what in (("backend", backend, "a backend name string"), ("gpu", gpu, "a str (part of a device name)")):
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{source}({name}) must be {what}, got {type(value).__name__}")
+    if gpu is not None and not gpu.strip():  # in every device name: it would select every decision
+        raise ValueError(f"{source}(gpu)={gpu!r} is blank, which every device name contains; give text the names "
+                         "contain, e.g. 'H100', or leave gpu out for every device's decisions")
     if backend is not None:
         check_backend(backend, f"{source}(backend)")
 

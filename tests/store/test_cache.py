@@ -170,7 +170,7 @@ def test_clear_cache_removes_from_memory_and_disk(isolated):
     assert da.explain(q, k, v).source == "tuned"
 
 
-def test_clear_cache_refuses_a_gpu_filter_that_is_not_text_before_removing_anything(isolated):
+def test_clear_cache_refuses_a_gpu_filter_that_is_not_text_or_is_blank_before_removing_anything(isolated):
     """clear_cache(gpu=0) (a device index where part of a name is asked) raised AttributeError
     ('int' object has no attribute 'lower'), naming neither the function nor the argument."""
     q, k, v = qkv(sq=16)
@@ -179,6 +179,11 @@ def test_clear_cache_refuses_a_gpu_filter_that_is_not_text_before_removing_anyth
         da.clear_cache(gpu=0)
     with pytest.raises(TypeError, match=r"clear_cache\(backend\) must be a backend name string"):
         da.clear_cache(backend=3)
+    # blank text is in every device name: clear_cache(gpu=os.environ.get("GPU", "")) cleared every decision
+    # (the command line's --gpu refuses it)
+    for blank in ("", "  "):
+        with pytest.raises(ValueError, match=r"clear_cache\(gpu\)=.* blank"):
+            da.clear_cache(gpu=blank)
     assert len(_entries(isolated)) == 1
 
 
