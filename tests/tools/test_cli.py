@@ -267,6 +267,25 @@ def test_cache_clear_leaves_the_fa4_compile_cache_unless_asked(subprocess_env, i
     assert not compiled.exists() and "1 compiled kernel file(s)" in r.stdout
 
 
+def test_cache_clear_says_when_a_key_is_there_but_its_other_filters_leave_it(isolated, capsys):
+    """``--key K --backend B`` where K's decision chose another backend said "no decision has a key
+    id starting with it", though `cache show` lists one: the other filters left it out."""
+    from diffsynth_attention.store.cache import DecisionCache
+    from diffsynth_attention.tools.cli import main
+
+    from support.store_helpers import make_decision
+
+    store = DecisionCache(isolated)
+    kept = make_decision(0)
+    store.put_many([kept])
+    assert store.flush()
+    other = next(b for b in ("torch_math", "torch_flash") if b != kept.backend)
+    assert main(["cache", "clear", "--key", kept.key_id[:8], "--backend", other, "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert f"--key {kept.key_id[:8]}" in err and f"--backend {other}" in err and "no decision has a key id" not in err
+    assert err.count("\n") == 1 and len(DecisionCache(isolated).entries()) == 1
+
+
 def test_cache_clear_refuses_a_blank_gpu_and_a_key_that_names_no_decision(isolated, capsys):
     """``--gpu ""`` (an unset shell variable) is in every device name: it would clear every decision.
     A ``--key`` that names no decision is a mistake, as ``cache verify`` says, not "cleared 0"."""
