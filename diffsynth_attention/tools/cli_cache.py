@@ -42,7 +42,8 @@ def entry_row(key_id: str, entry: dict) -> dict:
              if n != eager and c.get("status") in _TIMED_LOSERS and c.get("time_ms") is not None]
     return {
         "key_id": key_id,
-        "problem": describe_problem(entry["key"]["problem"], layout=True),
+        "problem": describe_problem(entry["key"]["problem"], layout=True) + (  # the tier is in the key too
+            f" quality={entry['key']['quality']}" if entry["key"].get("quality") else ""),
         "device": entry["key"]["device"]["name"],
         "backend": backend,
         "time_ms": time_ms,

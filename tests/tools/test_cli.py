@@ -203,6 +203,21 @@ def test_cache_show_fits_80_columns_and_shows_ties():
     assert "Xeon Platinum 8480+" in text.splitlines()[0] and "torch (tie)" in text
 
 
+def test_cache_show_tells_a_quality_tiers_decision_from_the_exact_one():
+    """A problem served in the exact tier and under set_quality(block, "balanced") has two decisions
+    (the tier is in the key): cache show printed two identical rows."""
+    from diffsynth_attention.store.decision import Candidate, Decision
+    from diffsynth_attention.tools.cli_cache import decision_row
+
+    problem = {"batch": 1, "heads_q": 2, "heads_kv": 2, "seq_q": 32, "seq_kv": 32, "head_dim": 12, "dtype": "float32"}
+    device = {"type": "cpu", "name": "EPYC (2 threads)"}
+    rows = [decision_row(kid, Decision(kid, key, "torch", {"torch": Candidate("chosen", 1.0)}))
+            for kid, key in (("a" * 24, {"problem": problem, "device": device}),
+                             ("b" * 24, {"problem": problem, "device": device, "quality": "balanced"}))]
+    assert rows[0]["problem"] == "b=1 n=2 s=32 d=12 float32"
+    assert rows[1]["problem"] == "b=1 n=2 s=32 d=12 float32 quality=balanced"
+
+
 def test_warm_on_cpu_tunes_each_problem_once_and_keeps_cross_attention(subprocess_env):
     r = cli(subprocess_env, "warm", "--preset", "flux_1024,flux_2048,wan13b_480p_cross", "--no-progress", "--json")
     assert r.returncode == 0, r.stderr
