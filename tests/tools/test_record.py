@@ -95,6 +95,19 @@ def test_the_environment_variable_records_a_whole_process(tmp_path, subprocess_e
     assert shape["mask"] == "additive" and shape["mask_shape"] == [1, 1, 8, 8] and shape["seq_q"] == 8
 
 
+def test_the_environment_variable_naming_a_missing_folder_stops_the_first_call(tmp_path, monkeypatch):
+    """DIFFSYNTH_ATTENTION_RECORD=/missing/run.json ran the whole process and only at its exit
+    logged that the recording could not be written; a bad value is refused at the first call."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_RECORD", str(tmp_path / "missing" / "run.json"))
+    q = torch.randn(1, 2, 8, 4)
+    before = da.stats()["tunings"]
+    with pytest.raises(ValueError, match="DIFFSYNTH_ATTENTION_RECORD=.*missing"):
+        da.attention_forward(q, q, q)
+    assert da.stats()["tunings"] == before
+    (tmp_path / "missing").mkdir()
+    da.attention_forward(q, q, q)  # the folder made: it records
+
+
 def test_recording_does_no_io_on_the_hit_path(tmp_path, monkeypatch):
     q = torch.randn(1, 2, 8, 4)
     opened = []
