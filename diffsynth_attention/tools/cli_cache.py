@@ -28,7 +28,7 @@ def decision_row(key_id: str, d) -> dict:
 
 def entry_row(key_id: str, entry: dict) -> dict:
     """One decision's row of ``cache show`` from its entry (``Decision.to_dict``'s form; no Decision is built)."""
-    from ..describe import describe_problem
+    from ..describe import describe_key
 
     candidates, backend = entry["candidates"], entry["backend"]
     chosen = candidates.get(backend)
@@ -42,8 +42,7 @@ def entry_row(key_id: str, entry: dict) -> dict:
              if n != eager and c.get("status") in _TIMED_LOSERS and c.get("time_ms") is not None]
     return {
         "key_id": key_id,
-        "problem": describe_problem(entry["key"]["problem"], layout=True) + (  # the tier is in the key too
-            f" quality={entry['key']['quality']}" if entry["key"].get("quality") else ""),
+        "problem": describe_key(entry["key"]),
         "device": entry["key"]["device"]["name"],
         "backend": backend,
         "time_ms": time_ms,
