@@ -169,3 +169,37 @@ def test_explain_takes_the_mask_kind_and_gradients(subprocess_env):
     r = cli(subprocess_env, "explain", "--heads", "2", "--seq-q", "8", "--head-dim", "4", "--mask", "bool",
             "--window", "2")
     assert r.returncode == 2 and "--mask and --window" in r.stderr
+
+
+def test_explain_shows_a_recorded_problems_own_decision(tmp_path, capsys):
+    """`explain` took only --heads/--seq-q/... with a (batch, 1, s_q, s_kv) mask and contiguous
+    tensors: a recorded key-padding mask (diffusers' Qwen-Image, LTX) or memory order (UNet-era
+    processors under patch_sdpa) has another key, so explain tuned a new problem instead of showing
+    the pipeline's decision. `explain --shapes FILE --name NAME` explains a recorded problem."""
+    from diffsynth_attention.tools.cli import main
+
+    path = tmp_path / "p.json"
+    q = torch.randn(1, 16, 2, 8)
+    mask = torch.ones(1, 1, 1, 16, dtype=torch.bool)
+    mask[..., -3:] = False
+    t = torch.randn(1, 2, 12, 8).transpose(1, 2)  # b s n d shape, b n s d memory
+    with da.record(path):
+        da.attention_forward(q, q, q, attn_mask=mask, **BSND)
+        da.attention_forward(t, t, t, **BSND)
+    keys = {da.explain(q, q, q, attn_mask=mask, **BSND).key_id, da.explain(t, t, t, **BSND).key_id}
+    names = [s["name"] for s in json.loads(path.read_text())["shapes"]]
+    tunings = da.stats()["tunings"]
+    got = set()
+    for name in names:
+        assert main(["explain", "--shapes", str(path), "--name", name, "--device", "cpu", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["source"] == "cache"
+        got.add(doc["key_id"])
+    assert got == keys and da.stats()["tunings"] == tunings
+    for argv in (["--shapes", str(path)],  # two problems: which one?
+                 ["--shapes", str(path), "--name", "nope"],
+                 ["--shapes", str(path), "--name", names[0], "--heads", "2"],  # one problem or the other
+                 []):  # neither
+        assert main(["explain", "--device", "cpu", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
