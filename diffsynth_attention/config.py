@@ -153,8 +153,16 @@ def record_path() -> Optional[str]:
     if not path.is_absolute():
         if raw not in _absolute:
             _absolute[raw] = str(Path.cwd() / path)
-        return _absolute[raw]
+        path = Path(_absolute[raw])
+    if str(path) not in _record_folders:  # once per path: a pipeline learns at its first call, not at its exit
+        if not path.parent.is_dir():
+            raise ValueError(f"{RECORD}={raw!r}: its folder {str(path.parent)!r} is missing; allowed: a file in an "
+                             "existing folder (the recording is written there at the process's exit)")
+        _record_folders.add(str(path))
     return str(path)
+
+
+_record_folders: set = set()  # recording paths whose folder was there when first read
 
 
 def implementation() -> str:

@@ -37,6 +37,12 @@ def describe_problem(p: dict, layout: bool = False) -> str:
     return " ".join(parts)
 
 
+def describe_key(key: dict) -> str:
+    """A decision's problem as ``cache show`` and ``cache verify`` name it: :func:`describe_problem`
+    with its layout, and a quality tier other than ``exact`` (it is in the key too) as ``quality=TIER``."""
+    return describe_problem(key["problem"], layout=True) + (f" quality={key['quality']}" if key.get("quality") else "")
+
+
 def tie_note(d) -> Optional[str]:
     """The chosen candidate's reason: the tuner's, else (for decisions saved before the tuner
     recorded it) the tie rule, when the chosen one is not the fastest of those timed."""

@@ -128,18 +128,44 @@ def scope(path, on_enter: Optional[Callable[[], None]] = None) -> Iterator[set]:
     ``path`` when it ends (merged with a recording already there). ``on_enter`` runs once the
     scope records (``da.record`` drops the dispatcher's plans there). Yields the set being filled
     (frozen key fields)."""
-    target = Path(path)
-    if target.exists():
-        _read_existing(target)  # a file that is not a recording: refused now, before the pipeline runs
+    target = checked_target(path)
     items: set = set()
     with _lock:
         _scopes.append(items)
+    failed = False
     try:
         if on_enter is not None:
             on_enter()
         yield items
+    except BaseException:
+        failed = True
+        raise
     finally:
         with _lock:
             _scopes.remove(items)
-        count = write(target, items)
-        logger.info("recorded %d problem(s) to %s (%d in the file)", len(items), target, count)
+        try:
+            count = write(target, items)
+            logger.info("recorded %d problem(s) to %s (%d in the file)", len(items), target, count)
+        except Exception as exc:
+            if not failed:
+                raise
+            # the pipeline's own error goes on; this one is said, not raised over it
+            logger.warning("diffsynth_attention: the recording to %s could not be written (%s)", target, exc)
+
+
+def checked_target(path) -> Path:
+    """``path`` as a Path, once it is one a recording can be written to: a TypeError or a
+    ValueError naming ``record(path)`` otherwise, before the pipeline runs (not at the scope's
+    end, after it)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"record(path) must be a str or os.PathLike file path, got {type(path).__name__}")
+    target = Path(path).expanduser()
+    folder = target.parent
+    if not folder.is_dir():
+        raise ValueError(f"record(path)={str(path)!r}: its folder {str(folder)!r} is missing (no such folder); "
+                         "create it first or name a file in an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"record(path)={str(path)!r}: its folder {str(folder)!r} is not writable")
+    if target.exists():
+        _read_existing(target)  # a file that is not a recording: refused now, before the pipeline runs
+    return target

@@ -16,14 +16,13 @@ from typing import Callable, Optional
 import torch
 
 from .. import config, overrides, process, recording, tiers
-from ..backend_names import check_backend
 from ..backends import REGISTRY, candidates, device_info, for_tier, loading
 from ..callsite import autocast_inputs, in_graph, keep_rng, needs_grad, transforming
 from ..problem import prepare_request
 from ..request import Request, scalar_scale
 from ..store.cache import DecisionCache
 from ..states import TIMED, PlanSource
-from ..store.decision import EAGER, SYNTHETIC, Decision, decision_filter
+from ..store.decision import EAGER, SYNTHETIC, Decision, check_filters, decision_filter
 from ..store.leases import Outcome
 from ..store.key import make_key, neighbour_distance, neighbour_group
 from ..tuning.policy import TuningPolicy, tolerance_for
@@ -99,8 +98,7 @@ class Dispatcher(ModePlans, LoadPlans):
     def clear_cache(self, backend: Optional[str] = None, gpu: Optional[str] = None) -> int:
         """Remove decisions (all, or those choosing ``backend`` / tuned on a GPU whose name
         contains ``gpu``). Returns how many were removed."""
-        if backend is not None:
-            check_backend(backend)
+        check_filters(backend, gpu, "clear_cache")  # TypeError/ValueError naming the argument
         return self.store.clear(decision_filter(backend, gpu))
 
     # -- planning --------------------------------------------------------------------------

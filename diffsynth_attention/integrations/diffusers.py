@@ -335,16 +335,20 @@ def set_quality(module, tier: Optional[str]):
     removes an earlier setting). A forward pre-hook opens the :func:`~diffsynth_attention.tiers.quality`
     scope and a forward hook closes it, on this module only. Returns the module. Eager forwards
     (a ``torch.compile``d model: open ``quality(...)`` around the compiled call instead)."""
+    import torch
+
     from .. import tiers
 
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"set_quality(module) must be a torch.nn.Module, got {type(module).__name__}")
+    value = None if tier is None else tiers.check_tier(tier, "set_quality(tier)")  # before the old setting goes
     old = getattr(module, "_diffsynth_quality_hooks", None)
     if old is not None:
         for handle in old:
             handle.remove()
         module._diffsynth_quality_hooks = None
-    if tier is None:
+    if value is None:
         return module
-    value = tiers.check_tier(tier, "set_quality(tier)")
     local = threading.local()  # each thread's own tokens: threads may run the module's forward at once
 
     def pre(_module, _args):

@@ -238,26 +238,40 @@ def _make_wan_flash_attention(original):
     return flash_attention
 
 
+def _holders(value, prefix: str) -> list:
+    """(module, attribute) for every attribute of a loaded ``prefix`` module that is ``value``."""
+    found = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == prefix or name.startswith(prefix + ".")):
+            continue
+        found.extend((module, attr) for attr, v in list(vars(module).items()) if v is value)
+    return found
+
+
 class DiffSynthPatch:
     """Returned by :func:`patch_diffsynth`; ``undo()`` restores every replaced attribute."""
 
     def __init__(self) -> None:
         self.replaced: list = []  # (module, attribute, original)
+        self.swaps: list = []  # (original, replacement, prefix): each swap, for modules imported after it
         self.usp: Optional[str] = None  # "routed", or why DiffSynth's USP attention is not
 
     def _swap_everywhere(self, original, replacement, prefix: str = "diffsynth") -> None:
-        for name, module in list(sys.modules.items()):
-            if module is None or not (name == prefix or name.startswith(prefix + ".")):
-                continue
-            for attr, value in list(vars(module).items()):
-                if value is original:
-                    setattr(module, attr, replacement)
-                    self.replaced.append((module, attr, original))
+        self.swaps.append((original, replacement, prefix))
+        for module, attr in _holders(original, prefix):
+            setattr(module, attr, replacement)
+            self.replaced.append((module, attr, original))
 
     def undo(self) -> None:
         for module, attr, original in reversed(self.replaced):
             setattr(module, attr, original)
         self.replaced.clear()
+        # a module imported after the patch (DiffSynth imports a model's module as a pipeline loads
+        # it) took the replacement with `from ... import attention_forward`: it gets the original too
+        for original, replacement, prefix in reversed(self.swaps):
+            for module, attr in _holders(replacement, prefix):
+                setattr(module, attr, original)
+        self.swaps.clear()
 
     def __enter__(self) -> "DiffSynthPatch":
         return self

@@ -200,6 +200,21 @@ class Decision:
         return min(timed)[1] if timed else None
 
 
+def check_filters(backend, gpu, source: str) -> None:
+    """The filters of ``source`` (e.g. ``clear_cache``): ``backend`` a backend's name and ``gpu``
+    text, or None; a TypeError or ValueError naming the argument otherwise."""
+    from ..backend_names import check_backend
+
+    for name, value, what in (("backend", backend, "a backend name string"), ("gpu", gpu, "a str (part of a device name)")):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{source}({name}) must be {what}, got {type(value).__name__}")
+    if gpu is not None and not gpu.strip():  # in every device name: it would select every decision
+        raise ValueError(f"{source}(gpu)={gpu!r} is blank, which every device name contains; give text the names "
+                         "contain, e.g. 'H100', or leave gpu out for every device's decisions")
+    if backend is not None:
+        check_backend(backend, f"{source}(backend)")
+
+
 def decision_filter(backend: Optional[str] = None, gpu: Optional[str] = None, key: Optional[str] = None):
     """``match(decision)`` for decisions that chose ``backend``, were tuned on a device whose
     name contains ``gpu`` (case-insensitive) and whose key id starts with ``key``; None when none

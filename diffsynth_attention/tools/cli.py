@@ -20,12 +20,13 @@ import sys
 from typing import Optional
 
 from .._version import __version__
-from ..states import CandidateStatus, MaskKind, PlanSource
+from ..states import PlanSource
 
 from .cli_common import EXPECTED, PROG, Failure, Usage, _console, _device_text, _escape, _key_prefix, _table  # noqa: F401
 from .verify import cmd_cache_verify
+from .cli_explain import add_parser as add_explain_parser
 from .cli_cache import (_store, cmd_cache_clear, cmd_cache_export, cmd_cache_import, cmd_cache_migrate, cmd_cache_path,
-                        cmd_cache_show, decision_row, decisions_table, tie_note)
+                        cmd_cache_show, decision_row, decisions_table)
 
 
 # -- backends ---------------------------------------------------------------------------------
@@ -213,87 +214,12 @@ def cmd_warm(args) -> int:
     return 0
 
 
-# -- explain ----------------------------------------------------------------------------------
-def check_explain(args) -> dict:
-    from .devices import check_device
-    from .shapes import check_layout, dtype_name, parse_shapes
-
-    check_layout(args.layout)
-    check_device(args.device)
-    dtype_name(args.dtype, "--dtype")
-    heads_kv = args.heads_kv or args.heads
-    if args.heads % heads_kv:
-        raise Usage(f"--heads {args.heads} must be a multiple of --heads-kv {heads_kv}")
-    if args.causal and args.window is not None:
-        raise Usage("--causal and --window cannot be combined")
-    if args.mask != "none" and args.window is not None:
-        raise Usage("--mask and --window cannot be combined")
-    return parse_shapes([{
-        "name": "explain", "batch": args.batch, "heads_q": args.heads, "heads_kv": heads_kv,
-        "seq_q": args.seq_q, "seq_kv": args.seq_kv or args.seq_q, "head_dim": args.head_dim, "dtype": args.dtype,
-        "causal": args.causal, **({"window": args.window} if args.window is not None else {}),
-        **({"mask": args.mask} if args.mask != "none" else {}), "requires_grad": args.grad,
-    }], "command line")[0]
-
-
-def cmd_explain(args) -> int:
-    shape = check_explain(args)
-    import torch
-
-    from ..api import explain
-    from ..backends import loading
-    from ..tiers import EXACT, quality
-    from .devices import resolve_device
-    from .inputs import make_inputs
-
-    device = resolve_device(args.device)
-    q, k, v, kwargs = make_inputs(shape, device, None, args.layout)
-    previous = loading.defer()  # a cached decision is reported without importing its package
-    try:  # the exact tier, whatever is in force: random inputs never gate a low-precision candidate
-        with torch.set_grad_enabled(args.grad), quality(EXACT):  # --grad: the key of a call that needs gradients
-            info = explain(q, k, v, **kwargs)
-    finally:
-        loading.defer(previous)
-    chosen_reason = tie_note(info.decision) if info.decision is not None else None
-    if args.json:
-        doc = info.as_dict()
-        chosen = doc["candidates"].get(info.backend)
-        if chosen is not None and chosen.get("status") == CandidateStatus.CHOSEN and not chosen.get("reason"):
-            chosen["reason"] = chosen_reason
-        print(json.dumps(doc, indent=1))
-        return 0
-    from ..explain_text import render_explanation
-
-    render_explanation(info, _console(), chosen_reason)
-    return 0
-
-
 # -- parser -----------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line usage error (exit 2)."""
 
     def error(self, message):  # noqa: D401 - argparse's hook
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number > 0")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 0")
-    return value
 
 
 def _backend_name(text: str) -> str:
@@ -362,24 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(func=cmd_warm)
 
-    p = sub.add_parser("explain", help="the decision, times and errors for one problem")
-    p.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
-    p.add_argument("--heads", type=_positive, required=True, help="query heads")
-    p.add_argument("--heads-kv", type=_positive, help="key/value heads (default: --heads)")
-    p.add_argument("--seq-q", type=_positive, required=True, help="query length")
-    p.add_argument("--seq-kv", type=_positive, help="key/value length (default: --seq-q)")
-    p.add_argument("--head-dim", type=_positive, required=True, help="head dim")
-    p.add_argument("--dtype", default="bfloat16", help="default bfloat16")
-    p.add_argument("--causal", action="store_true", help="causal (top-left aligned, as PyTorch)")
-    p.add_argument("--window", type=_non_negative, help="sliding window: query i attends to keys with |i - j| <= W")
-    p.add_argument("--mask", default="none", choices=[m.value for m in MaskKind],
-                   help="the mask kind of the call: bool (True attends), additive (in the dtype), additive_float32 "
-                        "(a float32 bias with a 16-bit q); shape (batch, 1, seq-q, seq-kv) (default none)")
-    p.add_argument("--grad", action="store_true", help="the call needs gradients (its backward is tuned with it)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--layout", default="b n s d", help="the layout of q, k, v and the output (default 'b n s d')")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=cmd_explain)
+    add_explain_parser(sub)
     return parser
 
 

@@ -28,7 +28,7 @@ def decision_row(key_id: str, d) -> dict:
 
 def entry_row(key_id: str, entry: dict) -> dict:
     """One decision's row of ``cache show`` from its entry (``Decision.to_dict``'s form; no Decision is built)."""
-    from ..describe import describe_problem
+    from ..describe import describe_key
 
     candidates, backend = entry["candidates"], entry["backend"]
     chosen = candidates.get(backend)
@@ -42,7 +42,7 @@ def entry_row(key_id: str, entry: dict) -> dict:
              if n != eager and c.get("status") in _TIMED_LOSERS and c.get("time_ms") is not None]
     return {
         "key_id": key_id,
-        "problem": describe_problem(entry["key"]["problem"], layout=True),
+        "problem": describe_key(entry["key"]),
         "device": entry["key"]["device"]["name"],
         "backend": backend,
         "time_ms": time_ms,
@@ -112,6 +112,17 @@ def cmd_cache_show(args) -> int:
     return 0
 
 
+def _no_key(store, args) -> str:
+    """Why ``--key`` cleared nothing: no such key id, or the other filters leave its decision out."""
+    from ..store.decision import decision_filter
+
+    others = [f"--{name} {value}" for name, value in (("backend", args.backend), ("gpu", args.gpu)) if value]
+    if others and store.count(decision_filter(key=args.key)):
+        return (f"--key {args.key}: its decision is not one {' and '.join(others)} select (see `cache show --json`); "
+                "nothing cleared")
+    return f"--key {args.key}: no decision has a key id starting with it (see `cache show --json`); nothing cleared"
+
+
 def cmd_cache_clear(args) -> int:
     store = _store()
     from ..store.decision import decision_filter
@@ -127,7 +138,7 @@ def cmd_cache_clear(args) -> int:
     if not args.yes:
         count = store.count(match)
         if not count and getattr(args, "key", None):
-            raise Failure(f"--key {args.key}: no decision has a key id starting with it (see `cache show --json`); nothing cleared")
+            raise Failure(_no_key(store, args))
         answer = input(f"Clear {count} decision(s) from {store.path}? [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
             print("nothing cleared")
@@ -136,7 +147,7 @@ def cmd_cache_clear(args) -> int:
     if not store.persistent:
         raise Failure(f"removed {removed} decision(s) in memory only: the cache at {store.directory} cannot be written")
     if not removed and getattr(args, "key", None):  # as verify: a key id that names no decision is a mistake
-        raise Failure(f"--key {args.key}: no decision has a key id starting with it (see `cache show --json`); nothing cleared")
+        raise Failure(_no_key(store, args))
     print(f"cleared {removed} decision(s) from {store.path}")
     if args.compiled:  # FlashAttention-4's compile cache: only when asked (it takes seconds to minutes to refill)
         from ..backends.flash_attention import clear_compiled, fa4_compile_dir

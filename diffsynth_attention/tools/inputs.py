@@ -60,8 +60,8 @@ def make_inputs(shape: dict, device, dtype=None, layout: str = "b n s d", genera
         q, k, v = (_laid_out(t, p, memory.get(name), {**dims, "d": t.shape[-1]})
                    for t, p, name in zip((q, k, v), patterns, "qkv"))
         kwargs.update(q_pattern=patterns[0], k_pattern=patterns[1], v_pattern=patterns[2], out_pattern=patterns[3])
-        if any("(" in p for p in patterns):
-            kwargs["dims"] = dims or {"d": d}
+        if any("(" in p for p in patterns):  # the lengths DiffSynth-Studio's callers give (the layout is in the key):
+            kwargs["dims"] = dims or ({"n": hq} if hq == hk else {"d": d})  # the heads; with GQA only d fits q, k and v
     if shape.get("requires_grad"):
         q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
     return q, k, v, kwargs

@@ -49,6 +49,7 @@ def verify(dispatcher, decisions: list, device, fix: bool = False, samples: int 
     import torch
 
     from ..backends import device_info
+    from ..describe import describe_key
     from ..overrides import use_backend
     from ..store.decision import DEFAULT_BACKEND, decision_filter
     from ..tiers import EXACT, quality
@@ -58,8 +59,8 @@ def verify(dispatcher, decisions: list, device, fix: bool = False, samples: int 
     here = device_info(device)
     rows = []
     for decision in decisions:
-        row = {"key_id": decision.key_id, "backend": decision.backend, "provisional": decision.provisional,
-               "times": {}, "holds": None, "fixed": None}
+        row = {"key_id": decision.key_id, "problem": describe_key(decision.key), "backend": decision.backend,
+               "provisional": decision.provisional, "times": {}, "holds": None, "fixed": None}
         rows.append(row)
         dev = decision.key.get("device", {})
         if dev.get("type") != here.type or dev.get("name") != here.name:
@@ -70,7 +71,6 @@ def verify(dispatcher, decisions: list, device, fix: bool = False, samples: int 
             row["verdict"] = f"skipped: {layout}"
             continue
         q, k, v, kwargs = make_inputs(shape, device, None, layout)
-        row["problem"] = f"{shape['batch']}x{shape['heads_q']}x{shape['seq_q']}x{shape['seq_kv']} d{shape['head_dim']} {shape['dtype']}"
         names = [decision.backend] + [n for n in (DEFAULT_BACKEND, decision.runner_up()) if n and n != decision.backend]
 
         tier = decision.key.get("quality", EXACT)  # the decision's own tier, not the environment's
@@ -145,7 +145,7 @@ def cmd_cache_verify(args) -> int:
     else:
         for r in rows:
             times = ", ".join(f"{n} {ms:.4g}" for n, ms in r["times"].items())
-            print(f"{r['key_id']} {r.get('problem', '')}: {r['backend']}: {r['verdict']}" + (f" [{times} ms]" if times else "")
+            print(f"{r['key_id']} {r['problem']}: {r['backend']}: {r['verdict']}" + (f" [{times} ms]" if times else "")
                   + (f" -> tuned again: {r['fixed']}" if r["fixed"] else ""))
     failing = sum(1 for r in rows if r["holds"] is False)
     provisional = sum(1 for r in rows if r["provisional"])

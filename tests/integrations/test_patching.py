@@ -93,6 +93,22 @@ def test_patch_diffsynth_routes_and_undoes():
     assert sys.modules["diffsynth.core.attention"].attention_forward is original
 
 
+def test_undo_restores_the_modules_imported_after_the_patch(monkeypatch):
+    """DiffSynth-Studio imports a model's module when a pipeline loads it: one imported after
+    patch_diffsynth() took the routed attention_forward (`from ..core.attention import
+    attention_forward`), and undo() restored only the modules it had swapped, so that one went on
+    routing through this library."""
+    ds = load_diffsynth_attention()
+    original = ds.attention_forward
+    handle = da.patch_diffsynth(wan=False)
+    late = types.ModuleType("diffsynth.models.late_dit")
+    late.attention_forward = sys.modules["diffsynth.core.attention"].attention_forward
+    monkeypatch.setitem(sys.modules, "diffsynth.models.late_dit", late)
+    assert late.attention_forward is not original
+    handle.undo()
+    assert late.attention_forward is original and sys.modules["diffsynth.core.attention"].attention_forward is original
+
+
 def test_patch_diffsynth_routes_the_wan_dit_helper_everywhere(monkeypatch):
     load_diffsynth_attention()
     calls = []

@@ -105,6 +105,22 @@ def test_set_quality_per_module():
         set_quality(model, "quick")
 
 
+def test_a_refused_set_quality_leaves_the_modules_setting_as_it_was():
+    """A bad tier raised only after the module's earlier setting was taken off (its calls then ran
+    exact), and a module that is not one raised AttributeError, naming nothing."""
+    outer, inner = Transformer(), Transformer()
+    model = torch.nn.Sequential(outer, inner)
+    set_quality(inner, "fast")
+    with pytest.raises(ValueError, match=r"set_quality\(tier\)"):
+        set_quality(inner, "quick")
+    with pytest.raises(TypeError, match=r"set_quality\(tier\)"):
+        set_quality(inner, 3)
+    model(torch.ones(2))
+    assert (outer.seen, inner.seen) == (["exact"], ["fast"])
+    with pytest.raises(TypeError, match=r"set_quality\(module\) must be a torch.nn.Module, got str"):
+        set_quality("transformer", "fast")
+
+
 def test_set_quality_with_threads_running_the_module_at_once():
     """Thread A enters the module, then thread B, then A leaves first: each closes its own scope
     (a token of one thread's context is never reset in the other's)."""

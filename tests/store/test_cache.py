@@ -170,6 +170,23 @@ def test_clear_cache_removes_from_memory_and_disk(isolated):
     assert da.explain(q, k, v).source == "tuned"
 
 
+def test_clear_cache_refuses_a_gpu_filter_that_is_not_text_or_is_blank_before_removing_anything(isolated):
+    """clear_cache(gpu=0) (a device index where part of a name is asked) raised AttributeError
+    ('int' object has no attribute 'lower'), naming neither the function nor the argument."""
+    q, k, v = qkv(sq=16)
+    da.explain(q, k, v)
+    with pytest.raises(TypeError, match=r"clear_cache\(gpu\) must be a str"):
+        da.clear_cache(gpu=0)
+    with pytest.raises(TypeError, match=r"clear_cache\(backend\) must be a backend name string"):
+        da.clear_cache(backend=3)
+    # blank text is in every device name: clear_cache(gpu=os.environ.get("GPU", "")) cleared every decision
+    # (the command line's --gpu refuses it)
+    for blank in ("", "  "):
+        with pytest.raises(ValueError, match=r"clear_cache\(gpu\)=.* blank"):
+            da.clear_cache(gpu=blank)
+    assert len(_entries(isolated)) == 1
+
+
 def test_documents_refuse_bad_ids_nan_and_oversize():
     d = make_decision(3)
     good = json.loads(render_document({d.key_id: d}))

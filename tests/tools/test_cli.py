@@ -203,6 +203,21 @@ def test_cache_show_fits_80_columns_and_shows_ties():
     assert "Xeon Platinum 8480+" in text.splitlines()[0] and "torch (tie)" in text
 
 
+def test_cache_show_tells_a_quality_tiers_decision_from_the_exact_one():
+    """A problem served in the exact tier and under set_quality(block, "balanced") has two decisions
+    (the tier is in the key): cache show printed two identical rows."""
+    from diffsynth_attention.store.decision import Candidate, Decision
+    from diffsynth_attention.tools.cli_cache import decision_row
+
+    problem = {"batch": 1, "heads_q": 2, "heads_kv": 2, "seq_q": 32, "seq_kv": 32, "head_dim": 12, "dtype": "float32"}
+    device = {"type": "cpu", "name": "EPYC (2 threads)"}
+    rows = [decision_row(kid, Decision(kid, key, "torch", {"torch": Candidate("chosen", 1.0)}))
+            for kid, key in (("a" * 24, {"problem": problem, "device": device}),
+                             ("b" * 24, {"problem": problem, "device": device, "quality": "balanced"}))]
+    assert rows[0]["problem"] == "b=1 n=2 s=32 d=12 float32"
+    assert rows[1]["problem"] == "b=1 n=2 s=32 d=12 float32 quality=balanced"
+
+
 def test_warm_on_cpu_tunes_each_problem_once_and_keeps_cross_attention(subprocess_env):
     r = cli(subprocess_env, "warm", "--preset", "flux_1024,flux_2048,wan13b_480p_cross", "--no-progress", "--json")
     assert r.returncode == 0, r.stderr
@@ -265,6 +280,25 @@ def test_cache_clear_leaves_the_fa4_compile_cache_unless_asked(subprocess_env, i
     r = cli(subprocess_env, "cache", "clear", "--yes", "--compiled")
     assert r.returncode == 0, r.stderr
     assert not compiled.exists() and "1 compiled kernel file(s)" in r.stdout
+
+
+def test_cache_clear_says_when_a_key_is_there_but_its_other_filters_leave_it(isolated, capsys):
+    """``--key K --backend B`` where K's decision chose another backend said "no decision has a key
+    id starting with it", though `cache show` lists one: the other filters left it out."""
+    from diffsynth_attention.store.cache import DecisionCache
+    from diffsynth_attention.tools.cli import main
+
+    from support.store_helpers import make_decision
+
+    store = DecisionCache(isolated)
+    kept = make_decision(0)
+    store.put_many([kept])
+    assert store.flush()
+    other = next(b for b in ("torch_math", "torch_flash") if b != kept.backend)
+    assert main(["cache", "clear", "--key", kept.key_id[:8], "--backend", other, "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert f"--key {kept.key_id[:8]}" in err and f"--backend {other}" in err and "no decision has a key id" not in err
+    assert err.count("\n") == 1 and len(DecisionCache(isolated).entries()) == 1
 
 
 def test_cache_clear_refuses_a_blank_gpu_and_a_key_that_names_no_decision(isolated, capsys):

@@ -95,6 +95,19 @@ def test_the_environment_variable_records_a_whole_process(tmp_path, subprocess_e
     assert shape["mask"] == "additive" and shape["mask_shape"] == [1, 1, 8, 8] and shape["seq_q"] == 8
 
 
+def test_the_environment_variable_naming_a_missing_folder_stops_the_first_call(tmp_path, monkeypatch):
+    """DIFFSYNTH_ATTENTION_RECORD=/missing/run.json ran the whole process and only at its exit
+    logged that the recording could not be written; a bad value is refused at the first call."""
+    monkeypatch.setenv("DIFFSYNTH_ATTENTION_RECORD", str(tmp_path / "missing" / "run.json"))
+    q = torch.randn(1, 2, 8, 4)
+    before = da.stats()["tunings"]
+    with pytest.raises(ValueError, match="DIFFSYNTH_ATTENTION_RECORD=.*missing"):
+        da.attention_forward(q, q, q)
+    assert da.stats()["tunings"] == before
+    (tmp_path / "missing").mkdir()
+    da.attention_forward(q, q, q)  # the folder made: it records
+
+
 def test_recording_does_no_io_on_the_hit_path(tmp_path, monkeypatch):
     q = torch.randn(1, 2, 8, 4)
     opened = []
@@ -120,6 +133,30 @@ def test_a_file_that_is_not_a_recording_is_refused_before_the_scope_runs(tmp_pat
     assert ran == [] and json.loads(path.read_text()) == {"shapes": []}
 
 
+def test_a_recording_that_cannot_be_written_is_refused_before_the_scope_runs(tmp_path):
+    """A missing folder, or a path that is not a str/PathLike, stopped nothing at entry: the whole
+    pipeline ran, and the write at the scope's end raised (FileNotFoundError), losing its result."""
+    ran = []
+    with pytest.raises(ValueError, match=r"record\(path\).*missing.*no such folder"):
+        with da.record(tmp_path / "missing" / "p.json"):
+            ran.append(1)
+    with pytest.raises(TypeError, match=r"record\(path\) must be"):
+        with da.record(123):
+            ran.append(1)
+    assert ran == []
+
+
+def test_a_pipeline_error_is_not_hidden_by_a_recording_that_cannot_be_written(tmp_path, caplog):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(KeyError, match="the pipeline's own error"):
+        with da.record(folder / "p.json"):
+            da.attention_forward(*(torch.randn(1, 2, 8, 4),) * 3)
+            folder.rmdir()  # the folder goes away during the run
+            raise KeyError("the pipeline's own error")
+    assert "could not be written" in caplog.text
+
+
 def test_explain_takes_the_mask_kind_and_gradients(subprocess_env):
     r = cli(subprocess_env, "explain", "--heads", "2", "--seq-q", "8", "--head-dim", "4", "--dtype", "float32",
             "--mask", "bool", "--grad", "--json")
@@ -132,3 +169,37 @@ def test_explain_takes_the_mask_kind_and_gradients(subprocess_env):
     r = cli(subprocess_env, "explain", "--heads", "2", "--seq-q", "8", "--head-dim", "4", "--mask", "bool",
             "--window", "2")
     assert r.returncode == 2 and "--mask and --window" in r.stderr
+
+
+def test_explain_shows_a_recorded_problems_own_decision(tmp_path, capsys):
+    """`explain` took only --heads/--seq-q/... with a (batch, 1, s_q, s_kv) mask and contiguous
+    tensors: a recorded key-padding mask (diffusers' Qwen-Image, LTX) or memory order (UNet-era
+    processors under patch_sdpa) has another key, so explain tuned a new problem instead of showing
+    the pipeline's decision. `explain --shapes FILE --name NAME` explains a recorded problem."""
+    from diffsynth_attention.tools.cli import main
+
+    path = tmp_path / "p.json"
+    q = torch.randn(1, 16, 2, 8)
+    mask = torch.ones(1, 1, 1, 16, dtype=torch.bool)
+    mask[..., -3:] = False
+    t = torch.randn(1, 2, 12, 8).transpose(1, 2)  # b s n d shape, b n s d memory
+    with da.record(path):
+        da.attention_forward(q, q, q, attn_mask=mask, **BSND)
+        da.attention_forward(t, t, t, **BSND)
+    keys = {da.explain(q, q, q, attn_mask=mask, **BSND).key_id, da.explain(t, t, t, **BSND).key_id}
+    names = [s["name"] for s in json.loads(path.read_text())["shapes"]]
+    tunings = da.stats()["tunings"]
+    got = set()
+    for name in names:
+        assert main(["explain", "--shapes", str(path), "--name", name, "--device", "cpu", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["source"] == "cache"
+        got.add(doc["key_id"])
+    assert got == keys and da.stats()["tunings"] == tunings
+    for argv in (["--shapes", str(path)],  # two problems: which one?
+                 ["--shapes", str(path), "--name", "nope"],
+                 ["--shapes", str(path), "--name", names[0], "--heads", "2"],  # one problem or the other
+                 []):  # neither
+        assert main(["explain", "--device", "cpu", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1

@@ -46,6 +46,23 @@ def test_verify_skips_what_it_cannot_rebuild_here(isolated):
     assert rows[1]["verdict"].startswith("skipped: masked") and rows[1]["holds"] is None
 
 
+def test_every_verify_row_names_its_problem_as_cache_show_does(isolated):
+    """A skipped row had no problem text (`<key id> : torch: skipped: ...`), and a re-timed one
+    'BxNxSQxSKV dD dtype', the same text for a windowed, causal or gradient-needing problem as for
+    the plain one: rows of a recording's problems could not be told apart."""
+    from diffsynth_attention.tools.cli_cache import entry_row
+
+    q, k, v = qkv(sq=16)
+    disp = da.Dispatcher(DecisionCache(isolated))
+    plain = disp.explain(q, k, v).decision
+    windowed = disp.explain(q, k, v, window_size=2).decision
+    masked = plain.replace(key={**plain.key, "problem": {**plain.key["problem"], "mask": "bool"}})
+    rows = verify(disp, [plain, windowed, masked], torch.device("cpu"), samples=3)
+    texts = [r["problem"] for r in rows]
+    assert texts == [entry_row(d.key_id, d.to_dict())["problem"] for d in (plain, windowed, masked)]
+    assert "window=2" in texts[1] and "bool mask" in texts[2] and rows[2]["verdict"].startswith("skipped")
+
+
 def test_cache_clear_key_removes_one_decision_and_verify_names_a_bad_key(isolated, subprocess_env):
     disp = da.Dispatcher(DecisionCache(isolated))
     ids = [disp.explain(*qkv(sq=s)).key_id for s in (16, 24)]

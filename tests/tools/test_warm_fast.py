@@ -35,6 +35,27 @@ def test_a_second_warm_answers_from_the_cache_with_the_keys_a_call_uses(layout, 
         assert b.decision.backend == a.backend and b.candidates == a.candidates
 
 
+def test_a_packed_layout_is_warmed_as_diffsynth_studio_calls_it():
+    """`warm --layout 'b s (n d)'` (and `explain`) gave the packed axes' lengths as dims={'d': head_dim},
+    where DiffSynth-Studio's callers (the Wan DiT's flash_attention, patch_diffsynth's route of it)
+    pass dims={'n': heads}: the layout is part of the key, so the warmed decision was never used."""
+    cpu = torch.device("cpu")
+    (shape, info), = warm_module.warm(SHAPES[:1], cpu, layout="b s (n d)")
+    assert info.source == "tuned"
+    q = torch.randn(1, 24, 2 * 8)
+    k = torch.randn(1, 16, 2 * 8)
+    pattern = "b s (n d)"
+    before = da.stats()["tunings"]
+    da.attention_forward(q, k, k, pattern, pattern, pattern, pattern, dims={"n": 2})
+    assert da.stats()["tunings"] == before  # the warmed key
+    assert da.explain(q, k, k, pattern, pattern, pattern, pattern, dims={"n": 2}).key_id == info.key_id
+    # grouped-query attention packs k and v with other head counts: only the head dim fits all three
+    gqa = dict(SHAPES[1], causal=False)
+    (_, info), = warm_module.warm([gqa], cpu, layout=pattern)
+    q, k = torch.randn(2, 16, 4 * 8), torch.randn(2, 16, 2 * 8)
+    assert da.explain(q, k, k, pattern, pattern, pattern, pattern, dims={"d": 8}).key_id == info.key_id
+
+
 def test_known_is_none_for_a_problem_without_a_usable_decision():
     cpu = torch.device("cpu")
     assert warm_module.known(SHAPES[0], cpu) is None
