@@ -24,11 +24,6 @@ from __future__ import annotations
 import torch
 
 
-def headless(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether ``b n s d`` q or k has no head (the calls :func:`attend` serves)."""
-    return q.shape[1] == 0 or k.shape[1] == 0
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
     """Attention of ``b n s d`` q, k and v where one of q and k has no head: (b, n_q, s_q, d_v) of
     q's dtype, an empty tensor where q has no head and zeros where k has none (no key at all, as

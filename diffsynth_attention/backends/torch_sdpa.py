@@ -169,7 +169,7 @@ class TorchSDPA(TorchBackend):
     launch_ms = 0.018
 
     def forward(self, q, k, v, mask, scale, causal, window, need_grad):
-        if q.shape[1] == 0 or k.shape[1] == 0:  # headless.headless: SDPA's kernels die of SIGFPE on some
+        if q.shape[1] == 0 or k.shape[1] == 0:  # no head: SDPA's kernels die of SIGFPE on some (headless.py)
             return headless.attend(q, k, v, mask)
         if window is not None:
             return sliding_window(q, k, v, window, scale, self._sdpa_masked)
